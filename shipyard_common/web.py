@@ -1,0 +1,129 @@
+"""What every Shipyard HTTP service has: error mapping, health, readiness, metrics, auth.
+
+The error tree of :mod:`shipyard_common.errors` is turned into responses here and nowhere
+else; the body is always ``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shipyard_common.auth import TokenAuthenticator
+from shipyard_common.errors import ShipyardError
+from shipyard_common.metrics import HttpMetrics
+from shipyard_common.settings import PlatformSettings
+
+log = logging.getLogger("shipyard.web")
+
+ReadinessCheck = Callable[[], None]
+
+
+def error_response(status_code: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return JSONResponse({"error": error}, status_code=status_code)
+
+
+def describe_validation_errors(errors: list[Any]) -> tuple[str, list[dict[str, Any]]]:
+    """Turn pydantic's error list into one sentence a person reads, plus per-field details."""
+    details = []
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        field = ".".join(loc) or "body"
+        msg = err.get("msg", "invalid")
+        details.append({"field": field, "message": msg, "type": err.get("type")})
+        parts.append(f"{field}: {msg}")
+    return "invalid request: " + "; ".join(parts), details
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ShipyardError)
+    async def _shipyard_error(_: Request, exc: ShipyardError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.error("request failed: %s", exc.message)
+        return JSONResponse(exc.to_body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, details = describe_validation_errors(list(exc.errors()))
+        return error_response(422, "validation_error", message, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
+def install_common(
+    app: FastAPI,
+    *,
+    service: str,
+    platform: PlatformSettings,
+    readiness_checks: dict[str, ReadinessCheck] | None = None,
+    registry: CollectorRegistry | None = None,
+) -> CollectorRegistry:
+    """Add error handlers, auth, ``/healthz``, ``/readyz``, ``/metrics`` and request metrics."""
+    registry = registry or CollectorRegistry()
+    http_metrics = HttpMetrics(registry, service)
+    app.state.metrics_registry = registry
+    app.state.authenticator = TokenAuthenticator(platform.tokens)
+    app.state.ready = True
+    checks = dict(readiness_checks or {})
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response: Response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            http_metrics.observe(request.method, template, status, time.perf_counter() - started)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz() -> JSONResponse:
+        results: dict[str, str] = {}
+        ok = bool(app.state.ready)
+        if not ok:
+            results["service"] = "shutting down"
+        for name, check in checks.items():
+            try:
+                check()
+                results[name] = "ok"
+            except Exception as exc:  # a failed check is an answer, not an error
+                ok = False
+                results[name] = f"failed: {exc}"
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "checks": results},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics", tags=["ops"])
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return registry

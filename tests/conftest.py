@@ -1,0 +1,91 @@
+"""Fixtures on real components: the machine's Redis and PostgreSQL, an MLflow server process.
+
+Redis: ``SHIPYARD_TEST_REDIS_URL`` (default db 13 of the local server, flushed per session),
+so that tests never touch a developer's stack on db 0. PostgreSQL: a throw-away database per
+session on ``SHIPYARD_TEST_PG_URL`` (default the local server with trust auth).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from shipyard_cli.stack import Stack, free_port, redis_answers, stop_process_group
+from shipyard_common.settings import PlatformSettings, disable_telemetry
+from tests.support import TOKENS
+
+disable_telemetry()
+
+REDIS_URL = os.environ.get("SHIPYARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+PG_ADMIN_URL = os.environ.get("SHIPYARD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    if not redis_answers(REDIS_URL):
+        pytest.fail(f"tests need a Redis at {REDIS_URL} (set SHIPYARD_TEST_REDIS_URL)")
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped afterwards."""
+    import psycopg2
+
+    name = f"shipyard_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg2://", 1)
+    with admin.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes this runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shipyard.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking + registry server (SQLite store) on a free port."""
+    state = tmp_path_factory.mktemp("mlflow-state")
+    uri = f"http://127.0.0.1:{free_port()}"
+    platform = PlatformSettings(
+        env="test", state_dir=state, mlflow_tracking_uri=uri, tokens=dict(TOKENS)
+    )
+    stack = Stack(platform)
+    record = stack.start_component(stack.mlflow_component())
+    try:
+        stack.wait_ready(record, timeout=120)
+        yield uri
+    finally:
+        stop_process_group(record.pid)
+
+
+@pytest.fixture
+def platform(tmp_path: Path, redis_url: str, mlflow_server: str) -> PlatformSettings:
+    """Platform settings for one test: its own state folder and SQLite DB, shared MLflow."""
+    return PlatformSettings(
+        env="test",
+        state_dir=tmp_path / "state",
+        redis_url=redis_url,
+        mlflow_tracking_uri=mlflow_server,
+        tokens=dict(TOKENS),
+        log_json=False,
+    )

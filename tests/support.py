@@ -1,0 +1,68 @@
+"""Helpers the tests share: tokens per role, real servers on free ports, waiting."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+
+from shipyard_cli.stack import free_port
+from shipyard_common.auth import Role
+
+TOKENS: dict[str, Role] = {
+    "test-admin": Role.ADMIN,
+    "test-trainer": Role.TRAINER,
+    "test-approver": Role.APPROVER,
+    "test-viewer": Role.VIEWER,
+}
+
+
+def auth(role: Role | str) -> dict[str, str]:
+    """Headers carrying the test token for ``role``."""
+    role = Role(role)
+    token = next(t for t, r in TOKENS.items() if r == role)
+    return {"Authorization": f"Bearer {token}"}
+
+
+@contextmanager
+def running_app(app: Any, *, port: int | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: server.started, timeout=30, what=f"app on port {port}")
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float = 30, interval: float = 0.1, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the thing we wait for may not exist yet
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}: {last_error}")
+
+
+def get_json(url: str, **kwargs: Any) -> Any:
+    response = httpx.get(url, timeout=30, **kwargs)
+    response.raise_for_status()
+    return response.json()
