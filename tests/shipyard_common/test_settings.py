@@ -1,0 +1,44 @@
+import pytest
+from pydantic import ValidationError
+
+from shipyard_common.auth import Role
+from shipyard_common.settings import DEV_ADMIN_TOKEN, PlatformSettings
+
+
+def test_dev_defaults_need_nothing_but_a_state_dir(tmp_path):
+    settings = PlatformSettings(state_dir=tmp_path)
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'shipyard.db'}"
+    assert settings.tokens == {DEV_ADMIN_TOKEN: Role.ADMIN}
+    assert settings.data_repo_path == (tmp_path / "data").resolve()
+
+
+def test_default_token_is_refused_outside_dev():
+    with pytest.raises(ValidationError, match="only allowed with SHIPYARD_ENV=dev"):
+        PlatformSettings(env="prod")
+
+
+def test_environment_configures_tokens_and_database(monkeypatch):
+    monkeypatch.setenv("SHIPYARD_ENV", "prod")
+    monkeypatch.setenv("SHIPYARD_TOKENS", '{"s3cret": "approver"}')
+    monkeypatch.setenv("SHIPYARD_DB_URL", "postgresql://u@db/shipyard")
+    settings = PlatformSettings()
+    assert settings.tokens == {"s3cret": Role.APPROVER}
+    assert settings.database_url == "postgresql://u@db/shipyard"
+
+
+def test_child_environment_round_trips(tmp_path):
+    settings = PlatformSettings(env="test", state_dir=tmp_path, tokens={"t": Role.TRAINER})
+    env = settings.as_env()
+    assert env["DO_NOT_TRACK"] == "1" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    import os
+
+    old = dict(os.environ)
+    try:
+        os.environ.update(env)
+        again = PlatformSettings()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert again.database_url == settings.database_url
+    assert again.tokens == settings.tokens
+    assert again.env == "test"
