@@ -1,0 +1,169 @@
+"""The whole loop as a user drives it: data → training → registry → serving → monitoring.
+
+Every component is real and runs as its own process, started the way ``shipyard up`` starts
+it: MLflow, a Celery worker on Redis, the four services. The pipeline runs in this process on
+Prefect's local ephemeral API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer
+
+from shipyard_cli.client import ShipyardClient
+from shipyard_cli.demo import send_rows, wait_until_served
+from shipyard_cli.stack import Stack, free_port
+from shipyard_common.lineage import TAG_DATASET_REV, TAG_FEATURES, TAG_JOB_ID
+from shipyard_common.settings import PlatformSettings
+from tests.support import TOKENS, auth, wait_for
+
+pytestmark = pytest.mark.e2e
+
+E2E_REDIS_DB = 14
+
+
+@pytest.fixture(scope="module")
+def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[PlatformSettings]:
+    import redis
+
+    state = tmp_path_factory.mktemp("e2e-state")
+    base_redis = redis_url.rsplit("/", 1)[0]
+    platform = PlatformSettings(
+        env="test",
+        state_dir=state,
+        redis_url=f"{base_redis}/{E2E_REDIS_DB}",
+        mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
+        trainer_url=f"http://127.0.0.1:{free_port()}",
+        registry_url=f"http://127.0.0.1:{free_port()}",
+        serving_url=f"http://127.0.0.1:{free_port()}",
+        monitor_url=f"http://127.0.0.1:{free_port()}",
+        tokens=dict(TOKENS),
+        log_json=True,
+    )
+    redis.Redis.from_url(platform.redis_url).flushdb()
+    stack = Stack(platform, extra_env={"SHIPYARD_SERVING_RECONCILE_INTERVAL_S": "2"})
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    try:
+        stack.up()
+        yield platform
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="module")
+def deployed(stack_platform: PlatformSettings) -> dict:
+    """Run the Prefect flow once; every test below looks at what it left behind."""
+    from pipelines.flows import train_and_deploy
+
+    frame = load_breast_cancer(as_frame=True).frame
+    return train_and_deploy(
+        dataset_name="breast_cancer", frame=frame, model_name="breast_cancer",
+        platform=stack_platform, token="test-admin",
+    )
+
+
+@pytest.fixture
+def client(stack_platform: PlatformSettings) -> Iterator[ShipyardClient]:
+    client = ShipyardClient(stack_platform, token="test-admin")
+    yield client
+    client.close()
+
+
+def test_flow_trains_registers_and_promotes(deployed, client):
+    assert deployed["metrics"]["val_accuracy"] >= 0.94
+    job = client.get_job(deployed["job_id"])
+    assert job["state"] == "succeeded" and str(job["model_version"]) == str(deployed["model_version"])
+    [model] = [m for m in client.list_models() if m["name"] == "breast_cancer"]
+    assert str(model["aliases"]["production"]) == str(deployed["model_version"])
+    version = next(v for v in client.list_versions("breast_cancer")
+                   if str(v["version"]) == str(deployed["model_version"]))
+    assert version["tags"][TAG_JOB_ID] == deployed["job_id"]
+    assert version["tags"][TAG_DATASET_REV] == deployed["dataset_rev"]
+
+
+def test_promoted_version_answers_predictions(deployed, client):
+    version = str(deployed["model_version"])
+    wait_until_served(client, "breast_cancer", version)
+    frame = load_breast_cancer(as_frame=True).frame
+    answer = client.predict("breast_cancer", frame.drop(columns="target").iloc[:5].to_numpy().tolist())
+    assert answer["model_version"] == version
+    probabilities = np.array(answer["outputs"])
+    assert probabilities.shape == (5, 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # The model is good: it gets the first rows of its own dataset right.
+    assert (probabilities.argmax(axis=1) == frame["target"].iloc[:5].to_numpy()).mean() >= 0.8
+
+
+def test_drift_flagged_on_shifted_data_only(deployed, client, stack_platform):
+    version = str(deployed["model_version"])
+    wait_until_served(client, "breast_cancer", version)
+    tags = next(v for v in client.list_versions("breast_cancer") if str(v["version"]) == version)["tags"]
+    features = json.loads(tags[TAG_FEATURES])
+    frame = load_breast_cancer(as_frame=True).frame
+    rows = frame[features].sample(200, random_state=3).to_numpy(dtype=float)
+
+    send_rows(client, "breast_cancer", rows)
+    calm = wait_for(lambda: _drift_once_logged(client, 200), timeout=30, what="200 logged rows")
+    assert calm["dataset_drift"] is False
+    assert calm["version"] == version and calm["reference"]["rev"] == deployed["dataset_rev"]
+
+    shifted = rows.copy()
+    shifted[:, :8] += 3 * frame[features].to_numpy(dtype=float).std(axis=0)[:8]
+    send_rows(client, "breast_cancer", shifted)
+    stormy = wait_for(lambda: _drift_once_logged(client, 400, window=200), timeout=30, what="400 logged rows")
+    assert stormy["dataset_drift"] is True
+    drifted = {f["name"] for f in stormy["features"] if f["drifted"]}
+    assert set(features[:8]) <= drifted
+
+    metrics = httpx.get(f"{stack_platform.monitor_url}/metrics").text
+    assert 'shipyard_dataset_drift{model="breast_cancer"} 1.0' in metrics
+
+
+def _drift_once_logged(client: ShipyardClient, total: int, window: int = 200) -> dict | None:
+    """The drift report once the prediction log holds ``total`` rows for the model."""
+    report = client.drift("breast_cancer", window=100000)
+    if report["current_rows"] < total:
+        return None
+    return client.drift("breast_cancer", window=window)
+
+
+def test_bad_input_gets_a_clear_4xx_everywhere(deployed, stack_platform):
+    p = stack_platform
+    cases = [
+        ("POST", f"{p.trainer_url}/jobs", {"model_name": "x"}, auth("trainer"), 422),
+        ("POST", f"{p.trainer_url}/jobs", {"model_name": "x"}, None, 401),
+        ("GET", f"{p.trainer_url}/jobs/does-not-exist", None, auth("viewer"), 404),
+        ("POST", f"{p.registry_url}/models/breast_cancer/versions/999/promote", {"alias": "production"},
+         auth("approver"), 404),
+        ("POST", f"{p.registry_url}/models/breast_cancer/versions/1/promote", {"alias": "production"},
+         auth("trainer"), 403),
+        ("POST", f"{p.serving_url}/v1/models/breast_cancer/predict", {"inputs": [[1.0, 2.0]]},
+         auth("viewer"), 422),
+        ("POST", f"{p.serving_url}/v1/models/nope/predict", {"inputs": [[1.0]]}, auth("viewer"), 404),
+        ("GET", f"{p.monitor_url}/drift/nope", None, auth("viewer"), 404),
+    ]
+    for method, url, body, headers, status in cases:
+        response = httpx.request(method, url, json=body, headers=headers, timeout=30)
+        assert response.status_code == status, (url, response.text)
+        error = response.json()["error"]
+        assert error["message"], url
+
+
+def test_stack_reports_every_component_healthy(stack_platform):
+    rows = Stack(stack_platform).status()
+    assert {r["name"] for r in rows} >= {"mlflow", "worker", "trainer", "registry", "serving", "monitor"}
+    assert all(r["alive"] for r in rows)
+    assert all(r["healthy"] in (True, None) for r in rows)
+
+
+def test_logs_are_structured(stack_platform):
+    log = Path(stack_platform.state_dir) / "logs" / "trainer.log"
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    assert lines and all("service" in json.loads(line) for line in lines[:20])
