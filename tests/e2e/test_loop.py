@@ -167,3 +167,47 @@ def test_logs_are_structured(stack_platform):
     log = Path(stack_platform.state_dir) / "logs" / "trainer.log"
     lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
     assert lines and all("service" in json.loads(line) for line in lines[:20])
+
+
+def test_cli_trains_promotes_and_serving_swaps(deployed, client, stack_platform, tmp_path):
+    """A user's CLI session: submit a spec and follow it, promote the new version, roll back."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from shipyard_cli.main import app
+
+    spec = {
+        "model_name": "breast_cancer",
+        "framework": "pytorch",
+        "model": {"type": "mlp", "hidden": [32]},
+        "data": {"dataset": "breast_cancer", "rev": deployed["dataset_rev"], "task": "classification",
+                 "target": "target", "validation_split": 0.2},
+        "training": {"epochs": 5, "batch_size": 32, "learning_rate": 0.001, "optimizer": "adam", "seed": 1},
+        "resources": {"queue": "cpu"},
+        "exports": ["onnx"],
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    env = {**stack_platform.as_env(), "SHIPYARD_API_TOKEN": "test-admin", "COLUMNS": "200"}
+    runner = CliRunner()
+
+    submitted = runner.invoke(app, ["jobs", "submit", str(spec_file), "--follow"], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    assert "succeeded" in submitted.output and "epoch 5/5" in submitted.output
+    new_version = str(json.loads(submitted.output[submitted.output.index("{"):])["model_version"])
+    old_version = str(deployed["model_version"])
+    assert new_version != old_version
+
+    promoted = runner.invoke(app, ["models", "promote", "breast_cancer", new_version, "--reason", "cli"], env=env)
+    assert promoted.exit_code == 0, promoted.output
+    wait_until_served(client, "breast_cancer", new_version, timeout=30)
+    row = load_breast_cancer(as_frame=True).frame.drop(columns="target").iloc[:1].to_numpy().tolist()
+    assert client.predict("breast_cancer", row)["model_version"] == new_version
+
+    rolled_back = runner.invoke(app, ["models", "promote", "breast_cancer", old_version], env=env)
+    assert rolled_back.exit_code == 0, rolled_back.output
+    wait_until_served(client, "breast_cancer", old_version, timeout=30)
+    assert client.predict("breast_cancer", row)["model_version"] == old_version
+
+    bad = runner.invoke(app, ["models", "promote", "breast_cancer", "999"], env=env)
+    assert bad.exit_code == 1 and "error" in bad.output
