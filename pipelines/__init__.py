@@ -1,0 +1,1 @@
+"""Prefect pipelines that drive the platform over its HTTP APIs."""

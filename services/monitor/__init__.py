@@ -1,0 +1,1 @@
+"""Monitor: drift of logged predictions against the data a production model was trained on."""

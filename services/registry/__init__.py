@@ -1,0 +1,1 @@
+"""Registry: the MLflow model registry behind a Shipyard API, with audited, announced promotions."""

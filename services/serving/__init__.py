@@ -1,0 +1,1 @@
+"""Serving: answers predictions with the `production` version of every registered model."""

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+
+from services.serving import dataplane
+from services.serving.schemas import ModelStatusPublic, PredictRequest, PredictResponse
+from shipyard_common.auth import Principal, Role, role_checker
+
+router = APIRouter(prefix="/v1/models", tags=["serving"])
+
+Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
+
+
+def _dataplane(request: Request) -> dataplane.DataPlane:
+    return request.app.state.dataplane  # type: ignore[no-any-return]
+
+
+# Plain defs: ONNX Runtime releases the GIL while it runs, and the prediction log may block when
+# full, so these belong in the thread pool rather than on the event loop.
+@router.post("/{name}/predict", response_model=PredictResponse)
+def predict(
+    request: Request,
+    name: str,
+    body: PredictRequest,
+    _: Viewer,
+    x_request_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> PredictResponse:
+    return dataplane.predict(
+        dataplane=_dataplane(request), name=name, inputs=body.inputs, request_id=x_request_id
+    )
+
+
+@router.get("", response_model=list[ModelStatusPublic])
+def list_models(request: Request, _: Viewer) -> list[ModelStatusPublic]:
+    return dataplane.list_models(dataplane=_dataplane(request))
+
+
+@router.get("/{name}", response_model=ModelStatusPublic)
+def get_model(request: Request, name: str, _: Viewer) -> ModelStatusPublic:
+    return dataplane.get_model(dataplane=_dataplane(request), name=name)

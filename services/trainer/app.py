@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+
+from services.trainer import service
+from services.trainer.router import router
+from services.trainer.settings import TrainerSettings
+from services.trainer.worker import TASK_NAME, make_celery
+from shipyard_common.db import Database
+from shipyard_common.web import install_common
+
+log = logging.getLogger("shipyard.trainer")
+
+
+def create_app(settings: TrainerSettings) -> FastAPI:
+    platform = settings.platform
+    database = Database(platform.database_url)
+    celery = make_celery(settings)
+
+    def enqueue(job_id: str, queue: str) -> None:
+        # By name: the API never imports the task, and so never imports torch.
+        celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue_name(queue))
+
+    def redis_answers() -> None:
+        client = redis.Redis.from_url(platform.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        database.create_tables()
+        stop = threading.Event()
+        reconciler = threading.Thread(
+            target=_send_unsent_jobs_until, args=(stop, database, enqueue, settings.reconcile_interval_s),
+            name="job-reconciler", daemon=True,
+        )
+        reconciler.start()
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            stop.set()
+            reconciler.join(timeout=10)
+            celery.close()
+            database.dispose()
+
+    app = FastAPI(title="Shipyard trainer", version="0.1.0", lifespan=lifespan)
+    install_common(
+        app, service="trainer", platform=platform,
+        readiness_checks={"database": database.ping, "redis": redis_answers},
+    )
+    app.state.settings = settings
+    app.state.database = database
+    app.state.enqueue = enqueue
+    app.include_router(router)
+    return app
+
+
+def _send_unsent_jobs_until(
+    stop: threading.Event, database: Database, enqueue: service.Enqueue, interval_s: float
+) -> None:
+    """Send jobs that were stored while the broker was away (see ``service.create_job``)."""
+    while not stop.wait(interval_s):
+        try:
+            sent = service.send_unsent_jobs(database=database, enqueue=enqueue)
+            if sent:
+                log.info("sent %d job(s) the broker had not accepted before", sent)
+        except Exception:  # a database outage must not end the thread for good
+            log.exception("sending unsent jobs failed")

@@ -1,0 +1,203 @@
+"""One training job, as a worker runs it: claim → data → train → export → register → done.
+
+The job row is updated as the job goes (progress, metrics, device) and ends ``succeeded``
+with a model version, or ``failed`` with an error a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.trainer import service
+from services.trainer.models import JobRecord
+from services.trainer.schemas import JobCreate, JobState, Progress
+from services.trainer.service import Claim
+from services.trainer.settings import TrainerSettings
+from shipyard_common.datasets import DataRepo
+from shipyard_common.db import Database
+from shipyard_common.errors import ShipyardError
+from shipyard_common.lineage import (
+    TAG_DATASET,
+    TAG_DATASET_REV,
+    TAG_FEATURES,
+    TAG_FORMAT,
+    TAG_GIT_COMMIT,
+    TAG_JOB_ID,
+    TAG_SIGNATURE,
+    TAG_TARGET,
+    TAG_TASK,
+)
+
+if TYPE_CHECKING:
+    from services.trainer.tracking import Tracking
+
+log = logging.getLogger("shipyard.trainer.job")
+
+# Mid-epoch progress is written at most this often; every epoch end is written regardless.
+PROGRESS_INTERVAL_S = 2.0
+
+
+class JobAborted(Exception):
+    """The row stopped being ours mid-training (cancelled, or taken over): stop quietly."""
+
+
+_databases: dict[int, Database] = {}
+
+
+def database_for(settings: TrainerSettings) -> Database:
+    # One engine per process: a prefork child must not reuse connections its parent opened.
+    pid = os.getpid()
+    if pid not in _databases:
+        database = Database(settings.platform.database_url)
+        database.create_tables()
+        _databases[pid] = database
+    return _databases[pid]
+
+
+def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None = None) -> Claim:
+    """Run job ``job_id`` if this worker may claim it; return what the claim said."""
+    database = database or database_for(settings)
+    claim = service.claim_job(
+        database=database, job_id=job_id,
+        stale_after_s=settings.stale_after_s, max_attempts=settings.max_attempts,
+    )
+    if claim != Claim.CLAIMED:
+        log.info("job %s not run here: %s", job_id, claim.value)
+        return claim
+    log.info("job %s started", job_id)
+    try:
+        _run_claimed(job_id=job_id, settings=settings, database=database)
+    except JobAborted:
+        log.info("job %s was ended elsewhere while training; stopped", job_id)
+    except ShipyardError as exc:
+        log.warning("job %s failed: %s", job_id, exc.message)
+        _fail(database, job_id, exc.message)
+    except Exception as exc:  # a bug or an outage must still end the job with a reason
+        log.exception("job %s failed unexpectedly", job_id)
+        _fail(database, job_id, f"{type(exc).__name__}: {exc}")
+    return claim
+
+
+def _fail(database: Database, job_id: str, message: str) -> None:
+    service.update_job(
+        database=database, job_id=job_id, expect_state=JobState.RUNNING,
+        state=JobState.FAILED, error=message[:4000],
+    )
+
+
+@dataclass
+class _ProgressWriter:
+    """Turns the engine's per-step callbacks into throttled row updates and MLflow metrics."""
+
+    database: Database
+    job_id: str
+    epochs: int
+    steps: int
+    tracking: Tracking
+    run_id: str
+    started: float = 0.0
+    last_write: float = 0.0
+
+    def __call__(self, epoch: int, step: int, metrics: dict[str, float] | None) -> None:
+        now = time.monotonic()
+        if metrics is None and now - self.last_write < PROGRESS_INTERVAL_S:
+            return
+        self.last_write = now
+        elapsed = now - self.started
+        eta = elapsed / step * (self.steps - step) if step else None
+        progress = Progress(
+            # Mid-epoch, the last finished epoch is the one before this.
+            epoch=epoch if metrics is not None else epoch - 1, epochs=self.epochs,
+            step=step, steps=self.steps, eta_seconds=round(eta, 1) if eta is not None else None,
+        )
+        values: dict[str, object] = {"progress": progress.model_dump()}
+        if metrics is not None:
+            self.tracking.log_metrics(self.run_id, metrics, step=epoch)
+            values["metrics"] = metrics
+        if not service.update_job(
+            database=self.database, job_id=self.job_id, expect_state=JobState.RUNNING, **values
+        ):
+            raise JobAborted(self.job_id)
+
+
+def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) -> None:
+    # Imported here: the API process imports this package too and must not pay for torch.
+    from services.trainer import engine
+    from services.trainer.export import export_onnx
+    from services.trainer.tracking import Tracking, flatten, git_commit, metric_tags
+
+    platform = settings.platform
+    with database.session() as session:
+        record = session.get(JobRecord, job_id)
+        assert record is not None  # claimed a moment ago
+        spec = JobCreate.model_validate(record.spec)
+
+    frame = DataRepo(platform.data_repo_path, platform.dvc_remote_path).read(spec.data.dataset, spec.data.rev)
+    data = engine.prepare_data(frame, spec)
+    device = engine.pick_device(spec.resources.queue.value)
+    commit = settings.git_commit or git_commit()
+
+    tracking = Tracking(platform.mlflow_tracking_uri)
+    lineage = {
+        TAG_JOB_ID: job_id,
+        TAG_DATASET: spec.data.dataset,
+        TAG_DATASET_REV: spec.data.rev,
+        TAG_GIT_COMMIT: commit,
+        TAG_FEATURES: json.dumps(data.features),
+        TAG_TARGET: data.target,
+        TAG_TASK: data.task.value,
+    }
+    run_id = tracking.start_run(experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage)
+    service.update_job(
+        database=database, job_id=job_id, expect_state=JobState.RUNNING, mlflow_run_id=run_id, device=device,
+    )
+    ok = False
+    try:
+        tracking.log_params(run_id, {
+            **flatten(spec.model_dump(mode="json")),
+            "device": device, "n_features": len(data.features),
+            "n_train": len(data.x_train), "n_val": len(data.x_val),
+        })
+        steps = engine.steps_per_epoch(data, spec) * spec.training.epochs
+        writer = _ProgressWriter(database=database, job_id=job_id, epochs=spec.training.epochs, steps=steps,
+                                 tracking=tracking, run_id=run_id, started=time.monotonic())
+        result = engine.train(data, spec, device=device, observer=writer)
+
+        with tempfile.TemporaryDirectory(prefix="shipyard-export-") as folder:
+            exported = export_onnx(
+                result.model, task=data.task, n_features=len(data.features),
+                path=Path(folder) / "model.onnx", check_rows=data.x_val, classes=data.classes,
+            )
+            metrics = {**result.metrics, "onnx_max_abs_diff": exported.max_abs_diff}
+            tracking.log_metrics(
+                run_id, {"onnx_max_abs_diff": exported.max_abs_diff}, step=spec.training.epochs
+            )
+            source = tracking.log_onnx(run_id, exported.path)
+        version = tracking.register(
+            model_name=spec.model_name, job_id=job_id, run_id=run_id, source=source,
+            tags={**lineage, TAG_FORMAT: "onnx", TAG_SIGNATURE: exported.signature_json(),
+                  **metric_tags(result.metrics)},
+            description=f"Trained by Shipyard job {job_id} on {spec.data.dataset}@{spec.data.rev[:12]}.",
+        )
+        ok = True
+    finally:
+        try:
+            tracking.end_run(run_id, ok=ok)
+        except Exception:  # the job's outcome matters more than the run's status
+            log.warning("could not end MLflow run %s", run_id, exc_info=True)
+
+    progress = Progress(epoch=spec.training.epochs, epochs=spec.training.epochs, step=steps, steps=steps,
+                        eta_seconds=0.0)
+    service.update_job(
+        database=database, job_id=job_id, expect_state=JobState.RUNNING,
+        state=JobState.SUCCEEDED, model_version=version, metrics=metrics, progress=progress.model_dump(),
+        error=None,
+    )
+    log.info("job %s succeeded: %s v%s %s", job_id, spec.model_name, version, metrics)

@@ -1,0 +1,171 @@
+"""The job spec (versioned, strict) and the job as the API shows it.
+
+Unknown fields are rejected rather than ignored: a misspelt ``learning_rte`` that silently
+trained with the default would be worse than a 422.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from shipyard_common.datasets import validate_dataset_name, validate_revision
+from shipyard_common.errors import InvalidInput
+
+SPEC_VERSION = 1
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class Framework(StrEnum):
+    PYTORCH = "pytorch"
+
+
+class Task(StrEnum):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+
+
+class OptimizerName(StrEnum):
+    SGD = "sgd"
+    ADAM = "adam"
+    ADAMW = "adamw"
+    RMSPROP = "rmsprop"
+
+
+class Queue(StrEnum):
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class ExportFormat(StrEnum):
+    ONNX = "onnx"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+def _as_value_error(check: Any) -> Any:
+    # The shared validators raise InvalidInput (an HTTP 400 elsewhere); inside a schema the
+    # same words must become a field error, which pydantic builds only from ValueError.
+    def validate(value: str) -> str:
+        try:
+            return str(check(value))
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
+
+    return validate
+
+
+def _check_model_name(name: str) -> str:
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"model name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+DatasetName = Annotated[str, AfterValidator(_as_value_error(validate_dataset_name))]
+Revision = Annotated[str, AfterValidator(_as_value_error(validate_revision))]
+ModelName = Annotated[str, AfterValidator(_check_model_name)]
+ColumnName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    type: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
+        default_factory=lambda: [64, 32], max_length=32
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class DataSpec(Strict):
+    dataset: DatasetName
+    rev: Revision
+    task: Task
+    target: ColumnName
+    features: list[ColumnName] | None = Field(
+        default=None, min_length=1, description="Input columns in order; all but the target when null."
+    )
+    validation_split: float = Field(default=0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _features_are_distinct_from_target(self) -> DataSpec:
+        if self.features is not None:
+            if self.target in self.features:
+                raise ValueError(f"the target {self.target!r} cannot also be a feature")
+            if len(set(self.features)) != len(self.features):
+                raise ValueError("features must not repeat a column")
+        return self
+
+
+class TrainingSpec(Strict):
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    batch_size: int = Field(default=32, ge=1, le=1_048_576)
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
+    optimizer: OptimizerName = OptimizerName.ADAM
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+
+
+class ResourcesSpec(Strict):
+    queue: Queue = Queue.CPU
+
+
+class JobCreate(Strict):
+    """A training job, as submitted. ``spec_version`` lets later issues change the shape safely."""
+
+    spec_version: Literal[1] = 1
+    model_name: ModelName
+    framework: Framework = Framework.PYTORCH
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    exports: list[ExportFormat] = Field(default_factory=lambda: [ExportFormat.ONNX], min_length=1)
+
+    @model_validator(mode="after")
+    def _onnx_is_exported(self) -> JobCreate:
+        # Serving loads only ONNX; a version without it could be promoted but never served.
+        if ExportFormat.ONNX not in self.exports:
+            raise ValueError("exports must include 'onnx'")
+        return self
+
+
+class Progress(BaseModel):
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    eta_seconds: float | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    state: JobState
+    progress: Progress
+    metrics: dict[str, float]
+    model_name: str
+    model_version: str | None
+    mlflow_run_id: str | None
+    device: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    spec: JobCreate

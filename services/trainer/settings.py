@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shipyard_common.settings import ServiceSettings
+
+
+class TrainerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SHIPYARD_TRAINER_", extra="ignore")
+
+    port: int = 8001
+    # Prepended to the spec's queue name ("cpu" → "<prefix>cpu"), so that two stacks, or test
+    # sessions, sharing one Redis database do not take each other's jobs.
+    queue_prefix: str = ""
+    # A running job whose row has not moved for this long is taken to have lost its worker,
+    # and a redelivered task may take it over.
+    stale_after_s: float = Field(default=600, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    # How often the API re-sends jobs that were stored but never reached the broker.
+    reconcile_interval_s: float = Field(default=30, gt=0)
+    # Set in images built without .git; otherwise the worker asks git.
+    git_commit: str | None = None
+    # Redis's default (1 h) would redeliver any job that trains longer than that to a second worker.
+    visibility_timeout_s: int = Field(default=6 * 3600, ge=60)
+
+    def queue_name(self, queue: str) -> str:
+        return f"{self.queue_prefix}{queue}"

@@ -1,0 +1,143 @@
+"""MLflow: the run a job logs to, and the registry version it leaves behind.
+
+Everything goes through one :class:`MlflowClient` bound to the platform's tracking URI rather
+than mlflow's process-global fluent API, so that nothing depends on what else the worker did.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from shipyard_common.errors import Unavailable
+from shipyard_common.lineage import ONNX_ARTIFACT_PATH, TAG_JOB_ID
+
+log = logging.getLogger("shipyard.trainer.tracking")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+METRIC_TAG_PREFIX = "shipyard.metric."
+_ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+
+
+@functools.cache
+def git_commit() -> str:
+    """The commit of this Shipyard checkout, or ``unknown`` (an image built without .git)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else "unknown"
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"training": {"epochs": 20}}`` → ``{"training.epochs": "20"}``, for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | dict | None) else str(value)
+    return flat
+
+
+class Tracking:
+    """One job's run in MLflow, from creation to the registered version."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment called ``name``, created on first use (and restored if deleted)."""
+        for _ in range(3):
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is not None:
+                if experiment.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(experiment.experiment_id)
+                return str(experiment.experiment_id)
+            try:
+                return str(self.client.create_experiment(name))
+            except MlflowException as exc:
+                if exc.error_code != _ALREADY_EXISTS:
+                    raise
+                # Another worker created it between our lookup and create; look again.
+        raise Unavailable(f"MLflow experiment {name!r} can be neither found nor created")
+
+    def start_run(self, *, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=dict(tags))
+        return str(run.info.run_id)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]
+        )
+
+    def log_onnx(self, run_id: str, path: Path) -> str:
+        """Upload the ONNX file under the run's ``onnx/`` folder; return the folder's URI."""
+        self.client.log_artifact(run_id, str(path), artifact_path=ONNX_ARTIFACT_PATH)
+        return f"runs:/{run_id}/{ONNX_ARTIFACT_PATH}"
+
+    def end_run(self, run_id: str, *, ok: bool) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        self.client.set_terminated(run_id, status=status)
+
+    def find_version(self, *, model_name: str, job_id: str) -> str | None:
+        """The registered version of ``model_name`` that job ``job_id`` made, if any."""
+        try:
+            found = self.client.search_model_versions(
+                f"name = '{model_name}' and tags.`{TAG_JOB_ID}` = '{job_id}'"
+            )
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        versions = sorted(int(v.version) for v in found)
+        return str(versions[0]) if versions else None
+
+    def register(
+        self, *, model_name: str, job_id: str, run_id: str, source: str, tags: Mapping[str, str],
+        description: str | None = None,
+    ) -> str:
+        """Register ``source`` as a new version of ``model_name``; idempotent on ``job_id``.
+
+        A job retried after its worker was lost may have registered already; it reuses that
+        version (bringing its tags up to date) instead of adding a second one.
+        """
+        existing = self.find_version(model_name=model_name, job_id=job_id)
+        if existing is not None:
+            for key, value in tags.items():
+                self.client.set_model_version_tag(model_name, existing, key, value)
+            return existing
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as exc:
+            if exc.error_code != _ALREADY_EXISTS:
+                raise
+        version = self.client.create_model_version(
+            name=model_name, source=source, run_id=run_id,
+            tags={**tags, TAG_JOB_ID: job_id}, description=description,
+        )
+        return str(version.version)
+
+
+def metric_tags(metrics: Mapping[str, float]) -> dict[str, str]:
+    return {f"{METRIC_TAG_PREFIX}{key}": repr(float(value)) for key, value in metrics.items()}

@@ -1,0 +1,111 @@
+"""The Celery side: the app both the API (to send) and the worker (to run) build from settings.
+
+The broker carries only job ids; the database holds the jobs. Acknowledging late, and
+rejecting on a lost worker, means a job whose worker dies goes back on the queue instead of
+vanishing; :func:`services.trainer.service.claim_job` keeps the second delivery from
+running a job twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from celery import Celery
+from kombu import Queue
+
+from services.trainer.schemas import Queue as QueueName
+from services.trainer.settings import TrainerSettings
+
+TASK_NAME = "shipyard.train"
+
+log = logging.getLogger("shipyard.trainer.worker")
+
+
+def make_celery(settings: TrainerSettings) -> Celery:
+    platform = settings.platform
+    app = Celery("shipyard-trainer", broker=platform.redis_url, set_as_current=False)
+    queues = [settings.queue_name(q.value) for q in QueueName]
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[Queue(name, routing_key=name) for name in queues],
+        task_default_queue=queues[0],
+        task_create_missing_queues=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_connect_timeout": 5,
+        },
+        # Fail a send within seconds when Redis is away: the job row is kept, and the API's
+        # reconciler sends it later, so waiting here would only hold the HTTP request.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+
+    @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)
+    def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
+        from services.trainer.job import run_job
+        from services.trainer.service import Claim
+
+        claim = run_job(job_id=job_id, settings=settings)
+        if claim == Claim.BUSY:
+            # Another worker holds it, or held it until it died a moment ago: look again once
+            # a silent row would count as stale.
+            raise self.retry(countdown=settings.stale_after_s)
+
+    return app
+
+
+def worker_argv(*, queues: Sequence[str], concurrency: int, pool: str, loglevel: str) -> list[str]:
+    return [
+        "worker",
+        f"--queues={','.join(queues)}",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--loglevel={loglevel}",
+        # Mingle and gossip talk to other workers on the same Redis; a trainer needs neither.
+        "--without-mingle",
+        "--without-gossip",
+        "--hostname=trainer@%h",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from shipyard_common.logging import configure_logging
+    from shipyard_common.settings import disable_telemetry
+
+    parser = argparse.ArgumentParser(prog="python -m services.trainer.worker", description=__doc__)
+    parser.add_argument("--queues", default="cpu,gpu", help="comma-separated spec queues (cpu, gpu)")
+    parser.add_argument("--concurrency", type=int, default=1, help="jobs trained at once")
+    parser.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    args = parser.parse_args(argv)
+
+    disable_telemetry()
+    settings = TrainerSettings()
+    platform = settings.platform
+    configure_logging("trainer-worker", level=platform.log_level, json_lines=platform.log_json)
+    known = {q.value for q in QueueName}
+    wanted = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in wanted if q not in known]
+    if unknown or not wanted:
+        parser.error(f"unknown queue(s) {unknown or wanted}; choose from {sorted(known)}")
+    queues = [settings.queue_name(q) for q in wanted]
+    broker = urlsplit(platform.redis_url)
+    log.info("trainer worker consuming %s on redis %s%s", queues, broker.hostname, broker.path)
+    app = make_celery(settings)
+    app.worker_main(
+        worker_argv(queues=queues, concurrency=args.concurrency, pool=args.pool, loglevel=platform.log_level)
+    )
+
+
+if __name__ == "__main__":
+    main()

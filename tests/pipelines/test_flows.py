@@ -1,0 +1,74 @@
+"""The pipeline's pieces on real Prefect (its ephemeral local API) and a real DVC repository.
+
+The whole flow, against the whole stack, runs in ``tests/e2e``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pandas as pd
+import pytest
+from sklearn.datasets import load_breast_cancer, load_iris
+
+from pipelines.flows import default_job_spec, local_prefect, train_and_deploy
+from pipelines.tasks import PipelineConfig, version_dataset
+from shipyard_common.datasets import DataRepo
+from shipyard_common.settings import PlatformSettings
+from tests.support import TOKENS
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory) -> PlatformSettings:
+    """Only the state dir matters here: no service, Redis or MLflow is called.
+
+    One per module: Prefect's ephemeral API starts once per process, in the state dir of
+    whichever test runs a task first.
+    """
+    return PlatformSettings(env="test", state_dir=tmp_path_factory.mktemp("pipelines") / "state",
+                            tokens=dict(TOKENS))
+
+
+def test_version_dataset_gives_each_content_its_own_revision(platform, tmp_path):
+    config = PipelineConfig.from_platform(platform, token="test-admin")
+    iris = load_iris(as_frame=True).frame
+    csv = tmp_path / "half.csv"
+    iris.head(75).to_csv(csv, index=False)
+
+    with local_prefect(platform):
+        first = version_dataset("iris", iris, config)
+        second = version_dataset("iris", csv, config)
+        again = version_dataset("iris", iris.head(75), config)
+
+    assert first != second
+    assert again == second  # the same content pins the same revision
+    repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
+    # Without the local cache, both versions must come back from the DVC remote.
+    shutil.rmtree(repo.path / ".dvc" / "cache")
+    pd.testing.assert_frame_equal(repo.read("iris", first), iris)
+    pd.testing.assert_frame_equal(repo.read("iris", second), iris.head(75))
+    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+        assert list((platform.state_dir / "prefect").glob("prefect.db*")), "Prefect DB is elsewhere"
+
+
+def test_default_job_spec_is_the_demo_spec_with_overrides_merged():
+    overrides = {"training": {"epochs": 5}, "model": {"hidden": [16]}}
+    spec = default_job_spec(model_name="bc", dataset="breast_cancer", rev="abc1234", overrides=overrides)
+    assert spec["model_name"] == "bc" and spec["framework"] == "pytorch"
+    assert spec["model"] == {"type": "mlp", "hidden": [16]}
+    assert spec["data"] == {"dataset": "breast_cancer", "rev": "abc1234", "task": "classification",
+                            "target": "target", "features": None, "validation_split": 0.2}
+    assert spec["training"] == {"epochs": 5, "batch_size": 32, "learning_rate": 0.001,
+                                "optimizer": "adam", "seed": 0}
+    assert spec["resources"] == {"queue": "cpu"} and spec["exports"] == ["onnx"]
+    assert overrides == {"training": {"epochs": 5}, "model": {"hidden": [16]}}
+    assert default_job_spec(model_name="bc", dataset="d", rev="abc1234")["training"]["epochs"] == 30
+
+
+def test_the_flow_refuses_ambiguous_data_before_touching_anything(platform, tmp_path):
+    frame = load_breast_cancer(as_frame=True).frame
+    with pytest.raises(ValueError, match="exactly one of frame= or csv_path="):
+        train_and_deploy(dataset_name="bc", model_name="bc", frame=frame, csv_path=tmp_path / "x.csv",
+                         platform=platform, token="test-admin")
+    assert "bc.csv" not in {path.name for path in platform.data_repo_path.glob("data/*")}

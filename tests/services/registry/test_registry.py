@@ -1,0 +1,173 @@
+"""The registry service on a real MLflow server, Redis, and SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import select
+
+from services.registry.app import create_app
+from services.registry.settings import RegistrySettings
+from shipyard_common.db import Database
+from shipyard_common.records import EventRecord
+from shipyard_common.settings import PlatformSettings
+from tests.services.registry.model_factory import ModelFactory, unique_name
+from tests.support import auth, running_app
+
+
+@pytest.fixture
+def registry_url(isolated_platform: PlatformSettings) -> Iterator[str]:
+    with running_app(create_app(RegistrySettings(platform=isolated_platform))) as base:
+        yield base
+
+
+@pytest.fixture
+def two_versions(model_factory: ModelFactory) -> str:
+    name = unique_name("reg")
+    model_factory.register_classifier(name, seed=1)
+    model_factory.register_classifier(name, seed=2)
+    return name
+
+
+def _error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    message: str = response.json()["error"]["message"]
+    assert message
+    return message
+
+
+def test_lists_models_and_versions(registry_url: str, two_versions: str) -> None:
+    name = two_versions
+    viewer = auth("viewer")
+
+    models = httpx.get(f"{registry_url}/models", headers=viewer).json()
+    assert name in [m["name"] for m in models]
+
+    model = httpx.get(f"{registry_url}/models/{name}", headers=viewer).json()
+    assert model["name"] == name and model["aliases"] == {} and model["latest_version"] == "2"
+
+    versions = httpx.get(f"{registry_url}/models/{name}/versions", headers=viewer).json()
+    assert [v["version"] for v in versions] == ["2", "1"]
+    assert all(v["run_id"] and v["created_at"] and v["tags"]["shipyard.format"] == "onnx" for v in versions)
+    assert versions[0]["metrics"] == {"val_accuracy": pytest.approx(0.52)}
+
+    one = httpx.get(f"{registry_url}/models/{name}/versions/1", headers=viewer).json()
+    assert one["version"] == "1" and one["metrics"] == {"val_accuracy": pytest.approx(0.51)}
+    assert one["aliases"] == []
+
+    assert "is not in the registry" in _error(
+        httpx.get(f"{registry_url}/models/nope-{name}", headers=viewer), 404
+    )
+    missing_version = httpx.get(f"{registry_url}/models/{name}/versions/99", headers=viewer)
+    assert "no version 99" in _error(missing_version, 404)
+    _error(httpx.get(f"{registry_url}/models/{name}/versions/abc", headers=viewer), 404)
+    _error(httpx.get(f"{registry_url}/models/nope-{name}/versions", headers=viewer), 404)
+    _error(httpx.get(f"{registry_url}/models"), 401)
+
+
+def _subscribe(redis_url: str, channel: str) -> redis.client.PubSub:
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    # Pub/sub delivers only to subscribers already listening; wait until the server counts ours.
+    deadline = time.monotonic() + 10
+    while client.pubsub_numsub(channel)[0][1] < 1:
+        assert time.monotonic() < deadline, "the subscription never registered"
+        pubsub.get_message(timeout=0.05)
+    return pubsub
+
+
+def _next_event(pubsub: redis.client.PubSub, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message and message["type"] == "message":
+            return json.loads(message["data"])
+    raise AssertionError("no event arrived")
+
+
+def test_promote_moves_alias_audits_and_announces(
+    isolated_platform: PlatformSettings, db_url: str, model_factory: ModelFactory, two_versions: str
+) -> None:
+    platform = isolated_platform.model_copy(update={"db_url": db_url})
+    name = two_versions
+    pubsub = _subscribe(platform.redis_url, platform.events_channel)
+    approver = auth("approver")
+    with running_app(create_app(RegistrySettings(platform=platform))) as base:
+        promote = f"{base}/models/{name}/versions/{{}}/promote"
+
+        first = httpx.post(promote.format(1), json={"reason": "first release"}, headers=approver)
+        assert first.status_code == 200, first.text
+        assert first.json() == {
+            "model": name, "version": "1", "alias": "production", "previous_version": None
+        }
+        second = httpx.post(promote.format(2), json={"alias": "production"}, headers=approver).json()
+        assert second["previous_version"] == "1"
+        # Rolling back is promoting the older version again.
+        rollback = httpx.post(
+            promote.format(1), json={"reason": "v2 regressed"}, headers=auth("admin")
+        ).json()
+        assert rollback["previous_version"] == "2"
+        staged = httpx.post(promote.format(2), json={"alias": "staging"}, headers=approver).json()
+        assert staged == {"model": name, "version": "2", "alias": "staging", "previous_version": None}
+
+        assert model_factory.client.get_registered_model(name).aliases == {"production": "1", "staging": "2"}
+        model = httpx.get(f"{base}/models/{name}", headers=auth("viewer")).json()
+        assert model["aliases"] == {"production": "1", "staging": "2"}
+        versions = httpx.get(f"{base}/models/{name}/versions", headers=auth("viewer")).json()
+        assert {v["version"]: v["aliases"] for v in versions} == {"2": ["staging"], "1": ["production"]}
+
+        audit = httpx.get(f"{base}/audit", params={"model": name}, headers=auth("viewer")).json()
+        assert [(r["version"], r["alias"], r["previous_version"]) for r in audit] == [
+            ("2", "staging", None), ("1", "production", "2"), ("2", "production", "1"),
+            ("1", "production", None),
+        ]
+        assert audit[-1]["reason"] == "first release" and audit[-1]["actor"].startswith("token:")
+        assert audit[1]["reason"] == "v2 regressed"
+
+    events = [_next_event(pubsub) for _ in range(4)]
+    pubsub.close()
+    assert [(e["type"], e["model"], e["alias"], e["version"], e["previous_version"]) for e in events] == [
+        ("model.alias_moved", name, "production", "1", None),
+        ("model.alias_moved", name, "production", "2", "1"),
+        ("model.alias_moved", name, "production", "1", "2"),
+        ("model.alias_moved", name, "staging", "2", None),
+    ]
+    database = Database(db_url)
+    with database.session() as session:
+        payloads = [r.payload for r in session.scalars(select(EventRecord)).all()]
+    database.dispose()
+    assert sum(p["model"] == name for p in payloads) == 4
+
+
+def test_promote_refuses_bad_callers_and_bad_requests(registry_url: str, two_versions: str) -> None:
+    name = two_versions
+    promote = f"{registry_url}/models/{name}/versions/1/promote"
+    body = {"alias": "production"}
+
+    assert "'approver' role" in _error(httpx.post(promote, json=body, headers=auth("trainer")), 403)
+    _error(httpx.post(promote, json=body, headers=auth("viewer")), 403)
+    _error(httpx.post(promote, json=body), 401)
+    _error(httpx.post(promote, json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    approver = auth("approver")
+    unknown_version = f"{registry_url}/models/{name}/versions/999/promote"
+    assert "no version 999" in _error(httpx.post(unknown_version, json=body, headers=approver), 404)
+    unknown_model = f"{registry_url}/models/x{name}/versions/1/promote"
+    assert "not in the registry" in _error(httpx.post(unknown_model, json=body, headers=approver), 404)
+    assert "alias" in _error(httpx.post(promote, json={"alias": "prod"}, headers=auth("approver")), 422)
+    _error(httpx.post(promote, content=b"{not json", headers=auth("approver")), 422)
+
+    # Nothing above moved an alias or wrote an audit row.
+    assert httpx.get(f"{registry_url}/models/{name}", headers=auth("viewer")).json()["aliases"] == {}
+    assert httpx.get(f"{registry_url}/audit", params={"model": name}, headers=auth("viewer")).json() == []
+
+
+def test_ready_when_database_and_mlflow_answer(registry_url: str) -> None:
+    response = httpx.get(f"{registry_url}/readyz")
+    assert response.status_code == 200, response.text
+    assert response.json()["checks"] == {"database": "ok", "mlflow": "ok"}

@@ -1,0 +1,172 @@
+"""The trainer's HTTP API on a real database (SQLite and PostgreSQL) and a real Redis broker."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+import redis
+
+from services.trainer.app import create_app
+from services.trainer.models import JobRecord
+from shipyard_common.auth import Role
+from shipyard_common.db import Database
+from shipyard_common.settings import PlatformSettings
+from tests.services.trainer.conftest import job_spec, trainer_settings
+from tests.support import auth, running_app
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def db_settings(platform: PlatformSettings, db_url: str):
+    return trainer_settings(platform.model_copy(update={"db_url": db_url}))
+
+
+def queued_messages(settings, queue: str = "cpu") -> list[dict]:
+    client = redis.Redis.from_url(settings.platform.redis_url)
+    try:
+        return [json.loads(raw) for raw in client.lrange(settings.queue_name(queue), 0, -1)]
+    finally:
+        client.close()
+
+
+def test_submit_stores_the_job_and_queues_its_id(db_settings):
+    # The PostgreSQL database lives for the session; a model name of its own keeps the list ours.
+    model_name = f"m-{uuid.uuid4().hex[:8]}"
+    with running_app(create_app(db_settings)) as base:
+        created = httpx.post(
+            f"{base}/jobs", json=job_spec(rev=REV, model_name=model_name), headers=auth(Role.TRAINER)
+        )
+        assert created.status_code == 201, created.text
+        job = created.json()
+        assert job["state"] == "queued" and job["model_version"] is None
+        assert job["progress"] == {"epoch": 0, "epochs": 20, "step": 0, "steps": 0, "eta_seconds": None}
+        assert job["spec"]["data"]["rev"] == REV and job["spec"]["spec_version"] == 1
+
+        fetched = httpx.get(f"{base}/jobs/{job['id']}", headers=auth(Role.VIEWER))
+        assert fetched.status_code == 200 and fetched.json() == job
+        mine = {"model_name": model_name}
+        listed = httpx.get(f"{base}/jobs", params=mine, headers=auth(Role.VIEWER)).json()
+        assert [j["id"] for j in listed] == [job["id"]]
+        failed = httpx.get(f"{base}/jobs", params={**mine, "state": "failed"}, headers=auth(Role.VIEWER))
+        assert failed.json() == []
+
+    # The database, not Redis, is the record; Redis carries only the id, on the spec's queue.
+    database = Database(db_settings.platform.database_url)
+    with database.session() as session:
+        record = session.get(JobRecord, job["id"])
+        assert record is not None and record.state == "queued" and record.enqueued_at is not None
+    database.dispose()
+    [message] = queued_messages(db_settings)
+    assert message["headers"]["task"] == "shipyard.train"
+    assert message["headers"]["argsrepr"] == repr([job["id"]])
+
+
+def test_unknown_job_is_404_with_a_message(settings):
+    with running_app(create_app(settings)) as base:
+        response = httpx.get(f"{base}/jobs/does-not-exist", headers=auth(Role.VIEWER))
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "not_found" and "does-not-exist" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"training__learning_rate": -0.001}, "training.learning_rate"),
+        ({"training__optimizer": "lbfgs"}, "training.optimizer"),
+        ({"data__validation_split": 1.5}, "data.validation_split"),
+        ({"unexpected": True}, "unexpected"),
+        ({"data__rev": "not-a-sha"}, "data.rev"),
+    ],
+)
+def test_bad_spec_is_422_naming_the_field(settings, changes, field):
+    with running_app(create_app(settings)) as base:
+        response = httpx.post(f"{base}/jobs", json=job_spec(rev=REV, **changes), headers=auth(Role.TRAINER))
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "validation_error" and field in error["message"]
+        assert field in {d["field"] for d in error["details"]}
+        assert httpx.get(f"{base}/jobs", headers=auth(Role.VIEWER)).json() == []
+
+
+def test_submitting_needs_a_trainer_token(settings):
+    with running_app(create_app(settings)) as base:
+        anonymous = httpx.post(f"{base}/jobs", json=job_spec(rev=REV))
+        viewer = httpx.post(f"{base}/jobs", json=job_spec(rev=REV), headers=auth(Role.VIEWER))
+        approver = httpx.post(f"{base}/jobs", json=job_spec(rev=REV), headers=auth(Role.APPROVER))
+        admin = httpx.post(f"{base}/jobs", json=job_spec(rev=REV), headers=auth(Role.ADMIN))
+        unread = httpx.get(f"{base}/jobs")
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
+    assert viewer.status_code == 403 and "trainer" in viewer.json()["error"]["message"]
+    assert approver.status_code == 403
+    assert admin.status_code == 201
+    assert unread.status_code == 401
+
+
+def test_job_is_kept_when_the_broker_is_away_and_sent_once_it_is_back(platform, db_url):
+    from services.trainer import service
+
+    away = trainer_settings(platform.model_copy(update={"db_url": db_url, "redis_url": "redis://127.0.0.1:1/0"}))
+    with running_app(create_app(away)) as base:
+        created = httpx.post(f"{base}/jobs", json=job_spec(rev=REV), headers=auth(Role.TRAINER), timeout=60)
+        ready = httpx.get(f"{base}/readyz")
+    # 201: the job exists; answering 503 would invite a second POST and a second training.
+    assert created.status_code == 201, created.text
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("failed")
+    job_id = created.json()["id"]
+
+    back = trainer_settings(platform.model_copy(update={"db_url": db_url}))
+    from services.trainer.worker import TASK_NAME, make_celery
+
+    celery = make_celery(back)
+    database = Database(back.platform.database_url)
+    try:
+        def enqueue(job: str, queue: str) -> None:
+            celery.send_task(TASK_NAME, args=[job], queue=back.queue_name(queue))
+
+        assert service.send_unsent_jobs(database=database, enqueue=enqueue, older_than_s=0) == 1
+        assert service.send_unsent_jobs(database=database, enqueue=enqueue, older_than_s=0) == 0
+    finally:
+        celery.close()
+        database.dispose()
+    [message] = queued_messages(back)
+    assert message["headers"]["argsrepr"] == repr([job_id])
+
+
+def test_health_and_readiness(settings):
+    with running_app(create_app(settings)) as base:
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "service": "trainer"}
+        ready = httpx.get(f"{base}/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+
+
+def test_service_runs_as_a_module(platform, tmp_path):
+    """``python -m services.trainer`` as the stack starts it: settings from the environment."""
+    import os
+    import subprocess
+    import sys
+
+    from shipyard_cli.stack import free_port, stop_process_group
+    from tests.services.trainer.conftest import ROOT
+    from tests.support import wait_for
+
+    port = free_port()
+    env = {**os.environ, **platform.as_env(), "SHIPYARD_TRAINER_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "trainer.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.trainer"], env=env, cwd=ROOT, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200,
+                 timeout=60, what="the trainer process")
+        listed = httpx.get(f"http://127.0.0.1:{port}/jobs", headers=auth(Role.VIEWER))
+        assert listed.status_code == 200 and listed.json() == []
+    finally:
+        stop_process_group(process.pid, timeout=10)
+        process.wait(timeout=10)

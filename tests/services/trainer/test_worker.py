@@ -1,0 +1,146 @@
+"""End to end on real parts: DVC data, the API, a Celery worker process, MLflow, ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer
+
+from services.trainer.app import create_app
+from services.trainer.settings import TrainerSettings
+from shipyard_common.auth import Role
+from shipyard_common.datasets import DataRepo
+from shipyard_common.lineage import (
+    TAG_DATASET,
+    TAG_DATASET_REV,
+    TAG_FEATURES,
+    TAG_FORMAT,
+    TAG_GIT_COMMIT,
+    TAG_JOB_ID,
+    TAG_SIGNATURE,
+    TAG_TARGET,
+    TAG_TASK,
+)
+from shipyard_common.settings import PlatformSettings
+from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.support import TOKENS, auth, running_app, wait_for
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, mlflow_server: str
+) -> Iterator[dict[str, Any]]:
+    """One API, one worker and one versioned dataset, shared by this module's tests."""
+    state = tmp_path_factory.mktemp("trainer-state")
+    platform = PlatformSettings(
+        env="test", state_dir=state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server,
+        tokens=dict(TOKENS), log_json=False,
+    )
+    settings = trainer_settings(platform)
+    frame = load_breast_cancer(as_frame=True).frame
+    version = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("breast_cancer", frame)
+    worker = WorkerProcess(settings, state / "worker.log")
+    try:
+        with running_app(create_app(settings)) as base:
+            yield {"settings": settings, "base": base, "rev": version.rev, "frame": frame, "worker": worker}
+    finally:
+        worker.stop()
+
+
+def run_job(stack: dict[str, Any], spec: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
+    created = httpx.post(f"{stack['base']}/jobs", json=spec, headers=auth(Role.TRAINER))
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    seen: list[dict[str, Any]] = []
+
+    def ended() -> dict[str, Any] | None:
+        job = httpx.get(f"{stack['base']}/jobs/{job_id}", headers=auth(Role.VIEWER)).json()
+        seen.append(job)
+        return job if job["state"] in TERMINAL else None
+
+    try:
+        job = wait_for(ended, timeout=timeout, interval=0.5, what=f"job {job_id} to end")
+    except AssertionError as exc:
+        worker: WorkerProcess = stack["worker"]
+        raise AssertionError(f"{exc}\nlast seen: {seen[-1:]}\nworker log:\n{worker.log_tail()}") from None
+    job["_seen"] = seen
+    return job
+
+
+@pytest.fixture(scope="module")
+def trained(stack: dict[str, Any]) -> dict[str, Any]:
+    return run_job(stack, job_spec(rev=stack["rev"]))
+
+
+def test_job_trains_to_a_good_model(trained, stack):
+    assert trained["state"] == "succeeded", (trained["error"], stack["worker"].log_tail())
+    assert trained["metrics"]["val_accuracy"] >= 0.94
+    assert trained["metrics"]["onnx_max_abs_diff"] <= 1e-4
+    assert trained["progress"]["epoch"] == trained["progress"]["epochs"] == 20
+    assert trained["progress"]["step"] == trained["progress"]["steps"] > 0
+    assert trained["device"] == "cpu" and trained["error"] is None
+    assert trained["model_version"] and trained["mlflow_run_id"]
+    states = [job["state"] for job in trained["_seen"]]
+    assert set(states) <= {"queued", "running", "succeeded"}
+
+
+def test_registered_version_carries_lineage_and_an_onnx_file(trained, stack, tmp_path: Path, monkeypatch):
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    settings: TrainerSettings = stack["settings"]
+    uri = settings.platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("breast_cancer", trained["model_version"])
+    tags = version.tags
+    frame = stack["frame"]
+    features = [c for c in frame.columns if c != "target"]
+    assert tags[TAG_JOB_ID] == trained["id"]
+    assert tags[TAG_DATASET] == "breast_cancer" and tags[TAG_DATASET_REV] == stack["rev"]
+    assert json.loads(tags[TAG_FEATURES]) == features
+    assert tags[TAG_TARGET] == "target" and tags[TAG_TASK] == "classification"
+    assert tags[TAG_FORMAT] == "onnx" and len(tags[TAG_GIT_COMMIT]) >= 7
+    signature = json.loads(tags[TAG_SIGNATURE])
+    assert signature["inputs"] == [{"name": "input", "shape": [None, 30], "dtype": "float32"}]
+    assert signature["outputs"] == [{"name": "probabilities", "shape": [None, 2], "dtype": "float32"}]
+    assert version.run_id == trained["mlflow_run_id"]
+    run = client.get_run(trained["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 20
+
+    # models:/ URIs resolve through the registry URI, which download_artifacts does not take.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    folder = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/breast_cancer/{trained['model_version']}", dst_path=str(tmp_path),
+    ))
+    [onnx_file] = list(folder.rglob("model.onnx"))
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    # Raw feature rows in, probabilities out: the standardisation is inside the model.
+    (probabilities,) = session.run(None, {"input": frame[features].to_numpy(dtype=np.float32)})
+    assert probabilities.shape == (len(frame), 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == frame["target"].to_numpy()).mean() >= 0.9
+
+
+def test_a_missing_column_fails_the_job_with_a_reason(stack):
+    spec = job_spec(rev=stack["rev"], data__features=["mean radius", "no_such_column"], training__epochs=1)
+    job = run_job(stack, spec, timeout=60)
+    assert job["state"] == "failed" and job["model_version"] is None
+    assert "no_such_column" in job["error"] and "has no column" in job["error"]
+
+
+def test_a_missing_dataset_fails_the_job_with_a_reason(stack):
+    spec = job_spec(rev=stack["rev"], dataset="no_such_dataset", training__epochs=1)
+    job = run_job(stack, spec, timeout=60)
+    assert job["state"] == "failed"
+    assert "no_such_dataset" in job["error"] and "does not exist" in job["error"]
