@@ -176,7 +176,10 @@ def list_versions(*, registry: Registry, name: str) -> list[VersionPublic]:
     with ThreadPoolExecutor(max_workers=registry.settings.metrics_fetch_concurrency) as pool:
         metrics = pool.map(lambda run_id: _run_metrics(registry, run_id), run_ids)
         metrics_by_run = dict(zip(run_ids, metrics, strict=True))
-    return [_version_public(v, model.aliases or {}, metrics_by_run.get(v.run_id)) for v in versions]
+    return [
+        _version_public(v, model.aliases or {}, metrics_by_run.get(v.run_id) if v.run_id else None)
+        for v in versions
+    ]
 
 
 def _model_version(registry: Registry, name: str, version: str) -> tuple[RegisteredModel, ModelVersion]:

@@ -136,7 +136,8 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
     platform = settings.platform
     with database.session() as session:
         record = session.get(JobRecord, job_id)
-        assert record is not None  # claimed a moment ago
+        if record is None:  # deleted between the claim and now
+            raise JobAborted(job_id)
         spec = JobCreate.model_validate(record.spec)
 
     frame = DataRepo(platform.data_repo_path, platform.dvc_remote_path).read(spec.data.dataset, spec.data.rev)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -48,6 +49,8 @@ def make_celery(settings: TrainerSettings) -> Celery:
         # reconciler sends it later, so waiting here would only hold the HTTP request.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         worker_hijack_root_logger=False,
+        # Libraries that print (rather than log) are not warning about anything.
+        worker_redirect_stdouts_level="INFO",
         worker_send_task_events=False,
     )
 
@@ -90,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     disable_telemetry()
+    # MLflow prints a "View run" link on stdout for every run it ends; in a worker log that is noise.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     settings = TrainerSettings()
     platform = settings.platform
     configure_logging("trainer-worker", level=platform.log_level, json_lines=platform.log_json)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -70,16 +71,22 @@ def test_lists_models_and_versions(registry_url: str, two_versions: str) -> None
     _error(httpx.get(f"{registry_url}/models"), 401)
 
 
-def _subscribe(redis_url: str, channel: str) -> redis.client.PubSub:
+@contextmanager
+def _subscribed(redis_url: str, channel: str) -> Iterator[redis.client.PubSub]:
+    # The client must outlive the subscription: closing it closes the pool the pubsub uses.
     client = redis.Redis.from_url(redis_url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel)
-    # Pub/sub delivers only to subscribers already listening; wait until the server counts ours.
-    deadline = time.monotonic() + 10
-    while client.pubsub_numsub(channel)[0][1] < 1:
-        assert time.monotonic() < deadline, "the subscription never registered"
-        pubsub.get_message(timeout=0.05)
-    return pubsub
+    try:
+        # Pub/sub delivers only to subscribers already listening; wait until the server counts ours.
+        deadline = time.monotonic() + 10
+        while client.pubsub_numsub(channel)[0][1] < 1:
+            assert time.monotonic() < deadline, "the subscription never registered"
+            pubsub.get_message(timeout=0.05)
+        yield pubsub
+    finally:
+        pubsub.close()
+        client.close()
 
 
 def _next_event(pubsub: redis.client.PubSub, timeout: float = 10) -> dict:
@@ -96,33 +103,30 @@ def test_promote_moves_alias_audits_and_announces(
 ) -> None:
     platform = isolated_platform.model_copy(update={"db_url": db_url})
     name = two_versions
-    pubsub = _subscribe(platform.redis_url, platform.events_channel)
-    approver = auth("approver")
-    with running_app(create_app(RegistrySettings(platform=platform))) as base:
+    approver, viewer = auth("approver"), auth("viewer")
+    app = create_app(RegistrySettings(platform=platform))
+    with _subscribed(platform.redis_url, platform.events_channel) as pubsub, running_app(app) as base:
         promote = f"{base}/models/{name}/versions/{{}}/promote"
 
         first = httpx.post(promote.format(1), json={"reason": "first release"}, headers=approver)
         assert first.status_code == 200, first.text
-        assert first.json() == {
-            "model": name, "version": "1", "alias": "production", "previous_version": None
-        }
+        expected = {"model": name, "version": "1", "alias": "production", "previous_version": None}
+        assert first.json() == expected
         second = httpx.post(promote.format(2), json={"alias": "production"}, headers=approver).json()
         assert second["previous_version"] == "1"
         # Rolling back is promoting the older version again.
-        rollback = httpx.post(
-            promote.format(1), json={"reason": "v2 regressed"}, headers=auth("admin")
-        ).json()
-        assert rollback["previous_version"] == "2"
+        rollback = httpx.post(promote.format(1), json={"reason": "v2 regressed"}, headers=auth("admin"))
+        assert rollback.json()["previous_version"] == "2"
         staged = httpx.post(promote.format(2), json={"alias": "staging"}, headers=approver).json()
         assert staged == {"model": name, "version": "2", "alias": "staging", "previous_version": None}
 
         assert model_factory.client.get_registered_model(name).aliases == {"production": "1", "staging": "2"}
-        model = httpx.get(f"{base}/models/{name}", headers=auth("viewer")).json()
+        model = httpx.get(f"{base}/models/{name}", headers=viewer).json()
         assert model["aliases"] == {"production": "1", "staging": "2"}
-        versions = httpx.get(f"{base}/models/{name}/versions", headers=auth("viewer")).json()
+        versions = httpx.get(f"{base}/models/{name}/versions", headers=viewer).json()
         assert {v["version"]: v["aliases"] for v in versions} == {"2": ["staging"], "1": ["production"]}
 
-        audit = httpx.get(f"{base}/audit", params={"model": name}, headers=auth("viewer")).json()
+        audit = httpx.get(f"{base}/audit", params={"model": name}, headers=viewer).json()
         assert [(r["version"], r["alias"], r["previous_version"]) for r in audit] == [
             ("2", "staging", None), ("1", "production", "2"), ("2", "production", "1"),
             ("1", "production", None),
@@ -130,8 +134,7 @@ def test_promote_moves_alias_audits_and_announces(
         assert audit[-1]["reason"] == "first release" and audit[-1]["actor"].startswith("token:")
         assert audit[1]["reason"] == "v2 regressed"
 
-    events = [_next_event(pubsub) for _ in range(4)]
-    pubsub.close()
+        events = [_next_event(pubsub) for _ in range(4)]
     assert [(e["type"], e["model"], e["alias"], e["version"], e["previous_version"]) for e in events] == [
         ("model.alias_moved", name, "production", "1", None),
         ("model.alias_moved", name, "production", "2", "1"),

@@ -144,3 +144,19 @@ def test_a_missing_dataset_fails_the_job_with_a_reason(stack):
     job = run_job(stack, spec, timeout=60)
     assert job["state"] == "failed"
     assert "no_such_dataset" in job["error"] and "does not exist" in job["error"]
+
+
+def test_a_second_delivery_of_a_finished_job_changes_nothing(trained, stack):
+    from services.trainer.worker import TASK_NAME, make_celery
+
+    settings: TrainerSettings = stack["settings"]
+    celery = make_celery(settings)
+    try:
+        celery.send_task(TASK_NAME, args=[trained["id"]], queue=settings.queue_name("cpu"))
+    finally:
+        celery.close()
+    worker: WorkerProcess = stack["worker"]
+    wait_for(lambda: f"job {trained['id']} not run here: finished" in worker.log_tail(200),
+             timeout=30, what="the worker to turn the duplicate away")
+    job = httpx.get(f"{stack['base']}/jobs/{trained['id']}", headers=auth(Role.VIEWER)).json()
+    assert job["updated_at"] == trained["updated_at"] and job["model_version"] == trained["model_version"]
