@@ -94,13 +94,13 @@ def follow_job(client: ShipyardClient, job_id: str, *, poll_s: float = 0.5, out:
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[epochs]}"),
         TextColumn("{task.fields[metric]}"),
         TimeRemainingColumn(),
         console=out,
         transient=False,
     ) as progress:
-        task = progress.add_task(f"job {job_id[:8]}", total=None, metric="")
+        task = progress.add_task(f"job {job_id[:8]}", total=None, metric="", epochs="")
         while True:
             job = client.get_job(job_id)
             state = job["state"]
@@ -110,6 +110,7 @@ def follow_job(client: ShipyardClient, job_id: str, *, poll_s: float = 0.5, out:
             progress.update(
                 task, total=prog.get("epochs") or None, completed=prog.get("epoch") or 0,
                 description=f"job {job_id[:8]} {state}", metric=metric,
+                epochs=f"epoch {prog.get('epoch') or 0}/{prog.get('epochs') or '?'}",
             )
             if state in ("succeeded", "failed", "cancelled"):
                 return job

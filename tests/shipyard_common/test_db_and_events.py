@@ -1,6 +1,7 @@
 """The platform database on SQLite and PostgreSQL, and events through the real Redis."""
 
 import threading
+import uuid
 
 from sqlalchemy import select
 
@@ -10,14 +11,15 @@ from shipyard_common.records import EventRecord, PredictionRecord
 
 
 def test_tables_are_created_and_used(db_url):
+    request_id = uuid.uuid4().hex  # the PostgreSQL database is shared by the whole session
     database = Database(db_url)
     database.create_tables()
     database.create_tables()  # a second start must not fail
     with database.session() as session:
-        session.add(PredictionRecord(request_id="r1", model="m", version="1", inputs=[[1.0, 2.0]],
+        session.add(PredictionRecord(request_id=request_id, model="m", version="1", inputs=[[1.0, 2.0]],
                                      outputs=[[0.3, 0.7]], latency_ms=1.5))
     with database.session() as session:
-        row = session.scalars(select(PredictionRecord).where(PredictionRecord.request_id == "r1")).one()
+        row = session.scalars(select(PredictionRecord).where(PredictionRecord.request_id == request_id)).one()
         assert row.inputs == [[1.0, 2.0]] and row.outputs == [[0.3, 0.7]]
     database.ping()
     database.dispose()
