@@ -180,8 +180,8 @@ def wait_for_job(
             seen = (state, progress.get("epoch"))
             if seen != last_seen:
                 logger.info(
-                    "job %s %s: epoch %s/%s, eta %ss, metrics %s", job_id, state, progress.get("epoch"),
-                    progress.get("epochs"), progress.get("eta_seconds"), job.get("metrics") or {},
+                    "job %s %s: epoch %s/%s, eta %s, metrics %s", job_id, state, progress.get("epoch"),
+                    progress.get("epochs"), _eta(progress.get("eta_seconds")), job.get("metrics") or {},
                 )
                 last_seen = seen
             if state == "succeeded":
@@ -213,3 +213,7 @@ def promote(model: str, version: str, config: PipelineConfig, *, alias: str = PR
         "%s of %s: version %s (was %s)", alias, model, version, answer.get("previous_version")
     )
     return answer
+
+
+def _eta(seconds: float | None) -> str:
+    return "unknown" if seconds is None else f"{seconds:.0f}s"

@@ -65,7 +65,9 @@ class ShipyardClient:
 
     # serving
     def predict(self, model: str, inputs: list[list[float]]) -> dict[str, Any]:
-        return self._call("POST", f"{self.platform.serving_url}/v1/models/{model}/predict", json={"inputs": inputs})
+        return self._call(
+            "POST", f"{self.platform.serving_url}/v1/models/{model}/predict", json={"inputs": inputs}
+        )
 
     def serving_models(self) -> list[dict[str, Any]]:
         return self._call("GET", f"{self.platform.serving_url}/v1/models")

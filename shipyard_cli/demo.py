@@ -18,11 +18,13 @@ from shipyard_common.settings import PlatformSettings
 DEMO_MODEL = "breast_cancer"
 DEMO_ROWS = 200
 SHIFTED_FEATURES = 8
+ALL_ROWS = 100_000  # the monitor's largest window
 
 
 def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool = False) -> dict[str, Any]:
-    from pipelines.flows import train_and_deploy
     from sklearn.datasets import load_breast_cancer
+
+    from pipelines.flows import train_and_deploy
 
     stack = Stack(platform)
     started_here = False
@@ -36,8 +38,9 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
     try:
         frame = load_breast_cancer(as_frame=True).frame
         console.rule("[bold]2. train_and_deploy: DVC → trainer → registry")
-        result = train_and_deploy(dataset_name="breast_cancer", frame=frame, model_name=DEMO_MODEL,
-                                  platform=platform)
+        result = train_and_deploy(
+            dataset_name="breast_cancer", frame=frame, model_name=DEMO_MODEL, platform=platform
+        )
         version = str(result["model_version"])
         summary = Table("step", "result")
         summary.add_row("dataset revision", str(result["dataset_rev"]))
@@ -55,8 +58,9 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
         console.print(f"  prediction for row 0 by v{answer['model_version']}: {answer['outputs'][0]}")
 
         console.rule(f"[bold]4. {DEMO_ROWS} unchanged rows → drift?")
+        before = logged_rows(client, DEMO_MODEL)
         send_rows(client, DEMO_MODEL, sample)
-        calm = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS)
+        calm = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, logged_before=before)
         from shipyard_cli.main import drift_table
 
         console.print(drift_table(calm))
@@ -65,8 +69,9 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
         shifted = sample.copy()
         columns = rng.choice(len(features), size=SHIFTED_FEATURES, replace=False)
         shifted[:, columns] += 3 * frame[features].to_numpy(dtype=float).std(axis=0)[columns]
+        before = logged_rows(client, DEMO_MODEL)
         send_rows(client, DEMO_MODEL, shifted)
-        stormy = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, expect_drift=True)
+        stormy = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, logged_before=before)
         console.print(drift_table(stormy))
         console.print(
             f"[bold]demo done[/bold]: v{version} served; drift unchanged={calm['dataset_drift']}, "
@@ -105,13 +110,29 @@ def send_rows(client: ShipyardClient, model: str, rows: np.ndarray, batch: int =
         client.predict(model, rows[start : start + batch].tolist())
 
 
+def logged_rows(client: ShipyardClient, model: str) -> int:
+    """How many input rows the monitor sees in the prediction log for ``model``."""
+    try:
+        return int(client.drift(model, ALL_ROWS)["current_rows"])
+    except ClientError as exc:
+        if exc.status == 409:  # too few rows to judge drift yet
+            return 0
+        raise
+
+
 def wait_for_drift(
-    client: ShipyardClient, model: str, window: int, *, expect_drift: bool = False, timeout: float = 15
+    client: ShipyardClient, model: str, window: int, *, logged_before: int, timeout: float = 30
 ) -> dict[str, Any]:
-    """The prediction log is written asynchronously; give it a moment to land."""
+    """The drift report over the last ``window`` rows, once the rows just sent have been logged.
+
+    The prediction log is written asynchronously, so the rows may land a moment after the
+    answers; waiting for the count keeps the report from mixing in older rows.
+    """
     deadline = time.monotonic() + timeout
-    report = client.drift(model, window)
-    while time.monotonic() < deadline and report["dataset_drift"] != expect_drift:
-        time.sleep(0.5)
-        report = client.drift(model, window)
-    return report
+    while logged_rows(client, model) < logged_before + window:
+        if time.monotonic() > deadline:
+            raise ClientError(
+                504, f"the prediction log did not reach {logged_before + window} rows in {timeout:.0f}s"
+            )
+        time.sleep(0.2)
+    return client.drift(model, window)

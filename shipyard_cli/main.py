@@ -71,15 +71,22 @@ def status() -> None:
     table = Table("component", "pid", "alive", "healthy", "log")
     for row in rows:
         healthy = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[row["healthy"]]  # type: ignore[index]
-        table.add_row(str(row["name"]), str(row["pid"]), "yes" if row["alive"] else "[red]no[/red]", healthy,
-                      str(row["log"]))
+        table.add_row(
+            str(row["name"]),
+            str(row["pid"]),
+            "yes" if row["alive"] else "[red]no[/red]",
+            healthy,
+            str(row["log"]),
+        )
     console.print(table)
     if not all(row["alive"] for row in rows):
         raise typer.Exit(code=1)
 
 
 @app.command()
-def demo(keep_running: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False) -> None:
+def demo(
+    keep_running: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
+) -> None:
     """Run the whole loop on breast_cancer: data → training → registry → serving → drift."""
     from shipyard_cli.demo import run_demo
 
@@ -89,7 +96,9 @@ def demo(keep_running: Annotated[bool, typer.Option(help="Leave the stack runnin
         _fail(str(exc))
 
 
-def follow_job(client: ShipyardClient, job_id: str, *, poll_s: float = 0.5, out: Console = console) -> dict[str, Any]:
+def follow_job(
+    client: ShipyardClient, job_id: str, *, poll_s: float = 0.5, out: Console = console
+) -> dict[str, Any]:
     """Show a live progress bar until the job ends; return the final job."""
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -108,8 +117,11 @@ def follow_job(client: ShipyardClient, job_id: str, *, poll_s: float = 0.5, out:
             metrics = job.get("metrics") or {}
             metric = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))[:60]
             progress.update(
-                task, total=prog.get("epochs") or None, completed=prog.get("epoch") or 0,
-                description=f"job {job_id[:8]} {state}", metric=metric,
+                task,
+                total=prog.get("epochs") or None,
+                completed=prog.get("epoch") or 0,
+                description=f"job {job_id[:8]} {state}",
+                metric=metric,
                 epochs=f"epoch {prog.get('epoch') or 0}/{prog.get('epochs') or '?'}",
             )
             if state in ("succeeded", "failed", "cancelled"):
@@ -136,8 +148,11 @@ def jobs_submit(
         console.print(f"job [bold]{job['id']}[/bold] {job['state']}")
         if follow:
             job = follow_job(client, job["id"])
-            console.print_json(json.dumps({k: job.get(k) for k in ("state", "metrics", "model_name",
-                                                                   "model_version", "error")}))
+            console.print_json(
+                json.dumps(
+                    {k: job.get(k) for k in ("state", "metrics", "model_name", "model_version", "error")}
+                )
+            )
             if job["state"] != "succeeded":
                 raise typer.Exit(code=1)
     except ClientError as exc:
@@ -162,8 +177,13 @@ def jobs_list(token: TokenOption = DEV_ADMIN_TOKEN) -> None:
         _fail(exc.message)
     table = Table("id", "state", "model", "version", "created")
     for job in jobs:
-        table.add_row(job["id"], job["state"], str(job.get("model_name")), str(job.get("model_version")),
-                      str(job.get("created_at")))
+        table.add_row(
+            job["id"],
+            job["state"],
+            str(job.get("model_name")),
+            str(job.get("model_version")),
+            str(job.get("created_at")),
+        )
     console.print(table)
 
 
@@ -239,18 +259,28 @@ def predict(
 
 
 def drift_table(report: dict[str, Any]) -> Table:
-    table = Table("feature", "score", "method", "drifted",
-                  title=f"{report['model']} v{report['version']}: dataset drift = {report['dataset_drift']} "
-                        f"(share {report['drift_share']:.2f}, {report['current_rows']} rows)")
+    table = Table(
+        "feature",
+        "score",
+        "method",
+        "drifted",
+        title=f"{report['model']} v{report['version']}: dataset drift = {report['dataset_drift']} "
+        f"(share {report['drift_share']:.2f}, {report['current_rows']} rows)",
+    )
     for feature in report["features"]:
-        table.add_row(feature["name"], f"{feature['score']:.4g}", str(feature.get("method", "")),
-                      "[red]yes[/red]" if feature["drifted"] else "no")
+        table.add_row(
+            feature["name"],
+            f"{feature['score']:.4g}",
+            str(feature.get("method", "")),
+            "[red]yes[/red]" if feature["drifted"] else "no",
+        )
     return table
 
 
 @app.command()
-def drift(model: str, window: Annotated[int | None, typer.Option()] = None,
-          token: TokenOption = DEV_ADMIN_TOKEN) -> None:
+def drift(
+    model: str, window: Annotated[int | None, typer.Option()] = None, token: TokenOption = DEV_ADMIN_TOKEN
+) -> None:
     """Show per-feature drift of recent predictions against the training data."""
     try:
         console.print(drift_table(_client(token).drift(model, window)))

@@ -151,8 +151,19 @@ class Stack:
         data_dir = self.state_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
         port = parsed.port or 6379
-        argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                "--appendonly", "no", "--dir", str(data_dir)]
+        argv = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data_dir),
+        ]
         return Component("redis", argv, port=port)
 
     def mlflow_component(self) -> Component:
@@ -160,20 +171,32 @@ class Stack:
         artifacts = self.state_dir / "mlartifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         argv = [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", self.mlflow_backend_uri,
-            "--artifacts-destination", str(artifacts),
-            "--workers", "1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            self.mlflow_backend_uri,
+            "--artifacts-destination",
+            str(artifacts),
+            "--workers",
+            "1",
         ]
-        return Component(
-            "mlflow", argv, health_url=f"{self.platform.mlflow_tracking_uri}/health", port=port
-        )
+        return Component("mlflow", argv, health_url=f"{self.platform.mlflow_tracking_uri}/health", port=port)
 
     def worker_component(self) -> Component:
         argv = [
-            sys.executable, "-m", "services.trainer.worker",
-            "--queues", self.worker_queues, "--concurrency", str(self.worker_concurrency),
+            sys.executable,
+            "-m",
+            "services.trainer.worker",
+            "--queues",
+            self.worker_queues,
+            "--concurrency",
+            str(self.worker_concurrency),
         ]
         return Component("worker", argv)
 
@@ -182,8 +205,11 @@ class Stack:
         port = url_port(url)
         env = {f"SHIPYARD_{name.upper()}_PORT": str(port)}
         return Component(
-            name, [sys.executable, "-m", f"services.{name}"], env=env,
-            health_url=f"{url}/healthz", port=port,
+            name,
+            [sys.executable, "-m", f"services.{name}"],
+            env=env,
+            health_url=f"{url}/healthz",
+            port=port,
         )
 
     def components(self) -> list[Component]:
@@ -233,8 +259,11 @@ class Stack:
                 cwd=str(Path(__file__).resolve().parent.parent),
             )
         record = ProcessRecord(
-            name=component.name, pid=process.pid, argv=component.argv,
-            log=str(log_path), health_url=component.health_url,
+            name=component.name,
+            pid=process.pid,
+            argv=component.argv,
+            log=str(log_path),
+            health_url=component.health_url,
         )
         self._record_path(component.name).write_text(json.dumps(record.__dict__))
         return record
@@ -244,8 +273,7 @@ class Stack:
         while time.monotonic() < deadline:
             if not record.alive():
                 raise StackError(
-                    f"{record.name} exited while starting; last lines of {record.log}:\n"
-                    + _tail(record.log)
+                    f"{record.name} exited while starting; last lines of {record.log}:\n" + _tail(record.log)
                 )
             if record.name == "redis":
                 if redis_answers(self.platform.redis_url):
@@ -266,7 +294,8 @@ class Stack:
         if running:
             raise StackError(
                 "a stack is already running from this state directory ("
-                + ", ".join(r.name for r in running) + "); run 'shipyard down' first"
+                + ", ".join(r.name for r in running)
+                + "); run 'shipyard down' first"
             )
         for stale in self.run_dir.glob("*.json") if self.run_dir.exists() else []:
             stale.unlink()
@@ -306,8 +335,15 @@ class Stack:
                     healthy = False
             elif alive and record.name == "redis":
                 healthy = redis_answers(self.platform.redis_url)
-            rows.append({"name": record.name, "pid": record.pid, "alive": alive,
-                         "healthy": healthy, "log": record.log})
+            rows.append(
+                {
+                    "name": record.name,
+                    "pid": record.pid,
+                    "alive": alive,
+                    "healthy": healthy,
+                    "log": record.log,
+                }
+            )
         return rows
 
 

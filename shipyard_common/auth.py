@@ -46,18 +46,14 @@ class TokenAuthenticator:
                 raise Unauthorized("the Authorization header must be 'Bearer <token>'")
             token = value.strip()
         if not token:
-            raise Unauthorized(
-                "this route needs an API token: send 'Authorization: Bearer <token>'"
-            )
+            raise Unauthorized("this route needs an API token: send 'Authorization: Bearer <token>'")
         # A direct dict lookup would leak timing; compare every token in constant time.
         for known, role in self._tokens.items():
             if hmac.compare_digest(known.encode(), token.encode()):
                 return Principal(name=f"token:{known[:4]}…", role=role)
         raise Unauthorized("unknown API token")
 
-    def authorize(
-        self, authorization: str | None, api_token: str | None, role: Role
-    ) -> Principal:
+    def authorize(self, authorization: str | None, api_token: str | None, role: Role) -> Principal:
         principal = self.authenticate(authorization, api_token)
         if not principal.can(role):
             raise Forbidden(f"this action needs the '{role}' role; your token has '{principal.role}'")
@@ -66,6 +62,7 @@ class TokenAuthenticator:
 
 def role_checker(role: Role) -> Callable[..., Principal]:
     """A FastAPI dependency that admits a caller whose token grants ``role``."""
+
     def check(
         request: Request,
         authorization: str | None = Header(default=None),

@@ -70,9 +70,7 @@ class DataRepo:
         return env
 
     def _run(self, *args: str) -> str:
-        result = subprocess.run(
-            list(args), cwd=self.path, env=self._env(), capture_output=True, text=True
-        )
+        result = subprocess.run(list(args), cwd=self.path, env=self._env(), capture_output=True, text=True)
         if result.returncode != 0:
             raise Unavailable(
                 f"{' '.join(args[:2])} failed in the data repository: "

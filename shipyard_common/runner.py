@@ -18,9 +18,7 @@ def serve(
     import uvicorn
 
     disable_telemetry()
-    configure_logging(
-        service, level=settings.platform.log_level, json_lines=settings.platform.log_json
-    )
+    configure_logging(service, level=settings.platform.log_level, json_lines=settings.platform.log_json)
     app = create_app(settings)
     uvicorn.run(
         app,

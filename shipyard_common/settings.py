@@ -41,9 +41,7 @@ class PlatformSettings(BaseSettings):
 
     env: Literal["dev", "test", "prod"] = "dev"
     state_dir: Path = Path(".shipyard")
-    db_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; SQLite under state_dir when unset."
-    )
+    db_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite under state_dir when unset.")
     redis_url: str = "redis://127.0.0.1:6379/0"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     tokens: dict[str, Role] = Field(default_factory=lambda: dict(DEFAULT_DEV_TOKENS))

@@ -46,9 +46,7 @@ def postgres_url() -> Iterator[str]:
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg2://", 1)
     with admin.cursor() as cursor:
-        cursor.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-        )
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
         cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
     admin.close()
 
@@ -66,9 +64,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking + registry server (SQLite store) on a free port."""
     state = tmp_path_factory.mktemp("mlflow-state")
     uri = f"http://127.0.0.1:{free_port()}"
-    platform = PlatformSettings(
-        env="test", state_dir=state, mlflow_tracking_uri=uri, tokens=dict(TOKENS)
-    )
+    platform = PlatformSettings(env="test", state_dir=state, mlflow_tracking_uri=uri, tokens=dict(TOKENS))
     stack = Stack(platform)
     record = stack.start_component(stack.mlflow_component())
     try:

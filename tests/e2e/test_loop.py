@@ -18,11 +18,11 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from shipyard_cli.client import ShipyardClient
-from shipyard_cli.demo import send_rows, wait_until_served
+from shipyard_cli.demo import logged_rows, send_rows, wait_for_drift, wait_until_served
 from shipyard_cli.stack import Stack, free_port
 from shipyard_common.lineage import TAG_DATASET_REV, TAG_FEATURES, TAG_JOB_ID
 from shipyard_common.settings import PlatformSettings
-from tests.support import TOKENS, auth, wait_for
+from tests.support import TOKENS, auth
 
 pytestmark = pytest.mark.e2e
 
@@ -64,8 +64,11 @@ def deployed(stack_platform: PlatformSettings) -> dict:
 
     frame = load_breast_cancer(as_frame=True).frame
     return train_and_deploy(
-        dataset_name="breast_cancer", frame=frame, model_name="breast_cancer",
-        platform=stack_platform, token="test-admin",
+        dataset_name="breast_cancer",
+        frame=frame,
+        model_name="breast_cancer",
+        platform=stack_platform,
+        token="test-admin",
     )
 
 
@@ -82,8 +85,11 @@ def test_flow_trains_registers_and_promotes(deployed, client):
     assert job["state"] == "succeeded" and str(job["model_version"]) == str(deployed["model_version"])
     [model] = [m for m in client.list_models() if m["name"] == "breast_cancer"]
     assert str(model["aliases"]["production"]) == str(deployed["model_version"])
-    version = next(v for v in client.list_versions("breast_cancer")
-                   if str(v["version"]) == str(deployed["model_version"]))
+    version = next(
+        v
+        for v in client.list_versions("breast_cancer")
+        if str(v["version"]) == str(deployed["model_version"])
+    )
     assert version["tags"][TAG_JOB_ID] == deployed["job_id"]
     assert version["tags"][TAG_DATASET_REV] == deployed["dataset_rev"]
 
@@ -109,15 +115,17 @@ def test_drift_flagged_on_shifted_data_only(deployed, client, stack_platform):
     frame = load_breast_cancer(as_frame=True).frame
     rows = frame[features].sample(200, random_state=3).to_numpy(dtype=float)
 
+    before = logged_rows(client, "breast_cancer")
     send_rows(client, "breast_cancer", rows)
-    calm = wait_for(lambda: _drift_once_logged(client, 200), timeout=30, what="200 logged rows")
+    calm = wait_for_drift(client, "breast_cancer", 200, logged_before=before)
     assert calm["dataset_drift"] is False
     assert calm["version"] == version and calm["reference"]["rev"] == deployed["dataset_rev"]
 
     shifted = rows.copy()
     shifted[:, :8] += 3 * frame[features].to_numpy(dtype=float).std(axis=0)[:8]
+    before = logged_rows(client, "breast_cancer")
     send_rows(client, "breast_cancer", shifted)
-    stormy = wait_for(lambda: _drift_once_logged(client, 400, window=200), timeout=30, what="400 logged rows")
+    stormy = wait_for_drift(client, "breast_cancer", 200, logged_before=before)
     assert stormy["dataset_drift"] is True
     drifted = {f["name"] for f in stormy["features"] if f["drifted"]}
     assert set(features[:8]) <= drifted
@@ -126,26 +134,33 @@ def test_drift_flagged_on_shifted_data_only(deployed, client, stack_platform):
     assert 'shipyard_dataset_drift{model="breast_cancer"} 1.0' in metrics
 
 
-def _drift_once_logged(client: ShipyardClient, total: int, window: int = 200) -> dict | None:
-    """The drift report once the prediction log holds ``total`` rows for the model."""
-    report = client.drift("breast_cancer", window=100000)
-    if report["current_rows"] < total:
-        return None
-    return client.drift("breast_cancer", window=window)
-
-
 def test_bad_input_gets_a_clear_4xx_everywhere(deployed, stack_platform):
     p = stack_platform
     cases = [
         ("POST", f"{p.trainer_url}/jobs", {"model_name": "x"}, auth("trainer"), 422),
         ("POST", f"{p.trainer_url}/jobs", {"model_name": "x"}, None, 401),
         ("GET", f"{p.trainer_url}/jobs/does-not-exist", None, auth("viewer"), 404),
-        ("POST", f"{p.registry_url}/models/breast_cancer/versions/999/promote", {"alias": "production"},
-         auth("approver"), 404),
-        ("POST", f"{p.registry_url}/models/breast_cancer/versions/1/promote", {"alias": "production"},
-         auth("trainer"), 403),
-        ("POST", f"{p.serving_url}/v1/models/breast_cancer/predict", {"inputs": [[1.0, 2.0]]},
-         auth("viewer"), 422),
+        (
+            "POST",
+            f"{p.registry_url}/models/breast_cancer/versions/999/promote",
+            {"alias": "production"},
+            auth("approver"),
+            404,
+        ),
+        (
+            "POST",
+            f"{p.registry_url}/models/breast_cancer/versions/1/promote",
+            {"alias": "production"},
+            auth("trainer"),
+            403,
+        ),
+        (
+            "POST",
+            f"{p.serving_url}/v1/models/breast_cancer/predict",
+            {"inputs": [[1.0, 2.0]]},
+            auth("viewer"),
+            422,
+        ),
         ("POST", f"{p.serving_url}/v1/models/nope/predict", {"inputs": [[1.0]]}, auth("viewer"), 404),
         ("GET", f"{p.monitor_url}/drift/nope", None, auth("viewer"), 404),
     ]
@@ -180,8 +195,13 @@ def test_cli_trains_promotes_and_serving_swaps(deployed, client, stack_platform,
         "model_name": "breast_cancer",
         "framework": "pytorch",
         "model": {"type": "mlp", "hidden": [32]},
-        "data": {"dataset": "breast_cancer", "rev": deployed["dataset_rev"], "task": "classification",
-                 "target": "target", "validation_split": 0.2},
+        "data": {
+            "dataset": "breast_cancer",
+            "rev": deployed["dataset_rev"],
+            "task": "classification",
+            "target": "target",
+            "validation_split": 0.2,
+        },
         "training": {"epochs": 5, "batch_size": 32, "learning_rate": 0.001, "optimizer": "adam", "seed": 1},
         "resources": {"queue": "cpu"},
         "exports": ["onnx"],
@@ -194,11 +214,13 @@ def test_cli_trains_promotes_and_serving_swaps(deployed, client, stack_platform,
     submitted = runner.invoke(app, ["jobs", "submit", str(spec_file), "--follow"], env=env)
     assert submitted.exit_code == 0, submitted.output
     assert "succeeded" in submitted.output and "epoch 5/5" in submitted.output
-    new_version = str(json.loads(submitted.output[submitted.output.index("{"):])["model_version"])
+    new_version = str(json.loads(submitted.output[submitted.output.index("{") :])["model_version"])
     old_version = str(deployed["model_version"])
     assert new_version != old_version
 
-    promoted = runner.invoke(app, ["models", "promote", "breast_cancer", new_version, "--reason", "cli"], env=env)
+    promoted = runner.invoke(
+        app, ["models", "promote", "breast_cancer", new_version, "--reason", "cli"], env=env
+    )
     assert promoted.exit_code == 0, promoted.output
     wait_until_served(client, "breast_cancer", new_version, timeout=30)
     row = load_breast_cancer(as_frame=True).frame.drop(columns="target").iloc[:1].to_numpy().tolist()

