@@ -26,13 +26,18 @@ REVISION = re.compile(r"^[0-9a-f]{7,64}$")
 _lock = threading.Lock()
 
 
-def validate_dataset_name(name: str) -> str:
+def validate_name(name: str, *, kind: str = "dataset") -> str:
+    """Names that become file paths or registry keys: no separators, no '..', no leading dot."""
     if not DATASET_NAME.match(name) or ".." in name:
         raise InvalidInput(
-            f"dataset name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
+            f"{kind} name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
             "starting with a letter or digit"
         )
     return name
+
+
+def validate_dataset_name(name: str) -> str:
+    return validate_name(name, kind="dataset")
 
 
 def validate_revision(rev: str) -> str:

@@ -27,6 +27,16 @@ log = logging.getLogger("shipyard.web")
 ReadinessCheck = Callable[[], None]
 
 
+def mlflow_health_check(tracking_uri: str) -> ReadinessCheck:
+    """A readiness check that passes while the MLflow server answers its health route."""
+    import httpx
+
+    def check() -> None:
+        httpx.get(f"{tracking_uri.rstrip('/')}/health", timeout=2).raise_for_status()
+
+    return check
+
+
 def error_response(status_code: int, code: str, message: str, details: Any = None) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if details is not None:

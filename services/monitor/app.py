@@ -3,7 +3,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 
 from services.monitor.router import router
@@ -11,7 +10,7 @@ from services.monitor.service import Refresher, create_monitor
 from services.monitor.settings import MonitorSettings
 from shipyard_common.db import Database
 from shipyard_common.settings import disable_telemetry
-from shipyard_common.web import install_common
+from shipyard_common.web import install_common, mlflow_health_check
 
 
 def create_app(settings: MonitorSettings) -> FastAPI:
@@ -20,8 +19,6 @@ def create_app(settings: MonitorSettings) -> FastAPI:
     platform = settings.platform
     database = Database(platform.database_url)
 
-    def mlflow_answers() -> None:
-        httpx.get(f"{platform.mlflow_tracking_uri.rstrip('/')}/health", timeout=2).raise_for_status()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,7 +36,7 @@ def create_app(settings: MonitorSettings) -> FastAPI:
     app = FastAPI(title="Shipyard monitor", version="0.1.0", lifespan=lifespan)
     readiness = {"database": database.ping}
     if platform.mlflow_tracking_uri.startswith(("http://", "https://")):
-        readiness["mlflow"] = mlflow_answers
+        readiness["mlflow"] = mlflow_health_check(platform.mlflow_tracking_uri)
     registry = install_common(app, service="monitor", platform=platform, readiness_checks=readiness)
     app.state.monitor = create_monitor(settings=settings, database=database, registry=registry)
     app.include_router(router)

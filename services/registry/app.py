@@ -3,22 +3,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 
 from services.registry.router import router
 from services.registry.service import create_registry
 from services.registry.settings import RegistrySettings
 from shipyard_common.db import Database
-from shipyard_common.web import install_common
+from shipyard_common.web import install_common, mlflow_health_check
 
 
 def create_app(settings: RegistrySettings) -> FastAPI:
     platform = settings.platform
     database = Database(platform.database_url)
 
-    def mlflow_answers() -> None:
-        httpx.get(f"{platform.mlflow_tracking_uri.rstrip('/')}/health", timeout=2).raise_for_status()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -33,7 +30,7 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     app = FastAPI(title="Shipyard registry", version="0.1.0", lifespan=lifespan)
     readiness = {"database": database.ping}
     if platform.mlflow_tracking_uri.startswith(("http://", "https://")):
-        readiness["mlflow"] = mlflow_answers
+        readiness["mlflow"] = mlflow_health_check(platform.mlflow_tracking_uri)
     install_common(app, service="registry", platform=platform, readiness_checks=readiness)
     app.state.registry = create_registry(settings=settings, database=database)
     app.include_router(router)

@@ -6,18 +6,17 @@ trained with the default would be worse than a 422.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import StrEnum
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from shipyard_common.datasets import validate_dataset_name, validate_revision
+from shipyard_common.datasets import validate_dataset_name, validate_name, validate_revision
 from shipyard_common.errors import InvalidInput
 
 SPEC_VERSION = 1
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class Framework(StrEnum):
@@ -68,18 +67,9 @@ def _as_value_error(check: Any) -> Any:
     return validate
 
 
-def _check_model_name(name: str) -> str:
-    if not MODEL_NAME.match(name) or ".." in name:
-        raise ValueError(
-            f"model name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
 DatasetName = Annotated[str, AfterValidator(_as_value_error(validate_dataset_name))]
 Revision = Annotated[str, AfterValidator(_as_value_error(validate_revision))]
-ModelName = Annotated[str, AfterValidator(_check_model_name)]
+ModelName = Annotated[str, AfterValidator(_as_value_error(partial(validate_name, kind="model")))]
 ColumnName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
