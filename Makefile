@@ -11,8 +11,11 @@ export DVC_NO_ANALYTICS := 1
 
 install: $(VENV)/.installed
 
+# The editable install records the package list when it runs, so a new package reinstalls it.
+PACKAGES := $(wildcard */__init__.py services/*/__init__.py)
+
 # torch is pinned to the CPU build that lies on this machine's disk; any other version downloads GBs.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(PACKAGES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "torch==2.13.0"
