@@ -46,6 +46,12 @@ class ShipyardClient:
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"{self.platform.trainer_url}/jobs/{job_id}")
 
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"{self.platform.trainer_url}/jobs/{job_id}/cancel")
+
+    def job_logs(self, job_id: str, after: int = 0) -> dict[str, Any]:
+        return self._call("GET", f"{self.platform.trainer_url}/jobs/{job_id}/logs", params={"after": after})
+
     def list_jobs(self) -> list[dict[str, Any]]:
         return self._call("GET", f"{self.platform.trainer_url}/jobs")
 

@@ -168,6 +168,38 @@ def jobs_get(job_id: str, token: TokenOption = DEV_ADMIN_TOKEN) -> None:
         _fail(exc.message)
 
 
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, token: TokenOption = DEV_ADMIN_TOKEN) -> None:
+    """Cancel a queued or running job."""
+    try:
+        job = _client(token).cancel_job(job_id)
+    except ClientError as exc:
+        _fail(exc.message)
+    console.print(f"job {job['id']} {job['state']}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    token: TokenOption = DEV_ADMIN_TOKEN,
+) -> None:
+    """Print a job's log; with --follow, keep printing new lines until the job ends."""
+    client = _client(token)
+    after = 0
+    try:
+        while True:
+            page = client.job_logs(job_id, after=after)
+            for line in page["lines"]:
+                console.print(line.get("message", line), markup=False, highlight=False)
+            after = page.get("next_after", after)
+            if not follow or (page["state"] in ("succeeded", "failed", "cancelled") and not page["lines"]):
+                return
+            time.sleep(0.5)
+    except ClientError as exc:
+        _fail(exc.message)
+
+
 @jobs_app.command("list")
 def jobs_list(token: TokenOption = DEV_ADMIN_TOKEN) -> None:
     """List jobs."""

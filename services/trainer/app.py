@@ -9,6 +9,7 @@ import redis
 from fastapi import FastAPI
 
 from services.trainer import service
+from services.trainer.broker import on_broker_for
 from services.trainer.router import router
 from services.trainer.settings import TrainerSettings
 from services.trainer.worker import TASK_NAME, make_celery
@@ -39,7 +40,7 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         database.create_tables()
         stop = threading.Event()
         reconciler = threading.Thread(
-            target=_send_unsent_jobs_until, args=(stop, database, enqueue, settings.reconcile_interval_s),
+            target=_reconcile_until, args=(stop, settings, database, enqueue),
             name="job-reconciler", daemon=True,
         )
         reconciler.start()
@@ -64,14 +65,27 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     return app
 
 
-def _send_unsent_jobs_until(
-    stop: threading.Event, database: Database, enqueue: service.Enqueue, interval_s: float
+def _reconcile_until(
+    stop: threading.Event, settings: TrainerSettings, database: Database, enqueue: service.Enqueue
 ) -> None:
-    """Send jobs that were stored while the broker was away (see ``service.create_job``)."""
-    while not stop.wait(interval_s):
+    """Make the broker agree with the database, every ``reconcile_interval_s``.
+
+    Jobs stored while the broker was away are sent (see ``service.create_job``), and jobs whose
+    message the broker lost are sent again (see ``service.requeue_lost_jobs``).
+    """
+    on_broker = on_broker_for(settings)
+    while not stop.wait(settings.reconcile_interval_s):
         try:
-            sent = service.send_unsent_jobs(database=database, enqueue=enqueue)
+            sent = service.send_unsent_jobs(
+                database=database, enqueue=enqueue, older_than_s=min(10.0, settings.lost_after_s)
+            )
             if sent:
                 log.info("sent %d job(s) the broker had not accepted before", sent)
-        except Exception:  # a database outage must not end the thread for good
-            log.exception("sending unsent jobs failed")
+            resent = service.requeue_lost_jobs(
+                database=database, enqueue=enqueue, on_broker=on_broker,
+                lost_after_s=settings.lost_after_s, stale_after_s=settings.stale_after_s,
+            )
+            if resent:
+                log.info("sent again %d job(s) whose broker message was lost", resent)
+        except Exception:  # a database or Redis outage must not end the thread for good
+            log.exception("reconciling jobs with the broker failed")

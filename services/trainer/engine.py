@@ -8,9 +8,12 @@ serves the exported model cannot forget it or apply another one.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from services.trainer.schemas import JobCreate, OptimizerName, Task
+from services.trainer.schemas import METRIC_GOALS, JobCreate, OptimizerName, SchedulerName, Task
 from shipyard_common.errors import InvalidInput, ShipyardError
 
 # (epoch, global step, metrics at the end of an epoch or None mid-epoch) → may raise to stop.
@@ -152,6 +155,13 @@ class TrainResult:
     metrics: dict[str, float]
     device: str
     seconds: float
+    # One entry per finished epoch: {"epoch": n, "lr": …, "train_loss": …, "val_…": …}.
+    history: list[dict[str, float]] = field(default_factory=list)
+    # Classification: rows are true classes, columns predicted, both in ``classes`` order,
+    # for the weights that were returned (the best epoch's when restored).
+    confusion: list[list[int]] | None = None
+    best_epoch: int | None = None
+    stopped_early: bool = False
 
 
 def pick_device(queue: str) -> str:
@@ -177,37 +187,136 @@ def build_model(data: TabularData, spec: JobCreate) -> TabularMLP:
 
 def build_optimizer(model: nn.Module, spec: JobCreate) -> torch.optim.Optimizer:
     training = spec.training
-    kinds: dict[OptimizerName, Callable[..., torch.optim.Optimizer]] = {
-        OptimizerName.SGD: torch.optim.SGD,
-        OptimizerName.ADAM: torch.optim.Adam,
-        OptimizerName.ADAMW: torch.optim.AdamW,
-        OptimizerName.RMSPROP: torch.optim.RMSprop,
+    lr, decay = training.learning_rate, training.weight_decay
+    match training.optimizer:
+        case OptimizerName.SGD:
+            momentum = training.momentum or 0.0
+            return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=decay)
+        case OptimizerName.ADAM:
+            return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=decay)
+        case OptimizerName.ADAMW:
+            return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
+        case OptimizerName.RMSPROP:
+            return torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=decay)
+    raise AssertionError(training.optimizer)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, spec: JobCreate, *, updates_per_epoch: int
+) -> Any:
+    """The spec's LR scheduler, or None. ``onecycle`` steps per optimizer update, the rest per epoch."""
+    from torch.optim import lr_scheduler
+
+    scheduler, epochs = spec.training.scheduler, spec.training.epochs
+    match scheduler.name:
+        case SchedulerName.NONE:
+            return None
+        case SchedulerName.STEP:
+            return lr_scheduler.StepLR(optimizer, step_size=scheduler.step_size, gamma=scheduler.gamma)
+        case SchedulerName.COSINE:
+            return lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        case SchedulerName.ONECYCLE:
+            return lr_scheduler.OneCycleLR(
+                optimizer, max_lr=spec.training.learning_rate, epochs=epochs,
+                steps_per_epoch=updates_per_epoch,
+            )
+        case SchedulerName.PLATEAU:
+            return lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=scheduler.gamma, patience=scheduler.patience
+            )
+    raise AssertionError(scheduler.name)
+
+
+def validation_metrics(
+    data: TabularData, out: torch.Tensor, y: torch.Tensor
+) -> tuple[dict[str, float], list[list[int]] | None]:
+    """Validation metrics from the model's outputs, computed by scikit-learn; and the confusion matrix."""
+    from sklearn import metrics as skm
+
+    if data.task == Task.REGRESSION:
+        pred, true = out.detach().cpu().numpy().ravel(), y.detach().cpu().numpy().ravel()
+        return {
+            "val_mse": float(skm.mean_squared_error(true, pred)),
+            "val_mae": float(skm.mean_absolute_error(true, pred)),
+        }, None
+    probabilities = torch.softmax(out.detach().float(), dim=1).cpu().numpy()
+    true = y.detach().cpu().numpy()
+    pred = probabilities.argmax(axis=1)
+    labels = list(range(len(data.classes)))
+    values = {
+        "val_accuracy": float(skm.accuracy_score(true, pred)),
+        "val_f1_macro": float(skm.f1_score(true, pred, average="macro", labels=labels, zero_division=0)),
     }
-    return kinds[training.optimizer](
-        model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay
-    )
+    # Binary only; undefined when the validation split holds one class, so left out then.
+    if len(data.classes) == 2 and len(np.unique(true)) == 2:
+        values["val_roc_auc"] = float(skm.roc_auc_score(true, probabilities[:, 1]))
+    confusion = skm.confusion_matrix(true, pred, labels=labels).tolist()
+    return values, confusion
+
+
+def _check_spec_fits_data(data: TabularData, spec: JobCreate) -> None:
+    stopping = spec.training.early_stopping
+    if stopping and stopping.metric == "val_roc_auc" and len(data.classes) != 2:
+        raise InvalidInput(
+            f"training.early_stopping.metric 'val_roc_auc' needs two classes; "
+            f"target {data.target!r} has {len(data.classes)}"
+        )
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` for the run only, restored afterwards."""
+    if not enabled:
+        yield
+        return
+    # cuBLAS needs this set before its first use to be deterministic (and to not raise).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    before_cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before_cudnn
 
 
 def train(
     data: TabularData, spec: JobCreate, *, device: str, observer: Observer | None = None
 ) -> TrainResult:
     """Fit the model the spec describes; report each step and each epoch to ``observer``."""
+    _check_spec_fits_data(data, spec)
+    with _determinism(spec.training.deterministic):
+        return _train(data, spec, device=device, observer=observer)
+
+
+def _train(data: TabularData, spec: JobCreate, *, device: str, observer: Observer | None) -> TrainResult:
     from torch.utils.data import DataLoader, TensorDataset
 
-    torch.manual_seed(spec.training.seed)
-    np.random.seed(spec.training.seed % 2**32)
+    training = spec.training
+    random.seed(training.seed)
+    torch.manual_seed(training.seed)
+    np.random.seed(training.seed % 2**32)
     model = build_model(data, spec).to(device)
     optimizer = build_optimizer(model, spec)
     classification = data.task == Task.CLASSIFICATION
     loss_fn: nn.Module = nn.CrossEntropyLoss() if classification else nn.MSELoss()
 
-    generator = torch.Generator().manual_seed(spec.training.seed)
+    generator = torch.Generator().manual_seed(training.seed)
     loader = DataLoader(
         TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
-        batch_size=spec.training.batch_size, shuffle=True, generator=generator,
+        batch_size=training.batch_size, shuffle=True, generator=generator,
     )
+    accum = training.grad_accum_steps
+    batches = len(loader)
+    scheduler = build_scheduler(optimizer, spec, updates_per_epoch=math.ceil(batches / accum))
+    per_batch = training.scheduler.name == SchedulerName.ONECYCLE
     x_val = torch.from_numpy(data.x_val).to(device)
     y_val = torch.from_numpy(data.y_val).to(device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    clip = training.grad_clip_norm if training.grad_clip_norm is not None else math.inf
+    stopping = training.early_stopping
 
     def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(x)
@@ -218,38 +327,93 @@ def train(
     started = time.monotonic()
     step = 0
     metrics: dict[str, float] = {}
-    for epoch in range(1, spec.training.epochs + 1):
+    history: list[dict[str, float]] = []
+    confusion: list[list[int]] | None = None
+    best: tuple[float, int, dict[str, Any], dict[str, float], list[list[int]] | None] | None = None
+    since_best = 0
+    stopped_early = False
+    last_good = 0
+
+    def diverged(what: str, epoch: int, batch: int) -> TrainingFailed:
+        good = f"the last good epoch was {last_good}" if last_good else "no epoch finished"
+        return TrainingFailed(
+            f"training diverged: {what} is not finite at epoch {epoch}, step {step} "
+            f"(batch {batch} of {batches}); {good}; try a smaller learning_rate or set grad_clip_norm"
+        )
+
+    for epoch in range(1, training.epochs + 1):
         model.train()
+        lr = float(optimizer.param_groups[0]["lr"])  # the rate this epoch starts with
         total, seen = 0.0, 0
-        for x, y in loader:
+        optimizer.zero_grad()
+        for batch, (x, y) in enumerate(loader, start=1):
             x, y = x.to(device), y.to(device)
-            optimizer.zero_grad()
             loss, _ = batch_loss(x, y)
-            loss.backward()
-            optimizer.step()
+            step += 1
+            if not torch.isfinite(loss):
+                raise diverged(f"the loss ({loss.item()})", epoch, batch)
+            # Each batch's share of the accumulated update; the last group may be short.
+            group = min(accum, batches - (batch - 1) // accum * accum)
+            (loss / group).backward()
             total += loss.item() * len(x)
             seen += len(x)
-            step += 1
+            if batch % accum == 0 or batch == batches:
+                norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
+                if not torch.isfinite(norm):
+                    raise diverged("a gradient", epoch, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+                if per_batch and scheduler is not None:
+                    scheduler.step()
             if observer:
                 observer(epoch, step, None)
 
         model.eval()
         with torch.no_grad():
             val_loss, out = batch_loss(x_val, y_val)
-            metrics = {"train_loss": total / max(seen, 1), "val_loss": float(val_loss.item())}
-            if classification:
-                metrics["val_accuracy"] = float((out.argmax(dim=1) == y_val).float().mean().item())
+        metrics = {"train_loss": total / max(seen, 1), "val_loss": float(val_loss.item())}
+        if not all(math.isfinite(v) for v in metrics.values()) or not torch.isfinite(out).all():
+            raise diverged("the validation loss or output", epoch, batches)
+        scores, confusion = validation_metrics(data, out, y_val)
+        metrics.update(scores)
+        metrics["lr"] = lr
+        last_good = epoch
+        history.append({"epoch": float(epoch), **metrics})
+        if scheduler is not None and not per_batch:
+            if training.scheduler.name == SchedulerName.PLATEAU:
+                scheduler.step(metrics["val_loss"])
             else:
-                metrics["val_mse"] = float(((out - y_val) ** 2).mean().item())
-                metrics["val_mae"] = float((out - y_val).abs().mean().item())
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise TrainingFailed(
-                f"training diverged at epoch {epoch} ({metrics}); try a smaller learning rate"
-            )
+                scheduler.step()
         if observer:
             observer(epoch, step, dict(metrics))
+
+        if stopping is not None:
+            value = metrics[stopping.metric]
+            if best is None:
+                gain = math.inf
+            else:
+                gain = value - best[0] if METRIC_GOALS[stopping.metric] else best[0] - value
+            if gain > stopping.min_delta:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = (value, epoch, weights, dict(metrics), confusion)
+                since_best = 0
+            else:
+                since_best += 1
+                if since_best >= stopping.patience:
+                    stopped_early = epoch < training.epochs
+                    break
+
+    best_epoch = None
+    if stopping is not None and best is not None:
+        best_epoch = best[1]
+        if stopping.restore_best:
+            model.load_state_dict(best[2])
+            metrics, confusion = best[3], best[4]
     model.eval()
-    return TrainResult(model=model.cpu(), metrics=metrics, device=device, seconds=time.monotonic() - started)
+    return TrainResult(
+        model=model.cpu(), metrics=metrics, device=device, seconds=time.monotonic() - started,
+        history=history, confusion=confusion, best_epoch=best_epoch, stopped_early=stopped_early,
+    )
 
 
 def steps_per_epoch(data: TabularData, spec: JobCreate) -> int:

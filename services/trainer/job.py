@@ -10,12 +10,13 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.trainer import service
+from services.trainer import reports, service
 from services.trainer.models import JobRecord
 from services.trainer.schemas import JobCreate, JobState, Progress
 from services.trainer.service import Claim
@@ -48,6 +49,40 @@ class JobAborted(Exception):
     """The row stopped being ours mid-training (cancelled, or taken over): stop quietly."""
 
 
+class JobLogHandler(logging.Handler):
+    """Copies the log records of one job's thread into ``job_logs``, numbered from where they stood.
+
+    Shipyard's own records at INFO and up, and any library's warnings, so that ``GET
+    /jobs/{id}/logs`` shows what the worker did without the worker's whole log.
+    """
+
+    def __init__(self, database: Database, job_id: str) -> None:
+        super().__init__(level=logging.INFO)
+        self.database = database
+        self.job_id = job_id
+        self.thread = threading.get_ident()
+        self.line = service.last_log_line(database=database, job_id=job_id)
+        self._writing = False
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._writing or record.thread != self.thread:
+            return
+        if not record.name.startswith("shipyard") and record.levelno < logging.WARNING:
+            return
+        self._writing = True  # a record logged while writing (a database warning) must not recurse
+        try:
+            self.line += 1
+            service.append_log(
+                database=self.database, job_id=self.job_id, line=self.line,
+                level=record.levelname.lower(), message=self.format(record)[:8000],
+            )
+        except Exception:  # losing a log line must never fail the job
+            self.handleError(record)
+        finally:
+            self._writing = False
+
+
 _databases: dict[int, Database] = {}
 
 
@@ -71,17 +106,23 @@ def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None
     if claim != Claim.CLAIMED:
         log.info("job %s not run here: %s", job_id, claim.value)
         return claim
-    log.info("job %s started", job_id)
+    handler = JobLogHandler(database, job_id)
+    root = logging.getLogger()
+    root.addHandler(handler)
     try:
+        log.info("job %s started", job_id)
         _run_claimed(job_id=job_id, settings=settings, database=database)
     except JobAborted:
-        log.info("job %s was ended elsewhere while training; stopped", job_id)
+        state = service.get_job(database=database, job_id=job_id).state
+        log.info("job %s is now %s elsewhere; training stopped, no model registered", job_id, state.value)
     except ShipyardError as exc:
         log.warning("job %s failed: %s", job_id, exc.message)
         _fail(database, job_id, exc.message)
     except Exception as exc:  # a bug or an outage must still end the job with a reason
         log.exception("job %s failed unexpectedly", job_id)
         _fail(database, job_id, f"{type(exc).__name__}: {exc}")
+    finally:
+        root.removeHandler(handler)
     return claim
 
 
@@ -105,6 +146,9 @@ class _ProgressWriter:
     started: float = 0.0
     last_write: float = 0.0
 
+    def final(self, steps: int) -> Progress:
+        return Progress(epoch=self.epochs, epochs=self.epochs, step=steps, steps=steps, eta_seconds=0.0)
+
     def __call__(self, epoch: int, step: int, metrics: dict[str, float] | None) -> None:
         now = time.monotonic()
         if metrics is None and now - self.last_write < PROGRESS_INTERVAL_S:
@@ -119,12 +163,15 @@ class _ProgressWriter:
         )
         values: dict[str, object] = {"progress": progress.model_dump()}
         if metrics is not None:
-            self.tracking.log_metrics(self.run_id, metrics, step=epoch)
             values["metrics"] = metrics
         if not service.update_job(
             database=self.database, job_id=self.job_id, expect_state=JobState.RUNNING, **values
         ):
             raise JobAborted(self.job_id)
+        if metrics is not None:
+            self.tracking.log_metrics(self.run_id, metrics, step=epoch)
+            shown = ", ".join(f"{name}={value:.4g}" for name, value in metrics.items())
+            log.info("epoch %d/%d: %s", epoch, self.epochs, shown)
 
 
 def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) -> None:
@@ -156,9 +203,12 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         TAG_TASK: data.task.value,
     }
     run_id = tracking.start_run(experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage)
-    service.update_job(
+    if not service.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING, mlflow_run_id=run_id, device=device,
-    )
+    ):
+        tracking.end_run(run_id, ok=False)
+        raise JobAborted(job_id)
+    log.info("training %s on %s (MLflow run %s)", spec.model_name, device, run_id)
     ok = False
     try:
         tracking.log_params(run_id, {
@@ -170,6 +220,7 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         writer = _ProgressWriter(database=database, job_id=job_id, epochs=spec.training.epochs, steps=steps,
                                  tracking=tracking, run_id=run_id, started=time.monotonic())
         result = engine.train(data, spec, device=device, observer=writer)
+        reports.log_run_reports(tracking, run_id, result, data)
 
         with tempfile.TemporaryDirectory(prefix="shipyard-export-") as folder:
             exported = export_onnx(
@@ -181,6 +232,10 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
                 run_id, {"onnx_max_abs_diff": exported.max_abs_diff}, step=spec.training.epochs
             )
             source = tracking.log_onnx(run_id, exported.path)
+        # The last moment a cancel can still keep a model out of the registry.
+        if not service.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
+                                  progress=writer.final(steps).model_dump()):
+            raise JobAborted(job_id)
         version = tracking.register(
             model_name=spec.model_name, job_id=job_id, run_id=run_id, source=source,
             tags={**lineage, TAG_FORMAT: "onnx", TAG_SIGNATURE: exported.signature_json(),
@@ -194,11 +249,10 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         except Exception:  # the job's outcome matters more than the run's status
             log.warning("could not end MLflow run %s", run_id, exc_info=True)
 
-    progress = Progress(epoch=spec.training.epochs, epochs=spec.training.epochs, step=steps, steps=steps,
-                        eta_seconds=0.0)
+    progress = writer.final(steps)
+    log.info("job %s succeeded: %s v%s %s", job_id, spec.model_name, version, metrics)
     service.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
         state=JobState.SUCCEEDED, model_version=version, metrics=metrics, progress=progress.model_dump(),
         error=None,
     )
-    log.info("job %s succeeded: %s v%s %s", job_id, spec.model_name, version, metrics)

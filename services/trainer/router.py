@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from services.trainer import service
-from services.trainer.schemas import JobCreate, JobPublic, JobState
+from services.trainer.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.db import Database
 
@@ -50,3 +55,66 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=service.MAX_LIST_LIMIT)] = 100,
 ) -> list[JobPublic]:
     return service.list_jobs(database=database, state=state, model_name=model_name, limit=limit)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, database: DatabaseDep, _: Trainer) -> JobPublic:
+    """Cancel a queued or running job: 404 for an unknown id, 409 for one that has ended."""
+    return service.cancel_job(database=database, job_id=job_id)
+
+
+@router.get("/jobs/{job_id}/logs", response_model=None)
+def job_logs(
+    job_id: str,
+    request: Request,
+    database: DatabaseDep,
+    _: Viewer,
+    after: Annotated[int, Query(ge=0, description="return the lines numbered above this")] = 0,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_LOG_LIMIT)] = 1000,
+    stream: bool = False,
+) -> dict[str, Any] | StreamingResponse:
+    """The worker's log lines for a job, numbered from 1.
+
+    Plain: ``{"state", "lines", "next_after"}``; pass ``next_after`` back as ``after`` to follow.
+    ``stream=true``: ``text/event-stream``, one ``line`` event per line (its ``id`` is the line
+    number), then one ``end`` event with the final state once the job has ended.
+    """
+    state, lines = service.read_logs(database=database, job_id=job_id, after=after, limit=limit)
+    if not stream:
+        return {
+            "job_id": job_id, "state": state.value, "lines": lines,
+            "next_after": lines[-1]["line"] if lines else after,
+        }
+    last_event = request.headers.get("last-event-id", "")
+    if last_event.isdigit():
+        after = max(after, int(last_event))
+    interval = request.app.state.settings.log_poll_interval_s
+    return StreamingResponse(
+        _follow(request, database, job_id, after, interval),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _follow(
+    request: Request, database: Database, job_id: str, after: int, interval: float
+) -> AsyncIterator[str]:
+    # A worker may write its last lines just after the row ends (a cancelled job stopping):
+    # once the state is final, keep reading until a round brings nothing new.
+    ended_quiet = 0
+    while True:
+        state, lines = await run_in_threadpool(
+            service.read_logs, database=database, job_id=job_id, after=after, limit=service.MAX_LOG_LIMIT
+        )
+        for line in lines:
+            after = line["line"]
+            yield f"event: line\nid: {after}\ndata: {json.dumps(line)}\n\n"
+        if state in TERMINAL_STATES:
+            ended_quiet = 0 if lines else ended_quiet + 1
+            if ended_quiet >= 3:
+                yield f"event: end\ndata: {json.dumps({'state': state.value, 'next_after': after})}\n\n"
+                return
+        if await request.is_disconnected():
+            return
+        if not lines:
+            await asyncio.sleep(interval)

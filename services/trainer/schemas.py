@@ -11,7 +11,15 @@ from enum import StrEnum
 from functools import partial
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shipyard_common.datasets import validate_dataset_name, validate_name, validate_revision
 from shipyard_common.errors import InvalidInput
@@ -33,6 +41,28 @@ class OptimizerName(StrEnum):
     ADAM = "adam"
     ADAMW = "adamw"
     RMSPROP = "rmsprop"
+
+
+class SchedulerName(StrEnum):
+    NONE = "none"
+    STEP = "step"
+    COSINE = "cosine"
+    ONECYCLE = "onecycle"
+    PLATEAU = "plateau"
+
+
+# Per-epoch validation metrics early stopping may watch, and whether larger is better.
+METRIC_GOALS: dict[str, bool] = {
+    "val_loss": False,
+    "val_accuracy": True,
+    "val_f1_macro": True,
+    "val_roc_auc": True,
+    "val_mse": False,
+    "val_mae": False,
+}
+StoppingMetric = Literal["val_loss", "val_accuracy", "val_f1_macro", "val_roc_auc", "val_mse", "val_mae"]
+CLASSIFICATION_ONLY = frozenset({"val_accuracy", "val_f1_macro", "val_roc_auc"})
+REGRESSION_ONLY = frozenset({"val_mse", "val_mae"})
 
 
 class Queue(StrEnum):
@@ -105,13 +135,46 @@ class DataSpec(Strict):
         return self
 
 
+class SchedulerSpec(Strict):
+    """How the learning rate moves: ``step`` every ``step_size`` epochs by ``gamma``; ``cosine``
+    down to 0 over the run; ``onecycle`` up to ``learning_rate`` and down, per batch; ``plateau``
+    by ``gamma`` once val_loss has not improved for ``patience`` epochs."""
+
+    name: SchedulerName = SchedulerName.NONE
+    step_size: int = Field(default=10, ge=1, le=10_000)
+    gamma: float = Field(default=0.1, gt=0.0, lt=1.0)
+    patience: int = Field(default=5, ge=0, le=10_000)
+
+
+class EarlyStoppingSpec(Strict):
+    metric: StoppingMetric = "val_loss"
+    patience: int = Field(default=5, ge=1, le=10_000)
+    min_delta: float = Field(default=0.0, ge=0.0)
+    restore_best: bool = True
+
+
 class TrainingSpec(Strict):
     epochs: int = Field(default=20, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=1_048_576)
-    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
+    # No upper bound: a rate that diverges is the engine's guard's to report, with the step it broke at.
+    learning_rate: float = Field(default=1e-3, gt=0.0, allow_inf_nan=False)
     optimizer: OptimizerName = OptimizerName.ADAM
+    momentum: float | None = Field(default=None, ge=0.0, lt=1.0, description="SGD only.")
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    deterministic: bool = False
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    grad_clip_norm: float | None = Field(default=None, gt=0.0)
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024)
+    early_stopping: EarlyStoppingSpec | None = None
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_is_for_sgd(cls, value: float | None, info: ValidationInfo) -> float | None:
+        optimizer = info.data.get("optimizer")
+        if value is not None and optimizer is not None and optimizer != OptimizerName.SGD:
+            raise ValueError(f"momentum applies to the 'sgd' optimizer only, not {optimizer.value!r}")
+        return value
 
 
 class ResourcesSpec(Strict):
@@ -135,6 +198,19 @@ class JobCreate(Strict):
         # Serving loads only ONNX; a version without it could be promoted but never served.
         if ExportFormat.ONNX not in self.exports:
             raise ValueError("exports must include 'onnx'")
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_metric_fits_the_task(self) -> JobCreate:
+        stopping = self.training.early_stopping
+        if stopping is None:
+            return self
+        wrong = REGRESSION_ONLY if self.data.task == Task.CLASSIFICATION else CLASSIFICATION_ONLY
+        if stopping.metric in wrong:
+            raise ValueError(
+                f"training.early_stopping.metric {stopping.metric!r} is not computed for "
+                f"{self.data.task.value}"
+            )
         return self
 
 

@@ -13,12 +13,12 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, or_, select, update
+from sqlalchemy import CursorResult, and_, func, or_, select, update
 
-from services.trainer.models import JobRecord
+from services.trainer.models import JobLogRecord, JobRecord
 from services.trainer.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState, Progress
 from shipyard_common.db import Database, utcnow
-from shipyard_common.errors import NotFound
+from shipyard_common.errors import Conflict, NotFound
 
 log = logging.getLogger("shipyard.trainer")
 
@@ -26,6 +26,9 @@ log = logging.getLogger("shipyard.trainer")
 Enqueue = Callable[[str, str], None]
 
 MAX_LIST_LIMIT = 1000
+MAX_LOG_LIMIT = 5000
+
+CANCELLABLE_STATES = (JobState.QUEUED.value, JobState.RUNNING.value)
 
 
 def to_public(record: JobRecord) -> JobPublic:
@@ -205,3 +208,120 @@ def claim_job(*, database: Database, job_id: str, stale_after_s: float, max_atte
         error=f"the job was started {attempts} times and its worker was lost each time; giving up",
     )
     return Claim.EXHAUSTED if failed else Claim.BUSY
+
+
+def cancel_job(*, database: Database, job_id: str) -> JobPublic:
+    """End a queued or running job as ``cancelled``.
+
+    Only the row changes. A queued job's message stays on the broker, and the worker that
+    receives it finds the job finished (see :func:`claim_job`); a running job's worker sees
+    its next progress write refused and stops without registering a model.
+    """
+    statement = (
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.state.in_(CANCELLABLE_STATES))
+        .values(state=JobState.CANCELLED.value, error="cancelled on request")
+    )
+    with database.session() as session:
+        result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
+        changed = bool(result.rowcount)
+    job = get_job(database=database, job_id=job_id)  # 404 for an unknown id
+    if not changed:
+        raise Conflict(
+            f"training job {job_id!r} has already ended as {job.state.value!r}; "
+            "only a queued or running job can be cancelled",
+            details={"state": job.state.value},
+        )
+    log.info("job %s cancelled", job_id)
+    return job
+
+
+def requeue_lost_jobs(
+    *,
+    database: Database,
+    enqueue: Enqueue,
+    on_broker: Callable[[], set[str]],
+    lost_after_s: float,
+    stale_after_s: float,
+) -> int:
+    """Send again the jobs whose broker message is gone (a flushed or replaced Redis).
+
+    Candidates are queued jobs sent more than ``lost_after_s`` ago, and running jobs whose row
+    has been silent for ``stale_after_s`` (a lost worker whose message went with the broker).
+    ``on_broker`` names the job ids that have a message waiting in a queue or held unacked by a
+    worker; only candidates outside it are sent. A needless second message is harmless: the
+    claim turns it away.
+    """
+    now = utcnow()
+    statement = select(JobRecord.id, JobRecord.spec).where(
+        or_(
+            and_(
+                JobRecord.state == JobState.QUEUED.value,
+                JobRecord.enqueued_at.is_not(None),
+                JobRecord.enqueued_at < now - timedelta(seconds=lost_after_s),
+            ),
+            and_(
+                JobRecord.state == JobState.RUNNING.value,
+                JobRecord.updated_at < now - timedelta(seconds=stale_after_s),
+            ),
+        )
+    )
+    with database.session() as session:
+        candidates = list(session.execute(statement.order_by(JobRecord.created_at)))
+    if not candidates:
+        return 0
+    present = on_broker()  # read after the rows: a job sent since then is not a candidate
+    sent = 0
+    for job_id, spec in candidates:
+        if job_id in present:
+            continue
+        queue = str((spec.get("resources") or {}).get("queue", "cpu"))
+        try:
+            enqueue(job_id, queue)
+        except Exception as exc:
+            log.warning("could not re-send job %s whose message was lost: %s", job_id, exc)
+            break
+        with database.session() as session:
+            # Restart the clock, so that the job is not sent again before a worker could take it.
+            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(enqueued_at=utcnow()))
+        log.warning("job %s had no message on the broker; sent it again", job_id)
+        sent += 1
+    return sent
+
+
+def last_log_line(*, database: Database, job_id: str) -> int:
+    with database.session() as session:
+        value = session.scalar(select(func.max(JobLogRecord.line)).where(JobLogRecord.job_id == job_id))
+    return int(value or 0)
+
+
+def append_log(*, database: Database, job_id: str, line: int, level: str, message: str) -> None:
+    with database.session() as session:
+        session.add(JobLogRecord(job_id=job_id, line=line, level=level, message=message, created_at=utcnow()))
+
+
+def read_logs(
+    *, database: Database, job_id: str, after: int = 0, limit: int = 1000
+) -> tuple[JobState, list[dict[str, Any]]]:
+    """The job's state and its log lines numbered above ``after``, oldest first (404 if unknown).
+
+    The state is read before the lines: a client that sees a final state and then no more
+    lines has seen every line.
+    """
+    statement = (
+        select(JobLogRecord)
+        .where(JobLogRecord.job_id == job_id, JobLogRecord.line > after)
+        .order_by(JobLogRecord.line)
+        .limit(max(1, min(limit, MAX_LOG_LIMIT)))
+    )
+    with database.session() as session:
+        record = session.get(JobRecord, job_id)
+        if record is None:
+            raise NotFound(f"no training job with id {job_id!r}")
+        state = JobState(record.state)
+        lines = [
+            {"line": row.line, "time": row.created_at.isoformat() + "Z", "level": row.level,
+             "message": row.message}
+            for row in session.scalars(statement)
+        ]
+    return state, lines

@@ -19,6 +19,11 @@ class TrainerSettings(ServiceSettings):
     max_attempts: int = Field(default=3, ge=1)
     # How often the API re-sends jobs that were stored but never reached the broker.
     reconcile_interval_s: float = Field(default=30, gt=0)
+    # A queued job sent this long ago whose message is neither waiting on its queue nor held by
+    # a worker (a flushed or replaced Redis) is sent again by the same reconciler.
+    lost_after_s: float = Field(default=60, gt=0)
+    # How often a streaming ``GET /jobs/{id}/logs`` looks for new lines.
+    log_poll_interval_s: float = Field(default=0.5, gt=0)
     # Set in images built without .git; otherwise the worker asks git.
     git_commit: str | None = None
     # Redis's default (1 h) would redeliver any job that trains longer than that to a second worker.

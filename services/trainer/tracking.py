@@ -96,6 +96,11 @@ class Tracking:
         self.client.log_artifact(run_id, str(path), artifact_path=ONNX_ARTIFACT_PATH)
         return f"runs:/{run_id}/{ONNX_ARTIFACT_PATH}"
 
+    def log_reports(self, run_id: str, paths: list[Path], *, artifact_path: str = "reports") -> None:
+        """Upload report files (see :mod:`services.trainer.reports`) under the run's ``reports/``."""
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
     def end_run(self, run_id: str, *, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(run_id, status=status)

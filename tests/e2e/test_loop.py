@@ -215,6 +215,13 @@ def test_cli_trains_promotes_and_serving_swaps(deployed, client, stack_platform,
     assert submitted.exit_code == 0, submitted.output
     assert "succeeded" in submitted.output and "epoch 5/5" in submitted.output
     new_version = str(json.loads(submitted.output[submitted.output.index("{") :])["model_version"])
+    job_id = submitted.output.split("job ", 1)[1].split()[0]
+
+    logs = runner.invoke(app, ["jobs", "logs", job_id], env=env)
+    assert logs.exit_code == 0, logs.output
+    assert "epoch 5" in logs.output
+    finished = runner.invoke(app, ["jobs", "cancel", job_id], env=env)
+    assert finished.exit_code == 1 and "already ended" in finished.output
     old_version = str(deployed["model_version"])
     assert new_version != old_version
 

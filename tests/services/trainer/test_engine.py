@@ -28,7 +28,7 @@ def test_regression_exports_a_model_on_raw_features(tmp_path):
     job = spec(data__task="regression", training__epochs=30, training__learning_rate=0.01)
     data = engine.prepare_data(frame, job)
     result = engine.train(data, job, device="cpu")
-    assert set(result.metrics) == {"train_loss", "val_loss", "val_mse", "val_mae"}
+    assert set(result.metrics) == {"train_loss", "val_loss", "val_mse", "val_mae", "lr"}
     # Better than always answering the training mean, in the target's own units.
     baseline = float(np.abs(data.y_val - data.y_train.mean()).mean())
     assert result.metrics["val_mae"] < 0.9 * baseline

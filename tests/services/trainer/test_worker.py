@@ -116,6 +116,8 @@ def test_registered_version_carries_lineage_and_an_onnx_file(trained, stack, tmp
     run = client.get_run(trained["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 20
+    reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/confusion_matrix.png", "reports/training_curves.png"} <= reports
 
     # models:/ URIs resolve through the registry URI, which download_artifacts does not take.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
