@@ -27,6 +27,10 @@ from shipyard_common.errors import InvalidInput, ShipyardError
 
 # (epoch, global step, metrics at the end of an epoch or None mid-epoch) → may raise to stop.
 Observer = Callable[[int, int, dict[str, float] | None], None]
+# Receives the full training state at the end of every epoch (see :func:`load_checkpoint`).
+Checkpointer = Callable[[dict[str, Any]], None]
+
+CHECKPOINT_VERSION = 1
 
 
 class TrainingFailed(ShipyardError):
@@ -282,16 +286,65 @@ def _determinism(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before_cudnn
 
 
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``state`` (from a :data:`Checkpointer`) atomically: a reader never sees half a file."""
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors, numbers, strings and containers only."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a version-{CHECKPOINT_VERSION} Shipyard training checkpoint")
+    return state
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loader": generator.get_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["loader"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
 def train(
-    data: TabularData, spec: JobCreate, *, device: str, observer: Observer | None = None
+    data: TabularData, spec: JobCreate, *, device: str, observer: Observer | None = None,
+    checkpointer: Checkpointer | None = None, resume: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Fit the model the spec describes; report each step and each epoch to ``observer``."""
+    """Fit the model the spec describes; report each step and each epoch to ``observer``.
+
+    ``checkpointer`` receives the whole training state after every epoch; passing such a state
+    back as ``resume`` continues from the epoch after it, as if training had never stopped.
+    """
     _check_spec_fits_data(data, spec)
     with _determinism(spec.training.deterministic):
-        return _train(data, spec, device=device, observer=observer)
+        return _train(data, spec, device=device, observer=observer, checkpointer=checkpointer, resume=resume)
 
 
-def _train(data: TabularData, spec: JobCreate, *, device: str, observer: Observer | None) -> TrainResult:
+def _train(
+    data: TabularData, spec: JobCreate, *, device: str, observer: Observer | None,
+    checkpointer: Checkpointer | None, resume: dict[str, Any] | None,
+) -> TrainResult:
     from torch.utils.data import DataLoader, TensorDataset
 
     training = spec.training
@@ -341,7 +394,48 @@ def _train(data: TabularData, spec: JobCreate, *, device: str, observer: Observe
             f"(batch {batch} of {batches}); {good}; try a smaller learning_rate or set grad_clip_norm"
         )
 
-    for epoch in range(1, training.epochs + 1):
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None and resume["scheduler"] is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"], generator)
+        step, last_good = int(resume["step"]), int(resume["last_good"])
+        metrics, history, confusion = dict(resume["metrics"]), list(resume["history"]), resume["confusion"]
+        since_best = int(resume["since_best"])
+        if resume["best"] is not None:
+            b = resume["best"]
+            best = (float(b["value"]), int(b["epoch"]), b["weights"], dict(b["metrics"]), b["confusion"])
+        first_epoch = int(resume["epoch"]) + 1
+        if resume["stopped_early"]:  # it had stopped early: nothing left to train
+            first_epoch, stopped_early = training.epochs + 1, True
+
+    def checkpoint(epoch: int, stop: bool) -> None:
+        if checkpointer is None:
+            return
+        checkpointer({
+            "version": CHECKPOINT_VERSION,
+            "epoch": epoch,
+            "stopped_early": stop and epoch < training.epochs,
+            "step": step,
+            "last_good": last_good,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "grad_scaler": None,  # no mixed precision in this engine yet
+            "rng": _rng_state(generator),
+            "metrics": dict(metrics),
+            "history": list(history),
+            "confusion": confusion,
+            "since_best": since_best,
+            "best": None if best is None else {
+                "value": best[0], "epoch": best[1], "weights": best[2], "metrics": best[3],
+                "confusion": best[4],
+            },
+        })
+
+    for epoch in range(first_epoch, training.epochs + 1):
         model.train()
         lr = float(optimizer.param_groups[0]["lr"])  # the rate this epoch starts with
         total, seen = 0.0, 0
@@ -384,9 +478,7 @@ def _train(data: TabularData, spec: JobCreate, *, device: str, observer: Observe
                 scheduler.step(metrics["val_loss"])
             else:
                 scheduler.step()
-        if observer:
-            observer(epoch, step, dict(metrics))
-
+        stop = False
         if stopping is not None:
             value = metrics[stopping.metric]
             if best is None:
@@ -399,9 +491,14 @@ def _train(data: TabularData, spec: JobCreate, *, device: str, observer: Observe
                 since_best = 0
             else:
                 since_best += 1
-                if since_best >= stopping.patience:
-                    stopped_early = epoch < training.epochs
-                    break
+                stop = since_best >= stopping.patience
+        # Saved before the epoch is reported, so that a reported epoch always has its checkpoint.
+        checkpoint(epoch, stop)
+        if observer:
+            observer(epoch, step, dict(metrics))
+        if stop:
+            stopped_early = epoch < training.epochs
+            break
 
     best_epoch = None
     if stopping is not None and best is not None:

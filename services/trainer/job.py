@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.trainer import reports, service
 from services.trainer.models import JobRecord
@@ -145,21 +145,28 @@ class _ProgressWriter:
     run_id: str
     started: float = 0.0
     last_write: float = 0.0
+    resumed_from_epoch: int | None = None
+    first_step: int | None = None  # the step this run began at: a resumed job does not start at 0
 
     def final(self, steps: int) -> Progress:
-        return Progress(epoch=self.epochs, epochs=self.epochs, step=steps, steps=steps, eta_seconds=0.0)
+        return Progress(epoch=self.epochs, epochs=self.epochs, step=steps, steps=steps, eta_seconds=0.0,
+                        resumed_from_epoch=self.resumed_from_epoch)
 
     def __call__(self, epoch: int, step: int, metrics: dict[str, float] | None) -> None:
         now = time.monotonic()
+        if self.first_step is None:
+            self.first_step = step - 1
         if metrics is None and now - self.last_write < PROGRESS_INTERVAL_S:
             return
         self.last_write = now
         elapsed = now - self.started
-        eta = elapsed / step * (self.steps - step) if step else None
+        done = step - self.first_step
+        eta = elapsed / done * (self.steps - step) if done > 0 else None
         progress = Progress(
             # Mid-epoch, the last finished epoch is the one before this.
             epoch=epoch if metrics is not None else epoch - 1, epochs=self.epochs,
             step=step, steps=self.steps, eta_seconds=round(eta, 1) if eta is not None else None,
+            resumed_from_epoch=self.resumed_from_epoch,
         )
         values: dict[str, object] = {"progress": progress.model_dump()}
         if metrics is not None:
@@ -174,11 +181,28 @@ class _ProgressWriter:
             log.info("epoch %d/%d: %s", epoch, self.epochs, shown)
 
 
+def _load_checkpoint(tracking: Tracking, run_id: str, folder: Path) -> dict[str, Any] | None:
+    """The run's last checkpoint, or None (no checkpoint yet, or one that cannot be read)."""
+    from services.trainer import engine
+
+    try:
+        path = tracking.download_checkpoint(run_id, folder)
+        if path is None:
+            log.info("run %s has no checkpoint; training starts from epoch 1", run_id)
+            return None
+        return engine.load_checkpoint(path)
+    except Exception as exc:  # a torn or foreign file: training from scratch still gives a model
+        log.warning("could not read the checkpoint of run %s (%s); training starts from epoch 1", run_id, exc)
+        return None
+
+
 def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) -> None:
     # Imported here: the API process imports this package too and must not pay for torch.
+    from mlflow.exceptions import MlflowException
+
     from services.trainer import engine
     from services.trainer.export import export_onnx
-    from services.trainer.tracking import Tracking, flatten, git_commit, metric_tags
+    from services.trainer.tracking import CHECKPOINT_FILE, Tracking, flatten, git_commit, metric_tags
 
     platform = settings.platform
     with database.session() as session:
@@ -186,6 +210,7 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         if record is None:  # deleted between the claim and now
             raise JobAborted(job_id)
         spec = JobCreate.model_validate(record.spec)
+        previous_run_id = record.mlflow_run_id
 
     frame = DataRepo(platform.data_repo_path, platform.dvc_remote_path).read(spec.data.dataset, spec.data.rev)
     data = engine.prepare_data(frame, spec)
@@ -202,24 +227,58 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         TAG_TARGET: data.target,
         TAG_TASK: data.task.value,
     }
-    run_id = tracking.start_run(experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage)
+    checkpoints = tempfile.TemporaryDirectory(prefix="shipyard-checkpoint-")
+    resume = None
+    if previous_run_id:
+        # A worker that ran this job was lost: continue its run from its last checkpoint.
+        run_id = previous_run_id
+        resume = _load_checkpoint(tracking, run_id, Path(checkpoints.name) / "download")
+        if resume is not None:
+            tracking.client.set_tag(run_id, "shipyard.resumed_from_epoch", str(int(resume["epoch"]) + 1))
+            if resume["history"]:
+                # The lost worker may have died between saving this epoch and logging its metrics.
+                last = {k: v for k, v in resume["history"][-1].items() if k != "epoch"}
+                tracking.log_metrics(run_id, last, step=int(resume["epoch"]))
+    else:
+        run_id = tracking.start_run(experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage)
     if not service.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING, mlflow_run_id=run_id, device=device,
     ):
         tracking.end_run(run_id, ok=False)
+        checkpoints.cleanup()
         raise JobAborted(job_id)
-    log.info("training %s on %s (MLflow run %s)", spec.model_name, device, run_id)
+    resumed_from = int(resume["epoch"]) + 1 if resume is not None else None
+    if resumed_from is not None:
+        log.info("training %s on %s (MLflow run %s), resuming at epoch %d from the lost worker's checkpoint",
+                 spec.model_name, device, run_id, resumed_from)
+    else:
+        log.info("training %s on %s (MLflow run %s)", spec.model_name, device, run_id)
     ok = False
     try:
-        tracking.log_params(run_id, {
+        params = {
             **flatten(spec.model_dump(mode="json")),
             "device": device, "n_features": len(data.features),
             "n_train": len(data.x_train), "n_val": len(data.x_val),
-        })
+        }
+        try:
+            tracking.log_params(run_id, params)
+        except MlflowException:
+            if previous_run_id is None:
+                raise
+            # The lost worker logged them already (MLflow refuses a changed value, e.g. the device).
+            log.warning("kept the params the lost worker logged to run %s", run_id)
         steps = engine.steps_per_epoch(data, spec) * spec.training.epochs
         writer = _ProgressWriter(database=database, job_id=job_id, epochs=spec.training.epochs, steps=steps,
-                                 tracking=tracking, run_id=run_id, started=time.monotonic())
-        result = engine.train(data, spec, device=device, observer=writer)
+                                 tracking=tracking, run_id=run_id, started=time.monotonic(),
+                                 resumed_from_epoch=resumed_from)
+        checkpoint_file = Path(checkpoints.name) / CHECKPOINT_FILE
+
+        def save_checkpoint(state: dict[str, object]) -> None:
+            engine.save_checkpoint(state, checkpoint_file)
+            tracking.log_checkpoint(run_id, checkpoint_file)
+
+        result = engine.train(data, spec, device=device, observer=writer,
+                              checkpointer=save_checkpoint, resume=resume)
         reports.log_run_reports(tracking, run_id, result, data)
 
         with tempfile.TemporaryDirectory(prefix="shipyard-export-") as folder:
@@ -244,6 +303,7 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         )
         ok = True
     finally:
+        checkpoints.cleanup()
         try:
             tracking.end_run(run_id, ok=ok)
         except Exception:  # the job's outcome matters more than the run's status

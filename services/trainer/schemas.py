@@ -220,6 +220,8 @@ class Progress(BaseModel):
     step: int = 0
     steps: int = 0
     eta_seconds: float | None = None
+    # Set when a worker took the job over and continued from a checkpoint: the first epoch it ran.
+    resumed_from_epoch: int | None = None
 
 
 class JobPublic(BaseModel):

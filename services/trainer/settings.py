@@ -27,7 +27,12 @@ class TrainerSettings(ServiceSettings):
     # Set in images built without .git; otherwise the worker asks git.
     git_commit: str | None = None
     # Redis's default (1 h) would redeliver any job that trains longer than that to a second worker.
-    visibility_timeout_s: int = Field(default=6 * 3600, ge=60)
+    # Tests shorten it (with the two below) so that a killed worker's job comes back within seconds.
+    visibility_timeout_s: int = Field(default=6 * 3600, ge=1)
+    # How often a worker looks for messages held longer than the visibility timeout by a lost worker.
+    unacked_restore_interval_s: float = Field(default=10, gt=0)
+    # Only every n-th of those looks scans Redis (kombu's ``unacked_restore_throttle``).
+    unacked_restore_throttle: int = Field(default=10, ge=1)
 
     def queue_name(self, queue: str) -> str:
         return f"{self.queue_prefix}{queue}"

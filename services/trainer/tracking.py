@@ -27,6 +27,9 @@ log = logging.getLogger("shipyard.trainer.tracking")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 METRIC_TAG_PREFIX = "shipyard.metric."
 _ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+# Where a job's run keeps its latest training checkpoint, for a worker that takes the job over.
+CHECKPOINT_ARTIFACT_PATH = "checkpoints"
+CHECKPOINT_FILE = "last.pt"
 
 
 @functools.cache
@@ -100,6 +103,18 @@ class Tracking:
         """Upload report files (see :mod:`services.trainer.reports`) under the run's ``reports/``."""
         for path in paths:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+    def log_checkpoint(self, run_id: str, path: Path) -> None:
+        """Upload a training checkpoint as the run's ``checkpoints/<name>``, replacing the last one."""
+        self.client.log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_PATH)
+
+    def download_checkpoint(self, run_id: str, folder: Path) -> Path | None:
+        """The run's ``checkpoints/last.pt`` copied into ``folder``, or None if it has none."""
+        names = {a.path for a in self.client.list_artifacts(run_id, CHECKPOINT_ARTIFACT_PATH)}
+        wanted = f"{CHECKPOINT_ARTIFACT_PATH}/{CHECKPOINT_FILE}"
+        if wanted not in names:
+            return None
+        return Path(self.client.download_artifacts(run_id, wanted, str(folder)))
 
     def end_run(self, run_id: str, *, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)

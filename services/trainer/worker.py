@@ -43,6 +43,8 @@ def make_celery(settings: TrainerSettings) -> Celery:
         broker_connection_timeout=5,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": settings.unacked_restore_throttle,
             "socket_connect_timeout": 5,
         },
         # Fail a send within seconds when Redis is away: the job row is kept, and the API's

@@ -58,6 +58,10 @@ class WorkerProcess:
         env = dict(os.environ)
         env.update(settings.platform.as_env())
         env["SHIPYARD_TRAINER_QUEUE_PREFIX"] = settings.queue_prefix
+        # What decides how soon a lost worker's job is taken over, so that tests can shorten it.
+        for name in ("stale_after_s", "max_attempts", "visibility_timeout_s",
+                     "unacked_restore_interval_s", "unacked_restore_throttle"):
+            env[f"SHIPYARD_TRAINER_{name.upper()}"] = str(getattr(settings, name))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         with open(log_path, "ab") as log:

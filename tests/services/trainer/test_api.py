@@ -43,7 +43,8 @@ def test_submit_stores_the_job_and_queues_its_id(db_settings):
         assert created.status_code == 201, created.text
         job = created.json()
         assert job["state"] == "queued" and job["model_version"] is None
-        assert job["progress"] == {"epoch": 0, "epochs": 20, "step": 0, "steps": 0, "eta_seconds": None}
+        assert job["progress"] == {"epoch": 0, "epochs": 20, "step": 0, "steps": 0, "eta_seconds": None,
+                               "resumed_from_epoch": None}
         assert job["spec"]["data"]["rev"] == REV and job["spec"]["spec_version"] == 1
 
         fetched = httpx.get(f"{base}/jobs/{job['id']}", headers=auth(Role.VIEWER))

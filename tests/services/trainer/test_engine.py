@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
+import torch
 from sklearn.datasets import load_diabetes
 
 from services.trainer import engine
@@ -75,3 +76,27 @@ def test_unusable_data_is_refused_with_a_reason(frame, message):
     with pytest.raises(InvalidInput) as caught:
         engine.prepare_data(frame, spec())
     assert message in caught.value.message
+
+
+@pytest.mark.parametrize("scheduler", ["none", "onecycle", "plateau"])
+def test_resuming_a_checkpoint_trains_exactly_as_an_unbroken_run(tmp_path, scheduler):
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame
+    job = spec(training__epochs=6, training__scheduler={"name": scheduler},
+               training__early_stopping={"metric": "val_loss", "patience": 10})
+    data = engine.prepare_data(frame, job)
+    unbroken = engine.train(data, job, device="cpu")
+
+    def save(state):
+        engine.save_checkpoint(state, tmp_path / f"epoch-{state['epoch']}.pt")
+
+    engine.train(data, job, device="cpu", checkpointer=save)
+    # Loaded with weights_only=True: RNG states, optimizer and scheduler are plain tensors and values.
+    state = engine.load_checkpoint(tmp_path / "epoch-3.pt")
+    assert state["epoch"] == 3 and len(state["history"]) == 3 and state["grad_scaler"] is None
+    resumed = engine.train(data, job, device="cpu", resume=state)
+    assert resumed.history == unbroken.history and resumed.metrics == unbroken.metrics
+    assert resumed.best_epoch == unbroken.best_epoch
+    for name, value in unbroken.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
