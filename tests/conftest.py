@@ -17,7 +17,7 @@ import redis
 
 from shipyard_cli.stack import Stack, free_port, redis_answers, stop_process_group
 from shipyard_common.settings import PlatformSettings, disable_telemetry
-from tests.support import TOKENS
+from tests.support import test_platform
 
 disable_telemetry()
 
@@ -64,7 +64,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking + registry server (SQLite store) on a free port."""
     state = tmp_path_factory.mktemp("mlflow-state")
     uri = f"http://127.0.0.1:{free_port()}"
-    platform = PlatformSettings(env="test", state_dir=state, mlflow_tracking_uri=uri, tokens=dict(TOKENS))
+    platform = test_platform(state, mlflow_tracking_uri=uri)
     stack = Stack(platform)
     record = stack.start_component(stack.mlflow_component())
     try:
@@ -77,14 +77,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def platform(tmp_path: Path, redis_url: str, mlflow_server: str) -> PlatformSettings:
     """Platform settings for one test: its own state folder and SQLite DB, shared MLflow."""
-    return PlatformSettings(
-        env="test",
-        state_dir=tmp_path / "state",
-        redis_url=redis_url,
-        mlflow_tracking_uri=mlflow_server,
-        tokens=dict(TOKENS),
-        log_json=False,
-    )
+    return test_platform(tmp_path / "state", redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -13,6 +13,7 @@ import uvicorn
 
 from shipyard_cli.stack import free_port
 from shipyard_common.auth import Role
+from shipyard_common.settings import PlatformSettings
 
 TOKENS: dict[str, Role] = {
     "test-admin": Role.ADMIN,
@@ -20,6 +21,16 @@ TOKENS: dict[str, Role] = {
     "test-approver": Role.APPROVER,
     "test-viewer": Role.VIEWER,
 }
+
+
+def test_platform(state_dir: Any, **overrides: Any) -> PlatformSettings:
+    """Platform settings as every test wants them: test env, the test tokens, plain-text logs."""
+    values: dict[str, Any] = {"env": "test", "tokens": dict(TOKENS), "log_json": False}
+    values.update(overrides)
+    return PlatformSettings(state_dir=state_dir, **values)
+
+
+test_platform.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 def auth(role: Role | str) -> dict[str, str]:

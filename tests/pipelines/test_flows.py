@@ -16,7 +16,7 @@ from pipelines.flows import default_job_spec, local_prefect, train_and_deploy
 from pipelines.tasks import PipelineConfig, version_dataset
 from shipyard_common.datasets import DataRepo
 from shipyard_common.settings import PlatformSettings
-from tests.support import TOKENS
+from tests.support import test_platform
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,7 @@ def platform(tmp_path_factory) -> PlatformSettings:
     One per module: Prefect's ephemeral API starts once per process, in the state dir of
     whichever test runs a task first.
     """
-    return PlatformSettings(env="test", state_dir=tmp_path_factory.mktemp("pipelines") / "state",
-                            tokens=dict(TOKENS))
+    return test_platform(tmp_path_factory.mktemp("pipelines") / "state")
 
 
 def test_version_dataset_gives_each_content_its_own_revision(platform, tmp_path):

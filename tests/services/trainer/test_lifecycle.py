@@ -17,9 +17,8 @@ from services.trainer.broker import job_ids_on_broker
 from services.trainer.settings import TrainerSettings
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
-from shipyard_common.settings import PlatformSettings
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
-from tests.support import TOKENS, auth, running_app, wait_for
+from tests.support import auth, running_app, test_platform, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -30,10 +29,7 @@ def stack(
 ) -> Iterator[dict[str, Any]]:
     """One API reconciling every half second, one dataset; the worker starts on demand."""
     state = tmp_path_factory.mktemp("trainer-lifecycle")
-    platform = PlatformSettings(
-        env="test", state_dir=state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server,
-        tokens=dict(TOKENS), log_json=False,
-    )
+    platform = test_platform(state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
     settings = trainer_settings(platform, reconcile_interval_s=0.5, lost_after_s=1, log_poll_interval_s=0.1)
     frame = load_breast_cancer(as_frame=True).frame
     version = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("breast_cancer", frame)

@@ -27,9 +27,8 @@ from shipyard_common.lineage import (
     TAG_TARGET,
     TAG_TASK,
 )
-from shipyard_common.settings import PlatformSettings
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
-from tests.support import TOKENS, auth, running_app, wait_for
+from tests.support import auth, running_app, test_platform, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -40,10 +39,7 @@ def stack(
 ) -> Iterator[dict[str, Any]]:
     """One API, one worker and one versioned dataset, shared by this module's tests."""
     state = tmp_path_factory.mktemp("trainer-state")
-    platform = PlatformSettings(
-        env="test", state_dir=state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server,
-        tokens=dict(TOKENS), log_json=False,
-    )
+    platform = test_platform(state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
     settings = trainer_settings(platform)
     frame = load_breast_cancer(as_frame=True).frame
     version = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("breast_cancer", frame)
