@@ -36,7 +36,8 @@ def default_job_spec(
 
     An MLP with hidden layers [64, 32], 30 epochs of Adam (lr 1e-3, batch 32, seed 0) on all
     columns but ``target``, 20% held out for validation, exported to ONNX. ``overrides`` is
-    merged into it key by key, so ``{"training": {"epochs": 5}}`` changes only the epochs.
+    merged into it key by key, so ``{"training": {"epochs": 5}}`` changes only the epochs; a
+    ``model`` of another ``type`` replaces the MLP's block whole (its options would not fit).
     """
     spec: dict[str, Any] = {
         "model_name": model_name,
@@ -54,7 +55,11 @@ def default_job_spec(
         "resources": {"queue": "cpu"},
         "exports": ["onnx"],
     }
-    return deep_merge(spec, overrides or {})
+    overrides = dict(overrides or {})
+    model = overrides.get("model")
+    if isinstance(model, Mapping) and model.get("type", "mlp") != "mlp":
+        spec["model"] = {}
+    return deep_merge(spec, overrides)
 
 
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

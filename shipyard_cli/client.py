@@ -62,11 +62,21 @@ class ShipyardClient:
     def list_versions(self, model: str) -> list[dict[str, Any]]:
         return self._call("GET", f"{self.platform.registry_url}/models/{model}/versions")
 
-    def promote(self, model: str, version: str, alias: str = "production", reason: str | None = None) -> Any:
+    def promote(
+        self, model: str, version: str, alias: str = "production", reason: str | None = None,
+        weight: float | None = None,
+    ) -> Any:
+        body: dict[str, Any] = {"alias": alias, "reason": reason}
+        if weight is not None:
+            body["weight"] = weight
         return self._call(
-            "POST",
-            f"{self.platform.registry_url}/models/{model}/versions/{version}/promote",
-            json={"alias": alias, "reason": reason},
+            "POST", f"{self.platform.registry_url}/models/{model}/versions/{version}/promote", json=body,
+        )
+
+    def remove_alias(self, model: str, alias: str, reason: str | None = None) -> Any:
+        return self._call(
+            "DELETE", f"{self.platform.registry_url}/models/{model}/aliases/{alias}",
+            params={"reason": reason} if reason else None,
         )
 
     # serving

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -39,7 +40,9 @@ def _client(token: str) -> ShipyardClient:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    # Services echo what they were sent ("model name '[/x]' is not allowed"): print it as text,
+    # never as rich markup, which would restyle it or raise on an unmatched closing tag.
+    console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code=1)
 
 
@@ -239,14 +242,33 @@ def models_promote(
     version: str,
     alias: Annotated[str, typer.Option(help="production, staging, canary or shadow.")] = "production",
     reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    weight: Annotated[
+        float | None, typer.Option(help="canary only: the share of requests it answers, in (0, 1].")
+    ] = None,
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Point an alias at a version (promotion; rolling back is promoting the old version)."""
     try:
-        result = _client(token).promote(name, version, alias=alias, reason=reason)
+        result = _client(token).promote(name, version, alias=alias, reason=reason, weight=weight)
     except ClientError as exc:
         _fail(exc.message)
-    console.print(f"{name}: {alias} → v{result['version']} (was v{result.get('previous_version')})")
+    share = f" for {result['weight']:.0%} of requests" if result.get("weight") is not None else ""
+    console.print(f"{name}: {alias} → v{result['version']}{share} (was v{result.get('previous_version')})")
+
+
+@models_app.command("unalias")
+def models_unalias(
+    name: str,
+    alias: Annotated[str, typer.Argument(help="canary, shadow or staging: stop serving it.")],
+    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    token: TokenOption = DEV_ADMIN_TOKEN,
+) -> None:
+    """Remove an alias (end a canary or a shadow); serving unloads its version."""
+    try:
+        result = _client(token).remove_alias(name, alias, reason=reason)
+    except ClientError as exc:
+        _fail(exc.message)
+    console.print(f"{name}: {alias} removed (was v{result.get('previous_version', '?')})")
 
 
 @data_app.command("add")

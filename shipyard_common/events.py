@@ -31,11 +31,24 @@ class ModelAliasMoved(BaseModel):
     alias: str
     version: str
     previous_version: str | None = None
+    #: For the canary alias: the share of requests it answers (the model's canary weight tag).
+    weight: float | None = None
     actor: str
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
-Event = ModelAliasMoved
+class ModelAliasRemoved(BaseModel):
+    """An alias was deleted: it names no version any more (a canary or shadow taken down)."""
+
+    type: Literal["model.alias_removed"] = "model.alias_removed"
+    model: str
+    alias: str
+    previous_version: str
+    actor: str
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+Event = ModelAliasMoved | ModelAliasRemoved
 
 
 class EventBus:

@@ -5,6 +5,9 @@ STAGING = "staging"
 CANARY = "canary"
 SHADOW = "shadow"
 ALIASES = (PRODUCTION, STAGING, CANARY, SHADOW)
+# Registered-model tag: the share of requests (0, 1] that serving sends to the canary alias.
+TAG_CANARY_WEIGHT = "shipyard.canary_weight"
+DEFAULT_CANARY_WEIGHT = 0.1
 
 TAG_JOB_ID = "shipyard.job_id"
 TAG_DATASET = "shipyard.dataset"
@@ -15,6 +18,22 @@ TAG_TARGET = "shipyard.target"
 TAG_TASK = "shipyard.task"
 TAG_FORMAT = "shipyard.format"
 TAG_SIGNATURE = "shipyard.signature"
+# JSON list of the formats the version's model folder holds; TAG_FORMAT names the one to serve first.
+TAG_FORMATS = "shipyard.formats"
+TAG_FRAMEWORK = "shipyard.framework"
+# Fine-tuned versions: "<model>/<version>" of the registered parent, or "pretrained:<checkpoint>".
+TAG_PARENT = "shipyard.parent"
+
+# A version's source is the run's ``model/`` folder: one sub-folder per export format
+# (``onnx/model.onnx``, ``torchscript/model.pt``, ``savedmodel/``), the tokenizer for text
+# models, ``signature.json`` and the model card (``MODEL_CARD.md`` / ``model_card.json``).
+MODEL_ARTIFACT_PATH = "model"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+MODEL_CARD_JSON = "model_card.json"
+SIGNATURE_FILE = "signature.json"
+# The trained weights (a state dict) that ``init_from`` fine-tunes from; never served.
+WEIGHTS_ARTIFACT_PATH = "weights"
+WEIGHTS_FILE = "model.pt"
 
 ONNX_ARTIFACT_PATH = "onnx"
 ONNX_FILE_NAME = "model.onnx"

@@ -80,6 +80,39 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
 
 
+class RequestMetrics:
+    """Counts and times every HTTP request by method, route template and status.
+
+    A plain ASGI middleware rather than ``@app.middleware("http")``: Starlette's
+    BaseHTTPMiddleware costs about half a millisecond a request (a task and a stream per call),
+    more than a whole prediction on a small model.
+    """
+
+    def __init__(self, app: Any, *, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_observed(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.observe(scope["method"], template, status, time.perf_counter() - started)
+
+
 def install_common(
     app: FastAPI,
     *,
@@ -97,18 +130,7 @@ def install_common(
     checks = dict(readiness_checks or {})
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response: Response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            http_metrics.observe(request.method, template, status, time.perf_counter() - started)
+    app.add_middleware(RequestMetrics, metrics=http_metrics)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.registry.models import upgrade_audit_table
 from services.registry.router import router
 from services.registry.service import create_registry
 from services.registry.settings import RegistrySettings
@@ -16,11 +17,11 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     platform = settings.platform
     database = Database(platform.database_url)
 
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The audit table is on Base through service.py's import of models.py.
         database.create_tables()
+        upgrade_audit_table(database.engine)
         try:
             yield
         finally:

@@ -5,7 +5,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from services.registry import service
-from services.registry.schemas import AuditPublic, ModelPublic, PromotePublic, PromoteRequest, VersionPublic
+from services.registry.schemas import (
+    AliasName,
+    AliasRemovedPublic,
+    AuditPublic,
+    ModelPublic,
+    PromotePublic,
+    PromoteRequest,
+    VersionPublic,
+)
 from shipyard_common.auth import Principal, Role, role_checker
 
 router = APIRouter()
@@ -45,7 +53,20 @@ def promote_version(
 ) -> PromotePublic:
     return service.promote_version(
         registry=_registry(request), name=name, version=version, alias=body.alias,
-        reason=body.reason, actor=principal.name,
+        reason=body.reason, actor=principal.name, weight=body.weight,
+    )
+
+
+@router.delete("/models/{name}/aliases/{alias}", response_model=AliasRemovedPublic, tags=["models"])
+def delete_alias(
+    request: Request,
+    name: str,
+    alias: AliasName,
+    principal: Approver,
+    reason: Annotated[str | None, Query(max_length=2000, description="Why, for the audit row.")] = None,
+) -> AliasRemovedPublic:
+    return service.delete_alias(
+        registry=_registry(request), name=name, alias=alias, reason=reason, actor=principal.name
     )
 
 

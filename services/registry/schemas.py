@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from shipyard_common.lineage import ALIASES, PRODUCTION
+from shipyard_common.lineage import ALIASES, CANARY, PRODUCTION
 
 # Built from lineage.ALIASES so that the trainer, registry and serving agree on one list.
 AliasName = Literal[ALIASES]  # type: ignore[valid-type]
@@ -39,6 +39,17 @@ class VersionPublic(BaseModel):
 class PromoteRequest(BaseModel):
     alias: AliasName = PRODUCTION
     reason: str | None = Field(default=None, max_length=2000)
+    weight: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Canary only: the share of requests the canary answers, in (0, 1]. Left out: the "
+        "model's current canary weight, else 0.1.",
+    )
+
+    @model_validator(mode="after")
+    def _weight_only_for_canary(self) -> Self:
+        if self.weight is not None and self.alias != CANARY:
+            raise ValueError(f"weight applies to the '{CANARY}' alias only, not to {self.alias!r}")
+        return self
 
 
 class PromotePublic(BaseModel):
@@ -46,6 +57,13 @@ class PromotePublic(BaseModel):
     version: str
     alias: str
     previous_version: str | None
+    weight: float | None = Field(default=None, description="The canary weight now in force (canary only).")
+
+
+class AliasRemovedPublic(BaseModel):
+    model: str
+    alias: str
+    previous_version: str
 
 
 class AuditPublic(BaseModel):
@@ -54,6 +72,8 @@ class AuditPublic(BaseModel):
     version: str
     alias: str
     previous_version: str | None
+    action: str = Field(default="promote", description="promote (the alias moved) or remove (deleted).")
+    weight: float | None = Field(default=None, description="The canary weight set by this move.")
     actor: str
     reason: str | None
     at: datetime

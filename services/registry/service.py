@@ -20,11 +20,18 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import select
 
 from services.registry.models import AuditRecord
-from services.registry.schemas import AuditPublic, ModelPublic, PromotePublic, VersionPublic
+from services.registry.schemas import (
+    AliasRemovedPublic,
+    AuditPublic,
+    ModelPublic,
+    PromotePublic,
+    VersionPublic,
+)
 from services.registry.settings import RegistrySettings
 from shipyard_common.db import Database
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError, Unavailable, UpstreamError
-from shipyard_common.events import EventBus, ModelAliasMoved
+from shipyard_common.events import Event, EventBus, ModelAliasMoved, ModelAliasRemoved
+from shipyard_common.lineage import CANARY, DEFAULT_CANARY_WEIGHT, TAG_CANARY_WEIGHT
 
 log = logging.getLogger("shipyard.registry")
 
@@ -194,41 +201,97 @@ def get_version(*, registry: Registry, name: str, version: str) -> VersionPublic
     return _version_public(found, model.aliases or {}, _run_metrics(registry, found.run_id))
 
 
+def canary_weight(tags: dict[str, str] | None) -> float | None:
+    """The model's stored canary weight, or None if it has none (or an unusable one)."""
+    raw = (tags or {}).get(TAG_CANARY_WEIGHT)
+    try:
+        weight = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return weight if weight is not None and 0 < weight <= 1 else None
+
+
+def _announce(registry: Registry, event: Event) -> None:
+    try:
+        registry.events.publish(event)
+    except Exception:
+        # The alias has moved and is audited; subscribers reconcile from MLflow on a timer.
+        log.exception("could not record the %s event for %s", event.type, event.model)
+
+
 def promote_version(
-    *, registry: Registry, name: str, version: str, alias: str, reason: str | None, actor: str
+    *, registry: Registry, name: str, version: str, alias: str, reason: str | None, actor: str,
+    weight: float | None = None,
 ) -> PromotePublic:
-    """Point ``alias`` of ``name`` at ``version``, audit it, and announce it to the platform."""
+    """Point ``alias`` of ``name`` at ``version``, audit it, and announce it to the platform.
+
+    For the canary alias, ``weight`` (else the model's current one, else the default) is stored
+    as the model's ``shipyard.canary_weight`` tag in the same request, before the alias moves.
+    """
+    if weight is not None and alias != CANARY:
+        raise InvalidInput(f"a weight applies to the '{CANARY}' alias only, not to {alias!r}")
     with registry.promote_lock:
         model, target = _model_version(registry, name, version)
         previous = (model.aliases or {}).get(alias)
         previous_version = str(previous) if previous is not None else None
+        if alias == CANARY and weight is None:
+            weight = canary_weight(model.tags) or DEFAULT_CANARY_WEIGHT
         # The audit row is flushed before MLflow is touched and committed after: a database that
         # cannot write fails the promotion instead of leaving an alias move nobody recorded.
         with registry.database.session() as session:
             session.add(
                 AuditRecord(
                     model=name, version=str(target.version), alias=alias,
-                    previous_version=previous_version, actor=actor, reason=reason,
+                    previous_version=previous_version, action="promote", weight=weight, actor=actor,
+                    reason=reason,
                 )
             )
             session.flush()
             with _mlflow_errors(f"model {name!r} has no version {target.version}"):
+                if weight is not None:
+                    # First, so that whoever sees the new canary also sees its weight.
+                    registry.mlflow.set_registered_model_tag(name, TAG_CANARY_WEIGHT, repr(weight))
                 registry.mlflow.set_registered_model_alias(name, alias, str(target.version))
     log.info(
         "alias moved", extra={"model": name, "alias": alias, "version": target.version,
-                              "previous_version": previous_version, "actor": actor},
+                              "previous_version": previous_version, "actor": actor, "weight": weight},
     )
-    event = ModelAliasMoved(
-        model=name, alias=alias, version=str(target.version), previous_version=previous_version, actor=actor
-    )
-    try:
-        registry.events.publish(event)
-    except Exception:
-        # The alias has moved and is audited; subscribers reconcile from MLflow on a timer.
-        log.exception("could not record the alias_moved event for %s", name)
+    _announce(registry, ModelAliasMoved(
+        model=name, alias=alias, version=str(target.version), previous_version=previous_version,
+        weight=weight, actor=actor,
+    ))
     return PromotePublic(
-        model=name, version=str(target.version), alias=alias, previous_version=previous_version
+        model=name, version=str(target.version), alias=alias, previous_version=previous_version,
+        weight=weight,
     )
+
+
+def delete_alias(
+    *, registry: Registry, name: str, alias: str, reason: str | None, actor: str
+) -> AliasRemovedPublic:
+    """Delete ``alias`` of ``name`` (a canary or shadow taken down), audit it, announce it."""
+    with registry.promote_lock:
+        model = _registered_model(registry, name)
+        previous = (model.aliases or {}).get(alias)
+        if previous is None:
+            raise NotFound(f"model {name!r} has no alias {alias!r}")
+        previous_version = str(previous)
+        with registry.database.session() as session:
+            session.add(
+                AuditRecord(
+                    model=name, version=previous_version, alias=alias, previous_version=previous_version,
+                    action="remove", actor=actor, reason=reason,
+                )
+            )
+            session.flush()
+            with _mlflow_errors(f"model {name!r} has no alias {alias!r}"):
+                registry.mlflow.delete_registered_model_alias(name, alias)
+    log.info("alias removed", extra={"model": name, "alias": alias, "previous_version": previous_version,
+                                     "actor": actor})
+    _announce(registry, ModelAliasRemoved(
+        model=name, alias=alias, previous_version=previous_version, actor=actor
+    ))
+    return AliasRemovedPublic(model=name, alias=alias, previous_version=previous_version)
 
 
 def list_audit(*, registry: Registry, model: str | None, limit: int) -> list[AuditPublic]:

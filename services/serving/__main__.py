@@ -1,6 +1,6 @@
 import os
 
-from services.serving.app import create_app
+from services.serving.app import configure_process, create_app
 from services.serving.settings import ServingSettings
 from shipyard_common.runner import serve
 
@@ -9,4 +9,10 @@ if __name__ == "__main__":
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    serve("serving", ServingSettings(), create_app)
+    settings = ServingSettings()
+    configure_process(settings)
+    # SIGTERM: not ready for drain_grace_s while still answering, then in-flight requests finish.
+    # Several workers: each process builds the app from the factory (settings from the environment).
+    serve("serving", settings, create_app, drain_grace_s=settings.drain_grace_s,
+          shutdown_timeout_s=settings.shutdown_timeout_s, workers=settings.workers,
+          app_factory="services.serving.app:create_app_from_env")

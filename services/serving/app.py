@@ -1,20 +1,46 @@
 from __future__ import annotations
 
+import gc
+import logging
+import os
+import sys
+import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from services.serving.dataplane import DataPlane
+from services.serving.fastlane import FastLane
+from services.serving.http import BodyLimit
 from services.serving.metrics import ServingMetrics
 from services.serving.models import LoadedModels, ModelFollower
 from services.serving.prediction_log import PredictionLog
 from services.serving.router import router
+from services.serving.router_tfserving import router as tfserving_router
+from services.serving.router_v2 import router as v2_router
+from services.serving.routing import ShadowMirror
 from services.serving.settings import ServingSettings
 from shipyard_common.db import Database
 from shipyard_common.errors import Unavailable
 from shipyard_common.web import install_common
+
+log = logging.getLogger("shipyard.serving")
+
+
+def _create_tables(database: Database, attempts: int = 5) -> None:
+    """Create the tables; several worker processes may race to create them at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            database.create_tables()
+            return
+        except Exception as exc:
+            if attempt == attempts:
+                raise
+            log.info("creating tables failed (%s); another worker may be at it, retrying", exc)
+            time.sleep(0.2 * attempt)
 
 
 def create_app(settings: ServingSettings) -> FastAPI:
@@ -23,21 +49,38 @@ def create_app(settings: ServingSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        database.create_tables()
+        _create_tables(database)
         dataplane: DataPlane = app.state.dataplane
         follower: ModelFollower = app.state.follower
         dataplane.prediction_log.start()
         follower.start()
+        if settings.gc_freeze:
+            # Everything imported so far (MLflow, SQLAlchemy, numpy...: most of the heap) leaves the
+            # collector's view: full collections then take a few ms instead of tens (the p99).
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
             app.state.ready = False
+            # Copies to shadow versions already taken finish (and are logged) before runtimes close.
+            dataplane.shadow.close()
             follower.stop()
             # After uvicorn has finished the requests in flight, so every answered one is written.
+            executor.shutdown(wait=True)
             dataplane.prediction_log.close()
             database.dispose()
 
-    app = FastAPI(title="Shipyard serving", version="0.1.0", lifespan=lifespan)
+    # No OpenTelemetry: FastAPI would otherwise look for a configured provider on every request.
+    app = FastAPI(title="Shipyard serving", version="0.1.0", lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
+    # Model calls too costly for the event loop (fastlane.py); its threads end with the lifespan.
+    executor = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="predict")
+    app.state.predict_executor = executor
+    # Declared first, so innermost: inside the body limit and the request metrics (install_common),
+    # in front of FastAPI's router. It answers predict POSTs itself and passes the rest on.
+    if settings.fast_lane:
+        app.add_middleware(FastLane, state=app.state)
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     models = LoadedModels(metrics)
@@ -58,11 +101,38 @@ def create_app(settings: ServingSettings) -> FastAPI:
         capacity=settings.prediction_log_capacity,
         batch_size=settings.prediction_log_batch,
         flush_interval_s=settings.prediction_log_flush_s,
+        journal_dir=platform.state_dir / "serving-journal" if settings.prediction_log_journal else None,
     )
     metrics.prediction_log_pending.set_function(prediction_log.pending)
     app.state.dataplane = DataPlane(
-        settings=settings, models=models, prediction_log=prediction_log, metrics=metrics
+        settings=settings, models=models, prediction_log=prediction_log, metrics=metrics,
+        shadow=ShadowMirror(registry),
     )
     app.state.follower = ModelFollower(settings=settings, models=models, metrics=metrics)
+    # TF Serving's ":predict" routes before ours, although no path matches both.
+    app.include_router(tfserving_router)
     app.include_router(router)
+    app.include_router(v2_router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
+
+
+def configure_process(settings: ServingSettings) -> None:
+    """Process-wide settings of a serving process (each worker's too)."""
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+
+
+def create_app_from_env() -> FastAPI:
+    """The app with settings from the environment: uvicorn's factory for several worker processes.
+
+    Each worker process is a fresh interpreter: it sets up logging and loads the models itself.
+    """
+    from shipyard_common.logging import configure_logging
+    from shipyard_common.settings import disable_telemetry
+
+    disable_telemetry()
+    settings = ServingSettings()
+    configure_logging("serving", level=settings.platform.log_level, json_lines=settings.platform.log_json)
+    configure_process(settings)
+    log.info("serving worker process %d starting", os.getpid())
+    return create_app(settings)

@@ -1,26 +1,60 @@
-"""Answering predictions: check the rows against the served model, run it, log the exchange."""
+"""Answering predictions, whatever the protocol: find the version, check the inputs, run, log.
+
+Every protocol (ours, the Open Inference Protocol v2, TF Serving's REST API) decodes its
+request to named arrays and calls :func:`infer`; what differs between them is only the codec.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 import time
-import uuid
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, cast
 
 import numpy as np
 
-from services.serving.metrics import ServingMetrics
+from services.serving.batching import BatchingRuntime
+from services.serving.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics
 from services.serving.models import LoadedModels, ModelState, ServedModel
 from services.serving.prediction_log import PredictionLog
-from services.serving.runtimes.onnx import OnnxModel
+from services.serving.routing import Router, ShadowMirror, leased, role_status, role_version_status, shadow_of
+from services.serving.runtimes.base import Signature, TensorSpec
 from services.serving.schemas import ModelStatusPublic, PredictResponse
 from services.serving.settings import ServingSettings
+from services.serving.validation import array_from_json, validate_inputs
 from shipyard_common.db import utcnow
-from shipyard_common.errors import NotFound, ShipyardError, UpstreamError, ValidationFailed
+from shipyard_common.errors import (
+    InvalidInput,
+    NotFound,
+    ShipyardError,
+    UpstreamError,
+    ValidationFailed,
+)
 from shipyard_common.lineage import PRODUCTION
 
 _NUMBER_TYPES = (int, float)
+#: Response header naming the version that answered, on every protocol's predict route.
+VERSION_HEADER = "X-Model-Version"
+P = ParamSpec("P")
+
+
+_ids = random.Random()  # seeded from os.urandom: differs between worker processes
+
+
+def new_request_id() -> str:
+    """32 random hex digits, like ``uuid4().hex`` without its ``os.urandom`` call per request."""
+    return f"{_ids.getrandbits(128):032x}"
+
+
+class Offload(Exception):  # noqa: N818 - a signal, not an error
+    """An inline (event-loop) call found it would have to block: run the request in a thread instead.
+
+    Raised before the model ran and before anything was counted or logged, so the request can
+    simply be run again.
+    """
 
 
 @dataclass
@@ -29,10 +63,182 @@ class DataPlane:
     models: LoadedModels
     prediction_log: PredictionLog
     metrics: ServingMetrics
+    #: Which loaded version answers (canary split, labels, versions); copies to the shadow.
+    router: Router = field(default_factory=Router)
+    shadow: ShadowMirror = field(default_factory=ShadowMirror)
 
 
-def parse_rows(inputs: Any, *, runtime: OnnxModel, max_rows: int) -> np.ndarray:
-    """``inputs`` as the array ``runtime`` takes, or a 422 that says what is wrong with it."""
+@dataclass(frozen=True)
+class Inference:
+    model: str
+    version: str
+    signature: Signature
+    #: Every output the model answered, in the signature's order.
+    outputs: dict[str, np.ndarray]
+
+
+def resolve(
+    dataplane: DataPlane, name: str, *, version: str | None = None, label: str | None = None,
+    split: bool = False,
+) -> ServedModel:
+    """The loaded version that answers for ``name`` (and ``version`` or ``label``, if given).
+
+    ``split``: a request naming neither goes to the canary with the model's canary weight.
+    """
+    return dataplane.router.resolve(dataplane.models, name, version=version, label=label, split=split)
+
+
+def _mirror(
+    dataplane: DataPlane, answered: ServedModel, arrays: dict[str, np.ndarray], request_id: str
+) -> None:
+    """A copy of the request for the model's shadow version, if it has one: never waited for."""
+    shadow = shadow_of(dataplane.models, answered)
+    if shadow is not None:
+        dataplane.shadow.submit(shadow, lambda target: infer(
+            dataplane=dataplane, served=target, arrays=arrays, request_id=request_id))
+
+
+def count_error(dataplane: DataPlane, name: str, reason: str, *, version: str | None = None) -> None:
+    """Count a refused or failed request; ``version`` defaults to the one serving ``name`` now."""
+    # Only names and versions serving knows become label values: others would grow it forever.
+    state = dataplane.models.state(name)
+    if version is None and state is not None and state.served is not None:
+        version = state.served.version
+    if state is None or version is None:
+        model = name if state is not None else UNKNOWN_MODEL
+        dataplane.metrics.prediction_errors.labels(model, NO_VERSION, reason).inc()
+        return
+    dataplane.metrics.version(name, version).error(reason).inc()
+
+
+def _count_in_flight(function: Callable[P, Inference]) -> Callable[P, Inference]:
+    """``infer`` counted in the in-flight gauge of its model while it runs."""
+
+    @functools.wraps(function)
+    def counted(*args: P.args, **kwargs: P.kwargs) -> Inference:
+        served = cast(ServedModel, kwargs["served"])
+        gauge = cast(DataPlane, kwargs["dataplane"]).metrics.version(served.name, served.version).in_flight
+        gauge.inc()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            gauge.dec()
+
+    return counted
+
+
+def served_model(
+    dataplane: DataPlane, name: str, *, version: str | None = None, label: str | None = None
+) -> ServedModel:
+    try:
+        return resolve(dataplane, name, version=version, label=label, split=True)
+    except ShipyardError as exc:
+        count_error(dataplane, name, exc.code)
+        raise
+
+
+def _loggable(value: np.ndarray) -> Any:
+    return value.tolist()
+
+
+@leased
+@_count_in_flight
+def infer(
+    *,
+    dataplane: DataPlane,
+    served: ServedModel,
+    arrays: dict[str, np.ndarray],
+    request_id: str | None = None,
+    started: float | None = None,
+    inline: bool = False,
+) -> Inference:
+    """Check ``arrays`` against ``served``'s signature, run it, log the exchange.
+
+    ``inline``: the caller is the event loop, which must not block: the model call is never
+    queued for a merged call, and room in the prediction log is reserved before the model runs:
+    a full log raises :class:`Offload` (nothing run, logged or counted yet) so that the caller runs
+    the request again in a thread, where it may wait.
+    """
+    started = time.perf_counter() if started is None else started
+    name = served.name
+    settings = dataplane.settings
+    try:
+        checked = validate_inputs(
+            arrays, served.signature, max_batch_rows=settings.max_batch_rows,
+            allow_non_finite=settings.allow_non_finite,
+        )
+    except InvalidInput:
+        count_error(dataplane, name, "invalid_input", version=served.version)
+        raise
+    prediction_log = dataplane.prediction_log
+    if inline and not prediction_log.try_reserve():
+        raise Offload
+    try:
+        outputs, record = _run(dataplane, served, checked, request_id=request_id, started=started,
+                               inline=inline)
+    except BaseException:
+        if inline:
+            prediction_log.release()  # the record never took its place
+        raise
+    # Waits while the log is full (not inline: room is already held): nothing answered is dropped.
+    prediction_log.append(record, reserved=inline)
+    counted = dataplane.metrics.version(name, served.version)  # cached children: no .labels() here
+    counted.requests.inc()
+    counted.rows.inc(int(next(iter(checked.values())).shape[0]) if checked else 0)
+    counted.latency.observe(record["latency_ms"] / 1000)
+    _mirror(dataplane, served, checked, record["request_id"])
+    return Inference(model=name, version=served.version, signature=served.signature, outputs=outputs)
+
+
+def _run(
+    dataplane: DataPlane, served: ServedModel, checked: dict[str, np.ndarray], *,
+    request_id: str | None, started: float, inline: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Run ``checked`` through ``served``: its outputs, and the prediction log's record of the exchange."""
+    name = served.name
+    try:
+        runtime = served.runtime
+        if isinstance(runtime, BatchingRuntime):  # measures its own calls' cost
+            answered = runtime.predict_now(checked) if inline else runtime.predict(checked)
+        else:
+            cost = served.own_cost
+            cpu_started = time.thread_time()
+            try:
+                answered = runtime.predict(checked)
+            finally:
+                cost.observe(time.thread_time() - cpu_started)
+        outputs = {spec.name: np.asarray(answered[spec.name]) for spec in served.signature.outputs}
+    except Exception as exc:  # inputs passed the checks, so this is the model's own failure
+        count_error(dataplane, name, "runtime_error", version=served.version)
+        raise UpstreamError(f"model {name!r} version {served.version} failed on this input: {exc}") from exc
+    latency_ms = (time.perf_counter() - started) * 1000
+    inputs_logged: Any
+    if len(checked) == 1:
+        inputs_logged = _loggable(next(iter(checked.values())))
+    else:
+        inputs_logged = {key: _loggable(value) for key, value in checked.items()}
+    record = {
+        "request_id": request_id or new_request_id(),  # the shadow's row shares it
+        "model": name,
+        "version": served.version,
+        "role": served.role,
+        "inputs": inputs_logged,
+        "outputs": _loggable(next(iter(outputs.values()))),
+        "latency_ms": latency_ms,
+        # When it was answered, not when the writer got to it.
+        "created_at": utcnow(),
+    }
+    return outputs, record
+
+
+# -- our JSON protocol: {"inputs": [[...], ...]} -------------------------------------------------
+
+
+_NUMBER_TYPE_SET = frozenset(_NUMBER_TYPES)
+
+
+def parse_rows(inputs: Any, *, spec: TensorSpec, max_rows: int, allow_non_finite: bool = False) -> np.ndarray:
+    """``inputs`` (rows of numbers) as the array ``spec`` takes, or a 422 that says what is wrong."""
     if not isinstance(inputs, list):
         raise ValidationFailed(
             f"inputs must be a list of rows (a list of lists of numbers), not {type(inputs).__name__}"
@@ -41,18 +247,45 @@ def parse_rows(inputs: Any, *, runtime: OnnxModel, max_rows: int) -> np.ndarray:
         raise ValidationFailed("inputs is empty: send at least one row")
     if len(inputs) > max_rows:
         raise ValidationFailed(f"inputs has {len(inputs)} rows; at most {max_rows} are accepted per request")
-    if runtime.batch_size is not None and len(inputs) != runtime.batch_size:
+    batch_size = spec.shape[0]
+    if batch_size is not None and len(inputs) != batch_size:
         raise ValidationFailed(
-            f"inputs has {len(inputs)} rows; this model takes exactly {runtime.batch_size} per request"
+            f"inputs has {len(inputs)} rows; this model takes exactly {batch_size} per request"
         )
-    expected = runtime.n_features
+    expected = spec.shape[1]
+    # The common case checked per row in C (types via set(map(type, row))), the values by numpy;
+    # anything off goes through the value-by-value check, which names the first offending value.
+    well_formed = all(
+        type(row) is list and (expected is None or len(row) == expected)
+        and _NUMBER_TYPE_SET.issuperset(map(type, row))
+        for row in inputs
+    )
+    raw: Any = inputs
+    if well_formed:
+        try:
+            raw = np.asarray(inputs)
+        except ValueError:  # ragged rows (no fixed feature count): the check below says so
+            well_formed = False
+        else:
+            if raw.dtype.kind == "f" and not allow_non_finite and not np.isfinite(raw).all():
+                well_formed = False
+    if not well_formed:
+        _check_rows_one_by_one(inputs, expected=expected, allow_non_finite=allow_non_finite)
+        raw = inputs
+    try:
+        return array_from_json(raw, spec.dtype, what="inputs")
+    except InvalidInput as exc:
+        raise ValidationFailed(exc.message) from exc
+
+
+def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non_finite: bool) -> None:
     for index, row in enumerate(inputs):
         if not isinstance(row, list):
             hint = "; wrap a single row in a list: [[...]]" if type(row) in _NUMBER_TYPES else ""
             raise ValidationFailed(
                 f"row {index} is {type(row).__name__}, not a list of {expected} numbers{hint}"
             )
-        if len(row) != expected:
+        if expected is not None and len(row) != expected:
             raise ValidationFailed(f"row {index} has length {len(row)}; the model takes {expected} features")
         # bool is an int to Python and a string is a number to numpy; neither is a feature value.
         for column, value in enumerate(row):
@@ -60,68 +293,88 @@ def parse_rows(inputs: Any, *, runtime: OnnxModel, max_rows: int) -> np.ndarray:
                 raise ValidationFailed(
                     f"row {index}, feature {column} is {type(value).__name__} {value!r}; features are numbers"
                 )
-            if type(value) is float and not math.isfinite(value):
+            if type(value) is float and not math.isfinite(value) and not allow_non_finite:
                 raise ValidationFailed(f"row {index}, feature {column} is {value}; features must be finite")
+
+
+def predict_inference(
+    *, dataplane: DataPlane, name: str, inputs: Any, request_id: str | None = None,
+    started: float | None = None, inline: bool = False,
+) -> Inference:
+    """Our ``POST /v1/models/{name}/predict`` with ``inputs`` (the body's field): the answer's outputs.
+
+    Raises the protocol's errors (422 for bad rows); the route and the fast lane shape them.
+    """
+    started = time.perf_counter() if started is None else started
+    served = served_model(dataplane, name)
+    settings = dataplane.settings
+    signature = served.signature
     try:
-        # Overflow to inf is reported below, with the row and feature, rather than warned about.
-        with np.errstate(over="ignore"):
-            rows = np.asarray(inputs, dtype=runtime.dtype)
-    except OverflowError as exc:  # an integer beyond any float
-        raise ValidationFailed(f"inputs hold a number too large for the model: {exc}") from exc
-    if not np.isfinite(rows).all():
-        row, column = (int(i) for i in np.argwhere(~np.isfinite(rows))[0])
-        raise ValidationFailed(
-            f"row {row}, feature {column} is {inputs[row][column]!r}, beyond the model's "
-            f"{np.dtype(runtime.dtype).name} range"
-        )
-    return rows
+        arrays: dict[str, np.ndarray]
+        if isinstance(inputs, dict) and len(signature.inputs) > 1:
+            specs = {spec.name: spec for spec in signature.inputs}
+            unknown = sorted(set(inputs) - set(specs))
+            if unknown:
+                raise ValidationFailed(f"unknown input(s) {unknown}; the model takes {list(specs)}")
+            arrays = {key: array_from_json(value, specs[key].dtype, what=f"input {key!r}")
+                      for key, value in inputs.items()}
+        else:
+            if len(signature.inputs) != 1 or len(signature.inputs[0].shape) != 2:
+                raise ValidationFailed(
+                    f"this model takes {[s.describe() for s in signature.inputs]}; send "
+                    '{"inputs": {name: array, ...}} or use the v2 protocol'
+                )
+            spec = signature.inputs[0]
+            arrays = {spec.name: parse_rows(inputs, spec=spec, max_rows=settings.max_batch_rows,
+                                            allow_non_finite=settings.allow_non_finite)}
+        return infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
+                     started=started, inline=inline)
+    except InvalidInput as exc:
+        # This protocol has answered bad rows with 422 since its first version.
+        raise ValidationFailed(exc.message, details=exc.details) from exc
+    except ValidationFailed:
+        count_error(dataplane, name, "invalid_input")
+        raise
+
+
+def predict_body(inference: Inference) -> dict[str, Any]:
+    """Our predict answer: the model, the version that answered, its first output per row."""
+    first = next(iter(inference.outputs.values()))
+    return {"model": inference.model, "model_version": inference.version, "outputs": first.tolist()}
 
 
 def predict(
     *, dataplane: DataPlane, name: str, inputs: Any, request_id: str | None = None
 ) -> PredictResponse:
-    started = time.perf_counter()
-    metrics = dataplane.metrics
-    try:
-        served: ServedModel = dataplane.models.served(name)
-    except ShipyardError as exc:
-        # Only names serving knows become label values: arbitrary names would grow the metric forever.
-        known = dataplane.models.state(name) is not None
-        metrics.prediction_errors.labels(name if known else "(unknown)", exc.code).inc()
-        raise
-    try:
-        rows = parse_rows(inputs, runtime=served.runtime, max_rows=dataplane.settings.max_batch_rows)
-    except ValidationFailed:
-        metrics.prediction_errors.labels(name, "invalid_input").inc()
-        raise
-    try:
-        outputs = served.runtime.predict(rows).tolist()
-    except Exception as exc:  # rows passed the checks, so this is the model's own failure
-        metrics.prediction_errors.labels(name, "runtime_error").inc()
-        raise UpstreamError(f"model {name!r} version {served.version} failed on this input: {exc}") from exc
-    latency_ms = (time.perf_counter() - started) * 1000
-    dataplane.prediction_log.append(
-        {
-            "request_id": request_id or uuid.uuid4().hex,
-            "model": name,
-            "version": served.version,
-            "role": PRODUCTION,
-            "inputs": inputs,
-            "outputs": outputs,
-            "latency_ms": latency_ms,
-            # When it was answered, not when the writer got to it.
-            "created_at": utcnow(),
-        }
-    )
-    metrics.predictions.labels(name, served.version).inc()
-    metrics.prediction_rows.labels(name, served.version).inc(len(rows))
-    metrics.prediction_latency.labels(name).observe(latency_ms / 1000)
-    return PredictResponse(model=name, model_version=served.version, outputs=outputs)
+    inference = predict_inference(dataplane=dataplane, name=name, inputs=inputs, request_id=request_id)
+    return PredictResponse(**predict_body(inference))
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def version_status(state: ModelState) -> list[dict[str, Any]]:
+    """TF Serving's ``model_version_status`` for one model."""
+    found: list[dict[str, Any]] = []
+    if state.served is not None:
+        found.append({"version": state.served.version, "state": "AVAILABLE",
+                      "status": {"error_code": "OK", "error_message": ""}})
+    target = state.target_version
+    if target is not None and (state.served is None or state.served.version != target):
+        if state.error and state.failed_version == target:
+            found.append({"version": target, "state": "END",
+                          "status": {"error_code": "UNKNOWN", "error_message": state.error}})
+        else:
+            found.append({"version": target, "state": "LOADING",
+                          "status": {"error_code": "OK", "error_message": ""}})
+    found.extend(role_version_status(state, {entry["version"] for entry in found}))  # canary, shadow
+    return found
 
 
 def _status_public(state: ModelState) -> ModelStatusPublic:
     served = state.served
-    runtime = served.runtime if served else None
+    signature = served.signature if served else None
+    first_input = signature.inputs[0] if signature else None
     return ModelStatusPublic(
         name=state.name,
         version=served.version if served else None,
@@ -130,10 +383,27 @@ def _status_public(state: ModelState) -> ModelStatusPublic:
         error=state.error,
         failed_version=state.failed_version,
         loaded_at=served.loaded_at if served else None,
-        input_name=runtime.input_name if runtime else None,
-        output_name=runtime.output_name if runtime else None,
-        n_features=runtime.n_features if runtime else None,
+        format=served.runtime.format if served else None,
+        platform=served.runtime.platform if served else None,
+        input_name=first_input.name if first_input else None,
+        output_name=signature.outputs[0].name if signature else None,
+        n_features=(
+            first_input.shape[1] if first_input is not None and len(first_input.shape) == 2 else None
+        ),
+        inputs=[s.to_json() for s in signature.inputs] if signature else None,
+        outputs=[s.to_json() for s in signature.outputs] if signature else None,
+        model_version_status=version_status(state),
+        **role_status(state),
     )
+
+
+def model_state(dataplane: DataPlane, name: str) -> ModelState:
+    state = dataplane.models.state(name)
+    if state is None:
+        raise NotFound(
+            f"model {name!r} is not served: no registered model of that name has a '{PRODUCTION}' alias"
+        )
+    return state
 
 
 def list_models(*, dataplane: DataPlane) -> list[ModelStatusPublic]:
@@ -141,9 +411,4 @@ def list_models(*, dataplane: DataPlane) -> list[ModelStatusPublic]:
 
 
 def get_model(*, dataplane: DataPlane, name: str) -> ModelStatusPublic:
-    state = dataplane.models.state(name)
-    if state is None:
-        raise NotFound(
-            f"model {name!r} is not served: no registered model of that name has a '{PRODUCTION}' alias"
-        )
-    return _status_public(state)
+    return _status_public(model_state(dataplane, name))

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -29,12 +29,16 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from services.serving.batching import with_batching
+from services.serving.callcost import REMOTE_FORMATS, CallCost
 from services.serving.metrics import ServingMetrics
-from services.serving.runtimes.onnx import ModelLoadError, OnnxModel, find_model_file, load_onnx_model
+from services.serving.routing import ROLES, Lease, RoleSlot, follow_roles, retire_runtime
+from services.serving.runtimes.base import ModelLoadError, Runtime, Signature
+from services.serving.runtimes.loader import LoadedRuntime, load_runtime
 from services.serving.settings import ServingSettings
 from shipyard_common.errors import NotFound, Unavailable
 from shipyard_common.events import EventBus
-from shipyard_common.lineage import PRODUCTION
+from shipyard_common.lineage import DEFAULT_CANARY_WEIGHT, PRODUCTION
 
 log = logging.getLogger("shipyard.serving.models")
 
@@ -43,6 +47,12 @@ _PAGE_SIZE = 1000
 # Until MLflow answers, serving is not ready: look again soon rather than a full interval later.
 _RETRY_AFTER_FAILURE_S = 2.0
 
+
+def retire_served(served: ServedModel) -> None:
+    """Close ``served``'s runtime once the requests holding its lease are done (routing.py)."""
+    retire_runtime(served.runtime, served.lease)
+
+
 Status = Literal["loading", "serving", "updating", "degraded", "failed"]
 
 
@@ -50,8 +60,25 @@ Status = Literal["loading", "serving", "updating", "degraded", "failed"]
 class ServedModel:
     name: str
     version: str
-    runtime: OnnxModel
+    runtime: Runtime
+    #: What requests are checked against: the version's stored signature, or the runtime's own.
+    signature: Signature
     loaded_at: datetime
+    #: production, canary or shadow: which alias it is loaded for (the prediction log's role).
+    role: str = PRODUCTION
+    #: Held by each request running on it; a replaced version is closed once they are done.
+    lease: Lease = field(default_factory=Lease, compare=False, repr=False)
+    #: CPU per runtime call, for runtimes that do not measure their own (batching.py does).
+    own_cost: CallCost = field(default_factory=CallCost, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.own_cost.remote = self.runtime.format in REMOTE_FORMATS
+
+    @property
+    def cost(self) -> CallCost:
+        """What one runtime call of this version costs (the fast lane runs cheap ones inline)."""
+        measured = getattr(self.runtime, "cost", None)
+        return measured if isinstance(measured, CallCost) else self.own_cost
 
 
 @dataclass(frozen=True)
@@ -64,6 +91,11 @@ class ModelState:
     error: str | None = None
     failed_version: str | None = None
     failed_at: float | None = None
+    #: The canary and shadow aliases, loaded beside production (routing.py).
+    canary: RoleSlot = RoleSlot()
+    shadow: RoleSlot = RoleSlot()
+    #: Share of requests naming no version that the canary answers.
+    canary_weight: float = DEFAULT_CANARY_WEIGHT
 
     @property
     def status(self) -> Status:
@@ -144,9 +176,21 @@ class LoadedModels:
         self._update(name, error=error, failed_version=version, failed_at=time.monotonic())
         self._metrics.load_failures.labels(name).inc()
 
+    def close_all(self) -> None:
+        """At shutdown: release every runtime (TF Serving channels, sessions)."""
+        for state in self.states():
+            for served in (state.served, *(getattr(state, role).served for role in ROLES)):
+                if served is not None:
+                    with contextlib.suppress(Exception):
+                        served.runtime.close()
+
     def remove(self, name: str) -> None:
         with self._lock:
-            self._states.pop(name, None)
+            removed = self._states.pop(name, None)
+        if removed is not None:
+            for served in (removed.served, *(getattr(removed, role).served for role in ROLES)):
+                if served is not None:
+                    retire_served(served)
         with contextlib.suppress(KeyError):  # never loaded, so never labelled
             self._metrics.loaded_version.remove(name)
 
@@ -196,9 +240,12 @@ class ModelFollower:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
+        self.models.close_all()
 
     def on_event(self, payload: dict[str, object]) -> None:
-        if payload.get("type") == "model.alias_moved" and payload.get("alias") == PRODUCTION:
+        if payload.get("type") in ("model.alias_moved", "model.alias_removed") and payload.get("alias") in (
+            PRODUCTION, *ROLES,
+        ):
             self._requests.put(str(payload["model"]))
 
     def _run(self) -> None:
@@ -228,27 +275,33 @@ class ModelFollower:
             return min(self.settings.reconcile_interval_s, _RETRY_AFTER_FAILURE_S)
 
     # -- following the registry ---------------------------------------------------------------
-    def production_versions(self) -> dict[str, str]:
-        """Every registered model that has a ``production`` alias, and the version it names."""
-        found: dict[str, str] = {}
+    def served_aliases(self) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+        """Every registered model that has a ``production`` alias: its aliases and its tags."""
+        found: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
         page_token: str | None = None
         while True:
             page = self.mlflow.search_registered_models(max_results=_PAGE_SIZE, page_token=page_token)
             for model in page:
-                version = (model.aliases or {}).get(PRODUCTION)
-                if version is not None:
-                    found[model.name] = str(version)
+                aliases = {alias: str(version) for alias, version in (model.aliases or {}).items()}
+                if PRODUCTION in aliases:
+                    found[model.name] = (aliases, dict(model.tags or {}))
             page_token = page.token
             if not page_token:
                 return found
 
+    def production_versions(self) -> dict[str, str]:
+        """Every registered model that has a ``production`` alias, and the version it names."""
+        return {name: aliases[PRODUCTION] for name, (aliases, _) in self.served_aliases().items()}
+
     def reconcile(self) -> None:
-        """One full pass: load what production names, unload what it no longer names."""
-        wanted = self.production_versions()
+        """One full pass: load what the aliases name, unload what they no longer name."""
+        found = self.served_aliases()
+        wanted = {name: aliases[PRODUCTION] for name, (aliases, _) in found.items()}
         for name, version in sorted(wanted.items()):
             if self._stop.is_set():
                 return
             self.ensure(name, version)
+            follow_roles(self, name, *found[name])  # canary and shadow, beside production
         for name in self.models.names() - set(wanted):
             log.info("unloading %s: it no longer has a %s alias", name, PRODUCTION)
             self.models.remove(name)
@@ -257,54 +310,76 @@ class ModelFollower:
     def sync_model(self, name: str) -> None:
         """Follow one model's alias: read it from MLflow, since events may arrive out of order."""
         try:
-            version = self.mlflow.get_model_version_by_alias(name, PRODUCTION)
+            model = self.mlflow.get_registered_model(name)
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                 log.info("unloading %s: %s", name, exc.message)
                 self.models.remove(name)
                 return
             raise
-        self.ensure(name, str(version.version))
+        aliases = {alias: str(version) for alias, version in (model.aliases or {}).items()}
+        if PRODUCTION not in aliases:
+            if name in self.models.names():
+                log.info("unloading %s: it no longer has a %s alias", name, PRODUCTION)
+            self.models.remove(name)
+            return
+        self.ensure(name, aliases[PRODUCTION])
+        follow_roles(self, name, aliases, dict(model.tags or {}))  # canary and shadow
 
     def ensure(self, name: str, version: str) -> None:
         """Make ``version`` the served version of ``name`` unless it is already, or recently failed."""
         state = self.models.set_target(name, version)
         if state.served is not None and state.served.version == version:
             return
-        if (
-            state.failed_version == version
-            and state.failed_at is not None
-            and time.monotonic() - state.failed_at < self.settings.failed_load_retry_s
-        ):
-            return
         started = time.perf_counter()
-        try:
-            runtime = self.load(name, version)
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "version %s of %s failed to load: %s", version, name, reason,
-                extra={"model": name, "version": version},
-            )
-            self.models.record_failure(name, version, reason)
+        loaded = self.try_load(name, version, failed_version=state.failed_version, failed_at=state.failed_at)
+        if loaded is None:
+            return
+        if isinstance(loaded, str):
+            self.models.record_failure(name, version, loaded)
             return
         previous = state.served.version if state.served else None
         self.models.install(
-            ServedModel(name=name, version=version, runtime=runtime, loaded_at=datetime.now(UTC))
+            ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
+                        loaded_at=datetime.now(UTC))
         )
         log.info(
-            "serving %s version %s (was %s), loaded in %.2fs", name, version, previous,
-            time.perf_counter() - started, extra={"model": name, "version": version},
+            "serving %s version %s as %s (was %s), loaded in %.2fs", name, version, loaded.runtime.format,
+            previous, time.perf_counter() - started, extra={"model": name, "version": version},
         )
+        if state.served is not None:
+            retire_served(state.served)
         self._prune(name, keep={version, previous})
 
-    def load(self, name: str, version: str) -> OnnxModel:
+    def try_load(
+        self, name: str, version: str, *, failed_version: str | None, failed_at: float | None,
+        role: str = PRODUCTION,
+    ) -> LoadedRuntime | str | None:
+        """Load ``version`` (see :meth:`load`); or why it failed (logged; the caller records it);
+        or None without trying, when this same version failed less than ``failed_load_retry_s`` ago."""
+        if (
+            failed_version == version
+            and failed_at is not None
+            and time.monotonic() - failed_at < self.settings.failed_load_retry_s
+        ):
+            return None
+        try:
+            return self.load(name, version)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            log.warning("version %s of %s failed to load as its %s: %s", version, name, role, reason,
+                        extra={"model": name, "version": version})
+            return reason
+
+    def load(self, name: str, version: str) -> LoadedRuntime:
+        started = time.perf_counter()
+        tags = dict(self.mlflow.get_model_version(name, version).tags or {})
         folder = self.download(name, version)
-        return load_onnx_model(
-            find_model_file(folder),
-            intra_op_threads=self.settings.intra_op_threads,
-            graph_optimization=self.settings.graph_optimization,
-        )
+        loaded = load_runtime(folder, name=name, version=version, tags=tags, settings=self.settings)
+        self.metrics.observe_load(name, version, time.perf_counter() - started)
+        # Concurrent requests for this version are merged into one runtime call (batching.py).
+        return with_batching(loaded, name=name, version=version, policy=self.settings.batching_for(name),
+                             metrics=self.metrics)
 
     def download(self, name: str, version: str) -> Path:
         """The version's artifacts under the state folder, downloaded once."""
@@ -336,6 +411,9 @@ class ModelFollower:
     def _prune(self, name: str, keep: set[str | None]) -> None:
         """Drop downloaded versions other than the served one and the one it replaced."""
         model_dir = self.models_dir / _folder_name(name)
+        state = self.models.state(name)
+        if state is not None:  # the canary's and shadow's files too
+            keep = keep | {getattr(state, role).target_version for role in ROLES}
         for folder in model_dir.iterdir() if model_dir.exists() else []:
             if folder.is_dir() and not folder.name.startswith(".") and folder.name not in keep:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 
 from services.serving import dataplane
 from services.serving.schemas import ModelStatusPublic, PredictRequest, PredictResponse
@@ -22,14 +22,17 @@ def _dataplane(request: Request) -> dataplane.DataPlane:
 @router.post("/{name}/predict", response_model=PredictResponse)
 def predict(
     request: Request,
+    response: Response,
     name: str,
     body: PredictRequest,
     _: Viewer,
     x_request_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> PredictResponse:
-    return dataplane.predict(
+    answer = dataplane.predict(
         dataplane=_dataplane(request), name=name, inputs=body.inputs, request_id=x_request_id
     )
+    response.headers[dataplane.VERSION_HEADER] = answer.model_version
+    return answer
 
 
 @router.get("", response_model=list[ModelStatusPublic])

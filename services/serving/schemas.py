@@ -31,6 +31,25 @@ class ModelStatusPublic(BaseModel):
     error: str | None = Field(description="Why target_version is not served, if it failed to load.")
     failed_version: str | None = None
     loaded_at: datetime | None = None
+    format: str | None = Field(default=None, description="onnx, torchscript or savedmodel (via TF Serving).")
+    platform: str | None = Field(default=None, description="The runtime, as the v2 protocol names it.")
     input_name: str | None = None
     output_name: str | None = None
     n_features: int | None = None
+    inputs: list[dict[str, Any]] | None = Field(
+        default=None, description="The signature requests are checked against: name, dtype, shape."
+    )
+    outputs: list[dict[str, Any]] | None = None
+    # TF Serving's GetModelStatus answer, so that its clients can read this route as they read its own.
+    model_version_status: list[dict[str, Any]] = Field(default_factory=list)
+    canary_weight: float | None = Field(
+        default=None, description="Share of requests naming no version that the canary answers."
+    )
+    canary: dict[str, Any] | None = Field(
+        default=None,
+        description="The canary alias, when set: role, version (answering now), status, target_version, "
+        "error, failed_version, loaded_at, weight.",
+    )
+    shadow: dict[str, Any] | None = Field(
+        default=None, description="The shadow alias, when set: the same fields as canary, without weight."
+    )

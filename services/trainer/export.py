@@ -1,4 +1,14 @@
-"""ONNX export of a fitted model, and the proof that ONNX Runtime computes what PyTorch did."""
+"""Exports of a fitted PyTorch model (ONNX, TorchScript), and the proof that each computes what PyTorch did.
+
+Both wrap the model in :class:`ServingModule` (softmax for classifiers), write the file, load it
+back the way a server would (ONNX Runtime; ``torch.jit.load``) and compare its answers with
+the eager module's on held-out rows. A file that disagrees by more than ``MAX_ABS_DIFF`` raises
+:class:`TrainingFailed`: a version that serves other numbers than the ones it was validated with
+must not be registered.
+
+Tabular models take float32 rows (input ``input``); text models take int64 token ids (input
+``input_ids``). :func:`example_input` gives two rows of whichever the data holds.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.trainer.engine import TrainingFailed
+from services.trainer.engine import TabularData, TrainingFailed
 from services.trainer.schemas import Task
 
 log = logging.getLogger("shipyard.trainer.export")
 
 INPUT_NAME = "input"
+TOKEN_INPUT_NAME = "input_ids"
 OUTPUT_NAMES = {Task.CLASSIFICATION: "probabilities", Task.REGRESSION: "prediction"}
 OPSET = 18
-# onnx 1.23 stamps IR 14 on what it saves, which ONNX Runtime up to 1.31 refuses; an MLP uses
+# onnx 1.23 stamps IR 14 on what it saves, which ONNX Runtime up to 1.31 refuses; our models use
 # nothing newer than IR 10, and IR 10 loads in every ONNX Runtime since 1.17.
 MAX_IR_VERSION = 10
 MAX_ABS_DIFF = 1e-4
@@ -53,37 +64,56 @@ class ExportedModel:
         return json.dumps(self.signature, sort_keys=True)
 
 
+def example_input(data: TabularData) -> torch.Tensor:
+    """Two rows shaped like one input row, in the data's dtype: float32 features, or int64 token ids.
+
+    Real training rows where there are two (token ids of all padding could trace a degenerate
+    attention); two, not one, so that the exporter keeps the batch axis dynamic.
+    """
+    x = data.x_train
+    dtype = np.int64 if x.dtype == np.int64 else np.float32
+    example = np.zeros((2, *x.shape[1:]), dtype=dtype)
+    rows = x[:2]
+    example[: len(rows)] = rows
+    return torch.from_numpy(example)
+
+
+def input_name(example: torch.Tensor) -> str:
+    return TOKEN_INPUT_NAME if example.dtype == torch.int64 else INPUT_NAME
+
+
 def export_onnx(
-    model: nn.Module, *, task: Task, n_features: int, path: Path, check_rows: np.ndarray,
+    model: nn.Module, *, task: Task, example: torch.Tensor, path: Path, check_rows: np.ndarray,
     classes: list[Any] | None = None,
 ) -> ExportedModel:
-    """Write ``model`` to ``path`` as ONNX with a dynamic batch axis, then check it with ORT.
+    """Write ``model`` to ``path`` as ONNX with a dynamic batch axis, then check it with ONNX Runtime.
 
-    Raises :class:`TrainingFailed` if ONNX Runtime's answers on ``check_rows`` differ from
-    PyTorch's by more than ``MAX_ABS_DIFF``: a version that serves other numbers than the
-    ones it was validated with must not be registered.
+    Raises :class:`TrainingFailed` if the model cannot be exported, or if ONNX Runtime's answers
+    on ``check_rows`` differ from PyTorch's by more than ``MAX_ABS_DIFF``.
     """
     import onnx
 
     module = ServingModule(model, task).eval().cpu()
-    example = torch.zeros(2, n_features, dtype=torch.float32)
     output_name = OUTPUT_NAMES[task]
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The TorchScript exporter is deprecated; the dynamo one handles an MLP and writes the
-    # dynamic batch axis from ``dynamic_shapes``.
-    with _quiet_exporter():
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[output_name],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    # The TorchScript-based ONNX exporter is deprecated; the dynamo one writes the dynamic batch
+    # axis from ``dynamic_shapes``.
+    try:
+        with quiet_exporter():
+            torch.onnx.export(
+                module,
+                (example.cpu(),),
+                str(path),
+                input_names=[input_name(example)],
+                output_names=[output_name],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:  # a plugin's data-dependent control flow, an op ONNX lacks, …
+        raise TrainingFailed(f"the model cannot be exported to ONNX: {_first_line(exc)}") from exc
     proto = onnx.load(str(path))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
@@ -93,21 +123,85 @@ def export_onnx(
     diff, scale, signature = check_onnx(path, module, check_rows)
     if classes:
         signature["classes"] = list(classes)
+    _within_bound("ONNX", task, diff, scale)
+    return ExportedModel(path=path, max_abs_diff=diff, signature=signature)
+
+
+def export_torchscript(
+    model: nn.Module, *, task: Task, example: torch.Tensor, path: Path, check_rows: np.ndarray,
+    classes: list[Any] | None = None,
+) -> ExportedModel:
+    """Trace ``model`` (with softmax for classifiers) to TorchScript at ``path``, reload it and check it.
+
+    Raises :class:`TrainingFailed` if the model cannot be traced, or if the reloaded module's
+    answers on ``check_rows`` differ from the eager module's by more than ``MAX_ABS_DIFF``.
+    """
+    module = ServingModule(model, task).eval().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with quiet_exporter(), torch.no_grad():
+            # Our own check below compares the file as reloaded, on held-out rows.
+            traced = torch.jit.trace(module, (example.cpu(),), check_trace=False)
+            torch.jit.save(traced, str(path))
+    except Exception as exc:
+        raise TrainingFailed(f"the model cannot be traced to TorchScript: {_first_line(exc)}") from exc
+
+    with quiet_exporter():
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    rows = torch.from_numpy(np.ascontiguousarray(check_rows, dtype=_numpy_dtype(example)))
+    with torch.no_grad():
+        eager = module(rows).numpy()
+        scripted = loaded(rows).numpy()
+        n_outputs = int(module(example.cpu()).shape[1])
+    diff, scale = _compare("TorchScript", scripted, eager)
+    signature: dict[str, Any] = {
+        "inputs": [{"name": input_name(example), "shape": [None, *example.shape[1:]],
+                    "dtype": _dtype_name(example)}],
+        "outputs": [{"name": OUTPUT_NAMES[task], "shape": [None, n_outputs], "dtype": "float32"}],
+    }
+    if classes:
+        signature["classes"] = list(classes)
+    _within_bound("TorchScript", task, diff, scale)
+    return ExportedModel(path=path, max_abs_diff=diff, signature=signature)
+
+
+def _within_bound(what: str, task: Task, diff: float, scale: float) -> None:
     # Probabilities lie in [0, 1], so the bound is absolute there. A regression answers in the
     # target's units, where float32 alone is off by more than 1e-4 once values pass ~1000;
     # the bound then grows with the largest output.
     allowed = MAX_ABS_DIFF * (1.0 if task == Task.CLASSIFICATION else max(1.0, scale))
     if not np.isfinite(diff) or diff > allowed:
         raise TrainingFailed(
-            f"the ONNX export disagrees with PyTorch by {diff:.3g} (more than {allowed:.3g}) "
+            f"the {what} export disagrees with PyTorch by {diff:.3g} (more than {allowed:.3g}) "
             "on held-out rows; the model was not registered"
         )
-    return ExportedModel(path=path, max_abs_diff=diff, signature=signature)
+
+
+def _compare(what: str, exported: np.ndarray, eager: np.ndarray) -> tuple[float, float]:
+    """Largest |exported - eager| and largest |eager|."""
+    if exported.shape != eager.shape:
+        raise TrainingFailed(f"{what} output shape {exported.shape} differs from PyTorch's {eager.shape}")
+    if not eager.size:
+        return 0.0, 0.0
+    return float(np.max(np.abs(exported - eager))), float(np.max(np.abs(eager)))
+
+
+def _numpy_dtype(example: torch.Tensor) -> type[np.generic]:
+    return np.int64 if example.dtype == torch.int64 else np.float32
+
+
+def _dtype_name(example: torch.Tensor) -> str:
+    return "int64" if example.dtype == torch.int64 else "float32"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:500] if text else ''}"
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Keep the exporter's chatter (optimiser passes, absent torchvision ops) out of job logs."""
+def quiet_exporter() -> Iterator[None]:
+    """Keep the exporters' chatter (optimiser passes, absent torchvision ops, deprecations) out of logs."""
     loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
     levels = [logger.level for logger in loggers]
     try:
@@ -116,6 +210,9 @@ def _quiet_exporter() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            # nn.LSTM/GRU keep their weights in a plain list attribute; harmless for the export.
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
@@ -127,14 +224,13 @@ def check_onnx(path: Path, module: nn.Module, rows: np.ndarray) -> tuple[float, 
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    (onnx_out,) = session.run(None, {INPUT_NAME: rows})
+    (arg,) = session.get_inputs()
+    dtype = np.int64 if arg.type == "tensor(int64)" else np.float32
+    rows = np.ascontiguousarray(rows, dtype=dtype)
+    (onnx_out,) = session.run(None, {arg.name: rows})
     with torch.no_grad():
         torch_out = module(torch.from_numpy(rows)).numpy()
-    if onnx_out.shape != torch_out.shape:
-        raise TrainingFailed(f"ONNX output shape {onnx_out.shape} differs from PyTorch's {torch_out.shape}")
-    diff = float(np.max(np.abs(onnx_out - torch_out))) if rows.size else 0.0
-    scale = float(np.max(np.abs(torch_out))) if rows.size else 0.0
+    diff, scale = _compare("ONNX", onnx_out, torch_out)
 
     def describe(arg: Any) -> dict[str, Any]:
         shape = [dim if isinstance(dim, int) else None for dim in arg.shape]

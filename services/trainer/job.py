@@ -23,20 +23,26 @@ from services.trainer.service import Claim
 from services.trainer.settings import TrainerSettings
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
-from shipyard_common.errors import ShipyardError
+from shipyard_common.errors import InvalidInput, ShipyardError
 from shipyard_common.lineage import (
+    MODEL_CARD_FILE,
     TAG_DATASET,
     TAG_DATASET_REV,
     TAG_FEATURES,
     TAG_FORMAT,
+    TAG_FORMATS,
+    TAG_FRAMEWORK,
     TAG_GIT_COMMIT,
     TAG_JOB_ID,
+    TAG_PARENT,
     TAG_SIGNATURE,
     TAG_TARGET,
     TAG_TASK,
+    WEIGHTS_FILE,
 )
 
 if TYPE_CHECKING:
+    from services.trainer.frameworks import FitOutcome
     from services.trainer.tracking import Tracking
 
 log = logging.getLogger("shipyard.trainer.job")
@@ -135,33 +141,42 @@ def _fail(database: Database, job_id: str, message: str) -> None:
 
 @dataclass
 class _ProgressWriter:
-    """Turns the engine's per-step callbacks into throttled row updates and MLflow metrics."""
+    """Turns the framework's per-step callbacks into throttled row updates and MLflow metrics."""
 
     database: Database
     job_id: str
     epochs: int
-    steps: int
     tracking: Tracking
     run_id: str
+    # A run that a lost worker began: the first epoch this worker reports is where it resumed.
+    continuing: bool = False
+    steps: int = 0
     started: float = 0.0
     last_write: float = 0.0
     resumed_from_epoch: int | None = None
     first_step: int | None = None  # the step this run began at: a resumed job does not start at 0
 
-    def final(self, steps: int) -> Progress:
-        return Progress(epoch=self.epochs, epochs=self.epochs, step=steps, steps=steps, eta_seconds=0.0,
-                        resumed_from_epoch=self.resumed_from_epoch)
+    def plan(self, steps: int) -> None:
+        self.steps = steps
+
+    def final(self) -> Progress:
+        return Progress(epoch=self.epochs, epochs=self.epochs, step=self.steps, steps=self.steps,
+                        eta_seconds=0.0, resumed_from_epoch=self.resumed_from_epoch)
 
     def __call__(self, epoch: int, step: int, metrics: dict[str, float] | None) -> None:
         now = time.monotonic()
         if self.first_step is None:
             self.first_step = step - 1
+            if self.continuing and epoch > 1:
+                self.resumed_from_epoch = epoch
+                log.info("resuming at epoch %d from the lost worker's checkpoint", epoch)
+                self.tracking.client.set_tag(self.run_id, "shipyard.resumed_from_epoch", str(epoch))
         if metrics is None and now - self.last_write < PROGRESS_INTERVAL_S:
             return
         self.last_write = now
         elapsed = now - self.started
         done = step - self.first_step
-        eta = elapsed / done * (self.steps - step) if done > 0 else None
+        eta = elapsed / done * (self.steps - step) if done > 0 and self.steps else None
         progress = Progress(
             # Mid-epoch, the last finished epoch is the one before this.
             epoch=epoch if metrics is not None else epoch - 1, epochs=self.epochs,
@@ -181,28 +196,12 @@ class _ProgressWriter:
             log.info("epoch %d/%d: %s", epoch, self.epochs, shown)
 
 
-def _load_checkpoint(tracking: Tracking, run_id: str, folder: Path) -> dict[str, Any] | None:
-    """The run's last checkpoint, or None (no checkpoint yet, or one that cannot be read)."""
-    from services.trainer import engine
-
-    try:
-        path = tracking.download_checkpoint(run_id, folder)
-        if path is None:
-            log.info("run %s has no checkpoint; training starts from epoch 1", run_id)
-            return None
-        return engine.load_checkpoint(path)
-    except Exception as exc:  # a torn or foreign file: training from scratch still gives a model
-        log.warning("could not read the checkpoint of run %s (%s); training starts from epoch 1", run_id, exc)
-        return None
-
-
 def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) -> None:
     # Imported here: the API process imports this package too and must not pay for torch.
     from mlflow.exceptions import MlflowException
 
-    from services.trainer import engine
-    from services.trainer.export import export_onnx
-    from services.trainer.tracking import CHECKPOINT_FILE, Tracking, flatten, git_commit, metric_tags
+    from services.trainer import engine, frameworks, model_card
+    from services.trainer.tracking import Tracking, flatten, git_commit, metric_tags
 
     platform = settings.platform
     with database.session() as session:
@@ -213,106 +212,149 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         previous_run_id = record.mlflow_run_id
 
     frame = DataRepo(platform.data_repo_path, platform.dvc_remote_path).read(spec.data.dataset, spec.data.rev)
-    data = engine.prepare_data(frame, spec)
     device = engine.pick_device(spec.resources.queue.value)
     commit = settings.git_commit or git_commit()
-
     tracking = Tracking(platform.mlflow_tracking_uri)
     lineage = {
         TAG_JOB_ID: job_id,
         TAG_DATASET: spec.data.dataset,
         TAG_DATASET_REV: spec.data.rev,
         TAG_GIT_COMMIT: commit,
-        TAG_FEATURES: json.dumps(data.features),
-        TAG_TARGET: data.target,
-        TAG_TASK: data.task.value,
+        TAG_FRAMEWORK: spec.framework.value,
     }
-    checkpoints = tempfile.TemporaryDirectory(prefix="shipyard-checkpoint-")
-    resume = None
-    if previous_run_id:
-        # A worker that ran this job was lost: continue its run from its last checkpoint.
-        run_id = previous_run_id
-        resume = _load_checkpoint(tracking, run_id, Path(checkpoints.name) / "download")
-        if resume is not None:
-            tracking.client.set_tag(run_id, "shipyard.resumed_from_epoch", str(int(resume["epoch"]) + 1))
-            if resume["history"]:
-                # The lost worker may have died between saving this epoch and logging its metrics.
-                last = {k: v for k, v in resume["history"][-1].items() if k != "epoch"}
-                tracking.log_metrics(run_id, last, step=int(resume["epoch"]))
-    else:
-        run_id = tracking.start_run(experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage)
-    if not service.update_job(
-        database=database, job_id=job_id, expect_state=JobState.RUNNING, mlflow_run_id=run_id, device=device,
-    ):
-        tracking.end_run(run_id, ok=False)
-        checkpoints.cleanup()
-        raise JobAborted(job_id)
-    resumed_from = int(resume["epoch"]) + 1 if resume is not None else None
-    if resumed_from is not None:
-        log.info("training %s on %s (MLflow run %s), resuming at epoch %d from the lost worker's checkpoint",
-                 spec.model_name, device, run_id, resumed_from)
-    else:
-        log.info("training %s on %s (MLflow run %s)", spec.model_name, device, run_id)
-    ok = False
+    scratch = tempfile.TemporaryDirectory(prefix="shipyard-job-")
+    workdir = Path(scratch.name)
+    checkpoint_dir, tensorboard_dir = workdir / "checkpoint", workdir / "tensorboard"
+    checkpoint_dir.mkdir()
+    tensorboard_dir.mkdir()
     try:
-        params = {
-            **flatten(spec.model_dump(mode="json")),
-            "device": device, "n_features": len(data.features),
-            "n_train": len(data.x_train), "n_val": len(data.x_val),
-        }
-        try:
-            tracking.log_params(run_id, params)
-        except MlflowException:
-            if previous_run_id is None:
-                raise
-            # The lost worker logged them already (MLflow refuses a changed value, e.g. the device).
-            log.warning("kept the params the lost worker logged to run %s", run_id)
-        steps = engine.steps_per_epoch(data, spec) * spec.training.epochs
-        writer = _ProgressWriter(database=database, job_id=job_id, epochs=spec.training.epochs, steps=steps,
-                                 tracking=tracking, run_id=run_id, started=time.monotonic(),
-                                 resumed_from_epoch=resumed_from)
-        checkpoint_file = Path(checkpoints.name) / CHECKPOINT_FILE
+        initial_weights = None
+        if spec.init_from is not None:
+            parent = spec.init_from
+            lineage[TAG_PARENT] = f"{parent.model_name}/{parent.version}"
+            initial_weights = _parent_weights(tracking, parent.model_name, parent.version, workdir / "parent")
+        elif spec.model.type == "pretrained_text":
+            lineage[TAG_PARENT] = f"pretrained:{spec.model.checkpoint}"
 
-        def save_checkpoint(state: dict[str, object]) -> None:
-            engine.save_checkpoint(state, checkpoint_file)
-            tracking.log_checkpoint(run_id, checkpoint_file)
-
-        result = engine.train(data, spec, device=device, observer=writer,
-                              checkpointer=save_checkpoint, resume=resume)
-        reports.log_run_reports(tracking, run_id, result, data)
-
-        with tempfile.TemporaryDirectory(prefix="shipyard-export-") as folder:
-            exported = export_onnx(
-                result.model, task=data.task, n_features=len(data.features),
-                path=Path(folder) / "model.onnx", check_rows=data.x_val, classes=data.classes,
+        resume_dir = None
+        if previous_run_id:
+            # A worker that ran this job was lost: continue its run from its last checkpoint.
+            run_id = previous_run_id
+            resume_dir = _download_checkpoint(tracking, run_id, workdir / "resume")
+        else:
+            run_id = tracking.start_run(
+                experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage
             )
-            metrics = {**result.metrics, "onnx_max_abs_diff": exported.max_abs_diff}
-            tracking.log_metrics(
-                run_id, {"onnx_max_abs_diff": exported.max_abs_diff}, step=spec.training.epochs
-            )
-            source = tracking.log_onnx(run_id, exported.path)
-        # The last moment a cancel can still keep a model out of the registry.
-        if not service.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
-                                  progress=writer.final(steps).model_dump()):
+        if not service.update_job(
+            database=database, job_id=job_id, expect_state=JobState.RUNNING,
+            mlflow_run_id=run_id, device=device,
+        ):
+            tracking.end_run(run_id, ok=False)
             raise JobAborted(job_id)
-        version = tracking.register(
-            model_name=spec.model_name, job_id=job_id, run_id=run_id, source=source,
-            tags={**lineage, TAG_FORMAT: "onnx", TAG_SIGNATURE: exported.signature_json(),
-                  **metric_tags(result.metrics)},
-            description=f"Trained by Shipyard job {job_id} on {spec.data.dataset}@{spec.data.rev[:12]}.",
-        )
-        ok = True
-    finally:
-        checkpoints.cleanup()
+        log.info("training %s (%s, %s) on %s (MLflow run %s)", spec.model_name, spec.framework.value,
+                 spec.model.type, device, run_id)
+        ok = False
         try:
-            tracking.end_run(run_id, ok=ok)
-        except Exception:  # the job's outcome matters more than the run's status
-            log.warning("could not end MLflow run %s", run_id, exc_info=True)
+            try:
+                tracking.log_params(run_id, {**flatten(spec.model_dump(mode="json")), "device": device})
+            except MlflowException:
+                if previous_run_id is None:
+                    raise
+                # The lost worker logged them already (MLflow refuses a changed value, e.g. the device).
+                log.warning("kept the params the lost worker logged to run %s", run_id)
+            writer = _ProgressWriter(database=database, job_id=job_id, epochs=spec.training.epochs,
+                                     tracking=tracking, run_id=run_id, started=time.monotonic(),
+                                     continuing=previous_run_id is not None)
+            context = frameworks.FitContext(
+                spec=spec, frame=frame, device=device, workdir=workdir, observer=writer,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_saved=lambda: tracking.log_checkpoint(run_id, checkpoint_dir),
+                resume_dir=resume_dir, tensorboard_dir=tensorboard_dir, plan=writer.plan,
+                initial_weights=initial_weights, plugin_dir=settings.plugin_dir,
+            )
+            outcome = frameworks.fit(context)
+            _log_outcome(tracking, run_id, outcome, writer, workdir)
+            lineage.update({
+                TAG_FEATURES: json.dumps(outcome.features), TAG_TARGET: outcome.target,
+                TAG_TASK: outcome.task.value,
+            })
+            folder = model_card.write_model_folder(outcome=outcome, spec=spec, lineage=lineage,
+                                                   folder=workdir / "model")
+            source = tracking.log_model_folder(run_id, folder.path)
+            diffs = {f"{e.format.value}_max_abs_diff": e.max_abs_diff for e in outcome.exports}
+            tracking.log_metrics(run_id, diffs, step=spec.training.epochs)
+            metrics = {**outcome.metrics, **diffs}
+            # The last moment a cancel can still keep a model out of the registry.
+            if not service.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
+                                      progress=writer.final().model_dump()):
+                raise JobAborted(job_id)
+            version = tracking.register(
+                model_name=spec.model_name, job_id=job_id, run_id=run_id, source=source,
+                tags={**lineage, TAG_FORMAT: folder.primary.format.value,
+                      TAG_FORMATS: json.dumps([e.format.value for e in outcome.exports]),
+                      TAG_SIGNATURE: json.dumps(folder.primary.signature, sort_keys=True),
+                      **metric_tags(outcome.metrics)},
+                description=(f"Trained by Shipyard job {job_id} on {spec.data.dataset}@{spec.data.rev[:12]}; "
+                             f"see {MODEL_CARD_FILE} in the version's files."),
+            )
+            ok = True
+        finally:
+            try:
+                tracking.end_run(run_id, ok=ok)
+            except Exception:  # the job's outcome matters more than the run's status
+                log.warning("could not end MLflow run %s", run_id, exc_info=True)
+    finally:
+        scratch.cleanup()
 
-    progress = writer.final(steps)
     log.info("job %s succeeded: %s v%s %s", job_id, spec.model_name, version, metrics)
     service.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
-        state=JobState.SUCCEEDED, model_version=version, metrics=metrics, progress=progress.model_dump(),
-        error=None,
+        state=JobState.SUCCEEDED, model_version=version, metrics=metrics,
+        progress=writer.final().model_dump(), error=None,
     )
+
+
+def _parent_weights(tracking: Tracking, model_name: str, version: str, folder: Path) -> dict[str, Any]:
+    import torch
+
+    path = tracking.download_weights(model_name=model_name, version=version, folder=folder)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise InvalidInput(f"init_from: the weights of {model_name!r} v{version} are not a state dict")
+    log.info("fine-tuning from %s v%s", model_name, version)
+    return state
+
+
+def _download_checkpoint(tracking: Tracking, run_id: str, folder: Path) -> Path | None:
+    """The lost worker's checkpoint folder, or None (none saved, or the store failed us)."""
+    try:
+        found = tracking.download_checkpoint(run_id, folder)
+    except Exception as exc:  # training from scratch still gives a model
+        log.warning("could not fetch the checkpoint of run %s (%s); training starts from epoch 1",
+                    run_id, exc)
+        return None
+    if found is None:
+        log.info("run %s has no checkpoint; training starts from epoch 1", run_id)
+    return found
+
+
+def _log_outcome(tracking: Tracking, run_id: str, outcome: FitOutcome, writer: _ProgressWriter,
+                 workdir: Path) -> None:
+    """Reports, TensorBoard events and the weights, beside the model in the run's artifacts."""
+    import torch
+
+    from services.trainer.tracking import TENSORBOARD_ARTIFACT_PATH
+
+    if writer.resumed_from_epoch is not None:
+        # The lost worker may have died between saving its last epoch and logging its metrics.
+        before = [h for h in outcome.history if int(h["epoch"]) == writer.resumed_from_epoch - 1]
+        for entry in before:
+            tracking.log_metrics(run_id, {k: v for k, v in entry.items() if k != "epoch"},
+                                 step=int(entry["epoch"]))
+    reports.log_run_reports(tracking, run_id, outcome)
+    tracking.log_folder(run_id, workdir / "tensorboard", TENSORBOARD_ARTIFACT_PATH)
+    if outcome.state_dict is not None:
+        path = workdir / "weights" / WEIGHTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(outcome.state_dict, path)
+        tracking.log_weights(run_id, path)

@@ -10,13 +10,22 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from services.trainer.engine import TabularData, TrainResult
 from services.trainer.schemas import Task
 
 if TYPE_CHECKING:
     from services.trainer.tracking import Tracking
+
+
+class Reported(Protocol):
+    """What the reports read: a :class:`~services.trainer.frameworks.FitOutcome` has it all."""
+
+    task: Task
+    classes: list[Any]
+    confusion: list[list[int]] | None
+    history: list[dict[str, float]]
+    best_epoch: int | None
 
 REPORTS_ARTIFACT_PATH = "reports"
 CONFUSION_JSON = "confusion_matrix.json"
@@ -24,24 +33,24 @@ CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
 
 
-def write_reports(result: TrainResult, data: TabularData, folder: Path) -> list[Path]:
+def write_reports(result: Reported, folder: Path) -> list[Path]:
     """Write this run's report files into ``folder``; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # no-op when a backend was already chosen headless
     folder.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    if data.task == Task.CLASSIFICATION and result.confusion is not None:
-        paths += _confusion(result.confusion, data.classes, result.best_epoch, folder)
+    if result.task == Task.CLASSIFICATION and result.confusion is not None:
+        paths += _confusion(result.confusion, result.classes, result.best_epoch, folder)
     if result.history:
         paths.append(_curves(result.history, result.best_epoch, folder / CURVES_PNG))
     return paths
 
 
-def log_run_reports(tracking: Tracking, run_id: str, result: TrainResult, data: TabularData) -> list[str]:
+def log_run_reports(tracking: Tracking, run_id: str, result: Reported) -> list[str]:
     """Write the reports to a scratch folder and upload them to the run's ``reports/``; their names."""
     with tempfile.TemporaryDirectory(prefix="shipyard-reports-") as folder:
-        paths = write_reports(result, data, Path(folder))
+        paths = write_reports(result, Path(folder))
         tracking.log_reports(run_id, paths, artifact_path=REPORTS_ARTIFACT_PATH)
         return [path.name for path in paths]
 

@@ -6,6 +6,7 @@ trained with the default would be worse than a 422.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from functools import partial
@@ -29,6 +30,8 @@ SPEC_VERSION = 1
 
 class Framework(StrEnum):
     PYTORCH = "pytorch"
+    KERAS = "keras"
+    TRANSFORMERS = "transformers"
 
 
 class Task(StrEnum):
@@ -72,6 +75,14 @@ class Queue(StrEnum):
 
 class ExportFormat(StrEnum):
     ONNX = "onnx"
+    TORCHSCRIPT = "torchscript"
+    SAVEDMODEL = "savedmodel"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
 
 
 class JobState(StrEnum):
@@ -107,12 +118,109 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSpec(Strict):
+Width = Annotated[int, Field(ge=1, le=8192)]
+# ``module:function``: a module file in the trainer's plugin directory and a function in it.
+# Plain identifiers only, so that no spec can name an import path outside that directory.
+FACTORY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*:[A-Za-z_][A-Za-z0-9_]*$"
+# Pretrained checkpoints that ship inside an installed package, so that they load offline.
+PRETRAINED_CHECKPOINTS = ("all-MiniLM-L6-v2",)
+
+
+class MLPSpec(Strict):
+    """Standardise → (Linear → ReLU → Dropout)* → Linear, on the feature row."""
+
     type: Literal["mlp"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
-        default_factory=lambda: [64, 32], max_length=32
-    )
+    hidden: list[Width] = Field(default_factory=lambda: [64, 32], max_length=32)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class CNNSpec(Strict):
+    """The feature row reshaped to ``input_shape`` (channels, height, width), then
+    (Conv → BatchNorm → ReLU → MaxPool)* per entry of ``channels``, then a dense head."""
+
+    type: Literal["cnn"]
+    input_shape: tuple[Width, Width, Width]
+    channels: list[Width] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=8)
+    kernel_size: int = Field(default=3, ge=1, le=15)
+    hidden: int = Field(default=128, ge=1, le=8192)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class RecurrentSpec(Strict):
+    """The feature row read as ``sequence_length`` steps of equal width; the last step's state classifies."""
+
+    type: Literal["lstm", "gru"]
+    sequence_length: int = Field(ge=1, le=100_000)
+    hidden_size: int = Field(default=64, ge=1, le=8192)
+    num_layers: int = Field(default=1, ge=1, le=16)
+    bidirectional: bool = False
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class TransformerEncoderSpec(Strict):
+    """The feature row read as ``sequence_length`` tokens of equal width, projected to ``d_model``,
+    with learned positions, through ``num_layers`` encoder layers, mean-pooled."""
+
+    type: Literal["transformer_encoder"]
+    sequence_length: int = Field(ge=1, le=100_000)
+    d_model: int = Field(default=64, ge=2, le=8192)
+    nhead: int = Field(default=4, ge=1, le=128)
+    num_layers: int = Field(default=2, ge=1, le=48)
+    dim_feedforward: int = Field(default=128, ge=1, le=65_536)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerEncoderSpec:
+        if self.d_model % self.nhead:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of nhead ({self.nhead})")
+        return self
+
+
+class PluginSpec(Strict):
+    """A model of the team's own: ``factory`` is ``module:function`` in the trainer's plugin
+    directory, called as ``function(n_features=…, n_outputs=…, **options)``; it returns an
+    ``nn.Module`` that maps standardised feature rows to outputs."""
+
+    type: Literal["plugin"]
+    factory: str = Field(max_length=200)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_is_module_colon_function(cls, value: str) -> str:
+        if not re.fullmatch(FACTORY_PATTERN, value):
+            raise ValueError(
+                f"factory must be 'module:function', a module file in the plugin directory and a "
+                f"function in it (plain names, no dots or slashes); got {value!r}"
+            )
+        return value
+
+
+class PretrainedTextSpec(Strict):
+    """Fine-tune a pretrained text encoder with a classification head (framework ``transformers``)."""
+
+    type: Literal["pretrained_text"]
+    checkpoint: Literal["all-MiniLM-L6-v2"] = "all-MiniLM-L6-v2"
+    max_length: int = Field(default=128, ge=8, le=512)
+    freeze_encoder: bool = False
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+ModelSpec = Annotated[
+    MLPSpec | CNNSpec | RecurrentSpec | TransformerEncoderSpec | PluginSpec | PretrainedTextSpec,
+    Field(discriminator="type"),
+]
+# Which built-in architectures each framework can build, and which exports it can write.
+FRAMEWORK_MODELS: dict[Framework, frozenset[str]] = {
+    Framework.PYTORCH: frozenset({"mlp", "cnn", "lstm", "gru", "transformer_encoder", "plugin"}),
+    Framework.KERAS: frozenset({"mlp", "cnn", "lstm", "gru"}),
+    Framework.TRANSFORMERS: frozenset({"pretrained_text"}),
+}
+FRAMEWORK_EXPORTS: dict[Framework, frozenset[ExportFormat]] = {
+    Framework.PYTORCH: frozenset({ExportFormat.ONNX, ExportFormat.TORCHSCRIPT}),
+    Framework.KERAS: frozenset({ExportFormat.ONNX, ExportFormat.SAVEDMODEL}),
+    Framework.TRANSFORMERS: frozenset({ExportFormat.ONNX, ExportFormat.TORCHSCRIPT}),
+}
 
 
 class DataSpec(Strict):
@@ -167,6 +275,11 @@ class TrainingSpec(Strict):
     grad_clip_norm: float | None = Field(default=None, gt=0.0)
     grad_accum_steps: int = Field(default=1, ge=1, le=1024)
     early_stopping: EarlyStoppingSpec | None = None
+    precision: Precision = Precision.FP32
+    # DataLoader worker processes; 0 loads batches in the training process itself.
+    num_workers: int = Field(default=0, ge=0, le=64)
+    pin_memory: bool = False
+    compile: bool = Field(default=False, description="Wrap the model in torch.compile (PyTorch only).")
 
     @field_validator("momentum")
     @classmethod
@@ -177,8 +290,18 @@ class TrainingSpec(Strict):
         return value
 
 
+class ParentVersion(Strict):
+    """A registered version whose trained weights start this job (fine-tuning); recorded as lineage."""
+
+    model_name: ModelName
+    version: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,8}$")]
+
+
 class ResourcesSpec(Strict):
     queue: Queue = Queue.CPU
+    # More than one runs the job under torchrun with DistributedDataParallel, one process per GPU
+    # (on a CPU worker, one gloo process each: the same code path, tested without a GPU).
+    gpus: int = Field(default=0, ge=0, le=64)
 
 
 class JobCreate(Strict):
@@ -187,17 +310,63 @@ class JobCreate(Strict):
     spec_version: Literal[1] = 1
     model_name: ModelName
     framework: Framework = Framework.PYTORCH
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpec = Field(default_factory=MLPSpec)
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     exports: list[ExportFormat] = Field(default_factory=lambda: [ExportFormat.ONNX], min_length=1)
+    init_from: ParentVersion | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_type_defaults_to_mlp(cls, values: Any) -> Any:
+        # Specs written before the model union named no type: they meant the MLP, and still do.
+        model = values.get("model") if isinstance(values, dict) else None
+        if isinstance(model, dict) and "type" not in model:
+            values = {**values, "model": {**model, "type": "mlp"}}
+        return values
 
     @model_validator(mode="after")
-    def _onnx_is_exported(self) -> JobCreate:
-        # Serving loads only ONNX; a version without it could be promoted but never served.
-        if ExportFormat.ONNX not in self.exports:
-            raise ValueError("exports must include 'onnx'")
+    def _model_and_exports_fit_the_framework(self) -> JobCreate:
+        framework = self.framework
+        if self.model.type not in FRAMEWORK_MODELS[framework]:
+            allowed = ", ".join(sorted(FRAMEWORK_MODELS[framework]))
+            raise ValueError(
+                f"model.type {self.model.type!r} is not available with framework {framework.value!r}; "
+                f"it builds: {allowed}"
+            )
+        unsupported = [f.value for f in self.exports if f not in FRAMEWORK_EXPORTS[framework]]
+        if unsupported:
+            allowed = ", ".join(sorted(f.value for f in FRAMEWORK_EXPORTS[framework]))
+            raise ValueError(
+                f"exports {unsupported} are not available with framework {framework.value!r}; "
+                f"it writes: {allowed}"
+            )
+        if len(set(self.exports)) != len(self.exports):
+            raise ValueError("exports must not repeat a format")
+        return self
+
+    @model_validator(mode="after")
+    def _training_options_fit_the_framework(self) -> JobCreate:
+        if self.framework == Framework.KERAS:
+            if self.training.compile:
+                raise ValueError(
+                    "training.compile is torch.compile: frameworks pytorch and transformers only"
+                )
+            if self.resources.gpus > 1:
+                raise ValueError("resources.gpus > 1 (DistributedDataParallel) needs framework pytorch "
+                                 "or transformers")
+            if self.training.grad_accum_steps > 1:
+                raise ValueError("training.grad_accum_steps is not available with framework 'keras'")
+            if self.training.num_workers or self.training.pin_memory:
+                raise ValueError("training.num_workers and pin_memory are DataLoader options: "
+                                 "frameworks pytorch and transformers only")
+        if self.init_from is not None and self.framework == Framework.KERAS:
+            raise ValueError(
+                "init_from (fine-tuning a registered version) needs framework pytorch or transformers"
+            )
+        if self.model.type == "pretrained_text" and self.data.task != Task.CLASSIFICATION:
+            raise ValueError("model 'pretrained_text' is a classifier: data.task must be 'classification'")
         return self
 
     @model_validator(mode="after")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -26,6 +28,9 @@ class TrainerSettings(ServiceSettings):
     log_poll_interval_s: float = Field(default=0.5, gt=0)
     # Set in images built without .git; otherwise the worker asks git.
     git_commit: str | None = None
+    # Where jobs with ``model.type: plugin`` load their factory from: ``module:function`` runs
+    # ``<plugin_dir>/<module>.py`` (that file only, never an import path). Unset: plugins are refused.
+    plugin_dir: Path | None = None
     # Redis's default (1 h) would redeliver any job that trains longer than that to a second worker.
     # Tests shorten it (with the two below) so that a killed worker's job comes back within seconds.
     visibility_timeout_s: int = Field(default=6 * 3600, ge=1)

@@ -19,8 +19,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from shipyard_common.errors import Unavailable
-from shipyard_common.lineage import ONNX_ARTIFACT_PATH, TAG_JOB_ID
+from shipyard_common.errors import InvalidInput, Unavailable
+from shipyard_common.lineage import MODEL_ARTIFACT_PATH, TAG_JOB_ID, WEIGHTS_ARTIFACT_PATH, WEIGHTS_FILE
 
 log = logging.getLogger("shipyard.trainer.tracking")
 
@@ -29,7 +29,7 @@ METRIC_TAG_PREFIX = "shipyard.metric."
 _ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 # Where a job's run keeps its latest training checkpoint, for a worker that takes the job over.
 CHECKPOINT_ARTIFACT_PATH = "checkpoints"
-CHECKPOINT_FILE = "last.pt"
+TENSORBOARD_ARTIFACT_PATH = "tensorboard"
 
 
 @functools.cache
@@ -94,27 +94,54 @@ class Tracking:
             run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]
         )
 
-    def log_onnx(self, run_id: str, path: Path) -> str:
-        """Upload the ONNX file under the run's ``onnx/`` folder; return the folder's URI."""
-        self.client.log_artifact(run_id, str(path), artifact_path=ONNX_ARTIFACT_PATH)
-        return f"runs:/{run_id}/{ONNX_ARTIFACT_PATH}"
+    def log_model_folder(self, run_id: str, folder: Path) -> str:
+        """Upload ``folder`` as the run's ``model/`` (see :mod:`shipyard_common.lineage`); its URI."""
+        self.client.log_artifacts(run_id, str(folder), artifact_path=MODEL_ARTIFACT_PATH)
+        return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
 
     def log_reports(self, run_id: str, paths: list[Path], *, artifact_path: str = "reports") -> None:
         """Upload report files (see :mod:`services.trainer.reports`) under the run's ``reports/``."""
         for path in paths:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
-    def log_checkpoint(self, run_id: str, path: Path) -> None:
-        """Upload a training checkpoint as the run's ``checkpoints/<name>``, replacing the last one."""
-        self.client.log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_PATH)
+    def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> None:
+        if folder.is_dir() and any(folder.iterdir()):
+            self.client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+
+    def log_checkpoint(self, run_id: str, folder: Path) -> None:
+        """Upload the checkpoint files in ``folder`` as the run's ``checkpoints/``, replacing the last."""
+        self.client.log_artifacts(run_id, str(folder), artifact_path=CHECKPOINT_ARTIFACT_PATH)
 
     def download_checkpoint(self, run_id: str, folder: Path) -> Path | None:
-        """The run's ``checkpoints/last.pt`` copied into ``folder``, or None if it has none."""
-        names = {a.path for a in self.client.list_artifacts(run_id, CHECKPOINT_ARTIFACT_PATH)}
-        wanted = f"{CHECKPOINT_ARTIFACT_PATH}/{CHECKPOINT_FILE}"
-        if wanted not in names:
+        """The run's ``checkpoints/`` files copied into ``folder``; None if it has none."""
+        if not self.client.list_artifacts(run_id, CHECKPOINT_ARTIFACT_PATH):
             return None
-        return Path(self.client.download_artifacts(run_id, wanted, str(folder)))
+        return Path(self.client.download_artifacts(run_id, CHECKPOINT_ARTIFACT_PATH, str(folder)))
+
+    def log_weights(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path=WEIGHTS_ARTIFACT_PATH)
+
+    def download_weights(self, *, model_name: str, version: str, folder: Path) -> Path:
+        """The trained weights of registered version ``model_name`` v``version``, for fine-tuning.
+
+        Raises :class:`InvalidInput` when there is no such version or it kept no weights (a
+        Keras version, or one registered before weights were kept).
+        """
+        try:
+            found = self.client.get_model_version(model_name, version)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise InvalidInput(f"init_from: model {model_name!r} has no version {version}") from None
+            raise
+        if not found.run_id:
+            raise InvalidInput(f"init_from: {model_name!r} v{version} was not trained by a run; no weights")
+        wanted = f"{WEIGHTS_ARTIFACT_PATH}/{WEIGHTS_FILE}"
+        if wanted not in {a.path for a in self.client.list_artifacts(found.run_id, WEIGHTS_ARTIFACT_PATH)}:
+            raise InvalidInput(
+                f"init_from: {model_name!r} v{version} kept no trained weights to fine-tune from "
+                "(only PyTorch and Transformers jobs keep them)"
+            )
+        return Path(self.client.download_artifacts(found.run_id, wanted, str(folder)))
 
     def end_run(self, run_id: str, *, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)

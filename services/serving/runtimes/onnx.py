@@ -1,18 +1,32 @@
-"""ONNX Runtime: the one runtime serving uses, because an ONNX file is data, never code."""
+"""ONNX Runtime: an ONNX file is data, never code, which is why it is the format served first."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from services.serving.runtimes.base import (
+    FORMAT_ONNX,
+    ModelLoadError,
+    Signature,
+    TensorSpec,
+    warm_up_arrays,
+)
 from shipyard_common.lineage import ONNX_FILE_NAME
 
-_INPUT_DTYPES: dict[str, type[np.floating]] = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
+_ORT_DTYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int16)": "int16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
 }
 
 _GRAPH_OPTIMIZATION = {
@@ -21,28 +35,6 @@ _GRAPH_OPTIMIZATION = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-
-class ModelLoadError(Exception):
-    """A model file that cannot be served; the message says why, for the model's status."""
-
-
-@dataclass(frozen=True)
-class OnnxModel:
-    path: Path
-    session: ort.InferenceSession
-    input_name: str
-    output_name: str
-    # The batch dimension is None when the model takes any number of rows.
-    batch_size: int | None
-    n_features: int
-    dtype: type[np.floating]
-
-    def predict(self, rows: np.ndarray) -> np.ndarray:
-        """Run the model on rows already shaped and typed for it; the first output."""
-        # InferenceSession.run is thread-safe and releases the GIL, so requests run in parallel.
-        (output,) = self.session.run([self.output_name], {self.input_name: rows})
-        return np.asarray(output)
 
 
 def find_model_file(root: Path) -> Path:
@@ -56,22 +48,59 @@ def find_model_file(root: Path) -> Path:
 
 def session_options(*, intra_op_threads: int, graph_optimization: str) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    # A fixed, small pool per model: several models and many request threads share the machine,
+    # and ORT's default (one thread per core, per session) oversubscribes it under load.
     options.intra_op_num_threads = intra_op_threads
-    # Requests already arrive on many threads; parallelism between a graph's nodes adds only contention.
+    # Requests already arrive on many threads, and our graphs are chains (MLP, CNN, RNN): running
+    # a graph's independent nodes in parallel (ORT_PARALLEL) adds contention, not speed.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # ORT_ENABLE_ALL (the default setting): constant folding, node fusions (MatMul+Add → Gemm,
+    # Conv+BN) and layout changes. They are done once at load and never change the answers
+    # beyond float rounding, which the trainer's export check bounds.
     options.graph_optimization_level = _GRAPH_OPTIMIZATION[graph_optimization]
     # Spinning worker threads burn a core each between sporadic requests; sleeping costs microseconds.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
-def _fixed(dimension: object) -> int | None:
-    return dimension if isinstance(dimension, int) and dimension > 0 else None
+def _dimension(dim: object) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
 
 
-def load_onnx_model(path: Path, *, intra_op_threads: int, graph_optimization: str) -> OnnxModel:
-    """Open ``path`` with ONNX Runtime on CPU, check it takes rows of numbers, and warm it up."""
+class OnnxRuntime:
+    format = FORMAT_ONNX
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, path: Path, session: ort.InferenceSession) -> None:
+        self.path = path
+        self.session = session
+        self.signature = Signature(
+            inputs=tuple(self._spec(arg) for arg in session.get_inputs()),
+            outputs=tuple(self._spec(arg) for arg in session.get_outputs()),
+        )
+        self._output_names = self.signature.output_names
+
+    @staticmethod
+    def _spec(arg: Any) -> TensorSpec:
+        dtype = _ORT_DTYPES.get(arg.type)
+        if dtype is None:
+            raise ModelLoadError(f"{arg.name!r} is {arg.type}; serving feeds and answers numbers only")
+        return TensorSpec(name=arg.name, dtype=np.dtype(dtype),
+                          shape=tuple(_dimension(d) for d in (arg.shape or [])))
+
+    def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # InferenceSession.run is thread-safe and releases the GIL, so requests run in parallel.
+        answers = self.session.run(self._output_names, arrays)
+        return {name: np.asarray(answer) for name, answer in zip(self._output_names, answers, strict=True)}
+
+    def close(self) -> None:
+        # The session frees its memory when the last request holding it lets go.
+        pass
+
+
+def load_onnx(path: Path, *, intra_op_threads: int, graph_optimization: str) -> OnnxRuntime:
+    """Open ``path`` with ONNX Runtime on CPU and warm it up."""
     try:
         # A path rather than bytes, so that weights stored beside the graph (external data) load too.
         session = ort.InferenceSession(
@@ -83,39 +112,13 @@ def load_onnx_model(path: Path, *, intra_op_threads: int, graph_optimization: st
         )
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/… types
         raise ModelLoadError(f"ONNX Runtime cannot open {path.name}: {exc}") from exc
-
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1:
-        raise ModelLoadError(
-            f"the model has {len(inputs)} inputs; serving needs exactly one [batch, features]"
-        )
-    if not outputs:
+    if not session.get_outputs():
         raise ModelLoadError("the model has no outputs")
-    model_input = inputs[0]
-    dtype = _INPUT_DTYPES.get(model_input.type)
-    if dtype is None:
-        raise ModelLoadError(
-            f"input {model_input.name!r} is {model_input.type}; serving feeds float or double"
-        )
-    shape = list(model_input.shape or [])
-    if len(shape) != 2 or _fixed(shape[1]) is None:
-        raise ModelLoadError(
-            f"input {model_input.name!r} has shape {shape}; serving needs [batch, n_features] "
-            "with a fixed number of features, to check each request against it"
-        )
-    model = OnnxModel(
-        path=path,
-        session=session,
-        input_name=model_input.name,
-        output_name=outputs[0].name,
-        batch_size=_fixed(shape[0]),
-        n_features=int(shape[1]),
-        dtype=dtype,
-    )
+    runtime = OnnxRuntime(path, session)
     # The first run allocates and plans; doing it here keeps that cost off the first request and
     # proves the model runs before it is allowed to replace a working version.
     try:
-        model.predict(np.zeros((model.batch_size or 1, model.n_features), dtype=dtype))
+        runtime.predict(warm_up_arrays(runtime.signature))
     except Exception as exc:
         raise ModelLoadError(f"the model failed its warm-up run: {exc}") from exc
-    return model
+    return runtime

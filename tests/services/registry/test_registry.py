@@ -110,7 +110,8 @@ def test_promote_moves_alias_audits_and_announces(
 
         first = httpx.post(promote.format(1), json={"reason": "first release"}, headers=approver)
         assert first.status_code == 200, first.text
-        expected = {"model": name, "version": "1", "alias": "production", "previous_version": None}
+        expected = {"model": name, "version": "1", "alias": "production", "previous_version": None,
+                    "weight": None}
         assert first.json() == expected
         second = httpx.post(promote.format(2), json={"alias": "production"}, headers=approver).json()
         assert second["previous_version"] == "1"
@@ -118,7 +119,8 @@ def test_promote_moves_alias_audits_and_announces(
         rollback = httpx.post(promote.format(1), json={"reason": "v2 regressed"}, headers=auth("admin"))
         assert rollback.json()["previous_version"] == "2"
         staged = httpx.post(promote.format(2), json={"alias": "staging"}, headers=approver).json()
-        assert staged == {"model": name, "version": "2", "alias": "staging", "previous_version": None}
+        assert staged == {"model": name, "version": "2", "alias": "staging", "previous_version": None,
+                          "weight": None}
 
         assert model_factory.client.get_registered_model(name).aliases == {"production": "1", "staging": "2"}
         model = httpx.get(f"{base}/models/{name}", headers=viewer).json()
@@ -174,3 +176,29 @@ def test_ready_when_database_and_mlflow_answer(registry_url: str) -> None:
     response = httpx.get(f"{registry_url}/readyz")
     assert response.status_code == 200, response.text
     assert response.json()["checks"] == {"database": "ok", "mlflow": "ok"}
+
+
+def test_the_cli_starts_and_ends_a_canary(registry_url: str, two_versions: str, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from shipyard_cli.main import app as cli
+    from tests.support import TOKENS
+
+    env = {"SHIPYARD_REGISTRY_URL": registry_url, "SHIPYARD_STATE_DIR": str(tmp_path / "cli"),
+           "COLUMNS": "200", "SHIPYARD_API_TOKEN": next(t for t, r in TOKENS.items() if r == "approver")}
+
+    def run(*args: str):
+        return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+    name = two_versions
+    assert run("models", "promote", name, "1").exit_code == 0
+    started = run("models", "promote", name, "2", "--alias", "canary", "--weight", "0.25")
+    assert started.exit_code == 0 and "for 25% of requests" in started.output, started.output
+    model = httpx.get(f"{registry_url}/models/{name}", headers=auth("viewer")).json()
+    assert model["aliases"] == {"production": "1", "canary": "2"}
+    refused = run("models", "promote", name, "2", "--weight", "0.5")  # a weight is for canaries only
+    assert refused.exit_code != 0 and "weight" in refused.output
+    ended = run("models", "unalias", name, "canary", "--reason", "looks fine")
+    assert ended.exit_code == 0 and "canary removed (was v2)" in " ".join(ended.output.split())
+    model = httpx.get(f"{registry_url}/models/{name}", headers=auth("viewer")).json()
+    assert model["aliases"] == {"production": "1"}

@@ -46,6 +46,54 @@ def job_spec(*, rev: str, dataset: str = "breast_cancer", **changes: Any) -> dic
     return spec
 
 
+def poison_weights_after(monkeypatch: pytest.MonkeyPatch, *, update: int, value: float) -> None:
+    """Make the engine's optimizer set a weight to ``value`` right after its ``update``-th step:
+    a divergence at a known step, to check what the NaN guard reports."""
+    import torch
+
+    from services.trainer import engine
+
+    build = engine.build_optimizer
+
+    def poisoned(model: Any, job: Any) -> Any:
+        optimizer = build(model, job)
+        real_step, calls = optimizer.step, [0]
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            result = real_step(*args, **kwargs)
+            calls[0] += 1
+            if calls[0] == update:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(value)
+            return result
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(engine, "build_optimizer", poisoned)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module: small models gain nothing from intra-op threads, and on
+    a busy machine (the suite runs beside workers and servers) threads spinning against each
+    other make training ten times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    """scikit-learn's digits: 1797 images of 8×8 pixels as 64 feature columns and ``target``."""
+    from sklearn.datasets import load_digits
+
+    return load_digits(as_frame=True).frame
+
+
 @pytest.fixture
 def settings(platform: PlatformSettings) -> TrainerSettings:
     return trainer_settings(platform)

@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_diabetes
 
 from services.trainer import engine
-from services.trainer.export import export_onnx
+from services.trainer.export import example_input, export_onnx
 from services.trainer.schemas import JobCreate
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec
@@ -35,7 +35,7 @@ def test_regression_exports_a_model_on_raw_features(tmp_path):
     assert result.metrics["val_mae"] < 0.9 * baseline
 
     exported = export_onnx(
-        result.model, task=data.task, n_features=len(data.features), path=tmp_path / "model.onnx",
+        result.model, task=data.task, example=example_input(data), path=tmp_path / "model.onnx",
         check_rows=data.x_val,
     )
     assert json.loads(exported.signature_json())["outputs"] == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -22,7 +23,7 @@ from services.trainer.schemas import JobCreate
 from services.trainer.tracking import Tracking
 from shipyard_common.auth import Role
 from shipyard_common.errors import InvalidInput
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.conftest import job_spec, poison_weights_after
 from tests.support import auth, running_app
 
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -169,8 +170,11 @@ def test_regression_reports_mse_and_mae():
 def test_reports_are_written_and_uploaded(tmp_path, mlflow_server):
     job = spec(training__epochs=3)
     data = breast_cancer(job)
-    result = engine.train(data, job, device="cpu")
-    paths = write_reports(result, data, tmp_path / "reports")
+    trained = engine.train(data, job, device="cpu")
+    # What a job hands the reports: the fit's outcome, which carries the task and classes too.
+    result = SimpleNamespace(task=data.task, classes=data.classes, confusion=trained.confusion,
+                             history=trained.history, best_epoch=trained.best_epoch)
+    paths = write_reports(result, tmp_path / "reports")
     assert sorted(p.name for p in paths) == sorted([CONFUSION_JSON, CONFUSION_PNG, CURVES_PNG])
     confusion = json.loads((tmp_path / "reports" / CONFUSION_JSON).read_text())
     assert confusion["labels"] == ["0", "1"] and np.asarray(confusion["matrix"]).sum() == len(data.y_val)
@@ -184,7 +188,7 @@ def test_reports_are_written_and_uploaded(tmp_path, mlflow_server):
     assert listed == {f"reports/{p.name}" for p in paths}
     # The one call a job makes: scratch folder, write, upload.
     other = tracking.start_run(experiment="reports-test", run_name="r2", tags={})
-    names = log_run_reports(tracking, other, result, data)
+    names = log_run_reports(tracking, other, result)
     uploaded = {a.path for a in tracking.client.list_artifacts(other, "reports")}
     assert uploaded == {f"reports/{n}" for n in names} and len(names) == 3
 
@@ -278,24 +282,8 @@ def test_a_loss_that_blows_up_fails_naming_epoch_and_step():
 
 
 def test_divergence_after_good_epochs_names_the_last_good_one(monkeypatch):
-    build = engine.build_optimizer
-
-    def poisoned(model, job):
-        optimizer = build(model, job)
-        real_step, calls = optimizer.step, [0]
-
-        def step(*args, **kwargs):
-            result = real_step(*args, **kwargs)
-            calls[0] += 1
-            if calls[0] == 31:  # the first update of epoch 3 (15 batches an epoch)
-                with torch.no_grad():
-                    next(model.parameters()).fill_(math.inf)
-            return result
-
-        optimizer.step = step
-        return optimizer
-
-    monkeypatch.setattr(engine, "build_optimizer", poisoned)
+    # The first update of epoch 3 (15 batches an epoch).
+    poison_weights_after(monkeypatch, update=31, value=math.inf)
     job = spec(training__epochs=4)
     with pytest.raises(engine.TrainingFailed) as caught:
         engine.train(breast_cancer(job), job, device="cpu")

@@ -13,9 +13,10 @@ def test_registering_twice_for_one_job_reuses_the_version(mlflow_server, tmp_pat
     model = f"idempotent-{uuid.uuid4().hex[:8]}"
     job_id = str(uuid.uuid4())
     run_id = tracking.start_run(experiment=model, run_name="r", tags={TAG_JOB_ID: job_id})
-    onnx_file = tmp_path / "model.onnx"
-    onnx_file.write_bytes(b"not really onnx")
-    source = tracking.log_onnx(run_id, onnx_file)
+    (tmp_path / "model" / "onnx").mkdir(parents=True)
+    (tmp_path / "model" / "onnx" / "model.onnx").write_bytes(b"not really onnx")
+    source = tracking.log_model_folder(run_id, tmp_path / "model")
+    assert source == f"runs:/{run_id}/model"
     register = {"model_name": model, "job_id": job_id, "run_id": run_id, "source": source}
 
     first = tracking.register(**register, tags={TAG_DATASET: "a"})

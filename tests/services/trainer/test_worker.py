@@ -158,3 +158,111 @@ def test_a_second_delivery_of_a_finished_job_changes_nothing(trained, stack):
              timeout=30, what="the worker to turn the duplicate away")
     job = httpx.get(f"{stack['base']}/jobs/{trained['id']}", headers=auth(Role.VIEWER)).json()
     assert job["updated_at"] == trained["updated_at"] and job["model_version"] == trained["model_version"]
+
+
+def test_the_version_folder_holds_every_export_a_signature_and_a_model_card(stack, tmp_path: Path):
+    import onnxruntime as ort
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    spec = job_spec(rev=stack["rev"], model_name="bc_formats", training__epochs=3,
+                    exports=["onnx", "torchscript"])
+    job = run_job(stack, spec)
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    assert job["metrics"]["torchscript_max_abs_diff"] <= 1e-4 and job["metrics"]["onnx_max_abs_diff"] <= 1e-4
+    uri = stack["settings"].platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("bc_formats", job["model_version"])
+    assert version.source.endswith("/model")
+    assert json.loads(version.tags["shipyard.formats"]) == ["onnx", "torchscript"]
+    assert version.tags["shipyard.framework"] == "pytorch" and "shipyard.parent" not in version.tags
+    folder = Path(client.download_artifacts(job["mlflow_run_id"], "model", str(tmp_path)))
+
+    rows = stack["frame"].drop(columns="target").to_numpy(dtype=np.float32)[:50]
+    session = ort.InferenceSession(str(folder / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (from_onnx,) = session.run(None, {"input": rows})
+    scripted = torch.jit.load(str(folder / "torchscript" / "model.pt"))
+    with torch.no_grad():
+        from_script = scripted(torch.from_numpy(rows)).numpy()
+    np.testing.assert_allclose(from_onnx, from_script, atol=1e-4)
+
+    signature = json.loads((folder / "signature.json").read_text())
+    assert signature["primary"] == "onnx" and set(signature["formats"]) == {"onnx", "torchscript"}
+    assert signature["classes"] == [0, 1]
+    card = (folder / "MODEL_CARD.md").read_text()
+    for expected in ("## Intended use", "## Limitations", "breast_cancer", stack["rev"], "accuracy",
+                     job["id"]):
+        assert expected in card, expected
+    facts = json.loads((folder / "model_card.json").read_text())
+    assert facts["metrics"]["val_accuracy"] == pytest.approx(job["metrics"]["val_accuracy"])
+    assert facts["data"]["rows_train"] + facts["data"]["rows_validation"] == len(stack["frame"])
+
+    run_files = {a.path for a in client.list_artifacts(job["mlflow_run_id"])}
+    assert {"tensorboard", "weights", "checkpoints", "reports", "model"} <= run_files
+    events = [a.path for a in client.list_artifacts(job["mlflow_run_id"], "tensorboard")]
+    assert any("tfevents" in path for path in events), events
+
+
+def test_a_fine_tuned_version_names_its_parent_and_starts_from_its_weights(trained, stack):
+    from mlflow.tracking import MlflowClient
+
+    # One epoch at a tiny rate: only a start from the parent's weights can already be this good.
+    spec = job_spec(rev=stack["rev"], training__epochs=1, training__learning_rate=1e-6,
+                    init_from={"model_name": "breast_cancer", "version": trained["model_version"]})
+    job = run_job(stack, spec)
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    assert job["metrics"]["val_accuracy"] >= 0.94
+    uri = stack["settings"].platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("breast_cancer", job["model_version"])
+    assert version.tags["shipyard.parent"] == f"breast_cancer/{trained['model_version']}"
+
+    missing = run_job(stack, job_spec(rev=stack["rev"], training__epochs=1,
+                                      init_from={"model_name": "breast_cancer", "version": "999"}))
+    assert missing["state"] == "failed" and "has no version 999" in missing["error"]
+
+
+def test_a_keras_job_trains_through_the_worker_and_registers_onnx(stack):
+    from mlflow.tracking import MlflowClient
+    from sklearn.datasets import load_wine
+
+    platform = stack["settings"].platform
+    rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add(
+        "wine", load_wine(as_frame=True).frame
+    ).rev
+    spec = job_spec(rev=rev, dataset="wine", model_name="wine_keras", framework="keras",
+                    model={"type": "mlp", "hidden": [32]}, training__epochs=15, training__batch_size=16,
+                    training__learning_rate=0.01)
+    job = run_job(stack, spec, timeout=300)
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    assert job["metrics"]["val_accuracy"] >= 0.9 and job["metrics"]["onnx_max_abs_diff"] <= 1e-4
+    assert job["progress"]["epoch"] == 15
+    uri = platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("wine_keras", job["model_version"])
+    assert version.tags["shipyard.framework"] == "keras" and version.tags["shipyard.format"] == "onnx"
+    assert len(client.get_metric_history(job["mlflow_run_id"], "val_accuracy")) == 15
+
+
+def test_a_transformers_job_fine_tunes_minilm_and_ships_its_tokenizer(stack, tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.services.trainer.test_text import sentiment_frame
+
+    platform = stack["settings"].platform
+    rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("reviews", sentiment_frame(160)).rev
+    spec = job_spec(rev=rev, dataset="reviews", model_name="sentiment", framework="transformers",
+                    model={"type": "pretrained_text", "max_length": 32, "freeze_encoder": True},
+                    data__target="sentiment", training__epochs=2, training__batch_size=16,
+                    training__learning_rate=5e-3)
+    job = run_job(stack, spec, timeout=300)
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    assert job["metrics"]["val_accuracy"] >= 0.9
+    uri = platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("sentiment", job["model_version"])
+    assert version.tags["shipyard.parent"] == "pretrained:all-MiniLM-L6-v2"
+    signature = json.loads(version.tags["shipyard.signature"])
+    assert signature["inputs"] == [{"name": "input_ids", "shape": [None, 32], "dtype": "int64"}]
+    files = {a.path for a in client.list_artifacts(job["mlflow_run_id"], "model/tokenizer")}
+    assert "model/tokenizer/tokenizer.json" in files

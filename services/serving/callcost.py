@@ -1,0 +1,56 @@
+"""How much CPU one runtime call of a loaded version costs: decides whether it may run on the event loop.
+
+The fast lane (:mod:`services.serving.fastlane`) runs a request's model call inline on the event
+loop when that is cheaper than a thread hop, and in a thread otherwise. The deciding figure is an
+exponentially weighted mean of the CPU time the calling thread spent in the runtime call
+(``time.thread_time``): unlike wall time, it does not grow while a thread waits for the GIL or for
+a merged call, so a busy server does not mistake a cheap model for an expensive one. A runtime
+whose work happens elsewhere (TF Serving over gRPC) costs little CPU here but may block for long:
+such runtimes say so (``remote``) and are never run inline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: A call at most this costly (mean CPU seconds) may run on the event loop.
+INLINE_MAX_S = 0.001
+#: Calls measured before a version may run inline at all (until then: a thread).
+MIN_SAMPLES = 5
+_ALPHA = 0.1
+#: Formats whose calls wait on another process rather than compute here.
+REMOTE_FORMATS = frozenset({"savedmodel"})
+
+
+class CallCost:
+    """An EWMA of one version's runtime-call CPU time; updates are racy but only ever approximate."""
+
+    __slots__ = ("mean_s", "samples", "remote")
+
+    def __init__(self, *, remote: bool = False) -> None:
+        self.mean_s = 0.0
+        self.samples = 0
+        self.remote = remote
+
+    def observe(self, seconds: float) -> None:
+        self.samples += 1
+        if self.samples == 1:
+            self.mean_s = seconds
+        else:
+            self.mean_s += _ALPHA * (seconds - self.mean_s)
+
+    @property
+    def cheap(self) -> bool:
+        return not self.remote and self.samples >= MIN_SAMPLES and self.mean_s <= INLINE_MAX_S
+
+    def timed(self, call: Callable[[], T]) -> T:
+        """``call()``, its calling thread's CPU time observed."""
+        started = time.thread_time()
+        try:
+            return call()
+        finally:
+            self.observe(time.thread_time() - started)

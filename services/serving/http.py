@@ -1,0 +1,112 @@
+"""What the protocol routers share: auth in the protocol's error shape, bounded bodies, answers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from services.serving.dataplane import DataPlane
+from services.serving.validation import check_body_size
+from shipyard_common.auth import Role, TokenAuthenticator
+from shipyard_common.errors import PayloadTooLarge
+
+ProtocolResponse = tuple[int, bytes, dict[str, str]]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def get_dataplane(request: Request) -> DataPlane:
+    return request.app.state.dataplane  # type: ignore[no-any-return]
+
+
+def authorize(request: Request) -> None:
+    """Any valid token (role viewer); raises Unauthorized for the caller to shape."""
+    authenticator: TokenAuthenticator = request.app.state.authenticator
+    authenticator.authorize(
+        request.headers.get("authorization"), request.headers.get("x-api-token"), Role.VIEWER
+    )
+
+
+def lower_headers(request: Request) -> dict[str, str]:
+    return {key.lower(): value for key, value in request.headers.items()}
+
+
+def respond(answer: ProtocolResponse) -> Response:
+    status, body, headers = answer
+    media_type = headers.pop("content-type", None)
+    return Response(content=body, status_code=status, headers=headers, media_type=media_type)
+
+
+def _error_body(path: str, message: str) -> bytes:
+    """A 413 in the shape of the protocol the path belongs to."""
+    if path.startswith("/v2/") or ":" in path.rsplit("/", 1)[-1]:  # v2, TF Serving's ":predict"
+        return orjson.dumps({"error": message})
+    return orjson.dumps(PayloadTooLarge(message).to_body())
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413 before they are read into memory.
+
+    A Content-Length over the limit is refused at once (the server holds the body to that
+    length). A chunked body is read here up to the limit and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length: int | None = None
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = None
+        try:
+            check_body_size(length, self.limit)
+        except PayloadTooLarge as exc:
+            await self._refuse(scope, send, exc.message)
+            return
+        if length is not None:
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            try:
+                check_body_size(size, self.limit)
+            except PayloadTooLarge as exc:
+                await self._refuse(scope, send, exc.message.replace(f"is {size} bytes", "is larger"))
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send, message: str) -> None:
+        body = _error_body(scope.get("path", ""), message)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,157 @@
+"""TF Serving's REST API: ``:predict`` in row and columnar form, and model status.
+
+Row form: ``{"instances": [...]}``, one entry per row: the input's value for a one-input model,
+``{input: value, ...}`` otherwise; answered ``{"predictions": [...]}``, one entry per row (an
+object of outputs when the model has several). Columnar form: ``{"inputs": tensor}`` or
+``{"inputs": {input: tensor, ...}}``, answered ``{"outputs": tensor}`` or ``{"outputs": {...}}``.
+Errors: ``{"error": "message"}`` with the error's status.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from services.serving import dataplane as dp
+from services.serving.protocols import dumps, loads
+from services.serving.runtimes.base import Signature
+from services.serving.validation import array_from_json
+from shipyard_common.errors import InvalidInput, NotFound, ShipyardError
+from shipyard_common.lineage import PRODUCTION
+
+JSON_TYPE = "application/json"
+SIGNATURE_NAME = "serving_default"
+
+Response = tuple[int, bytes, dict[str, str]]
+
+
+def error_response(exc: ShipyardError) -> Response:
+    """The protocol's error shape, the one place it is made."""
+    return exc.status_code, dumps({"error": exc.message}), {"content-type": JSON_TYPE}
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return status, dumps(value), {"content-type": JSON_TYPE}
+
+
+def _rows(instances: Any, signature: Signature) -> dict[str, np.ndarray]:
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInput("'instances' must be a non-empty list, one entry per row")
+    names = signature.input_names
+    specs = {spec.name: spec for spec in signature.inputs}
+    if len(names) == 1 and not all(isinstance(row, dict) for row in instances):
+        (name,) = names
+        return {name: array_from_json(instances, specs[name].dtype, what=f"input {name!r}")}
+    columns: dict[str, list[Any]] = {}
+    for index, row in enumerate(instances):
+        if not isinstance(row, dict):
+            raise InvalidInput(
+                f"instances[{index}] is {type(row).__name__}; this model takes named inputs {names}, "
+                "so each instance is an object {input: value}"
+            )
+        if set(row) != set(columns or row):
+            raise InvalidInput(
+                f"instances[{index}] names {sorted(row)}; instances[0] named {sorted(columns)}"
+            )
+        for key, value in row.items():
+            columns.setdefault(key, []).append(value)
+    return {
+        key: array_from_json(values, specs[key].dtype, what=f"input {key!r}") if key in specs
+        else np.asarray(values)
+        for key, values in columns.items()
+    }
+
+
+def _columns(inputs: Any, signature: Signature) -> dict[str, np.ndarray]:
+    specs = {spec.name: spec for spec in signature.inputs}
+    if isinstance(inputs, dict):
+        return {
+            key: array_from_json(value, specs[key].dtype, what=f"input {key!r}") if key in specs
+            else np.asarray(0)
+            for key, value in inputs.items()
+        }
+    if len(specs) != 1:
+        raise InvalidInput(
+            f"this model takes named inputs {list(specs)}: send {{\"inputs\": {{name: tensor}}}}"
+        )
+    (name,) = specs
+    return {name: array_from_json(inputs, specs[name].dtype, what=f"input {name!r}")}
+
+
+def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, np.ndarray], bool]:
+    """Named arrays, and whether the request was in row form."""
+    request = loads(body)
+    if not isinstance(request, dict):
+        raise InvalidInput("the request body must be a JSON object with 'instances' or 'inputs'")
+    name = request.get("signature_name", SIGNATURE_NAME)
+    if name != SIGNATURE_NAME:
+        raise InvalidInput(f"signature_name {name!r} is not served; only {SIGNATURE_NAME!r} is")
+    if ("instances" in request) == ("inputs" in request):
+        raise InvalidInput("send exactly one of 'instances' (row form) and 'inputs' (columnar form)")
+    if "instances" in request:
+        return _rows(request["instances"], signature), True
+    return _columns(request["inputs"], signature), False
+
+
+def encode_predict(inference: dp.Inference, row_format: bool) -> dict[str, Any]:
+    outputs = inference.outputs
+    if row_format:
+        if len(outputs) == 1:
+            return {"predictions": next(iter(outputs.values())).tolist()}
+        batch = len(next(iter(outputs.values())))
+        return {
+            "predictions": [{key: value[i].tolist() for key, value in outputs.items()} for i in range(batch)]
+        }
+    if len(outputs) == 1:
+        return {"outputs": next(iter(outputs.values())).tolist()}
+    return {"outputs": {key: value.tolist() for key, value in outputs.items()}}
+
+
+def predict(
+    *, dataplane: dp.DataPlane, name: str, version: str | None, label: str | None, body: bytes,
+    request_id: str | None = None, inline: bool = False,
+) -> Response:
+    """One ``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict``.
+
+    ``inline``: called on the event loop (the fast lane); see :func:`dataplane.infer`, whose
+    :class:`~services.serving.dataplane.Offload` passes through.
+    """
+    started = time.perf_counter()
+    try:
+        served = dp.served_model(dataplane, name, version=version, label=label)
+        try:
+            arrays, row_format = decode_predict(body, served.signature)
+        except InvalidInput:
+            dp.count_error(dataplane, name, "invalid_input")
+            raise
+        inference = dp.infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
+                             started=started, inline=inline)
+        status, content, answer_headers = json_response(encode_predict(inference, row_format))
+        answer_headers[dp.VERSION_HEADER] = inference.version  # the body has no field for it
+        return status, content, answer_headers
+    except ShipyardError as exc:
+        return error_response(exc)
+
+
+def model_status(
+    *, dataplane: dp.DataPlane, name: str, version: str | None = None, label: str | None = None
+) -> Response:
+    """``GET /v1/models/{name}/versions/{v}`` or ``/labels/{l}``: TF Serving's GetModelStatus."""
+    try:
+        state = dp.model_state(dataplane, name)
+        statuses = dp.version_status(state)
+        if label is not None:
+            served = dp.resolve(dataplane, name, label=label)
+            statuses = [s for s in statuses if s["version"] == served.version]
+        elif version is not None:
+            statuses = [s for s in statuses if s["version"] == version]
+            if not statuses:
+                raise NotFound(
+                    f"model {name!r} version {version} is not loaded; serving loads the '{PRODUCTION}' "
+                    f"alias (version {state.target_version})"
+                )
+        return json_response({"model_version_status": statuses})
+    except ShipyardError as exc:
+        return error_response(exc)

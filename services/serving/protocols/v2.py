@@ -1,0 +1,270 @@
+"""The Open Inference Protocol (KServe v2 / Triton) over HTTP/REST, with binary tensor data.
+
+JSON requests: ``{"id", "parameters", "inputs": [{"name", "shape", "datatype", "data"}],
+"outputs": [{"name", "parameters": {"binary_data": bool}}]}``, ``data`` flat or nested in
+row-major order. Binary tensor data extension: the header ``Inference-Header-Content-Length``
+gives the JSON's length; the raw little-endian bytes of each input whose
+``parameters.binary_data_size`` is set follow it, in the order of ``inputs``. Outputs are answered
+the same way when asked (``parameters.binary_data_output`` for all, ``binary_data`` per output).
+Errors: ``{"error": "message"}`` with the error's 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.serving import dataplane as dp
+from services.serving.models import ServedModel
+from services.serving.protocols import dumps, loads
+from services.serving.runtimes.base import TensorSpec
+from services.serving.validation import array_from_json
+from shipyard_common.errors import InvalidInput, ShipyardError
+
+HEADER_LENGTH = "inference-header-content-length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("uint8"), "UINT16": np.dtype("uint16"),
+    "UINT32": np.dtype("uint32"), "UINT64": np.dtype("uint64"),
+    "INT8": np.dtype("int8"), "INT16": np.dtype("int16"),
+    "INT32": np.dtype("int32"), "INT64": np.dtype("int64"),
+    "FP16": np.dtype("float16"), "FP32": np.dtype("float32"), "FP64": np.dtype("float64"),
+}
+_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+def datatype(dtype: np.dtype[Any]) -> str:
+    return _NAMES.get(np.dtype(dtype), "BYTES")
+
+
+def _shape(spec: TensorSpec) -> list[int]:
+    return [-1 if d is None else d for d in spec.shape]
+
+
+def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": datatype(spec.dtype), "shape": _shape(spec)}
+
+
+Response = tuple[int, bytes, dict[str, str]]
+
+
+def error_response(exc: ShipyardError) -> Response:
+    """The protocol's error shape, the one place it is made."""
+    return exc.status_code, dumps({"error": exc.message}), {"content-type": JSON_TYPE}
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return status, dumps(value), {"content-type": JSON_TYPE}
+
+
+# -- metadata ---------------------------------------------------------------------------------
+
+
+def server_metadata(version: str) -> dict[str, Any]:
+    return {"name": "shipyard-serving", "version": version, "extensions": ["binary_tensor_data"]}
+
+
+def model_metadata(served: ServedModel) -> dict[str, Any]:
+    return {
+        "name": served.name,
+        "versions": [served.version],
+        "platform": served.runtime.platform,
+        "inputs": [_tensor_metadata(spec) for spec in served.signature.inputs],
+        "outputs": [_tensor_metadata(spec) for spec in served.signature.outputs],
+    }
+
+
+def model_ready(served: ServedModel) -> dict[str, Any]:
+    return {"name": served.name, "version": served.version, "ready": True}
+
+
+# -- inference --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    arrays: dict[str, np.ndarray]
+    #: None: every output the model has, binary when ``binary_default``.
+    outputs: list[RequestedOutput] | None
+    binary_default: bool
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _parameters(item: dict[str, Any], what: str) -> dict[str, Any]:
+    return _object(item.get("parameters") or {}, f"{what}.parameters")
+
+
+def _header_length(value: str | None, body_size: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise InvalidInput(f"Inference-Header-Content-Length is {value!r}, not a number of bytes") from None
+    if not 0 < length <= body_size:
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {length}; the body has {body_size} bytes"
+        )
+    return length
+
+
+def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    length = _header_length(header_length, len(body))
+    header_bytes, binary = (body, b"") if length is None else (body[:length], body[length:])
+    request = _object(loads(header_bytes, what="the inference request"), "the inference request")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("the inference request needs 'inputs': a list of tensors")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for index, raw in enumerate(inputs):
+        item = _object(raw, f"inputs[{index}]")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"inputs[{index}] needs a 'name'")
+        if name in arrays:
+            raise InvalidInput(f"input {name!r} is given twice")
+        shape = item.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise InvalidInput(
+                f"input {name!r}: 'shape' must be a list of non-negative integers, not {shape!r}"
+            )
+        type_name = item.get("datatype")
+        dtype = DATATYPES.get(type_name) if isinstance(type_name, str) else None
+        if dtype is None:
+            raise InvalidInput(
+                f"input {name!r}: datatype {type_name!r} is not one serving takes ({', '.join(DATATYPES)})"
+            )
+        count = math.prod(shape)
+        binary_size = _parameters(item, f"input {name!r}").get("binary_data_size")
+        if binary_size is not None:
+            if type(binary_size) is not int or binary_size < 0:
+                raise InvalidInput(f"input {name!r}: binary_data_size must be a byte count")
+            if binary_size != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size is {binary_size} bytes; shape {shape} of {type_name} "
+                    f"needs {count * dtype.itemsize}"
+                )
+            if offset + binary_size > len(binary):
+                raise InvalidInput(
+                    f"input {name!r}: the body holds {len(binary) - offset} bytes of binary data for it, "
+                    f"not {binary_size}"
+                )
+            chunk = binary[offset:offset + binary_size]
+            offset += binary_size
+            # Little-endian on the wire; a copy, so the array owns aligned memory.
+            array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+        else:
+            if "data" not in item:
+                raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            flat = array_from_json(item["data"], dtype, what=f"input {name!r}")
+            if flat.size != count:
+                raise InvalidInput(
+                    f"input {name!r} has {flat.size} values; shape {shape} needs {count}"
+                )
+            array = flat.reshape(shape)
+        arrays[name] = array
+    if offset != len(binary):
+        raise InvalidInput(
+            f"the body holds {len(binary) - offset} bytes after the inputs' binary data"
+        )
+    parameters = _parameters(request, "the inference request")
+    binary_default = bool(parameters.get("binary_data_output", False))
+    outputs: list[RequestedOutput] | None = None
+    if request.get("outputs") is not None:
+        raw_outputs = request["outputs"]
+        if not isinstance(raw_outputs, list):
+            raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
+        outputs = []
+        for index, raw in enumerate(raw_outputs):
+            item = _object(raw, f"outputs[{index}]")
+            name = item.get("name")
+            if not isinstance(name, str):
+                raise InvalidInput(f"outputs[{index}] needs a 'name'")
+            binary_flag = _parameters(item, f"output {name!r}").get("binary_data", binary_default)
+            outputs.append(RequestedOutput(name=name, binary=bool(binary_flag)))
+    request_id = request.get("id")
+    return InferRequest(
+        id=str(request_id) if request_id is not None else None, arrays=arrays, outputs=outputs,
+        binary_default=binary_default,
+    )
+
+
+def encode_infer_response(
+    inference: dp.Inference, requested: list[RequestedOutput], request_id: str
+) -> Response:
+    header: dict[str, Any] = {
+        "model_name": inference.model, "model_version": inference.version, "id": request_id, "outputs": [],
+    }
+    chunks: list[bytes] = []
+    for output in requested:
+        value = inference.outputs[output.name]
+        tensor: dict[str, Any] = {"name": output.name, "datatype": datatype(value.dtype),
+                                  "shape": list(value.shape)}
+        if output.binary:
+            raw = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = value.ravel().tolist()
+        header["outputs"].append(tensor)
+    head = dumps(header)
+    if not chunks:
+        return 200, head, {"content-type": JSON_TYPE}
+    return 200, head + b"".join(chunks), {
+        "content-type": BINARY_TYPE, "inference-header-content-length": str(len(head)),
+    }
+
+
+def infer(
+    *, dataplane: dp.DataPlane, name: str, version: str | None, body: bytes, headers: dict[str, str],
+    inline: bool = False,
+) -> Response:
+    """One ``POST /v2/models/{name}[/versions/{version}]/infer``: parse, run, encode (or the error).
+
+    ``inline``: called on the event loop (the fast lane); see :func:`dataplane.infer`, whose
+    :class:`~services.serving.dataplane.Offload` passes through.
+    """
+    started = time.perf_counter()
+    try:
+        served = dp.served_model(dataplane, name, version=version)
+        try:
+            request = decode_infer_request(body, headers.get(HEADER_LENGTH))
+            known = served.signature.output_names
+            if request.outputs is None:
+                requested = [RequestedOutput(n, request.binary_default) for n in known]
+            else:
+                unknown = [o.name for o in request.outputs if o.name not in known]
+                if unknown:
+                    raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
+                requested = request.outputs
+        except InvalidInput:
+            dp.count_error(dataplane, name, "invalid_input")
+            raise
+        request_id = request.id or headers.get("x-request-id") or dp.new_request_id()
+        inference = dp.infer(dataplane=dataplane, served=served, arrays=request.arrays,
+                             request_id=request_id, started=started, inline=inline)
+        status, content, answer_headers = encode_infer_response(inference, requested, request_id)
+        answer_headers[dp.VERSION_HEADER] = inference.version  # which version answered (canary split)
+        return status, content, answer_headers
+    except ShipyardError as exc:
+        return error_response(exc)

@@ -1,0 +1,64 @@
+"""TF Serving's REST routes: thin; the codec is :mod:`services.serving.protocols.tfserving`.
+
+``GET /v1/models/{name}`` is our status route (router.py), which carries TF Serving's
+``model_version_status`` too. All routes need a token; errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from services.serving.http import authorize, get_dataplane, respond
+from services.serving.protocols import tfserving
+from shipyard_common.errors import ShipyardError
+
+router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"])
+
+
+async def _predict(request: Request, name: str, version: str | None, label: str | None) -> Response:
+    try:
+        authorize(request)
+    except ShipyardError as exc:
+        return respond(tfserving.error_response(exc))
+    body = await request.body()
+    answer = await run_in_threadpool(
+        tfserving.predict, dataplane=get_dataplane(request), name=name, version=version, label=label,
+        body=body, request_id=request.headers.get("x-request-id"),
+    )
+    return respond(answer)
+
+
+@router.post("/{name}:predict")
+async def tfserving_predict(request: Request, name: str) -> Response:
+    return await _predict(request, name, None, None)
+
+
+@router.post("/{name}/versions/{version}:predict")
+async def tfserving_predict_version(request: Request, name: str, version: str) -> Response:
+    return await _predict(request, name, version, None)
+
+
+@router.post("/{name}/labels/{label}:predict")
+async def tfserving_predict_label(request: Request, name: str, label: str) -> Response:
+    return await _predict(request, name, None, label)
+
+
+def _status(request: Request, name: str, version: str | None, label: str | None) -> Response:
+    try:
+        authorize(request)
+    except ShipyardError as exc:
+        return respond(tfserving.error_response(exc))
+    return respond(tfserving.model_status(dataplane=get_dataplane(request), name=name, version=version,
+                                          label=label))
+
+
+@router.get("/{name}/versions/{version}")
+def tfserving_version_status(request: Request, name: str, version: str) -> Response:
+    return _status(request, name, version, None)
+
+
+@router.get("/{name}/labels/{label}")
+def tfserving_label_status(request: Request, name: str, label: str) -> Response:
+    return _status(request, name, None, label)

@@ -1,0 +1,98 @@
+"""Open Inference Protocol v2 routes: thin; the codec is :mod:`services.serving.protocols.v2`.
+
+Health routes (server live/ready, model ready) are open, like /healthz; metadata and infer need
+a token. Every error, auth included, is answered in the protocol's ``{"error": "..."}`` shape.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from services.serving import dataplane as dp
+from services.serving.http import authorize, get_dataplane, lower_headers, respond
+from services.serving.protocols import v2
+from shipyard_common.errors import BadRequest, ShipyardError
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+
+
+@router.get("")
+def server_metadata(request: Request) -> Response:
+    return respond(v2.json_response(v2.server_metadata(request.app.version)))
+
+
+@router.get("/health/live")
+def live() -> Response:
+    return respond(v2.json_response({"live": True}))
+
+
+@router.get("/health/ready")
+def ready(request: Request) -> Response:
+    plane = get_dataplane(request)
+    is_ready = bool(request.app.state.ready) and plane.models.reconciled.is_set()
+    return respond(v2.json_response({"ready": is_ready}, 200 if is_ready else 503))
+
+
+def _model_ready(request: Request, name: str, version: str | None) -> Response:
+    try:
+        served = dp.resolve(get_dataplane(request), name, version=version)
+        return respond(v2.json_response(v2.model_ready(served)))
+    except ShipyardError as exc:
+        return respond(v2.error_response(exc))
+
+
+@router.get("/models/{name}/ready")
+def model_ready(request: Request, name: str) -> Response:
+    return _model_ready(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready")
+def model_version_ready(request: Request, name: str, version: str) -> Response:
+    return _model_ready(request, name, version)
+
+
+def _metadata(request: Request, name: str, version: str | None) -> Response:
+    try:
+        authorize(request)
+        served = dp.resolve(get_dataplane(request), name, version=version)
+        return respond(v2.json_response(v2.model_metadata(served)))
+    except ShipyardError as exc:
+        return respond(v2.error_response(exc))
+
+
+@router.get("/models/{name}")
+def model_metadata(request: Request, name: str) -> Response:
+    return _metadata(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}")
+def model_version_metadata(request: Request, name: str, version: str) -> Response:
+    return _metadata(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    try:
+        authorize(request)
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise BadRequest("compressed request bodies are not accepted; send them uncompressed")
+    except ShipyardError as exc:
+        return respond(v2.error_response(exc))
+    body = await request.body()
+    # In the thread pool: ONNX Runtime releases the GIL, and the prediction log may block when full.
+    answer = await run_in_threadpool(
+        v2.infer, dataplane=get_dataplane(request), name=name, version=version, body=body,
+        headers=lower_headers(request),
+    )
+    return respond(answer)
+
+
+@router.post("/models/{name}/infer")
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)

@@ -1,0 +1,120 @@
+"""What every runtime offers the data plane: a signature, ``predict`` on named arrays, ``close``.
+
+A signature names each input and output with its dtype and shape (``None`` for a dimension
+of any size, the batch first). Requests are checked against it before a runtime sees them
+(:mod:`services.serving.validation`), so runtimes only ever get arrays of the right dtype and shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+FORMAT_ONNX = "onnx"
+FORMAT_TORCHSCRIPT = "torchscript"
+FORMAT_SAVEDMODEL = "savedmodel"
+# Without a shipyard.format tag, the first of these whose files the version holds is served.
+FORMAT_PREFERENCE = (FORMAT_ONNX, FORMAT_TORCHSCRIPT, FORMAT_SAVEDMODEL)
+
+# The dtypes a request may carry. Strings and objects are not among them: no model we serve takes them.
+_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+           "uint8", "uint16", "uint32", "uint64", "bool")
+
+
+class ModelLoadError(Exception):
+    """A model version that cannot be served; the message says why, for the model's status."""
+
+
+def parse_dtype(name: str) -> np.dtype[Any]:
+    """A signature's dtype name (``float32``, ``int64``, …) as a numpy dtype."""
+    if name not in _DTYPES:
+        raise ModelLoadError(f"dtype {name!r} is not one serving can feed (one of {', '.join(_DTYPES)})")
+    return np.dtype(name)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype[Any]
+    # None: any size. The first dimension is the batch.
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name!r} {self.dtype.name}[{dims}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    classes: tuple[Any, ...] | None = field(default=None)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.outputs if spec.name == name), None)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Signature:
+        """The trainer's signature JSON: ``{"inputs": [{"name", "shape", "dtype"}], "outputs": [...]}``."""
+
+        def specs(key: str) -> tuple[TensorSpec, ...]:
+            items = data.get(key)
+            if not isinstance(items, list) or not items:
+                raise ModelLoadError(f"the signature has no {key}")
+            found = []
+            for item in items:
+                try:
+                    shape = tuple(
+                        None if d is None or (isinstance(d, int) and d < 0) else int(d) for d in item["shape"]
+                    )
+                    found.append(TensorSpec(name=str(item["name"]), dtype=parse_dtype(str(item["dtype"])),
+                                            shape=shape))
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ModelLoadError(f"the signature's {key} entry {item!r} is malformed: {exc}") from exc
+            return tuple(found)
+
+        classes = data.get("classes")
+        return cls(inputs=specs("inputs"), outputs=specs("outputs"),
+                   classes=tuple(classes) if isinstance(classes, list) else None)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One loaded model version. ``predict`` must be safe to call from many threads at once."""
+
+    #: ``onnx``, ``torchscript`` or ``savedmodel``.
+    format: str
+    #: The Open Inference Protocol's platform name, e.g. ``onnxruntime_onnx``.
+    platform: str
+    #: What the runtime itself says it takes and answers.
+    signature: Signature
+
+    def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on inputs already checked against the signature; every output by name."""
+        ...
+
+    def close(self) -> None:
+        """Release what the runtime holds; requests may no longer call ``predict``."""
+        ...
+
+
+def warm_up_arrays(signature: Signature) -> dict[str, np.ndarray]:
+    """One row of zeros per input, with every free dimension 1: what a warm-up run feeds."""
+    return {
+        spec.name: np.zeros(tuple(1 if d is None else d for d in spec.shape), dtype=spec.dtype)
+        for spec in signature.inputs
+    }

@@ -1,0 +1,153 @@
+"""Which runtime serves a version, and the signature requests are checked against.
+
+The format: the version's ``shipyard.format`` tag when the version holds that format's files;
+otherwise the first of onnx > torchscript > savedmodel that it holds. A savedmodel is served
+only through TF Serving, so it is a candidate only when ``tf_serving_address`` is set.
+
+The signature: the stored one for that format (``signature.json``'s ``formats[fmt]``, or the
+``shipyard.signature`` tag when it describes that format), else the runtime's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.serving.runtimes.base import (
+    FORMAT_ONNX,
+    FORMAT_PREFERENCE,
+    FORMAT_SAVEDMODEL,
+    FORMAT_TORCHSCRIPT,
+    ModelLoadError,
+    Runtime,
+    Signature,
+)
+from services.serving.runtimes.onnx import find_model_file, load_onnx
+from services.serving.runtimes.torchscript import TORCHSCRIPT_FILE_NAME, load_torchscript
+from services.serving.settings import ServingSettings
+from shipyard_common.lineage import ONNX_FILE_NAME, SIGNATURE_FILE, TAG_FORMAT, TAG_SIGNATURE
+
+log = logging.getLogger("shipyard.serving.runtimes")
+
+
+@dataclass(frozen=True)
+class LoadedRuntime:
+    runtime: Runtime
+    #: What requests are checked against: the stored signature, or the runtime's own.
+    signature: Signature
+
+
+def model_root(folder: Path) -> Path:
+    """The version's model folder: the shallowest one holding ``signature.json``, else ``folder``."""
+    found = sorted(folder.rglob(SIGNATURE_FILE), key=lambda p: (len(p.parts), str(p)))
+    return found[0].parent if found else folder
+
+
+def format_files(root: Path) -> dict[str, Path]:
+    """The formats ``root`` holds, each with the path its runtime opens."""
+    files: dict[str, Path] = {}
+    onnx = root / FORMAT_ONNX / ONNX_FILE_NAME
+    if onnx.is_file():
+        files[FORMAT_ONNX] = onnx
+    else:
+        # Versions registered before the model folder: a model.onnx anywhere in the artifacts.
+        with contextlib.suppress(ModelLoadError):
+            files[FORMAT_ONNX] = find_model_file(root)
+    torchscript = root / FORMAT_TORCHSCRIPT / TORCHSCRIPT_FILE_NAME
+    if torchscript.is_file():
+        files[FORMAT_TORCHSCRIPT] = torchscript
+    savedmodel = root / FORMAT_SAVEDMODEL
+    if (savedmodel / "saved_model.pb").is_file():
+        files[FORMAT_SAVEDMODEL] = savedmodel
+    return files
+
+
+def choose_format(tags: Mapping[str, str], available: dict[str, Path], *, tf_serving: bool) -> str:
+    servable = [f for f in FORMAT_PREFERENCE if f in available and (f != FORMAT_SAVEDMODEL or tf_serving)]
+    tagged = tags.get(TAG_FORMAT)
+    if tagged in servable:
+        return str(tagged)
+    if not servable:
+        held = sorted(available)
+        if held == [FORMAT_SAVEDMODEL]:
+            raise ModelLoadError(
+                "the version holds only a savedmodel, which serving answers through TF Serving: "
+                "set SHIPYARD_SERVING_TF_SERVING_ADDRESS"
+            )
+        raise ModelLoadError(
+            f"the version holds no format serving can load (looked for {', '.join(FORMAT_PREFERENCE)})"
+        )
+    if tagged:
+        log.warning("the version's %s is %r, which it cannot be served as here; serving %s",
+                    TAG_FORMAT, tagged, servable[0])
+    return servable[0]
+
+
+def stored_signature(root: Path, tags: Mapping[str, str], fmt: str) -> Signature | None:
+    """The signature the trainer stored for ``fmt``, if any."""
+    path = root / SIGNATURE_FILE
+    if path.is_file():
+        try:
+            data: Any = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ModelLoadError(f"{SIGNATURE_FILE} is not valid JSON: {exc}") from exc
+        formats = data.get("formats") if isinstance(data, dict) else None
+        if isinstance(formats, dict) and isinstance(formats.get(fmt), dict):
+            merged = {"classes": data.get("classes"), **formats[fmt]}
+            return Signature.from_json(merged)
+        if isinstance(data, dict) and data.get("primary") == fmt:
+            return Signature.from_json(data)
+    tagged = tags.get(TAG_SIGNATURE)
+    if tagged and tags.get(TAG_FORMAT) == fmt:
+        try:
+            return Signature.from_json(json.loads(tagged))
+        except ValueError as exc:
+            raise ModelLoadError(f"the {TAG_SIGNATURE} tag is not valid JSON: {exc}") from exc
+    return None
+
+
+def _check_names(stored: Signature, own: Signature) -> None:
+    if sorted(stored.input_names) != sorted(own.input_names) or not set(stored.output_names) <= set(
+        own.output_names
+    ):
+        raise ModelLoadError(
+            f"the stored signature (inputs {stored.input_names}, outputs {stored.output_names}) does not "
+            f"match the model's own (inputs {own.input_names}, outputs {own.output_names})"
+        )
+
+
+def load_runtime(
+    folder: Path, *, name: str, version: str, tags: Mapping[str, str], settings: ServingSettings
+) -> LoadedRuntime:
+    """Open the version in ``folder`` with the runtime its format needs; warm it up."""
+    root = model_root(folder)
+    available = format_files(root)
+    fmt = choose_format(tags, available, tf_serving=settings.tf_serving_address is not None)
+    stored = stored_signature(root, tags, fmt)
+    runtime: Runtime
+    if fmt == FORMAT_ONNX:
+        runtime = load_onnx(available[fmt], intra_op_threads=settings.intra_op_threads,
+                            graph_optimization=settings.graph_optimization)
+    elif fmt == FORMAT_TORCHSCRIPT:
+        runtime = load_torchscript(
+            available[fmt], signature=stored, intra_op_threads=settings.intra_op_threads
+        )
+    else:
+        from services.serving.runtimes.tfserving import connect_tf_serving
+
+        assert settings.tf_serving_address is not None
+        runtime = connect_tf_serving(address=settings.tf_serving_address, model_name=name, version=version,
+                                     timeout_s=settings.tf_serving_timeout_s)
+    if stored is None:
+        return LoadedRuntime(runtime=runtime, signature=runtime.signature)
+    try:
+        _check_names(stored, runtime.signature)
+    except ModelLoadError:
+        runtime.close()
+        raise
+    return LoadedRuntime(runtime=runtime, signature=stored)

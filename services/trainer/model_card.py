@@ -1,0 +1,150 @@
+"""The folder a registered version points at: its exports, signature and model card.
+
+The card is written for the person deciding whether to promote the version: what it was
+trained on, how well it did on held-out rows, what it is for and where it is known to fall
+short. ``model_card.json`` carries the same facts for programs (the registry UI shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.trainer.frameworks import Export, FitOutcome
+from services.trainer.schemas import ExportFormat, JobCreate, Task
+from shipyard_common.lineage import MODEL_CARD_FILE, MODEL_CARD_JSON, SIGNATURE_FILE
+
+# Serving prefers the first format of this order that a version holds.
+SERVING_PREFERENCE = (ExportFormat.ONNX, ExportFormat.TORCHSCRIPT, ExportFormat.SAVEDMODEL)
+_METRIC_NAMES = {
+    "val_accuracy": "accuracy", "val_f1_macro": "F1 (macro)", "val_roc_auc": "ROC-AUC",
+    "val_loss": "loss", "val_mse": "MSE", "val_mae": "MAE", "train_loss": "training loss",
+}
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    path: Path
+    primary: Export
+    card: dict[str, Any]
+
+
+def primary_export(exports: list[Export]) -> Export:
+    by_format = {e.format: e for e in exports}
+    return next(by_format[f] for f in SERVING_PREFERENCE if f in by_format)
+
+
+def write_model_folder(
+    *, outcome: FitOutcome, spec: JobCreate, lineage: dict[str, str], folder: Path
+) -> ModelFolder:
+    """Lay out ``folder`` as the version's source: ``<format>/…`` per export, signature, card."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for export in outcome.exports:
+        target = folder / export.format.value
+        if export.path.is_dir():
+            shutil.copytree(export.path, target, dirs_exist_ok=True)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(export.path, target / export.path.name)
+    for path, artifact_folder in outcome.artifacts:
+        target = folder / artifact_folder
+        target.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, target / path.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(path, target / path.name)
+    primary = primary_export(outcome.exports)
+    signatures = {e.format.value: e.signature for e in outcome.exports}
+    (folder / SIGNATURE_FILE).write_text(json.dumps(
+        {"primary": primary.format.value, **primary.signature, "formats": signatures},
+        indent=2, sort_keys=True,
+    ))
+    card = card_facts(outcome=outcome, spec=spec, lineage=lineage)
+    (folder / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
+    (folder / MODEL_CARD_FILE).write_text(render_card(card))
+    return ModelFolder(path=folder, primary=primary, card=card)
+
+
+def card_facts(*, outcome: FitOutcome, spec: JobCreate, lineage: dict[str, str]) -> dict[str, Any]:
+    classification = outcome.task == Task.CLASSIFICATION
+    limits = [
+        f"Validated on {outcome.n_val} held-out rows of the same dataset revision; expect worse on "
+        "data from another source or period: watch the monitor's drift report.",
+        f"Inputs must be the {len(outcome.features)} feature(s) {outcome.features[:20]} in that order, "
+        "with the meaning and units they had in training.",
+    ]
+    if classification:
+        limits.append(f"Only ever answers one of the classes seen in training: {outcome.classes[:50]}.")
+    if outcome.stopped_early:
+        limits.append(f"Training stopped early; the weights are those of epoch {outcome.best_epoch}.")
+    return {
+        "model_name": spec.model_name,
+        "framework": spec.framework.value,
+        "architecture": spec.model.type,
+        "details": outcome.card,
+        "task": outcome.task.value,
+        "intended_use": (
+            f"{'Classify' if classification else 'Predict'} {outcome.target!r} from "
+            f"{', '.join(outcome.features[:10])}{' …' if len(outcome.features) > 10 else ''}, for rows "
+            f"drawn like those of dataset {spec.data.dataset!r}. Not for decisions about people without "
+            "a review of the data's provenance and of per-group error rates, which Shipyard does not compute."
+        ),
+        "data": {
+            "dataset": spec.data.dataset, "revision": spec.data.rev, "target": outcome.target,
+            "features": outcome.features, "rows_train": outcome.n_train, "rows_validation": outcome.n_val,
+            "validation_split": spec.data.validation_split, "classes": outcome.classes,
+        },
+        "training": {
+            "epochs_run": len(outcome.history), "best_epoch": outcome.best_epoch,
+            "stopped_early": outcome.stopped_early, "device": outcome.device,
+            "seconds": round(outcome.seconds, 2), "seed": spec.training.seed,
+            "precision": spec.training.precision.value,
+        },
+        "metrics": outcome.metrics,
+        "exports": {e.format.value: {"max_abs_diff": e.max_abs_diff} for e in outcome.exports},
+        "lineage": lineage,
+        "limitations": limits,
+    }
+
+
+def render_card(card: dict[str, Any]) -> str:
+    data, training = card["data"], card["training"]
+    lines = [
+        f"# {card['model_name']}",
+        "",
+        f"A {card['framework']} `{card['architecture']}` {card['task']} model trained by Shipyard.",
+        "",
+        "## Intended use",
+        card["intended_use"],
+        "",
+        "## Data",
+        f"- Dataset `{data['dataset']}` at revision `{data['revision']}`",
+        f"- Target `{data['target']}`; {len(data['features'])} feature(s)",
+        f"- {data['rows_train']} training rows, {data['rows_validation']} validation rows",
+    ]
+    if data["classes"]:
+        lines.append(f"- Classes: {', '.join(str(c) for c in data['classes'][:50])}")
+    lines += ["", "## Metrics (validation)", "| metric | value |", "|---|---|"]
+    for key, value in card["metrics"].items():
+        lines.append(f"| {_METRIC_NAMES.get(key, key)} | {value:.4g} |")
+    lines += [
+        "",
+        "## Training",
+        f"- {training['epochs_run']} epoch(s) on {training['device']} in {training['seconds']} s, "
+        f"{training['precision']}, seed {training['seed']}"
+        + (f"; stopped early, best epoch {training['best_epoch']}" if training["stopped_early"] else ""),
+        "",
+        "## Exports",
+    ]
+    for name, facts in card["exports"].items():
+        lines.append(
+            f"- {name}: max |difference| from the framework on validation rows {facts['max_abs_diff']:.3g}"
+        )
+    lines += ["", "## Lineage"]
+    lines += [f"- {key}: `{value}`" for key, value in sorted(card["lineage"].items())]
+    lines += ["", "## Limitations"]
+    lines += [f"- {limit}" for limit in card["limitations"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,107 @@
+"""Frameworks ``pytorch`` and ``transformers``: the engine's loop, then the exports, checked.
+
+``transformers`` is the same loop on token ids (see :mod:`services.trainer.text`); ``gpus > 1``
+runs the same loop under torchrun (see :mod:`services.trainer.distributed`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from services.trainer import engine
+from services.trainer.frameworks import Export, FitContext, FitOutcome
+from services.trainer.schemas import ExportFormat, Framework, JobCreate
+
+log = logging.getLogger("shipyard.trainer.torch_job")
+
+CHECKPOINT_FILE = "last.pt"
+
+
+def prepare(context: FitContext) -> engine.TabularData:
+    spec = context.spec
+    if spec.framework == Framework.TRANSFORMERS:
+        from services.trainer import text
+
+        return text.prepare_text_data(context.frame, spec, workdir=context.workdir)
+    return engine.prepare_data(context.frame, spec)
+
+
+def fit(context: FitContext) -> FitOutcome:
+    spec = context.spec
+    data = prepare(context)
+    context.plan(engine.steps_per_epoch(data, spec) * spec.training.epochs)
+    if spec.resources.gpus > 1:
+        from services.trainer import distributed
+
+        result = distributed.train(data, context)
+    else:
+        result = train_here(data, context)
+    exports = export_all(result.model, data, spec, context)
+    return FitOutcome(
+        task=data.task, features=data.features, target=data.target, classes=data.classes,
+        n_train=len(data.x_train), n_val=len(data.x_val), metrics=result.metrics,
+        history=result.history, confusion=result.confusion, best_epoch=result.best_epoch,
+        stopped_early=result.stopped_early, seconds=result.seconds, device=result.device,
+        exports=exports, state_dict=result.model.state_dict(),
+        artifacts=list(getattr(data, "artifacts", [])),
+        card={"parameters": sum(p.numel() for p in result.model.parameters()),
+              "architecture": type(result.model).__name__},
+    )
+
+
+def train_here(data: engine.TabularData, context: FitContext) -> engine.TrainResult:
+    """The engine in this process, checkpointing into ``context.checkpoint_dir`` every epoch."""
+    checkpoint_file = context.checkpoint_dir / CHECKPOINT_FILE
+
+    def checkpointer(state: dict[str, Any]) -> None:
+        engine.save_checkpoint(state, checkpoint_file)
+        context.checkpoint_saved()
+
+    resume = load_resume(context)
+    return engine.train(
+        data, context.spec, device=context.device, observer=context.observer, checkpointer=checkpointer,
+        resume=resume, tensorboard_dir=context.tensorboard_dir, initial_weights=context.initial_weights,
+        plugin_dir=context.plugin_dir,
+    )
+
+
+def load_resume(context: FitContext) -> dict[str, Any] | None:
+    """The lost worker's checkpoint, or None (none saved, or unreadable: then train from epoch 1)."""
+    if context.resume_dir is None:
+        return None
+    path = context.resume_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        log.info("no checkpoint to resume from; training starts at epoch 1")
+        return None
+    try:
+        return engine.load_checkpoint(path)
+    except Exception as exc:  # a torn or foreign file: training from scratch still gives a model
+        log.warning("could not read the checkpoint (%s); training starts at epoch 1", exc)
+        return None
+
+
+def export_all(model: Any, data: engine.TabularData, spec: JobCreate, context: FitContext) -> list[Export]:
+    """Every format the spec asks for, each checked against PyTorch on the validation rows."""
+    from services.trainer import export
+
+    exports: list[Export] = []
+    folder = context.workdir / "exports"
+    for fmt in spec.exports:
+        if fmt == ExportFormat.ONNX:
+            done = export.export_onnx(
+                model, task=data.task, example=export.example_input(data),
+                path=folder / "onnx" / "model.onnx", check_rows=data.x_val, classes=data.classes,
+            )
+        elif fmt == ExportFormat.TORCHSCRIPT:
+            done = export.export_torchscript(
+                model, task=data.task, example=export.example_input(data),
+                path=folder / "torchscript" / "model.pt", check_rows=data.x_val, classes=data.classes,
+            )
+        else:  # the schema allows only the two above for these frameworks
+            raise AssertionError(fmt)
+        log.info("exported %s: max |difference| from PyTorch on %d held-out rows = %.3g",
+                 fmt.value, len(data.x_val), done.max_abs_diff)
+        exports.append(Export(format=fmt, path=done.path, max_abs_diff=done.max_abs_diff,
+                              signature=done.signature))
+    return exports
