@@ -49,11 +49,19 @@ class SumRuntime:
 
 
 class MemoryLog:
+    """The prediction log's interface, in memory: these tests read what the codecs logged."""
+
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], *, reserved: bool = False) -> None:
         self.records.append(record)
+
+    def try_reserve(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
 
 
 @pytest.fixture
