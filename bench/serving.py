@@ -302,8 +302,8 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
           f"load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"wrk: -t min(c,2) -c c -d {args.duration:g}s --latency, single-row POSTs; models {models}, "
           f"connections {connections}, targets {targets}")
-    print(f"ONNX Runtime intra-op threads: {ort_threads} (serving's default; the references use the same "
-          "session options)")
+    print(f"ONNX Runtime intra-op threads: {ort_threads} (serving's default, or 1 where serving chose 1 "
+          "for a model at load; the references use the same session options and threads)")
     print(f"Shipyard serving workers: {shipyard_workers} (shipyard, nobatch), 2 (shipyard2)\n")
 
     # Models, exported like the trainer does.
@@ -314,10 +314,9 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
         print(f"exported {key}: {MODELS[key].description}, {paths[key].stat().st_size / 1e6:.1f} MB "
               f"({time.perf_counter() - started:.1f} s)")
 
-    rates = {key: in_process_rate(paths[key], MODELS[key].n_features, ort_threads) for key in models}
-    for key in models:
-        print(f"in-process ONNX Runtime, 1 row, {ort_threads} threads: {key} {rates[key]:,.0f} rows/s")
-    print()
+    # The threads serving chose per model at load (runtime_threads in its status); until serving
+    # has answered, serving's configured number.
+    threads = {key: ort_threads for key in models}
 
     # The platform: Redis (if none answers), MLflow, the serving service.
     names = {key: f"{REGISTERED_PREFIX}-{key}" for key in models}
@@ -346,6 +345,9 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
 
         wait_until(all_served, timeout=180, what="serving ready with every model loaded", procs=procs,
                    pid=record.pid, name="serving")
+        for key in models:
+            status = httpx.get(f"{base}/v1/models/{names[key]}", headers=auth, timeout=5).json()
+            threads[key] = int(status.get("runtime_threads") or ort_threads)
         # The extra instances: own port and database, same registry, token and models.
         for extra in targets:
             if extra not in EXTRA_SERVING:
@@ -413,7 +415,7 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
                 port = free_port()
                 name = f"ref{workers}-{key}"
                 env = {**child_env, "BENCH_MODEL_PATH": str(paths[key]),
-                       "BENCH_ORT_THREADS": str(ort_threads)}
+                       "BENCH_ORT_THREADS": str(threads[key])}
                 pid = procs.start(name, [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH_DIR),
                                          "serving_reference:app", "--host", "127.0.0.1", "--port", str(port),
                                          "--workers", str(workers), "--lifespan", "off", "--no-access-log",
@@ -452,11 +454,12 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
         labels = {t.key: t.label for t in per_model}
         results[(key, "_labels", 0)] = json.dumps(labels)
 
-    print_table(results, models, connections, targets, rates, ort_threads, batching, args)
+    rates = {key: in_process_rate(paths[key], MODELS[key].n_features, threads[key]) for key in models}
+    print_table(results, models, connections, targets, rates, threads, batching, args)
 
 
 def print_table(results: dict[tuple[str, str, int], Any], models: list[str], connections: list[int],
-                targets: list[str], rates: dict[str, float], ort_threads: int, batching: list[str],
+                targets: list[str], rates: dict[str, float], threads: dict[str, int], batching: list[str],
                 args: argparse.Namespace) -> None:
     print("\n| model | target | conns | req/s | p50 ms | p99 ms | req/s ÷ ref1 | p50 ÷ ref1 | p99 ÷ ref1 "
           "| errors |")
@@ -482,7 +485,7 @@ def print_table(results: dict[tuple[str, str, int], Any], models: list[str], con
                       f"{fmt_ratio(ratios[2])} | {result.errors} |")
     print()
     for key in models:
-        print(f"- in-process ONNX Runtime, one row per `session.run`, {ort_threads} intra-op threads: "
+        print(f"- in-process ONNX Runtime, one row per `session.run`, {threads[key]} intra-op threads: "
               f"{key} **{rates[key]:,.0f} rows/s**")
 
     print("\nGoals (issue 4), MLP at the largest connection count:")

@@ -125,6 +125,7 @@ def install_common(
     registry = registry or CollectorRegistry()
     http_metrics = HttpMetrics(registry, service)
     app.state.metrics_registry = registry
+    app.state.http_metrics = http_metrics  # for ASGI layers in front of the middleware (serving's fast lane)
     app.state.authenticator = TokenAuthenticator(platform.tokens)
     app.state.ready = True
     checks = dict(readiness_checks or {})

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp
 
 from services.serving.dataplane import DataPlane
 from services.serving.fastlane import FastLane
@@ -43,6 +44,19 @@ def _create_tables(database: Database, attempts: int = 5) -> None:
             time.sleep(0.2 * attempt)
 
 
+class ServingApp(FastAPI):
+    """The FastAPI app with the prediction fast lane (fastlane.py) in front of its middleware stack."""
+
+    #: The fast lane's body limit; None: no fast lane, FastAPI's routes answer predictions.
+    fast_lane_body_limit: int | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if self.fast_lane_body_limit is None:
+            return stack
+        return FastLane(stack, state=self.state, body_limit=self.fast_lane_body_limit)
+
+
 def create_app(settings: ServingSettings) -> FastAPI:
     platform = settings.platform
     database = Database(platform.database_url)
@@ -72,15 +86,12 @@ def create_app(settings: ServingSettings) -> FastAPI:
             database.dispose()
 
     # No OpenTelemetry: FastAPI would otherwise look for a configured provider on every request.
-    app = FastAPI(title="Shipyard serving", version="0.1.0", lifespan=lifespan,
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = ServingApp(title="Shipyard serving", version="0.1.0", lifespan=lifespan,
+                     telemetry={"tracing": False, "metrics": False, "logs": False})
+    app.fast_lane_body_limit = settings.max_body_bytes if settings.fast_lane else None
     # Model calls too costly for the event loop (fastlane.py); its threads end with the lifespan.
     executor = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="predict")
     app.state.predict_executor = executor
-    # Declared first, so innermost: inside the body limit and the request metrics (install_common),
-    # in front of FastAPI's router. It answers predict POSTs itself and passes the rest on.
-    if settings.fast_lane:
-        app.add_middleware(FastLane, state=app.state)
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     models = LoadedModels(metrics)

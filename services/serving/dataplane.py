@@ -21,7 +21,7 @@ from services.serving.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics
 from services.serving.models import LoadedModels, ModelState, ServedModel
 from services.serving.prediction_log import PredictionLog
 from services.serving.routing import Router, ShadowMirror, leased, role_status, role_version_status, shadow_of
-from services.serving.runtimes.base import Signature, TensorSpec
+from services.serving.runtimes.base import Runtime, Signature, TensorSpec
 from services.serving.schemas import ModelStatusPublic, PredictResponse
 from services.serving.settings import ServingSettings
 from services.serving.validation import array_from_json, validate_inputs
@@ -267,7 +267,10 @@ def parse_rows(inputs: Any, *, spec: TensorSpec, max_rows: int, allow_non_finite
         except ValueError:  # ragged rows (no fixed feature count): the check below says so
             well_formed = False
         else:
-            if raw.dtype.kind == "f" and not allow_non_finite and not np.isfinite(raw).all():
+            # One C reduction: a NaN or Inf anywhere makes the sum non-finite (so may an overflow,
+            # which the value-by-value check then clears).
+            finite = allow_non_finite or raw.dtype.kind != "f" or math.isfinite(np.add.reduce(raw, axis=None))
+            if not finite:
                 well_formed = False
     if not well_formed:
         _check_rows_one_by_one(inputs, expected=expected, allow_non_finite=allow_non_finite)
@@ -337,6 +340,12 @@ def predict_inference(
         raise
 
 
+def _runtime_threads(runtime: Runtime) -> int | None:
+    inner = runtime.runtime if isinstance(runtime, BatchingRuntime) else runtime
+    threads = getattr(inner, "threads", None)
+    return threads if isinstance(threads, int) else None
+
+
 def predict_body(inference: Inference) -> dict[str, Any]:
     """Our predict answer: the model, the version that answered, its first output per row."""
     first = next(iter(inference.outputs.values()))
@@ -385,6 +394,7 @@ def _status_public(state: ModelState) -> ModelStatusPublic:
         loaded_at=served.loaded_at if served else None,
         format=served.runtime.format if served else None,
         platform=served.runtime.platform if served else None,
+        runtime_threads=_runtime_threads(served.runtime) if served else None,
         input_name=first_input.name if first_input else None,
         output_name=signature.outputs[0].name if signature else None,
         n_features=(

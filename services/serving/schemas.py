@@ -33,6 +33,9 @@ class ModelStatusPublic(BaseModel):
     loaded_at: datetime | None = None
     format: str | None = Field(default=None, description="onnx, torchscript or savedmodel (via TF Serving).")
     platform: str | None = Field(default=None, description="The runtime, as the v2 protocol names it.")
+    runtime_threads: int | None = Field(
+        default=None, description="ONNX Runtime intra-op threads the answering version runs with."
+    )
     input_name: str | None = None
     output_name: str | None = None
     n_features: int | None = None

@@ -53,6 +53,12 @@ class ServingSettings(ServiceSettings):
     )
     tf_serving_timeout_s: float = Field(default=10, gt=0)
     intra_op_threads: int = Field(default_factory=_default_intra_op_threads, ge=1)
+    choose_intra_op_threads: bool = Field(
+        default=True,
+        description="ONNX: time a one-row call with intra_op_threads and with one thread at load, and "
+        "keep one thread unless the pool is clearly faster (a small model's call costs less than "
+        "waking the pool).",
+    )
     graph_optimization: Literal["disabled", "basic", "extended", "all"] = "all"
     prediction_log_capacity: int = Field(
         default=10_000, ge=1, description="Requests waiting to be written; producers block when full."

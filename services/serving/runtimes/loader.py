@@ -132,7 +132,8 @@ def load_runtime(
     runtime: Runtime
     if fmt == FORMAT_ONNX:
         runtime = load_onnx(available[fmt], intra_op_threads=settings.intra_op_threads,
-                            graph_optimization=settings.graph_optimization)
+                            graph_optimization=settings.graph_optimization,
+                            choose_threads=settings.choose_intra_op_threads)
     elif fmt == FORMAT_TORCHSCRIPT:
         runtime = load_torchscript(
             available[fmt], signature=stored, intra_op_threads=settings.intra_op_threads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,11 @@ class OnnxRuntime:
     format = FORMAT_ONNX
     platform = "onnxruntime_onnx"
 
-    def __init__(self, path: Path, session: ort.InferenceSession) -> None:
+    def __init__(self, path: Path, session: ort.InferenceSession, *, threads: int = 1) -> None:
         self.path = path
         self.session = session
+        #: Intra-op threads of ``session`` (what :func:`load_onnx` chose).
+        self.threads = threads
         self.signature = Signature(
             inputs=tuple(self._spec(arg) for arg in session.get_inputs()),
             outputs=tuple(self._spec(arg) for arg in session.get_outputs()),
@@ -99,8 +102,7 @@ class OnnxRuntime:
         pass
 
 
-def load_onnx(path: Path, *, intra_op_threads: int, graph_optimization: str) -> OnnxRuntime:
-    """Open ``path`` with ONNX Runtime on CPU and warm it up."""
+def _open(path: Path, *, intra_op_threads: int, graph_optimization: str) -> OnnxRuntime:
     try:
         # A path rather than bytes, so that weights stored beside the graph (external data) load too.
         session = ort.InferenceSession(
@@ -114,7 +116,7 @@ def load_onnx(path: Path, *, intra_op_threads: int, graph_optimization: str) -> 
         raise ModelLoadError(f"ONNX Runtime cannot open {path.name}: {exc}") from exc
     if not session.get_outputs():
         raise ModelLoadError("the model has no outputs")
-    runtime = OnnxRuntime(path, session)
+    runtime = OnnxRuntime(path, session, threads=intra_op_threads)
     # The first run allocates and plans; doing it here keeps that cost off the first request and
     # proves the model runs before it is allowed to replace a working version.
     try:
@@ -122,3 +124,44 @@ def load_onnx(path: Path, *, intra_op_threads: int, graph_optimization: str) -> 
     except Exception as exc:
         raise ModelLoadError(f"the model failed its warm-up run: {exc}") from exc
     return runtime
+
+
+def _seconds_per_row(runtime: OnnxRuntime, arrays: dict[str, np.ndarray], *, runs: int = 30) -> float:
+    """The best of a few timings of ``runs`` one-row calls: the least disturbed by other work."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(runs):
+            runtime.session.run(runtime._output_names, arrays)
+        best = min(best, (time.perf_counter() - started) / runs)
+    return best
+
+
+# Opening a second session to compare costs a load; a model whose file is this large is
+# compute-bound (its many threads pay off), so the comparison is skipped.
+_COMPARE_MAX_BYTES = 64 * 1024 * 1024
+# The pool is kept only if it wins clearly: one thread also leaves the cores to other requests.
+_POOL_MUST_WIN_BY = 0.8
+
+
+def load_onnx(
+    path: Path, *, intra_op_threads: int, graph_optimization: str, choose_threads: bool = True
+) -> OnnxRuntime:
+    """Open ``path`` with ONNX Runtime on CPU and warm it up.
+
+    ``choose_threads``: with ``intra_op_threads`` above 1, also open the model with one thread,
+    time a one-row call of each, and keep the one thread unless the pool is clearly faster. A
+    small model's call takes microseconds, less than waking a second thread costs (and waiting
+    for a core to run it on a busy machine): its pool makes every request slower.
+    """
+    runtime = _open(path, intra_op_threads=intra_op_threads, graph_optimization=graph_optimization)
+    if not choose_threads or intra_op_threads <= 1 or path.stat().st_size > _COMPARE_MAX_BYTES:
+        return runtime
+    single = _open(path, intra_op_threads=1, graph_optimization=graph_optimization)
+    arrays = warm_up_arrays(runtime.signature)
+    pooled_s, single_s = _seconds_per_row(runtime, arrays), _seconds_per_row(single, arrays)
+    if pooled_s < single_s * _POOL_MUST_WIN_BY:
+        single.close()
+        return runtime
+    runtime.close()
+    return single

@@ -7,8 +7,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-from datetime import datetime
+import threading
+from datetime import datetime, timedelta
 from pathlib import Path
+
+import orjson
+import pytest
 
 from services.serving.journal import Journal, orphans
 
@@ -18,14 +22,27 @@ ROOT = Path(__file__).resolve().parents[3]
 def record(n: int) -> dict:
     return {"request_id": f"r{n}", "model": "m", "version": "1", "role": "production",
             "inputs": [[n, n + 0.5]], "outputs": [[1.0]], "latency_ms": 0.1,
-            "created_at": datetime(2026, 11, 23, 12, 0, n)}
+            "created_at": datetime(2026, 11, 23, 12) + timedelta(seconds=n)}
+
+
+def die(journal: Journal) -> None:
+    """As if its process were killed: the lock goes with the descriptor, the written pages stay."""
+    os.close(journal._lock_fd)
+
+
+def segments(journal: Journal) -> list[Path]:
+    return sorted(journal.path.glob("*.segment"))
+
+
+def ids(records: list[dict]) -> list[str]:
+    return [r["request_id"] for r in records]
 
 
 def test_a_killed_process_leaves_exactly_its_uncommitted_records(tmp_path):
     # A real process that journals three records, has the first committed, then dies by SIGKILL.
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        from datetime import datetime
+        from datetime import datetime, timedelta
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
         from services.serving.journal import Journal
@@ -48,19 +65,23 @@ def test_a_killed_process_leaves_exactly_its_uncommitted_records(tmp_path):
     _, records = found[0]
     assert [r["request_id"] for r in records] == ["r1", "r2"]
     assert records[0]["created_at"] == datetime(2026, 11, 23) and records[1]["inputs"] == [[2]]
-    assert list(tmp_path.glob("*.journal")) == []  # replayed once, then gone
+    assert list(tmp_path.iterdir()) == []  # replayed once, then gone, segments and all
     assert list(orphans(tmp_path)) == []
 
 
 def test_a_torn_last_line_is_skipped_and_a_closed_journal_is_removed(tmp_path):
     journal = Journal(tmp_path)
     journal.append(record(1))
-    path = journal.path
-    os.close(journal._fd)  # as if the process died: the lock goes with the descriptor
-    with open(path, "ab") as file:
+    assert list(orphans(tmp_path)) == []  # held: not an orphan, even to its own process
+    die(journal)
+    # Killed in the middle of copying a line: its first bytes, then the zeros never written over.
+    [segment] = segments(journal)
+    with open(segment, "r+b") as file:
+        end = file.read().index(b"\0")
+        file.seek(end)
         file.write(b'{"request_id": "r2", "mod')
     [(_, records)] = list(orphans(tmp_path))
-    assert [r["request_id"] for r in records] == ["r1"]
+    assert ids(records) == ["r1"]
 
     clean = Journal(tmp_path)
     clean.committed(clean.append(record(3)))
@@ -68,17 +89,113 @@ def test_a_torn_last_line_is_skipped_and_a_closed_journal_is_removed(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_fully_committed_journal_starts_over_instead_of_growing(tmp_path, monkeypatch):
-    import services.serving.journal as journal_module
+def test_records_over_several_segments_are_replayed_after_a_crash_and_none_twice(tmp_path):
+    journal = Journal(tmp_path, segment_bytes=4096)
+    positions = [journal.append(record(n)) for n in range(60)]
+    assert len(segments(journal)) >= 3
+    journal.committed(positions[24])
+    die(journal)
+    [(_, records)] = list(orphans(tmp_path))
+    assert ids(records) == [f"r{n}" for n in range(25, 60)]
+    assert records[0]["created_at"] == record(25)["created_at"] and records[-1]["inputs"] == [[59, 59.5]]
+    assert list(tmp_path.iterdir()) == [] and list(orphans(tmp_path)) == []
 
-    monkeypatch.setattr(journal_module, "_ROTATE_BYTES", 200)
-    journal = Journal(tmp_path)
-    for n in range(5):
-        offset = journal.append(record(n))
-    journal.committed(offset)
-    assert journal.path.stat().st_size == 0
-    journal.committed(journal.append(record(9)))
-    assert 0 < journal.path.stat().st_size < 200
+
+def test_a_torn_tail_after_several_segments_keeps_every_earlier_record(tmp_path):
+    journal = Journal(tmp_path, segment_bytes=4096)
+    for n in range(40):
+        journal.append(record(n))
+    die(journal)
+    last = segments(journal)[-1]
+    data = last.read_bytes()
+    end = data.index(b"\0")
+    line = data[:data.index(b"\n") + 1]
+    assert end + len(line) // 2 < len(data)
+    with open(last, "r+b") as file:
+        file.seek(end)
+        file.write(line[:len(line) // 2])  # half a line, zeros after it
+    [(_, records)] = list(orphans(tmp_path))
+    assert ids(records) == [f"r{n}" for n in range(40)]
+
+
+def test_committed_segments_are_deleted(tmp_path):
+    journal = Journal(tmp_path, segment_bytes=4096)
+    positions = [journal.append(record(n)) for n in range(60)]
+    written = segments(journal)
+    assert len(written) >= 3
+    journal.committed(positions[0])
+    assert segments(journal) == written  # the first segment still holds uncommitted records
+    journal.committed(positions[-1])
+    assert segments(journal) == written[-1:]  # only the one being filled is kept
+    for n in range(60, 200):
+        journal.committed(journal.append(record(n)))
+        assert len(segments(journal)) <= 2  # it does not grow with the traffic
     journal.close(remove=False)
     [(_, records)] = list(orphans(tmp_path))
     assert records == []  # everything it holds was committed
+
+
+def test_a_record_bigger_than_a_segment_gets_a_segment_of_its_own(tmp_path):
+    journal = Journal(tmp_path, segment_bytes=4096)
+    big = {**record(2), "inputs": [[float(n) for n in range(2000)]]}
+    journal.append(record(1))
+    big_position = journal.append(big)
+    journal.append(record(3))
+    assert any(p.stat().st_size > 4096 for p in segments(journal))
+    journal.committed(big_position)
+    assert all(p.stat().st_size == 4096 for p in segments(journal))  # its segment is deleted once committed
+    journal.append(big)
+    die(journal)
+    [(_, records)] = list(orphans(tmp_path))
+    assert ids(records) == ["r3", "r2"] and records[1]["inputs"] == big["inputs"]
+
+
+def test_concurrent_appends_are_each_journalled_once(tmp_path):
+    journal = Journal(tmp_path, segment_bytes=4096)
+
+    def produce(thread: int) -> None:
+        for n in range(200):
+            journal.append({**record(0), "request_id": f"t{thread}-{n}"})
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    die(journal)
+    [(_, records)] = list(orphans(tmp_path))
+    assert sorted(ids(records)) == sorted(f"t{t}-{n}" for t in range(4) for n in range(200))
+
+
+def test_a_journal_that_cannot_be_read_is_left_and_the_others_replayed(tmp_path, caplog):
+    unreadable = tmp_path / "1-deadbeef.journal.d"
+    (unreadable / "lock").mkdir(parents=True)  # a lock that cannot be opened
+    journal = Journal(tmp_path)
+    journal.append(record(1))
+    die(journal)
+    found = list(orphans(tmp_path))
+    assert [(path, ids(records)) for path, records in found] == [(journal.path, ["r1"])]
+    assert unreadable.exists() and "could not read the journal 1-deadbeef" in caplog.text
+
+
+def test_a_single_file_journal_of_the_earlier_layout_is_replayed(tmp_path):
+    legacy = tmp_path / "123-abcdef01.journal"
+    lines = [orjson.dumps(record(n), option=orjson.OPT_NAIVE_UTC) + b"\n" for n in range(3)]
+    legacy.write_bytes(b"".join(lines))
+    (tmp_path / "123-abcdef01.journal.committed").write_text(str(len(lines[0])))
+    [(path, records)] = list(orphans(tmp_path))
+    assert path == legacy and ids(records) == ["r1", "r2"]
+    assert records[0]["created_at"] == record(1)["created_at"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_orphan_stays_when_its_caller_fails(tmp_path):
+    journal = Journal(tmp_path, segment_bytes=4096)
+    for n in range(30):
+        journal.append(record(n))
+    die(journal)
+    with pytest.raises(RuntimeError):
+        for _ in orphans(tmp_path):
+            raise RuntimeError("the database is down")
+    [(_, records)] = list(orphans(tmp_path))
+    assert ids(records) == [f"r{n}" for n in range(30)]

@@ -40,6 +40,17 @@ def test_onnx_session_options_are_set_deliberately() -> None:
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
 
 
+def test_a_small_onnx_model_runs_on_one_thread_unless_told_otherwise(folder: Path) -> None:
+    path = folder / "model" / "onnx" / "model.onnx"
+    # A 4→3 classifier's call takes microseconds: a pool of 4 cannot beat one thread by 20%.
+    chosen = load_onnx(path, intra_op_threads=4, graph_optimization="all")
+    assert chosen.threads == 1 and chosen.session.get_session_options().intra_op_num_threads == 1
+    kept = load_onnx(path, intra_op_threads=4, graph_optimization="all", choose_threads=False)
+    assert kept.threads == 4 and kept.session.get_session_options().intra_op_num_threads == 4
+    np.testing.assert_allclose(chosen.predict({"input": ROWS})["probabilities"],
+                               kept.predict({"input": ROWS})["probabilities"], rtol=1e-6)
+
+
 def test_onnx_and_torchscript_answer_alike_behind_one_interface(folder: Path) -> None:
     root = folder / "model"
     signature = Signature.from_json(SIGNATURE)
