@@ -37,6 +37,20 @@ class TokenAuthenticator:
 
     def __init__(self, tokens: Mapping[str, Role]) -> None:
         self._tokens = dict(tokens)
+        # Whole "Bearer <token>" header values, for accepts_bearer: compared as sent, no parsing.
+        self._bearer_headers = tuple(f"Bearer {token}".encode() for token in self._tokens)
+
+    def accepts_bearer(self, header: bytes) -> bool:
+        """Whether ``header`` is exactly ``Bearer <a known token>`` (any role), compared in constant time.
+
+        For routes any valid token may call (predictions), per request: no decoding or parsing.
+        False is not a refusal: other spellings are valid too, so the caller then runs
+        :meth:`authorize`, which also says what is wrong.
+        """
+        found = False
+        for expected in self._bearer_headers:
+            found |= hmac.compare_digest(expected, header)
+        return found
 
     def authenticate(self, authorization: str | None, api_token: str | None = None) -> Principal:
         token = api_token

@@ -41,10 +41,11 @@ def auth(role: Role | str) -> dict[str, str]:
 
 
 @contextmanager
-def running_app(app: Any, *, port: int | None = None) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
+def running_app(app: Any, *, port: int | None = None, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn (``options``: more of its settings) on a free loopback port in a
+    thread; yield its base URL."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

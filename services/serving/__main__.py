@@ -1,6 +1,8 @@
 import os
+from typing import Any
 
 from services.serving.app import configure_process, create_app
+from services.serving.httpfast import FastLaneHttpProtocol
 from services.serving.settings import ServingSettings
 from shipyard_common.runner import serve
 
@@ -13,6 +15,8 @@ if __name__ == "__main__":
     configure_process(settings)
     # SIGTERM: not ready for drain_grace_s while still answering, then in-flight requests finish.
     # Several workers: each process builds the app from the factory (settings from the environment).
+    # The fast lane's predict requests are answered inside uvicorn's HTTP protocol (httpfast.py).
+    http: Any = FastLaneHttpProtocol if settings.fast_lane else "auto"
     serve("serving", settings, create_app, drain_grace_s=settings.drain_grace_s,
           shutdown_timeout_s=settings.shutdown_timeout_s, workers=settings.workers,
-          app_factory="services.serving.app:create_app_from_env")
+          app_factory="services.serving.app:create_app_from_env", http=http)

@@ -112,7 +112,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         capacity=settings.prediction_log_capacity,
         batch_size=settings.prediction_log_batch,
         flush_interval_s=settings.prediction_log_flush_s,
-        journal_dir=platform.state_dir / "serving-journal" if settings.prediction_log_journal else None,
+        journal_dir=platform.state_dir / "serving-journal",
     )
     metrics.prediction_log_pending.set_function(prediction_log.pending)
     app.state.dataplane = DataPlane(

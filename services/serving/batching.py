@@ -110,8 +110,10 @@ class BatchingRuntime:
         self.metrics = metrics
         #: CPU cost of one call of the wrapped runtime (the fast lane runs cheap ones inline).
         self.cost = CallCost(remote=runtime.format in REMOTE_FORMATS)
-        #: Runtime calls made, merged or not: what the tests compare with the requests answered.
-        self.calls = 0
+        #: Runtime calls made on request threads and by the worker, merged or not (see ``calls``).
+        self.thread_calls = 0
+        #: Runtime calls made by :meth:`predict_now` (the event loop thread's own counter).
+        self.inline_calls = 0
         #: Requests that waited in the queue rather than running at once.
         self.queued = 0
         self._calls_lock = threading.Lock()
@@ -122,6 +124,11 @@ class BatchingRuntime:
         self._closed = False
         self._worker = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
         self._worker.start()
+
+    @property
+    def calls(self) -> int:
+        """Runtime calls made, merged or not: what the tests compare with the requests answered."""
+        return self.thread_calls + self.inline_calls
 
     # -- the Runtime interface -----------------------------------------------------------------
     def predict(self, arrays: Arrays) -> Arrays:
@@ -147,19 +154,20 @@ class BatchingRuntime:
                 self._cond.notify_all()
 
     def predict_now(self, arrays: Arrays) -> Arrays:
-        """Run ``arrays`` alone at once, never queued: for a caller that must not block (the event loop).
+        """Run ``arrays`` alone at once, never queued: for the event loop thread, which must not block.
 
-        Only for cheap calls, which merging would not speed up; it may overlap a merged call.
+        Only for cheap calls, which merging would not speed up; it may overlap a merged call. Not
+        counted in ``_running``: such a call ends within a millisecond, its caller holds the
+        version's lease (the runtime is closed only once every lease is given back), and the
+        merging worker need not wait for it. Only the event loop thread calls it, so its counter
+        has one writer and needs no lock.
         """
-        with self._cond:
-            self._running += 1
-        try:
-            return self._call(arrays, requests=1)
-        finally:
-            with self._cond:
-                self._running -= 1
-                if self._queue or self._closed:
-                    self._cond.notify_all()
+        self.inline_calls += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.batch_requests.observe(1)
+            metrics.batch_rows.observe(next(iter(arrays.values())).shape[0] if arrays else 0)
+        return self.cost.timed(lambda: self.runtime.predict(arrays))
 
     def close(self, timeout: float = 60) -> None:
         """Answer every queued request, stop the worker, then close the wrapped runtime."""
@@ -257,15 +265,11 @@ class BatchingRuntime:
 
     def _call(self, arrays: Arrays, *, requests: int) -> Arrays:
         with self._calls_lock:
-            self.calls += 1
+            self.thread_calls += 1
         if self.metrics is not None:
             self.metrics.batch_requests.observe(requests)
             self.metrics.batch_rows.observe(next(iter(arrays.values())).shape[0] if arrays else 0)
-        started = time.thread_time()
-        try:
-            return self.runtime.predict(arrays)
-        finally:
-            self.cost.observe(time.thread_time() - started)
+        return self.cost.timed(lambda: self.runtime.predict(arrays))
 
     @staticmethod
     def _split(outputs: Arrays, batch: list[_Request]) -> list[Arrays]:

@@ -26,15 +26,27 @@ _ALPHA = 0.1
 REMOTE_FORMATS = frozenset({"savedmodel"})
 
 
+#: Once measured MIN_SAMPLES times, one call in this many is measured: ``time.thread_time`` is a
+#: system call (a thread's CPU clock has no vDSO shortcut), and two per request would cost more
+#: than a small model's call.
+SAMPLE_EVERY = 16
+
+
 class CallCost:
     """An EWMA of one version's runtime-call CPU time; updates are racy but only ever approximate."""
 
-    __slots__ = ("mean_s", "samples", "remote")
+    __slots__ = ("mean_s", "samples", "remote", "_calls")
 
     def __init__(self, *, remote: bool = False) -> None:
         self.mean_s = 0.0
         self.samples = 0
         self.remote = remote
+        self._calls = 0
+
+    def due(self) -> bool:
+        """Whether this call should be measured (every call until MIN_SAMPLES, then a sample)."""
+        self._calls += 1
+        return self.samples < MIN_SAMPLES or not self._calls % SAMPLE_EVERY
 
     def observe(self, seconds: float) -> None:
         self.samples += 1
@@ -48,7 +60,9 @@ class CallCost:
         return not self.remote and self.samples >= MIN_SAMPLES and self.mean_s <= INLINE_MAX_S
 
     def timed(self, call: Callable[[], T]) -> T:
-        """``call()``, its calling thread's CPU time observed."""
+        """``call()``, its calling thread's CPU time observed when :meth:`due`."""
+        if not self.due():
+            return call()
         started = time.thread_time()
         try:
             return call()

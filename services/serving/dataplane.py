@@ -6,21 +6,26 @@ request to named arrays and calls :func:`infer`; what differs between them is on
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, cast
+from typing import Any
 
 import numpy as np
 
 from services.serving.batching import BatchingRuntime
-from services.serving.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics
+from services.serving.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics, VersionMetrics
 from services.serving.models import LoadedModels, ModelState, ServedModel
 from services.serving.prediction_log import PredictionLog
-from services.serving.routing import Router, ShadowMirror, leased, role_status, role_version_status, shadow_of
+from services.serving.routing import (
+    Router,
+    ShadowMirror,
+    hold,
+    role_status,
+    role_version_status,
+    shadow_of,
+)
 from services.serving.runtimes.base import Runtime, Signature, TensorSpec
 from services.serving.schemas import ModelStatusPublic, PredictResponse
 from services.serving.settings import ServingSettings
@@ -38,7 +43,6 @@ from shipyard_common.lineage import PRODUCTION
 _NUMBER_TYPES = (int, float)
 #: Response header naming the version that answered, on every protocol's predict route.
 VERSION_HEADER = "X-Model-Version"
-P = ParamSpec("P")
 
 
 _ids = random.Random()  # seeded from os.urandom: differs between worker processes
@@ -111,22 +115,6 @@ def count_error(dataplane: DataPlane, name: str, reason: str, *, version: str | 
     dataplane.metrics.version(name, version).error(reason).inc()
 
 
-def _count_in_flight(function: Callable[P, Inference]) -> Callable[P, Inference]:
-    """``infer`` counted in the in-flight gauge of its model while it runs."""
-
-    @functools.wraps(function)
-    def counted(*args: P.args, **kwargs: P.kwargs) -> Inference:
-        served = cast(ServedModel, kwargs["served"])
-        gauge = cast(DataPlane, kwargs["dataplane"]).metrics.version(served.name, served.version).in_flight
-        gauge.inc()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            gauge.dec()
-
-    return counted
-
-
 def served_model(
     dataplane: DataPlane, name: str, *, version: str | None = None, label: str | None = None
 ) -> ServedModel:
@@ -137,12 +125,20 @@ def served_model(
         raise
 
 
+_ORJSON_KINDS = frozenset("iuf")
+
+
 def _loggable(value: np.ndarray) -> Any:
+    """``value`` as the prediction log may hold it: the array itself where orjson writes it directly.
+
+    orjson serializes C-contiguous numeric arrays natively (no Python list of floats per request);
+    anything else (small types such as float16 included, which not every orjson takes) becomes a list.
+    """
+    if value.flags.c_contiguous and value.dtype.kind in _ORJSON_KINDS and value.dtype.itemsize >= 4:
+        return value
     return value.tolist()
 
 
-@leased
-@_count_in_flight
 def infer(
     *,
     dataplane: DataPlane,
@@ -151,25 +147,54 @@ def infer(
     request_id: str | None = None,
     started: float | None = None,
     inline: bool = False,
+    validated: bool = False,
 ) -> Inference:
     """Check ``arrays`` against ``served``'s signature, run it, log the exchange.
+
+    Runs holding the version's lease (:func:`~services.serving.routing.hold`: a version retired
+    meanwhile is replaced by its successor), counted in its model's in-flight gauge.
 
     ``inline``: the caller is the event loop, which must not block: the model call is never
     queued for a merged call, and room in the prediction log is reserved before the model runs:
     a full log raises :class:`Offload` (nothing run, logged or counted yet) so that the caller runs
     the request again in a thread, where it may wait.
+
+    ``validated``: the protocol's parser already checked ``arrays`` against ``served``'s signature
+    (:func:`parse_rows`), so they are not checked twice, unless another version ends up answering.
     """
     started = time.perf_counter() if started is None else started
+    chosen = served
+    served = hold(dataplane.models, dataplane.router, served)
+    try:
+        counted = dataplane.metrics.version(served.name, served.version)  # cached: no .labels() here
+        in_flight = counted.in_flight
+        in_flight.inc()
+        try:
+            return _infer_held(dataplane, served, counted, arrays, request_id=request_id, started=started,
+                               inline=inline, validated=validated and served is chosen)
+        finally:
+            in_flight.dec()
+    finally:
+        served.lease.release()
+
+
+def _infer_held(
+    dataplane: DataPlane, served: ServedModel, counted: VersionMetrics, arrays: dict[str, np.ndarray], *,
+    request_id: str | None, started: float, inline: bool, validated: bool,
+) -> Inference:
     name = served.name
     settings = dataplane.settings
-    try:
-        checked = validate_inputs(
-            arrays, served.signature, max_batch_rows=settings.max_batch_rows,
-            allow_non_finite=settings.allow_non_finite,
-        )
-    except InvalidInput:
-        count_error(dataplane, name, "invalid_input", version=served.version)
-        raise
+    if validated:
+        checked = arrays
+    else:
+        try:
+            checked = validate_inputs(
+                arrays, served.signature, max_batch_rows=settings.max_batch_rows,
+                allow_non_finite=settings.allow_non_finite,
+            )
+        except InvalidInput:
+            count_error(dataplane, name, "invalid_input", version=served.version)
+            raise
     prediction_log = dataplane.prediction_log
     if inline and not prediction_log.try_reserve():
         raise Offload
@@ -182,7 +207,6 @@ def infer(
         raise
     # Waits while the log is full (not inline: room is already held): nothing answered is dropped.
     prediction_log.append(record, reserved=inline)
-    counted = dataplane.metrics.version(name, served.version)  # cached children: no .labels() here
     counted.requests.inc()
     counted.rows.inc(int(next(iter(checked.values())).shape[0]) if checked else 0)
     counted.latency.observe(record["latency_ms"] / 1000)
@@ -201,12 +225,7 @@ def _run(
         if isinstance(runtime, BatchingRuntime):  # measures its own calls' cost
             answered = runtime.predict_now(checked) if inline else runtime.predict(checked)
         else:
-            cost = served.own_cost
-            cpu_started = time.thread_time()
-            try:
-                answered = runtime.predict(checked)
-            finally:
-                cost.observe(time.thread_time() - cpu_started)
+            answered = served.own_cost.timed(lambda: runtime.predict(checked))
         outputs = {spec.name: np.asarray(answered[spec.name]) for spec in served.signature.outputs}
     except Exception as exc:  # inputs passed the checks, so this is the model's own failure
         count_error(dataplane, name, "runtime_error", version=served.version)
@@ -235,6 +254,8 @@ def _run(
 
 
 _NUMBER_TYPE_SET = frozenset(_NUMBER_TYPES)
+_FLOAT_TYPE_SET = frozenset({float})
+_FLOAT_MAX: dict[np.dtype[Any], float] = {}
 
 
 def parse_rows(inputs: Any, *, spec: TensorSpec, max_rows: int, allow_non_finite: bool = False) -> np.ndarray:
@@ -253,6 +274,10 @@ def parse_rows(inputs: Any, *, spec: TensorSpec, max_rows: int, allow_non_finite
             f"inputs has {len(inputs)} rows; this model takes exactly {batch_size} per request"
         )
     expected = spec.shape[1]
+    if spec.dtype.kind == "f" and not allow_non_finite:
+        fast = _float_rows(inputs, spec.dtype, expected)
+        if fast is not None:
+            return fast
     # The common case checked per row in C (types via set(map(type, row))), the values by numpy;
     # anything off goes through the value-by-value check, which names the first offending value.
     well_formed = all(
@@ -279,6 +304,31 @@ def parse_rows(inputs: Any, *, spec: TensorSpec, max_rows: int, allow_non_finite
         return array_from_json(raw, spec.dtype, what="inputs")
     except InvalidInput as exc:
         raise ValidationFailed(exc.message) from exc
+
+
+def _float_rows(inputs: list[Any], dtype: np.dtype[Any], expected: int | None) -> np.ndarray | None:
+    """Rows of Python floats as ``dtype``, all finite and in its range; None: take the general path.
+
+    The common request (fractional features, a floating-point model): converted to float64 in one
+    numpy call (which cannot overflow), checked with two reductions (a NaN fails every comparison,
+    ±Inf or a value beyond ``dtype``'s range fails the bounds), then cast. Anything else (integers,
+    which may exceed 64 bits; bad values; ragged rows) goes the general way, which names the problem.
+    """
+    if not all(type(row) is list and (expected is None or len(row) == expected)
+               and _FLOAT_TYPE_SET.issuperset(map(type, row)) for row in inputs):
+        return None
+    try:
+        wide = np.asarray(inputs, dtype=np.float64)
+    except ValueError:  # ragged
+        return None
+    if wide.ndim != 2 or not wide.size:
+        return None
+    largest = _FLOAT_MAX.get(dtype)
+    if largest is None:
+        largest = _FLOAT_MAX[dtype] = float(np.finfo(dtype).max)
+    if not (-largest <= np.minimum.reduce(wide, axis=None) and np.maximum.reduce(wide, axis=None) <= largest):
+        return None
+    return wide.astype(dtype)
 
 
 def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non_finite: bool) -> None:
@@ -314,6 +364,7 @@ def predict_inference(
     signature = served.signature
     try:
         arrays: dict[str, np.ndarray]
+        validated = False
         if isinstance(inputs, dict) and len(signature.inputs) > 1:
             specs = {spec.name: spec for spec in signature.inputs}
             unknown = sorted(set(inputs) - set(specs))
@@ -330,8 +381,10 @@ def predict_inference(
             spec = signature.inputs[0]
             arrays = {spec.name: parse_rows(inputs, spec=spec, max_rows=settings.max_batch_rows,
                                             allow_non_finite=settings.allow_non_finite)}
+            # parse_rows checked what validate_inputs would: dtype, shape, rows, finite values.
+            validated = True
         return infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
-                     started=started, inline=inline)
+                     started=started, inline=inline, validated=validated)
     except InvalidInput as exc:
         # This protocol has answered bad rows with 422 since its first version.
         raise ValidationFailed(exc.message, details=exc.details) from exc

@@ -44,7 +44,7 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -85,13 +85,15 @@ _ROUTES: list[tuple[re.Pattern[str], str, _Route]] = [
     (re.compile(r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer"), "v2",
      _Route("/v2/models/{name}/versions/{version}/infer")),
 ]
+_OURS_ROUTE = _ROUTES[3][2]
+_OURS_PREFIX, _OURS_SUFFIX = len("/v1/models/"), -len("/predict")
 _WANTED = frozenset({
     b"authorization", b"x-api-token", b"x-request-id", b"content-type", b"content-encoding",
     b"content-length", v2.HEADER_LENGTH.encode(),
 })
 
 
-class _HandBack(Exception):  # noqa: N818 - a signal, not an error
+class HandBack(Exception):  # noqa: N818 - a signal, not an error
     """Let FastAPI answer this request (its body is replayed)."""
 
 
@@ -106,33 +108,17 @@ class FastLane:
         self._authenticator: TokenAuthenticator | None = None
         self._executor: Executor | None = None
         self._http_metrics: HttpMetrics | None = None
+        #: Requests answered inside the HTTP protocol (httpfast.py) rather than through ASGI.
+        self.protocol_answers = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        found = None
-        if path.startswith(("/v1/models/", "/v2/models/")):
-            for pattern, protocol, route in _ROUTES:
-                match = pattern.fullmatch(path)
-                if match is not None:
-                    found = (protocol, route, match.groupdict())
-                    break
-        if found is None:
+        request = self.match(scope)
+        if request is None:
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        headers: dict[bytes, bytes] = {}
-        for key, value in scope["headers"]:
-            if key in _WANTED and key not in headers:
-                headers[key] = value
-        length = headers.get(b"content-length")
-        if length is None or not length.isdigit() or int(length) > self.body_limit:
-            # Chunked or too large: the app's body limit reads or refuses it (its 413s), unchanged.
-            await self.app(scope, receive, send)
-            return
-        protocol, route, params = found
         body = b""
         while True:
             message = await receive()
@@ -142,31 +128,90 @@ class FastLane:
             if not message.get("more_body", False):
                 break
         try:
-            if protocol == "ours":
-                answer = await self._ours(params["name"], body, headers)
-            elif protocol == "v2":
-                answer = await self._v2(params["name"], params.get("version"), body, headers)
+            prepared = self.prepare(request, body)
+            if isinstance(prepared, Deferred):
+                answer = await self._run(prepared)
             else:
-                answer = await self._tf(params["name"], params.get("version"), params.get("label"), body,
-                                        headers)
-        except _HandBack:
+                answer = prepared
+        except HandBack:
             await self.app(scope, _replay(body, receive), send)  # counted by the app's request metrics
             return
-        except Exception as exc:  # what FastAPI's catch-all handler (shipyard_common.web) answers
-            log.exception("unhandled error")
-            answer = 500, orjson.dumps({"error": {"code": "internal_error",
-                                                  "message": f"internal error: {type(exc).__name__}"}}), {}
-        status, content, answer_headers = answer
-        raw = [(b"content-length", str(len(content)).encode()),
-               (b"content-type", answer_headers.pop("content-type", "application/json").encode())]
-        raw.extend((key.lower().encode(), value.encode("latin-1")) for key, value in answer_headers.items())
+        except Exception as exc:
+            answer = internal_error(exc)
+        status, content, raw = self.encode(answer)
         try:
             await send({"type": "http.response.start", "status": status, "headers": raw})
             await send({"type": "http.response.body", "body": content})
         finally:
-            if self._http_metrics is None:
-                self._http_metrics = self.state.http_metrics
-            self._http_metrics.observe("POST", route.path, status, time.perf_counter() - started)
+            self.count(request, status)
+
+    # -- the parts, also used by the HTTP protocol in front of uvicorn's (httpfast.py) -------------
+    def match(self, scope: Scope) -> LaneRequest | None:
+        """The request, if the fast lane answers it: a predict POST with a body of known, allowed size."""
+        if scope["method"] != "POST" or scope.get("root_path"):
+            return None
+        path: str = scope["path"]
+        found = None
+        if path.startswith("/v1/models/") and path.endswith("/predict"):
+            name = path[_OURS_PREFIX:_OURS_SUFFIX]  # ours, the commonest: no pattern to try
+            if name and "/" not in name and ":" not in name:
+                found = ("ours", _OURS_ROUTE, {"name": name})
+        if found is None:
+            if not path.startswith(("/v1/models/", "/v2/models/")):
+                return None
+            for pattern, protocol, route in _ROUTES:
+                match = pattern.fullmatch(path)
+                if match is not None:
+                    found = (protocol, route, match.groupdict())
+                    break
+            else:
+                return None
+        headers: dict[bytes, bytes] = {}
+        for key, value in scope["headers"]:
+            if key in _WANTED and key not in headers:
+                headers[key] = value
+        length = headers.get(b"content-length")
+        if length is None or not length.isdigit() or int(length) > self.body_limit:
+            # Chunked or too large: the app's body limit reads or refuses it (its 413s), unchanged.
+            return None
+        protocol, route, params = found
+        return LaneRequest(protocol, route, params, headers, int(length), time.perf_counter())
+
+    def prepare(self, request: LaneRequest, body: bytes) -> ProtocolResponse | Deferred:
+        """The answer when it needs no model call (an error), else the model call to make.
+
+        Raises :class:`HandBack` for requests FastAPI must answer.
+        """
+        params = request.params
+        if request.protocol == "ours":
+            return self._ours(params["name"], body, request.headers, request.started)
+        if request.protocol == "v2":
+            return self._v2(params["name"], params.get("version"), body, request.headers)
+        return self._tf(params["name"], params.get("version"), params.get("label"), body, request.headers)
+
+    def answer_inline(self, deferred: Deferred) -> ProtocolResponse | None:
+        """The call's answer, made on the event loop when that is cheap; None: run it in a thread."""
+        if deferred.body_size <= INLINE_MAX_BODY and self._cheap(deferred.name):
+            try:
+                return deferred.call(inline=True)
+            except dp.Offload:
+                pass
+        return None
+
+    @staticmethod
+    def encode(answer: ProtocolResponse) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        status, content, answer_headers = answer
+        raw = [(b"content-length", str(len(content)).encode()),
+               (b"content-type", answer_headers.pop("content-type", "application/json").encode())]
+        for key, value in answer_headers.items():
+            raw.append((key.lower().encode(), value.encode("latin-1")))
+        return status, content, raw
+
+    def count(self, request: LaneRequest, status: int) -> None:
+        """The request in the app's request metrics, as the app would have counted it."""
+        if self._http_metrics is None:
+            self._http_metrics = self.state.http_metrics
+        self._http_metrics.observe("POST", request.route.path, status, time.perf_counter() - request.started)
 
     # -- the app's parts, looked up once (they are set after the middleware is declared) --------
     @property
@@ -179,6 +224,8 @@ class FastLane:
         if self._authenticator is None:
             self._authenticator = self.state.authenticator
         authorization = headers.get(b"authorization")
+        if authorization is not None and self._authenticator.accepts_bearer(authorization):
+            return  # any valid token may predict; anything else gets the full check and its message
         api_token = headers.get(b"x-api-token")
         self._authenticator.authorize(
             None if authorization is None else authorization.decode("latin-1"),
@@ -186,18 +233,14 @@ class FastLane:
             Role.VIEWER,
         )
 
-    async def _run(
-        self, call: Callable[..., ProtocolResponse], name: str, body_size: int
-    ) -> ProtocolResponse:
+    async def _run(self, deferred: Deferred) -> ProtocolResponse:
         """``call(inline=True)`` on the loop when cheap, else (or if it must wait) ``call()`` in a thread."""
-        if body_size <= INLINE_MAX_BODY and self._cheap(name):
-            try:
-                return call(inline=True)
-            except dp.Offload:
-                pass
+        answer = self.answer_inline(deferred)
+        if answer is not None:
+            return answer
         if self._executor is None:
             self._executor = self.state.predict_executor
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, deferred.call)
 
     def _cheap(self, name: str) -> bool:
         """Whether every version that may answer ``name`` has cheap runtime calls."""
@@ -213,41 +256,43 @@ class FastLane:
         return True
 
     # -- the protocols ---------------------------------------------------------------------------
-    async def _ours(self, name: str, body: bytes, headers: dict[bytes, bytes]) -> ProtocolResponse:
-        started = time.perf_counter()
+    def _ours(
+        self, name: str, body: bytes, headers: dict[bytes, bytes], started: float
+    ) -> ProtocolResponse | Deferred:
         # In FastAPI's order: a JSON body is parsed first (invalid: its 422), then the token is
         # checked, then the body's model and the headers (refused: its 422).
         if headers.get(b"content-type") != _JSON:  # FastAPI reads a body without one as bytes, not JSON
-            raise _HandBack
+            raise HandBack
         try:
             parsed = loads(body)
         except InvalidInput:
-            raise _HandBack from None
+            raise HandBack from None
         try:
             self._authorize(headers)
-            raw_id = headers.get(b"x-request-id")
-            if type(parsed) is not dict or "inputs" not in parsed or (
-                raw_id is not None and len(raw_id) > _REQUEST_ID_MAX
-            ):
-                raise _HandBack
-            request_id = None if raw_id is None else raw_id.decode("latin-1")
-            inputs = parsed["inputs"]
-            plane = self.plane
+        except ShipyardError as exc:
+            return _error(exc)
+        raw_id = headers.get(b"x-request-id")
+        if type(parsed) is not dict or "inputs" not in parsed or (
+            raw_id is not None and len(raw_id) > _REQUEST_ID_MAX
+        ):
+            raise HandBack
+        request_id = None if raw_id is None else raw_id.decode("latin-1")
+        inputs = parsed["inputs"]
+        plane = self.plane
 
-            def call(inline: bool = False) -> ProtocolResponse:
+        def call(inline: bool = False) -> ProtocolResponse:
+            try:
                 inference = dp.predict_inference(dataplane=plane, name=name, inputs=inputs,
                                                  request_id=request_id, started=started, inline=inline)
-                return 200, orjson.dumps(dp.predict_body(inference)), {
-                    "content-type": "application/json", dp.VERSION_HEADER: inference.version}
+            except ShipyardError as exc:
+                return _error(exc)
+            return 200, orjson.dumps(dp.predict_body(inference)), {
+                "content-type": "application/json", dp.VERSION_HEADER: inference.version}
 
-            return await self._run(call, name, len(body))
-        except ShipyardError as exc:
-            if exc.status_code >= 500:
-                log.error("request failed: %s", exc.message)  # as shipyard_common.web's handler
-            return exc.status_code, orjson.dumps(exc.to_body()), {"content-type": "application/json"}
+        return Deferred(call, name, len(body))
 
-    async def _v2(self, name: str, version: str | None, body: bytes,
-                  headers: dict[bytes, bytes]) -> ProtocolResponse:
+    def _v2(self, name: str, version: str | None, body: bytes,
+            headers: dict[bytes, bytes]) -> ProtocolResponse | Deferred:
         try:
             self._authorize(headers)
             encoding = headers.get(b"content-encoding", b"identity")
@@ -258,10 +303,10 @@ class FastLane:
         codec_headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in headers.items()}
         call = functools.partial(v2.infer, dataplane=self.plane, name=name, version=version, body=body,
                                  headers=codec_headers)
-        return await self._run(call, name, len(body))
+        return Deferred(call, name, len(body))
 
-    async def _tf(self, name: str, version: str | None, label: str | None, body: bytes,
-                  headers: dict[bytes, bytes]) -> ProtocolResponse:
+    def _tf(self, name: str, version: str | None, label: str | None, body: bytes,
+            headers: dict[bytes, bytes]) -> ProtocolResponse | Deferred:
         try:
             self._authorize(headers)
         except ShipyardError as exc:
@@ -270,7 +315,39 @@ class FastLane:
         call = functools.partial(tfserving.predict, dataplane=self.plane, name=name, version=version,
                                  label=label, body=body,
                                  request_id=None if raw_id is None else raw_id.decode("latin-1"))
-        return await self._run(call, name, len(body))
+        return Deferred(call, name, len(body))
+
+
+class LaneRequest(NamedTuple):
+    """A predict request the fast lane takes, as far as its headers tell."""
+
+    protocol: str
+    route: _Route
+    params: dict[str, str]
+    headers: dict[bytes, bytes]
+    body_size: int
+    started: float
+
+
+class Deferred(NamedTuple):
+    """A model call to make: ``call(inline=True)`` on the event loop, or ``call()`` in a thread."""
+
+    call: Callable[..., ProtocolResponse]
+    name: str
+    body_size: int
+
+
+def _error(exc: ShipyardError) -> ProtocolResponse:
+    if exc.status_code >= 500:
+        log.error("request failed: %s", exc.message)  # as shipyard_common.web's handler
+    return exc.status_code, orjson.dumps(exc.to_body()), {"content-type": "application/json"}
+
+
+def internal_error(exc: Exception) -> ProtocolResponse:
+    """What FastAPI's catch-all handler (shipyard_common.web) answers to an unexpected exception."""
+    log.exception("unhandled error", exc_info=exc)
+    return 500, orjson.dumps({"error": {"code": "internal_error",
+                                        "message": f"internal error: {type(exc).__name__}"}}), {}
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

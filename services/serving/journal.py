@@ -1,34 +1,46 @@
-"""A local write-ahead journal for the prediction log: acknowledged means on disk, not in memory.
+"""The prediction log's journal: the transport from a serving process to its shipper, and its WAL.
 
-The prediction log writes to the database in batches, off the request path. Between a request
-being answered and its batch being committed, its record would otherwise live only in this
-process's memory, and a crash (``kill -9``, OOM killer, a node lost) would lose it although
-the caller got its answer. So each record is first put into this process's journal, one JSON
-line, before the answer goes out. It survives the process; there is no ``fsync``, so a power cut
-of the whole machine can still lose the last moments. The writer thread marks how far the
-database has caught up; a journal whose process is gone is replayed into the database at the
-next start, and then deleted.
+A serving process answers requests; a shipper process (shipper.py), one per serving process,
+writes their records to the database. The journal is how records go from one to the other, and
+why an answered request's record survives the serving process: each record is copied into the
+journal, one JSON line, before the answer goes out, and stays there until the shipper has
+committed it to the database. There is no ``fsync``, so a power cut of the whole machine can
+still lose the last moments; ``kill -9`` or the OOM killer cannot.
 
 How a record gets there: :meth:`Journal.append` copies the line into a shared memory map of a
 journal file (``MAP_SHARED``), not through ``write``. A store into a shared mapping lands in the
 kernel's page cache, the same pages a ``write`` would fill, so it outlives the process just as
-well: the kernel writes dirty pages back whether or not their process still exists. But it is
-a plain memory copy under the GIL, where ``write`` is a system call that releases the GIL and
-then has the request thread wait to get it back (about a tenth of that thread's time, measured).
+well (the kernel writes dirty pages back whether or not their process still exists), and the
+shipper, mapping the same file, sees it at once. But it is a plain memory copy under the GIL,
+where ``write`` is a system call that releases the GIL and then has the request thread wait to
+get it back. The database writing happens in the other process, so it takes no GIL time from
+the requests either.
 
 Hence the layout: a journal is a folder ``<pid>-<id>.journal.d`` of numbered segment files, each
 made at its full size up front (a mapping cannot grow, and a file's space reserved up front
 makes a full disk an error when a segment is opened, not a ``SIGBUS`` in the middle of a copy)
 and filled from the start. Space not yet written reads as zero bytes, so a reader stops at the
-first NUL (orjson never emits one); a line cut short by the process dying in the middle of its
-copy is followed by zeros, has no newline, and is skipped. Space is never reused: a record that
-does not fit opens the next segment (one of its own size when it is bigger than a segment), so
-``append`` makes a system call only then. The mark says which segment and offset the database
-has caught up to, and segments wholly behind it are deleted, so the journal does not grow.
+first NUL (orjson never emits one) and takes only lines ended by a newline: a line being copied
+(or cut short by the process dying in the middle of its copy) has a NUL or no newline yet.
+Space is never reused: a record that does not fit opens the next segment (one of its own size
+when it is bigger than a segment), so ``append`` makes a system call only then; a reader that
+finds the next segment's file knows the one it reads is complete. The ``committed`` mark
+(written by the shipper, replaced atomically) says which segment and offset the database has
+caught up to, and how many records that is; segments wholly behind it are deleted, so the
+journal does not grow.
 
-One journal per process (several worker processes share the folder), held with ``flock`` on its
-lock file while its process lives: a journal nobody holds is an orphan, whoever finds it replays
-it. Single-file journals (``<pid>-<id>.journal``) that an earlier version left are replayed too.
+Room: the serving process may be at most ``capacity`` records ahead of the database. A small
+shared ``progress`` file in the folder holds four little-endian u64 words: the records shipped
+(written by the shipper after the mark), a closed flag, the records appended and a "hurry"
+counter (written by the serving process: it bumps the last when it waits for room, so that the
+shipper ships at once instead of at its next flush). Each is written by one process only, and
+reading one is a ``struct.unpack_from`` on the mapping.
+
+One journal per serving process (several worker processes share the folder), held with
+``flock`` on its lock file while its process lives; its shipper holds ``shipper.lock`` while it
+runs. A journal neither of them holds is an orphan, whoever finds it replays what lies beyond
+its mark, once. Single-file journals (``<pid>-<id>.journal``) that an earlier version left are
+replayed too.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import fcntl
 import logging
 import mmap
 import os
+import struct
 import threading
 import time
 import uuid
@@ -62,6 +75,12 @@ _LEGACY_SUFFIX = ".journal"
 _LEGACY_MARK_SUFFIX = ".committed"
 _LOCK = "lock"
 _MARK = "committed"
+_SHIPPER_LOCK = "shipper.lock"
+_PROGRESS = "progress"
+# The progress file: u64 words at these offsets (see the module docstring).
+_SHIPPED, _CLOSED, _APPENDED, _HURRY = 0, 8, 16, 24
+_PROGRESS_BYTES = 32
+_U64 = struct.Struct("<Q")
 _SEGMENT_SUFFIX = ".segment"
 _SEGMENT_BYTES = 16 * 1024 * 1024
 # A position is ``segment << _SEQ_SHIFT | offset in it``: ordered like the records, and it is
@@ -71,20 +90,25 @@ _OFFSET_MASK = (1 << _SEQ_SHIFT) - 1
 _DUMPS_OPTION = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC | orjson.OPT_APPEND_NEWLINE
 
 
-class _Segment:
-    __slots__ = ("seq", "name", "map", "used")
+class JournalClosed(Exception):
+    """The journal takes no more records: its process is shutting down."""
 
-    def __init__(self, seq: int, name: str, segment_map: mmap.mmap) -> None:
-        self.seq = seq
-        self.name = name
-        self.map = segment_map
-        self.used = 0  # set once the segment is full; the one being filled is tracked on the journal
+
+def dumps(record: dict[str, Any]) -> bytes:
+    """``record`` as one journal line (numpy arrays included)."""
+    return orjson.dumps(record, option=_DUMPS_OPTION)
 
 
 class Journal:
-    """This process's journal in ``folder``; see the module docstring."""
+    """This process's journal in ``folder``, the serving process's side; see the module docstring.
 
-    def __init__(self, folder: Path, *, segment_bytes: int = _SEGMENT_BYTES) -> None:
+    ``capacity``: the most records appended and not yet shipped (plus those reserved) that it
+    takes; None for no limit.
+    """
+
+    def __init__(
+        self, folder: Path, *, segment_bytes: int = _SEGMENT_BYTES, capacity: int | None = None
+    ) -> None:
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be positive, not {segment_bytes}")
         folder.mkdir(parents=True, exist_ok=True)
@@ -92,53 +116,126 @@ class Journal:
         name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path = folder / f"{name}{_SUFFIX}"
         self._segment_bytes = segment_bytes
+        self._capacity_records = capacity
         staging = folder / f"{name}{_STAGING_SUFFIX}"
         staging.mkdir()
         self._lock_fd = os.open(staging / _LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(staging, self.path)
-        # ``_lock`` guards what append touches; ``_commit_lock`` keeps committed() and close()
-        # apart without making append wait while they do file system calls.
+        self._progress = _map_progress(staging / _PROGRESS, create=True)
+        # ``_lock`` guards what append touches (room included); ``_commit_lock`` keeps committed()
+        # and close() apart without making append wait while they do file system calls.
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._closed = False
-        self._segments: list[_Segment] = []
-        self._map: mmap.mmap
+        self._sealed = False
+        self.appended = 0
+        self._last_shipped = 0
+        self._reserved = 0
+        self._seq = -1
+        self._map: mmap.mmap | None = None
         self._used = 0
         self._capacity = 0
         self._base = 0
+        # Where each full segment's records end (for committed()), until it is committed.
+        self._ends: dict[int, int] = {}
+        self._path = staging
         self._open_segment(0, 0)
+        os.rename(staging, self.path)
+        self._path = self.path
 
     def append(self, record: dict[str, Any]) -> int:
-        """Write ``record``; return its position, just past it (for :meth:`committed`)."""
-        line = orjson.dumps(record, option=_DUMPS_OPTION)
+        """Write ``record`` whatever the room; return its position, just past it (for :meth:`committed`)."""
+        position = self.append_line(dumps(record), reserved=None)
+        assert position is not None
+        return position
+
+    def append_line(self, line: bytes, *, reserved: bool | None = False) -> int | None:
+        """Write a line from :func:`dumps`; its position, or None when there is no room for it.
+
+        ``reserved``: True uses a place held by :meth:`try_reserve` (never refused); None
+        ignores the capacity. Raises :class:`JournalClosed` once :meth:`seal` is called.
+        """
         size = len(line)
         with self._lock:
+            if self._sealed:
+                raise JournalClosed("the journal is closed")
+            if reserved:
+                self._reserved -= 1
+            elif reserved is not None and self._capacity_records is not None and (
+                self.appended - _U64.unpack_from(self._progress, _SHIPPED)[0] + self._reserved
+                >= self._capacity_records
+            ):
+                return None
             start = self._used
             end = start + size
             if end > self._capacity:
-                self._segments[-1].used = start
-                self._open_segment(self._segments[-1].seq + 1, size)
+                self._ends[self._seq] = start
+                self._open_segment(self._seq + 1, size)
                 start, end = 0, size
+            assert self._map is not None
             self._map[start:end] = line
             self._used = end
+            self.appended += 1
+            _U64.pack_into(self._progress, _APPENDED, self.appended)
             return self._base | end
 
-    def committed(self, offset: int) -> None:
-        """Every record up to position ``offset`` (from :meth:`append`) is in the database."""
+    def try_reserve(self) -> bool:
+        """Hold room for one record without waiting; False when there is none."""
+        with self._lock:
+            if self._sealed:
+                return False  # append would refuse it
+            if self._capacity_records is not None and (
+                self.appended - _U64.unpack_from(self._progress, _SHIPPED)[0] + self._reserved
+                >= self._capacity_records
+            ):
+                return False
+            self._reserved += 1
+            return True
+
+    def release(self) -> None:
+        """Give back a place held by :meth:`try_reserve`."""
+        with self._lock:
+            self._reserved -= 1
+
+    def shipped(self) -> int:
+        """Records the shipper has written to the database."""
+        # Closed meanwhile (a metrics scrape during shutdown): the last seen.
+        with contextlib.suppress(ValueError):
+            self._last_shipped = int(_U64.unpack_from(self._progress, _SHIPPED)[0])
+        return self._last_shipped
+
+    def pending(self) -> int:
+        """Records appended and not yet written to the database."""
+        return self.appended - self.shipped()
+
+    def hurry(self) -> None:
+        """Ask the shipper to ship now rather than at its next flush (someone waits for room)."""
+        with contextlib.suppress(ValueError):  # closed meanwhile
+            seen = _U64.unpack_from(self._progress, _HURRY)[0]
+            _U64.pack_into(self._progress, _HURRY, (seen + 1) & 0xFFFFFFFF)
+
+    def seal(self) -> None:
+        """Take no more records, and tell the shipper to finish once it has shipped them all."""
+        with self._lock:
+            self._sealed = True
+            _U64.pack_into(self._progress, _CLOSED, 1)
+
+    def committed(self, offset: int, count: int | None = None) -> None:
+        """Every record up to position ``offset`` (from :meth:`append`) is in the database.
+
+        The shipper marks its own progress (:class:`JournalTail`); this is the same mark from
+        the journal's own process.
+        """
         seq, end = offset >> _SEQ_SHIFT, offset & _OFFSET_MASK
         with self._commit_lock:
             if self._closed:
                 return
-            # Marked before deleting: a crash in between leaves segments the mark already skips.
-            _write_mark(self.path / _MARK, f"{seq} {end}")
             with self._lock:
-                done = [s for s in self._segments[:-1] if s.seq < seq or (s.seq == seq and end >= s.used)]
-                if done:
-                    self._segments = [s for s in self._segments if s not in done]
-            for segment in done:
-                segment.map.close()
-                (self.path / segment.name).unlink(missing_ok=True)
+                if self._ends.get(seq) == end:
+                    seq, end = seq + 1, 0  # the whole segment: it can go
+                for done in [s for s in self._ends if s < seq]:
+                    del self._ends[done]
+            _commit(self.path, seq, end, count)
 
     def close(self, *, remove: bool) -> None:
         """Release the journal; ``remove`` once everything in it is committed."""
@@ -146,8 +243,10 @@ class Journal:
             if self._closed:
                 return
             self._closed = True
-            for segment in self._segments:
-                segment.map.close()
+            self._sealed = True
+            if self._map is not None:
+                self._map.close()
+            self._progress.close()
             try:
                 if remove:
                     _remove(self.path)
@@ -159,8 +258,7 @@ class Journal:
         if self._closed:
             raise ValueError("the journal is closed")
         size = max(size, self._segment_bytes)
-        name = f"{seq:012d}{_SEGMENT_SUFFIX}"
-        path = self.path / name
+        path = self._path / _segment_name(seq)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _preallocate(fd, size)
@@ -170,11 +268,156 @@ class Journal:
             raise
         finally:
             os.close(fd)  # the mapping keeps the file
-        self._segments.append(_Segment(seq, name, segment_map))
+        if self._map is not None:
+            # Never written again: its pages stay in the page cache for the shipper without a mapping.
+            self._map.close()
         self._map = segment_map
+        self._seq = seq
         self._capacity = size
         self._used = 0
         self._base = seq << _SEQ_SHIFT
+
+
+class JournalTail:
+    """The shipper's side of a live journal: the complete records beyond the mark, in order.
+
+    :meth:`take` reads records without marking them; :meth:`commit` marks them written (the
+    ``committed`` mark, then the shared ``shipped`` count) and deletes segments behind the mark.
+    It holds ``shipper.lock`` while open, so that nobody replays the journal as an orphan while
+    it ships (its serving process may have died).
+    """
+
+    def __init__(self, path: Path, *, lock_timeout_s: float = 10.0) -> None:
+        self.path = path
+        self._lock_fd = os.open(path / _SHIPPER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:  # a shipper before this one still runs
+                    os.close(self._lock_fd)
+                    raise
+                time.sleep(0.05)
+        self._progress = _map_progress(path / _PROGRESS, create=False)
+        self.seq, self.offset, self.shipped = _read_mark(path / _MARK)
+        _U64.pack_into(self._progress, _SHIPPED, self.shipped)
+        self._map: mmap.mmap | None = None
+        self._map_seq = -1
+        self._delete_behind(self.seq)
+
+    def closed(self) -> bool:
+        return bool(_U64.unpack_from(self._progress, _CLOSED)[0])
+
+    def appended(self) -> int:
+        return int(_U64.unpack_from(self._progress, _APPENDED)[0])
+
+    def hurry(self) -> int:
+        return int(_U64.unpack_from(self._progress, _HURRY)[0])
+
+    def take(self, limit: int) -> tuple[list[dict[str, Any]], int, tuple[int, int]]:
+        """Up to ``limit`` records after the last taken, how many lines that is, and the position past them.
+
+        A line that is not JSON (only ever a torn one of a process that died mid-copy) counts
+        as a line and is skipped.
+        """
+        records: list[dict[str, Any]] = []
+        lines = 0
+        seq, offset = self.seq, self.offset
+        while lines < limit:
+            # Looked for first: once the next segment exists, this one is complete.
+            complete = (self.path / _segment_name(seq + 1)).exists()
+            data = self._segment(seq)
+            if data is None:
+                break
+            nul = data.find(b"\0", offset)
+            end = nul if nul >= 0 else len(data)
+            while lines < limit:
+                newline = data.find(b"\n", offset, end)
+                if newline < 0:
+                    break
+                line = data[offset:newline]
+                offset = newline + 1
+                lines += 1
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    log.warning("skipped an unreadable line in segment %d of %s", seq, self.path.name)
+                    continue
+                _parse_time(record)
+                records.append(record)
+            if complete and offset >= end:
+                seq, offset = seq + 1, 0
+                continue
+            break
+        self.seq, self.offset = seq, offset
+        return records, lines, (seq, offset)
+
+    def commit(self, position: tuple[int, int], lines: int) -> None:
+        """The ``lines`` taken up to ``position`` are in the database."""
+        self.shipped += lines
+        seq, offset = position
+        # Marked first: a shipper that dies before updating the count takes it from the mark.
+        _commit(self.path, seq, offset, self.shipped)
+        _U64.pack_into(self._progress, _SHIPPED, self.shipped)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self._progress.close()
+        os.close(self._lock_fd)
+
+    def _segment(self, seq: int) -> mmap.mmap | None:
+        if self._map_seq == seq:
+            return self._map
+        try:
+            fd = os.open(self.path / _segment_name(seq), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return None  # just made, not sized yet
+            segment_map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        if self._map is not None:
+            self._map.close()
+        self._map, self._map_seq = segment_map, seq
+        return segment_map
+
+    def _delete_behind(self, seq: int) -> None:
+        _delete_segments_before(self.path, seq)
+
+
+def _segment_name(seq: int) -> str:
+    return f"{seq:012d}{_SEGMENT_SUFFIX}"
+
+
+def _map_progress(path: Path, *, create: bool) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, _PROGRESS_BYTES)
+        return mmap.mmap(fd, _PROGRESS_BYTES, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def _commit(path: Path, seq: int, offset: int, count: int | None) -> None:
+    """Mark (``seq``, ``offset``) written (``count`` records in all); delete the segments behind it."""
+    # Marked before deleting: a crash in between leaves segments the mark already skips.
+    _write_mark(path / _MARK, f"{seq} {offset}" if count is None else f"{seq} {offset} {count}")
+    _delete_segments_before(path, seq)
+
+
+def _delete_segments_before(path: Path, seq: int) -> None:
+    for segment in path.glob(f"*{_SEGMENT_SUFFIX}"):
+        with contextlib.suppress(ValueError):
+            if int(segment.name.removesuffix(_SEGMENT_SUFFIX)) < seq:
+                segment.unlink(missing_ok=True)
 
 
 def orphans(folder: Path) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
@@ -231,6 +474,9 @@ def _claim(path: Path) -> tuple[int, list[dict[str, Any]]] | None:
         if os.fstat(fd).st_nlink == 0:
             os.close(fd)
             return None  # another process replayed and removed it meanwhile
+        if not legacy and _shipper_running(path):
+            os.close(fd)
+            return None  # its process is gone but its shipper still writes what it left
         records = _read_legacy(path) if legacy else _read(path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -239,8 +485,22 @@ def _claim(path: Path) -> tuple[int, list[dict[str, Any]]] | None:
     return fd, records
 
 
+def _shipper_running(path: Path) -> bool:
+    try:
+        fd = os.open(path / _SHIPPER_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _read(path: Path) -> list[dict[str, Any]]:
-    mark_seq, mark_offset = _read_mark(path / _MARK)
+    mark_seq, mark_offset, _ = _read_mark(path / _MARK)
     segments = sorted((int(p.name.removesuffix(_SEGMENT_SUFFIX)), p)
                       for p in path.glob(f"*{_SEGMENT_SUFFIX}"))
     records: list[dict[str, Any]] = []
@@ -273,10 +533,14 @@ def _parse(data: bytes, start: int, path: Path) -> list[dict[str, Any]]:
             level = logging.INFO if number == len(lines) - 1 else logging.WARNING
             log.log(level, "skipped an unreadable line %d of %s", number + 1, path.name)
             continue
-        if isinstance(record.get("created_at"), str):
-            record["created_at"] = datetime.fromisoformat(record["created_at"]).replace(tzinfo=None)
+        _parse_time(record)
         records.append(record)
     return records
+
+
+def _parse_time(record: dict[str, Any]) -> None:
+    if isinstance(record.get("created_at"), str):
+        record["created_at"] = datetime.fromisoformat(record["created_at"]).replace(tzinfo=None)
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -314,12 +578,13 @@ def _write_mark(mark: Path, text: str) -> None:
     os.replace(tmp, mark)
 
 
-def _read_mark(mark: Path) -> tuple[int, int]:
+def _read_mark(mark: Path) -> tuple[int, int, int]:
+    """Segment, offset and records written up to there (0 when the mark does not say)."""
     try:
-        seq, offset = mark.read_text().split()
-        return int(seq), int(offset)
+        seq, offset, *count = mark.read_text().split()
+        return int(seq), int(offset), int(count[0]) if count else 0
     except (FileNotFoundError, ValueError):
-        return 0, 0  # everything is replayed; rows already present are not written twice
+        return 0, 0, 0  # everything is replayed; rows already present are not written twice
 
 
 def _legacy_mark(path: Path) -> Path:

@@ -4,13 +4,25 @@ Label values stay bounded: a model label is a name serving knows (anything else 
 ``(unknown)``), and a version label is a version serving has loaded (``(none)`` when a request
 failed before a version was chosen). The hot path never calls ``.labels(...)``: the children of
 one loaded version are made once, cached in :class:`VersionMetrics`, and reused by every request.
+
+The families a request updates (predictions, rows, errors, latency, in flight, batch sizes) are
+sharded per thread (:mod:`shipyard_common.sharded`): no lock per update, summed when scraped,
+the same exposition as ``prometheus_client``'s. Those off the hot path (loads, the log backlog)
+stay plain ``prometheus_client``.
 """
 
 from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from shipyard_common.sharded import (
+    ShardedCounter,
+    ShardedCounterFamily,
+    ShardedGaugeFamily,
+    ShardedHistogramFamily,
+)
 
 UNKNOWN_MODEL = "(unknown)"
 NO_VERSION = "(none)"
@@ -36,9 +48,9 @@ class VersionMetrics:
         self.batch_rows = metrics.batch_rows.labels(model, version)
         self.batch_requests = metrics.batch_requests.labels(model, version)
         self.in_flight = metrics.in_flight.labels(model)
-        self._errors: dict[str, Counter] = {}
+        self._errors: dict[str, ShardedCounter] = {}
 
-    def error(self, reason: str) -> Counter:
+    def error(self, reason: str) -> ShardedCounter:
         """The error counter child for ``reason`` (an error code: a small, fixed set)."""
         child = self._errors.get(reason)
         if child is None:
@@ -50,34 +62,34 @@ class VersionMetrics:
 
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.predictions = Counter(
+        self.predictions = ShardedCounterFamily(
             "shipyard_predictions", "Prediction requests answered", ["model", "version"], registry=registry
         )
-        self.prediction_rows = Counter(
+        self.prediction_rows = ShardedCounterFamily(
             "shipyard_prediction_rows", "Rows predicted", ["model", "version"], registry=registry
         )
-        self.prediction_errors = Counter(
+        self.prediction_errors = ShardedCounterFamily(
             "shipyard_prediction_errors",
             "Prediction requests refused or failed, by error code",
             ["model", "version", "reason"],
             registry=registry,
         )
-        self.prediction_latency = Histogram(
+        self.prediction_latency = ShardedHistogramFamily(
             "shipyard_prediction_duration_seconds",
             "Time to validate, run (batching wait included) and log one prediction request",
             ["model", "version"],
             buckets=PREDICTION_BUCKETS,
             registry=registry,
         )
-        self.in_flight = Gauge(
+        self.in_flight = ShardedGaugeFamily(
             "shipyard_prediction_in_flight", "Prediction requests being validated, run or logged now",
             ["model"], registry=registry,
         )
-        self.batch_rows = Histogram(
+        self.batch_rows = ShardedHistogramFamily(
             "shipyard_batch_rows", "Rows per runtime call (several requests' rows when batched)",
             ["model", "version"], buckets=BATCH_BUCKETS, registry=registry,
         )
-        self.batch_requests = Histogram(
+        self.batch_requests = ShardedHistogramFamily(
             "shipyard_batch_requests", "Requests merged into one runtime call",
             ["model", "version"], buckets=BATCH_BUCKETS, registry=registry,
         )

@@ -70,7 +70,10 @@ class Lease:
     """Counts the requests running on one loaded version; once retired, it takes no new ones."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # acquire/release take the bare lock (a C-level context manager, every request twice);
+        # only retire() waits on the condition, and only a retired lease is notified.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._holders = 0
         self._retired = False
 
@@ -80,16 +83,16 @@ class Lease:
 
     def acquire(self) -> bool:
         """Hold the version for one request; False once it is retired (use its successor)."""
-        with self._cond:
+        with self._lock:
             if self._retired:
                 return False
             self._holders += 1
             return True
 
     def release(self) -> None:
-        with self._cond:
+        with self._lock:
             self._holders -= 1
-            if self._holders <= 0:
+            if self._retired and self._holders <= 0:
                 self._cond.notify_all()
 
     def retire(self, timeout: float) -> bool:
@@ -340,29 +343,34 @@ class Router:
         return slot(state, retired.role).served
 
 
-def leased(function: Callable[P, T]) -> Callable[P, T]:
-    """Run ``infer`` holding the lease of the version that answers (``served``, keyword-only).
+def hold(models: LoadedModels, router: Router, served: ServedModel) -> ServedModel:
+    """Acquire the lease of ``served``, or of its successor if it was retired meanwhile: the one held.
 
     A version retired between being chosen and running is replaced by its successor in the
-    same role, which was serving that role at some moment during the request.
+    same role, which was serving that role at some moment during the request. The caller
+    releases the returned version's lease when its request is done.
     """
+    for _ in range(3):
+        if served.lease.acquire():
+            return served
+        successor = router.current(models, served)
+        if successor is None or successor is served:
+            raise Unavailable(
+                f"model {served.name!r} version {served.version} was unloaded while this request "
+                "was on its way; retry"
+            )
+        served = successor
+    raise Unavailable(f"model {served.name!r} is being replaced; retry")
+
+
+def leased(function: Callable[P, T]) -> Callable[P, T]:
+    """Run ``function`` holding the lease of ``served`` (keyword-only) or its successor (:func:`hold`)."""
 
     @functools.wraps(function)
     def run(*args: P.args, **kwargs: P.kwargs) -> T:
-        served = cast("ServedModel", kwargs["served"])
         dataplane = kwargs["dataplane"]
-        for _ in range(3):
-            if served.lease.acquire():
-                break
-            successor = dataplane.router.current(dataplane.models, served)  # type: ignore[attr-defined]
-            if successor is None or successor is served:
-                raise Unavailable(
-                    f"model {served.name!r} version {served.version} was unloaded while this request "
-                    "was on its way; retry"
-                )
-            served = successor
-        else:
-            raise Unavailable(f"model {served.name!r} is being replaced; retry")
+        served = hold(dataplane.models, dataplane.router,  # type: ignore[attr-defined]
+                      cast("ServedModel", kwargs["served"]))
         kwargs["served"] = served
         try:
             return function(*args, **kwargs)

@@ -61,15 +61,12 @@ class ServingSettings(ServiceSettings):
     )
     graph_optimization: Literal["disabled", "basic", "extended", "all"] = "all"
     prediction_log_capacity: int = Field(
-        default=10_000, ge=1, description="Requests waiting to be written; producers block when full."
+        default=10_000, ge=1,
+        description="Answered requests journalled and not yet in the database, at most (per worker "
+        "process); requests wait for room when it is full.",
     )
     prediction_log_batch: int = Field(default=500, ge=1)
     prediction_log_flush_s: float = Field(default=0.5, gt=0)
-    prediction_log_journal: bool = Field(
-        default=True,
-        description="Append each record to a local journal under <state_dir>/serving-journal before "
-        "answering, so that records a crashed process had not yet written are written at the next start.",
-    )
     # -- adaptive batching (services/serving/batching.py) --------------------------------------
     batching: bool = Field(
         default=True,
@@ -91,14 +88,15 @@ class ServingSettings(ServiceSettings):
     )
     fast_lane: bool = Field(
         default=True,
-        description="Answer predict requests in the lean ASGI layer (fastlane.py) in front of FastAPI; "
-        "false: FastAPI's routes answer them (same answers, about 4x the CPU per request).",
+        description="Answer predict requests in the lean layer (fastlane.py) in front of FastAPI, "
+        "cheap models' requests inside uvicorn's HTTP protocol (httpfast.py); false: FastAPI's routes "
+        "answer them (same answers, several times the CPU per request).",
     )
     # -- processes and threads -----------------------------------------------------------------
     workers: int = Field(
         default=1, ge=1,
         description="Server processes sharing the port; each loads the models and runs its own "
-        "follower and prediction-log writer.",
+        "follower and prediction-log shipper process.",
     )
     request_threads: int = Field(
         default=64, ge=1,
@@ -108,7 +106,7 @@ class ServingSettings(ServiceSettings):
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,
         description="Python's thread switch interval in the serving process (Python's default is 5 ms): "
-        "how long a background thread (the prediction-log writer) may hold the GIL while a request "
+        "how long a background thread may hold the GIL while a request "
         "waits for it; a shorter one trims the latency tail.",
     )
     gc_freeze: bool = Field(

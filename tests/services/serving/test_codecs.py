@@ -121,7 +121,7 @@ def test_v2_mixed_binary_and_json_inputs_and_outputs(plane: DataPlane) -> None:
     }
     assert np.frombuffer(body[length:], dtype="<i8").tolist() == [1, 4]
     assert total["datatype"] == "FP32" and total["data"] == [8.5, -2.0]
-    assert plane.prediction_log.records[0]["inputs"]["ids"] == IDS.tolist()  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(plane.prediction_log.records[0]["inputs"]["ids"], IDS)  # type: ignore[attr-defined]
 
     status, body, _ = v2.infer(dataplane=plane, name="sum", version=None, body=header, headers={})
     assert status == 400 and "neither 'data' nor" not in json.loads(body)["error"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from services.serving.journal import Journal, orphans
+from services.serving.journal import Journal, JournalClosed, JournalTail, dumps, orphans
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -199,3 +199,74 @@ def test_an_orphan_stays_when_its_caller_fails(tmp_path):
             raise RuntimeError("the database is down")
     [(_, records)] = list(orphans(tmp_path))
     assert ids(records) == [f"r{n}" for n in range(30)]
+
+
+def test_the_tail_takes_complete_records_across_segments_and_resumes_from_the_mark(tmp_path):
+    journal = Journal(tmp_path, segment_bytes=4096)
+    for n in range(60):
+        journal.append(record(n))
+    tail = JournalTail(journal.path)
+    assert tail.appended() == 60 and tail.shipped == 0
+    taken: list[str] = []
+    while True:
+        records, lines, position = tail.take(7)
+        if not lines:
+            break
+        assert len(records) == lines <= 7
+        taken.extend(ids(records))
+        tail.commit(position, lines)
+        if len(taken) >= 30:
+            break
+    assert taken == [f"r{n}" for n in range(len(taken))]
+    assert journal.shipped() == journal.appended - journal.pending() == len(taken)
+    assert len(segments(journal)) < 4  # those behind the mark are deleted
+    records, lines, _ = tail.take(3)  # taken, never committed: a shipper killed mid-batch
+    tail.close()
+
+    again = JournalTail(journal.path)  # the next shipper: from the mark, with its count
+    assert again.shipped == len(taken) and journal.shipped() == len(taken)
+    records, lines, position = again.take(1000)
+    assert ids(records) == [f"r{n}" for n in range(len(taken), 60)]
+    again.commit(position, lines)
+    assert journal.pending() == 0
+    assert again.take(10) == ([], 0, position)
+    journal.append(record(60))
+    records, lines, _ = again.take(10)
+    assert ids(records) == ["r60"] and lines == 1
+    again.close()
+    journal.close(remove=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_room_counts_records_not_yet_shipped_and_reservations(tmp_path):
+    journal = Journal(tmp_path, capacity=3)
+    line = dumps(record(0))
+    assert journal.try_reserve()
+    assert journal.append_line(line) is not None
+    assert journal.append_line(line) is not None
+    assert journal.append_line(line) is None  # two appended and one place reserved
+    assert not journal.try_reserve()
+    assert journal.append_line(line, reserved=True) is not None  # the reserved place
+    tail = JournalTail(journal.path)
+    records, lines, position = tail.take(2)
+    assert journal.append_line(line) is None  # taken is not shipped
+    tail.commit(position, lines)
+    assert journal.pending() == 1 and journal.try_reserve() and journal.append_line(line) is not None
+    journal.release()
+    journal.seal()
+    assert tail.closed()
+    with pytest.raises(JournalClosed):
+        journal.append_line(line)
+    tail.close()
+    journal.close(remove=False)
+
+
+def test_a_journal_whose_shipper_still_runs_is_not_an_orphan(tmp_path):
+    journal = Journal(tmp_path)
+    journal.append(record(1))
+    tail = JournalTail(journal.path)
+    die(journal)
+    assert list(orphans(tmp_path)) == []  # its shipper is still writing what it left
+    tail.close()
+    [(_, records)] = list(orphans(tmp_path))
+    assert ids(records) == ["r1"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.serving.metrics import ServingMetrics
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.services.serving.test_serving import ROWS, metric, predict, serving
@@ -78,3 +80,35 @@ def test_metrics_are_labelled_by_model_and_version_with_bounded_labels(
         assert predict(base, broken, ROWS).status_code == 503
         assert metric(base, "shipyard_prediction_errors_total",
                       {"model": broken, "version": "(none)", "reason": "unavailable"}) == 1
+
+
+def test_serving_metrics_expose_what_prometheus_client_did() -> None:
+    registry = CollectorRegistry()
+    metrics = ServingMetrics(registry)
+    counted = metrics.version("m", "3")
+    assert metrics.version("m", "3") is counted
+    counted.requests.inc()
+    counted.rows.inc(4)
+    counted.latency.observe(0.002)
+    counted.batch_rows.observe(4)
+    counted.batch_requests.observe(1)
+    counted.in_flight.inc()
+    counted.in_flight.dec()
+    counted.error("invalid_input").inc()
+    metrics.prediction_errors.labels("m", "3", "invalid_input").inc()  # the same child, one family
+    metrics.prediction_errors.labels("(unknown)", "(none)", "not_found").inc()
+    assert counted.error("invalid_input") is metrics.prediction_errors.labels("m", "3", "invalid_input")
+
+    families = {
+        family.name: [(s.name, s.labels, s.value) for s in family.samples]
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    labels = {"model": "m", "version": "3"}
+    assert ("shipyard_predictions_total", labels, 1.0) in families["shipyard_predictions"]
+    assert ("shipyard_prediction_errors_total", {"model": "m", "version": "3", "reason": "invalid_input"},
+            2.0) in families["shipyard_prediction_errors"]
+    assert ("shipyard_prediction_in_flight", {"model": "m"}, 0.0) in families["shipyard_prediction_in_flight"]
+    assert ("shipyard_batch_rows_sum", labels, 4.0) in families["shipyard_batch_rows"]
+    assert ("shipyard_prediction_rows_total", labels, 4.0) in families["shipyard_prediction_rows"]
+    assert ("shipyard_prediction_duration_seconds_bucket", {**labels, "le": "0.0025"},
+            1.0) in families["shipyard_prediction_duration_seconds"]

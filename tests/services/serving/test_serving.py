@@ -265,7 +265,7 @@ def test_every_answered_request_is_logged(
                     f"{base}/v1/models/{first.name}/predict", json={"inputs": [[1.0]]}
                 ).status_code == 422
 
-    # A tiny queue makes requests wait for the writer; a long flush interval leaves rows queued
+    # A tiny room makes requests wait for the shipper; a long flush interval leaves rows unwritten
     # at shutdown, which close() must still write.
     log_settings = {"prediction_log_capacity": 3, "prediction_log_batch": 7, "prediction_log_flush_s": 5}
     with serving(platform, **log_settings) as base:

@@ -1,0 +1,239 @@
+"""The prediction hot path in process, without sockets: Shipyard against the bare ASGI app.
+
+Run from the repository root:  .venv/bin/python bench/serving_hotpath.py [--requests N] [--profile]
+
+Both servers are driven the way uvicorn drives them, minus the kernel: the raw bytes of a
+single-row MLP predict request go into uvicorn's HTTP protocol object (``data_received``), whose
+``httptools`` parser calls the app, and the response bytes come out of an in-memory transport;
+one request after the other on one kept-alive connection, in one event loop:
+
+- ``bare``: ``bench/serving_reference.py`` (orjson, one ONNX Runtime session) under uvicorn's
+  own ``httptools`` protocol, what ``bench/serving.py`` calls the bare reference;
+- ``shipyard``: serving's :class:`~services.serving.httpfast.FastLaneHttpProtocol` with the fast
+  lane and the real parts behind it: token check, the version's signature check, the batching
+  wrapper, metrics, and the prediction log (journal, shipper process, SQLite) — as
+  ``python -m services.serving`` sets them up by default.
+
+It prints microseconds per request for each and their ratio: the CPU the request path costs in
+Python, with the kernel's share (the same for both, and the noisiest part of a wrk run on a
+shared machine) left out. ``--profile`` prints a cProfile of the Shipyard loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import importlib
+import os
+import pstats
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH_DIR))
+
+from serving_models import export  # noqa: E402
+
+TOKEN = "bench-viewer-token"
+
+
+class _Transport:
+    """An asyncio transport that keeps what is written (uvicorn's protocol writes responses to it)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _protocol(app: Any, protocol_class: Any) -> tuple[Any, _Transport]:
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    config = Config(app, log_config=None, access_log=False, lifespan="off", http=protocol_class)
+    config.load()
+    state = ServerState()
+    state.default_headers = [(b"date", b"Mon, 23 Nov 2026 12:00:00 GMT"), *config.encoded_headers]
+    protocol = config.http_protocol_class(config=config, server_state=state, app_state={})
+    transport = _Transport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def _drive(app: Any, protocol_class: Any, payload: bytes, requests: int) -> float:
+    protocol, transport = _protocol(app, protocol_class)
+    started = time.perf_counter()
+    for _ in range(requests):
+        protocol.data_received(payload)
+        while not protocol.cycle.response_complete:  # the ASGI path answers in a task
+            await asyncio.sleep(0)
+    elapsed = time.perf_counter() - started
+    response = b"".join(transport.written[-2:])
+    if b" 200 OK" not in response:
+        raise SystemExit(f"the app answered: {response[:400]!r}")
+    protocol.connection_lost(None)
+    return elapsed / requests
+
+
+def _request(path: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+class _LaneApp:
+    """The ASGI app the fast lane fronts, reduced to the lane (the protocol finds it here)."""
+
+    def __init__(self, lane: Any) -> None:
+        self.middleware_stack = lane
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.middleware_stack(scope, receive, send)
+
+
+def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
+    """The fast lane over real serving parts, and a function that closes them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client import CollectorRegistry
+
+    from services.serving.batching import with_batching
+    from services.serving.dataplane import DataPlane
+    from services.serving.fastlane import FastLane
+    from services.serving.metrics import ServingMetrics
+    from services.serving.models import LoadedModels, ServedModel
+    from services.serving.prediction_log import PredictionLog
+    from services.serving.runtimes.loader import load_runtime
+    from services.serving.settings import ServingSettings
+    from shipyard_common.auth import Role, TokenAuthenticator
+    from shipyard_common.db import Database
+    from shipyard_common.metrics import HttpMetrics
+    from shipyard_common.settings import PlatformSettings
+
+    platform = PlatformSettings(env="test", state_dir=folder / "state", tokens={TOKEN: "viewer"})
+    settings = ServingSettings(platform=platform)
+    model_folder = folder / "model"
+    (model_folder / "onnx").mkdir(parents=True)
+    (model_folder / "onnx" / "model.onnx").write_bytes(onnx_path.read_bytes())
+    registry = CollectorRegistry()
+    metrics = ServingMetrics(registry)
+    loaded = load_runtime(model_folder, name="mlp", version="1", tags={"shipyard.format": "onnx"},
+                          settings=settings)
+    loaded = with_batching(loaded, name="mlp", version="1", policy=settings.batching_for("mlp"),
+                           metrics=metrics)
+    inner = getattr(loaded.runtime, "runtime", loaded.runtime)
+    print(f"Shipyard's ONNX Runtime session: {getattr(inner, 'threads', '?')} intra-op thread(s)")
+    models = LoadedModels(metrics)
+    models.set_target("mlp", "1")
+    models.install(ServedModel(name="mlp", version="1", runtime=loaded.runtime, signature=loaded.signature,
+                               loaded_at=datetime.now(UTC)))
+    models.reconciled.set()
+    database = Database(f"sqlite:///{folder / 'serving.db'}")
+    database.create_tables()
+    prediction_log = PredictionLog(
+        database, capacity=settings.prediction_log_capacity, batch_size=settings.prediction_log_batch,
+        flush_interval_s=settings.prediction_log_flush_s,
+        journal_dir=folder / "journal",
+    )
+    prediction_log.start()
+    executor = ThreadPoolExecutor(settings.request_threads)
+    state = SimpleNamespace(
+        dataplane=DataPlane(settings=settings, models=models, prediction_log=prediction_log, metrics=metrics),
+        authenticator=TokenAuthenticator({TOKEN: Role.VIEWER}),
+        predict_executor=executor,
+        http_metrics=HttpMetrics(registry, "serving"),
+    )
+
+    async def not_here(scope: Any, receive: Any, send: Any) -> None:
+        raise SystemExit(f"the fast lane handed {scope['path']} to the app")
+
+    def close() -> None:
+        executor.shutdown()
+        prediction_log.close()
+        print(f"prediction log: {prediction_log.written} rows written", file=sys.stderr)
+
+    return FastLane(not_here, state=state, body_limit=settings.max_body_bytes), close
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=30_000)
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many runs of --requests each")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    import numpy as np
+    import orjson
+
+    row = [round(float(v), 4) for v in np.random.default_rng(7).normal(size=64)]
+    body = orjson.dumps({"inputs": [row]})
+    with tempfile.TemporaryDirectory(prefix="shipyard-hotpath-") as tmp:
+        folder = Path(tmp)
+        onnx_path = export("mlp", folder / "mlp.onnx")
+        os.environ["BENCH_MODEL_PATH"] = str(onnx_path)
+        reference = importlib.import_module("serving_reference").app
+        lane, close = shipyard_lane(folder, onnx_path)
+        from services.serving.httpfast import FastLaneHttpProtocol
+
+        ours_app, ours_protocol = _LaneApp(lane), FastLaneHttpProtocol
+        bare_protocol = "httptools"
+        ours_request = _request("/v1/models/mlp/predict", body)
+        bare_request = _request("/predict", body)
+        loop = asyncio.new_event_loop()
+        gc.collect()
+        gc.freeze()  # as serving does (settings.gc_freeze)
+
+        def run(app: Any, protocol: Any, payload: bytes, requests: int) -> float:
+            return loop.run_until_complete(_drive(app, protocol, payload, requests))
+
+        try:
+            run(ours_app, ours_protocol, ours_request, 2000)  # warm-up: the model's cost gets measured
+            run(reference, bare_protocol, bare_request, 2000)
+            ours = bare = float("inf")
+            for _ in range(args.rounds):  # alternated, so that a noisy moment hits both
+                ours = min(ours, run(ours_app, ours_protocol, ours_request, args.requests))
+                bare = min(bare, run(reference, bare_protocol, bare_request, args.requests))
+            if args.profile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                run(ours_app, ours_protocol, ours_request, args.requests)
+                profiler.disable()
+        finally:
+            loop.close()
+            close()
+    print(f"bare ASGI app under uvicorn:          {bare * 1e6:7.1f} µs per request")
+    print(f"Shipyard (fast lane in the protocol): {ours * 1e6:7.1f} µs per request")
+    print(f"bare ÷ Shipyard, requests/s:          {bare / ours:7.2f}")
+    if args.profile:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()

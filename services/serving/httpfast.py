@@ -1,0 +1,134 @@
+"""uvicorn's HTTP protocol with the prediction fast lane answered inside it, without an ASGI task.
+
+For every request, uvicorn's ``httptools`` protocol builds a request/response cycle, starts an
+asyncio task running the ASGI app (uvicorn's proxy-headers layer, FastAPI, the fast lane), and
+turns the app's two ``send`` messages back into bytes. For a small model that machinery costs
+more than the model call. :class:`FastLaneHttpProtocol` keeps all of it for every other request,
+and for a predict POST that the fast lane (:mod:`services.serving.fastlane`) would answer inline
+it does the same work synchronously, as the body completes:
+
+* when the headers are complete, a request the lane takes (:meth:`FastLane.match`: a predict
+  route, a ``Content-Length`` of at most :data:`~services.serving.fastlane.INLINE_MAX_BODY`, no
+  ``Expect: 100-continue``) is held instead of starting its task;
+* when its body is complete, the lane prepares it (token, parsing) and, if every version that may
+  answer is cheap, runs it inline (:meth:`FastLane.answer_inline`) and writes the response bytes
+  itself, with uvicorn's default headers (``date``, ``server``) and keep-alive handling, then
+  tells the connection the response is complete, as uvicorn's own ``send`` would;
+* anything else (an expensive model, a full prediction log, a body FastAPI must refuse, a
+  pipelined request, a client not reading its responses) starts the ordinary ASGI task with the
+  body already read: the answer is the same either way, only the path differs.
+
+Requests are counted in the same request metrics as the app's. Access logging is off in Shipyard's
+runner (``access_log=False``), so nothing is skipped there. Bound to uvicorn's ``httptools``
+protocol (``uvicorn.protocols.http.httptools_impl``) of the pinned uvicorn version: the tests
+drive every serving test through it (``python -m services.serving`` uses it when
+``SHIPYARD_SERVING_FAST_LANE`` is on, the default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+from services.serving.fastlane import (
+    INLINE_MAX_BODY,
+    Deferred,
+    FastLane,
+    HandBack,
+    LaneRequest,
+    internal_error,
+)
+
+
+def find_fast_lane(app: Any) -> FastLane | None:
+    """The fast lane in front of ``app``'s middleware (uvicorn wraps the app in its own layers)."""
+    for _ in range(8):
+        if app is None:
+            return None
+        stack = getattr(app, "middleware_stack", None)
+        if isinstance(stack, FastLane):
+            return stack
+        app = getattr(app, "app", None)
+    return None
+
+
+class FastLaneHttpProtocol(HttpToolsProtocol):
+    """See the module docstring."""
+
+    _lane: FastLane | None = None
+    _lane_looked_up = False
+    # The held request: its cycle, the app uvicorn chose for it, what the lane matched.
+    _held: tuple[RequestResponseCycle, Any, LaneRequest] | None = None
+
+    def _fast_lane(self) -> FastLane | None:
+        if not self._lane_looked_up:
+            self._lane = find_fast_lane(self.app)
+            self._lane_looked_up = True
+        return self._lane
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        lane = self._fast_lane()
+        if (
+            lane is not None and app is self.app and cycle is self.cycle and cycle.more_body
+            and not cycle.waiting_for_100_continue
+        ):
+            request = lane.match(cycle.scope)  # type: ignore[arg-type]  # an ASGI HTTP scope
+            if request is not None and request.body_size <= INLINE_MAX_BODY:
+                self._held = (cycle, app, request)
+                return
+        super()._start_asgi_task(cycle, app)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        cycle, app, request = held
+        if cycle.response_complete or cycle.disconnected:
+            return
+        if not self._answer(cycle, request):
+            super()._start_asgi_task(cycle, app)  # the ASGI path, with the body already read
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._held = None
+        super().connection_lost(exc)
+
+    def _answer(self, cycle: RequestResponseCycle, request: LaneRequest) -> bool:
+        """Answer ``cycle`` here; False when the ASGI path must (nothing was run or counted then)."""
+        lane = self._lane
+        if lane is None or self.flow.write_paused:
+            return False
+        try:
+            prepared = lane.prepare(request, bytes(cycle.body))
+            if isinstance(prepared, Deferred):
+                answer = lane.answer_inline(prepared)
+                if answer is None:
+                    return False
+            else:
+                answer = prepared
+        except HandBack:
+            return False
+        except Exception as exc:
+            answer = internal_error(exc)
+        status, content, headers = lane.encode(answer)
+        parts = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            parts += [name, b": ", value, b"\r\n"]
+        for name, value in headers:
+            parts += [name, b": ", value, b"\r\n"]
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += [b"\r\n", content]
+        cycle.response_started = True
+        cycle.response_complete = True
+        cycle.body = bytearray()
+        self.transport.write(b"".join(parts))
+        lane.count(request, status)
+        lane.protocol_answers += 1
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self.transport.close()
+        cycle.on_response()
+        return True
