@@ -167,7 +167,7 @@ class BatchingRuntime:
         if metrics is not None:
             metrics.batch_requests.observe(1)
             metrics.batch_rows.observe(next(iter(arrays.values())).shape[0] if arrays else 0)
-        return self.cost.timed(lambda: self.runtime.predict(arrays))
+        return self.cost.timed(self.runtime.predict, arrays)
 
     def close(self, timeout: float = 60) -> None:
         """Answer every queued request, stop the worker, then close the wrapped runtime."""
@@ -269,7 +269,7 @@ class BatchingRuntime:
         if self.metrics is not None:
             self.metrics.batch_requests.observe(requests)
             self.metrics.batch_rows.observe(next(iter(arrays.values())).shape[0] if arrays else 0)
-        return self.cost.timed(lambda: self.runtime.predict(arrays))
+        return self.cost.timed(self.runtime.predict, arrays)
 
     @staticmethod
     def _split(outputs: Arrays, batch: list[_Request]) -> list[Arrays]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 #: A call at most this costly (mean CPU seconds) may run on the event loop.
 INLINE_MAX_S = 0.001
@@ -59,12 +60,12 @@ class CallCost:
     def cheap(self) -> bool:
         return not self.remote and self.samples >= MIN_SAMPLES and self.mean_s <= INLINE_MAX_S
 
-    def timed(self, call: Callable[[], T]) -> T:
-        """``call()``, its calling thread's CPU time observed when :meth:`due`."""
+    def timed(self, function: Callable[[A], T], argument: A) -> T:
+        """``function(argument)``, its calling thread's CPU time observed when :meth:`due`."""
         if not self.due():
-            return call()
+            return function(argument)
         started = time.thread_time()
         try:
-            return call()
+            return function(argument)
         finally:
             self.observe(time.thread_time() - started)

@@ -225,7 +225,7 @@ def _run(
         if isinstance(runtime, BatchingRuntime):  # measures its own calls' cost
             answered = runtime.predict_now(checked) if inline else runtime.predict(checked)
         else:
-            answered = served.own_cost.timed(lambda: runtime.predict(checked))
+            answered = served.own_cost.timed(runtime.predict, checked)
         outputs = {spec.name: np.asarray(answered[spec.name]) for spec in served.signature.outputs}
     except Exception as exc:  # inputs passed the checks, so this is the model's own failure
         count_error(dataplane, name, "runtime_error", version=served.version)

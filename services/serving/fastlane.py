@@ -87,10 +87,6 @@ _ROUTES: list[tuple[re.Pattern[str], str, _Route]] = [
 ]
 _OURS_ROUTE = _ROUTES[3][2]
 _OURS_PREFIX, _OURS_SUFFIX = len("/v1/models/"), -len("/predict")
-_WANTED = frozenset({
-    b"authorization", b"x-api-token", b"x-request-id", b"content-type", b"content-encoding",
-    b"content-length", v2.HEADER_LENGTH.encode(),
-})
 
 
 class HandBack(Exception):  # noqa: N818 - a signal, not an error
@@ -166,10 +162,8 @@ class FastLane:
                     break
             else:
                 return None
-        headers: dict[bytes, bytes] = {}
-        for key, value in scope["headers"]:
-            if key in _WANTED and key not in headers:
-                headers[key] = value
+        # Reversed, so that the first of repeated headers wins, as in Starlette's Headers.get.
+        headers: dict[bytes, bytes] = dict(reversed(scope["headers"]))
         length = headers.get(b"content-length")
         if length is None or not length.isdigit() or int(length) > self.body_limit:
             # Chunked or too large: the app's body limit reads or refuses it (its 413s), unchanged.

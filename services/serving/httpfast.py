@@ -61,6 +61,17 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
     # The held request: its cycle, the app uvicorn chose for it, what the lane matched.
     _held: tuple[RequestResponseCycle, Any, LaneRequest] | None = None
 
+    _defaults: list[tuple[bytes, bytes]] | None = None
+    _defaults_block = b""
+
+    def _default_headers(self) -> bytes:
+        """uvicorn's default headers (date, server) as bytes; the server renews the list each second."""
+        defaults = self.server_state.default_headers
+        if defaults is not self._defaults:
+            self._defaults = defaults
+            self._defaults_block = b"".join(name + b": " + value + b"\r\n" for name, value in defaults)
+        return self._defaults_block
+
     def _fast_lane(self) -> FastLane | None:
         if not self._lane_looked_up:
             self._lane = find_fast_lane(self.app)
@@ -112,12 +123,13 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
             return False
         except Exception as exc:
             answer = internal_error(exc)
-        status, content, headers = lane.encode(answer)
-        parts = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            parts += [name, b": ", value, b"\r\n"]
-        for name, value in headers:
-            parts += [name, b": ", value, b"\r\n"]
+        status, content, headers = answer
+        parts = [STATUS_LINE[status], self._default_headers(), b"content-length: ", b"%d" % len(content),
+                 b"\r\n"]
+        if "content-type" not in headers:
+            parts.append(b"content-type: application/json\r\n")
+        for name, value in headers.items():
+            parts += [name.lower().encode(), b": ", value.encode("latin-1"), b"\r\n"]
         if not cycle.keep_alive:
             parts.append(b"connection: close\r\n")
         parts += [b"\r\n", content]

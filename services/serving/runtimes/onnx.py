@@ -103,7 +103,7 @@ class OnnxRuntime:
         run = self._run
         answers = run(self._output_names, arrays, None) if run is not None else self.session.run(
             self._output_names, arrays)
-        return {name: np.asarray(answer) for name, answer in zip(self._output_names, answers, strict=True)}
+        return dict(zip(self._output_names, answers, strict=True))  # numpy arrays already
 
     def close(self) -> None:
         # The session frees its memory when the last request holding it lets go.
