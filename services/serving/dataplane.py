@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from services.serving.batching import BatchingRuntime
 from services.serving.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics, VersionMetrics
@@ -207,11 +208,15 @@ def _infer_held(
         raise
     # Waits while the log is full (not inline: room is already held): nothing answered is dropped.
     prediction_log.append(record, reserved=inline)
-    counted.requests.inc()
-    counted.rows.inc(int(next(iter(checked.values())).shape[0]) if checked else 0)
-    counted.latency.observe(record["latency_ms"] / 1000)
+    _count_answered(counted, int(next(iter(checked.values())).shape[0]) if checked else 0, record)
     _mirror(dataplane, served, checked, record["request_id"])
     return Inference(model=name, version=served.version, signature=served.signature, outputs=outputs)
+
+
+def _count_answered(counted: VersionMetrics, rows: int, record: dict[str, Any]) -> None:
+    counted.requests.inc()
+    counted.rows.inc(rows)
+    counted.latency.observe(record["latency_ms"] / 1000)
 
 
 def _run(
@@ -348,6 +353,61 @@ def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non
                 )
             if type(value) is float and not math.isfinite(value) and not allow_non_finite:
                 raise ValidationFailed(f"row {index}, feature {column} is {value}; features must be finite")
+
+
+def predict_rows_now(
+    *, dataplane: DataPlane, name: str, inputs: Any, request_id: str | None, started: float
+) -> tuple[bytes, str] | None:
+    """Our protocol's commonest request answered in one pass on the event loop: (body, version).
+
+    The case: rows of fractional numbers for a model served by its production version alone (no
+    canary, no shadow), whose version takes such rows (:attr:`ServedModel.rows_input`) and whose
+    calls are cheap. The checks, the log record, the metrics and the answer are those of
+    :func:`predict_inference` (the same functions do them), without its layers, which cost more
+    than such a model's call. None: not that case, or the version is being replaced or the log is
+    full; nothing was run, logged or counted then, and the caller takes the general path, which
+    also words every refusal.
+    """
+    state = dataplane.models.state(name)
+    if state is None or state.canary.served is not None or state.shadow.served is not None:
+        return None
+    served = state.served
+    if served is None:
+        return None
+    spec = served.rows_input
+    settings = dataplane.settings
+    if (
+        spec is None or not served.cost.cheap or settings.allow_non_finite or type(inputs) is not list
+        or not 0 < len(inputs) <= settings.max_batch_rows
+    ):
+        return None
+    array = _float_rows(inputs, spec.dtype, spec.shape[1])
+    if array is None or not served.lease.acquire():
+        return None
+    prediction_log = dataplane.prediction_log
+    try:
+        if not prediction_log.try_reserve():
+            return None
+        counted = dataplane.metrics.version(name, served.version)
+        in_flight = counted.in_flight
+        in_flight.inc()
+        try:
+            checked = {spec.name: array}
+            try:
+                outputs, record = _run(dataplane, served, checked, request_id=request_id, started=started,
+                                       inline=True)
+            except BaseException:
+                prediction_log.release()
+                raise
+            prediction_log.append(record, reserved=True)
+            _count_answered(counted, len(array), record)
+        finally:
+            in_flight.dec()
+    finally:
+        served.lease.release()
+    first = outputs[served.signature.outputs[0].name]
+    body = orjson.dumps({"model": name, "model_version": served.version, "outputs": first.tolist()})
+    return body, served.version
 
 
 def predict_inference(

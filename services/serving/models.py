@@ -33,7 +33,7 @@ from services.serving.batching import with_batching
 from services.serving.callcost import REMOTE_FORMATS, CallCost
 from services.serving.metrics import ServingMetrics
 from services.serving.routing import ROLES, Lease, RoleSlot, follow_roles, retire_runtime
-from services.serving.runtimes.base import ModelLoadError, Runtime, Signature
+from services.serving.runtimes.base import ModelLoadError, Runtime, Signature, TensorSpec
 from services.serving.runtimes.loader import LoadedRuntime, load_runtime
 from services.serving.settings import ServingSettings
 from shipyard_common.errors import NotFound, Unavailable
@@ -71,14 +71,25 @@ class ServedModel:
     #: CPU per runtime call, for runtimes that do not measure their own (batching.py does).
     own_cost: CallCost = field(default_factory=CallCost, compare=False, repr=False)
 
+    #: What one runtime call of this version costs (the fast lane runs cheap ones inline): the
+    #: runtime's own measure (batching.py) or ``own_cost``. Set at creation.
+    cost: CallCost = field(init=False, compare=False, repr=False)
+    #: The input of a version that takes rows of fractional numbers (one 2-D floating-point input
+    #: with a free batch dimension), which our protocol's rows fill directly; None otherwise.
+    rows_input: TensorSpec | None = field(init=False, compare=False, repr=False)
+
     def __post_init__(self) -> None:
         self.own_cost.remote = self.runtime.format in REMOTE_FORMATS
-
-    @property
-    def cost(self) -> CallCost:
-        """What one runtime call of this version costs (the fast lane runs cheap ones inline)."""
         measured = getattr(self.runtime, "cost", None)
-        return measured if isinstance(measured, CallCost) else self.own_cost
+        # A frozen dataclass: derived fields are set once, here.
+        object.__setattr__(self, "cost", measured if isinstance(measured, CallCost) else self.own_cost)
+        inputs = self.signature.inputs
+        rows_input = inputs[0] if len(inputs) == 1 else None
+        if rows_input is not None and (
+            len(rows_input.shape) != 2 or rows_input.shape[0] is not None or rows_input.dtype.kind != "f"
+        ):
+            rows_input = None
+        object.__setattr__(self, "rows_input", rows_input)
 
 
 @dataclass(frozen=True)
