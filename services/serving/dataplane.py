@@ -6,8 +6,9 @@ request to named arrays and calls :func:`infer`; what differs between them is on
 
 from __future__ import annotations
 
+import itertools
 import math
-import random
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,6 @@ from services.serving.runtimes.base import Runtime, Signature, TensorSpec
 from services.serving.schemas import ModelStatusPublic, PredictResponse
 from services.serving.settings import ServingSettings
 from services.serving.validation import array_from_json, validate_inputs
-from shipyard_common.db import utcnow
 from shipyard_common.errors import (
     InvalidInput,
     NotFound,
@@ -46,12 +46,26 @@ _NUMBER_TYPES = (int, float)
 VERSION_HEADER = "X-Model-Version"
 
 
-_ids = random.Random()  # seeded from os.urandom: differs between worker processes
+class _RequestIds:
+    """Request ids of 32 hex digits: 16 random ones per process, then a count.
+
+    Unique across processes and restarts without a random draw (or ``os.urandom`` call) per
+    request; a forked child draws its own prefix.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._next = itertools.count(1).__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():016x}"
 
 
-def new_request_id() -> str:
-    """32 random hex digits, like ``uuid4().hex`` without its ``os.urandom`` call per request."""
-    return f"{_ids.getrandbits(128):032x}"
+new_request_id = _RequestIds()
+os.register_at_fork(after_in_child=new_request_id.reseed)
 
 
 class Offload(Exception):  # noqa: N818 - a signal, not an error
@@ -249,8 +263,9 @@ def _run(
         "inputs": inputs_logged,
         "outputs": _loggable(next(iter(outputs.values()))),
         "latency_ms": latency_ms,
-        # When it was answered, not when the writer got to it.
-        "created_at": utcnow(),
+        # When it was answered (seconds since the epoch, read as UTC when written), not when the
+        # shipper got to it.
+        "created_at": time.time(),
     }
     return outputs, record
 

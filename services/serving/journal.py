@@ -56,7 +56,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -539,8 +539,13 @@ def _parse(data: bytes, start: int, path: Path) -> list[dict[str, Any]]:
 
 
 def _parse_time(record: dict[str, Any]) -> None:
-    if isinstance(record.get("created_at"), str):
-        record["created_at"] = datetime.fromisoformat(record["created_at"]).replace(tzinfo=None)
+    """``created_at`` as the naive UTC datetime the table holds: from seconds since the epoch (what
+    the data plane records: a clock read, no datetime per request) or an ISO string."""
+    created = record.get("created_at")
+    if isinstance(created, str):
+        record["created_at"] = datetime.fromisoformat(created).replace(tzinfo=None)
+    elif isinstance(created, int | float):
+        record["created_at"] = datetime.fromtimestamp(created, UTC).replace(tzinfo=None)
 
 
 def _preallocate(fd: int, size: int) -> None:
