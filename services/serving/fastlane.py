@@ -33,6 +33,12 @@ answered goes unlogged, and no model call is made twice).
 Handed back to FastAPI (after replaying the body): our protocol's bodies that its request model
 refuses (not a JSON object with ``inputs``, a content type other than ``application/json``,
 an ``X-Request-ID`` over 64 characters), so that those 422s keep FastAPI's exact shape.
+
+Its parts (:meth:`FastLane.match`, :meth:`FastLane.prepare`, :meth:`FastLane.answer_inline`,
+:meth:`FastLane.count`) also serve :mod:`services.serving.httpfast`, which answers cheap requests
+inside uvicorn's HTTP protocol without an ASGI task; our protocol's commonest request (rows of
+floats for a production version alone) is answered by
+:func:`services.serving.dataplane.predict_rows_now` in one pass.
 """
 
 from __future__ import annotations
