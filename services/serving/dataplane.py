@@ -210,6 +210,21 @@ def _infer_held(
         except InvalidInput:
             count_error(dataplane, name, "invalid_input", version=served.version)
             raise
+    outputs, record = _run_logged(dataplane, served, counted, checked, request_id=request_id, started=started,
+                                  inline=inline)
+    _mirror(dataplane, served, checked, record["request_id"])
+    return Inference(model=name, version=served.version, signature=served.signature, outputs=outputs)
+
+
+def _run_logged(
+    dataplane: DataPlane, served: ServedModel, counted: VersionMetrics, checked: dict[str, np.ndarray], *,
+    request_id: str | None, started: float, inline: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Run checked inputs on ``served``, log and count the exchange: its outputs and log record.
+
+    ``inline`` (the event loop): room in the log is reserved before the model runs; a full log
+    raises :class:`Offload` with nothing run, logged or counted.
+    """
     prediction_log = dataplane.prediction_log
     if inline and not prediction_log.try_reserve():
         raise Offload
@@ -222,15 +237,10 @@ def _infer_held(
         raise
     # Waits while the log is full (not inline: room is already held): nothing answered is dropped.
     prediction_log.append(record, reserved=inline)
-    _count_answered(counted, int(next(iter(checked.values())).shape[0]) if checked else 0, record)
-    _mirror(dataplane, served, checked, record["request_id"])
-    return Inference(model=name, version=served.version, signature=served.signature, outputs=outputs)
-
-
-def _count_answered(counted: VersionMetrics, rows: int, record: dict[str, Any]) -> None:
     counted.requests.inc()
-    counted.rows.inc(rows)
+    counted.rows.inc(int(next(iter(checked.values())).shape[0]) if checked else 0)
     counted.latency.observe(record["latency_ms"] / 1000)
+    return outputs, record
 
 
 def _run(
@@ -399,30 +409,21 @@ def predict_rows_now(
     array = _float_rows(inputs, spec.dtype, spec.shape[1])
     if array is None or not served.lease.acquire():
         return None
-    prediction_log = dataplane.prediction_log
     try:
-        if not prediction_log.try_reserve():
-            return None
         counted = dataplane.metrics.version(name, served.version)
         in_flight = counted.in_flight
         in_flight.inc()
         try:
-            checked = {spec.name: array}
-            try:
-                outputs, record = _run(dataplane, served, checked, request_id=request_id, started=started,
-                                       inline=True)
-            except BaseException:
-                prediction_log.release()
-                raise
-            prediction_log.append(record, reserved=True)
-            _count_answered(counted, len(array), record)
+            outputs, _ = _run_logged(dataplane, served, counted, {spec.name: array}, request_id=request_id,
+                                     started=started, inline=True)
+        except Offload:
+            return None
         finally:
             in_flight.dec()
     finally:
         served.lease.release()
     first = outputs[served.signature.outputs[0].name]
-    body = orjson.dumps({"model": name, "model_version": served.version, "outputs": first.tolist()})
-    return body, served.version
+    return orjson.dumps(_answer_body(name, served.version, first)), served.version
 
 
 def predict_inference(
@@ -476,8 +477,11 @@ def _runtime_threads(runtime: Runtime) -> int | None:
 
 def predict_body(inference: Inference) -> dict[str, Any]:
     """Our predict answer: the model, the version that answered, its first output per row."""
-    first = next(iter(inference.outputs.values()))
-    return {"model": inference.model, "model_version": inference.version, "outputs": first.tolist()}
+    return _answer_body(inference.model, inference.version, next(iter(inference.outputs.values())))
+
+
+def _answer_body(model: str, version: str, first: np.ndarray) -> dict[str, Any]:
+    return {"model": model, "model_version": version, "outputs": first.tolist()}
 
 
 def predict(
