@@ -169,6 +169,32 @@ class BatchingRuntime:
             metrics.batch_rows.observe(next(iter(arrays.values())).shape[0] if arrays else 0)
         return self.cost.timed(self.runtime.predict, arrays)
 
+    @property
+    def merges(self) -> bool:
+        """Whether this version's requests may share a call (no longer once its outputs did not split)."""
+        return self._merging
+
+    def predict_merged_now(self, arrays: Arrays, rows: list[int]) -> list[Arrays] | None:
+        """Run requests merged by the caller (``rows`` each, in order) in one call now: each one's outputs.
+
+        For the event loop, which merges the cheap requests that arrived together (fastlane.py);
+        as :meth:`predict_now`, never queued. None when the outputs do not follow the batch: this
+        version's requests are no longer merged, and the caller runs each alone. A failed call
+        raises; the caller then runs each request alone, so that failures stay with their request.
+        """
+        self.inline_calls += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.batch_requests.observe(len(rows))
+            metrics.batch_rows.observe(next(iter(arrays.values())).shape[0] if arrays else 0)
+        outputs = self.cost.timed(self.runtime.predict, arrays)
+        try:
+            return self._split(outputs, rows)
+        except UnsplittableOutput as exc:
+            self._merging = False
+            log.warning("%s; this version's requests are no longer merged", exc)
+            return None
+
     def close(self, timeout: float = 60) -> None:
         """Answer every queued request, stop the worker, then close the wrapped runtime."""
         with self._cond:
@@ -245,7 +271,7 @@ class BatchingRuntime:
             names = list(batch[0].arrays)
             merged = {name: np.concatenate([r.arrays[name] for r in batch], axis=0) for name in names}
             try:
-                answers = self._split(self._call(merged, requests=len(batch)), batch)
+                answers = self._split(self._call(merged, requests=len(batch)), [r.rows for r in batch])
             except Exception as exc:
                 if isinstance(exc, UnsplittableOutput):
                     self._merging = False
@@ -272,8 +298,8 @@ class BatchingRuntime:
         return self.cost.timed(self.runtime.predict, arrays)
 
     @staticmethod
-    def _split(outputs: Arrays, batch: list[_Request]) -> list[Arrays]:
-        total = sum(r.rows for r in batch)
+    def _split(outputs: Arrays, rows: list[int]) -> list[Arrays]:
+        total = sum(rows)
         for name, value in outputs.items():
             value = np.asarray(value)
             if value.ndim == 0 or value.shape[0] != total:
@@ -282,8 +308,8 @@ class BatchingRuntime:
                 )
         answers: list[Arrays] = []
         start = 0
-        for request in batch:
-            end = start + request.rows
+        for count in rows:
+            end = start + count
             answers.append({name: np.asarray(value)[start:end] for name, value in outputs.items()})
             start = end
         return answers

@@ -50,7 +50,7 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -112,6 +112,8 @@ class FastLane:
         self._http_metrics: HttpMetrics | None = None
         #: Requests answered inside the HTTP protocol (httpfast.py) rather than through ASGI.
         self.protocol_answers = 0
+        #: Where the HTTP protocol puts mergeable requests (one event loop per app).
+        self.merger = Merger(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,7 +133,9 @@ class FastLane:
                 break
         try:
             prepared = self.prepare(request, body)
-            if isinstance(prepared, Deferred):
+            if isinstance(prepared, Mergeable):
+                answer = self.answer_alone(prepared) or await self._run(prepared.fallback)
+            elif isinstance(prepared, Deferred):
                 answer = await self._run(prepared)
             else:
                 answer = prepared
@@ -177,8 +181,11 @@ class FastLane:
         protocol, route, params = found
         return LaneRequest(protocol, route, params, headers, int(length), time.perf_counter())
 
-    def prepare(self, request: LaneRequest, body: bytes) -> ProtocolResponse | Deferred:
+    def prepare(self, request: LaneRequest, body: bytes) -> ProtocolResponse | Deferred | Mergeable:
         """The answer when it needs no model call (an error), else the model call to make.
+
+        A :class:`Mergeable` call may share a runtime call with others (:class:`Merger`), or be
+        answered alone (:meth:`answer_alone`).
 
         Raises :class:`HandBack` for requests FastAPI must answer.
         """
@@ -188,6 +195,18 @@ class FastLane:
         if request.protocol == "v2":
             return self._v2(params["name"], params.get("version"), body, request.headers)
         return self._tf(params["name"], params.get("version"), params.get("label"), body, request.headers)
+
+    def answer_alone(self, mergeable: Mergeable) -> ProtocolResponse | None:
+        """A mergeable request answered alone, on the event loop; None: run its general call in a thread."""
+        rows = mergeable.rows
+        try:
+            answered = dp.predict_rows_now(dataplane=self.plane, name=mergeable.name, inputs=rows.inputs,
+                                           request_id=rows.request_id, started=rows.started)
+        except ShipyardError as exc:  # the model failed: counted and worded as by the general path
+            return _error(exc)
+        if answered is not None:
+            return _rows_answer(answered)
+        return self.answer_inline(mergeable.fallback)
 
     def answer_inline(self, deferred: Deferred) -> ProtocolResponse | None:
         """The call's answer, made on the event loop when that is cheap; None: run it in a thread."""
@@ -258,7 +277,7 @@ class FastLane:
     # -- the protocols ---------------------------------------------------------------------------
     def _ours(
         self, name: str, body: bytes, headers: dict[bytes, bytes], started: float
-    ) -> ProtocolResponse | Deferred:
+    ) -> ProtocolResponse | Mergeable:
         # In FastAPI's order: a JSON body is parsed first (invalid: its 422), then the token is
         # checked, then the body's model and the headers (refused: its 422).
         if headers.get(b"content-type") != _JSON:  # FastAPI reads a body without one as bytes, not JSON
@@ -279,14 +298,6 @@ class FastLane:
         request_id = None if raw_id is None else raw_id.decode("latin-1")
         inputs = parsed["inputs"]
         plane = self.plane
-        try:
-            answered = dp.predict_rows_now(dataplane=plane, name=name, inputs=inputs, request_id=request_id,
-                                           started=started)
-        except ShipyardError as exc:  # the model failed: counted and worded as by the general path
-            return _error(exc)
-        if answered is not None:
-            content, version = answered
-            return 200, content, {"content-type": "application/json", dp.VERSION_HEADER: version}
 
         def call(inline: bool = False) -> ProtocolResponse:
             try:
@@ -297,7 +308,7 @@ class FastLane:
             return 200, orjson.dumps(dp.predict_body(inference)), {
                 "content-type": "application/json", dp.VERSION_HEADER: inference.version}
 
-        return Deferred(call, name, len(body))
+        return Mergeable(name, dp.RowsRequest(inputs, request_id, started), Deferred(call, name, len(body)))
 
     def _v2(self, name: str, version: str | None, body: bytes,
             headers: dict[bytes, bytes]) -> ProtocolResponse | Deferred:
@@ -343,6 +354,98 @@ class Deferred(NamedTuple):
     call: Callable[..., ProtocolResponse]
     name: str
     body_size: int
+
+
+class Mergeable(NamedTuple):
+    """Our protocol's request, which may share a runtime call with requests that came with it."""
+
+    name: str
+    rows: dp.RowsRequest
+    #: The general path's call, for when neither a merged nor a one-pass answer is possible.
+    fallback: Deferred
+
+
+class MergeClient(Protocol):
+    """Who waits for a merged answer: the HTTP protocol (httpfast.py), ``context`` its request."""
+
+    def merge_ready(self, context: Any) -> bool:
+        """Whether the request still wants its answer here; False: it was dealt with otherwise."""
+
+    def merge_done(self, context: Any, answer: ProtocolResponse) -> None:
+        """Send ``answer``."""
+
+
+class Merger:
+    """Mergeable requests that arrived in one event-loop iteration, answered by one runtime call per model.
+
+    Under load, the event loop reads many connections' requests per iteration (uvloop hands it
+    every socket that became readable together). Answering each at once costs a runtime call per
+    request; held until the iteration's reads are done (a callback the loop runs next, so that a
+    lone request waits no timer, only the rest of its iteration), requests for the same model
+    share one call (:func:`~services.serving.dataplane.predict_rows_merged`: each still checked,
+    logged and counted on its own). Requests that cannot share one are answered alone, as they
+    would have been.
+    """
+
+    def __init__(self, lane: FastLane) -> None:
+        self._lane = lane
+        self._pending: list[tuple[Mergeable, MergeClient, Any]] = []
+        self._scheduled = False
+        #: Requests answered from merged runtime calls (for tests and diagnostics).
+        self.merged = 0
+
+    def add(self, loop: asyncio.AbstractEventLoop, mergeable: Mergeable, client: MergeClient,
+            context: Any) -> None:
+        self._pending.append((mergeable, client, context))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        groups: dict[str, list[tuple[Mergeable, MergeClient, Any]]] = {}
+        for entry in pending:
+            if entry[1].merge_ready(entry[2]):
+                groups.setdefault(entry[0].name, []).append(entry)
+        lane = self._lane
+        for name, entries in groups.items():
+            merged: list[tuple[bytes, str] | None] | None = None
+            if len(entries) > 1:
+                try:
+                    merged = dp.predict_rows_merged(dataplane=lane.plane, name=name,
+                                                    requests=[entry[0].rows for entry in entries])
+                except Exception:
+                    log.exception("merging %d requests for %r failed; answering each alone",
+                                  len(entries), name)
+            for index, (mergeable, client, context) in enumerate(entries):
+                answered = None if merged is None else merged[index]
+                try:
+                    if answered is not None:
+                        self.merged += 1
+                        answer = _rows_answer(answered)
+                    else:
+                        answer = lane.answer_alone(mergeable) or _IN_THREAD
+                except Exception as exc:
+                    answer = internal_error(exc)
+                try:
+                    client.merge_done(context, answer)
+                except Exception:
+                    log.exception("could not send a prediction's answer")
+
+
+#: :meth:`MergeClient.merge_done`'s answer for a request to run in a thread (the ASGI path).
+_IN_THREAD: ProtocolResponse = (0, b"", {})
+
+
+def in_thread(answer: ProtocolResponse) -> bool:
+    """Whether a merged request's ``answer`` is to run its general call in a thread instead."""
+    return answer is _IN_THREAD
+
+
+def _rows_answer(answered: tuple[bytes, str]) -> ProtocolResponse:
+    content, version = answered
+    return 200, content, {"content-type": "application/json", dp.VERSION_HEADER: version}
 
 
 def _error(exc: ShipyardError) -> ProtocolResponse:

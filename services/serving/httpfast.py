@@ -37,8 +37,11 @@ from services.serving.fastlane import (
     FastLane,
     HandBack,
     LaneRequest,
+    Mergeable,
+    in_thread,
     internal_error,
 )
+from services.serving.http import ProtocolResponse
 
 
 def find_fast_lane(app: Any) -> FastLane | None:
@@ -99,20 +102,24 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
         cycle, app, request = held
         if cycle.response_complete or cycle.disconnected:
             return
-        if not self._answer(cycle, request):
+        if not self._answer(cycle, app, request):
             super()._start_asgi_task(cycle, app)  # the ASGI path, with the body already read
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._held = None
         super().connection_lost(exc)
 
-    def _answer(self, cycle: RequestResponseCycle, request: LaneRequest) -> bool:
-        """Answer ``cycle`` here; False when the ASGI path must (nothing was run or counted then)."""
+    def _answer(self, cycle: RequestResponseCycle, app: Any, request: LaneRequest) -> bool:
+        """Answer ``cycle`` here (now, or with the requests merged in this loop iteration); False when
+        the ASGI path must (nothing was run or counted then)."""
         lane = self._lane
         if lane is None or self.flow.write_paused:
             return False
         try:
             prepared = lane.prepare(request, bytes(cycle.body))
+            if isinstance(prepared, Mergeable):
+                lane.merger.add(self.loop, prepared, self, (cycle, app, request))
+                return True
             if isinstance(prepared, Deferred):
                 answer = lane.answer_inline(prepared)
                 if answer is None:
@@ -123,6 +130,32 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
             return False
         except Exception as exc:
             answer = internal_error(exc)
+        self._respond(cycle, request, answer)
+        return True
+
+    # -- MergeClient: a merged request's end (fastlane.Merger) ------------------------------------
+    def merge_ready(self, context: tuple[RequestResponseCycle, Any, LaneRequest]) -> bool:
+        cycle, app, _ = context
+        if cycle.response_complete or cycle.disconnected:
+            return False
+        if self.flow.write_paused:  # a client not reading its answers: the ASGI path waits for it
+            super()._start_asgi_task(cycle, app)
+            return False
+        return True
+
+    def merge_done(
+        self, context: tuple[RequestResponseCycle, Any, LaneRequest], answer: ProtocolResponse
+    ) -> None:
+        cycle, app, request = context
+        if in_thread(answer):
+            super()._start_asgi_task(cycle, app)  # the ASGI path, with the body already read
+        elif not cycle.disconnected:
+            self._respond(cycle, request, answer)
+
+    def _respond(self, cycle: RequestResponseCycle, request: LaneRequest, answer: ProtocolResponse) -> None:
+        """Write ``answer`` as uvicorn's ``send`` would, and end the request's cycle."""
+        lane = self._lane
+        assert lane is not None
         status, content, headers = answer
         parts = [STATUS_LINE[status], self._default_headers(), b"content-length: ", b"%d" % len(content),
                  b"\r\n"]
@@ -143,4 +176,3 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
         if not cycle.keep_alive:
             self.transport.close()
         cycle.on_response()
-        return True

@@ -155,15 +155,22 @@ class Journal:
         ``reserved``: True uses a place held by :meth:`try_reserve` (never refused); None
         ignores the capacity. Raises :class:`JournalClosed` once :meth:`seal` is called.
         """
-        size = len(line)
+        return self.append_lines(line, 1, reserved=reserved)
+
+    def append_lines(self, lines: bytes, count: int, *, reserved: bool | None = False) -> int | None:
+        """Write ``count`` lines from :func:`dumps`, joined, in one copy; as :meth:`append_line`.
+
+        ``reserved``: True uses ``count`` places held by :meth:`try_reserve`.
+        """
+        size = len(lines)
         with self._lock:
             if self._sealed:
                 raise JournalClosed("the journal is closed")
             if reserved:
-                self._reserved -= 1
+                self._reserved -= count
             elif reserved is not None and self._capacity_records is not None and (
-                self.appended - _U64.unpack_from(self._progress, _SHIPPED)[0] + self._reserved
-                >= self._capacity_records
+                self.appended - _U64.unpack_from(self._progress, _SHIPPED)[0] + self._reserved + count
+                > self._capacity_records
             ):
                 return None
             start = self._used
@@ -173,29 +180,29 @@ class Journal:
                 self._open_segment(self._seq + 1, size)
                 start, end = 0, size
             assert self._map is not None
-            self._map[start:end] = line
+            self._map[start:end] = lines
             self._used = end
-            self.appended += 1
+            self.appended += count
             _U64.pack_into(self._progress, _APPENDED, self.appended)
             return self._base | end
 
-    def try_reserve(self) -> bool:
-        """Hold room for one record without waiting; False when there is none."""
+    def try_reserve(self, count: int = 1) -> bool:
+        """Hold room for ``count`` records without waiting; False (nothing held) when there is none."""
         with self._lock:
             if self._sealed:
                 return False  # append would refuse it
             if self._capacity_records is not None and (
-                self.appended - _U64.unpack_from(self._progress, _SHIPPED)[0] + self._reserved
-                >= self._capacity_records
+                self.appended - _U64.unpack_from(self._progress, _SHIPPED)[0] + self._reserved + count
+                > self._capacity_records
             ):
                 return False
-            self._reserved += 1
+            self._reserved += count
             return True
 
-    def release(self) -> None:
-        """Give back a place held by :meth:`try_reserve`."""
+    def release(self, count: int = 1) -> None:
+        """Give back places held by :meth:`try_reserve`."""
         with self._lock:
-            self._reserved -= 1
+            self._reserved -= count
 
     def shipped(self) -> int:
         """Records the shipper has written to the database."""

@@ -122,8 +122,18 @@ class PredictionLog:
         except JournalClosed:
             raise Unavailable("serving is shutting down and no longer logs predictions") from None
 
-    def try_reserve(self) -> bool:
-        """Hold room for one record without waiting; False when the log is full.
+    def append_reserved(self, records: list[dict[str, Any]]) -> None:
+        """Journal several rows, in one copy, into places held by ``try_reserve(len(records))``."""
+        journal = self._journal
+        if journal is None:
+            raise Unavailable("the prediction log is not started")
+        try:
+            journal.append_lines(b"".join([dumps(record) for record in records]), len(records), reserved=True)
+        except JournalClosed:
+            raise Unavailable("serving is shutting down and no longer logs predictions") from None
+
+    def try_reserve(self, count: int = 1) -> bool:
+        """Hold room for ``count`` records without waiting; False (nothing held) when the log is full.
 
         For the event loop, which must never block: it reserves before running the model, so a
         full log sends the request to a thread before any work is done (none is done twice). The
@@ -132,15 +142,15 @@ class PredictionLog:
         journal = self._journal
         if journal is None:
             return False
-        if journal.try_reserve():
+        if journal.try_reserve(count):
             return True
         journal.hurry()
         return False
 
-    def release(self) -> None:
+    def release(self, count: int = 1) -> None:
         """Give back room reserved by :meth:`try_reserve` and not used."""
         if self._journal is not None:
-            self._journal.release()
+            self._journal.release(count)
 
     def close(self, timeout: float | None = 60) -> None:
         """Stop accepting records, have the shipper write every journalled one, and stop it."""

@@ -217,6 +217,32 @@ def test_outputs_that_do_not_follow_the_batch_stop_merging() -> None:
         runtime.close()
 
 
+def test_rows_merged_by_the_caller_run_in_one_call_and_split_back() -> None:
+    with batcher() as (runtime, inner):
+        requests = [rows_for(caller, count) for caller, count in ((1, 2), (2, 1), (3, 3))]
+        answers = runtime.predict_merged_now({"x": np.concatenate(requests)}, [2, 1, 3])
+        assert answers is not None and inner.batches == [6] and runtime.inline_calls == 1
+        for sent, answer in zip(requests, answers, strict=True):
+            check_own_rows(sent, answer)
+        with pytest.raises(RuntimeError, match="poisoned"):  # the caller then runs each alone
+            runtime.predict_merged_now({"x": np.full((2, 2), POISON, dtype=np.float32)}, [1, 1])
+        assert runtime.merges
+
+
+def test_rows_merged_by_the_caller_whose_outputs_do_not_split_stop_merging() -> None:
+    class Pooled(RecordingRuntime):
+        def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            answer = super().predict(arrays)
+            return {"echo": answer["echo"], "total": np.asarray([answer["total"].sum()])}
+
+    runtime = BatchingRuntime(Pooled(), max_batch_size=16, max_wait_s=30, name="test")
+    try:
+        assert runtime.predict_merged_now({"x": rows_for(1, 3)}, [1, 2]) is None
+        assert not runtime.merges
+    finally:
+        runtime.close()
+
+
 def loaded(signature: Signature = SIGNATURE) -> LoadedRuntime:
     return LoadedRuntime(runtime=RecordingRuntime(), signature=signature)
 

@@ -261,6 +261,27 @@ def test_room_counts_records_not_yet_shipped_and_reservations(tmp_path):
     journal.close(remove=False)
 
 
+def test_lines_appended_together_are_one_copy_and_each_a_record(tmp_path):
+    journal = Journal(tmp_path, capacity=5, segment_bytes=4096)
+    assert not journal.try_reserve(6)  # all or nothing
+    assert journal.try_reserve(4) and not journal.try_reserve(2)
+    block = b"".join(dumps(record(n)) for n in range(4))
+    assert journal.append_lines(block, 4, reserved=True) is not None
+    assert journal.append_lines(block, 4) is None  # one place left
+    assert journal.append_lines(dumps(record(4)), 1) is not None
+    big = b"".join(dumps(record(n)) for n in range(5, 105))  # more than a segment: one of its own
+    assert len(big) > 4096 and journal.append_lines(big, 100, reserved=None) is not None
+    assert journal.appended == journal.pending() == 105
+    tail = JournalTail(journal.path)
+    records, lines, position = tail.take(1000)
+    assert ids(records) == [f"r{n}" for n in range(105)] and lines == 105
+    tail.commit(position, lines)
+    assert journal.pending() == 0 and journal.try_reserve(5)
+    journal.release(5)
+    tail.close()
+    journal.close(remove=True)
+
+
 def test_a_journal_whose_shipper_still_runs_is_not_an_orphan(tmp_path):
     journal = Journal(tmp_path)
     journal.append(record(1))
