@@ -369,6 +369,15 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
                        pid=pid, name=extra)
 
     results: dict[tuple[str, str, int], Result | str] = {}
+    # Requests each Shipyard instance answered (wrk's counts and the check requests), by its database.
+    databases = {"shipyard": platform.database_url, "v2": platform.database_url,
+                 **{extra: f"sqlite:///{tmp / f'{extra}.db'}" for extra in extra_urls}}
+    answered: dict[str, int] = dict.fromkeys(databases.values(), 0)
+
+    def tally(target: Target, requests: int) -> None:
+        if target.key in databases:
+            answered[databases[target.key]] += requests
+
     for key in models:
         model = MODELS[key]
         row = row_for(model.n_features)
@@ -435,15 +444,18 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
                 if status != 200:
                     target.unavailable = "not available" if status == 404 else f"failed: HTTP {status}"
                     print(f"{key} {target.key}: HTTP {status} {text[:200]}")
+                else:
+                    tally(target, 1)
             for target in per_model:
                 if target.unavailable is None and args.warmup > 0:
-                    run_wrk(target, max(connections), args.warmup, tmp / "lua")
+                    tally(target, run_wrk(target, max(connections), args.warmup, tmp / "lua").requests)
             for c in connections:
                 for target in per_model:
                     if target.unavailable is not None:
                         results[(key, target.key, c)] = target.unavailable
                         continue
                     result = run_wrk(target, c, args.duration, tmp / "lua")
+                    tally(target, result.requests)
                     results[(key, target.key, c)] = result
                     print(f"{key:>4} c={c:<3} {target.key:<9} {result.requests_per_s:>9,.0f} req/s  "
                           f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
@@ -456,6 +468,37 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
 
     rates = {key: in_process_rate(paths[key], MODELS[key].n_features, threads[key]) for key in models}
     print_table(results, models, connections, targets, rates, threads, batching, args)
+    check_prediction_logs(answered)
+
+
+def check_prediction_logs(answered: dict[str, int]) -> None:
+    """Every answered request must be in its instance's prediction log: print rows against answers.
+
+    wrk counts the requests answered before its run ended; the server also answered those in flight
+    then (up to one per connection per run), so the log may hold a few more, never fewer.
+    """
+    from sqlalchemy import func, select
+
+    from shipyard_common.db import Database
+    from shipyard_common.records import PredictionRecord
+
+    for url, count in answered.items():
+        if not count:
+            continue
+        database = Database(url)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                with database.session() as session:
+                    rows = session.scalar(select(func.count()).select_from(PredictionRecord)) or 0
+                if rows >= count or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+        finally:
+            database.dispose()
+        verdict = "every answered request logged" if rows >= count else f"**{count - rows:,} MISSING**"
+        print(f"- prediction log ({url.rsplit('/', 1)[-1]}): {rows:,} rows for {count:,} requests "
+              f"wrk counted answered: {verdict}")
 
 
 def print_table(results: dict[tuple[str, str, int], Any], models: list[str], connections: list[int],
