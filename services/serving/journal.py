@@ -87,7 +87,21 @@ _SEGMENT_BYTES = 16 * 1024 * 1024
 # the mark itself, with nothing to look up.
 _SEQ_SHIFT = 40
 _OFFSET_MASK = (1 << _SEQ_SHIFT) - 1
-_DUMPS_OPTION = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC | orjson.OPT_APPEND_NEWLINE
+_DUMPS_OPTION = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC
+# A record's line: its scalar fields as a JSON array (in this order), then its inputs' and
+# outputs' JSON, tab-separated (JSON text never holds a raw tab): the shipper takes the inputs
+# and outputs as they are, without parsing and encoding them again. Lines of the earlier layout
+# (one JSON object, starting with "{") are read too.
+_HEAD_FIELDS = ("request_id", "model", "version", "role", "latency_ms", "created_at")
+
+
+class RawJson(str):
+    """JSON text of a journalled record's inputs or outputs, not parsed: written to a JSON column as it is."""
+
+    __slots__ = ()
+
+    def parsed(self) -> Any:
+        return orjson.loads(self)
 
 
 class JournalClosed(Exception):
@@ -95,8 +109,44 @@ class JournalClosed(Exception):
 
 
 def dumps(record: dict[str, Any]) -> bytes:
-    """``record`` as one journal line (numpy arrays included)."""
-    return orjson.dumps(record, option=_DUMPS_OPTION)
+    """``record`` (a row of the predictions table; numpy arrays included) as one journal line."""
+    head = orjson.dumps([record["request_id"], record["model"], record["version"],
+                         record.get("role", "production"), record["latency_ms"], record["created_at"]],
+                        option=_DUMPS_OPTION)
+    return b"%b\t%b\t%b\n" % (head, orjson.dumps(record["inputs"], option=_DUMPS_OPTION),
+                              orjson.dumps(record["outputs"], option=_DUMPS_OPTION))
+
+
+def loads(line: bytes, *, raw: bool = False) -> dict[str, Any]:
+    """A journal line (without its newline) as a record; raises ``orjson.JSONDecodeError`` for a torn one.
+
+    ``raw``: the inputs and outputs stay JSON text (:class:`RawJson`) and ``created_at`` as
+    written (seconds since the epoch, or an ISO string): the shipper's way, which writes them
+    as they are. Otherwise they are parsed, ``created_at`` a naive UTC datetime.
+    """
+    if line[:1] != b"[":
+        record = orjson.loads(line)  # the earlier layout (or a torn line, which fails here)
+        if type(record) is not dict:
+            raise orjson.JSONDecodeError("not a record", "", 0)
+        if not raw:
+            _parse_time(record)
+        return record
+    parts = line.split(b"\t")
+    if len(parts) != 3:
+        raise orjson.JSONDecodeError("not a record", "", 0)
+    head = orjson.loads(parts[0])
+    if raw:
+        # Complete lines only reach here (a line ends at its newline, after both), so both are whole.
+        inputs: Any = RawJson(parts[1].decode())
+        outputs: Any = RawJson(parts[2].decode())
+    else:
+        inputs, outputs = orjson.loads(parts[1]), orjson.loads(parts[2])
+    record = dict(zip(_HEAD_FIELDS, head, strict=True))
+    record["inputs"] = inputs
+    record["outputs"] = outputs
+    if not raw:
+        _parse_time(record)
+    return record
 
 
 class Journal:
@@ -348,11 +398,10 @@ class JournalTail:
                 offset = newline + 1
                 lines += 1
                 try:
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError:
+                    record = loads(line, raw=True)
+                except (orjson.JSONDecodeError, ValueError, UnicodeDecodeError):
                     log.warning("skipped an unreadable line in segment %d of %s", seq, self.path.name)
                     continue
-                _parse_time(record)
                 records.append(record)
             if complete and offset >= end:
                 seq, offset = seq + 1, 0
@@ -534,25 +583,29 @@ def _parse(data: bytes, start: int, path: Path) -> list[dict[str, Any]]:
         if not line:
             continue
         try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
+            record = loads(line)
+        except (orjson.JSONDecodeError, ValueError, UnicodeDecodeError):
             # Only the last line can be torn (the process died inside a copy); anything else is not ours.
             level = logging.INFO if number == len(lines) - 1 else logging.WARNING
             log.log(level, "skipped an unreadable line %d of %s", number + 1, path.name)
             continue
-        _parse_time(record)
         records.append(record)
     return records
 
 
 def _parse_time(record: dict[str, Any]) -> None:
-    """``created_at`` as the naive UTC datetime the table holds: from seconds since the epoch (what
-    the data plane records: a clock read, no datetime per request) or an ISO string."""
-    created = record.get("created_at")
+    if "created_at" in record:
+        record["created_at"] = as_datetime(record["created_at"])
+
+
+def as_datetime(created: Any) -> Any:
+    """A record's ``created_at`` as the naive UTC datetime the table holds: from seconds since the
+    epoch (what the data plane records: a clock read, no datetime per request) or an ISO string."""
     if isinstance(created, str):
-        record["created_at"] = datetime.fromisoformat(created).replace(tzinfo=None)
-    elif isinstance(created, int | float):
-        record["created_at"] = datetime.fromtimestamp(created, UTC).replace(tzinfo=None)
+        return datetime.fromisoformat(created).replace(tzinfo=None)
+    if isinstance(created, int | float):
+        return datetime.fromtimestamp(created, UTC).replace(tzinfo=None)
+    return created
 
 
 def _preallocate(fd: int, size: int) -> None:

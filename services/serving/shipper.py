@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ import orjson
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from services.serving.journal import JournalTail
+from services.serving.journal import JournalTail, RawJson, as_datetime
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 
@@ -168,7 +170,8 @@ def fresh(session: Session, records: list[dict[str, Any]]) -> list[dict[str, Any
     if not present:
         return records
     return [r for r in records
-            if (r["request_id"], r.get("role", "production"), r["version"], r["created_at"]) not in present]
+            if (r["request_id"], r.get("role", "production"), r["version"], as_datetime(r["created_at"]))
+            not in present]
 
 
 # SQLite allows 32766 parameters per statement (8 per row).
@@ -179,38 +182,80 @@ _COLUMNS = ("request_id", "model", "version", "role", "inputs", "outputs", "late
 def _insert(session: Session, batch: list[dict[str, Any]]) -> None:
     """Insert ``batch`` into the predictions table: multi-row INSERTs of up to 1000 rows.
 
-    On SQLite and PostgreSQL the rows go straight to the driver, with the JSON columns encoded
-    by orjson (SQLAlchemy's per-row parameter processing, ``json.dumps`` and, on SQLite, datetime
-    formatting cost ~25 µs of Python per row). The stored values are what SQLAlchemy would store
-    (SQLite keeps datetimes as ``YYYY-MM-DD HH:MM:SS.ffffff``), except for JSON whitespace, and
-    NaN/±Inf in JSON (only with ``allow_non_finite``) become null. Other databases go through
-    SQLAlchemy's insert.
+    On SQLite and PostgreSQL the rows go straight to the driver: the inputs and outputs as the
+    journal holds them (JSON text, :class:`~services.serving.journal.RawJson`; encoded by orjson
+    when a record holds them parsed), SQLite's times formatted here (SQLAlchemy's per-row parameter
+    processing, ``json.dumps`` and datetime formatting cost ~25 µs of Python per row). The stored
+    values are what SQLAlchemy would store (SQLite keeps datetimes as ``YYYY-MM-DD
+    HH:MM:SS.ffffff``), except for JSON whitespace, and NaN/±Inf in JSON (only with
+    ``allow_non_finite``) become null. Other databases go through SQLAlchemy's insert.
     """
     connection = session.connection()
     dialect = connection.dialect
     if dialect.name not in ("sqlite", "postgresql"):
-        session.execute(insert(PredictionRecord), batch)
+        session.execute(insert(PredictionRecord), [_parsed(record) for record in batch])
         return
     sqlite = dialect.name == "sqlite"
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     one_row = f"({', '.join([mark] * len(_COLUMNS))})"
     head = f"INSERT INTO {PredictionRecord.__tablename__} ({', '.join(_COLUMNS)}) VALUES "
-    dumps = orjson.dumps
-    option = orjson.OPT_SERIALIZE_NUMPY
+    time_of = _SqliteTime() if sqlite else as_datetime
     for start in range(0, len(batch), _ROWS_PER_STATEMENT):
         chunk = batch[start:start + _ROWS_PER_STATEMENT]
         params: list[Any] = []
         for record in chunk:
-            created = record["created_at"]
+            inputs, outputs = record["inputs"], record["outputs"]
             params.extend((
                 record["request_id"], record["model"], record["version"], record.get("role", "production"),
-                dumps(record["inputs"], option=option).decode(),
-                dumps(record["outputs"], option=option).decode(),
+                inputs if type(inputs) is RawJson else _json_text(inputs),
+                outputs if type(outputs) is RawJson else _json_text(outputs),
                 record["latency_ms"],
-                created.isoformat(sep=" ", timespec="microseconds") if sqlite else created,
+                time_of(record["created_at"]),
             ))
         # One multi-row statement, not executemany: one round trip for many rows.
         connection.exec_driver_sql(head + ", ".join([one_row] * len(chunk)), tuple(params))
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def _parsed(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its inputs and outputs parsed and its time a datetime, for SQLAlchemy's insert."""
+    row = dict(record)
+    for key in ("inputs", "outputs"):
+        if type(row[key]) is RawJson:
+            row[key] = row[key].parsed()
+    row["created_at"] = as_datetime(row["created_at"])
+    return row
+
+
+class _SqliteTime:
+    """A record's time as SQLAlchemy writes a naive UTC datetime to SQLite: ``YYYY-MM-DD HH:MM:SS.ffffff``.
+
+    From seconds since the epoch (the journal's), with the date and time of the last second
+    kept: the records of a batch mostly share their second.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._prefix = ""
+
+    def __call__(self, created: Any) -> str:
+        if type(created) is not float:
+            return str(as_datetime(created).isoformat(sep=" ", timespec="microseconds"))
+        # Rounded as datetime.fromtimestamp rounds (half to even, on the microseconds).
+        fraction, whole = math.modf(created)
+        micros = round(fraction * 1e6)
+        second = int(whole)
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        elif micros < 0:
+            second, micros = second - 1, micros + 1_000_000
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S.")
+        return f"{self._prefix}{micros:06d}"
 
 
 if __name__ == "__main__":

@@ -47,10 +47,13 @@ def test_a_killed_process_leaves_exactly_its_uncommitted_records(tmp_path):
         from pathlib import Path
         from services.serving.journal import Journal
         journal = Journal(Path({str(tmp_path)!r}))
-        first = journal.append({{"request_id": "r0", "created_at": datetime(2026, 11, 23), "inputs": [[0]]}})
+        def record(n):
+            return {{"request_id": f"r{{n}}", "model": "m", "version": "1", "latency_ms": 0.1,
+                    "created_at": datetime(2026, 11, 23), "inputs": [[n]], "outputs": [[1.0]]}}
+        first = journal.append(record(0))
         journal.committed(first)
         for n in (1, 2):
-            journal.append({{"request_id": f"r{{n}}", "created_at": datetime(2026, 11, 23), "inputs": [[n]]}})
+            journal.append(record(n))
         print("ready", flush=True)
         time.sleep(60)
     """)
@@ -90,7 +93,7 @@ def test_a_torn_last_line_is_skipped_and_a_closed_journal_is_removed(tmp_path):
 
 
 def test_records_over_several_segments_are_replayed_after_a_crash_and_none_twice(tmp_path):
-    journal = Journal(tmp_path, segment_bytes=4096)
+    journal = Journal(tmp_path, segment_bytes=2048)
     positions = [journal.append(record(n)) for n in range(60)]
     assert len(segments(journal)) >= 3
     journal.committed(positions[24])
@@ -102,7 +105,7 @@ def test_records_over_several_segments_are_replayed_after_a_crash_and_none_twice
 
 
 def test_a_torn_tail_after_several_segments_keeps_every_earlier_record(tmp_path):
-    journal = Journal(tmp_path, segment_bytes=4096)
+    journal = Journal(tmp_path, segment_bytes=2048)
     for n in range(40):
         journal.append(record(n))
     die(journal)
@@ -119,7 +122,7 @@ def test_a_torn_tail_after_several_segments_keeps_every_earlier_record(tmp_path)
 
 
 def test_committed_segments_are_deleted(tmp_path):
-    journal = Journal(tmp_path, segment_bytes=4096)
+    journal = Journal(tmp_path, segment_bytes=2048)
     positions = [journal.append(record(n)) for n in range(60)]
     written = segments(journal)
     assert len(written) >= 3
@@ -151,7 +154,7 @@ def test_a_record_bigger_than_a_segment_gets_a_segment_of_its_own(tmp_path):
 
 
 def test_concurrent_appends_are_each_journalled_once(tmp_path):
-    journal = Journal(tmp_path, segment_bytes=4096)
+    journal = Journal(tmp_path, segment_bytes=2048)
 
     def produce(thread: int) -> None:
         for n in range(200):
@@ -190,7 +193,7 @@ def test_a_single_file_journal_of_the_earlier_layout_is_replayed(tmp_path):
 
 
 def test_an_orphan_stays_when_its_caller_fails(tmp_path):
-    journal = Journal(tmp_path, segment_bytes=4096)
+    journal = Journal(tmp_path, segment_bytes=2048)
     for n in range(30):
         journal.append(record(n))
     die(journal)
@@ -202,7 +205,7 @@ def test_an_orphan_stays_when_its_caller_fails(tmp_path):
 
 
 def test_the_tail_takes_complete_records_across_segments_and_resumes_from_the_mark(tmp_path):
-    journal = Journal(tmp_path, segment_bytes=4096)
+    journal = Journal(tmp_path, segment_bytes=2048)
     for n in range(60):
         journal.append(record(n))
     tail = JournalTail(journal.path)
