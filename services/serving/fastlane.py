@@ -406,7 +406,12 @@ class Merger:
         pending, self._pending = self._pending, []
         groups: dict[str, list[tuple[Mergeable, MergeClient, Any]]] = {}
         for entry in pending:
-            if entry[1].merge_ready(entry[2]):
+            try:
+                ready = entry[1].merge_ready(entry[2])
+            except Exception as exc:
+                _send(entry, internal_error(exc))
+                continue
+            if ready:
                 groups.setdefault(entry[0].name, []).append(entry)
         lane = self._lane
         for name, entries in groups.items():
@@ -418,20 +423,24 @@ class Merger:
                 except Exception:
                     log.exception("merging %d requests for %r failed; answering each alone",
                                   len(entries), name)
-            for index, (mergeable, client, context) in enumerate(entries):
+            for index, entry in enumerate(entries):
                 answered = None if merged is None else merged[index]
                 try:
                     if answered is not None:
                         self.merged += 1
                         answer = _rows_answer(answered)
                     else:
-                        answer = lane.answer_alone(mergeable) or _IN_THREAD
+                        answer = lane.answer_alone(entry[0]) or _IN_THREAD
                 except Exception as exc:
                     answer = internal_error(exc)
-                try:
-                    client.merge_done(context, answer)
-                except Exception:
-                    log.exception("could not send a prediction's answer")
+                _send(entry, answer)
+
+
+def _send(entry: tuple[Mergeable, MergeClient, Any], answer: ProtocolResponse) -> None:
+    try:
+        entry[1].merge_done(entry[2], answer)
+    except Exception:
+        log.exception("could not send a prediction's answer")
 
 
 #: :meth:`MergeClient.merge_done`'s answer for a request to run in a thread (the ASGI path).
