@@ -36,9 +36,12 @@ an ``X-Request-ID`` over 64 characters), so that those 422s keep FastAPI's exact
 
 Its parts (:meth:`FastLane.match`, :meth:`FastLane.prepare`, :meth:`FastLane.answer_inline`,
 :meth:`FastLane.count`) also serve :mod:`services.serving.httpfast`, which answers cheap requests
-inside uvicorn's HTTP protocol without an ASGI task; our protocol's commonest request (rows of
-floats for a production version alone) is answered by
-:func:`services.serving.dataplane.predict_rows_now` in one pass.
+inside uvicorn's HTTP protocol without an ASGI task. There, our protocol's requests (prepared as
+:class:`Mergeable`) go to the :class:`Merger`, which answers those that arrived in the same
+event-loop iteration for the same model with one runtime call
+(:func:`services.serving.dataplane.predict_rows_merged`); a request that cannot share a call is
+answered alone, in one pass for the commonest case (rows of floats for a production version alone:
+:func:`services.serving.dataplane.predict_rows_now`), else by the general path.
 """
 
 from __future__ import annotations
@@ -380,29 +383,51 @@ class Merger:
 
     Under load, the event loop reads many connections' requests per iteration (uvloop hands it
     every socket that became readable together). Answering each at once costs a runtime call per
-    request; held until the iteration's reads are done (a callback the loop runs next, so that a
-    lone request waits no timer, only the rest of its iteration), requests for the same model
-    share one call (:func:`~services.serving.dataplane.predict_rows_merged`: each still checked,
-    logged and counted on its own). Requests that cannot share one are answered alone, as they
-    would have been.
+    request; held until the iteration's reads are done (a callback the loop runs next: no timer,
+    only the rest of the iteration), requests for the same model share one call
+    (:func:`~services.serving.dataplane.predict_rows_merged`: each still checked, logged and
+    counted on its own). Requests that cannot share one are answered alone, as they would have
+    been. While requests come one per iteration (light load), the first of an iteration is
+    answered at once, without waiting for the iteration's end.
     """
 
     def __init__(self, lane: FastLane) -> None:
         self._lane = lane
         self._pending: list[tuple[Mergeable, MergeClient, Any]] = []
         self._scheduled = False
+        # Whether the last loop iteration read several requests; one answered at once in this one.
+        self._busy = False
+        self._answered_now = 0
         #: Requests answered from merged runtime calls (for tests and diagnostics).
         self.merged = 0
 
     def add(self, loop: asyncio.AbstractEventLoop, mergeable: Mergeable, client: MergeClient,
             context: Any) -> None:
-        self._pending.append((mergeable, client, context))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        if self._scheduled or self._busy:
+            self._pending.append((mergeable, client, context))
+            if not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._flush)
+            return
+        # Requests have come one per loop iteration lately: the first of this one is answered at
+        # once, so that a lone request waits for nothing; any read after it in the same iteration
+        # waits for its end (and, from the next iteration on, every request does, while they come
+        # several at a time).
+        self._scheduled = True
+        self._answered_now = 1
+        loop.call_soon(self._flush)
+        try:
+            answer = self._lane.answer_alone(mergeable) or _IN_THREAD
+        except Exception as exc:
+            answer = internal_error(exc)
+        _send((mergeable, client, context), answer)
 
     def _flush(self) -> None:
         self._scheduled = False
+        self._busy = self._answered_now + len(self._pending) > 1
+        self._answered_now = 0
+        if not self._pending:
+            return
         pending, self._pending = self._pending, []
         groups: dict[str, list[tuple[Mergeable, MergeClient, Any]]] = {}
         for entry in pending:

@@ -3,7 +3,7 @@
 A serving process answers requests; a shipper process (shipper.py), one per serving process,
 writes their records to the database. The journal is how records go from one to the other, and
 why an answered request's record survives the serving process: each record is copied into the
-journal, one JSON line, before the answer goes out, and stays there until the shipper has
+journal, one line (:func:`dumps`), before the answer goes out, and stays there until the shipper has
 committed it to the database. There is no ``fsync``, so a power cut of the whole machine can
 still lose the last moments; ``kill -9`` or the OOM killer cannot.
 
@@ -88,11 +88,10 @@ _SEGMENT_BYTES = 16 * 1024 * 1024
 _SEQ_SHIFT = 40
 _OFFSET_MASK = (1 << _SEQ_SHIFT) - 1
 _DUMPS_OPTION = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC
-# A record's line: its scalar fields as a JSON array (in this order), then its inputs' and
-# outputs' JSON, tab-separated (JSON text never holds a raw tab): the shipper takes the inputs
-# and outputs as they are, without parsing and encoding them again. Lines of the earlier layout
-# (one JSON object, starting with "{") are read too.
-_HEAD_FIELDS = ("request_id", "model", "version", "role", "latency_ms", "created_at")
+# A record's line: its scalar fields as a JSON array (request_id, model, version, role,
+# latency_ms, created_at), then its inputs' and outputs' JSON, tab-separated (JSON text never
+# holds a raw tab): the shipper takes the inputs and outputs as they are, without parsing and
+# encoding them again. Lines of the earlier layout (one JSON object, "{...}") are read too.
 
 
 class RawJson(str):
@@ -134,19 +133,15 @@ def loads(line: bytes, *, raw: bool = False) -> dict[str, Any]:
     parts = line.split(b"\t")
     if len(parts) != 3:
         raise orjson.JSONDecodeError("not a record", "", 0)
-    head = orjson.loads(parts[0])
+    request_id, model, version, role, latency_ms, created_at = orjson.loads(parts[0])
     if raw:
         # Complete lines only reach here (a line ends at its newline, after both), so both are whole.
-        inputs: Any = RawJson(parts[1].decode())
-        outputs: Any = RawJson(parts[2].decode())
-    else:
-        inputs, outputs = orjson.loads(parts[1]), orjson.loads(parts[2])
-    record = dict(zip(_HEAD_FIELDS, head, strict=True))
-    record["inputs"] = inputs
-    record["outputs"] = outputs
-    if not raw:
-        _parse_time(record)
-    return record
+        return {"request_id": request_id, "model": model, "version": version, "role": role,
+                "latency_ms": latency_ms, "created_at": created_at,
+                "inputs": RawJson(parts[1].decode()), "outputs": RawJson(parts[2].decode())}
+    return {"request_id": request_id, "model": model, "version": version, "role": role,
+            "latency_ms": latency_ms, "created_at": as_datetime(created_at),
+            "inputs": orjson.loads(parts[1]), "outputs": orjson.loads(parts[2])}
 
 
 class Journal:
