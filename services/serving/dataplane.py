@@ -336,29 +336,53 @@ def parse_rows(inputs: Any, *, spec: TensorSpec, max_rows: int, allow_non_finite
         raise ValidationFailed(exc.message) from exc
 
 
-def _float_rows(inputs: list[Any], dtype: np.dtype[Any], expected: int | None) -> np.ndarray | None:
+def _float_rows(
+    inputs: list[Any], dtype: np.dtype[Any], expected: int | None, *, dots: int = -1
+) -> np.ndarray | None:
     """Rows of Python floats as ``dtype``, all finite and in its range; None: take the general path.
 
     The common request (fractional features, a floating-point model): converted to float64 in one
     numpy call (which cannot overflow), checked with two reductions (a NaN fails every comparison,
     ±Inf or a value beyond ``dtype``'s range fails the bounds), then cast. Anything else (integers,
     which may exceed 64 bits; bad values; ragged rows) goes the general way, which names the problem.
+
+    ``dots`` (:func:`plain_numbers`): the count of ``.`` in the JSON the rows came from, when it
+    holds no string but its ``inputs`` key, else -1. When the values number as many, each is a
+    fraction (what orjson reads as a float), and no value's type is looked at.
     """
-    if not all(type(row) is list and (expected is None or len(row) == expected)
-               and _FLOAT_TYPE_SET.issuperset(map(type, row)) for row in inputs):
+    if dots < 0 and not _all_floats(inputs, expected):
         return None
     try:
         wide = np.asarray(inputs, dtype=np.float64)
-    except ValueError:  # ragged
+    except (ValueError, TypeError, OverflowError):  # ragged, or not numbers
         return None
-    if wide.ndim != 2 or not wide.size:
+    if wide.ndim != 2 or not wide.size or (expected is not None and wide.shape[1] != expected):
         return None
+    if dots >= 0 and wide.size != dots and not _all_floats(inputs, expected):
+        return None  # some value has no ".": an integer, which the general path converts
     largest = _FLOAT_MAX.get(dtype)
     if largest is None:
         largest = _FLOAT_MAX[dtype] = float(np.finfo(dtype).max)
     if not (-largest <= np.minimum.reduce(wide, axis=None) and np.maximum.reduce(wide, axis=None) <= largest):
         return None
     return wide.astype(dtype)
+
+
+def _all_floats(inputs: list[Any], expected: int | None) -> bool:
+    return all(type(row) is list and (expected is None or len(row) == expected)
+               and _FLOAT_TYPE_SET.issuperset(map(type, row)) for row in inputs)
+
+
+def plain_numbers(body: bytes) -> int:
+    """For a JSON body ``{"inputs": ...}`` with no string but that key: its count of ``.``; else -1.
+
+    Outside strings, a ``.`` can only be a number's (one at most each). So when the values number
+    as many as the body's dots, each has one: each is a fraction, none an integer, a boolean or
+    ``null`` (which have none), and :func:`_float_rows` need not look at their types.
+    """
+    if body.count(b'"') != 2:
+        return -1
+    return body.count(b".")
 
 
 def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non_finite: bool) -> None:
@@ -381,7 +405,7 @@ def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non
 
 
 def predict_rows_now(
-    *, dataplane: DataPlane, name: str, inputs: Any, request_id: str | None, started: float
+    *, dataplane: DataPlane, name: str, inputs: Any, request_id: str | None, started: float, dots: int = -1,
 ) -> tuple[bytes, str] | None:
     """Our protocol's commonest request answered in one pass on the event loop: (body, version).
 
@@ -406,7 +430,7 @@ def predict_rows_now(
         or not 0 < len(inputs) <= settings.max_batch_rows
     ):
         return None
-    array = _float_rows(inputs, spec.dtype, spec.shape[1])
+    array = _float_rows(inputs, spec.dtype, spec.shape[1], dots=dots)
     if array is None or not served.lease.acquire():
         return None
     try:
@@ -433,6 +457,8 @@ class RowsRequest(NamedTuple):
     request_id: str | None
     #: ``time.perf_counter()`` when the request came in (its logged latency starts there).
     started: float
+    #: :func:`plain_numbers` of its body (-1: not known to hold only numbers).
+    dots: int = -1
 
 
 def predict_rows_merged(
@@ -492,11 +518,13 @@ def _answer_merged(
         return  # alone: the caller's single-request path
     rows: list[Any] = []
     counts: list[int] = []
+    dots = 0
     for index in chunk:
-        inputs = requests[index].inputs
-        rows += inputs
-        counts.append(len(inputs))
-    array = _float_rows(rows, spec.dtype, spec.shape[1])
+        request = requests[index]
+        rows += request.inputs
+        counts.append(len(request.inputs))
+        dots = -1 if dots < 0 or request.dots < 0 else dots + request.dots
+    array = _float_rows(rows, spec.dtype, spec.shape[1], dots=dots)
     if array is None:
         return  # some request's rows are not plain numbers: each alone, so that its refusal is its own
     prediction_log = dataplane.prediction_log

@@ -204,7 +204,7 @@ class FastLane:
         rows = mergeable.rows
         try:
             answered = dp.predict_rows_now(dataplane=self.plane, name=mergeable.name, inputs=rows.inputs,
-                                           request_id=rows.request_id, started=rows.started)
+                                           request_id=rows.request_id, started=rows.started, dots=rows.dots)
         except ShipyardError as exc:  # the model failed: counted and worded as by the general path
             return _error(exc)
         if answered is not None:
@@ -311,7 +311,8 @@ class FastLane:
             return 200, orjson.dumps(dp.predict_body(inference)), {
                 "content-type": "application/json", dp.VERSION_HEADER: inference.version}
 
-        return Mergeable(name, dp.RowsRequest(inputs, request_id, started), Deferred(call, name, len(body)))
+        return Mergeable(name, dp.RowsRequest(inputs, request_id, started, dp.plain_numbers(body)),
+                         Deferred(call, name, len(body)))
 
     def _v2(self, name: str, version: str | None, body: bytes,
             headers: dict[bytes, bytes]) -> ProtocolResponse | Deferred:

@@ -43,6 +43,10 @@ from services.serving.fastlane import (
 )
 from services.serving.http import ProtocolResponse
 
+# Response header lines as bytes, by (name, value): the same few (content type, version) recur.
+_HEADER_LINES: dict[tuple[str, str], bytes] = {}
+_HEADER_LINES_KEPT = 512
+
 
 def find_fast_lane(app: Any) -> FastLane | None:
     """The fast lane in front of ``app``'s middleware (uvicorn wraps the app in its own layers)."""
@@ -157,12 +161,17 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
         lane = self._lane
         assert lane is not None
         status, content, headers = answer
-        parts = [STATUS_LINE[status], self._default_headers(), b"content-length: ", b"%d" % len(content),
-                 b"\r\n"]
+        parts = [STATUS_LINE[status], self._default_headers(), b"content-length: %d\r\n" % len(content)]
         if "content-type" not in headers:
             parts.append(b"content-type: application/json\r\n")
-        for name, value in headers.items():
-            parts += [name.lower().encode(), b": ", value.encode("latin-1"), b"\r\n"]
+        for header in headers.items():
+            line = _HEADER_LINES.get(header)
+            if line is None:
+                name, value = header
+                line = b"%b: %b\r\n" % (name.lower().encode(), value.encode("latin-1"))
+                if len(_HEADER_LINES) < _HEADER_LINES_KEPT:
+                    _HEADER_LINES[header] = line
+            parts.append(line)
         if not cycle.keep_alive:
             parts.append(b"connection: close\r\n")
         parts += [b"\r\n", content]
