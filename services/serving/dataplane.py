@@ -404,6 +404,20 @@ def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non
                 raise ValidationFailed(f"row {index}, feature {column} is {value}; features must be finite")
 
 
+def _rows_version(dataplane: DataPlane, name: str) -> tuple[ServedModel, TensorSpec] | None:
+    """``name``'s production version and its rows input, when it answers alone (no canary, no
+    shadow), takes rows of fractional numbers and its calls are cheap (and NaN/Inf are refused)."""
+    state = dataplane.models.state(name)
+    if state is None or state.canary.served is not None or state.shadow.served is not None:
+        return None
+    served = state.served
+    if served is None or served.rows_input is None or not served.cost.cheap:
+        return None
+    if dataplane.settings.allow_non_finite:
+        return None
+    return served, served.rows_input
+
+
 def predict_rows_now(
     *, dataplane: DataPlane, name: str, inputs: Any, request_id: str | None, started: float, dots: int = -1,
 ) -> tuple[bytes, str] | None:
@@ -417,19 +431,10 @@ def predict_rows_now(
     full; nothing was run, logged or counted then, and the caller takes the general path, which
     also words every refusal.
     """
-    state = dataplane.models.state(name)
-    if state is None or state.canary.served is not None or state.shadow.served is not None:
+    found = _rows_version(dataplane, name)
+    if found is None or type(inputs) is not list or not 0 < len(inputs) <= dataplane.settings.max_batch_rows:
         return None
-    served = state.served
-    if served is None:
-        return None
-    spec = served.rows_input
-    settings = dataplane.settings
-    if (
-        spec is None or not served.cost.cheap or settings.allow_non_finite or type(inputs) is not list
-        or not 0 < len(inputs) <= settings.max_batch_rows
-    ):
-        return None
+    served, spec = found
     array = _float_rows(inputs, spec.dtype, spec.shape[1], dots=dots)
     if array is None or not served.lease.acquire():
         return None
@@ -478,21 +483,14 @@ def predict_rows_merged(
     general path), which words every refusal and keeps failures with their request.
     """
     answers: list[tuple[bytes, str] | None] = [None] * len(requests)
-    state = dataplane.models.state(name)
-    if state is None or state.canary.served is not None or state.shadow.served is not None:
+    found = _rows_version(dataplane, name)
+    if found is None:
         return answers
-    served = state.served
-    if served is None:
-        return answers
-    spec = served.rows_input
+    served, spec = found
     runtime = served.runtime
-    settings = dataplane.settings
-    if (
-        spec is None or not served.cost.cheap or settings.allow_non_finite
-        or not isinstance(runtime, BatchingRuntime) or not runtime.merges
-    ):
+    if not isinstance(runtime, BatchingRuntime) or not runtime.merges:
         return answers
-    max_rows = settings.max_batch_rows
+    max_rows = dataplane.settings.max_batch_rows
     limit = runtime.max_batch_size
     chunk: list[int] = []
     chunk_rows = 0
