@@ -55,14 +55,16 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 log = logging.getLogger("shipyard.serving.journal")
+
+T = TypeVar("T")
 
 _SUFFIX = ".journal.d"
 # A journal folder is built under this name and renamed once locked: a folder with the journal
@@ -94,15 +96,6 @@ _DUMPS_OPTION = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC
 # encoding them again. Lines of the earlier layout (one JSON object, "{...}") are read too.
 
 
-class RawJson(str):
-    """JSON text of a journalled record's inputs or outputs, not parsed: written to a JSON column as it is."""
-
-    __slots__ = ()
-
-    def parsed(self) -> Any:
-        return orjson.loads(self)
-
-
 class JournalClosed(Exception):
     """The journal takes no more records: its process is shutting down."""
 
@@ -116,29 +109,47 @@ def dumps(record: dict[str, Any]) -> bytes:
                               orjson.dumps(record["outputs"], option=_DUMPS_OPTION))
 
 
-def loads(line: bytes, *, raw: bool = False) -> dict[str, Any]:
-    """A journal line (without its newline) as a record; raises ``orjson.JSONDecodeError`` for a torn one.
+#: A record as the predictions table's columns, in this order: request_id, model, version, role,
+#: inputs and outputs (JSON text), latency_ms, created_at (as written: seconds since the epoch,
+#: an ISO string, or a datetime).
+Row = tuple[str, str, str, str, str, str, float, Any]
+ROW_COLUMNS = ("request_id", "model", "version", "role", "inputs", "outputs", "latency_ms", "created_at")
 
-    ``raw``: the inputs and outputs stay JSON text (:class:`RawJson`) and ``created_at`` as
-    written (seconds since the epoch, or an ISO string): the shipper's way, which writes them
-    as they are. Otherwise they are parsed, ``created_at`` a naive UTC datetime.
-    """
+
+def row(line: bytes) -> Row:
+    """A journal line (without its newline) as a :data:`Row`; raises as :func:`loads`."""
+    if line[:1] == b"[":
+        head, inputs, outputs = line.split(b"\t")
+        request_id, model, version, role, latency_ms, created_at = orjson.loads(head)
+        return request_id, model, version, role, inputs.decode(), outputs.decode(), latency_ms, created_at
+    return row_of(loads(line))
+
+
+def row_of(record: dict[str, Any]) -> Row:
+    """A record (a dict, as :func:`loads` or the data plane makes them) as a :data:`Row`."""
+    return (record["request_id"], record["model"], record["version"], record.get("role", "production"),
+            _json_text(record["inputs"]), _json_text(record["outputs"]), record["latency_ms"],
+            record["created_at"])
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def loads(line: bytes) -> dict[str, Any]:
+    """A journal line (without its newline) as a record, its inputs and outputs parsed and
+    ``created_at`` a naive UTC datetime; raises ``orjson.JSONDecodeError`` (a ``ValueError``) for a
+    torn one."""
     if line[:1] != b"[":
         record = orjson.loads(line)  # the earlier layout (or a torn line, which fails here)
         if type(record) is not dict:
             raise orjson.JSONDecodeError("not a record", "", 0)
-        if not raw:
-            _parse_time(record)
+        _parse_time(record)
         return record
     parts = line.split(b"\t")
     if len(parts) != 3:
         raise orjson.JSONDecodeError("not a record", "", 0)
     request_id, model, version, role, latency_ms, created_at = orjson.loads(parts[0])
-    if raw:
-        # Complete lines only reach here (a line ends at its newline, after both), so both are whole.
-        return {"request_id": request_id, "model": model, "version": version, "role": role,
-                "latency_ms": latency_ms, "created_at": created_at,
-                "inputs": RawJson(parts[1].decode()), "outputs": RawJson(parts[2].decode())}
     return {"request_id": request_id, "model": model, "version": version, "role": role,
             "latency_ms": latency_ms, "created_at": as_datetime(created_at),
             "inputs": orjson.loads(parts[1]), "outputs": orjson.loads(parts[2])}
@@ -368,13 +379,17 @@ class JournalTail:
     def hurry(self) -> int:
         return int(_U64.unpack_from(self._progress, _HURRY)[0])
 
-    def take(self, limit: int) -> tuple[list[dict[str, Any]], int, tuple[int, int]]:
-        """Up to ``limit`` records after the last taken, how many lines that is, and the position past them.
+    def take_rows(self, limit: int) -> tuple[list[Row], int, tuple[int, int]]:
+        """Up to ``limit`` records after the last taken (each a :data:`Row`), how many lines that
+        is, and the position past them.
 
-        A line that is not JSON (only ever a torn one of a process that died mid-copy) counts
+        A line that is not a record (only ever a torn one of a process that died mid-copy) counts
         as a line and is skipped.
         """
-        records: list[dict[str, Any]] = []
+        return self._take(limit, row)
+
+    def _take(self, limit: int, parse: Callable[[bytes], T]) -> tuple[list[T], int, tuple[int, int]]:
+        records: list[T] = []
         lines = 0
         seq, offset = self.seq, self.offset
         while lines < limit:
@@ -393,8 +408,8 @@ class JournalTail:
                 offset = newline + 1
                 lines += 1
                 try:
-                    record = loads(line, raw=True)
-                except (orjson.JSONDecodeError, ValueError, UnicodeDecodeError):
+                    record = parse(line)
+                except (orjson.JSONDecodeError, ValueError, UnicodeDecodeError, KeyError, TypeError):
                     log.warning("skipped an unreadable line in segment %d of %s", seq, self.path.name)
                     continue
                 records.append(record)

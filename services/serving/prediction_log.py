@@ -35,13 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert
-
-from services.serving.journal import Journal, JournalClosed, dumps, orphans
-from services.serving.shipper import DATABASE_URL_ENV, fresh
+from services.serving.journal import Journal, JournalClosed, Row, dumps, orphans, row_of
+from services.serving.shipper import DATABASE_URL_ENV, fresh, insert_rows
 from shipyard_common.db import Database
 from shipyard_common.errors import Unavailable
-from shipyard_common.records import PredictionRecord
 
 log = logging.getLogger("shipyard.serving.prediction_log")
 
@@ -246,12 +243,12 @@ def replay_orphans(database: Database, folder: Path) -> int:
     """
     total = 0
     for path, records in orphans(folder):
-        rows: list[dict[str, Any]] = []
+        rows: list[Row] = []
         if records:
             with database.session() as session:
-                rows = fresh(session, records)
+                rows = fresh(session, [row_of(record) for record in records])
                 if rows:
-                    session.execute(insert(PredictionRecord), rows)
+                    insert_rows(session, rows)
         total += len(rows)
         if rows:
             log.warning("wrote %d prediction log rows that a stopped process left in %s",

@@ -42,7 +42,7 @@ import orjson
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from services.serving.journal import JournalTail, RawJson, as_datetime
+from services.serving.journal import ROW_COLUMNS, JournalTail, Row, as_datetime
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 
@@ -123,7 +123,7 @@ class Shipper:
     def _ship_all(self, *, orphaned: bool) -> bool:
         """Ship every complete record in the journal; False if it gave up (orphaned only)."""
         while True:
-            records, lines, position = self._tail.take(self._batch_size)
+            records, lines, position = self._tail.take_rows(self._batch_size)
             if not lines:
                 return True
             if records and not self._write(records, orphaned=orphaned):
@@ -132,7 +132,7 @@ class Shipper:
             if lines < self._batch_size:
                 return True
 
-    def _write(self, records: list[dict[str, Any]], *, orphaned: bool) -> bool:
+    def _write(self, records: list[Row], *, orphaned: bool) -> bool:
         delay = 0.1
         attempt = 0
         while True:
@@ -141,7 +141,7 @@ class Shipper:
                 with self._database.session() as session:
                     rows = fresh(session, records) if self._dedupe else records
                     if rows:
-                        _insert(session, rows)
+                        insert_rows(session, rows)
                 self._dedupe = False
                 return True
             except Exception as exc:
@@ -158,33 +158,29 @@ class Shipper:
                 delay = min(delay * 2, 2.0)
 
 
-def fresh(session: Session, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def fresh(session: Session, records: list[Row]) -> list[Row]:
     """``records`` less those already in the database (same request id, role, version and time)."""
     if not records:
         return records
-    ids = {r["request_id"] for r in records}
+    ids = {r[0] for r in records}
     present = {tuple(row) for row in session.execute(
         select(PredictionRecord.request_id, PredictionRecord.role, PredictionRecord.version,
                PredictionRecord.created_at).where(PredictionRecord.request_id.in_(ids))
     )}
     if not present:
         return records
-    return [r for r in records
-            if (r["request_id"], r.get("role", "production"), r["version"], as_datetime(r["created_at"]))
-            not in present]
+    return [r for r in records if (r[0], r[3], r[2], as_datetime(r[7])) not in present]
 
 
 # SQLite allows 32766 parameters per statement (8 per row).
 _ROWS_PER_STATEMENT = 1000
-_COLUMNS = ("request_id", "model", "version", "role", "inputs", "outputs", "latency_ms", "created_at")
 
 
-def _insert(session: Session, batch: list[dict[str, Any]]) -> None:
+def insert_rows(session: Session, batch: list[Row]) -> None:
     """Insert ``batch`` into the predictions table: multi-row INSERTs of up to 1000 rows.
 
     On SQLite and PostgreSQL the rows go straight to the driver: the inputs and outputs as the
-    journal holds them (JSON text, :class:`~services.serving.journal.RawJson`; encoded by orjson
-    when a record holds them parsed), SQLite's times formatted here (SQLAlchemy's per-row parameter
+    journal holds them (JSON text), SQLite's times formatted here (SQLAlchemy's per-row parameter
     processing, ``json.dumps`` and datetime formatting cost ~25 µs of Python per row). The stored
     values are what SQLAlchemy would store (SQLite keeps datetimes as ``YYYY-MM-DD
     HH:MM:SS.ffffff``), except for JSON whitespace, and NaN/±Inf in JSON (only with
@@ -193,41 +189,30 @@ def _insert(session: Session, batch: list[dict[str, Any]]) -> None:
     connection = session.connection()
     dialect = connection.dialect
     if dialect.name not in ("sqlite", "postgresql"):
-        session.execute(insert(PredictionRecord), [_parsed(record) for record in batch])
+        session.execute(insert(PredictionRecord), [_parsed(row) for row in batch])
         return
     sqlite = dialect.name == "sqlite"
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
-    one_row = f"({', '.join([mark] * len(_COLUMNS))})"
-    head = f"INSERT INTO {PredictionRecord.__tablename__} ({', '.join(_COLUMNS)}) VALUES "
+    one_row = f"({', '.join([mark] * len(ROW_COLUMNS))})"
+    head = f"INSERT INTO {PredictionRecord.__tablename__} ({', '.join(ROW_COLUMNS)}) VALUES "
     time_of = _SqliteTime() if sqlite else as_datetime
     for start in range(0, len(batch), _ROWS_PER_STATEMENT):
         chunk = batch[start:start + _ROWS_PER_STATEMENT]
         params: list[Any] = []
-        for record in chunk:
-            inputs, outputs = record["inputs"], record["outputs"]
-            params.extend((
-                record["request_id"], record["model"], record["version"], record.get("role", "production"),
-                inputs if type(inputs) is RawJson else _json_text(inputs),
-                outputs if type(outputs) is RawJson else _json_text(outputs),
-                record["latency_ms"],
-                time_of(record["created_at"]),
-            ))
+        for row in chunk:
+            params += row
+            params[-1] = time_of(params[-1])  # created_at, the last column
         # One multi-row statement, not executemany: one round trip for many rows.
         connection.exec_driver_sql(head + ", ".join([one_row] * len(chunk)), tuple(params))
 
 
-def _json_text(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-
-
-def _parsed(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with its inputs and outputs parsed and its time a datetime, for SQLAlchemy's insert."""
-    row = dict(record)
-    for key in ("inputs", "outputs"):
-        if type(row[key]) is RawJson:
-            row[key] = row[key].parsed()
-    row["created_at"] = as_datetime(row["created_at"])
-    return row
+def _parsed(row: Row) -> dict[str, Any]:
+    """``row`` with its inputs and outputs parsed and its time a datetime, for SQLAlchemy's insert."""
+    record = dict(zip(ROW_COLUMNS, row, strict=True))
+    record["inputs"] = orjson.loads(record["inputs"])
+    record["outputs"] = orjson.loads(record["outputs"])
+    record["created_at"] = as_datetime(record["created_at"])
+    return record
 
 
 class _SqliteTime:

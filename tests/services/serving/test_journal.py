@@ -34,8 +34,9 @@ def segments(journal: Journal) -> list[Path]:
     return sorted(journal.path.glob("*.segment"))
 
 
-def ids(records: list[dict]) -> list[str]:
-    return [r["request_id"] for r in records]
+def ids(records: list) -> list[str]:
+    """Request ids of records (dicts) or rows (tuples, request id first)."""
+    return [r["request_id"] if isinstance(r, dict) else r[0] for r in records]
 
 
 def test_a_killed_process_leaves_exactly_its_uncommitted_records(tmp_path):
@@ -212,7 +213,7 @@ def test_the_tail_takes_complete_records_across_segments_and_resumes_from_the_ma
     assert tail.appended() == 60 and tail.shipped == 0
     taken: list[str] = []
     while True:
-        records, lines, position = tail.take(7)
+        records, lines, position = tail.take_rows(7)
         if not lines:
             break
         assert len(records) == lines <= 7
@@ -223,18 +224,18 @@ def test_the_tail_takes_complete_records_across_segments_and_resumes_from_the_ma
     assert taken == [f"r{n}" for n in range(len(taken))]
     assert journal.shipped() == journal.appended - journal.pending() == len(taken)
     assert len(segments(journal)) < 4  # those behind the mark are deleted
-    records, lines, _ = tail.take(3)  # taken, never committed: a shipper killed mid-batch
+    records, lines, _ = tail.take_rows(3)  # taken, never committed: a shipper killed mid-batch
     tail.close()
 
     again = JournalTail(journal.path)  # the next shipper: from the mark, with its count
     assert again.shipped == len(taken) and journal.shipped() == len(taken)
-    records, lines, position = again.take(1000)
+    records, lines, position = again.take_rows(1000)
     assert ids(records) == [f"r{n}" for n in range(len(taken), 60)]
     again.commit(position, lines)
     assert journal.pending() == 0
-    assert again.take(10) == ([], 0, position)
+    assert again.take_rows(10) == ([], 0, position)
     journal.append(record(60))
-    records, lines, _ = again.take(10)
+    records, lines, _ = again.take_rows(10)
     assert ids(records) == ["r60"] and lines == 1
     again.close()
     journal.close(remove=True)
@@ -251,7 +252,7 @@ def test_room_counts_records_not_yet_shipped_and_reservations(tmp_path):
     assert not journal.try_reserve()
     assert journal.append_line(line, reserved=True) is not None  # the reserved place
     tail = JournalTail(journal.path)
-    records, lines, position = tail.take(2)
+    records, lines, position = tail.take_rows(2)
     assert journal.append_line(line) is None  # taken is not shipped
     tail.commit(position, lines)
     assert journal.pending() == 1 and journal.try_reserve() and journal.append_line(line) is not None
@@ -276,7 +277,7 @@ def test_lines_appended_together_are_one_copy_and_each_a_record(tmp_path):
     assert len(big) > 4096 and journal.append_lines(big, 100, reserved=None) is not None
     assert journal.appended == journal.pending() == 105
     tail = JournalTail(journal.path)
-    records, lines, position = tail.take(1000)
+    records, lines, position = tail.take_rows(1000)
     assert ids(records) == [f"r{n}" for n in range(105)] and lines == 105
     tail.commit(position, lines)
     assert journal.pending() == 0 and journal.try_reserve(5)

@@ -285,7 +285,7 @@ def test_a_shipper_killed_between_its_commit_and_its_mark_is_not_written_twice(
     db_url: str, tmp_path: Path
 ) -> None:
     from services.serving.journal import Journal, JournalTail
-    from services.serving.shipper import Shipper, _insert
+    from services.serving.shipper import Shipper, insert_rows
 
     database = Database(db_url)
     database.create_tables()
@@ -295,9 +295,9 @@ def test_a_shipper_killed_between_its_commit_and_its_mark_is_not_written_twice(
         journal.append(record(prefix, index))
     # A shipper whose batch of four is committed to the database, killed before it marks the journal.
     dead = JournalTail(journal.path)
-    batch, lines, _ = dead.take(4)
+    batch, lines, _ = dead.take_rows(4)
     with database.session() as session:
-        _insert(session, batch)
+        insert_rows(session, batch)
     dead.close()
     journal.seal()
     # Its successor starts from the old mark and leaves out what is already there.
