@@ -13,7 +13,10 @@ it does the same work synchronously, as the body completes:
 * when its body is complete, the lane prepares it (token, parsing) and, if every version that may
   answer is cheap, runs it inline (:meth:`FastLane.answer_inline`) and writes the response bytes
   itself, with uvicorn's default headers (``date``, ``server``) and keep-alive handling, then
-  tells the connection the response is complete, as uvicorn's own ``send`` would;
+  tells the connection the response is complete, as uvicorn's own ``send`` would; our protocol's
+  requests go to the lane's :class:`~services.serving.fastlane.Merger` instead, which answers
+  them (through :meth:`FastLaneHttpProtocol.merge_done`) once the loop iteration's reads are done,
+  with one runtime call for the requests of one model;
 * anything else (an expensive model, a full prediction log, a body FastAPI must refuse, a
   pipelined request, a client not reading its responses) starts the ordinary ASGI task with the
   body already read: the answer is the same either way, only the path differs.
