@@ -17,6 +17,8 @@ prediction log against the requests wrk saw answered. Targets (``--targets``):
   processes), to compare with ``ref2``.
 - ``nobatch``: the same, a third instance with ``SHIPYARD_SERVING_BATCHING=false`` (1 worker): the
   batching goal compares ``shipyard`` with it on ``big``.
+- ``pglog`` (only when named): the same, 1 worker, with its prediction log (and its other tables)
+  in a PostgreSQL database made for the run on ``--pg-url``'s server and dropped at the end.
 - ``v2``: the same service's Open Inference Protocol ``POST /v2/models/{name}/infer``, if it
   answers; "not available" otherwise.
 - ``mlflow``: ``mlflow models serve --env-manager local`` (its default: 1 uvicorn worker) on the
@@ -55,11 +57,14 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from serving_models import MODELS, export, in_process_rate  # noqa: E402
 
-ALL_TARGETS = ("shipyard", "v2", "shipyard2", "nobatch", "mlflow", "ref1", "ref2")
+ALL_TARGETS = ("shipyard", "v2", "shipyard2", "nobatch", "pglog", "mlflow", "ref1", "ref2")
+# pglog needs a PostgreSQL server: only when asked for.
+DEFAULT_TARGETS = tuple(t for t in ALL_TARGETS if t != "pglog")
 # Extra serving instances: target → (label, environment on top of the default instance's).
 EXTRA_SERVING = {
     "shipyard2": ("Shipyard /v1 predict (2w)", {"SHIPYARD_SERVING_WORKERS": "2"}),
     "nobatch": ("Shipyard /v1 predict, batching off (1w)", {"SHIPYARD_SERVING_BATCHING": "false"}),
+    "pglog": ("Shipyard /v1 predict, log on PostgreSQL (1w)", {}),
 }
 TOKEN = "bench-viewer-token"
 REGISTERED_PREFIX = "bench-serving"
@@ -97,6 +102,22 @@ class Processes:
         self.log_dir = log_dir
         self.log_dirs = [log_dir, *more_log_dirs]  # Stack writes its logs under the state folder
         self.pids: list[tuple[str, int]] = []
+        self.databases: list[tuple[str, str]] = []  # (admin URL, database name)
+
+    def postgres_database(self, admin_url: str) -> str:
+        """A new database on ``admin_url``'s server (dropped by :meth:`stop_all`): its SQLAlchemy URL."""
+        import psycopg2
+
+        name = f"shipyard_bench_{uuid.uuid4().hex[:10]}"
+        admin = psycopg2.connect(admin_url)
+        admin.autocommit = True
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            admin.close()
+        self.databases.append((admin_url, name))
+        return f"{admin_url.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg2://", 1)
 
     def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> int:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +142,16 @@ class Processes:
         for _, pid in reversed(list(self.pids)):
             with contextlib.suppress(Exception):
                 self.stop(pid)
+        for admin_url, name in self.databases:
+            import psycopg2
+
+            with contextlib.suppress(Exception):
+                admin = psycopg2.connect(admin_url)
+                admin.autocommit = True
+                with admin.cursor() as cursor:
+                    cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                admin.close()
+        self.databases = []
 
     def alive(self, pid: int) -> bool:
         try:
@@ -229,7 +260,7 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
     parser.add_argument("--models", default="mlp,cnn,big", help=f"comma list of {', '.join(MODELS)}")
     parser.add_argument("--connections", default="1,8,32", help="comma list of wrk connection counts")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    parser.add_argument("--targets", default=",".join(ALL_TARGETS),
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help=f"comma list of {', '.join(ALL_TARGETS)}")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk per target and model first")
     parser.add_argument("--repeat", type=int, default=1,
@@ -238,6 +269,9 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                         default=os.environ.get("SHIPYARD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
                         help="serving follows alias events there (a channel of this run's own)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, models)")
+    parser.add_argument("--pg-url", default=os.environ.get("SHIPYARD_BENCH_PG_URL",
+                                                           "postgresql://postgres@127.0.0.1:5432/postgres"),
+                        help="a PostgreSQL server where pglog's database is made (and dropped)")
     args = parser.parse_args()
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -325,6 +359,11 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
     # The platform: Redis (if none answers), MLflow, the serving service.
     names = {key: f"{REGISTERED_PREFIX}-{key}" for key in models}
     extra_urls: dict[str, str] = {}
+    # Each extra instance's own database: SQLite in the run's folder, or (pglog) a PostgreSQL
+    # database made for the run and dropped at the end.
+    database_urls = {extra: f"sqlite:///{tmp / f'{extra}.db'}" for extra in EXTRA_SERVING}
+    if "pglog" in targets:
+        database_urls["pglog"] = procs.postgres_database(args.pg_url)
     if any(t in targets for t in ("shipyard", "v2", *EXTRA_SERVING)):
         redis_part = stack.redis_component()
         if redis_part is not None:
@@ -358,8 +397,7 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
                 continue
             port = free_port()
             env = {**stack.child_env(), **EXTRA_SERVING[extra][1], "SHIPYARD_SERVING_PORT": str(port),
-                   "SHIPYARD_DB_URL": f"sqlite:///{tmp / f'{extra}.db'}",
-                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+                   "SHIPYARD_DB_URL": database_urls[extra], "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
             pid = procs.start(extra, [sys.executable, "-m", "services.serving"], env)
             extra_urls[extra] = f"http://127.0.0.1:{port}"
 
@@ -375,7 +413,7 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
     results: dict[tuple[str, str, int], Result | str] = {}
     # Requests each Shipyard instance answered (wrk's counts and the check requests), by its database.
     databases = {"shipyard": platform.database_url, "v2": platform.database_url,
-                 **{extra: f"sqlite:///{tmp / f'{extra}.db'}" for extra in extra_urls}}
+                 **{extra: database_urls[extra] for extra in extra_urls}}
     answered: dict[str, int] = dict.fromkeys(databases.values(), 0)
 
     def tally(target: Target, requests: int) -> None:
