@@ -265,19 +265,26 @@ def _run(
         inputs_logged = _loggable(next(iter(checked.values())))
     else:
         inputs_logged = {key: _loggable(value) for key, value in checked.items()}
-    record = {
+    record = _record(served, request_id, inputs_logged, _loggable(next(iter(outputs.values()))), latency_ms,
+                     time.time())
+    return outputs, record
+
+
+def _record(
+    served: ServedModel, request_id: str | None, inputs: Any, outputs: Any, latency_ms: float, created: float
+) -> dict[str, Any]:
+    """A prediction log record; ``created``: when it was answered (seconds since the epoch, read as
+    UTC when written), not when the shipper got to it."""
+    return {
         "request_id": request_id or new_request_id(),  # the shadow's row shares it
-        "model": name,
+        "model": served.name,
         "version": served.version,
         "role": served.role,
-        "inputs": inputs_logged,
-        "outputs": _loggable(next(iter(outputs.values()))),
+        "inputs": inputs,
+        "outputs": outputs,
         "latency_ms": latency_ms,
-        # When it was answered (seconds since the epoch, read as UTC when written), not when the
-        # shipper got to it.
-        "created_at": time.time(),
+        "created_at": created,
     }
-    return outputs, record
 
 
 # -- our JSON protocol: {"inputs": [[...], ...]} -------------------------------------------------
@@ -548,7 +555,6 @@ def _answer_merged(
             latencies: list[float] = []
             answered = time.perf_counter()
             created = time.time()
-            role = served.role
             start = 0
             for index, count, outputs in zip(chunk, counts, split, strict=True):
                 request = requests[index]
@@ -556,16 +562,8 @@ def _answer_merged(
                 first = np.asarray(outputs[output])
                 latency_s = answered - request.started
                 latencies.append(latency_s)
-                records.append({
-                    "request_id": request.request_id or new_request_id(),
-                    "model": name,
-                    "version": version,
-                    "role": role,
-                    "inputs": array[start:end],
-                    "outputs": _loggable(first),
-                    "latency_ms": latency_s * 1000,
-                    "created_at": created,
-                })
+                records.append(_record(served, request.request_id, array[start:end], _loggable(first),
+                                       latency_s * 1000, created))
                 answers[index] = orjson.dumps(_answer_body(name, version, first)), version
                 start = end
             try:

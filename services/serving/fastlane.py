@@ -417,11 +417,13 @@ class Merger:
         self._scheduled = True
         self._answered_now = 1
         loop.call_soon(self._flush)
+        _send((mergeable, client, context), self._alone(mergeable))
+
+    def _alone(self, mergeable: Mergeable) -> ProtocolResponse:
         try:
-            answer = self._lane.answer_alone(mergeable) or _IN_THREAD
+            return self._lane.answer_alone(mergeable) or _IN_THREAD
         except Exception as exc:
-            answer = internal_error(exc)
-        _send((mergeable, client, context), answer)
+            return internal_error(exc)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -439,27 +441,22 @@ class Merger:
                 continue
             if ready:
                 groups.setdefault(entry[0].name, []).append(entry)
-        lane = self._lane
         for name, entries in groups.items():
             merged: list[tuple[bytes, str] | None] | None = None
             if len(entries) > 1:
                 try:
-                    merged = dp.predict_rows_merged(dataplane=lane.plane, name=name,
+                    merged = dp.predict_rows_merged(dataplane=self._lane.plane, name=name,
                                                     requests=[entry[0].rows for entry in entries])
                 except Exception:
                     log.exception("merging %d requests for %r failed; answering each alone",
                                   len(entries), name)
             for index, entry in enumerate(entries):
                 answered = None if merged is None else merged[index]
-                try:
-                    if answered is not None:
-                        self.merged += 1
-                        answer = _rows_answer(answered)
-                    else:
-                        answer = lane.answer_alone(entry[0]) or _IN_THREAD
-                except Exception as exc:
-                    answer = internal_error(exc)
-                _send(entry, answer)
+                if answered is not None:
+                    self.merged += 1
+                    _send(entry, _rows_answer(answered))
+                else:
+                    _send(entry, self._alone(entry[0]))
 
 
 def _send(entry: tuple[Mergeable, MergeClient, Any], answer: ProtocolResponse) -> None:

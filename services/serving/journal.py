@@ -55,16 +55,14 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
 log = logging.getLogger("shipyard.serving.journal")
-
-T = TypeVar("T")
 
 _SUFFIX = ".journal.d"
 # A journal folder is built under this name and renamed once locked: a folder with the journal
@@ -146,13 +144,16 @@ def loads(line: bytes) -> dict[str, Any]:
             raise orjson.JSONDecodeError("not a record", "", 0)
         _parse_time(record)
         return record
-    parts = line.split(b"\t")
-    if len(parts) != 3:
-        raise orjson.JSONDecodeError("not a record", "", 0)
-    request_id, model, version, role, latency_ms, created_at = orjson.loads(parts[0])
-    return {"request_id": request_id, "model": model, "version": version, "role": role,
-            "latency_ms": latency_ms, "created_at": as_datetime(created_at),
-            "inputs": orjson.loads(parts[1]), "outputs": orjson.loads(parts[2])}
+    return record_of(row(line))
+
+
+def record_of(found: Row) -> dict[str, Any]:
+    """A :data:`Row` as a record: its inputs and outputs parsed, ``created_at`` a naive UTC datetime."""
+    record = dict(zip(ROW_COLUMNS, found, strict=True))
+    record["inputs"] = orjson.loads(record["inputs"])
+    record["outputs"] = orjson.loads(record["outputs"])
+    record["created_at"] = as_datetime(record["created_at"])
+    return record
 
 
 class Journal:
@@ -386,10 +387,7 @@ class JournalTail:
         A line that is not a record (only ever a torn one of a process that died mid-copy) counts
         as a line and is skipped.
         """
-        return self._take(limit, row)
-
-    def _take(self, limit: int, parse: Callable[[bytes], T]) -> tuple[list[T], int, tuple[int, int]]:
-        records: list[T] = []
+        records: list[Row] = []
         lines = 0
         seq, offset = self.seq, self.offset
         while lines < limit:
@@ -408,7 +406,7 @@ class JournalTail:
                 offset = newline + 1
                 lines += 1
                 try:
-                    record = parse(line)
+                    record = row(line)
                 except (orjson.JSONDecodeError, ValueError, UnicodeDecodeError, KeyError, TypeError):
                     log.warning("skipped an unreadable line in segment %d of %s", seq, self.path.name)
                     continue

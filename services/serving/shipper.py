@@ -38,11 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from services.serving.journal import ROW_COLUMNS, JournalTail, Row, as_datetime
+from services.serving.journal import ROW_COLUMNS, JournalTail, Row, as_datetime, record_of
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 
@@ -189,7 +188,7 @@ def insert_rows(session: Session, batch: list[Row]) -> None:
     connection = session.connection()
     dialect = connection.dialect
     if dialect.name not in ("sqlite", "postgresql"):
-        session.execute(insert(PredictionRecord), [_parsed(row) for row in batch])
+        session.execute(insert(PredictionRecord), [record_of(row) for row in batch])
         return
     sqlite = dialect.name == "sqlite"
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
@@ -204,15 +203,6 @@ def insert_rows(session: Session, batch: list[Row]) -> None:
             params[-1] = time_of(params[-1])  # created_at, the last column
         # One multi-row statement, not executemany: one round trip for many rows.
         connection.exec_driver_sql(head + ", ".join([one_row] * len(chunk)), tuple(params))
-
-
-def _parsed(row: Row) -> dict[str, Any]:
-    """``row`` with its inputs and outputs parsed and its time a datetime, for SQLAlchemy's insert."""
-    record = dict(zip(ROW_COLUMNS, row, strict=True))
-    record["inputs"] = orjson.loads(record["inputs"])
-    record["outputs"] = orjson.loads(record["outputs"])
-    record["created_at"] = as_datetime(record["created_at"])
-    return record
 
 
 class _SqliteTime:
