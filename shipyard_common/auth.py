@@ -1,17 +1,20 @@
-"""API tokens and roles.
+"""API tokens, the people they name, and roles.
 
-A token maps to one role. Roles are not a ladder: a trainer may submit jobs but not promote,
+A token maps to one :class:`Grant`: a role and the name audit rows and approvals record (a
+token configured with a bare role is named after its role and a digest, never its characters). Roles are not a ladder: a trainer may submit jobs but not promote,
 an approver may promote but not train; admin may do everything, and every role may read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from fastapi import Header, Request
+from pydantic import BaseModel, Field
 
 from shipyard_common.errors import Forbidden, Unauthorized
 
@@ -21,6 +24,21 @@ class Role(StrEnum):
     TRAINER = "trainer"
     APPROVER = "approver"
     ADMIN = "admin"
+
+
+class Grant(BaseModel):
+    """What a token grants: a role, and the name of whoever holds it."""
+
+    role: Role
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.@+-]+$")
+
+
+def principal_name(token: str, grant: Role | Grant) -> str:
+    """The grant's name, else ``<role>-<6 hex of the token's SHA-256>``: stable, and no part of the token."""
+    if isinstance(grant, Grant) and grant.name:
+        return grant.name
+    role = grant.role if isinstance(grant, Grant) else grant
+    return f"{role.value}-{hashlib.sha256(token.encode()).hexdigest()[:6]}"
 
 
 @dataclass(frozen=True)
@@ -35,8 +53,12 @@ class Principal:
 class TokenAuthenticator:
     """Resolves ``Authorization: Bearer <token>`` (or ``X-API-Token``) to a principal."""
 
-    def __init__(self, tokens: Mapping[str, Role]) -> None:
-        self._tokens = dict(tokens)
+    def __init__(self, tokens: Mapping[str, Role | Grant]) -> None:
+        self._tokens = {
+            token: Principal(name=principal_name(token, grant),
+                             role=grant.role if isinstance(grant, Grant) else grant)
+            for token, grant in tokens.items()
+        }
         # Whole "Bearer <token>" header values, for accepts_bearer: compared as sent, no parsing.
         self._bearer_headers = tuple(f"Bearer {token}".encode() for token in self._tokens)
 
@@ -62,20 +84,30 @@ class TokenAuthenticator:
         if not token:
             raise Unauthorized("this route needs an API token: send 'Authorization: Bearer <token>'")
         # A direct dict lookup would leak timing; compare every token in constant time.
-        for known, role in self._tokens.items():
+        found = None
+        for known, principal in self._tokens.items():
             if hmac.compare_digest(known.encode(), token.encode()):
-                return Principal(name=f"token:{known[:4]}…", role=role)
-        raise Unauthorized("unknown API token")
+                found = principal
+        if found is None:
+            raise Unauthorized("unknown API token")
+        return found
 
-    def authorize(self, authorization: str | None, api_token: str | None, role: Role) -> Principal:
+    def authorize(self, authorization: str | None, api_token: str | None, *roles: Role) -> Principal:
+        """The caller, if their token grants one of ``roles``."""
         principal = self.authenticate(authorization, api_token)
-        if not principal.can(role):
-            raise Forbidden(f"this action needs the '{role}' role; your token has '{principal.role}'")
+        require(principal, *roles)
         return principal
 
 
-def role_checker(role: Role) -> Callable[..., Principal]:
-    """A FastAPI dependency that admits a caller whose token grants ``role``."""
+def require(principal: Principal, *roles: Role) -> None:
+    """Refuse (403) a principal granted none of ``roles``."""
+    if not any(principal.can(role) for role in roles):
+        needed = " or ".join(f"'{role}'" for role in roles)
+        raise Forbidden(f"this action needs the {needed} role; your token has '{principal.role}'")
+
+
+def role_checker(*roles: Role) -> Callable[..., Principal]:
+    """A FastAPI dependency that admits a caller whose token grants one of ``roles``."""
 
     def check(
         request: Request,
@@ -83,7 +115,7 @@ def role_checker(role: Role) -> Callable[..., Principal]:
         x_api_token: str | None = Header(default=None),
     ) -> Principal:
         authenticator: TokenAuthenticator = request.app.state.authenticator
-        return authenticator.authorize(authorization, x_api_token, role)
+        return authenticator.authorize(authorization, x_api_token, *roles)
 
-    check.__name__ = f"require_{role.value}"
+    check.__name__ = "require_" + "_or_".join(role.value for role in roles)
     return check

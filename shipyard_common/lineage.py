@@ -23,6 +23,11 @@ TAG_FORMATS = "shipyard.formats"
 TAG_FRAMEWORK = "shipyard.framework"
 # Fine-tuned versions: "<model>/<version>" of the registered parent, or "pretrained:<checkpoint>".
 TAG_PARENT = "shipyard.parent"
+# Version tags ``shipyard.metric.<name>``: the metrics of the model that was registered (with early
+# stopping's restore_best, an earlier epoch's), unlike the run's summary (its last logged values).
+METRIC_TAG_PREFIX = "shipyard.metric."
+# Version tag set by the registry: an archived version can no longer be given an alias.
+TAG_ARCHIVED = "shipyard.archived"
 
 # A version's source is the run's ``model/`` folder: one sub-folder per export format
 # (``onnx/model.onnx``, ``torchscript/model.pt``, ``savedmodel/``), the tokenizer for text
@@ -34,6 +39,12 @@ SIGNATURE_FILE = "signature.json"
 # The trained weights (a state dict) that ``init_from`` fine-tunes from; never served.
 WEIGHTS_ARTIFACT_PATH = "weights"
 WEIGHTS_FILE = "model.pt"
+
+# The run's report files, drawn by the trainer and shown by the registry's web UI.
+REPORTS_ARTIFACT_PATH = "reports"
+CONFUSION_JSON = "confusion_matrix.json"
+CONFUSION_PNG = "confusion_matrix.png"
+CURVES_PNG = "training_curves.png"
 
 ONNX_ARTIFACT_PATH = "onnx"
 ONNX_FILE_NAME = "model.onnx"

@@ -14,10 +14,17 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shipyard_common.auth import Role
+from shipyard_common.auth import Grant, Role
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
-DEFAULT_DEV_TOKENS: dict[str, Role] = {DEV_ADMIN_TOKEN: Role.ADMIN}
+# Two more people for trying governed promotion on a laptop: one asks, the other approves.
+DEV_TRAINER_TOKEN = "dev-trainer-token"
+DEV_APPROVER_TOKEN = "dev-approver-token"
+DEFAULT_DEV_TOKENS: dict[str, Role | Grant] = {
+    DEV_ADMIN_TOKEN: Grant(role=Role.ADMIN, name="dev-admin"),
+    DEV_TRAINER_TOKEN: Grant(role=Role.TRAINER, name="dev-trainer"),
+    DEV_APPROVER_TOKEN: Grant(role=Role.APPROVER, name="dev-approver"),
+}
 
 # Nothing in Shipyard may phone home; every process we start inherits these.
 NO_TELEMETRY_ENV = {
@@ -44,7 +51,10 @@ class PlatformSettings(BaseSettings):
     db_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite under state_dir when unset.")
     redis_url: str = "redis://127.0.0.1:6379/0"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
-    tokens: dict[str, Role] = Field(default_factory=lambda: dict(DEFAULT_DEV_TOKENS))
+    tokens: dict[str, Role | Grant] = Field(
+        default_factory=lambda: dict(DEFAULT_DEV_TOKENS),
+        description='Token → role ("approver") or {"role": "approver", "name": "bob"}.',
+    )
     events_channel: str = "shipyard.events"
     log_level: str = "INFO"
     log_json: bool = True
@@ -59,7 +69,7 @@ class PlatformSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secrets_outside_dev(self) -> PlatformSettings:
-        if self.env != "dev" and DEV_ADMIN_TOKEN in self.tokens:
+        if self.env != "dev" and set(DEFAULT_DEV_TOKENS) & set(self.tokens):
             raise ValueError(
                 "the built-in development token is only allowed with SHIPYARD_ENV=dev; "
                 "set SHIPYARD_TOKENS to your own tokens"
@@ -90,7 +100,9 @@ class PlatformSettings(BaseSettings):
             "SHIPYARD_DB_URL": self.database_url,
             "SHIPYARD_REDIS_URL": self.redis_url,
             "SHIPYARD_MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
-            "SHIPYARD_TOKENS": json.dumps({k: v.value for k, v in self.tokens.items()}),
+            "SHIPYARD_TOKENS": json.dumps({
+                k: v.model_dump(mode="json") if isinstance(v, Grant) else v.value for k, v in self.tokens.items()
+            }),
             "SHIPYARD_EVENTS_CHANNEL": self.events_channel,
             "SHIPYARD_LOG_LEVEL": self.log_level,
             "SHIPYARD_LOG_JSON": "true" if self.log_json else "false",

@@ -5,11 +5,19 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from services.monitor import service
-from services.monitor.schemas import DriftPublic
+from services.monitor.schemas import DriftPublic, DriftSummary
 from services.monitor.settings import MAX_WINDOW
 from shipyard_common.auth import Principal, Role, role_checker
 
 router = APIRouter(tags=["drift"])
+
+
+@router.get("/drift", response_model=list[DriftSummary])
+def list_latest_drift(
+    request: Request, _: Annotated[Principal, Depends(role_checker(Role.VIEWER))]
+) -> list[DriftSummary]:
+    """The newest verdict per model, as computed; nothing is computed for this request."""
+    return service.list_latest(monitor=request.app.state.monitor)
 
 
 # A plain def: Evidently and the database are blocking, so FastAPI runs this in its thread pool.

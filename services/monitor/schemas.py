@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from pydantic import BaseModel
+from datetime import datetime
+
+from pydantic import BaseModel, Field
 
 
 class ReferencePublic(BaseModel):
@@ -25,3 +27,14 @@ class DriftPublic(BaseModel):
     dataset_drift: bool
     drift_share: float
     features: list[FeatureDriftPublic]
+
+
+class DriftSummary(BaseModel):
+    """The latest verdict the monitor computed for a model (its background refresh or a request)."""
+
+    model: str
+    version: str
+    dataset_drift: bool
+    drift_share: float
+    current_rows: int
+    computed_at: datetime = Field(description="When this verdict was computed (UTC).")

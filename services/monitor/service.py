@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import select
 
 from services.monitor.drift import DriftResult, compute_drift
-from services.monitor.schemas import DriftPublic, FeatureDriftPublic, ReferencePublic
+from services.monitor.schemas import DriftPublic, DriftSummary, FeatureDriftPublic, ReferencePublic
 from services.monitor.settings import MonitorSettings
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
@@ -109,6 +110,8 @@ class Monitor:
     references: ReferenceCache
     gauges: DriftGauges
     stop: threading.Event = field(default_factory=threading.Event)
+    # The newest verdict per model, for readers that must not pay for a computation (the registry).
+    latest: dict[str, DriftSummary] = field(default_factory=dict)
 
 
 def create_monitor(*, settings: MonitorSettings, database: Database, registry: CollectorRegistry) -> Monitor:
@@ -235,7 +238,16 @@ def get_drift(*, monitor: Monitor, model: str, window: int) -> DriftPublic:
     report = to_public(model=model, lineage=lineage, reference_rows=len(reference),
                        current_rows=len(current), result=result)
     monitor.gauges.update(report)
+    monitor.latest[model] = DriftSummary(
+        model=model, version=report.version, dataset_drift=report.dataset_drift,
+        drift_share=report.drift_share, current_rows=report.current_rows, computed_at=datetime.now(UTC),
+    )
     return report
+
+
+def list_latest(*, monitor: Monitor) -> list[DriftSummary]:
+    """The newest verdict of every model drift was computed for since this process started."""
+    return sorted(monitor.latest.values(), key=lambda summary: summary.model)
 
 
 def to_public(

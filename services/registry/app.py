@@ -5,9 +5,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.registry.models import upgrade_audit_table
-from services.registry.router import router
-from services.registry.service import create_registry
+import services.registry.core.tables  # noqa: F401  (the registry's tables, on Base before create_all)
+from services.registry.api.router import router
+from services.registry.core.registry import create_registry
+from services.registry.core.tables import upgrade_audit_table
 from services.registry.settings import RegistrySettings
 from shipyard_common.db import Database
 from shipyard_common.web import install_common, mlflow_health_check
@@ -16,16 +17,17 @@ from shipyard_common.web import install_common, mlflow_health_check
 def create_app(settings: RegistrySettings) -> FastAPI:
     platform = settings.platform
     database = Database(platform.database_url)
+    registry = create_registry(settings=settings, database=database)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The audit table is on Base through service.py's import of models.py.
         database.create_tables()
         upgrade_audit_table(database.engine)
         try:
             yield
         finally:
             app.state.ready = False
+            registry.peers.close()
             database.dispose()
 
     app = FastAPI(title="Shipyard registry", version="0.1.0", lifespan=lifespan)
@@ -33,6 +35,6 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     if platform.mlflow_tracking_uri.startswith(("http://", "https://")):
         readiness["mlflow"] = mlflow_health_check(platform.mlflow_tracking_uri)
     install_common(app, service="registry", platform=platform, readiness_checks=readiness)
-    app.state.registry = create_registry(settings=settings, database=database)
+    app.state.registry = registry
     app.include_router(router)
     return app

@@ -10,6 +10,10 @@ class RegistrySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SHIPYARD_REGISTRY_", extra="ignore")
 
     port: int = 8002
-    # Reading every version's run costs one MLflow request per version; cap the parallel fan-out.
-    metrics_fetch_concurrency: int = Field(default=8, ge=1, le=64)
     audit_page_max: int = Field(default=1000, ge=1)
+    page_size: int = Field(default=50, ge=1, le=1000, description="Models or versions per page by default.")
+    # Serving's status and the monitor's verdict on a page: never wait longer than this for them.
+    peer_timeout_s: float = Field(default=1.0, gt=0, le=30)
+    # Web UI sessions: how long a sign-in lasts, and whether the cookie needs HTTPS (behind TLS).
+    session_hours: float = Field(default=12, gt=0, le=24 * 30)
+    secure_cookies: bool = False

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from services.trainer.schemas import Task
+from shipyard_common.lineage import CONFUSION_JSON, CONFUSION_PNG, CURVES_PNG, REPORTS_ARTIFACT_PATH
 
 if TYPE_CHECKING:
     from services.trainer.tracking import Tracking
@@ -27,10 +28,6 @@ class Reported(Protocol):
     history: list[dict[str, float]]
     best_epoch: int | None
 
-REPORTS_ARTIFACT_PATH = "reports"
-CONFUSION_JSON = "confusion_matrix.json"
-CONFUSION_PNG = "confusion_matrix.png"
-CURVES_PNG = "training_curves.png"
 
 
 def write_reports(result: Reported, folder: Path) -> list[Path]:

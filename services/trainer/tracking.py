@@ -20,12 +20,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from shipyard_common.errors import InvalidInput, Unavailable
-from shipyard_common.lineage import MODEL_ARTIFACT_PATH, TAG_JOB_ID, WEIGHTS_ARTIFACT_PATH, WEIGHTS_FILE
+from shipyard_common.lineage import METRIC_TAG_PREFIX, MODEL_ARTIFACT_PATH, TAG_JOB_ID, WEIGHTS_ARTIFACT_PATH, WEIGHTS_FILE
 
 log = logging.getLogger("shipyard.trainer.tracking")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-METRIC_TAG_PREFIX = "shipyard.metric."
 _ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 # Where a job's run keeps its latest training checkpoint, for a worker that takes the job over.
 CHECKPOINT_ARTIFACT_PATH = "checkpoints"

@@ -1,14 +1,16 @@
 import pytest
 from pydantic import ValidationError
 
-from shipyard_common.auth import Role
-from shipyard_common.settings import DEV_ADMIN_TOKEN, PlatformSettings
+from shipyard_common.auth import Grant, Role, TokenAuthenticator
+from shipyard_common.settings import DEV_ADMIN_TOKEN, DEV_APPROVER_TOKEN, DEV_TRAINER_TOKEN, PlatformSettings
 
 
 def test_dev_defaults_need_nothing_but_a_state_dir(tmp_path):
     settings = PlatformSettings(state_dir=tmp_path)
     assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'shipyard.db'}"
-    assert settings.tokens == {DEV_ADMIN_TOKEN: Role.ADMIN}
+    assert settings.tokens == {DEV_ADMIN_TOKEN: Grant(role=Role.ADMIN, name="dev-admin"),
+                               DEV_TRAINER_TOKEN: Grant(role=Role.TRAINER, name="dev-trainer"),
+                               DEV_APPROVER_TOKEN: Grant(role=Role.APPROVER, name="dev-approver")}
     assert settings.data_repo_path == (tmp_path / "data").resolve()
 
 
@@ -26,8 +28,22 @@ def test_environment_configures_tokens_and_database(monkeypatch):
     assert settings.database_url == "postgresql://u@db/shipyard"
 
 
+def test_tokens_name_their_holders_without_showing_the_token(monkeypatch):
+    monkeypatch.setenv("SHIPYARD_TOKENS", '{"s3cret-1": {"role": "approver", "name": "bob"}, "s3cret-2": "trainer"}')
+    authenticator = TokenAuthenticator(PlatformSettings().tokens)
+    bob = authenticator.authenticate("Bearer s3cret-1")
+    assert (bob.name, bob.role) == ("bob", Role.APPROVER)
+    anonymous = authenticator.authenticate("Bearer s3cret-2")
+    assert anonymous.role == Role.TRAINER and anonymous.name.startswith("trainer-")
+    assert "s3cr" not in anonymous.name
+    monkeypatch.setenv("SHIPYARD_TOKENS", '{"t": {"role": "approver", "name": "has space"}}')
+    with pytest.raises(ValidationError):
+        PlatformSettings()
+
+
 def test_child_environment_round_trips(tmp_path):
-    settings = PlatformSettings(env="test", state_dir=tmp_path, tokens={"t": Role.TRAINER})
+    settings = PlatformSettings(env="test", state_dir=tmp_path,
+                                tokens={"t": Role.TRAINER, "u": Grant(role=Role.ADMIN, name="ann")})
     env = settings.as_env()
     assert env["DO_NOT_TRACK"] == "1" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
     import os
