@@ -170,6 +170,7 @@ def version_detail(*, registry: Registry, name: str, version: str, authorization
         run = store.run(base.run_id)
         if run is not None:
             detail.params = dict(run.data.params)
+            detail.experiment_id = str(run.info.experiment_id)
         card = store.artifact(base.run_id, f"{MODEL_ARTIFACT_PATH}/{MODEL_CARD_FILE}")
         detail.model_card = card.decode("utf-8", "replace") if card is not None else None
         detail.reports = sorted(store.list_artifacts(base.run_id, REPORTS_ARTIFACT_PATH))

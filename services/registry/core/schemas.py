@@ -105,6 +105,7 @@ class VersionDetail(VersionPublic):
     """One version with everything a reviewer reads before approving it."""
 
     params: dict[str, str] = Field(default_factory=dict)
+    experiment_id: str | None = Field(default=None, description="The MLflow experiment of the run.")
     model_card: str | None = Field(default=None, description="The version's MODEL_CARD.md, as Markdown.")
     reports: list[str] = Field(default_factory=list, description="Report files of the run (reports/…).")
     serving: ServingStatus | None = None
