@@ -20,6 +20,8 @@ TOKENS: dict[str, Role] = {
     "test-trainer": Role.TRAINER,
     "test-approver": Role.APPROVER,
     "test-viewer": Role.VIEWER,
+    # A second approver, for decisions two people race to make.
+    "test-approver-2": Role.APPROVER,
 }
 
 

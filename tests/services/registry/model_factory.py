@@ -119,6 +119,24 @@ class ModelFactory:
     def register_classifier(self, name: str, seed: int) -> RegisteredVersion:
         return self.register(name, tiny_classifier(seed), metrics={"val_accuracy": 0.5 + seed / 100})
 
+    def register_trained(
+        self, name: str, seed: int, *, metrics: dict[str, float], dataset_rev: str = "rev-1",
+        params: dict[str, str] | None = None, signature: dict[str, object] | None = None,
+    ) -> RegisteredVersion:
+        """A version as the trainer leaves it: lineage tags and its registered metrics as tags."""
+        import json
+
+        from shipyard_common.lineage import METRIC_TAG_PREFIX, TAG_DATASET, TAG_DATASET_REV, TAG_SIGNATURE
+
+        tags = {TAG_DATASET: "toy", TAG_DATASET_REV: dataset_rev,
+                **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in metrics.items()}}
+        if signature is not None:
+            tags[TAG_SIGNATURE] = json.dumps(signature)
+        registered = self.register(name, tiny_classifier(seed), tags=tags)
+        for key, value in (params or {}).items():
+            self.client.log_param(registered.run_id, key, value)
+        return registered
+
     def register_corrupt(self, name: str) -> RegisteredVersion:
         """A version whose ``model.onnx`` is garbage: it downloads fine and cannot be opened."""
         garbage = np.random.default_rng(0).bytes(4096)

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from services.registry.app import create_app
 from services.registry.settings import RegistrySettings
+from shipyard_common.auth import Role, principal_name
 from shipyard_common.db import Database
 from shipyard_common.records import EventRecord
 from shipyard_common.settings import PlatformSettings
@@ -46,16 +47,18 @@ def test_lists_models_and_versions(registry_url: str, two_versions: str) -> None
     name = two_versions
     viewer = auth("viewer")
 
-    models = httpx.get(f"{registry_url}/models", headers=viewer).json()
-    assert name in [m["name"] for m in models]
+    models = httpx.get(f"{registry_url}/models", params={"max_results": 1000}, headers=viewer).json()
+    assert name in [m["name"] for m in models["models"]]
 
     model = httpx.get(f"{registry_url}/models/{name}", headers=viewer).json()
     assert model["name"] == name and model["aliases"] == {} and model["latest_version"] == "2"
 
-    versions = httpx.get(f"{registry_url}/models/{name}/versions", headers=viewer).json()
+    versions = httpx.get(f"{registry_url}/models/{name}/versions", headers=viewer).json()["versions"]
     assert [v["version"] for v in versions] == ["2", "1"]
     assert all(v["run_id"] and v["created_at"] and v["tags"]["shipyard.format"] == "onnx" for v in versions)
+    # Registered without metric tags (not by the trainer): the run's figures, and it says so.
     assert versions[0]["metrics"] == {"val_accuracy": pytest.approx(0.52)}
+    assert versions[0]["metrics_source"] == "run"
 
     one = httpx.get(f"{registry_url}/models/{name}/versions/1", headers=viewer).json()
     assert one["version"] == "1" and one["metrics"] == {"val_accuracy": pytest.approx(0.51)}
@@ -103,29 +106,27 @@ def test_promote_moves_alias_audits_and_announces(
 ) -> None:
     platform = isolated_platform.model_copy(update={"db_url": db_url})
     name = two_versions
-    approver, viewer = auth("approver"), auth("viewer")
+    admin, viewer = auth("admin"), auth("viewer")
     app = create_app(RegistrySettings(platform=platform))
     with _subscribed(platform.redis_url, platform.events_channel) as pubsub, running_app(app) as base:
         promote = f"{base}/models/{name}/versions/{{}}/promote"
 
-        first = httpx.post(promote.format(1), json={"reason": "first release"}, headers=approver)
+        first = httpx.post(promote.format(1), json={"reason": "first release"}, headers=admin)
         assert first.status_code == 200, first.text
         expected = {"model": name, "version": "1", "alias": "production", "previous_version": None,
                     "weight": None}
-        assert first.json() == expected
-        second = httpx.post(promote.format(2), json={"alias": "production"}, headers=approver).json()
+        assert {k: v for k, v in first.json().items() if k != "audit_id"} == expected
+        second = httpx.post(promote.format(2), json={"alias": "production"}, headers=admin).json()
         assert second["previous_version"] == "1"
-        # Rolling back is promoting the older version again.
-        rollback = httpx.post(promote.format(1), json={"reason": "v2 regressed"}, headers=auth("admin"))
-        assert rollback.json()["previous_version"] == "2"
-        staged = httpx.post(promote.format(2), json={"alias": "staging"}, headers=approver).json()
-        assert staged == {"model": name, "version": "2", "alias": "staging", "previous_version": None,
-                          "weight": None}
+        again = httpx.post(promote.format(1), json={"reason": "v2 regressed"}, headers=admin)
+        assert again.json()["previous_version"] == "2"
+        staged = httpx.post(promote.format(2), json={"alias": "staging"}, headers=admin).json()
+        assert (staged["version"], staged["alias"], staged["previous_version"]) == ("2", "staging", None)
 
         assert model_factory.client.get_registered_model(name).aliases == {"production": "1", "staging": "2"}
         model = httpx.get(f"{base}/models/{name}", headers=viewer).json()
         assert model["aliases"] == {"production": "1", "staging": "2"}
-        versions = httpx.get(f"{base}/models/{name}/versions", headers=viewer).json()
+        versions = httpx.get(f"{base}/models/{name}/versions", headers=viewer).json()["versions"]
         assert {v["version"]: v["aliases"] for v in versions} == {"2": ["staging"], "1": ["production"]}
 
         audit = httpx.get(f"{base}/audit", params={"model": name}, headers=viewer).json()
@@ -133,7 +134,9 @@ def test_promote_moves_alias_audits_and_announces(
             ("2", "staging", None), ("1", "production", "2"), ("2", "production", "1"),
             ("1", "production", None),
         ]
-        assert audit[-1]["reason"] == "first release" and audit[-1]["actor"].startswith("token:")
+        admin_name = principal_name("test-admin", Role.ADMIN)
+        assert audit[-1]["reason"] == "first release" and audit[-1]["actor"] == admin_name
+        assert all(r["direct"] and r["request_id"] is None for r in audit)
         assert audit[1]["reason"] == "v2 regressed"
 
         events = [_next_event(pubsub) for _ in range(4)]
@@ -155,17 +158,19 @@ def test_promote_refuses_bad_callers_and_bad_requests(registry_url: str, two_ver
     promote = f"{registry_url}/models/{name}/versions/1/promote"
     body = {"alias": "production"}
 
-    assert "'approver' role" in _error(httpx.post(promote, json=body, headers=auth("trainer")), 403)
+    assert "'admin' role" in _error(httpx.post(promote, json=body, headers=auth("trainer")), 403)
+    # Without a request, only an admin moves an alias; approvers approve other people's requests.
+    assert "'admin' role" in _error(httpx.post(promote, json=body, headers=auth("approver")), 403)
     _error(httpx.post(promote, json=body, headers=auth("viewer")), 403)
     _error(httpx.post(promote, json=body), 401)
     _error(httpx.post(promote, json=body, headers={"Authorization": "Bearer wrong"}), 401)
-    approver = auth("approver")
+    admin = auth("admin")
     unknown_version = f"{registry_url}/models/{name}/versions/999/promote"
-    assert "no version 999" in _error(httpx.post(unknown_version, json=body, headers=approver), 404)
+    assert "no version 999" in _error(httpx.post(unknown_version, json=body, headers=admin), 404)
     unknown_model = f"{registry_url}/models/x{name}/versions/1/promote"
-    assert "not in the registry" in _error(httpx.post(unknown_model, json=body, headers=approver), 404)
-    assert "alias" in _error(httpx.post(promote, json={"alias": "prod"}, headers=auth("approver")), 422)
-    _error(httpx.post(promote, content=b"{not json", headers=auth("approver")), 422)
+    assert "not in the registry" in _error(httpx.post(unknown_model, json=body, headers=admin), 404)
+    assert "alias" in _error(httpx.post(promote, json={"alias": "prod"}, headers=admin), 422)
+    _error(httpx.post(promote, content=b"{not json", headers=admin), 422)
 
     # Nothing above moved an alias or wrote an audit row.
     assert httpx.get(f"{registry_url}/models/{name}", headers=auth("viewer")).json()["aliases"] == {}
@@ -185,7 +190,7 @@ def test_the_cli_starts_and_ends_a_canary(registry_url: str, two_versions: str, 
     from tests.support import TOKENS
 
     env = {"SHIPYARD_REGISTRY_URL": registry_url, "SHIPYARD_STATE_DIR": str(tmp_path / "cli"),
-           "COLUMNS": "200", "SHIPYARD_API_TOKEN": next(t for t, r in TOKENS.items() if r == "approver")}
+           "COLUMNS": "200", "SHIPYARD_API_TOKEN": next(t for t, r in TOKENS.items() if r == "admin")}
 
     def run(*args: str):
         return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)

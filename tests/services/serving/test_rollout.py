@@ -32,6 +32,7 @@ from tests.support import auth, running_app, wait_for
 ROW = [0.5, -1.0, 2.0, 0.25]
 VIEWER = auth("viewer")
 APPROVER = auth("approver")
+ADMIN = auth("admin")  # moving an alias directly, without a request, is the admin's
 VERSION_HEADER = "x-model-version"
 
 
@@ -44,7 +45,7 @@ class Stack:
     def promote(self, name: str, version: str, alias: str = "production", **extra: Any) -> dict[str, Any]:
         response = httpx.post(
             f"{self.registry}/models/{name}/versions/{version}/promote",
-            json={"alias": alias, **extra}, headers=APPROVER, timeout=60,
+            json={"alias": alias, **extra}, headers=ADMIN, timeout=60,
         )
         assert response.status_code == 200, response.text
         return response.json()  # type: ignore[no-any-return]
@@ -402,12 +403,13 @@ def test_registry_canary_weight_and_alias_removal_are_checked_audited_and_announ
         promote = f"{base}/models/{name}/versions/{{}}/promote"
         for body in ({"alias": "production", "weight": 0.5}, {"alias": "canary", "weight": 0},
                      {"alias": "canary", "weight": 1.5}, {"alias": "shadow", "weight": 0.1}):
-            refused = httpx.post(promote.format(2), json=body, headers=APPROVER)
+            refused = httpx.post(promote.format(2), json=body, headers=ADMIN)
             assert refused.status_code == 422, (body, refused.text)
-        httpx.post(promote.format(1), json={}, headers=APPROVER).raise_for_status()
-        first = httpx.post(promote.format(2), json={"alias": "canary"}, headers=APPROVER).json()
+        assert httpx.post(promote.format(1), json={}, headers=APPROVER).status_code == 403
+        httpx.post(promote.format(1), json={}, headers=ADMIN).raise_for_status()
+        first = httpx.post(promote.format(2), json={"alias": "canary"}, headers=ADMIN).json()
         assert first["weight"] == 0.1  # the default
-        second = httpx.post(promote.format(2), json={"alias": "canary", "weight": 0.25}, headers=APPROVER)
+        second = httpx.post(promote.format(2), json={"alias": "canary", "weight": 0.25}, headers=ADMIN)
         assert second.json()["weight"] == 0.25
         model = model_factory.client.get_registered_model(name)
         assert model.aliases["canary"] == "2" and model.tags["shipyard.canary_weight"] == "0.25"

@@ -116,19 +116,19 @@ def test_follows_promotions_and_rollbacks_announced_by_the_registry(
         assert predict(base, first.name, ROWS).json()["model_version"] == "1"
 
         promote = f"{registry}/models/{first.name}/versions/{{}}/promote"
-        response = httpx.post(promote.format(2), json={"alias": "production"}, headers=auth("approver"))
+        response = httpx.post(promote.format(2), json={"alias": "production"}, headers=auth("admin"))
         assert response.status_code == 200, response.text
         wait_served(base, first.name, "2", timeout=10)
         assert_answers_like(predict(base, first.name, ROWS), second, ROWS)
 
-        rollback = httpx.post(promote.format(1), json={"reason": "rollback"}, headers=auth("approver"))
+        rollback = httpx.post(promote.format(1), json={"reason": "rollback"}, headers=auth("admin"))
         rollback.raise_for_status()
         wait_served(base, first.name, "1", timeout=10)
         assert_answers_like(predict(base, first.name, ROWS), first, ROWS)
         assert metric(base, "shipyard_model_loaded_version", {"model": first.name}) == 1.0
 
         # Other aliases are not serving's business.
-        httpx.post(promote.format(2), json={"alias": "staging"}, headers=auth("approver")).raise_for_status()
+        httpx.post(promote.format(2), json={"alias": "staging"}, headers=auth("admin")).raise_for_status()
         assert predict(base, first.name, ROWS).json()["model_version"] == "1"
 
 
