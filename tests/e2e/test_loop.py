@@ -22,7 +22,7 @@ from shipyard_cli.demo import logged_rows, send_rows, wait_for_drift, wait_until
 from shipyard_cli.stack import Stack, free_port
 from shipyard_common.lineage import TAG_DATASET_REV, TAG_FEATURES, TAG_JOB_ID
 from shipyard_common.settings import PlatformSettings
-from tests.support import TOKENS, auth
+from tests.support import TOKENS, auth, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -144,7 +144,7 @@ def test_bad_input_gets_a_clear_4xx_everywhere(deployed, stack_platform):
             "POST",
             f"{p.registry_url}/models/breast_cancer/versions/999/promote",
             {"alias": "production"},
-            auth("approver"),
+            auth("admin"),
             404,
         ),
         (
@@ -240,3 +240,40 @@ def test_cli_trains_promotes_and_serving_swaps(deployed, client, stack_platform,
 
     bad = runner.invoke(app, ["models", "promote", "breast_cancer", "999"], env=env)
     assert bad.exit_code == 1 and "error" in bad.output
+
+
+def test_the_registry_shows_the_metrics_of_the_model_it_registered(deployed, client, stack_platform):
+    """Early stopping with restore_best registers an earlier epoch's model: the registry must show
+    that model's figures (what serving answers with), not the run's summary of its last epoch."""
+    from mlflow.tracking import MlflowClient
+
+    spec = {
+        "model_name": "breast_cancer_es", "framework": "pytorch", "model": {"type": "mlp", "hidden": [64, 32]},
+        "data": {"dataset": "breast_cancer", "rev": deployed["dataset_rev"], "task": "classification",
+                 "target": "target", "validation_split": 0.2},
+        "training": {"epochs": 60, "batch_size": 16, "learning_rate": 0.01, "optimizer": "adam", "seed": 3,
+                     "early_stopping": {"metric": "val_loss", "patience": 3, "restore_best": True}},
+        "resources": {"queue": "cpu"}, "exports": ["onnx"],
+    }
+    job_id = client.submit_job(spec)["id"]
+    job = wait_for(lambda: (j := client.get_job(job_id))["state"] in ("succeeded", "failed") and j,
+                   timeout=240, interval=1, what=f"job {job_id}")
+    assert job["state"] == "succeeded", job["error"]
+    mlflow = MlflowClient(stack_platform.mlflow_tracking_uri)
+    last_epoch = mlflow.get_run(job["mlflow_run_id"]).data.metrics
+    curve = [m.value for m in mlflow.get_metric_history(job["mlflow_run_id"], "val_loss")]
+    # The premise: training stopped early, past its best epoch, so the run's summary holds worse figures.
+    assert len(curve) < 60 and min(curve) == pytest.approx(job["metrics"]["val_loss"], abs=1e-9)
+    assert last_epoch["val_loss"] > job["metrics"]["val_loss"]
+
+    version = httpx.get(f"{stack_platform.registry_url}/models/breast_cancer_es/versions/{job['model_version']}",
+                        headers=auth("viewer"), timeout=30).json()
+    assert version["metrics_source"] == "version"
+    for key in ("val_loss", "val_accuracy"):
+        assert version["metrics"][key] == pytest.approx(job["metrics"][key], abs=1e-9), key
+    assert version["metrics"]["val_loss"] != pytest.approx(last_epoch["val_loss"])
+    listed = httpx.get(f"{stack_platform.registry_url}/models/breast_cancer_es/versions",
+                       headers=auth("viewer"), timeout=30).json()["versions"]
+    assert listed[0]["metrics"]["val_loss"] == pytest.approx(job["metrics"]["val_loss"], abs=1e-9)
+    assert version["lineage"]["job_id"] == job_id and version["lineage"]["dataset_rev"] == deployed["dataset_rev"]
+    assert version["signature"] and version["exports"] == ["onnx"]
