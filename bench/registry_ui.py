@@ -63,14 +63,23 @@ def populate(tracking_uri: str, models: int, versions: int, threads: int) -> lis
             run = client.create_run(experiment).info.run_id
             accuracy = 0.8 + 0.15 * v / versions
             now = int(time.time() * 1000)
-            client.log_batch(run, metrics=[Metric("val_accuracy", accuracy, now, 0),
-                                           Metric("val_loss", 1 - accuracy, now, 0)],
-                             params=[Param(k, str(v * i)) for i, k in enumerate(
-                                 ("lr", "epochs", "batch_size", "hidden", "seed"), start=1)])
-            tags = {"shipyard.dataset": "bench", "shipyard.dataset_rev": f"rev{v % 3}",
-                    "shipyard.metric.val_accuracy": repr(accuracy), "shipyard.metric.val_loss": repr(1 - accuracy),
-                    "shipyard.format": "onnx", "shipyard.formats": '["onnx"]',
-                    "shipyard.signature": json.dumps({"inputs": [{"name": "input", "shape": [-1, 4 + v % 2]}]})}
+            client.log_batch(
+                run,
+                metrics=[Metric("val_accuracy", accuracy, now, 0), Metric("val_loss", 1 - accuracy, now, 0)],
+                params=[
+                    Param(k, str(v * i))
+                    for i, k in enumerate(("lr", "epochs", "batch_size", "hidden", "seed"), start=1)
+                ],
+            )
+            tags = {
+                "shipyard.dataset": "bench",
+                "shipyard.dataset_rev": f"rev{v % 3}",
+                "shipyard.metric.val_accuracy": repr(accuracy),
+                "shipyard.metric.val_loss": repr(1 - accuracy),
+                "shipyard.format": "onnx",
+                "shipyard.formats": '["onnx"]',
+                "shipyard.signature": json.dumps({"inputs": [{"name": "input", "shape": [-1, 4 + v % 2]}]}),
+            }
             client.create_model_version(name, source=f"runs:/{run}/model", run_id=run, tags=tags)
         client.set_registered_model_alias(name, "production", str(versions - 1))
 
@@ -104,7 +113,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", type=int, default=100)
     parser.add_argument("--versions", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=60)
@@ -112,11 +123,16 @@ def main() -> None:
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="shipyard-bench-registry-"))
-    platform = PlatformSettings(env="test", state_dir=state, tokens={TOKEN: "viewer"}, log_json=False,
-                                mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
-                                registry_url=f"http://127.0.0.1:{free_port()}",
-                                serving_url=f"http://127.0.0.1:{free_port()}",
-                                monitor_url=f"http://127.0.0.1:{free_port()}")
+    platform = PlatformSettings(
+        env="test",
+        state_dir=state,
+        tokens={TOKEN: "viewer"},
+        log_json=False,
+        mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
+        registry_url=f"http://127.0.0.1:{free_port()}",
+        serving_url=f"http://127.0.0.1:{free_port()}",
+        monitor_url=f"http://127.0.0.1:{free_port()}",
+    )
     stack = Stack(platform)
     records = []
     try:
@@ -126,10 +142,15 @@ def main() -> None:
         print(f"filling MLflow with {args.models} models × {args.versions} versions …", flush=True)
         names = populate(platform.mlflow_tracking_uri, args.models, args.versions, args.threads)
         port = int(platform.registry_url.rsplit(":", 1)[1])
-        registry = stack.start_component(Component(
-            name="registry", argv=[sys.executable, "-m", "services.registry"], port=port,
-            env={"SHIPYARD_REGISTRY_PORT": str(port), "SHIPYARD_REGISTRY_PAGE_SIZE": str(PAGE_SIZE)},
-            health_url=f"{platform.registry_url}/readyz"))
+        registry = stack.start_component(
+            Component(
+                name="registry",
+                argv=[sys.executable, "-m", "services.registry"],
+                port=port,
+                env={"SHIPYARD_REGISTRY_PORT": str(port), "SHIPYARD_REGISTRY_PAGE_SIZE": str(PAGE_SIZE)},
+                health_url=f"{platform.registry_url}/readyz",
+            )
+        )
         records.append(registry)
         stack.wait_ready(registry, timeout=120)
         run(platform, names, args)
@@ -144,16 +165,20 @@ def run(platform: PlatformSettings, names: list[str], args: argparse.Namespace) 
     a, b = str(args.versions - 1), str(args.versions)
     with httpx.Client(timeout=60) as http:
         sign_in(http, ui)
-        versions = json.loads(json.dumps({"filter": f"name = '{model}'", "max_results": PAGE_SIZE,
-                                          "order_by": ["version_number DESC"]}))
+        versions = json.loads(
+            json.dumps(
+                {"filter": f"name = '{model}'", "max_results": PAGE_SIZE, "order_by": ["version_number DESC"]}
+            )
+        )
 
         def bare_compare() -> None:
             http.get(f"{api}/registered-models/get", params={"name": model}).raise_for_status()
             for version in (a, b):
                 found = http.get(f"{api}/model-versions/get", params={"name": model, "version": version})
                 found.raise_for_status()
-                http.get(f"{api}/runs/get", params={"run_id": found.json()["model_version"]["run_id"]}
-                         ).raise_for_status()
+                http.get(
+                    f"{api}/runs/get", params={"run_id": found.json()["model_version"]["run_id"]}
+                ).raise_for_status()
 
         pages: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
             "models page": (
@@ -162,8 +187,10 @@ def run(platform: PlatformSettings, names: list[str], args: argparse.Namespace) 
             ),
             "model page": (
                 lambda: _ok(http.get(f"{ui}/ui/models/{model}")),
-                lambda: (_ok(http.get(f"{api}/registered-models/get", params={"name": model})),
-                         _ok(http.get(f"{api}/model-versions/search", params=versions))),
+                lambda: (
+                    _ok(http.get(f"{api}/registered-models/get", params={"name": model})),
+                    _ok(http.get(f"{api}/model-versions/search", params=versions)),
+                ),
             ),
             "compare page": (
                 lambda: _ok(http.get(f"{ui}/ui/models/{model}/compare", params={"a": a, "b": b})),
@@ -177,7 +204,9 @@ def run(platform: PlatformSettings, names: list[str], args: argparse.Namespace) 
                 bare()
             times: dict[str, list[float]] = {"page": [], "bare": []}
             for round_ in range(args.rounds):
-                order = [("page", page), ("bare", bare)] if round_ % 2 == 0 else [("bare", bare), ("page", page)]
+                order = (
+                    [("page", page), ("bare", bare)] if round_ % 2 == 0 else [("bare", bare), ("page", page)]
+                )
                 for side, call in order:
                     times[side].append(timed(call))
             rows.append(_row(label, times))
@@ -192,18 +221,28 @@ def _ok(response: httpx.Response) -> None:
 def _row(label: str, times: dict[str, list[float]]) -> dict[str, Any]:
     page, bare = times["page"], times["bare"]
     ratio = statistics.median(page) / statistics.median(bare)
-    return {"label": label, "page_p50": statistics.median(page), "page_p95": percentile(page, 0.95),
-            "bare_p50": statistics.median(bare), "bare_p95": percentile(bare, 0.95), "ratio": ratio,
-            "ok": ratio <= GOAL_RATIO and percentile(page, 0.95) < GOAL_P95_MS}
+    return {
+        "label": label,
+        "page_p50": statistics.median(page),
+        "page_p95": percentile(page, 0.95),
+        "bare_p50": statistics.median(bare),
+        "bare_p95": percentile(bare, 0.95),
+        "ratio": ratio,
+        "ok": ratio <= GOAL_RATIO and percentile(page, 0.95) < GOAL_P95_MS,
+    }
 
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\n{args.models} models × {args.versions} versions, {args.rounds} rounds per page, page size {PAGE_SIZE}")
-    print("| page | UI p50 ms | UI p95 ms | MLflow calls p50 ms | MLflow p95 ms | UI ÷ MLflow (p50) | goal met |")
+    print(f"\n{args.models} models × {args.versions} versions, {args.rounds} rounds per page, "
+          f"page size {PAGE_SIZE}")
+    print("| page | UI p50 ms | UI p95 ms | MLflow calls p50 ms | MLflow p95 ms | UI ÷ MLflow (p50) "
+          "| goal met |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['label']} | {r['page_p50']:.1f} | {r['page_p95']:.1f} | {r['bare_p50']:.1f} | "
-              f"{r['bare_p95']:.1f} | {r['ratio']:.2f} | {'yes' if r['ok'] else 'no'} |")
+        print(
+            f"| {r['label']} | {r['page_p50']:.1f} | {r['page_p95']:.1f} | {r['bare_p50']:.1f} | "
+            f"{r['bare_p95']:.1f} | {r['ratio']:.2f} | {'yes' if r['ok'] else 'no'} |"
+        )
 
 
 if __name__ == "__main__":

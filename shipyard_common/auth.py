@@ -1,8 +1,9 @@
 """API tokens, the people they name, and roles.
 
 A token maps to one :class:`Grant`: a role and the name audit rows and approvals record (a
-token configured with a bare role is named after its role and a digest, never its characters). Roles are not a ladder: a trainer may submit jobs but not promote,
-an approver may promote but not train; admin may do everything, and every role may read.
+token configured with a bare role is named after its role and a digest, never its characters).
+Roles are not a ladder: a trainer may submit jobs but not promote, an approver may promote but not
+train; admin may do everything, and every role may read.
 """
 
 from __future__ import annotations

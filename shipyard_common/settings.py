@@ -101,7 +101,8 @@ class PlatformSettings(BaseSettings):
             "SHIPYARD_REDIS_URL": self.redis_url,
             "SHIPYARD_MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
             "SHIPYARD_TOKENS": json.dumps({
-                k: v.model_dump(mode="json") if isinstance(v, Grant) else v.value for k, v in self.tokens.items()
+                token: grant.model_dump(mode="json") if isinstance(grant, Grant) else grant.value
+                for token, grant in self.tokens.items()
             }),
             "SHIPYARD_EVENTS_CHANNEL": self.events_channel,
             "SHIPYARD_LOG_LEVEL": self.log_level,

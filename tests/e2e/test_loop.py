@@ -248,7 +248,8 @@ def test_the_registry_shows_the_metrics_of_the_model_it_registered(deployed, cli
     from mlflow.tracking import MlflowClient
 
     spec = {
-        "model_name": "breast_cancer_es", "framework": "pytorch", "model": {"type": "mlp", "hidden": [64, 32]},
+        "model_name": "breast_cancer_es", "framework": "pytorch",
+        "model": {"type": "mlp", "hidden": [64, 32]},
         "data": {"dataset": "breast_cancer", "rev": deployed["dataset_rev"], "task": "classification",
                  "target": "target", "validation_split": 0.2},
         "training": {"epochs": 60, "batch_size": 16, "learning_rate": 0.01, "optimizer": "adam", "seed": 3,
@@ -266,14 +267,14 @@ def test_the_registry_shows_the_metrics_of_the_model_it_registered(deployed, cli
     assert len(curve) < 60 and min(curve) == pytest.approx(job["metrics"]["val_loss"], abs=1e-9)
     assert last_epoch["val_loss"] > job["metrics"]["val_loss"]
 
-    version = httpx.get(f"{stack_platform.registry_url}/models/breast_cancer_es/versions/{job['model_version']}",
-                        headers=auth("viewer"), timeout=30).json()
+    versions = f"{stack_platform.registry_url}/models/breast_cancer_es/versions"
+    version = httpx.get(f"{versions}/{job['model_version']}", headers=auth("viewer"), timeout=30).json()
     assert version["metrics_source"] == "version"
     for key in ("val_loss", "val_accuracy"):
         assert version["metrics"][key] == pytest.approx(job["metrics"][key], abs=1e-9), key
     assert version["metrics"]["val_loss"] != pytest.approx(last_epoch["val_loss"])
-    listed = httpx.get(f"{stack_platform.registry_url}/models/breast_cancer_es/versions",
-                       headers=auth("viewer"), timeout=30).json()["versions"]
+    listed = httpx.get(versions, headers=auth("viewer"), timeout=30).json()["versions"]
     assert listed[0]["metrics"]["val_loss"] == pytest.approx(job["metrics"]["val_loss"], abs=1e-9)
-    assert version["lineage"]["job_id"] == job_id and version["lineage"]["dataset_rev"] == deployed["dataset_rev"]
+    lineage = version["lineage"]
+    assert lineage["job_id"] == job_id and lineage["dataset_rev"] == deployed["dataset_rev"]
     assert version["signature"] and version["exports"] == ["onnx"]

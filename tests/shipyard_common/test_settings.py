@@ -29,7 +29,8 @@ def test_environment_configures_tokens_and_database(monkeypatch):
 
 
 def test_tokens_name_their_holders_without_showing_the_token(monkeypatch):
-    monkeypatch.setenv("SHIPYARD_TOKENS", '{"s3cret-1": {"role": "approver", "name": "bob"}, "s3cret-2": "trainer"}')
+    tokens = '{"s3cret-1": {"role": "approver", "name": "bob"}, "s3cret-2": "trainer"}'
+    monkeypatch.setenv("SHIPYARD_TOKENS", tokens)
     authenticator = TokenAuthenticator(PlatformSettings().tokens)
     bob = authenticator.authenticate("Bearer s3cret-1")
     assert (bob.name, bob.role) == ("bob", Role.APPROVER)

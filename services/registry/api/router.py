@@ -44,7 +44,9 @@ Requester = Annotated[Principal, Depends(role_checker(Role.TRAINER, Role.APPROVE
 Approver = Annotated[Principal, Depends(role_checker(Role.APPROVER))]
 Admin = Annotated[Principal, Depends(role_checker(Role.ADMIN))]
 PageToken = Annotated[str | None, Query(max_length=4096, description="next_page_token of the page before.")]
-MaxResults = Annotated[int | None, Query(ge=1, le=1000, description="Page size; default the setting page_size.")]
+MaxResults = Annotated[
+    int | None, Query(ge=1, le=1000, description="Page size; default the setting page_size.")
+]
 Why = Annotated[str | None, Query(max_length=2000, description="Why, for the audit row.")]
 
 
@@ -62,10 +64,12 @@ def caller_authorization(request: Request) -> str:
 
 
 @router.get("/models", response_model=ModelPage, tags=["models"])
-def list_models(registry: RegistryDep, _: Viewer, page_token: PageToken = None,
-                max_results: MaxResults = None) -> ModelPage:
-    return catalog.list_models(store=registry.store, page_token=page_token,
-                               max_results=max_results or registry.settings.page_size)
+def list_models(
+    registry: RegistryDep, _: Viewer, page_token: PageToken = None, max_results: MaxResults = None
+) -> ModelPage:
+    return catalog.list_models(
+        store=registry.store, page_token=page_token, max_results=max_results or registry.settings.page_size
+    )
 
 
 @router.get("/models/{name}", response_model=ModelPublic, tags=["models"])
@@ -74,21 +78,29 @@ def get_model(registry: RegistryDep, name: str, _: Viewer) -> ModelPublic:
 
 
 @router.get("/models/{name}/versions", response_model=VersionPage, tags=["models"])
-def list_versions(registry: RegistryDep, name: str, _: Viewer, page_token: PageToken = None,
-                  max_results: MaxResults = None) -> VersionPage:
-    return catalog.list_versions(store=registry.store, name=name, page_token=page_token,
-                                 max_results=max_results or registry.settings.page_size)
+def list_versions(
+    registry: RegistryDep, name: str, _: Viewer, page_token: PageToken = None, max_results: MaxResults = None
+) -> VersionPage:
+    return catalog.list_versions(
+        store=registry.store,
+        name=name,
+        page_token=page_token,
+        max_results=max_results or registry.settings.page_size,
+    )
 
 
 @router.get("/models/{name}/versions/{version}", response_model=VersionDetail, tags=["models"])
 def get_version(request: Request, registry: RegistryDep, name: str, version: str, _: Viewer) -> VersionDetail:
-    return catalog.version_detail(registry=registry, name=name, version=version,
-                                  authorization=caller_authorization(request))
+    return catalog.version_detail(
+        registry=registry, name=name, version=version, authorization=caller_authorization(request)
+    )
 
 
 @router.get("/models/{name}/compare", response_model=ComparePublic, tags=["models"])
 def compare_versions(
-    registry: RegistryDep, name: str, _: Viewer,
+    registry: RegistryDep,
+    name: str,
+    _: Viewer,
     a: Annotated[str, Query(description="The base version.")],
     b: Annotated[str, Query(description="The version compared with it (deltas are b − a).")],
 ) -> ComparePublic:
@@ -96,31 +108,54 @@ def compare_versions(
 
 
 @router.post("/models/{name}/versions/{version}/promote", response_model=PromotePublic, tags=["promotion"])
-def promote_version(registry: RegistryDep, name: str, version: str, body: PromoteCreate,
-                    principal: Admin) -> PromotePublic:
+def promote_version(
+    registry: RegistryDep, name: str, version: str, body: PromoteCreate, principal: Admin
+) -> PromotePublic:
     """Move an alias at once, without a request (admin only; marked ``direct`` in the audit)."""
-    return promotion.promote_directly(registry=registry, name=name, version=version, alias=body.alias,
-                                      reason=body.reason, actor=principal.name, weight=body.weight)
+    return promotion.promote_directly(
+        registry=registry,
+        name=name,
+        version=version,
+        alias=body.alias,
+        reason=body.reason,
+        actor=principal.name,
+        weight=body.weight,
+    )
 
 
 @router.delete("/models/{name}/aliases/{alias}", response_model=AliasRemovedPublic, tags=["promotion"])
-def delete_alias(registry: RegistryDep, name: str, alias: AliasName, principal: Approver,
-                 reason: Why = None) -> AliasRemovedPublic:
-    return promotion.remove_alias(registry=registry, name=name, alias=alias, reason=reason, actor=principal.name)
+def delete_alias(
+    registry: RegistryDep, name: str, alias: AliasName, principal: Approver, reason: Why = None
+) -> AliasRemovedPublic:
+    return promotion.remove_alias(
+        registry=registry, name=name, alias=alias, reason=reason, actor=principal.name
+    )
 
 
-@router.post("/models/{name}/requests", response_model=PromotionRequestPublic, status_code=201,
-             tags=["promotion"])
-def create_request(registry: RegistryDep, name: str, body: PromotionRequestCreate,
-                   principal: Requester) -> PromotionRequestPublic:
+@router.post(
+    "/models/{name}/requests", response_model=PromotionRequestPublic, status_code=201, tags=["promotion"]
+)
+def create_request(
+    registry: RegistryDep, name: str, body: PromotionRequestCreate, principal: Requester
+) -> PromotionRequestPublic:
     """Ask for an alias move; an approver who is not you decides it."""
-    return approvals.create_request(registry=registry, name=name, version=body.version, alias=body.alias,
-                                    reason=body.reason, weight=body.weight, actor=principal.name)
+    return approvals.create_request(
+        registry=registry,
+        name=name,
+        version=body.version,
+        alias=body.alias,
+        reason=body.reason,
+        weight=body.weight,
+        actor=principal.name,
+    )
 
 
 @router.get("/requests", response_model=list[PromotionRequestPublic], tags=["promotion"])
 def list_requests(
-    registry: RegistryDep, _: Viewer, model: str | None = None, state: RequestState | None = None,
+    registry: RegistryDep,
+    _: Viewer,
+    model: str | None = None,
+    state: RequestState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[PromotionRequestPublic]:
     return approvals.list_requests(registry=registry, model=model, state=state, limit=limit)
@@ -132,21 +167,28 @@ def get_request(registry: RegistryDep, request_id: int, _: Viewer) -> PromotionR
 
 
 @router.post("/requests/{request_id}/approve", response_model=PromotePublic, tags=["promotion"])
-def approve_request(registry: RegistryDep, request_id: int, body: DecisionCreate,
-                    principal: Approver) -> PromotePublic:
-    return approvals.approve(registry=registry, request_id=request_id, actor=principal.name, reason=body.reason)
+def approve_request(
+    registry: RegistryDep, request_id: int, body: DecisionCreate, principal: Approver
+) -> PromotePublic:
+    return approvals.approve(
+        registry=registry, request_id=request_id, actor=principal.name, reason=body.reason
+    )
 
 
 @router.post("/requests/{request_id}/reject", response_model=PromotionRequestPublic, tags=["promotion"])
-def reject_request(registry: RegistryDep, request_id: int, body: DecisionCreate,
-                   principal: Approver) -> PromotionRequestPublic:
-    return approvals.reject(registry=registry, request_id=request_id, actor=principal.name, reason=body.reason)
+def reject_request(
+    registry: RegistryDep, request_id: int, body: DecisionCreate, principal: Approver
+) -> PromotionRequestPublic:
+    return approvals.reject(
+        registry=registry, request_id=request_id, actor=principal.name, reason=body.reason
+    )
 
 
 @router.post("/requests/{request_id}/cancel", response_model=PromotionRequestPublic, tags=["promotion"])
 def cancel_request(registry: RegistryDep, request_id: int, principal: Requester) -> PromotionRequestPublic:
-    return approvals.cancel(registry=registry, request_id=request_id, actor=principal.name,
-                            is_admin=principal.role == Role.ADMIN)
+    return approvals.cancel(
+        registry=registry, request_id=request_id, actor=principal.name, is_admin=principal.role == Role.ADMIN
+    )
 
 
 @router.post("/models/{name}/rollback", response_model=PromotePublic, tags=["promotion"])
@@ -156,24 +198,39 @@ def rollback(registry: RegistryDep, name: str, body: RollbackCreate, principal: 
 
 
 @router.post("/models/{name}/versions/{version}/archive", response_model=ArchivePublic, tags=["promotion"])
-def archive_version(registry: RegistryDep, name: str, version: str, principal: Approver,
-                    reason: Annotated[str | None, Body(embed=True, max_length=2000)] = None) -> ArchivePublic:
-    return history.set_archived(registry=registry, name=name, version=version, archived=True,
-                                actor=principal.name, reason=reason)
+def archive_version(
+    registry: RegistryDep,
+    name: str,
+    version: str,
+    principal: Approver,
+    reason: Annotated[str | None, Body(embed=True, max_length=2000)] = None,
+) -> ArchivePublic:
+    return history.set_archived(
+        registry=registry, name=name, version=version, archived=True, actor=principal.name, reason=reason
+    )
 
 
 @router.post("/models/{name}/versions/{version}/restore", response_model=ArchivePublic, tags=["promotion"])
-def restore_version(registry: RegistryDep, name: str, version: str, principal: Approver,
-                    reason: Annotated[str | None, Body(embed=True, max_length=2000)] = None) -> ArchivePublic:
-    return history.set_archived(registry=registry, name=name, version=version, archived=False,
-                                actor=principal.name, reason=reason)
+def restore_version(
+    registry: RegistryDep,
+    name: str,
+    version: str,
+    principal: Approver,
+    reason: Annotated[str | None, Body(embed=True, max_length=2000)] = None,
+) -> ArchivePublic:
+    return history.set_archived(
+        registry=registry, name=name, version=version, archived=False, actor=principal.name, reason=reason
+    )
 
 
 @router.get("/models/{name}/history", response_model=HistoryPublic, tags=["promotion"])
 def get_history(
-    registry: RegistryDep, name: str, _: Viewer,
-    at: Annotated[datetime | None, Query(description="ISO 8601 moment: which version was production then.")]
-    = None,
+    registry: RegistryDep,
+    name: str,
+    _: Viewer,
+    at: Annotated[
+        datetime | None, Query(description="ISO 8601 moment: which version was production then.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> HistoryPublic:
     return history.history(registry=registry, name=name, at=at, limit=limit)
@@ -186,14 +243,18 @@ def get_gate(registry: RegistryDep, name: str, _: Viewer) -> GatePublic:
 
 @router.put("/models/{name}/gate", response_model=GatePublic, tags=["promotion"])
 def set_gate(registry: RegistryDep, name: str, body: GateSet, principal: Admin) -> GatePublic:
-    return promotion.set_gate(registry=registry, name=name, rules=body.rules, aliases=list(body.aliases),
-                              actor=principal.name)
+    return promotion.set_gate(
+        registry=registry, name=name, rules=body.rules, aliases=list(body.aliases), actor=principal.name
+    )
 
 
 @router.get("/audit", response_model=list[AuditPublic], tags=["audit"])
 def list_audit(
-    registry: RegistryDep, _: Viewer,
+    registry: RegistryDep,
+    _: Viewer,
     model: Annotated[str | None, Query(description="Only the rows of this model.")] = None,
     limit: Annotated[int, Query(ge=1, description="At most this many rows, newest first.")] = 100,
 ) -> list[AuditPublic]:
-    return history.list_audit(registry=registry, model=model, limit=min(limit, registry.settings.audit_page_max))
+    return history.list_audit(
+        registry=registry, model=model, limit=min(limit, registry.settings.audit_page_max)
+    )

@@ -23,8 +23,9 @@ PENDING = "pending"
 def _public(registry: Registry, row: PromotionRequestRecord, *, with_gate: bool) -> PromotionRequestPublic:
     public = PromotionRequestPublic.model_validate(row, from_attributes=True)
     if with_gate and row.state == PENDING:
-        public.gate = promotion.gate_verdict(registry=registry, name=row.model, version=row.version,
-                                             alias=row.alias)
+        public.gate = promotion.gate_verdict(
+            registry=registry, name=row.model, version=row.version, alias=row.alias
+        )
     return public
 
 
@@ -42,15 +43,28 @@ def create_request(
     if str((model.aliases or {}).get(alias)) == version:
         raise Conflict(f"{name} v{version} already is {alias}")
     with registry.database.session() as session:
-        duplicate = session.scalars(select(PromotionRequestRecord).where(
-            PromotionRequestRecord.model == name, PromotionRequestRecord.alias == alias,
-            PromotionRequestRecord.version == version, PromotionRequestRecord.state == PENDING,
-        )).first()
+        duplicate = session.scalars(
+            select(PromotionRequestRecord).where(
+                PromotionRequestRecord.model == name,
+                PromotionRequestRecord.alias == alias,
+                PromotionRequestRecord.version == version,
+                PromotionRequestRecord.state == PENDING,
+            )
+        ).first()
         if duplicate is not None:
-            raise Conflict(f"request #{duplicate.id} by {duplicate.requested_by} already asks for "
-                           f"{name} v{version} as {alias}")
-        row = PromotionRequestRecord(model=name, version=version, alias=alias, weight=weight, reason=reason,
-                                     requested_by=actor, state=PENDING)
+            raise Conflict(
+                f"request #{duplicate.id} by {duplicate.requested_by} already asks for "
+                f"{name} v{version} as {alias}"
+            )
+        row = PromotionRequestRecord(
+            model=name,
+            version=version,
+            alias=alias,
+            weight=weight,
+            reason=reason,
+            requested_by=actor,
+            state=PENDING,
+        )
         session.add(row)
     return _public(registry, row, with_gate=True)
 
@@ -93,15 +107,28 @@ def approve(*, registry: Registry, request_id: int, actor: str, reason: str) -> 
     """Approve request ``request_id`` and move its alias, if its gate passes. Not your own request."""
     model = _row(registry, request_id).model
     with registry.locked(model) as session:
-        row = _still_pending(session.get(PromotionRequestRecord, request_id, populate_existing=True), request_id)
+        row = _still_pending(
+            session.get(PromotionRequestRecord, request_id, populate_existing=True), request_id
+        )
         if row.requested_by == actor:
             raise Forbidden(f"request #{request_id} is your own: another approver must decide it")
-        verdict = promotion.gate_verdict(registry=registry, name=row.model, version=row.version, alias=row.alias)
+        verdict = promotion.gate_verdict(
+            registry=registry, name=row.model, version=row.version, alias=row.alias
+        )
         if verdict is not None and not verdict.passed:
-            raise Conflict(f"{row.model}'s gate blocks request #{request_id}: {verdict.summary}",
-                           details=verdict.model_dump())
-        move = promotion.Move(model=row.model, alias=row.alias, version=row.version, actor=actor,
-                              reason=reason, weight=row.weight, request_id=row.id)
+            raise Conflict(
+                f"{row.model}'s gate blocks request #{request_id}: {verdict.summary}",
+                details=verdict.model_dump(),
+            )
+        move = promotion.Move(
+            model=row.model,
+            alias=row.alias,
+            version=row.version,
+            actor=actor,
+            reason=reason,
+            weight=row.weight,
+            request_id=row.id,
+        )
         record, event = promotion.apply(registry, session, move)
         row.state, row.decided_by, row.decided_at, row.decision_reason = "approved", actor, utcnow(), reason
     return promotion.moved(registry, record, event)
@@ -121,10 +148,13 @@ def _close(
 ) -> PromotionRequestPublic:
     model = _row(registry, request_id).model
     with registry.locked(model) as session:
-        row = _still_pending(session.get(PromotionRequestRecord, request_id, populate_existing=True), request_id)
+        row = _still_pending(
+            session.get(PromotionRequestRecord, request_id, populate_existing=True), request_id
+        )
         if state == "rejected" and row.requested_by == actor:
-            raise Forbidden(f"request #{request_id} is your own: withdraw it instead, or let another approver "
-                            "decide")
+            raise Forbidden(
+                f"request #{request_id} is your own: withdraw it instead, or let another approver decide"
+            )
         if state == "cancelled" and row.requested_by != actor and not is_admin:
             raise Forbidden(f"only {row.requested_by}, who made request #{request_id}, may withdraw it")
         row.state, row.decided_by, row.decided_at, row.decision_reason = state, actor, utcnow(), reason

@@ -80,7 +80,7 @@ def tagged_metrics(tags: dict[str, str]) -> dict[str, float] | None:
     for key, value in tags.items():
         if key.startswith(METRIC_TAG_PREFIX):
             try:
-                metrics[key[len(METRIC_TAG_PREFIX):]] = float(value)
+                metrics[key[len(METRIC_TAG_PREFIX) :]] = float(value)
             except ValueError:
                 continue
     return metrics or None
@@ -104,13 +104,19 @@ def version_public(version: ModelVersion, aliases: dict[str, str]) -> VersionPub
         metrics=metrics,
         metrics_source="version" if metrics is not None else None,
         lineage=Lineage(
-            dataset=tags.get(TAG_DATASET), dataset_rev=tags.get(TAG_DATASET_REV), job_id=tags.get(TAG_JOB_ID),
-            git_commit=tags.get(TAG_GIT_COMMIT), parent=tags.get(TAG_PARENT),
-            framework=tags.get(TAG_FRAMEWORK), task=tags.get(TAG_TASK), run_id=version.run_id or None,
+            dataset=tags.get(TAG_DATASET),
+            dataset_rev=tags.get(TAG_DATASET_REV),
+            job_id=tags.get(TAG_JOB_ID),
+            git_commit=tags.get(TAG_GIT_COMMIT),
+            parent=tags.get(TAG_PARENT),
+            framework=tags.get(TAG_FRAMEWORK),
+            task=tags.get(TAG_TASK),
+            run_id=version.run_id or None,
         ),
         signature=signature if isinstance(signature, dict) else None,
-        exports=[str(f) for f in formats] if isinstance(formats, list) else
-        ([tags[TAG_FORMAT]] if TAG_FORMAT in tags else []),
+        exports=[str(f) for f in formats]
+        if isinstance(formats, list)
+        else ([tags[TAG_FORMAT]] if TAG_FORMAT in tags else []),
         archived=tags.get(TAG_ARCHIVED) == "true",
         created_at=timestamp(version.creation_timestamp),
     )
@@ -164,8 +170,9 @@ def version_detail(*, registry: Registry, name: str, version: str, authorization
         serving = pool.submit(registry.peers.serving, authorization)
         drift = pool.submit(registry.peers.drift, authorization)
         base = get_version(store=store, name=name, version=version)
-        detail = VersionDetail(**base.model_dump(), serving=serving.result().get(name),
-                               drift=drift.result().get(name))
+        detail = VersionDetail(
+            **base.model_dump(), serving=serving.result().get(name), drift=drift.result().get(name)
+        )
     if base.run_id:
         run = store.run(base.run_id)
         if run is not None:
@@ -201,20 +208,29 @@ def compare(*, store: Store, name: str, a: str, b: str) -> ComparePublic:
     metrics_a, metrics_b = found_a.metrics or {}, found_b.metrics or {}
     metrics = {
         key: MetricDelta(
-            a=metrics_a.get(key), b=metrics_b.get(key),
+            a=metrics_a.get(key),
+            b=metrics_b.get(key),
             delta=(metrics_b[key] - metrics_a[key]) if key in metrics_a and key in metrics_b else None,
         )
         for key in sorted(set(metrics_a) | set(metrics_b))
     }
     params = {
         key: ParamChange(a=params_a.get(key), b=params_b.get(key))
-        for key in sorted(set(params_a) | set(params_b)) if params_a.get(key) != params_b.get(key)
+        for key in sorted(set(params_a) | set(params_b))
+        if params_a.get(key) != params_b.get(key)
     }
     changes = _signature_changes(found_a.signature, found_b.signature)
     same_data = (found_a.lineage.dataset, found_a.lineage.dataset_rev) == (
-        found_b.lineage.dataset, found_b.lineage.dataset_rev
+        found_b.lineage.dataset,
+        found_b.lineage.dataset_rev,
     ) and found_a.lineage.dataset_rev is not None
     return ComparePublic(
-        model=name, a=found_a, b=found_b, metrics=metrics, params=params,
-        same_dataset_revision=same_data, signature_changed=bool(changes), signature_changes=changes,
+        model=name,
+        a=found_a,
+        b=found_b,
+        metrics=metrics,
+        params=params,
+        same_dataset_revision=same_data,
+        signature_changed=bool(changes),
+        signature_changes=changes,
     )

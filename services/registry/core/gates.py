@@ -21,7 +21,11 @@ from services.registry.core.schemas import GateVerdict, RuleVerdict, VersionPubl
 from shipyard_common.errors import InvalidInput
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
 }
 _RULE = re.compile(
     r"^\s*(?P<metric>[A-Za-z_][\w.\-/]{0,127})\s*(?P<op>>=|<=|==|>|<)\s*"
@@ -57,7 +61,8 @@ def rule_text(rule: dict[str, Any]) -> str:
 
 def _same_data(a: VersionPublic, b: VersionPublic) -> bool:
     return bool(a.lineage.dataset_rev) and (a.lineage.dataset, a.lineage.dataset_rev) == (
-        b.lineage.dataset, b.lineage.dataset_rev
+        b.lineage.dataset,
+        b.lineage.dataset_rev,
     )
 
 
@@ -71,8 +76,10 @@ def _judge(rule: dict[str, Any], candidate: VersionPublic, production: VersionPu
         elif production.version == candidate.version:
             skip = f"v{candidate.version} is the production version"
         elif not _same_data(candidate, production):
-            skip = (f"v{candidate.version} and production v{production.version} were trained on different "
-                    "dataset revisions")
+            skip = (
+                f"v{candidate.version} and production v{production.version} were trained on different "
+                "dataset revisions"
+            )
         elif (production.metrics or {}).get(metric) is None:
             skip = f"production v{production.version} has no {metric}"
         if skip is not None:
@@ -84,8 +91,10 @@ def _judge(rule: dict[str, Any], candidate: VersionPublic, production: VersionPu
         base = production.metrics[metric]
         bound = base + float(rule["value"])
         passed = _OPS[rule["op"]](figure, bound)
-        detail = (f"{metric} {figure:.4g} (v{candidate.version}) vs {bound:.4g} "
-                  f"(production v{production.version}: {base:.4g})")
+        detail = (
+            f"{metric} {figure:.4g} (v{candidate.version}) vs {bound:.4g} "
+            f"(production v{production.version}: {base:.4g})"
+        )
     else:
         bound = float(rule["value"])
         passed = _OPS[rule["op"]](figure, bound)

@@ -30,20 +30,27 @@ def _naive_utc(moment: datetime) -> datetime:
 
 def history(*, registry: Registry, name: str, at: datetime | None, limit: int) -> HistoryPublic:
     """Every alias move of ``name``, newest first; with ``at``, also the production version then."""
-    moves = select(AuditRecord).where(AuditRecord.model == name, AuditRecord.action.in_(promotion.MOVE_ACTIONS))
+    moves = select(AuditRecord).where(
+        AuditRecord.model == name, AuditRecord.action.in_(promotion.MOVE_ACTIONS)
+    )
     with registry.database.session() as session:
         rows = session.scalars(moves.order_by(AuditRecord.id.desc()).limit(limit)).all()
         production_at = None
         if at is not None:
             then = session.scalars(
                 moves.where(AuditRecord.alias == PRODUCTION, AuditRecord.at <= _naive_utc(at))
-                .order_by(AuditRecord.id.desc()).limit(1)
+                .order_by(AuditRecord.id.desc())
+                .limit(1)
             ).first()
             production_at = then.version if then is not None and then.action != "remove" else None
     if not rows:
         registry.store.model(name)  # a model nobody moved yet, or one that does not exist (404)
-    return HistoryPublic(model=name, moves=[AuditPublic.model_validate(r, from_attributes=True) for r in rows],
-                         at=at, production_at=production_at)
+    return HistoryPublic(
+        model=name,
+        moves=[AuditPublic.model_validate(r, from_attributes=True) for r in rows],
+        at=at,
+        production_at=production_at,
+    )
 
 
 def _rollback_target(session: Session, name: str) -> tuple[str | None, str | None]:
@@ -53,8 +60,13 @@ def _rollback_target(session: Session, name: str) -> tuple[str | None, str | Non
     from v3 (after v1 → v2 → v3) gives v2, then v1, not a swing between two versions.
     """
     rows = session.scalars(
-        select(AuditRecord).where(AuditRecord.model == name, AuditRecord.alias == PRODUCTION,
-                                  AuditRecord.action.in_(promotion.MOVE_ACTIONS)).order_by(AuditRecord.id)
+        select(AuditRecord)
+        .where(
+            AuditRecord.model == name,
+            AuditRecord.alias == PRODUCTION,
+            AuditRecord.action.in_(promotion.MOVE_ACTIONS),
+        )
+        .order_by(AuditRecord.id)
     ).all()
     # A first move from a version set before the registry recorded anything starts from that version.
     stack: list[str | None] = [rows[0].previous_version] if rows and rows[0].previous_version else []
@@ -73,30 +85,47 @@ def rollback(*, registry: Registry, name: str, actor: str, reason: str) -> Promo
         recorded, target = _rollback_target(session, name)
         now = (registry.store.model(name).aliases or {}).get(PRODUCTION)
         if now is None or str(now) != recorded:
-            raise Conflict(f"{name}'s production alias ({'v' + str(now) if now else 'none'}) is not the one "
-                           "the history ends with; promote explicitly instead")
+            raise Conflict(
+                f"{name}'s production alias ({'v' + str(now) if now else 'none'}) is not the one "
+                "the history ends with; promote explicitly instead"
+            )
         if target is None:
             raise Conflict(f"{name} has no earlier production version to roll back to")
-        move = promotion.Move(model=name, alias=PRODUCTION, version=target, actor=actor, reason=reason,
-                              action="rollback")
+        move = promotion.Move(
+            model=name, alias=PRODUCTION, version=target, actor=actor, reason=reason, action="rollback"
+        )
         record, event = promotion.apply(registry, session, move)
     return promotion.moved(registry, record, event)
 
 
-def set_archived(*, registry: Registry, name: str, version: str, archived: bool, actor: str,
-                 reason: str | None) -> ArchivePublic:
+def set_archived(
+    *, registry: Registry, name: str, version: str, archived: bool, actor: str, reason: str | None
+) -> ArchivePublic:
     """Archive a version (it can no longer be given an alias) or restore it; audited."""
     with registry.locked(name) as session:
         found = registry.store.version(name, version)
         version = str(found.version)
         if ((found.tags or {}).get(TAG_ARCHIVED) == "true") == archived:
             raise Conflict(f"{name} v{version} is {'already' if archived else 'not'} archived")
-        holding = sorted(a for a, v in (registry.store.model(name).aliases or {}).items() if str(v) == version)
+        holding = sorted(
+            a for a, v in (registry.store.model(name).aliases or {}).items() if str(v) == version
+        )
         if archived and holding:
-            raise Conflict(f"{name} v{version} is {', '.join(holding)}: move or remove "
-                           f"{'that alias' if len(holding) == 1 else 'those aliases'} before archiving it")
-        session.add(AuditRecord(model=name, version=version, alias="", previous_version=None,
-                                action="archive" if archived else "restore", actor=actor, reason=reason))
+            raise Conflict(
+                f"{name} v{version} is {', '.join(holding)}: move or remove "
+                f"{'that alias' if len(holding) == 1 else 'those aliases'} before archiving it"
+            )
+        session.add(
+            AuditRecord(
+                model=name,
+                version=version,
+                alias="",
+                previous_version=None,
+                action="archive" if archived else "restore",
+                actor=actor,
+                reason=reason,
+            )
+        )
         session.flush()
         if archived:
             registry.store.set_version_tag(name, version, TAG_ARCHIVED, "true")

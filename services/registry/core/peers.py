@@ -68,17 +68,23 @@ class Peers:
             return {}
         return {
             entry["model"]: DriftVerdict(
-                dataset_drift=entry.get("dataset_drift"), drift_share=entry.get("drift_share"),
-                version=entry.get("version"), rows=entry.get("current_rows"),
+                dataset_drift=entry.get("dataset_drift"),
+                drift_share=entry.get("drift_share"),
+                version=entry.get("version"),
+                rows=entry.get("current_rows"),
                 computed_at=entry.get("computed_at"),
             )
-            for entry in found if isinstance(entry, dict) and "model" in entry
+            for entry in found
+            if isinstance(entry, dict) and "model" in entry
         }
 
 
 def serving_status(entry: dict[str, Any]) -> ServingStatus:
     canary = entry.get("canary") or {}
     return ServingStatus(
-        version=entry.get("version"), status=entry.get("status"), error=entry.get("error"),
-        canary_version=canary.get("version"), canary_weight=canary.get("weight"),
+        version=entry.get("version"),
+        status=entry.get("status"),
+        error=entry.get("error"),
+        canary_version=canary.get("version"),
+        canary_weight=canary.get("weight"),
     )

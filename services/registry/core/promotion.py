@@ -80,8 +80,16 @@ def apply(registry: Registry, session: Session, move: Move) -> tuple[AuditRecord
     if move.version is None:
         if previous is None:
             raise NotFound(f"model {move.model!r} has no alias {move.alias!r}")
-        record = AuditRecord(model=move.model, version=previous, alias=move.alias, previous_version=previous,
-                             action="remove", actor=move.actor, reason=move.reason, direct=move.direct)
+        record = AuditRecord(
+            model=move.model,
+            version=previous,
+            alias=move.alias,
+            previous_version=previous,
+            action="remove",
+            actor=move.actor,
+            reason=move.reason,
+            direct=move.direct,
+        )
     else:
         target = registry.store.version(move.model, move.version)
         if (target.tags or {}).get(TAG_ARCHIVED) == "true":
@@ -89,9 +97,16 @@ def apply(registry: Registry, session: Session, move: Move) -> tuple[AuditRecord
         if move.alias == CANARY and weight is None:
             weight = canary_weight(model.tags) or DEFAULT_CANARY_WEIGHT
         record = AuditRecord(
-            model=move.model, version=str(target.version), alias=move.alias, previous_version=previous,
-            action=move.action, weight=weight, actor=move.actor, reason=move.reason,
-            request_id=move.request_id, direct=move.direct,
+            model=move.model,
+            version=str(target.version),
+            alias=move.alias,
+            previous_version=previous,
+            action=move.action,
+            weight=weight,
+            actor=move.actor,
+            reason=move.reason,
+            request_id=move.request_id,
+            direct=move.direct,
         )
     # The audit row is flushed before MLflow is touched and committed after: a database that
     # cannot write fails the move instead of leaving an alias move nobody recorded.
@@ -99,43 +114,75 @@ def apply(registry: Registry, session: Session, move: Move) -> tuple[AuditRecord
     session.flush()
     if move.version is None:
         registry.store.delete_alias(move.model, move.alias)
-        return record, ModelAliasRemoved(model=move.model, alias=move.alias, previous_version=previous or "",
-                                         actor=move.actor)
+        return record, ModelAliasRemoved(
+            model=move.model, alias=move.alias, previous_version=previous or "", actor=move.actor
+        )
     if weight is not None:  # first, so that whoever sees the new canary also sees its weight
         registry.store.set_model_tag(move.model, TAG_CANARY_WEIGHT, repr(weight))
     registry.store.set_alias(move.model, move.alias, record.version)
-    return record, ModelAliasMoved(model=move.model, alias=move.alias, version=record.version,
-                                   previous_version=previous, weight=weight, actor=move.actor)
+    return record, ModelAliasMoved(
+        model=move.model,
+        alias=move.alias,
+        version=record.version,
+        previous_version=previous,
+        weight=weight,
+        actor=move.actor,
+    )
 
 
 def moved(registry: Registry, record: AuditRecord, event: Event) -> PromotePublic:
-    log.info("alias %s", record.action, extra={
-        "model": record.model, "alias": record.alias, "version": record.version,
-        "previous_version": record.previous_version, "actor": record.actor, "request_id": record.request_id,
-    })
+    log.info(
+        "alias %s",
+        record.action,
+        extra={
+            "model": record.model,
+            "alias": record.alias,
+            "version": record.version,
+            "previous_version": record.previous_version,
+            "actor": record.actor,
+            "request_id": record.request_id,
+        },
+    )
     _announce(registry, event)
-    return PromotePublic(model=record.model, version=record.version, alias=record.alias,
-                         previous_version=record.previous_version, weight=record.weight, audit_id=record.id)
+    return PromotePublic(
+        model=record.model,
+        version=record.version,
+        alias=record.alias,
+        previous_version=record.previous_version,
+        weight=record.weight,
+        audit_id=record.id,
+    )
 
 
 def promote_directly(
-    *, registry: Registry, name: str, version: str, alias: str, reason: str | None, actor: str,
+    *,
+    registry: Registry,
+    name: str,
+    version: str,
+    alias: str,
+    reason: str | None,
+    actor: str,
     weight: float | None = None,
 ) -> PromotePublic:
     """An admin's move without a request: made at once, marked ``direct`` in the audit."""
     if weight is not None and alias != CANARY:
         raise InvalidInput(f"a weight applies to the '{CANARY}' alias only, not to {alias!r}")
-    move = Move(model=name, alias=alias, version=version, actor=actor, reason=reason, weight=weight, direct=True)
+    move = Move(
+        model=name, alias=alias, version=version, actor=actor, reason=reason, weight=weight, direct=True
+    )
     with registry.locked(name) as session:
         record, event = apply(registry, session, move)
     return moved(registry, record, event)
 
 
-def remove_alias(*, registry: Registry, name: str, alias: str, reason: str | None, actor: str) -> AliasRemovedPublic:
+def remove_alias(
+    *, registry: Registry, name: str, alias: str, reason: str | None, actor: str
+) -> AliasRemovedPublic:
     """Delete ``alias`` of ``name`` (a canary or shadow taken down), audit it, announce it."""
     with registry.locked(name) as session:
-        record, event = apply(registry, session, Move(model=name, alias=alias, version=None, actor=actor,
-                                                       reason=reason))
+        record, event = apply(
+            registry, session, Move(model=name, alias=alias, version=None, actor=actor, reason=reason)
+        )
     moved(registry, record, event)
     return AliasRemovedPublic(model=name, alias=alias, previous_version=record.version)
 
@@ -150,11 +197,18 @@ def get_gate(*, registry: Registry, name: str) -> GatePublic:
         row = _gate_row(session, name)
     if row is None:
         return GatePublic(model=name, rules=[], aliases=[PRODUCTION])
-    return GatePublic(model=name, rules=[gates.rule_text(r) for r in row.rules], aliases=list(row.aliases),
-                      updated_by=row.updated_by, updated_at=row.updated_at)
+    return GatePublic(
+        model=name,
+        rules=[gates.rule_text(r) for r in row.rules],
+        aliases=list(row.aliases),
+        updated_by=row.updated_by,
+        updated_at=row.updated_at,
+    )
 
 
-def set_gate(*, registry: Registry, name: str, rules: list[str], aliases: list[str], actor: str) -> GatePublic:
+def set_gate(
+    *, registry: Registry, name: str, rules: list[str], aliases: list[str], actor: str
+) -> GatePublic:
     registry.store.model(name)  # a gate for a model that does not exist is a typo
     parsed = [gates.parse_rule(rule) for rule in rules]
     with registry.database.session() as session:

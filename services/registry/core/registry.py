@@ -37,7 +37,8 @@ class Registry:
         self._ensure_lock_row(model)
         with self.database.session() as session:
             session.execute(
-                update(ModelLockRecord).where(ModelLockRecord.model == model)
+                update(ModelLockRecord)
+                .where(ModelLockRecord.model == model)
                 .values(generation=ModelLockRecord.generation + 1)
             )
             yield session
@@ -60,6 +61,9 @@ def create_registry(*, settings: RegistrySettings, database: Database) -> Regist
         store=Store.connect(platform.mlflow_tracking_uri),
         database=database,
         events=EventBus(redis_url=platform.redis_url, channel=platform.events_channel, database=database),
-        peers=Peers(serving_url=platform.serving_url, monitor_url=platform.monitor_url,
-                    timeout_s=settings.peer_timeout_s),
+        peers=Peers(
+            serving_url=platform.serving_url,
+            monitor_url=platform.monitor_url,
+            timeout_s=settings.peer_timeout_s,
+        ),
     )

@@ -139,7 +139,9 @@ class PromoteCreate(BaseModel):
     alias: AliasName = PRODUCTION
     reason: str | None = Field(default=None, max_length=2000)
     weight: float | None = Field(
-        default=None, gt=0, le=1,
+        default=None,
+        gt=0,
+        le=1,
         description="Canary only: the share of requests the canary answers, in (0, 1]. Left out: the "
         "model's current canary weight, else 0.1.",
     )

@@ -100,7 +100,9 @@ class Store:
         """One page of ``name``'s versions, newest first. MLflow leaves their aliases empty."""
         with mlflow_errors(f"model {name!r} is not in the registry"):
             found = self.client.search_model_versions(
-                name_filter(name), max_results=max_results, page_token=page_token,
+                name_filter(name),
+                max_results=max_results,
+                page_token=page_token,
                 order_by=["version_number DESC"],
             )
         return Page(list(found), found.token or None)

@@ -51,13 +51,15 @@ def _refused(response: httpx.Response, status: int) -> str:
 def _trained(factory: ModelFactory, accuracies: list[float], rev: str = "rev-1") -> str:
     name = unique_name("gov")
     for seed, accuracy in enumerate(accuracies, start=1):
-        factory.register_trained(name, seed, metrics={"val_accuracy": accuracy, "val_loss": 1 - accuracy},
-                                 dataset_rev=rev)
+        factory.register_trained(
+            name, seed, metrics={"val_accuracy": accuracy, "val_loss": 1 - accuracy}, dataset_rev=rev
+        )
     return name
 
 
-def _request(base: str, name: str, version: str, alias: str = "production", headers: dict = TRAINER,
-             **extra: Any) -> dict[str, Any]:
+def _request(
+    base: str, name: str, version: str, alias: str = "production", headers: dict = TRAINER, **extra: Any
+) -> dict[str, Any]:
     body = {"version": version, "alias": alias, "reason": f"v{version} looks better", **extra}
     return _ok(httpx.post(f"{base}/models/{name}/requests", json=body, headers=headers), 201)  # type: ignore[no-any-return]
 
@@ -67,38 +69,67 @@ def test_a_request_approved_by_someone_else_moves_the_alias_and_is_recorded(
 ) -> None:
     name = _trained(model_factory, [0.90, 0.93])
     first = _request(registry_url, name, "1")
-    assert (first["state"], first["requested_by"]) == ("pending", principal_name("test-trainer", Role.TRAINER))
+    assert (first["state"], first["requested_by"]) == (
+        "pending",
+        principal_name("test-trainer", Role.TRAINER),
+    )
     assert model_factory.client.get_registered_model(name).aliases == {}  # a request moves nothing
-    inbox = _ok(httpx.get(f"{registry_url}/requests", params={"model": name, "state": "pending"}, headers=VIEWER))
+    inbox = _ok(
+        httpx.get(f"{registry_url}/requests", params={"model": name, "state": "pending"}, headers=VIEWER)
+    )
     assert [r["id"] for r in inbox] == [first["id"]]
 
-    moved = _ok(httpx.post(f"{registry_url}/requests/{first['id']}/approve", json={"reason": "numbers hold"},
-                           headers=APPROVER))
+    moved = _ok(
+        httpx.post(
+            f"{registry_url}/requests/{first['id']}/approve",
+            json={"reason": "numbers hold"},
+            headers=APPROVER,
+        )
+    )
     assert (moved["version"], moved["previous_version"]) == ("1", None)
     before_second = datetime.now(UTC)
     time.sleep(0.05)
     second = _request(registry_url, name, "2", headers=APPROVER)  # approvers may ask too
-    _ok(httpx.post(f"{registry_url}/requests/{second['id']}/approve", json={"reason": "ok"}, headers=APPROVER_2))
+    _ok(
+        httpx.post(
+            f"{registry_url}/requests/{second['id']}/approve", json={"reason": "ok"}, headers=APPROVER_2
+        )
+    )
     assert model_factory.client.get_registered_model(name).aliases == {"production": "2"}
 
     decided = _ok(httpx.get(f"{registry_url}/requests/{first['id']}", headers=VIEWER))
     assert (decided["state"], decided["decided_by"], decided["decision_reason"]) == (
-        "approved", principal_name("test-approver", Role.APPROVER), "numbers hold")
+        "approved",
+        principal_name("test-approver", Role.APPROVER),
+        "numbers hold",
+    )
     history = _ok(httpx.get(f"{registry_url}/models/{name}/history", headers=VIEWER))
-    assert [(m["version"], m["previous_version"], m["request_id"], m["direct"]) for m in history["moves"]] == [
-        ("2", "1", second["id"], False), ("1", None, first["id"], False)]
+    assert [
+        (m["version"], m["previous_version"], m["request_id"], m["direct"]) for m in history["moves"]
+    ] == [("2", "1", second["id"], False), ("1", None, first["id"], False)]
     assert history["moves"][0]["actor"] == principal_name("test-approver-2", Role.APPROVER)
     assert history["moves"][1]["reason"] == "numbers hold"
-    at = httpx.get(f"{registry_url}/models/{name}/history", params={"at": before_second.isoformat()},
-                   headers=VIEWER)
+    at = httpx.get(
+        f"{registry_url}/models/{name}/history", params={"at": before_second.isoformat()}, headers=VIEWER
+    )
     assert _ok(at)["production_at"] == "1"
-    long_ago = httpx.get(f"{registry_url}/models/{name}/history", params={"at": "2001-01-01T00:00:00Z"},
-                         headers=VIEWER)
+    long_ago = httpx.get(
+        f"{registry_url}/models/{name}/history", params={"at": "2001-01-01T00:00:00Z"}, headers=VIEWER
+    )
     assert _ok(long_ago)["production_at"] is None
-    assert _ok(httpx.get(f"{registry_url}/models/{name}/history", params={"at": datetime.now(UTC).isoformat()},
-                         headers=VIEWER))["production_at"] == "2"
-    assert "at" in _refused(httpx.get(f"{registry_url}/models/{name}/history", params={"at": "yesterday"},
-                                      headers=VIEWER), 422)
+    assert (
+        _ok(
+            httpx.get(
+                f"{registry_url}/models/{name}/history",
+                params={"at": datetime.now(UTC).isoformat()},
+                headers=VIEWER,
+            )
+        )["production_at"]
+        == "2"
+    )
+    assert "at" in _refused(
+        httpx.get(f"{registry_url}/models/{name}/history", params={"at": "yesterday"}, headers=VIEWER), 422
+    )
 
 
 def test_nobody_decides_their_own_request_and_a_decision_is_made_once(
@@ -107,11 +138,15 @@ def test_nobody_decides_their_own_request_and_a_decision_is_made_once(
     name = _trained(model_factory, [0.9, 0.91])
     own = _request(registry_url, name, "1", headers=APPROVER)
     url = f"{registry_url}/requests/{own['id']}"
-    assert "your own" in _refused(httpx.post(f"{url}/approve", json={"reason": "mine"}, headers=APPROVER), 403)
+    assert "your own" in _refused(
+        httpx.post(f"{url}/approve", json={"reason": "mine"}, headers=APPROVER), 403
+    )
     assert "your own" in _refused(httpx.post(f"{url}/reject", json={"reason": "mine"}, headers=APPROVER), 403)
     admins = _request(registry_url, name, "2", headers=ADMIN)
     assert "your own" in _refused(
-        httpx.post(f"{registry_url}/requests/{admins['id']}/approve", json={"reason": "x"}, headers=ADMIN), 403)
+        httpx.post(f"{registry_url}/requests/{admins['id']}/approve", json={"reason": "x"}, headers=ADMIN),
+        403,
+    )
     assert "may withdraw" in _refused(httpx.post(f"{url}/cancel", headers=TRAINER), 403)
 
     _ok(httpx.post(f"{url}/reject", json={"reason": "not yet"}, headers=APPROVER_2))
@@ -121,17 +156,38 @@ def test_nobody_decides_their_own_request_and_a_decision_is_made_once(
     assert model_factory.client.get_registered_model(name).aliases == {}
     assert _ok(httpx.get(f"{registry_url}/models/{name}/history", headers=VIEWER))["moves"] == []
 
-    assert "empty" not in _refused(httpx.post(f"{registry_url}/models/{name}/requests",
-                                              json={"version": "1", "reason": ""}, headers=TRAINER), 422)
-    assert "no version 9" in _refused(httpx.post(f"{registry_url}/models/{name}/requests",
-                                                 json={"version": "9", "reason": "x"}, headers=TRAINER), 404)
-    assert "weight" in _refused(httpx.post(f"{registry_url}/models/{name}/requests",
-                                           json={"version": "1", "reason": "x", "weight": 0.2}, headers=TRAINER), 422)
+    assert "empty" not in _refused(
+        httpx.post(
+            f"{registry_url}/models/{name}/requests", json={"version": "1", "reason": ""}, headers=TRAINER
+        ),
+        422,
+    )
+    assert "no version 9" in _refused(
+        httpx.post(
+            f"{registry_url}/models/{name}/requests", json={"version": "9", "reason": "x"}, headers=TRAINER
+        ),
+        404,
+    )
+    assert "weight" in _refused(
+        httpx.post(
+            f"{registry_url}/models/{name}/requests",
+            json={"version": "1", "reason": "x", "weight": 0.2},
+            headers=TRAINER,
+        ),
+        422,
+    )
     _request(registry_url, name, "1")
-    assert "already asks" in _refused(httpx.post(f"{registry_url}/models/{name}/requests",
-                                                 json={"version": "1", "reason": "again"}, headers=TRAINER), 409)
+    assert "already asks" in _refused(
+        httpx.post(
+            f"{registry_url}/models/{name}/requests",
+            json={"version": "1", "reason": "again"},
+            headers=TRAINER,
+        ),
+        409,
+    )
     assert "no promotion request #999999" in _refused(
-        httpx.post(f"{registry_url}/requests/999999/approve", json={"reason": "x"}, headers=APPROVER), 404)
+        httpx.post(f"{registry_url}/requests/999999/approve", json={"reason": "x"}, headers=APPROVER), 404
+    )
 
 
 def test_a_failing_gate_blocks_approval_and_names_each_rule_and_its_figures(
@@ -139,12 +195,15 @@ def test_a_failing_gate_blocks_approval_and_names_each_rule_and_its_figures(
 ) -> None:
     name = _trained(model_factory, [0.95, 0.93, 0.85])
     gate = {"rules": ["val_accuracy >= 0.9", "val_accuracy >= production - 0.01"], "aliases": ["production"]}
-    assert "'admin' role" in _refused(httpx.put(f"{registry_url}/models/{name}/gate", json=gate,
-                                                headers=APPROVER), 403)
+    assert "'admin' role" in _refused(
+        httpx.put(f"{registry_url}/models/{name}/gate", json=gate, headers=APPROVER), 403
+    )
     set_gate = _ok(httpx.put(f"{registry_url}/models/{name}/gate", json=gate, headers=ADMIN))
     assert set_gate["rules"] == gate["rules"]
-    assert "not understood" in _refused(httpx.put(f"{registry_url}/models/{name}/gate",
-                                                  json={"rules": ["accuracy is high"]}, headers=ADMIN), 400)
+    assert "not understood" in _refused(
+        httpx.put(f"{registry_url}/models/{name}/gate", json={"rules": ["accuracy is high"]}, headers=ADMIN),
+        400,
+    )
     first = _request(registry_url, name, "1")
     assert first["gate"]["passed"] is True
     assert first["gate"]["rules"][1]["applicable"] is False  # no production yet
@@ -152,14 +211,20 @@ def test_a_failing_gate_blocks_approval_and_names_each_rule_and_its_figures(
 
     worse = _request(registry_url, name, "2")  # 0.93: above 0.9, but below production's 0.95 − 0.01
     assert worse["gate"]["passed"] is False
-    body = httpx.post(f"{registry_url}/requests/{worse['id']}/approve", json={"reason": "go"}, headers=APPROVER)
+    body = httpx.post(
+        f"{registry_url}/requests/{worse['id']}/approve", json={"reason": "go"}, headers=APPROVER
+    )
     message = _refused(body, 409)
     assert "val_accuracy >= production - 0.01 fails" in message and "0.93" in message and "0.94" in message
     failing = [r for r in body.json()["error"]["details"]["rules"] if not r["passed"]]
     assert [r["rule"] for r in failing] == ["val_accuracy >= production - 0.01"]
     far_worse = _request(registry_url, name, "3")
-    message = _refused(httpx.post(f"{registry_url}/requests/{far_worse['id']}/approve", json={"reason": "go"},
-                                  headers=APPROVER), 409)
+    message = _refused(
+        httpx.post(
+            f"{registry_url}/requests/{far_worse['id']}/approve", json={"reason": "go"}, headers=APPROVER
+        ),
+        409,
+    )
     assert "val_accuracy >= 0.9 fails" in message and "0.85" in message
     assert model_factory.client.get_registered_model(name).aliases == {"production": "1"}
     assert _ok(httpx.get(f"{registry_url}/requests/{worse['id']}", headers=VIEWER))["state"] == "pending"
@@ -171,13 +236,20 @@ def test_a_failing_gate_blocks_approval_and_names_each_rule_and_its_figures(
     # The gate covers the aliases it names: a staging request is not gated.
     staging = _request(registry_url, name, "3", alias="staging")
     assert staging["gate"] is None
-    _ok(httpx.post(f"{registry_url}/requests/{staging['id']}/approve", json={"reason": "try it"}, headers=APPROVER))
+    _ok(
+        httpx.post(
+            f"{registry_url}/requests/{staging['id']}/approve", json={"reason": "try it"}, headers=APPROVER
+        )
+    )
 
 
-def test_rollback_walks_back_through_production_history(registry_url: str, model_factory: ModelFactory) -> None:
+def test_rollback_walks_back_through_production_history(
+    registry_url: str, model_factory: ModelFactory
+) -> None:
     name = _trained(model_factory, [0.9, 0.91, 0.92])
-    assert "no earlier" not in _refused(httpx.post(f"{registry_url}/models/{name}/rollback",
-                                                   json={"reason": "x"}, headers=APPROVER), 409)
+    assert "no earlier" not in _refused(
+        httpx.post(f"{registry_url}/models/{name}/rollback", json={"reason": "x"}, headers=APPROVER), 409
+    )
     for version in ("1", "2", "3"):
         _ok(httpx.post(f"{registry_url}/models/{name}/versions/{version}/promote", json={}, headers=ADMIN))
     rollback = f"{registry_url}/models/{name}/rollback"
@@ -187,12 +259,18 @@ def test_rollback_walks_back_through_production_history(registry_url: str, model
     assert (back["version"], back["previous_version"]) == ("2", "3")
     back = _ok(httpx.post(rollback, json={"reason": "v2 too"}, headers=APPROVER))
     assert (back["version"], back["previous_version"]) == ("1", "2")
-    assert "no earlier production version" in _refused(httpx.post(rollback, json={"reason": "x"},
-                                                                  headers=APPROVER), 409)
+    assert "no earlier production version" in _refused(
+        httpx.post(rollback, json={"reason": "x"}, headers=APPROVER), 409
+    )
     assert model_factory.client.get_registered_model(name).aliases == {"production": "1"}
     moves = _ok(httpx.get(f"{registry_url}/models/{name}/history", headers=VIEWER))["moves"]
     assert [(m["action"], m["version"]) for m in moves] == [
-        ("rollback", "1"), ("rollback", "2"), ("promote", "3"), ("promote", "2"), ("promote", "1")]
+        ("rollback", "1"),
+        ("rollback", "2"),
+        ("promote", "3"),
+        ("promote", "2"),
+        ("promote", "1"),
+    ]
     assert [m["direct"] for m in moves] == [False, False, True, True, True]
 
 
@@ -206,14 +284,26 @@ def test_an_archived_version_can_no_longer_be_aliased(registry_url: str, model_f
     assert "already archived" in _refused(httpx.post(archive.format(2), json={}, headers=APPROVER), 409)
     version = _ok(httpx.get(f"{registry_url}/models/{name}/versions/2", headers=VIEWER))
     assert version["archived"] is True
-    assert "archived" in _refused(httpx.post(f"{registry_url}/models/{name}/requests",
-                                             json={"version": "2", "reason": "x"}, headers=TRAINER), 409)
-    assert "archived" in _refused(httpx.post(f"{registry_url}/models/{name}/versions/2/promote",
-                                             json={"alias": "staging"}, headers=ADMIN), 409)
+    assert "archived" in _refused(
+        httpx.post(
+            f"{registry_url}/models/{name}/requests", json={"version": "2", "reason": "x"}, headers=TRAINER
+        ),
+        409,
+    )
+    assert "archived" in _refused(
+        httpx.post(
+            f"{registry_url}/models/{name}/versions/2/promote", json={"alias": "staging"}, headers=ADMIN
+        ),
+        409,
+    )
     _ok(httpx.post(f"{registry_url}/models/{name}/versions/2/restore", json={}, headers=APPROVER))
     _request(registry_url, name, "2")
     audit = _ok(httpx.get(f"{registry_url}/audit", params={"model": name}, headers=VIEWER))
-    assert [(r["action"], r["version"]) for r in audit] == [("restore", "2"), ("archive", "2"), ("promote", "1")]
+    assert [(r["action"], r["version"]) for r in audit] == [
+        ("restore", "2"),
+        ("archive", "2"),
+        ("promote", "1"),
+    ]
 
 
 def test_compare_shows_metric_deltas_params_data_and_signature(
@@ -221,23 +311,31 @@ def test_compare_shows_metric_deltas_params_data_and_signature(
 ) -> None:
     name = unique_name("cmp")
     signature = {"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 4]}]}
-    model_factory.register_trained(name, 1, metrics={"val_accuracy": 0.9}, params={"lr": "0.01", "epochs": "5"},
-                                   signature=signature)
-    model_factory.register_trained(name, 2, metrics={"val_accuracy": 0.95, "val_f1": 0.94}, dataset_rev="rev-2",
-                                   params={"lr": "0.001", "epochs": "5"},
-                                   signature={"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 5]}]})
+    model_factory.register_trained(
+        name, 1, metrics={"val_accuracy": 0.9}, params={"lr": "0.01", "epochs": "5"}, signature=signature
+    )
+    model_factory.register_trained(
+        name,
+        2,
+        metrics={"val_accuracy": 0.95, "val_f1": 0.94},
+        dataset_rev="rev-2",
+        params={"lr": "0.001", "epochs": "5"},
+        signature={"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 5]}]},
+    )
     found = _ok(httpx.get(f"{registry_url}/models/{name}/compare", params={"a": 1, "b": 2}, headers=VIEWER))
     assert found["metrics"]["val_accuracy"]["delta"] == pytest.approx(0.05)
     assert found["metrics"]["val_f1"] == {"a": None, "b": 0.94, "delta": None}
     assert found["params"] == {"lr": {"a": "0.01", "b": "0.001"}}
     assert found["same_dataset_revision"] is False
     assert found["signature_changed"] is True and "[-1, 5]" in found["signature_changes"][0]
-    assert "no version 7" in _refused(httpx.get(f"{registry_url}/models/{name}/compare", params={"a": 1, "b": 7},
-                                                headers=VIEWER), 404)
+    assert "no version 7" in _refused(
+        httpx.get(f"{registry_url}/models/{name}/compare", params={"a": 1, "b": 7}, headers=VIEWER), 404
+    )
 
 
-def test_versions_are_read_a_page_at_a_time_in_one_search(isolated_platform: PlatformSettings,
-                                                          model_factory: ModelFactory) -> None:
+def test_versions_are_read_a_page_at_a_time_in_one_search(
+    isolated_platform: PlatformSettings, model_factory: ModelFactory
+) -> None:
     """Listing a page costs one model read and one version search, however many versions it holds."""
     from services.registry.core import catalog
     from services.registry.core.store import Store
@@ -278,8 +376,15 @@ def _registry_process(platform: PlatformSettings, tmp_path: Path, tag: str) -> I
     env = Stack(platform).child_env()
     env.update({"SHIPYARD_REGISTRY_PORT": str(port), "SHIPYARD_LOG_JSON": "false"})
     with open(tmp_path / f"registry-{tag}.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "services.registry"], env=env, cwd=str(REPO), stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.registry"],
+            env=env,
+            cwd=str(REPO),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=60, what=f"registry {tag}")
@@ -313,22 +418,36 @@ def test_two_processes_racing_give_one_move_per_decision_and_a_history_matching_
     with ExitStack() as stack:
         one, two = (stack.enter_context(_registry_process(platform, tmp_path, tag)) for tag in ("a", "b"))
         for version in ("1", "2", "3", "4"):
-            request = _request(one, name, version)
-            approvals = _at_once([
-                lambda: httpx.post(f"{one}/requests/{request['id']}/approve", json={"reason": "a"},
-                                   headers=APPROVER, timeout=60),
-                lambda: httpx.post(f"{two}/requests/{request['id']}/approve", json={"reason": "b"},
-                                   headers=APPROVER_2, timeout=60),
-            ])
+            request_id = _request(one, name, version)["id"]
+            approvals = _at_once(
+                [
+                    lambda rid=request_id: httpx.post(
+                        f"{one}/requests/{rid}/approve",
+                        json={"reason": "a"},
+                        headers=APPROVER,
+                        timeout=60,
+                    ),
+                    lambda rid=request_id: httpx.post(
+                        f"{two}/requests/{rid}/approve",
+                        json={"reason": "b"},
+                        headers=APPROVER_2,
+                        timeout=60,
+                    ),
+                ]
+            )
             assert sorted(r.status_code for r in approvals) == [200, 409], [r.text for r in approvals]
         # Direct moves from both processes at once: each audit row's previous version is the one before.
         for round_ in range(4):
-            _at_once([
-                lambda v=str(1 + round_ % 4): httpx.post(f"{one}/models/{name}/versions/{v}/promote", json={},
-                                                         headers=ADMIN, timeout=60),
-                lambda v=str(4 - round_ % 4): httpx.post(f"{two}/models/{name}/versions/{v}/promote", json={},
-                                                         headers=ADMIN, timeout=60),
-            ])
+            _at_once(
+                [
+                    lambda v=str(1 + round_ % 4): httpx.post(
+                        f"{one}/models/{name}/versions/{v}/promote", json={}, headers=ADMIN, timeout=60
+                    ),
+                    lambda v=str(4 - round_ % 4): httpx.post(
+                        f"{two}/models/{name}/versions/{v}/promote", json={}, headers=ADMIN, timeout=60
+                    ),
+                ]
+            )
         moves = _ok(httpx.get(f"{two}/models/{name}/history", headers=VIEWER))["moves"]
     moves.reverse()
     assert len(moves) == 4 + 8

@@ -17,8 +17,12 @@ from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.support import auth, running_app
 
 CALLERS: dict[str, dict[str, str]] = {
-    "none": {}, "bad": {"Authorization": "Bearer not-a-token"}, "viewer": auth("viewer"),
-    "trainer": auth("trainer"), "approver": auth("approver"), "admin": auth("admin"),
+    "none": {},
+    "bad": {"Authorization": "Bearer not-a-token"},
+    "viewer": auth("viewer"),
+    "trainer": auth("trainer"),
+    "approver": auth("approver"),
+    "admin": auth("admin"),
 }
 ROLES = ("viewer", "trainer", "approver", "admin")
 
@@ -39,12 +43,18 @@ class World:
         return name
 
     def promote(self, name: str, version: str, alias: str) -> None:
-        httpx.post(f"{self.base}/models/{name}/versions/{version}/promote", json={"alias": alias},
-                   headers=auth("admin")).raise_for_status()
+        httpx.post(
+            f"{self.base}/models/{name}/versions/{version}/promote",
+            json={"alias": alias},
+            headers=auth("admin"),
+        ).raise_for_status()
 
     def request(self, name: str, by: str = "trainer") -> int:
-        made = httpx.post(f"{self.base}/models/{name}/requests", json={"version": "2", "reason": "better"},
-                          headers=CALLERS[by])
+        made = httpx.post(
+            f"{self.base}/models/{name}/requests",
+            json={"version": "2", "reason": "better"},
+            headers=CALLERS[by],
+        )
         assert made.status_code == 201, made.text
         return int(made.json()["id"])
 
@@ -53,8 +63,13 @@ class World:
         model = self.factory.client.get_registered_model(name)
         versions = self.factory.client.search_model_versions(f"name = '{name}'")
         get = lambda path: httpx.get(f"{self.base}{path}", headers=auth("viewer")).json()  # noqa: E731
-        return (dict(model.aliases), sorted((v.version, sorted(v.tags.items())) for v in versions),
-                get(f"/audit?model={name}"), get(f"/requests?model={name}"), get(f"/models/{name}/gate"))
+        return (
+            dict(model.aliases),
+            sorted((v.version, sorted(v.tags.items())) for v in versions),
+            get(f"/audit?model={name}"),
+            get(f"/requests?model={name}"),
+            get(f"/models/{name}/gate"),
+        )
 
 
 @dataclass
@@ -78,45 +93,77 @@ def _decide(verb: str, by: str = "trainer") -> Callable[[World], tuple[str, str,
     def prepare(w: World) -> tuple[str, str, str, Any]:
         name = w.model()
         return name, "POST", f"/requests/{w.request(name, by)}/{verb}", {"reason": "decided"}
+
     return prepare
 
 
-def _on_model(method: str, path: str, body: Any = None, **setup: Any) -> Callable[[World], tuple[str, str, str, Any]]:
+def _on_model(
+    method: str, path: str, body: Any = None, **setup: Any
+) -> Callable[[World], tuple[str, str, str, Any]]:
     def prepare(w: World) -> tuple[str, str, str, Any]:
         name = w.model(**setup)
         if path.endswith("/restore"):
-            httpx.post(f"{w.base}/models/{name}/versions/2/archive", json={}, headers=auth("admin")).raise_for_status()
+            httpx.post(
+                f"{w.base}/models/{name}/versions/2/archive", json={}, headers=auth("admin")
+            ).raise_for_status()
         return name, method, path.format(name=name), body
+
     return prepare
 
 
-READS = ["/models", "/models/{name}", "/models/{name}/versions", "/models/{name}/versions/1",
-         "/models/{name}/compare?a=1&b=2", "/requests", "/models/{name}/history", "/models/{name}/gate",
-         "/audit", "/models/{name}/history?at=2030-01-01T00:00:00Z"]
+READS = [
+    "/models",
+    "/models/{name}",
+    "/models/{name}/versions",
+    "/models/{name}/versions/1",
+    "/models/{name}/compare?a=1&b=2",
+    "/requests",
+    "/models/{name}/history",
+    "/models/{name}/gate",
+    "/audit",
+    "/models/{name}/history?at=2030-01-01T00:00:00Z",
+]
 ROUTES = [Route(f"GET {path}", ROLES, _read(path)) for path in READS] + [
-    Route("POST requests", ("trainer", "approver", "admin"),
-          _on_model("POST", "/models/{name}/requests", {"version": "2", "reason": "r"}), 201),
+    Route(
+        "POST requests",
+        ("trainer", "approver", "admin"),
+        _on_model("POST", "/models/{name}/requests", {"version": "2", "reason": "r"}),
+        201,
+    ),
     Route("POST approve", ("approver", "admin"), _decide("approve")),
     Route("POST reject", ("approver", "admin"), _decide("reject")),
     Route("POST cancel (a trainer's request)", ("trainer", "admin"), _decide("cancel")),
-    Route("POST rollback", ("approver", "admin"),
-          _on_model("POST", "/models/{name}/rollback", {"reason": "r"}, production=["1", "2"])),
+    Route(
+        "POST rollback",
+        ("approver", "admin"),
+        _on_model("POST", "/models/{name}/rollback", {"reason": "r"}, production=["1", "2"]),
+    ),
     Route("POST archive", ("approver", "admin"), _on_model("POST", "/models/{name}/versions/2/archive", {})),
     Route("POST restore", ("approver", "admin"), _on_model("POST", "/models/{name}/versions/2/restore", {})),
     Route("POST promote (direct)", ("admin",), _on_model("POST", "/models/{name}/versions/2/promote", {})),
-    Route("DELETE alias", ("approver", "admin"), _on_model("DELETE", "/models/{name}/aliases/staging",
-                                                           staging="1")),
-    Route("PUT gate", ("admin",), _on_model("PUT", "/models/{name}/gate", {"rules": ["val_accuracy >= 0.5"]})),
+    Route(
+        "DELETE alias",
+        ("approver", "admin"),
+        _on_model("DELETE", "/models/{name}/aliases/staging", staging="1"),
+    ),
+    Route(
+        "PUT gate", ("admin",), _on_model("PUT", "/models/{name}/gate", {"rules": ["val_accuracy >= 0.5"]})
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, redis_url: str, mlflow_server: str,
-          model_factory: ModelFactory) -> Iterator[World]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, mlflow_server: str, model_factory: ModelFactory
+) -> Iterator[World]:
     from tests.support import test_platform
 
-    platform: PlatformSettings = test_platform(tmp_path_factory.mktemp("roles"), redis_url=redis_url,
-                                               mlflow_tracking_uri=mlflow_server, events_channel="test-roles")
+    platform: PlatformSettings = test_platform(
+        tmp_path_factory.mktemp("roles"),
+        redis_url=redis_url,
+        mlflow_tracking_uri=mlflow_server,
+        events_channel="test-roles",
+    )
     with running_app(create_app(RegistrySettings(platform=platform))) as base:
         w = World(base, model_factory)
         SHARED[:] = [w.model(production=["1"])]
