@@ -20,7 +20,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from shipyard_common.errors import InvalidInput, Unavailable
-from shipyard_common.lineage import METRIC_TAG_PREFIX, MODEL_ARTIFACT_PATH, TAG_JOB_ID, WEIGHTS_ARTIFACT_PATH, WEIGHTS_FILE
+from shipyard_common.lineage import (
+    METRIC_TAG_PREFIX,
+    MODEL_ARTIFACT_PATH,
+    TAG_JOB_ID,
+    WEIGHTS_ARTIFACT_PATH,
+    WEIGHTS_FILE,
+)
 
 log = logging.getLogger("shipyard.trainer.tracking")
 
