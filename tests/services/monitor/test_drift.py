@@ -200,6 +200,11 @@ def test_background_refresh_fills_the_gauges(platform, reference, serve_monitor)
     # Nobody asks for /drift: the refresher alone must compute it.
     key = ("shipyard_dataset_drift", (("model", model),))
     wait_for(lambda: scrape(base).get(key) == 1.0, timeout=60, what="the background refresh to export drift")
+    # The newest verdict is readable without computing anything (the registry's pages show it).
+    [latest] = [v for v in httpx.get(f"{base}/drift", headers=auth("viewer"), timeout=10).json()
+                if v["model"] == model]
+    assert latest["dataset_drift"] is True and latest["current_rows"] == 200 and latest["computed_at"]
+    assert httpx.get(f"{base}/drift", timeout=10).status_code == 401
     ready = httpx.get(f"{base}/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "mlflow": "ok"}
 
