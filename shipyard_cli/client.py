@@ -8,14 +8,18 @@ import httpx
 
 from shipyard_common.settings import DEV_ADMIN_TOKEN, PlatformSettings
 
+# The registry's largest page: fewer round trips when a list is walked whole.
+PAGE_SIZE = 1000
+
 
 class ClientError(RuntimeError):
-    """A service answered with an error; the message is the service's own."""
+    """A service answered with an error; the message is the service's own (``details`` too, if any)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, details: Any = None) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+        self.details = details
 
 
 class ShipyardClient:
@@ -26,18 +30,40 @@ class ShipyardClient:
     def close(self) -> None:
         self.http.close()
 
+    def __enter__(self) -> ShipyardClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
             raise ClientError(0, f"cannot reach {url}: {exc} (is the stack up? 'shipyard status')") from exc
         if response.status_code >= 400:
+            details = None
             try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
+                error = response.json()["error"]
+                message, details = error["message"], error.get("details")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 message = response.text[:500]
-            raise ClientError(response.status_code, message)
+            raise ClientError(response.status_code, message, details)
         return response.json()
+
+    def _pages(self, url: str, key: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every item of a paged list (``{key: [...], "next_page_token": ...}``), page after page."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            query = {**(params or {}), "max_results": PAGE_SIZE}
+            if token:
+                query["page_token"] = token
+            page = self._call("GET", url, params=query)
+            items.extend(page[key])
+            token = page.get("next_page_token")
+            if not token:
+                return items
 
     # trainer
     def submit_job(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -55,17 +81,82 @@ class ShipyardClient:
     def list_jobs(self) -> list[dict[str, Any]]:
         return self._call("GET", f"{self.platform.trainer_url}/jobs")
 
-    # registry
+    # registry: reads
+    @property
+    def ui_url(self) -> str:
+        """The registry's web UI."""
+        return ui_url(self.platform)
+
     def list_models(self) -> list[dict[str, Any]]:
-        return self._call("GET", f"{self.platform.registry_url}/models")
+        """Every registered model (all pages of ``GET /models``)."""
+        return self._pages(f"{self.platform.registry_url}/models", "models")
+
+    def get_model(self, model: str) -> dict[str, Any]:
+        return self._call("GET", f"{self.platform.registry_url}/models/{model}")
 
     def list_versions(self, model: str) -> list[dict[str, Any]]:
-        return self._call("GET", f"{self.platform.registry_url}/models/{model}/versions")
+        """Every version of ``model``, newest first (all pages of ``GET /models/{name}/versions``)."""
+        return self._pages(f"{self.platform.registry_url}/models/{model}/versions", "versions")
 
+    def get_version(self, model: str, version: str) -> dict[str, Any]:
+        """One version in full: metrics, lineage, signature, params, model card, serving, drift."""
+        return self._call("GET", f"{self.platform.registry_url}/models/{model}/versions/{version}")
+
+    def compare(self, model: str, a: str, b: str) -> dict[str, Any]:
+        """Version ``b`` against version ``a`` (deltas are b − a)."""
+        return self._call("GET", f"{self.platform.registry_url}/models/{model}/compare",
+                          params={"a": a, "b": b})
+
+    def history(self, model: str, at: str | None = None) -> dict[str, Any]:
+        """Alias moves of ``model``, newest first; with ``at`` (ISO 8601), production at that moment."""
+        return self._call("GET", f"{self.platform.registry_url}/models/{model}/history",
+                          params={"at": at} if at else None)
+
+    def audit(self, model: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {}
+        if model:
+            params["model"] = model
+        if limit:
+            params["limit"] = limit
+        return self._call("GET", f"{self.platform.registry_url}/audit", params=params or None)
+
+    # registry: promotion requests
+    def request_promotion(
+        self, model: str, version: str, *, reason: str, alias: str = "production",
+        weight: float | None = None,
+    ) -> dict[str, Any]:
+        """Ask for ``alias`` → ``version`` (trainer or approver); another approver decides it."""
+        body: dict[str, Any] = {"version": str(version), "alias": alias, "reason": reason}
+        if weight is not None:
+            body["weight"] = weight
+        return self._call("POST", f"{self.platform.registry_url}/models/{model}/requests", json=body)
+
+    def list_requests(self, model: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        params = {key: value for key, value in (("model", model), ("state", state)) if value}
+        return self._call("GET", f"{self.platform.registry_url}/requests", params=params or None)
+
+    def get_request(self, request_id: int | str) -> dict[str, Any]:
+        return self._call("GET", f"{self.platform.registry_url}/requests/{request_id}")
+
+    def approve(self, request_id: int | str, reason: str) -> dict[str, Any]:
+        """Approve a request that is not your own; the alias moves if the gate passes."""
+        return self._call("POST", f"{self.platform.registry_url}/requests/{request_id}/approve",
+                          json={"reason": reason})
+
+    def reject(self, request_id: int | str, reason: str) -> dict[str, Any]:
+        return self._call("POST", f"{self.platform.registry_url}/requests/{request_id}/reject",
+                          json={"reason": reason})
+
+    def cancel_request(self, request_id: int | str) -> dict[str, Any]:
+        """Withdraw your own pending request."""
+        return self._call("POST", f"{self.platform.registry_url}/requests/{request_id}/cancel")
+
+    # registry: moves
     def promote(
         self, model: str, version: str, alias: str = "production", reason: str | None = None,
         weight: float | None = None,
     ) -> Any:
+        """Move an alias at once, without a request (admin only; marked direct in the audit)."""
         body: dict[str, Any] = {"alias": alias, "reason": reason}
         if weight is not None:
             body["weight"] = weight
@@ -73,11 +164,35 @@ class ShipyardClient:
             "POST", f"{self.platform.registry_url}/models/{model}/versions/{version}/promote", json=body,
         )
 
+    def rollback(self, model: str, reason: str) -> dict[str, Any]:
+        """Production back to the version it named before the current one (approver)."""
+        return self._call("POST", f"{self.platform.registry_url}/models/{model}/rollback",
+                          json={"reason": reason})
+
+    def archive(self, model: str, version: str, reason: str | None = None) -> dict[str, Any]:
+        return self._call("POST", f"{self.platform.registry_url}/models/{model}/versions/{version}/archive",
+                          json={"reason": reason})
+
+    def restore(self, model: str, version: str, reason: str | None = None) -> dict[str, Any]:
+        return self._call("POST", f"{self.platform.registry_url}/models/{model}/versions/{version}/restore",
+                          json={"reason": reason})
+
     def remove_alias(self, model: str, alias: str, reason: str | None = None) -> Any:
         return self._call(
             "DELETE", f"{self.platform.registry_url}/models/{model}/aliases/{alias}",
             params={"reason": reason} if reason else None,
         )
+
+    # registry: gates
+    def get_gate(self, model: str) -> dict[str, Any]:
+        return self._call("GET", f"{self.platform.registry_url}/models/{model}/gate")
+
+    def set_gate(self, model: str, rules: list[str], aliases: list[str] | None = None) -> dict[str, Any]:
+        """Replace ``model``'s gate (admin); an empty ``rules`` list lifts it."""
+        body: dict[str, Any] = {"rules": list(rules)}
+        if aliases:
+            body["aliases"] = list(aliases)
+        return self._call("PUT", f"{self.platform.registry_url}/models/{model}/gate", json=body)
 
     # serving
     def predict(self, model: str, inputs: list[list[float]]) -> dict[str, Any]:
@@ -92,3 +207,8 @@ class ShipyardClient:
     def drift(self, model: str, window: int | None = None) -> dict[str, Any]:
         params = {"window": window} if window else None
         return self._call("GET", f"{self.platform.monitor_url}/drift/{model}", params=params)
+
+
+def ui_url(platform: PlatformSettings) -> str:
+    """Where the registry serves its web UI."""
+    return f"{platform.registry_url.rstrip('/')}/ui"
