@@ -62,3 +62,23 @@ def test_down_stops_children_too(tmp_path):
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_status_names_the_registry_ui(tmp_path):
+    """``shipyard status`` lists the processes and says where the registry's web UI is."""
+    from typer.testing import CliRunner
+
+    from shipyard_cli.main import app as cli
+    from shipyard_cli.stack import Component
+
+    registry_url = f"http://127.0.0.1:{free_port()}"
+    platform = PlatformSettings(env="test", state_dir=tmp_path, tokens=TOKENS, registry_url=registry_url)
+    stack = Stack(platform)
+    stack.start_component(Component("sleeper", ["python3", "-c", "import time; time.sleep(600)"]))
+    env = {"SHIPYARD_STATE_DIR": str(tmp_path), "SHIPYARD_REGISTRY_URL": registry_url, "COLUMNS": "200"}
+    try:
+        result = CliRunner().invoke(cli, ["status"], env=env, catch_exceptions=False)
+    finally:
+        assert stack.down() == ["sleeper"]
+    assert result.exit_code == 0, result.output
+    assert "sleeper" in result.output and f"registry UI: {registry_url}/ui" in result.output
