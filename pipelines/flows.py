@@ -1,4 +1,5 @@
-"""``train_and_deploy``: version a dataset with DVC, train on it, promote the result to production."""
+"""``train_and_deploy``: version a dataset with DVC, train on it, and promote the result to production
+(at once, as an admin) or ask for it (a promotion request an approver decides)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from prefect import flow
@@ -19,10 +20,20 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from pipelines.tasks import PipelineConfig, promote, submit_job, version_dataset, wait_for_job
+from pipelines.tasks import (
+    PROMOTE_REASON,
+    PipelineConfig,
+    promote,
+    request_promotion,
+    submit_job,
+    version_dataset,
+    wait_for_job,
+)
 from shipyard_common.settings import NO_TELEMETRY_ENV, PlatformSettings
 
 DEFAULT_TIMEOUT_S = 1800.0
+Promotion = Literal["direct", "request"]
+PROMOTIONS: tuple[str, ...] = ("direct", "request")
 
 
 def default_job_spec(
@@ -83,10 +94,14 @@ def train_and_deploy_flow(
     spec_overrides: dict[str, Any] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     poll_interval_s: float = 1.0,
+    promotion: str = "direct",
+    reason: str = PROMOTE_REASON,
 ) -> dict[str, Any]:
     """The Prefect flow itself; most callers want :func:`train_and_deploy`, which sets Prefect up."""
     if (frame is None) == (csv_path is None):
         raise ValueError("give the dataset as exactly one of frame= or csv_path=")
+    if promotion not in PROMOTIONS:
+        raise ValueError(f"promotion must be one of {', '.join(PROMOTIONS)}, not {promotion!r}")
     data: pd.DataFrame | str = frame if frame is not None else str(csv_path)
     rev = version_dataset(dataset_name, data, config)
     spec = default_job_spec(model_name=model_name, dataset=dataset_name, rev=rev, overrides=spec_overrides)
@@ -96,15 +111,22 @@ def train_and_deploy_flow(
     job = wait_for_job(job_id, config, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
     registered_name = str(job.get("model_name") or spec["model_name"])
     version = str(job["model_version"])
-    promote(registered_name, version, config)
-    result = {
+    result: dict[str, Any] = {
         "dataset_rev": rev,
         "job_id": job_id,
         "model_name": registered_name,
         "model_version": version,
         "metrics": dict(job.get("metrics") or {}),
+        "promotion": promotion,
     }
-    get_run_logger().info("deployed %s v%s to production: %s", registered_name, version, result["metrics"])
+    if promotion == "direct":
+        result["promoted"] = promote(registered_name, version, config, reason=reason)
+        get_run_logger().info("deployed %s v%s to production: %s", registered_name, version,
+                              result["metrics"])
+    else:
+        result["request"] = request_promotion(registered_name, version, config, reason=reason)
+        get_run_logger().info("asked for %s v%s as production (request #%s): %s", registered_name, version,
+                              result["request"]["id"], result["metrics"])
     return result
 
 
@@ -138,11 +160,23 @@ def train_and_deploy(
     token: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     poll_interval_s: float = 1.0,
+    promotion: Promotion = "direct",
+    reason: str = PROMOTE_REASON,
 ) -> dict[str, Any]:
     """Version a dataset, train a model on it, and promote the new version to ``production``.
 
     Runs the Prefect flow ``train_and_deploy`` (:func:`train_and_deploy_flow`) on Prefect's
     local ephemeral API unless a Prefect server is configured.
+
+    Two ways to promote (``promotion``):
+
+    - ``"direct"`` (the default): the flow moves ``production`` to the new version itself
+      (``POST …/promote``). The registry allows that to an **admin** token only and marks the
+      move ``direct`` in the audit; with any other token the flow fails with a 403 after training.
+    - ``"request"``: the flow asks for ``production`` (``POST /models/{name}/requests``, as the
+      token's holder, trainer or approver, with ``reason``) and returns the pending request with
+      the gate's verdict on it; production moves only once an approver who is not that person
+      approves it (``shipyard models approve <id>``). ``make demo`` runs this way.
 
     Args:
         dataset_name: name of the dataset in the DVC repository (``data/<name>.csv``).
@@ -152,15 +186,21 @@ def train_and_deploy(
         spec_overrides: merged key by key into :func:`default_job_spec`, e.g.
             ``{"training": {"epochs": 5}, "model": {"hidden": [16]}}``.
         platform: where the services and the data repository are (default: ``PlatformSettings()``).
-        token: API token for the trainer and the registry (needs the trainer and approver roles,
-            e.g. admin); default ``SHIPYARD_API_TOKEN``, else the development admin token.
+        token: API token for the trainer and the registry: admin for ``"direct"``; trainer,
+            approver or admin for ``"request"``. Default ``SHIPYARD_API_TOKEN``, else the
+            development admin token.
         timeout_s: how long to wait for the training job.
         poll_interval_s: how often to ask the trainer about the job.
+        promotion: ``"direct"`` or ``"request"``, as above.
+        reason: why, for the audit row (and the approver, with ``"request"``).
 
     Returns:
-        ``{"dataset_rev", "job_id", "model_name", "model_version", "metrics"}``.
+        ``{"dataset_rev", "job_id", "model_name", "model_version", "metrics", "promotion"}`` and,
+        with ``"direct"``, ``"promoted"`` (the registry's answer: version, previous_version, …);
+        with ``"request"``, ``"request"`` (the pending request: id, state, gate, …).
 
     Raises:
+        ValueError: the data is given both or neither way, or ``promotion`` is unknown.
         pipelines.tasks.JobFailed: the job failed or was cancelled (with the job's error).
         pipelines.tasks.ServiceError: a service refused a request (after retries, if transient).
         TimeoutError: the job did not end within ``timeout_s``.
@@ -177,4 +217,6 @@ def train_and_deploy(
             spec_overrides=dict(spec_overrides) if spec_overrides else None,
             timeout_s=timeout_s,
             poll_interval_s=poll_interval_s,
+            promotion=promotion,
+            reason=reason,
         )

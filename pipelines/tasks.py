@@ -202,17 +202,47 @@ def wait_for_job(
     name="promote", cache_policy=NO_CACHE, persist_result=False,
     retries=4, retry_delay_seconds=[1, 2, 4, 8], retry_condition_fn=retry_when_transient,
 )
-def promote(model: str, version: str, config: PipelineConfig, *, alias: str = PRODUCTION) -> dict[str, Any]:
-    """Point ``alias`` of ``model`` at ``version`` through the registry (which audits and announces it)."""
+def promote(
+    model: str, version: str, config: PipelineConfig, *, alias: str = PRODUCTION,
+    reason: str = PROMOTE_REASON,
+) -> dict[str, Any]:
+    """Point ``alias`` of ``model`` at ``version`` at once, without a request (the registry lets only
+    an admin do so, audits the move as direct and announces it)."""
     url = f"{config.registry_url}/models/{model}/versions/{version}/promote"
     with config.client() as client:
         answer: dict[str, Any] = checked_json(
-            client.post(url, json={"alias": alias, "reason": PROMOTE_REASON})
+            client.post(url, json={"alias": alias, "reason": reason})
         )
     get_run_logger().info(
         "%s of %s: version %s (was %s)", alias, model, version, answer.get("previous_version")
     )
     return answer
+
+
+@task(
+    name="request_promotion", cache_policy=NO_CACHE, persist_result=False,
+    retries=4, retry_delay_seconds=[1, 2, 4, 8], retry_condition_fn=retry_when_not_delivered,
+)
+def request_promotion(
+    model: str, version: str, config: PipelineConfig, *, reason: str = PROMOTE_REASON,
+    alias: str = PRODUCTION,
+) -> dict[str, Any]:
+    """Ask the registry for ``alias`` → ``version`` (``POST /models/{name}/requests``); return the request.
+
+    The request stays pending until an approver other than the token's holder decides it; the
+    answer carries the model's gate verdict on it now (``gate``, None when no gate covers ``alias``).
+    """
+    url = f"{config.registry_url}/models/{model}/requests"
+    with config.client() as client:
+        request: dict[str, Any] = checked_json(
+            client.post(url, json={"version": str(version), "alias": alias, "reason": reason})
+        )
+    gate = request.get("gate")
+    get_run_logger().info(
+        "request #%s: %s of %s → version %s, %s; gate: %s", request["id"], alias, model, version,
+        request["state"], "none" if gate is None else gate.get("summary"),
+    )
+    return request
 
 
 def _eta(seconds: float | None) -> str:

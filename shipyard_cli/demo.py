@@ -1,4 +1,10 @@
-"""``shipyard demo``: the whole loop on scikit-learn's breast_cancer, printed step by step."""
+"""``shipyard demo``: the whole loop on scikit-learn's breast_cancer, printed step by step.
+
+Three development users take part: the pipeline trains and asks for production as
+``dev-trainer`` (``dev-trainer-token``), ``dev-admin`` sets the model's gate, and
+``dev-approver`` (``dev-approver-token``) approves the request; then serving answers with the new
+version and the monitor judges drift.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,19 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from shipyard_cli.client import ClientError, ShipyardClient
+from shipyard_cli.client import ClientError, ShipyardClient, ui_url
 from shipyard_cli.stack import Stack
-from shipyard_common.lineage import TAG_FEATURES
-from shipyard_common.settings import PlatformSettings
+from shipyard_common.lineage import PRODUCTION, TAG_FEATURES
+from shipyard_common.settings import DEV_ADMIN_TOKEN, DEV_APPROVER_TOKEN, DEV_TRAINER_TOKEN, PlatformSettings
 
 DEMO_MODEL = "breast_cancer"
 DEMO_ROWS = 200
 SHIFTED_FEATURES = 8
 ALL_ROWS = 100_000  # the monitor's largest window
+# The demo's gate: a floor, and no worse than production by more than two points on the same data.
+DEMO_GATE = ["val_accuracy >= 0.9", "val_accuracy >= production - 0.02"]
+REQUEST_REASON = "demo: nightly retrain of breast_cancer on the latest data"
+APPROVE_REASON = "demo: gate passes and validation accuracy checked"
 
 
 def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool = False) -> dict[str, Any]:
@@ -34,22 +44,44 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
         started_here = True
     else:
         console.rule("[bold]1. stack already running")
-    client = ShipyardClient(platform)
+    client = ShipyardClient(platform, token=DEV_ADMIN_TOKEN)
+    approver = ShipyardClient(platform, token=DEV_APPROVER_TOKEN)
+    finished = False
     try:
         frame = load_breast_cancer(as_frame=True).frame
-        console.rule("[bold]2. train_and_deploy: DVC → trainer → registry")
+        console.rule("[bold]2. train_and_deploy as dev-trainer: DVC → trainer → registry → request")
         result = train_and_deploy(
-            dataset_name="breast_cancer", frame=frame, model_name=DEMO_MODEL, platform=platform
+            dataset_name="breast_cancer", frame=frame, model_name=DEMO_MODEL, platform=platform,
+            token=DEV_TRAINER_TOKEN, promotion="request", reason=REQUEST_REASON,
         )
         version = str(result["model_version"])
         summary = Table("step", "result")
         summary.add_row("dataset revision", str(result["dataset_rev"]))
         summary.add_row("job id", str(result["job_id"]))
         summary.add_row("validation accuracy", f"{result['metrics'].get('val_accuracy', float('nan')):.4f}")
-        summary.add_row("model version (production)", version)
+        summary.add_row("model version", version)
+        summary.add_row("promotion request", f"#{result['request']['id']} ({result['request']['state']})")
         console.print(summary)
 
-        console.rule("[bold]3. serving follows the production alias")
+        console.rule("[bold]3. dev-admin sets the gate; the request and its verdict")
+        gate_rules = client.set_gate(DEMO_MODEL, DEMO_GATE, [PRODUCTION])
+        console.print(f"  gate on {DEMO_MODEL}'s production: " + "; ".join(gate_rules["rules"]))
+        request = client.get_request(result["request"]["id"])  # the gate's verdict now
+        from shipyard_cli.main import print_gate
+
+        console.print(
+            f"  request #{request['id']}: {DEMO_MODEL} {request['alias']} → v{request['version']}, "
+            f"asked by {request['requested_by']}: {request['reason']!r} ({request['state']})"
+        )
+        print_gate(request.get("gate"), request["alias"], out=console)
+
+        console.rule("[bold]4. dev-approver approves it (not the requester)")
+        moved = approver.approve(request["id"], APPROVE_REASON)
+        was = f"v{moved['previous_version']}" if moved.get("previous_version") else "none"
+        console.print(f"  request #{request['id']} approved by dev-approver: {DEMO_MODEL} "
+                      f"{moved['alias']} → v{moved['version']} (was {was})")
+
+        console.rule("[bold]5. serving follows the production alias")
         wait_until_served(client, DEMO_MODEL, version)
         features = json.loads(client_version_tags(client, DEMO_MODEL, version)[TAG_FEATURES])
         rng = np.random.default_rng(7)
@@ -57,7 +89,7 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
         answer = client.predict(DEMO_MODEL, sample[:1].tolist())
         console.print(f"  prediction for row 0 by v{answer['model_version']}: {answer['outputs'][0]}")
 
-        console.rule(f"[bold]4. {DEMO_ROWS} unchanged rows → drift?")
+        console.rule(f"[bold]6. {DEMO_ROWS} unchanged rows → drift?")
         before = logged_rows(client, DEMO_MODEL)
         send_rows(client, DEMO_MODEL, sample)
         calm = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, logged_before=before)
@@ -65,7 +97,7 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
 
         console.print(drift_table(calm))
 
-        console.rule(f"[bold]5. {DEMO_ROWS} rows with {SHIFTED_FEATURES} features shifted by 3σ → drift?")
+        console.rule(f"[bold]7. {DEMO_ROWS} rows with {SHIFTED_FEATURES} features shifted by 3σ → drift?")
         shifted = sample.copy()
         columns = rng.choice(len(features), size=SHIFTED_FEATURES, replace=False)
         shifted[:, columns] += 3 * frame[features].to_numpy(dtype=float).std(axis=0)[columns]
@@ -74,15 +106,32 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
         stormy = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, logged_before=before)
         console.print(drift_table(stormy))
         console.print(
-            f"[bold]demo done[/bold]: v{version} served; drift unchanged={calm['dataset_drift']}, "
-            f"shifted={stormy['dataset_drift']}"
+            f"[bold]demo done[/bold]: v{version} requested by dev-trainer, approved by dev-approver, served; "
+            f"drift unchanged={calm['dataset_drift']}, shifted={stormy['dataset_drift']}"
         )
-        return {"result": result, "calm": calm, "shifted": stormy}
+        finished = True
+        return {"result": result, "request": request, "approved": moved, "calm": calm, "shifted": stormy}
     finally:
         client.close()
-        if started_here and not keep_running:
-            console.rule("[bold]6. stop the stack")
+        approver.close()
+        stopping = started_here and not keep_running
+        if stopping:
+            console.rule("[bold]8. stop the stack")
             console.print("stopped: " + ", ".join(stack.down()))
+        if finished:
+            _print_ui(platform, console, stopped=stopping)
+
+
+def _print_ui(platform: PlatformSettings, console: Console, *, stopped: bool) -> None:
+    url = ui_url(platform)
+    if stopped:
+        console.print(
+            f"registry UI: {url} (the stack is stopped now; to keep it open, run "
+            "[bold].venv/bin/shipyard up[/bold], or [bold].venv/bin/shipyard demo --keep-running[/bold])"
+        )
+    else:
+        console.print(f"registry UI: {url} (the stack keeps running; [bold].venv/bin/shipyard down[/bold] "
+                      "stops it)")
 
 
 def client_version_tags(client: ShipyardClient, model: str, version: str) -> dict[str, str]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 
+import httpx
 import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer, load_iris
 
 from pipelines.flows import default_job_spec, local_prefect, train_and_deploy
-from pipelines.tasks import PipelineConfig, version_dataset
+from pipelines.tasks import PipelineConfig, ServiceError, promote, request_promotion, version_dataset
 from shipyard_common.datasets import DataRepo
 from shipyard_common.settings import PlatformSettings
 from tests.support import test_platform
@@ -71,3 +72,46 @@ def test_the_flow_refuses_ambiguous_data_before_touching_anything(platform, tmp_
         train_and_deploy(dataset_name="bc", model_name="bc", frame=frame, csv_path=tmp_path / "x.csv",
                          platform=platform, token="test-admin")
     assert "bc.csv" not in {path.name for path in platform.data_repo_path.glob("data/*")}
+
+
+def test_the_flow_refuses_an_unknown_promotion_before_touching_anything(platform):
+    frame = load_breast_cancer(as_frame=True).frame
+    with pytest.raises(ValueError, match="promotion must be one of direct, request"):
+        train_and_deploy(dataset_name="bc-promotion", model_name="bc", frame=frame, platform=platform,
+                         token="test-admin", promotion="ask nicely")  # type: ignore[arg-type]
+    assert "bc-promotion.csv" not in {path.name for path in platform.data_repo_path.glob("data/*")}
+
+
+def test_request_promotion_asks_and_promote_is_the_admins(tmp_path, redis_url, mlflow_server):
+    """The flow's two ways to production, against a real registry on a real MLflow server."""
+    from services.registry.app import create_app
+    from services.registry.settings import RegistrySettings
+    from tests.services.registry.model_factory import ModelFactory, unique_name
+    from tests.support import running_app
+
+    name = unique_name("flow")
+    factory = ModelFactory(mlflow_server)
+    factory.register_classifier(name, seed=1)
+    factory.register_classifier(name, seed=2)
+    registry_platform = test_platform(tmp_path / "state", redis_url=redis_url,
+                                      mlflow_tracking_uri=mlflow_server)
+    with running_app(create_app(RegistrySettings(platform=registry_platform))) as base:
+        at = registry_platform.model_copy(update={"registry_url": base})
+        trainer = PipelineConfig.from_platform(at, token="test-trainer")
+        admin = PipelineConfig.from_platform(at, token="test-admin")
+        with local_prefect(at):
+            request = request_promotion(name, "2", trainer, reason="retrained on fresh data")
+            with pytest.raises(ServiceError, match="'admin' role") as refused:
+                promote(name, "1", trainer)
+            moved = promote(name, "1", admin, reason="bootstrap")
+        headers = {"Authorization": "Bearer test-viewer"}
+        model = httpx.get(f"{base}/models/{name}", headers=headers).json()
+        audit = httpx.get(f"{base}/audit", params={"model": name}, headers=headers).json()
+
+    assert request["state"] == "pending" and request["version"] == "2" and request["alias"] == "production"
+    assert request["reason"] == "retrained on fresh data" and request["requested_by"].startswith("trainer-")
+    assert request["gate"] is None  # no gate covers production
+    assert refused.value.status == 403
+    assert moved["version"] == "1" and moved["previous_version"] is None
+    assert model["aliases"] == {"production": "1"}  # the request moved nothing; the admin's move did
+    assert [(row["version"], row["direct"], row["reason"]) for row in audit] == [("1", True, "bootstrap")]
