@@ -4,12 +4,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 import services.registry.core.tables  # noqa: F401  (the registry's tables, on Base before create_all)
 from services.registry.api.router import router
 from services.registry.core.registry import create_registry
 from services.registry.core.tables import upgrade_audit_table
 from services.registry.settings import RegistrySettings
+from services.registry.ui.router import STATIC_DIR, ui_router
 from shipyard_common.db import Database
 from shipyard_common.web import install_common, mlflow_health_check
 
@@ -37,4 +39,6 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     install_common(app, service="registry", platform=platform, readiness_checks=readiness)
     app.state.registry = registry
     app.include_router(router)
+    app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
+    app.include_router(ui_router)
     return app
