@@ -7,6 +7,7 @@ monitor's verdicts are asked for with the signed-in user's own token.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from services.registry.core.schemas import DriftVerdict, ServingStatus, VersionP
 from services.registry.ui.charts import Point, metric_chart
 from services.registry.ui.web import Signed, UiRoute, registry_of, render
 from shipyard_common.errors import NotFound
-from shipyard_common.lineage import ALIASES, CANARY, PRODUCTION, REPORTS_ARTIFACT_PATH, TAG_CANARY_WEIGHT
+from shipyard_common.lineage import ALIASES, PRODUCTION, REPORTS_ARTIFACT_PATH
 
 router = APIRouter(route_class=UiRoute)
 
@@ -40,10 +41,6 @@ def peers(registry: Registry, authorization: str, pool: ThreadPoolExecutor) -> t
             pool.submit(registry.peers.drift, authorization))
 
 
-def canary_weight(tags: dict[str, str]) -> float | None:
-    return promotion.canary_weight(tags)
-
-
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, session: Signed, page_token: PageToken = None) -> HTMLResponse:
     """Every model with who holds production, canary (and its share) and staging, and drift."""
@@ -54,7 +51,7 @@ def models_page(request: Request, session: Signed, page_token: PageToken = None)
                                    page_token=page_token)
         verdicts = drift.result()
     return render(request, "models.html", title="Models", page=page, drift=verdicts,
-                  first_page=page_token is None, canary_weight=canary_weight)
+                  first_page=page_token is None, canary_weight=promotion.canary_weight)
 
 
 def metric_names(versions: list[VersionPublic]) -> list[str]:
@@ -66,7 +63,7 @@ def metric_names(versions: list[VersionPublic]) -> list[str]:
 def chart_points(versions: list[VersionPublic], metric: str, production: str | None) -> list[Point]:
     ordered = sorted(versions, key=lambda v: int(v.version))
     return [Point(v.version, v.metrics[metric], v.version == production) for v in ordered
-            if v.metrics and metric in v.metrics]
+            if v.metrics and math.isfinite(v.metrics.get(metric, math.nan))]
 
 
 @router.get("/models/{name}", response_class=HTMLResponse)
@@ -89,7 +86,8 @@ def model_page(request: Request, name: str, session: Signed, metric: MetricName 
     chart = metric_chart(points, chosen) if chosen else None
     return render(request, "model.html", title=name, model=model, page=page, first_page=page_token is None,
                   metrics=metrics, chosen=chosen, columns=columns, chart=chart, serving=status, drift=verdict,
-                  pending=pending, gate=gate, aliases=ALIASES, canary_weight=canary_weight(model.tags))
+                  pending=pending, gate=gate, aliases=ALIASES,
+                  canary_weight=promotion.canary_weight(model.tags))
 
 
 def mlflow_run_url(registry: Registry, experiment_id: str | None, run_id: str | None) -> str | None:
@@ -121,10 +119,10 @@ def version_page(request: Request, name: str, version: str, session: Signed) -> 
     pending = [r for r in approvals.list_requests(registry=registry, model=name, state="pending", limit=100)
                if r.version == detail.version]
     return render(request, "version.html", title=f"{name} v{detail.version}", v=detail, model=model,
-                  pending=pending, images=report_images(detail.reports), aliases=ALIASES, canary=CANARY,
+                  pending=pending, images=report_images(detail.reports), aliases=ALIASES,
                   mlflow_url=mlflow_run_url(registry, detail.experiment_id, detail.run_id),
-                  parent_url=parent_link(detail.lineage.parent), canary_weight=canary_weight(model.tags),
-                  weight_tag=TAG_CANARY_WEIGHT)
+                  parent_url=parent_link(detail.lineage.parent),
+                  canary_weight=promotion.canary_weight(model.tags))
 
 
 @router.get("/models/{name}/versions/{version}/reports/{file:path}")
