@@ -18,6 +18,7 @@ from rich.table import Table
 
 from shipyard_cli.client import ClientError, ShipyardClient, ui_url
 from shipyard_cli.stack import Stack
+from shipyard_cli.views import drift_table, print_gate
 from shipyard_common.lineage import PRODUCTION, TAG_FEATURES
 from shipyard_common.settings import DEV_ADMIN_TOKEN, DEV_APPROVER_TOKEN, DEV_TRAINER_TOKEN, PlatformSettings
 
@@ -67,8 +68,6 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
         gate_rules = client.set_gate(DEMO_MODEL, DEMO_GATE, [PRODUCTION])
         console.print(f"  gate on {DEMO_MODEL}'s production: " + "; ".join(gate_rules["rules"]))
         request = client.get_request(result["request"]["id"])  # the gate's verdict now
-        from shipyard_cli.main import print_gate
-
         console.print(
             f"  request #{request['id']}: {DEMO_MODEL} {request['alias']} → v{request['version']}, "
             f"asked by {request['requested_by']}: {request['reason']!r} ({request['state']})"
@@ -93,8 +92,6 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
         before = logged_rows(client, DEMO_MODEL)
         send_rows(client, DEMO_MODEL, sample)
         calm = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, logged_before=before)
-        from shipyard_cli.main import drift_table
-
         console.print(drift_table(calm))
 
         console.rule(f"[bold]7. {DEMO_ROWS} rows with {SHIFTED_FEATURES} features shifted by 3σ → drift?")
