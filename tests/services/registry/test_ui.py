@@ -571,3 +571,23 @@ def test_models_are_paged(stack: Stack) -> None:
         assert re.findall(r'<a class="strong" href="([^"]+)"', first) != re.findall(
             r'<a class="strong" href="([^"]+)"', second)
         browser.client.close()
+
+
+def test_sessions_and_forms_on_sqlite_and_postgresql(stack: Stack, db_url: str) -> None:
+    """The session table and a form's change work the same on both platform databases."""
+    name = make_model(stack.factory, versions=2)
+    platform = stack.platform.model_copy(update={"db_url": db_url})
+    with running_app(create_app(RegistrySettings(platform=platform))) as base:
+        approver = sign_in(base, "approver")
+        moved = approver.post(f"/ui/models/{name}/versions/2/archive", {"reason": "superseded"})
+        assert moved.status_code == 303
+        assert "v2 is archived" in approver.get(moved.headers["location"]).text
+        database = Database(db_url)
+        with database.session() as session:
+            actions = session.scalars(select(AuditRecord.action).where(AuditRecord.model == name)).all()
+            sessions = session.scalars(select(UiSessionRecord.id)).all()
+        database.dispose()
+        assert actions == ["archive"] and len(sessions) >= 1
+        out = approver.post("/ui/logout")
+        assert out.status_code == 303 and approver.get("/ui/models").status_code == 303
+        approver.client.close()
