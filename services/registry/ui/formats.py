@@ -99,7 +99,7 @@ def duration(seconds: float | None) -> str:
 
 def markdown(text: str | None) -> Markup:
     """A model card as HTML; raw HTML in it is shown as text, unsafe link schemes are dropped."""
-    return Markup(_MARKDOWN.render(text or ""))  # noqa: S704  (markdown-it escapes; html is off)
+    return Markup(_MARKDOWN.render(text or ""))  # markdown-it escapes text; raw HTML is off
 
 
 def pretty_json(value: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from services.registry.ui import actions, jobs, pages, promotions
@@ -51,7 +51,8 @@ def login_form(request: Request, next_url: str, status: int = 200, error: str | 
 
 
 @auth_router.get("/login", response_class=HTMLResponse)
-def login_page(request: Request, next: str = "/ui/models") -> Response:  # noqa: A002  (the query's name)
+def login_page(request: Request, next: Annotated[str, Query(max_length=2000)] = "/ui/models") -> Response:
+    """The sign-in form; a browser that is signed in already goes straight on."""
     registry = registry_of(request)
     if resume_session(registry.database, request.app.state.authenticator, request.cookies.get(COOKIE)):
         return RedirectResponse(safe_next(next), status_code=303)
@@ -60,7 +61,7 @@ def login_page(request: Request, next: str = "/ui/models") -> Response:  # noqa:
 
 @auth_router.post("/login", response_class=HTMLResponse)
 def login(request: Request, token: Annotated[str, Form(max_length=4096)] = "",
-          csrf: Annotated[str, Form(max_length=200)] = "", next: Next = "/ui/models") -> Response:  # noqa: A002
+          csrf: Annotated[str, Form(max_length=200)] = "", next: Next = "/ui/models") -> Response:
     """Check the token; on success store a session and set its cookie, then go where the user was going."""
     if not csrf_matches(request.cookies.get(LOGIN_CSRF_COOKIE, ""), csrf):
         return login_form(request, next, 403, "This sign-in form expired or did not come from this site. "
