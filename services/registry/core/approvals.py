@@ -7,7 +7,7 @@ decides and the other is told who did.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from services.registry.core import promotion
 from services.registry.core.registry import Registry
@@ -92,6 +92,15 @@ def list_requests(
     with registry.database.session() as session:
         rows = list(session.scalars(statement))
     return [_public(registry, row, with_gate=row.state == PENDING) for row in rows]
+
+
+def count_pending(*, registry: Registry) -> int:
+    """How many requests wait for a decision (the UI's inbox badge)."""
+    statement = select(func.count()).select_from(PromotionRequestRecord).where(
+        PromotionRequestRecord.state == PENDING
+    )
+    with registry.database.session() as session:
+        return int(session.scalar(statement) or 0)
 
 
 def _still_pending(row: PromotionRequestRecord | None, request_id: int) -> PromotionRequestRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -79,18 +80,49 @@ def _rollback_target(session: Session, name: str) -> tuple[str | None, str | Non
     return current, stack[-2] if len(stack) >= 2 else None
 
 
-def rollback(*, registry: Registry, name: str, actor: str, reason: str) -> PromotePublic:
-    """Point production back at the version it named before the current one, in one call."""
+@dataclass(frozen=True)
+class RollbackPlan:
+    """What a rollback of a model would do now: from ``current`` to ``target``, or why it cannot."""
+
+    current: str | None
+    target: str | None
+    problem: str | None
+
+
+def _plan(registry: Registry, session: Session, name: str) -> RollbackPlan:
+    recorded, target = _rollback_target(session, name)
+    now = (registry.store.model(name).aliases or {}).get(PRODUCTION)
+    current = str(now) if now is not None else None
+    problem = None
+    if current is None or current != recorded:
+        problem = (f"{name}'s production alias ({'v' + current if current else 'none'}) is not the one the "
+                   "history ends with, so a rollback cannot tell where to go; promote the version you want")
+    elif target is None:
+        problem = f"{name} has no earlier production version to roll back to"
+    return RollbackPlan(current=current, target=target, problem=problem)
+
+
+def rollback_plan(*, registry: Registry, name: str) -> RollbackPlan:
+    """The rollback :func:`rollback` would make now (for a confirmation step); nothing moves."""
+    with registry.database.session() as session:
+        return _plan(registry, session, name)
+
+
+def rollback(
+    *, registry: Registry, name: str, actor: str, reason: str, expect: RollbackPlan | None = None
+) -> PromotePublic:
+    """Point production back at the version it named before the current one, in one call.
+
+    ``expect``: the plan a person confirmed; if production moved since, nothing happens (409).
+    """
     with registry.locked(name) as session:
-        recorded, target = _rollback_target(session, name)
-        now = (registry.store.model(name).aliases or {}).get(PRODUCTION)
-        if now is None or str(now) != recorded:
-            raise Conflict(
-                f"{name}'s production alias ({'v' + str(now) if now else 'none'}) is not the one "
-                "the history ends with; promote explicitly instead"
-            )
-        if target is None:
-            raise Conflict(f"{name} has no earlier production version to roll back to")
+        plan = _plan(registry, session, name)
+        if plan.problem is not None or plan.target is None:
+            raise Conflict(plan.problem or f"{name} has nothing to roll back to")
+        if expect is not None and (expect.current, expect.target) != (plan.current, plan.target):
+            raise Conflict(f"{name}'s production changed since the rollback was confirmed (it would now go "
+                           f"from v{plan.current} to v{plan.target}); nothing was rolled back")
+        target = plan.target
         move = promotion.Move(
             model=name, alias=PRODUCTION, version=target, actor=actor, reason=reason, action="rollback"
         )

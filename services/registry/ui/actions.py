@@ -19,7 +19,6 @@ from services.registry.core.schemas import (
     PromotionRequestCreate,
     RollbackCreate,
 )
-from services.registry.ui.promotions import rollback_plan
 from services.registry.ui.web import (
     AdminForm,
     ApproverForm,
@@ -30,7 +29,6 @@ from services.registry.ui.web import (
     registry_of,
 )
 from shipyard_common.auth import Role
-from shipyard_common.errors import Conflict
 from shipyard_common.lineage import CANARY
 
 router = APIRouter(route_class=UiRoute)
@@ -129,11 +127,9 @@ def rollback(request: Request, name: str, session: ApproverForm, reason: Text = 
     """Roll production back, if it would still go where the confirmation page said."""
     registry = registry_of(request)
     body = parsed(RollbackCreate, reason=reason.strip())
-    current, target, _ = rollback_plan(registry, name)
-    if (current, target) != (expect_from or None, expect_to or None):
-        raise Conflict(f"{name}'s production changed since the confirmation page was shown (it would now go "
-                       f"from v{current} to v{target}); nothing was rolled back. Open the page again.")
-    moved = history.rollback(registry=registry, name=name, actor=session.principal.name, reason=body.reason)
+    confirmed = history.RollbackPlan(current=expect_from or None, target=expect_to or None, problem=None)
+    moved = history.rollback(registry=registry, name=name, actor=session.principal.name, reason=body.reason,
+                             expect=confirmed)
     return redirect(f"/ui/models/{name}/history",
                     f"Rolled back: production is v{moved.version} again (was v{moved.previous_version}).")
 

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
 from services.registry.core import approvals, history
-from services.registry.core.history import _rollback_target
 from services.registry.core.registry import Registry
 from services.registry.core.schemas import PromotionRequestPublic
 from services.registry.ui.web import Signed, UiRoute, registry_of, render
@@ -65,25 +64,10 @@ def history_page(request: Request, name: str, _: Signed,
                   alias=alias, at=at or "", requesters={r.id: r.requested_by for r in approved})
 
 
-def rollback_plan(registry: Registry, name: str) -> tuple[str | None, str | None, str | None]:
-    """(production now, the version a rollback would restore, why it cannot) as the core computes it."""
-    with registry.database.session() as session:
-        recorded, target = _rollback_target(session, name)
-    now = registry.store.model(name).aliases or {}
-    current = str(now[PRODUCTION]) if PRODUCTION in now else None
-    problem = None
-    if current is None or current != recorded:
-        problem = (f"Production ({'v' + current if current else 'none'}) is not the version the history ends "
-                   "with, so a rollback cannot tell where to go. Promote the version you want explicitly.")
-    elif target is None:
-        problem = f"{name} has no earlier production version to roll back to."
-    return current, target, problem
-
-
 @router.get("/models/{name}/rollback", response_class=HTMLResponse)
 def rollback_page(request: Request, name: str, session: Signed) -> HTMLResponse:
     """The confirmation step: from which version to which, and why, before anything moves."""
     require(session.principal, Role.APPROVER)
-    current, target, problem = rollback_plan(registry_of(request), name)
-    return render(request, "rollback.html", title=f"Roll back {name}", name=name, current=current,
-                  target=target, problem=problem)
+    plan = history.rollback_plan(registry=registry_of(request), name=name)
+    return render(request, "rollback.html", title=f"Roll back {name}", name=name, current=plan.current,
+                  target=plan.target, problem=plan.problem)

@@ -20,11 +20,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import func, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.registry.core import approvals
 from services.registry.core.registry import Registry
-from services.registry.core.tables import PromotionRequestRecord
 from services.registry.ui import formats
 from services.registry.ui.sessions import COOKIE, COOKIE_PATH, UiSession, csrf_matches, resume_session
 from shipyard_common.auth import Role, require
@@ -146,13 +145,6 @@ class UiRoute(APIRoute):
         return handle
 
 
-def pending_requests(registry: Registry) -> int:
-    statement = select(func.count()).select_from(PromotionRequestRecord).where(
-        PromotionRequestRecord.state == "pending")
-    with registry.database.session() as session:
-        return int(session.scalar(statement) or 0)
-
-
 def ui_session(request: Request) -> UiSession:
     """The signed-in session (and the inbox count for the top bar); otherwise off to sign in."""
     registry = registry_of(request)
@@ -160,7 +152,7 @@ def ui_session(request: Request) -> UiSession:
     if found is None:
         raise NeedsLogin()
     request.state.ui_session = found
-    request.state.pending_count = pending_requests(registry)
+    request.state.pending_count = approvals.count_pending(registry=registry)
     return found
 
 
