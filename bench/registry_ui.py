@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import statistics
 import sys
@@ -53,6 +54,7 @@ def populate(tracking_uri: str, models: int, versions: int, threads: int) -> lis
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # one line per version created otherwise
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = client.create_experiment("bench-registry-ui")
     names = [f"bench-model-{i:03d}" for i in range(models)]

@@ -30,6 +30,7 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         finally:
             app.state.ready = False
             registry.peers.close()
+            registry.store.close()
             database.dispose()
 
     app = FastAPI(title="Shipyard registry", version="0.1.0", lifespan=lifespan)

@@ -8,11 +8,9 @@ which holds the last epoch's. Only versions registered without those tags fall b
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
-
-from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
 from services.registry.core.registry import Registry
 from services.registry.core.schemas import (
@@ -26,7 +24,7 @@ from services.registry.core.schemas import (
     VersionPage,
     VersionPublic,
 )
-from services.registry.core.store import Store
+from services.registry.core.store import ModelRecord, Store, VersionRecord, checked_version
 from shipyard_common.lineage import (
     METRIC_TAG_PREFIX,
     MODEL_ARTIFACT_PATH,
@@ -55,16 +53,15 @@ def timestamp(milliseconds: int | None) -> datetime | None:
     return datetime.fromtimestamp(milliseconds / 1000, tz=UTC)
 
 
-def model_public(model: RegisteredModel) -> ModelPublic:
-    latest = [v.version for v in (model.latest_versions or [])]
+def model_public(model: ModelRecord) -> ModelPublic:
     return ModelPublic(
         name=model.name,
-        description=model.description or None,
-        aliases={alias: str(version) for alias, version in (model.aliases or {}).items()},
-        latest_version=str(max(latest, key=int)) if latest else None,
-        tags=dict(model.tags or {}),
-        created_at=timestamp(model.creation_timestamp),
-        updated_at=timestamp(model.last_updated_timestamp),
+        description=model.description,
+        aliases=dict(model.aliases),
+        latest_version=model.latest_version,
+        tags=dict(model.tags),
+        created_at=timestamp(model.created_ms),
+        updated_at=timestamp(model.updated_ms),
     )
 
 
@@ -86,21 +83,21 @@ def tagged_metrics(tags: dict[str, str]) -> dict[str, float] | None:
     return metrics or None
 
 
-def version_public(version: ModelVersion, aliases: dict[str, str]) -> VersionPublic:
-    tags = dict(version.tags or {})
+def version_public(version: VersionRecord, aliases: dict[str, str]) -> VersionPublic:
+    tags = dict(version.tags)
     metrics = tagged_metrics(tags)
     formats = _json_tag(tags, TAG_FORMATS)
     signature = _json_tag(tags, TAG_SIGNATURE)
     return VersionPublic(
         name=version.name,
         version=str(version.version),
-        run_id=version.run_id or None,
+        run_id=version.run_id,
         status=version.status,
         source=version.source,
-        description=version.description or None,
+        description=version.description,
         tags=tags,
-        # search_model_versions leaves aliases empty; the registered model's map is authoritative.
-        aliases=sorted(alias for alias, target in aliases.items() if str(target) == str(version.version)),
+        # A version search leaves aliases out; the registered model's map is authoritative.
+        aliases=sorted(alias for alias, target in aliases.items() if str(target) == version.version),
         metrics=metrics,
         metrics_source="version" if metrics is not None else None,
         lineage=Lineage(
@@ -111,14 +108,14 @@ def version_public(version: ModelVersion, aliases: dict[str, str]) -> VersionPub
             parent=tags.get(TAG_PARENT),
             framework=tags.get(TAG_FRAMEWORK),
             task=tags.get(TAG_TASK),
-            run_id=version.run_id or None,
+            run_id=version.run_id,
         ),
         signature=signature if isinstance(signature, dict) else None,
         exports=[str(f) for f in formats]
         if isinstance(formats, list)
         else ([tags[TAG_FORMAT]] if TAG_FORMAT in tags else []),
         archived=tags.get(TAG_ARCHIVED) == "true",
-        created_at=timestamp(version.creation_timestamp),
+        created_at=timestamp(version.created_ms),
     )
 
 
@@ -127,12 +124,11 @@ def fill_run_metrics(store: Store, versions: list[VersionPublic]) -> None:
     missing = sorted({v.run_id for v in versions if v.metrics is None and v.run_id})
     if not missing:
         return
-    with ThreadPoolExecutor(max_workers=min(_RUN_FETCH_CONCURRENCY, len(missing))) as pool:
-        runs = dict(zip(missing, pool.map(store.run, missing), strict=True))
+    runs = dict(zip(missing, store.at_once(*(partial(store.run, run_id) for run_id in missing)), strict=True))
     for version in versions:
         run = runs.get(version.run_id or "")
         if version.metrics is None and run is not None:
-            version.metrics = dict(run.data.metrics)
+            version.metrics = dict(run.metrics)
             version.metrics_source = "run"
 
 
@@ -145,19 +141,30 @@ def get_model(*, store: Store, name: str) -> ModelPublic:
     return model_public(store.model(name))
 
 
-def list_versions(*, store: Store, name: str, max_results: int, page_token: str | None) -> VersionPage:
-    model = store.model(name)  # a 404 that names the model; its aliases, which the search lacks
-    page = store.versions(name, max_results=max_results, page_token=page_token)
-    versions = [version_public(v, model.aliases or {}) for v in page.items]
+def model_and_versions(
+    *, store: Store, name: str, max_results: int, page_token: str | None
+) -> tuple[ModelPublic, VersionPage]:
+    """The model (a 404 that names it; the aliases, which the search lacks) and one page of its
+    versions, newest first: two MLflow reads, made at once."""
+    model, found = store.at_once(
+        partial(store.model, name),
+        partial(store.versions, name, max_results=max_results, page_token=page_token),
+    )
+    aliases = model.aliases
+    versions = [version_public(v, aliases) for v in found.items]
     fill_run_metrics(store, versions)
-    return VersionPage(versions=versions, next_page_token=page.token)
+    return model_public(model), VersionPage(versions=versions, next_page_token=found.token)
+
+
+def list_versions(*, store: Store, name: str, max_results: int, page_token: str | None) -> VersionPage:
+    return model_and_versions(store=store, name=name, max_results=max_results, page_token=page_token)[1]
 
 
 def get_version(*, store: Store, name: str, version: str) -> VersionPublic:
-    model = store.model(name)
-    found = version_public(store.version(name, version), model.aliases or {})
-    fill_run_metrics(store, [found])
-    return found
+    model, found = store.at_once(partial(store.model, name), partial(store.version, name, version))
+    public = version_public(found, model.aliases)
+    fill_run_metrics(store, [public])
+    return public
 
 
 def version_detail(*, registry: Registry, name: str, version: str, authorization: str) -> VersionDetail:
@@ -166,22 +173,32 @@ def version_detail(*, registry: Registry, name: str, version: str, authorization
     ``authorization``: the caller's credentials, for the reads from serving and the monitor.
     """
     store = registry.store
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        serving = pool.submit(registry.peers.serving, authorization)
-        drift = pool.submit(registry.peers.drift, authorization)
-        base = get_version(store=store, name=name, version=version)
-        detail = VersionDetail(
-            **base.model_dump(), serving=serving.result().get(name), drift=drift.result().get(name)
-        )
+    model, found, serving, drift = store.at_once(
+        partial(store.model, name),
+        partial(store.version, name, version),
+        partial(registry.peers.serving, authorization),
+        partial(registry.peers.drift, authorization),
+    )
+    base = version_public(found, model.aliases)
+    detail = VersionDetail(**base.model_dump(), serving=serving.get(name), drift=drift.get(name))
     if base.run_id:
-        run = store.run(base.run_id)
+        run_id = base.run_id
+        run, card, reports = store.at_once(
+            partial(store.run, run_id),
+            partial(store.artifact, run_id, f"{MODEL_ARTIFACT_PATH}/{MODEL_CARD_FILE}"),
+            partial(store.list_artifacts, run_id, REPORTS_ARTIFACT_PATH),
+        )
         if run is not None:
-            detail.params = dict(run.data.params)
-            detail.experiment_id = str(run.info.experiment_id)
-        card = store.artifact(base.run_id, f"{MODEL_ARTIFACT_PATH}/{MODEL_CARD_FILE}")
+            detail.params, detail.experiment_id = dict(run.params), run.experiment_id
+            if detail.metrics is None:
+                detail.metrics, detail.metrics_source = dict(run.metrics), "run"
         detail.model_card = card.decode("utf-8", "replace") if card is not None else None
-        detail.reports = sorted(store.list_artifacts(base.run_id, REPORTS_ARTIFACT_PATH))
+        detail.reports = sorted(reports)
     return detail
+
+
+def _none() -> None:
+    return None
 
 
 def _signature_changes(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
@@ -196,15 +213,26 @@ def _signature_changes(a: dict[str, Any] | None, b: dict[str, Any] | None) -> li
     return changes
 
 
-def compare(*, store: Store, name: str, a: str, b: str) -> ComparePublic:
-    """Version ``b`` against version ``a``: metric deltas (b − a), differing params, data, signature."""
-    model = store.model(name)
-    aliases = model.aliases or {}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        found_a, found_b = pool.map(lambda v: version_public(store.version(name, v), aliases), [a, b])
-        fill_run_metrics(store, [found_a, found_b])
-        runs = list(pool.map(lambda v: store.run(v.run_id) if v.run_id else None, [found_a, found_b]))
-    params_a, params_b = ({} if r is None else dict(r.data.params) for r in runs)
+def compare(
+    *, store: Store, name: str, a: str, b: str, known: list[VersionPublic] | None = None
+) -> ComparePublic:
+    """Version ``b`` against version ``a``: metric deltas (b − a), differing params, data, signature.
+
+    ``known``: versions already read (a page), so that only the missing ones and the two runs are.
+    """
+    wanted = [checked_version(name, a), checked_version(name, b)]
+    on_page = {v.version: v for v in known or []}
+    if not all(v in on_page for v in wanted):
+        model, *records = store.at_once(
+            partial(store.model, name), *(partial(store.version, name, v) for v in wanted)
+        )
+        on_page.update({r.version: version_public(r, model.aliases) for r in records})
+    found_a, found_b = on_page[wanted[0]], on_page[wanted[1]]
+    runs = store.at_once(*(partial(store.run, v.run_id) if v.run_id else _none for v in (found_a, found_b)))
+    for side, run in zip((found_a, found_b), runs, strict=True):
+        if side.metrics is None and run is not None:
+            side.metrics, side.metrics_source = dict(run.metrics), "run"
+    params_a, params_b = ({} if r is None else dict(r.params) for r in runs)
     metrics_a, metrics_b = found_a.metrics or {}, found_b.metrics or {}
     metrics = {
         key: MetricDelta(

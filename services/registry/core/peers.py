@@ -2,7 +2,7 @@
 
 Services never import each other. These reads forward the caller's own credentials (every role
 may read), answer within ``timeout_s`` and are kept for ``cache_s``, so a page never waits long
-on a peer that is down: it shows "unknown" instead.
+on a peer that is down: it shows "unknown" instead (a failed read is kept as long as a good one).
 """
 
 from __future__ import annotations
@@ -39,16 +39,22 @@ class Peers:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and now - hit[0] < self.cache_s:
-                return hit[1]
-        response = self.http.get(url, headers={"Authorization": authorization}, timeout=self.timeout_s)
-        response.raise_for_status()
-        value = response.json()
-        with self._lock:
-            if len(self._cache) > 1024:
-                self._cache.clear()
-            self._cache[key] = (now, value)
-        return value
+        if hit is None or now - hit[0] >= self.cache_s:
+            try:
+                response = self.http.get(
+                    url, headers={"Authorization": authorization}, timeout=self.timeout_s
+                )
+                response.raise_for_status()
+                hit = (now, response.json())
+            except Exception as exc:  # kept too: a peer that is down is asked again only after cache_s
+                hit = (now, exc)
+            with self._lock:
+                if len(self._cache) > 1024:
+                    self._cache.clear()
+                self._cache[key] = hit
+        if isinstance(hit[1], Exception):
+            raise hit[1]
+        return hit[1]
 
     def serving(self, authorization: str) -> dict[str, ServingStatus]:
         """Every served model's status by name; empty when serving cannot be asked."""

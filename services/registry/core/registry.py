@@ -58,7 +58,7 @@ def create_registry(*, settings: RegistrySettings, database: Database) -> Regist
     platform = settings.platform
     return Registry(
         settings=settings,
-        store=Store.connect(platform.mlflow_tracking_uri),
+        store=Store.connect(platform.mlflow_tracking_uri, timeout_s=settings.mlflow_timeout_s),
         database=database,
         events=EventBus(redis_url=platform.redis_url, channel=platform.events_channel, database=database),
         peers=Peers(

@@ -1,24 +1,26 @@
 """MLflow, the registry's store: models, versions, aliases, runs and artifacts.
 
 Every MLflow call the registry makes goes through :class:`Store`, which turns MLflow's failures
-into the platform's errors once. Reads are page-shaped: one search per page of models or
-versions, never one call per version.
+into the platform's errors once. Reads go to MLflow's REST API directly (one HTTP call, JSON into a
+small record: a page costs MLflow's time and little more) and are page-shaped: one search per page
+of models or versions, never one call per version. Writes and artifacts use MLflow's client.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from mlflow.entities import Run
-from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+import httpx
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -73,42 +75,182 @@ class Page(Generic[T]):
     token: str | None
 
 
+def _tags(entries: list[dict[str, Any]] | None) -> dict[str, str]:
+    return {entry["key"]: entry.get("value", "") for entry in entries or []}
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A registered model as MLflow's REST API answers it."""
+
+    name: str
+    description: str | None
+    aliases: dict[str, str]
+    tags: dict[str, str]
+    latest_version: str | None
+    created_ms: int | None
+    updated_ms: int | None
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> ModelRecord:
+        latest = [str(v["version"]) for v in body.get("latest_versions") or []]
+        return cls(
+            name=body["name"],
+            description=body.get("description") or None,
+            aliases={a["alias"]: str(a["version"]) for a in body.get("aliases") or []},
+            tags=_tags(body.get("tags")),
+            latest_version=max(latest, key=int) if latest else None,
+            created_ms=_int(body.get("creation_timestamp")),
+            updated_ms=_int(body.get("last_updated_timestamp")),
+        )
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """A model version as MLflow's REST API answers it (a search leaves its aliases out)."""
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str | None
+    status: str | None
+    description: str | None
+    tags: dict[str, str]
+    created_ms: int | None
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> VersionRecord:
+        return cls(
+            name=body["name"],
+            version=str(body["version"]),
+            run_id=body.get("run_id") or None,
+            source=body.get("source"),
+            status=body.get("status"),
+            description=body.get("description") or None,
+            tags=_tags(body.get("tags")),
+            created_ms=_int(body.get("creation_timestamp")),
+        )
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    experiment_id: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> RunRecord:
+        data = body.get("data") or {}
+        return cls(
+            run_id=body["info"]["run_id"],
+            experiment_id=str(body["info"].get("experiment_id", "")),
+            params={p["key"]: p.get("value", "") for p in data.get("params") or []},
+            metrics={m["key"]: float(m["value"]) for m in data.get("metrics") or []},
+        )
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _rest_client(tracking_uri: str, timeout_s: float) -> httpx.Client:
+    """MLflow's REST API, with the credentials MLflow's own client would send (its environment)."""
+    auth: httpx.Auth | None = None
+    headers = {}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = httpx.BasicAuth(
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+        )
+    return httpx.Client(
+        base_url=f"{tracking_uri.rstrip('/')}/api/2.0/mlflow",
+        auth=auth,
+        headers=headers,
+        timeout=timeout_s,
+        limits=httpx.Limits(max_keepalive_connections=32),
+    )
+
+
 @dataclass
 class Store:
+    """Reads over MLflow's REST API (one HTTP call each, JSON into small records); writes and
+    artifacts through MLflow's client. ``at_once`` runs independent reads in parallel."""
+
     client: MlflowClient
+    rest: httpx.Client
     artifact_cache_size: int = 256
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(16, "mlflow-read"))
     _artifacts: OrderedDict[tuple[str, str], bytes | None] = field(default_factory=OrderedDict)
     _artifacts_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def connect(cls, tracking_uri: str) -> Store:
-        return cls(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    def connect(cls, tracking_uri: str, *, timeout_s: float = 30.0) -> Store:
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        return cls(client=client, rest=_rest_client(tracking_uri, timeout_s))
+
+    def close(self) -> None:
+        self.rest.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def at_once(self, *calls: Callable[[], Any]) -> list[Any]:
+        """The results of ``calls``, made in parallel (the first in this thread). Each call must be
+        a leaf read that never waits on this pool itself, so the pool cannot deadlock."""
+        futures = [self.pool.submit(call) for call in calls[1:]]
+        first = calls[0]()
+        return [first, *(future.result() for future in futures)]
+
+    def _get(self, path: str, params: dict[str, Any], missing: str) -> dict[str, Any]:
+        try:
+            response = self.rest.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"the MLflow registry cannot be reached: {exc}") from exc
+        if response.status_code == 200:
+            return response.json()  # type: ignore[no-any-return]
+        try:
+            error = response.json()
+            code, message = error.get("error_code"), error.get("message", response.text[:300])
+        except ValueError:
+            code, message = None, response.text[:300]
+        if code == "RESOURCE_DOES_NOT_EXIST" or response.status_code == 404:
+            raise NotFound(missing)
+        if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
+            raise InvalidInput(f"the MLflow registry refused the request: {message}")
+        raise UpstreamError(f"the MLflow registry answered {response.status_code}: {message}")
 
     # reads
-    def model(self, name: str) -> RegisteredModel:
-        with mlflow_errors(f"model {name!r} is not in the registry"):
-            return self.client.get_registered_model(name)
+    def model(self, name: str) -> ModelRecord:
+        body = self._get("/registered-models/get", {"name": name}, f"model {name!r} is not in the registry")
+        return ModelRecord.of(body["registered_model"])
 
-    def models(self, *, max_results: int, page_token: str | None) -> Page[RegisteredModel]:
-        with mlflow_errors("no registered models"):
-            found = self.client.search_registered_models(
-                max_results=max_results, page_token=page_token, order_by=["name ASC"]
-            )
-        return Page(list(found), found.token or None)
+    def models(self, *, max_results: int, page_token: str | None) -> Page[ModelRecord]:
+        params: dict[str, Any] = {"max_results": max_results, "order_by": "name ASC"}
+        if page_token:
+            params["page_token"] = page_token
+        body = self._get("/registered-models/search", params, "no registered models")
+        return Page(
+            [ModelRecord.of(m) for m in body.get("registered_models") or []],
+            body.get("next_page_token") or None,
+        )
 
-    def versions(self, name: str, *, max_results: int, page_token: str | None) -> Page[ModelVersion]:
-        """One page of ``name``'s versions, newest first. MLflow leaves their aliases empty."""
-        with mlflow_errors(f"model {name!r} is not in the registry"):
-            found = self.client.search_model_versions(
-                name_filter(name),
-                max_results=max_results,
-                page_token=page_token,
-                order_by=["version_number DESC"],
-            )
-        return Page(list(found), found.token or None)
+    def versions(self, name: str, *, max_results: int, page_token: str | None) -> Page[VersionRecord]:
+        """One page of ``name``'s versions, newest first."""
+        params: dict[str, Any] = {
+            "filter": name_filter(name),
+            "max_results": max_results,
+            "order_by": "version_number DESC",
+        }
+        if page_token:
+            params["page_token"] = page_token
+        body = self._get("/model-versions/search", params, f"model {name!r} is not in the registry")
+        return Page(
+            [VersionRecord.of(v) for v in body.get("model_versions") or []],
+            body.get("next_page_token") or None,
+        )
 
-    def all_versions(self, name: str) -> list[ModelVersion]:
-        versions: list[ModelVersion] = []
+    def all_versions(self, name: str) -> list[VersionRecord]:
+        versions: list[VersionRecord] = []
         token: str | None = None
         while True:
             page = self.versions(name, max_results=MAX_PAGE, page_token=token)
@@ -117,15 +259,19 @@ class Store:
                 return versions
             token = page.token
 
-    def version(self, name: str, version: str) -> ModelVersion:
+    def version(self, name: str, version: str) -> VersionRecord:
         version = checked_version(name, version)
-        with mlflow_errors(f"model {name!r} has no version {version}"):
-            return self.client.get_model_version(name, version)
+        body = self._get(
+            "/model-versions/get",
+            {"name": name, "version": version},
+            f"model {name!r} has no version {version}",
+        )
+        return VersionRecord.of(body["model_version"])
 
-    def run(self, run_id: str) -> Run | None:
+    def run(self, run_id: str) -> RunRecord | None:
         """The run, or None when it is gone (a deleted run must not hide its version)."""
         try:
-            return self.client.get_run(run_id)
+            return RunRecord.of(self._get("/runs/get", {"run_id": run_id}, f"run {run_id} is gone")["run"])
         except Exception as exc:
             log.info("run %s is unreadable: %s", run_id, exc)
             return None

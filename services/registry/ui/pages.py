@@ -8,7 +8,7 @@ monitor's verdicts are asked for with the signed-in user's own token.
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
@@ -33,10 +33,11 @@ PREFERRED_METRICS = ("val_accuracy", "accuracy", "val_f1_macro", "val_roc_auc", 
 KEY_METRICS = 4
 
 
-def peers(registry: Registry, authorization: str, pool: ThreadPoolExecutor) -> tuple[
+def peers(registry: Registry, authorization: str) -> tuple[
     Future[dict[str, ServingStatus]], Future[dict[str, DriftVerdict]]
 ]:
     """Serving's status and the monitor's verdicts, asked for at once while the page reads MLflow."""
+    pool = registry.store.pool
     return (pool.submit(registry.peers.serving, authorization),
             pool.submit(registry.peers.drift, authorization))
 
@@ -45,11 +46,10 @@ def peers(registry: Registry, authorization: str, pool: ThreadPoolExecutor) -> t
 def models_page(request: Request, session: Signed, page_token: PageToken = None) -> HTMLResponse:
     """Every model with who holds production, canary (and its share) and staging, and drift."""
     registry = registry_of(request)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        _, drift = peers(registry, session.authorization, pool)
-        page = catalog.list_models(store=registry.store, max_results=registry.settings.page_size,
-                                   page_token=page_token)
-        verdicts = drift.result()
+    drift = registry.store.pool.submit(registry.peers.drift, session.authorization)
+    page = catalog.list_models(store=registry.store, max_results=registry.settings.page_size,
+                               page_token=page_token)
+    verdicts = drift.result()
     return render(request, "models.html", title="Models", page=page, drift=verdicts,
                   first_page=page_token is None, canary_weight=promotion.canary_weight)
 
@@ -71,14 +71,12 @@ def model_page(request: Request, name: str, session: Signed, metric: MetricName 
                page_token: PageToken = None) -> HTMLResponse:
     """A model: versions and key metrics, a chart, serving, pending requests, compare, the gate."""
     registry = registry_of(request)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        serving, drift = peers(registry, session.authorization, pool)
-        model = catalog.get_model(store=registry.store, name=name)
-        page = catalog.list_versions(store=registry.store, name=name, page_token=page_token,
-                                     max_results=registry.settings.page_size)
-        pending = approvals.list_requests(registry=registry, model=name, state="pending", limit=50)
-        gate = promotion.get_gate(registry=registry, name=name)
-        status, verdict = serving.result().get(name), drift.result().get(name)
+    serving, drift = peers(registry, session.authorization)
+    model, page = catalog.model_and_versions(store=registry.store, name=name, page_token=page_token,
+                                             max_results=registry.settings.page_size)
+    pending = approvals.list_requests(registry=registry, model=name, state="pending", limit=50)
+    gate = promotion.get_gate(registry=registry, name=name)
+    status, verdict = serving.result().get(name), drift.result().get(name)
     metrics = metric_names(page.versions)
     chosen = metric if metric in metrics else (metrics[0] if metrics else None)
     columns = ([chosen] if chosen else []) + [m for m in metrics if m != chosen][:KEY_METRICS - 1]
@@ -151,6 +149,6 @@ def compare_page(request: Request, name: str, _: Signed, a: Annotated[str, Query
                                      max_results=registry.settings.page_size).versions
     result: Any = None
     if a and b:
-        result = catalog.compare(store=registry.store, name=name, a=a, b=b)
+        result = catalog.compare(store=registry.store, name=name, a=a, b=b, known=versions)
     return render(request, "compare.html", title=f"Compare {name}", name=name, versions=versions, a=a, b=b,
                   result=result)

@@ -54,7 +54,7 @@ def _static_url(name: str) -> str:
 
 templates = Environment(
     loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
-    undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, auto_reload=False,
 )
 templates.filters.update(formats.FILTERS)
 templates.globals.update(Role=Role, direction=formats.direction, css_url=_static_url("ui.css"),
