@@ -376,32 +376,28 @@ def models_gate(
         console.print(f"set by {escape(gate['updated_by'])} at {when(gate.get('updated_at'))}")
 
 
-@models_app.command("archive")
-def models_archive(
-    name: str, version: str,
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
-    token: TokenOption = DEV_ADMIN_TOKEN,
-) -> None:
-    """Archive a version: it can no longer be given an alias (approver)."""
+def _set_archived(name: str, version: str, reason: str | None, token: str, *, archived: bool) -> None:
+    client = client_for(token)
     try:
-        result = client_for(token).archive(name, version, reason)
+        result = (client.archive if archived else client.restore)(name, version, reason)
     except ClientError as exc:
         _fail_client(exc)
-    console.print(f"{escape(result['model'])} v{result['version']} archived")
+    console.print(f"{escape(result['model'])} v{result['version']} {'archived' if archived else 'restored'}")
+
+
+Why = Annotated[str | None, typer.Option("--reason", help="Why, for the audit log.")]
+
+
+@models_app.command("archive")
+def models_archive(name: str, version: str, reason: Why = None, token: TokenOption = DEV_ADMIN_TOKEN) -> None:
+    """Archive a version: it can no longer be given an alias (approver)."""
+    _set_archived(name, version, reason, token, archived=True)
 
 
 @models_app.command("restore")
-def models_restore(
-    name: str, version: str,
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
-    token: TokenOption = DEV_ADMIN_TOKEN,
-) -> None:
+def models_restore(name: str, version: str, reason: Why = None, token: TokenOption = DEV_ADMIN_TOKEN) -> None:
     """Restore an archived version (approver)."""
-    try:
-        result = client_for(token).restore(name, version, reason)
-    except ClientError as exc:
-        _fail_client(exc)
-    console.print(f"{escape(result['model'])} v{result['version']} restored")
+    _set_archived(name, version, reason, token, archived=False)
 
 
 @models_app.command("promote")
