@@ -88,7 +88,8 @@ def version_public(version: VersionRecord, aliases: dict[str, str]) -> VersionPu
     metrics = tagged_metrics(tags)
     formats = _json_tag(tags, TAG_FORMATS)
     signature = _json_tag(tags, TAG_SIGNATURE)
-    return VersionPublic(
+    # Built without validation: every field is typed here already, and a page builds fifty of them.
+    return VersionPublic.model_construct(
         name=version.name,
         version=str(version.version),
         run_id=version.run_id,
@@ -100,7 +101,7 @@ def version_public(version: VersionRecord, aliases: dict[str, str]) -> VersionPu
         aliases=sorted(alias for alias, target in aliases.items() if str(target) == version.version),
         metrics=metrics,
         metrics_source="version" if metrics is not None else None,
-        lineage=Lineage(
+        lineage=Lineage.model_construct(
             dataset=tags.get(TAG_DATASET),
             dataset_rev=tags.get(TAG_DATASET_REV),
             job_id=tags.get(TAG_JOB_ID),

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Generic, TypeVar
 
 import httpx
+import orjson
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -207,7 +208,7 @@ class Store:
         except httpx.HTTPError as exc:
             raise Unavailable(f"the MLflow registry cannot be reached: {exc}") from exc
         if response.status_code == 200:
-            return response.json()  # type: ignore[no-any-return]
+            return orjson.loads(response.content)  # type: ignore[no-any-return]
         try:
             error = response.json()
             code, message = error.get("error_code"), error.get("message", response.text[:300])

@@ -72,10 +72,12 @@ def model_page(request: Request, name: str, session: Signed, metric: MetricName 
     """A model: versions and key metrics, a chart, serving, pending requests, compare, the gate."""
     registry = registry_of(request)
     serving, drift = peers(registry, session.authorization)
+    # The database's reads run while MLflow answers.
+    pool = registry.store.pool
+    pending = pool.submit(approvals.list_requests, registry=registry, model=name, state="pending", limit=50)
+    gate = pool.submit(promotion.get_gate, registry=registry, name=name)
     model, page = catalog.model_and_versions(store=registry.store, name=name, page_token=page_token,
                                              max_results=registry.settings.page_size)
-    pending = approvals.list_requests(registry=registry, model=name, state="pending", limit=50)
-    gate = promotion.get_gate(registry=registry, name=name)
     status, verdict = serving.result().get(name), drift.result().get(name)
     metrics = metric_names(page.versions)
     chosen = metric if metric in metrics else (metrics[0] if metrics else None)
@@ -84,7 +86,7 @@ def model_page(request: Request, name: str, session: Signed, metric: MetricName 
     chart = metric_chart(points, chosen) if chosen else None
     return render(request, "model.html", title=name, model=model, page=page, first_page=page_token is None,
                   metrics=metrics, chosen=chosen, columns=columns, chart=chart, serving=status, drift=verdict,
-                  pending=pending, gate=gate, aliases=ALIASES,
+                  pending=pending.result(), gate=gate.result(), aliases=ALIASES,
                   canary_weight=promotion.canary_weight(model.tags))
 
 
