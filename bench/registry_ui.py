@@ -6,7 +6,7 @@ Starts a real MLflow server (SQLite store) and the registry service (``python -m
 its own SQLite database) under a temporary folder, fills MLflow with ``--models`` models of
 ``--versions`` versions each (a run per version with params and metrics, the trainer's lineage and
 metric tags on the version), signs in to the UI, then times, in alternating order for ``--rounds``
-rounds after a warm-up:
+rounds after a warm-up, ``--repeat`` passes over the three pages (medians over the passes):
 
 - models page ``GET /ui/models`` vs ``registered-models/search`` (one page, the UI's page size);
 - a model page ``GET /ui/models/{m}`` vs ``registered-models/get`` + ``model-versions/search``
@@ -120,7 +120,8 @@ def main() -> None:
     )
     parser.add_argument("--models", type=int, default=100)
     parser.add_argument("--versions", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=40, help="requests per side per page in one pass")
+    parser.add_argument("--repeat", type=int, default=5, help="passes over the three pages")
     parser.add_argument("--threads", type=int, default=8, help="parallel writers while filling MLflow")
     args = parser.parse_args()
 
@@ -199,20 +200,24 @@ def run(platform: PlatformSettings, names: list[str], args: argparse.Namespace) 
                 bare_compare,
             ),
         }
-        rows = []
-        for label, (page, bare) in pages.items():
+        for page, bare in pages.values():
             for _ in range(3):  # warm-up: connections, caches, imports
                 page()
                 bare()
-            times: dict[str, list[float]] = {"page": [], "bare": []}
-            for round_ in range(args.rounds):
-                order = (
-                    [("page", page), ("bare", bare)] if round_ % 2 == 0 else [("bare", bare), ("page", page)]
-                )
-                for side, call in order:
-                    times[side].append(timed(call))
-            rows.append(_row(label, times))
-    _report(rows, args)
+        results: dict[str, list[dict[str, Any]]] = {label: [] for label in pages}
+        for _ in range(args.repeat):  # whole passes over the pages, so a noisy moment hits one pass
+            for label, (page, bare) in pages.items():
+                results[label].append(_row(label, _times(page, bare, args.rounds)))
+    _report(results, args)
+
+
+def _times(page: Callable[[], None], bare: Callable[[], None], rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {"page": [], "bare": []}
+    for round_ in range(rounds):
+        order = [("page", page), ("bare", bare)] if round_ % 2 == 0 else [("bare", bare), ("page", page)]
+        for side, call in order:
+            times[side].append(timed(call))
+    return times
 
 
 def _ok(response: httpx.Response) -> None:
@@ -230,21 +235,22 @@ def _row(label: str, times: dict[str, list[float]]) -> dict[str, Any]:
         "bare_p50": statistics.median(bare),
         "bare_p95": percentile(bare, 0.95),
         "ratio": ratio,
-        "ok": ratio <= GOAL_RATIO and percentile(page, 0.95) < GOAL_P95_MS,
     }
 
 
-def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\n{args.models} models × {args.versions} versions, {args.rounds} rounds per page, "
-          f"page size {PAGE_SIZE}")
+def _report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    print(f"\n{args.models} models × {args.versions} versions, {args.repeat} passes of {args.rounds} rounds "
+          f"per page, page size {PAGE_SIZE}; medians over the passes")
     print("| page | UI p50 ms | UI p95 ms | MLflow calls p50 ms | MLflow p95 ms | UI ÷ MLflow (p50) "
-          "| goal met |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(
-            f"| {r['label']} | {r['page_p50']:.1f} | {r['page_p95']:.1f} | {r['bare_p50']:.1f} | "
-            f"{r['bare_p95']:.1f} | {r['ratio']:.2f} | {'yes' if r['ok'] else 'no'} |"
-        )
+          "| per pass | goal met |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+    for label, passes in results.items():
+        mid = {key: statistics.median(p[key] for p in passes)
+               for key in ("page_p50", "page_p95", "bare_p50", "bare_p95", "ratio")}
+        ok = mid["ratio"] <= GOAL_RATIO and mid["page_p95"] < GOAL_P95_MS
+        each = ", ".join(f"{p['ratio']:.2f}" for p in passes)
+        print(f"| {label} | {mid['page_p50']:.1f} | {mid['page_p95']:.1f} | {mid['bare_p50']:.1f} | "
+              f"{mid['bare_p95']:.1f} | {mid['ratio']:.2f} | {each} | {'yes' if ok else 'no'} |")
 
 
 if __name__ == "__main__":
