@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shipyard_common.auth import Grant, Role
@@ -63,9 +63,18 @@ class PlatformSettings(BaseSettings):
     registry_url: str = "http://127.0.0.1:8002"
     serving_url: str = "http://127.0.0.1:8003"
     monitor_url: str = "http://127.0.0.1:8004"
+    prefect_api_url: str = Field(default="http://127.0.0.1:4200/api", description="Prefect server's API.")
 
     data_repo: Path | None = Field(default=None, description="DVC repository; under state_dir.")
     dvc_remote: Path | None = Field(default=None, description="DVC remote folder.")
+    # An S3-compatible bucket as the DVC remote instead of the folder (set the bucket to use it).
+    # The credentials reach DVC through the data repository's .dvc/config.local, never a commit.
+    dvc_s3_bucket: str | None = None
+    dvc_s3_prefix: str = "shipyard-data"
+    dvc_s3_endpoint_url: str | None = Field(default=None, description="e.g. a MinIO or Ceph gateway.")
+    dvc_s3_access_key_id: str | None = None
+    dvc_s3_secret_access_key: SecretStr | None = None
+    dvc_s3_region: str | None = None
 
     @model_validator(mode="after")
     def _refuse_default_secrets_outside_dev(self) -> PlatformSettings:
@@ -114,7 +123,20 @@ class PlatformSettings(BaseSettings):
             "SHIPYARD_DATA_REPO": str(self.data_repo_path),
             "SHIPYARD_DVC_REMOTE": str(self.dvc_remote_path),
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "SHIPYARD_PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_API_URL": self.prefect_api_url,
         }
+        s3 = {
+            "SHIPYARD_DVC_S3_BUCKET": self.dvc_s3_bucket,
+            "SHIPYARD_DVC_S3_PREFIX": self.dvc_s3_prefix if self.dvc_s3_bucket else None,
+            "SHIPYARD_DVC_S3_ENDPOINT_URL": self.dvc_s3_endpoint_url,
+            "SHIPYARD_DVC_S3_ACCESS_KEY_ID": self.dvc_s3_access_key_id,
+            "SHIPYARD_DVC_S3_SECRET_ACCESS_KEY": (
+                self.dvc_s3_secret_access_key.get_secret_value() if self.dvc_s3_secret_access_key else None
+            ),
+            "SHIPYARD_DVC_S3_REGION": self.dvc_s3_region,
+        }
+        env.update({key: value for key, value in s3.items() if value})
         env.update(NO_TELEMETRY_ENV)
         return env
 

@@ -116,7 +116,7 @@ class Monitor:
 
 def create_monitor(*, settings: MonitorSettings, database: Database, registry: CollectorRegistry) -> Monitor:
     platform = settings.platform
-    repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
+    repo = DataRepo.from_settings(platform)
     return Monitor(
         settings=settings,
         database=database,

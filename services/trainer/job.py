@@ -211,7 +211,7 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         spec = JobCreate.model_validate(record.spec)
         previous_run_id = record.mlflow_run_id
 
-    frame = DataRepo(platform.data_repo_path, platform.dvc_remote_path).read(spec.data.dataset, spec.data.rev)
+    frame = DataRepo.from_settings(platform).read(spec.data.dataset, spec.data.rev)
     device = engine.pick_device(spec.resources.queue.value)
     commit = settings.git_commit or git_commit()
     tracking = Tracking(platform.mlflow_tracking_uri)
