@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -64,6 +65,35 @@ class ShipyardClient:
             token = page.get("next_page_token")
             if not token:
                 return items
+
+    # datasets (on the trainer)
+    def add_dataset(
+        self, name: str, content: bytes, *, fmt: str, tag: str | None = None,
+        allow_schema_change: bool = False,
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"format": fmt, "allow_schema_change": allow_schema_change}
+        if tag:
+            params["tag"] = tag
+        return self._call("POST", f"{self.platform.trainer_url}/datasets/{quote(name, safe='')}",
+                          params=params, content=content)
+
+    def set_dataset_rules(self, name: str, text: str) -> dict[str, Any]:
+        return self._call("PUT", f"{self.platform.trainer_url}/datasets/{quote(name, safe='')}/rules",
+                          content=text.encode())
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        return self._call("GET", f"{self.platform.trainer_url}/datasets")
+
+    def dataset_versions(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"{self.platform.trainer_url}/datasets/{quote(name, safe='')}")
+
+    def show_dataset(self, name: str, rev: str) -> dict[str, Any]:
+        url = f"{self.platform.trainer_url}/datasets/{quote(name, safe='')}/versions/{quote(rev, safe='')}"
+        return self._call("GET", url)
+
+    def diff_datasets(self, name: str, a: str, b: str) -> dict[str, Any]:
+        return self._call("GET", f"{self.platform.trainer_url}/datasets/{quote(name, safe='')}/diff",
+                          params={"a": a, "b": b})
 
     # trainer
     def submit_job(self, spec: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,11 @@ from fastapi import FastAPI
 
 from services.trainer import service
 from services.trainer.broker import on_broker_for
+from services.trainer.datasets import router as datasets_router
 from services.trainer.router import router
 from services.trainer.settings import TrainerSettings
 from services.trainer.worker import TASK_NAME, make_celery
+from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
 from shipyard_common.web import install_common
 
@@ -61,7 +63,9 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     app.state.settings = settings
     app.state.database = database
     app.state.enqueue = enqueue
+    app.state.data_repo = DataRepo.from_settings(platform)
     app.include_router(router)
+    app.include_router(datasets_router)
     return app
 
 

@@ -12,13 +12,19 @@ from starlette.concurrency import run_in_threadpool
 from services.trainer import service
 from services.trainer.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState
 from shipyard_common.auth import Principal, Role, role_checker
+from shipyard_common.datasets import DataRepo, DatasetNotFound
 from shipyard_common.db import Database
+from shipyard_common.errors import ValidationFailed
 
 router = APIRouter(tags=["jobs"])
 
 
 def get_database(request: Request) -> Database:
     return request.app.state.database
+
+
+def get_data_repo(request: Request) -> DataRepo:
+    return request.app.state.data_repo
 
 
 def get_enqueue(request: Request) -> service.Enqueue:
@@ -36,9 +42,24 @@ def create_job(
     spec: JobCreate,
     database: DatabaseDep,
     enqueue: Annotated[service.Enqueue, Depends(get_enqueue)],
+    data_repo: Annotated[DataRepo, Depends(get_data_repo)],
     _: Trainer,
 ) -> JobPublic:
-    return service.create_job(database=database, spec=spec, enqueue=enqueue)
+    return service.create_job(database=database, spec=pin_dataset(data_repo, spec), enqueue=enqueue)
+
+
+def pin_dataset(data_repo: DataRepo, spec: JobCreate) -> JobCreate:
+    """The spec with its dataset revision resolved to the full commit id; a dataset or revision that
+    does not exist is refused now (422 naming it), not when a worker gets to the job."""
+    try:
+        sha = data_repo.resolve(spec.data.dataset, spec.data.rev)
+    except DatasetNotFound as exc:
+        field = "data.dataset" if exc.field == "dataset" else "data.rev"
+        raise ValidationFailed(
+            f"invalid request: {field}: {exc.message}",
+            details=[{"field": field, "message": exc.message, "type": "not_found"}],
+        ) from None
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"rev": sha})})
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from shipyard_common.datasets import validate_dataset_name, validate_name, validate_revision
+from shipyard_common.datasets import validate_dataset_name, validate_name, validate_ref
 from shipyard_common.errors import InvalidInput
 
 SPEC_VERSION = 1
@@ -109,7 +109,8 @@ def _as_value_error(check: Any) -> Any:
 
 
 DatasetName = Annotated[str, AfterValidator(_as_value_error(validate_dataset_name))]
-Revision = Annotated[str, AfterValidator(_as_value_error(validate_revision))]
+# A commit id (short or full), a tag or ``latest``; the API stores the full commit id it resolves to.
+Revision = Annotated[str, AfterValidator(_as_value_error(validate_ref))]
 ModelName = Annotated[str, AfterValidator(_as_value_error(partial(validate_name, kind="model")))]
 ColumnName = Annotated[str, Field(min_length=1, max_length=256)]
 

@@ -114,6 +114,23 @@ def send_unsent_jobs(*, database: Database, enqueue: Enqueue, older_than_s: floa
     return sent
 
 
+def models_trained_on(*, database: Database, dataset: str, rev: str) -> list[dict[str, Any]]:
+    """The succeeded jobs that trained on ``dataset`` at ``rev`` (a full commit id), newest first."""
+    statement = (
+        select(JobRecord)
+        .where(JobRecord.state == JobState.SUCCEEDED.value)
+        .order_by(JobRecord.created_at.desc())
+    )
+    found = []
+    with database.session() as session:
+        for record in session.scalars(statement):
+            data = (record.spec or {}).get("data") or {}
+            if data.get("dataset") == dataset and data.get("rev") == rev:
+                found.append({"job_id": record.id, "model_name": record.model_name,
+                              "model_version": record.model_version, "created_at": record.created_at})
+    return found
+
+
 def get_job(*, database: Database, job_id: str) -> JobPublic:
     with database.session() as session:
         record = session.get(JobRecord, job_id)

@@ -39,5 +39,8 @@ class TrainerSettings(ServiceSettings):
     # Only every n-th of those looks scans Redis (kombu's ``unacked_restore_throttle``).
     unacked_restore_throttle: int = Field(default=10, ge=1)
 
+    # The largest dataset file ``POST /datasets/{name}`` accepts (413 above it).
+    dataset_max_bytes: int = Field(default=1 << 30, ge=1)
+
     def queue_name(self, queue: str) -> str:
         return f"{self.queue_prefix}{queue}"

@@ -11,8 +11,9 @@ REVISION = re.compile(r"^[0-9a-f]{7,64}$")
 FULL_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LATEST = "latest"
-# Words git gives a meaning of its own; as a tag they would read as something else.
-RESERVED_TAGS = frozenset({"HEAD", "FETCH_HEAD", "ORIG_HEAD", "MERGE_HEAD", LATEST})
+# Words git gives a meaning of its own, and branch names (moving targets, never a version): as a
+# tag they would read as something else.
+RESERVED_TAGS = frozenset({"HEAD", "FETCH_HEAD", "ORIG_HEAD", "MERGE_HEAD", "main", "master", LATEST})
 
 
 def validate_name(name: str, *, kind: str = "dataset") -> str:

@@ -8,16 +8,25 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from sklearn.datasets import load_breast_cancer
 from typer.testing import CliRunner
 
 from services.trainer.app import create_app
 from shipyard_cli.main import app as cli
 from shipyard_common.auth import Role
+from shipyard_common.datasets import DataRepo
 from shipyard_common.settings import PlatformSettings
 from tests.services.trainer.conftest import job_spec, trainer_settings
 from tests.support import TOKENS, auth, running_app
 
-REV = "0123456789abcdef0123456789abcdef01234567"
+REV = "0123456789abcdef0123456789abcdef01234567"  # for specs refused before their dataset is looked up
+
+
+@pytest.fixture
+def rev(platform: PlatformSettings) -> str:
+    """A versioned dataset in the trainer's data repository: a job naming it is accepted."""
+    frame = load_breast_cancer(as_frame=True).frame.head(40)
+    return DataRepo.from_settings(platform).add("breast_cancer", frame).rev
 
 
 def flat(text: str) -> str:
@@ -42,9 +51,9 @@ def trainer(platform: PlatformSettings, tmp_path: Path) -> Any:
         yield base, run
 
 
-def test_submit_a_yaml_spec_creates_the_job(trainer, tmp_path):
+def test_submit_a_yaml_spec_creates_the_job(trainer, tmp_path, rev):
     base, run = trainer
-    spec = job_spec(rev=REV, model_name="cli-yaml", training__epochs=3)
+    spec = job_spec(rev=rev, model_name="cli-yaml", training__epochs=3)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
@@ -56,7 +65,7 @@ def test_submit_a_yaml_spec_creates_the_job(trainer, tmp_path):
 
     job = httpx.get(f"{base}/jobs/{job_id}", headers=auth(Role.VIEWER)).json()
     assert job["state"] == "queued" and job["model_name"] == "cli-yaml"
-    assert job["spec"]["training"]["epochs"] == 3 and job["spec"]["data"]["rev"] == REV
+    assert job["spec"]["training"]["epochs"] == 3 and job["spec"]["data"]["rev"] == rev
     listed = run("jobs", "list")
     assert listed.exit_code == 0 and job_id in listed.output
 

@@ -8,16 +8,37 @@ import uuid
 import httpx
 import pytest
 import redis
+from sklearn.datasets import load_breast_cancer
 
 from services.trainer.app import create_app
 from services.trainer.models import JobRecord
 from shipyard_common.auth import Role
+from shipyard_common.datasets import DataRepo, DatasetVersion
 from shipyard_common.db import Database
 from shipyard_common.settings import PlatformSettings
 from tests.services.trainer.conftest import job_spec, trainer_settings
 from tests.support import auth, running_app
 
-REV = "0123456789abcdef0123456789abcdef01234567"
+SMALL = load_breast_cancer(as_frame=True).frame.head(60)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[DataRepo, DatasetVersion]:
+    """One versioned dataset for the module's tests: jobs naming it are accepted at submit."""
+    root = tmp_path_factory.mktemp("trainer-data")
+    repo = DataRepo(root / "repo", root / "remote")
+    return repo, repo.add("breast_cancer", SMALL, tag="v1")
+
+
+@pytest.fixture
+def platform(platform: PlatformSettings, dataset: tuple[DataRepo, DatasetVersion]) -> PlatformSettings:
+    repo, _ = dataset
+    return platform.model_copy(update={"data_repo": repo.path, "dvc_remote": repo.remote})
+
+
+@pytest.fixture
+def rev(dataset: tuple[DataRepo, DatasetVersion]) -> str:
+    return dataset[1].rev
 
 
 @pytest.fixture
@@ -33,19 +54,19 @@ def queued_messages(settings, queue: str = "cpu") -> list[dict]:
         client.close()
 
 
-def test_submit_stores_the_job_and_queues_its_id(db_settings):
+def test_submit_stores_the_job_and_queues_its_id(db_settings, rev):
     # The PostgreSQL database lives for the session; a model name of its own keeps the list ours.
     model_name = f"m-{uuid.uuid4().hex[:8]}"
     with running_app(create_app(db_settings)) as base:
         created = httpx.post(
-            f"{base}/jobs", json=job_spec(rev=REV, model_name=model_name), headers=auth(Role.TRAINER)
+            f"{base}/jobs", json=job_spec(rev=rev, model_name=model_name), headers=auth(Role.TRAINER)
         )
         assert created.status_code == 201, created.text
         job = created.json()
         assert job["state"] == "queued" and job["model_version"] is None
         assert job["progress"] == {"epoch": 0, "epochs": 20, "step": 0, "steps": 0, "eta_seconds": None,
                                "resumed_from_epoch": None}
-        assert job["spec"]["data"]["rev"] == REV and job["spec"]["spec_version"] == 1
+        assert job["spec"]["data"]["rev"] == rev and job["spec"]["spec_version"] == 1
 
         fetched = httpx.get(f"{base}/jobs/{job['id']}", headers=auth(Role.VIEWER))
         assert fetched.status_code == 200 and fetched.json() == job
@@ -82,11 +103,14 @@ def test_unknown_job_is_404_with_a_message(settings):
         ({"data__validation_split": 1.5}, "data.validation_split"),
         ({"unexpected": True}, "unexpected"),
         ({"data__rev": "not-a-sha"}, "data.rev"),
+        ({"data__rev": "v2"}, "data.rev"),
+        ({"data__rev": "0" * 40}, "data.rev"),
+        ({"data__dataset": "no_such_dataset"}, "data.dataset"),
     ],
 )
-def test_bad_spec_is_422_naming_the_field(settings, changes, field):
+def test_bad_spec_is_422_naming_the_field(settings, changes, field, rev):
     with running_app(create_app(settings)) as base:
-        response = httpx.post(f"{base}/jobs", json=job_spec(rev=REV, **changes), headers=auth(Role.TRAINER))
+        response = httpx.post(f"{base}/jobs", json=job_spec(rev=rev, **changes), headers=auth(Role.TRAINER))
         assert response.status_code == 422, response.text
         error = response.json()["error"]
         assert error["code"] == "validation_error" and field in error["message"]
@@ -94,12 +118,12 @@ def test_bad_spec_is_422_naming_the_field(settings, changes, field):
         assert httpx.get(f"{base}/jobs", headers=auth(Role.VIEWER)).json() == []
 
 
-def test_submitting_needs_a_trainer_token(settings):
+def test_submitting_needs_a_trainer_token(settings, rev):
     with running_app(create_app(settings)) as base:
-        anonymous = httpx.post(f"{base}/jobs", json=job_spec(rev=REV))
-        viewer = httpx.post(f"{base}/jobs", json=job_spec(rev=REV), headers=auth(Role.VIEWER))
-        approver = httpx.post(f"{base}/jobs", json=job_spec(rev=REV), headers=auth(Role.APPROVER))
-        admin = httpx.post(f"{base}/jobs", json=job_spec(rev=REV), headers=auth(Role.ADMIN))
+        anonymous = httpx.post(f"{base}/jobs", json=job_spec(rev=rev))
+        viewer = httpx.post(f"{base}/jobs", json=job_spec(rev=rev), headers=auth(Role.VIEWER))
+        approver = httpx.post(f"{base}/jobs", json=job_spec(rev=rev), headers=auth(Role.APPROVER))
+        admin = httpx.post(f"{base}/jobs", json=job_spec(rev=rev), headers=auth(Role.ADMIN))
         unread = httpx.get(f"{base}/jobs")
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
     assert viewer.status_code == 403 and "trainer" in viewer.json()["error"]["message"]
@@ -108,12 +132,12 @@ def test_submitting_needs_a_trainer_token(settings):
     assert unread.status_code == 401
 
 
-def test_job_is_kept_when_the_broker_is_away_and_sent_once_it_is_back(platform, db_url):
+def test_job_is_kept_when_the_broker_is_away_and_sent_once_it_is_back(platform, db_url, rev):
     from services.trainer import service
 
     away = trainer_settings(platform.model_copy(update={"db_url": db_url, "redis_url": "redis://127.0.0.1:1/0"}))
     with running_app(create_app(away)) as base:
-        created = httpx.post(f"{base}/jobs", json=job_spec(rev=REV), headers=auth(Role.TRAINER), timeout=60)
+        created = httpx.post(f"{base}/jobs", json=job_spec(rev=rev), headers=auth(Role.TRAINER), timeout=60)
         ready = httpx.get(f"{base}/readyz")
     # 201: the job exists; answering 503 would invite a second POST and a second training.
     assert created.status_code == 201, created.text
@@ -171,3 +195,57 @@ def test_service_runs_as_a_module(platform, tmp_path):
     finally:
         stop_process_group(process.pid, timeout=10)
         process.wait(timeout=10)
+
+
+def test_a_job_records_the_full_sha_of_a_tag_short_sha_or_latest(settings, rev):
+    with running_app(create_app(settings)) as base:
+        for given in ("v1", rev[:7], "latest", rev):
+            created = httpx.post(f"{base}/jobs", json=job_spec(rev=given), headers=auth(Role.TRAINER))
+            assert created.status_code == 201, created.text
+            assert created.json()["spec"]["data"]["rev"] == rev
+        wine = job_spec(rev=rev, dataset="wine")
+        missing = httpx.post(f"{base}/jobs", json=wine, headers=auth(Role.TRAINER))
+    assert missing.status_code == 422
+    message = missing.json()["error"]["message"]
+    assert message == "invalid request: data.dataset: dataset 'wine' does not exist"
+
+
+def test_dataset_routes(settings, tmp_path):
+    from shipyard_common.datasets import DataRepo as Repo
+
+    platform = settings.platform.model_copy(
+        update={"data_repo": tmp_path / "repo", "dvc_remote": tmp_path / "remote"})
+    fresh = trainer_settings(platform)
+    csv = SMALL.to_csv(index=False).encode()
+    parquet_body = SMALL.head(50).to_parquet()
+    with running_app(create_app(fresh)) as base:
+        viewer = httpx.post(f"{base}/datasets/bc", content=csv, headers=auth(Role.VIEWER))
+        assert viewer.status_code == 403
+        first = httpx.post(f"{base}/datasets/bc", params={"tag": "v1"}, content=csv,
+                           headers={**auth(Role.TRAINER), "content-type": "text/csv"})
+        assert first.status_code == 201, first.text
+        rules = httpx.put(f"{base}/datasets/bc/rules", content=b"rows: {min: 55}\n",
+                          headers=auth(Role.TRAINER))
+        assert rules.status_code == 200, rules.text
+        small = httpx.post(f"{base}/datasets/bc", content=parquet_body,
+                           headers={**auth(Role.TRAINER), "content-type": "application/vnd.apache.parquet"})
+        assert small.status_code == 422
+        [failure] = small.json()["error"]["details"]["failures"]
+        assert failure["rule"] == "rows" and failure["figures"] == {"rows": 50, "min": 55, "max": None}
+        second = httpx.post(f"{base}/datasets/bc", params={"format": "parquet"},
+                            content=SMALL.head(58).to_parquet(), headers=auth(Role.TRAINER))
+        assert second.status_code == 201, second.text
+        listed = httpx.get(f"{base}/datasets", headers=auth(Role.VIEWER)).json()
+        assert [(d["name"], d["versions"], d["latest"]) for d in listed] == [("bc", 2, second.json()["rev"])]
+        shown = httpx.get(f"{base}/datasets/bc/versions/v1", headers=auth(Role.VIEWER)).json()
+        assert shown["rev"] == first.json()["rev"] and shown["rows"] == 60 and shown["models"] == []
+        assert shown["stats"]["target"]["min"] == 0
+        diff = httpx.get(f"{base}/datasets/bc/diff", params={"a": "v1", "b": "latest"},
+                         headers=auth(Role.VIEWER))
+        assert diff.json()["rows"] == {"a": 60, "b": 58, "delta": -2}
+        unknown = httpx.get(f"{base}/datasets/bc/versions/nope", headers=auth(Role.VIEWER))
+        assert unknown.status_code == 404 and "no revision 'nope'" in unknown.json()["error"]["message"]
+        garbage = httpx.post(f"{base}/datasets/bc", params={"format": "parquet"}, content=b"nope",
+                             headers=auth(Role.TRAINER))
+        assert garbage.status_code == 400 and "parquet" in garbage.json()["error"]["message"]
+    assert len(Repo(tmp_path / "repo", tmp_path / "remote").versions("bc")) == 2

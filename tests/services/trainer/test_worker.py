@@ -137,11 +137,11 @@ def test_a_missing_column_fails_the_job_with_a_reason(stack):
     assert "no_such_column" in job["error"] and "has no column" in job["error"]
 
 
-def test_a_missing_dataset_fails_the_job_with_a_reason(stack):
+def test_a_missing_dataset_is_refused_at_submit(stack):
     spec = job_spec(rev=stack["rev"], dataset="no_such_dataset", training__epochs=1)
-    job = run_job(stack, spec, timeout=60)
-    assert job["state"] == "failed"
-    assert "no_such_dataset" in job["error"] and "does not exist" in job["error"]
+    refused = httpx.post(f"{stack['base']}/jobs", json=spec, headers=auth(Role.TRAINER))
+    assert refused.status_code == 422
+    assert "no_such_dataset" in refused.json()["error"]["message"] and "does not exist" in refused.text
 
 
 def test_a_second_delivery_of_a_finished_job_changes_nothing(trained, stack):

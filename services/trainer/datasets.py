@@ -1,0 +1,120 @@
+"""Dataset routes: versions of datasets in the DVC data repository, validated before they are accepted.
+
+The trainer answers them because it is the service that checks a job's dataset at submit and
+knows which jobs, and so which models, trained on each version. The logic lives in
+``shipyard_common.datasets``, shared with the worker, the monitor and the flows.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any, Literal
+
+import pandas as pd
+from fastapi import APIRouter, Depends, Query, Request, status
+from starlette.concurrency import run_in_threadpool
+
+from services.trainer import service
+from shipyard_common.auth import Principal, Role, role_checker
+from shipyard_common.datasets import LATEST, DataRepo, validate_dataset_name
+from shipyard_common.db import Database
+from shipyard_common.errors import InvalidInput, PayloadTooLarge
+
+router = APIRouter(tags=["datasets"])
+
+Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
+Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
+
+PARQUET_TYPES = {"application/vnd.apache.parquet", "application/x-parquet", "application/parquet"}
+
+
+def _repo(request: Request) -> DataRepo:
+    return request.app.state.data_repo
+
+
+def _database(request: Request) -> Database:
+    return request.app.state.database
+
+
+RepoDep = Annotated[DataRepo, Depends(_repo)]
+
+
+def parse_frame(raw: bytes, fmt: str) -> pd.DataFrame:
+    """A CSV (header row) or Parquet file as a frame; 400 naming the format when it does not parse."""
+    if not raw:
+        raise InvalidInput("the request body is empty: send the dataset file's bytes")
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(io.BytesIO(raw))
+        return pd.read_csv(io.BytesIO(raw))
+    except Exception as exc:  # pandas and pyarrow raise many kinds for a malformed file
+        raise InvalidInput(f"the body cannot be read as {fmt}: {exc}") from None
+
+
+@router.post("/datasets/{name}", status_code=status.HTTP_201_CREATED)
+async def add_dataset(
+    name: str,
+    request: Request,
+    repo: RepoDep,
+    _: Trainer,
+    tag: str | None = None,
+    format: Annotated[Literal["csv", "parquet"] | None, Query(description="else from Content-Type")] = None,
+    allow_schema_change: bool = False,
+) -> dict[str, Any]:
+    """Version the body (CSV or Parquet) as dataset ``name``; 422 with every failing rule when refused."""
+    validate_dataset_name(name)
+    limit = request.app.state.settings.dataset_max_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the dataset is {int(declared)} bytes, over the limit of {limit}")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"the dataset is {len(raw)} bytes, over the limit of {limit}")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    fmt = format or ("parquet" if content_type in PARQUET_TYPES else "csv")
+    frame = await run_in_threadpool(parse_frame, raw, fmt)
+    version = await run_in_threadpool(
+        repo.add, name, frame, tag=tag, allow_schema_change=allow_schema_change, source=fmt
+    )
+    return {"name": version.name, "rev": version.rev, "rows": version.rows, "columns": version.columns,
+            "md5": version.md5, "tags": version.tags, "created": version.created}
+
+
+@router.put("/datasets/{name}/rules")
+async def set_rules(name: str, request: Request, repo: RepoDep, _: Trainer) -> dict[str, Any]:
+    """Check in the dataset's rules (YAML, docs/data.md); 400 naming what does not parse."""
+    text = (await request.body()).decode("utf-8", errors="replace")
+    rev = await run_in_threadpool(repo.set_rules, name, text)
+    return {"name": name, "rev": rev, "rules": text}
+
+
+# Plain defs below: git and DVC block, so FastAPI runs these in its thread pool.
+@router.get("/datasets")
+def list_datasets(repo: RepoDep, _: Viewer) -> list[dict[str, Any]]:
+    out = []
+    for name in repo.names():
+        versions = repo.versions(name)
+        newest = versions[0]
+        out.append({"name": name, "versions": len(versions), "latest": newest["rev"], "rows": newest["rows"],
+                    "md5": newest["md5"], "committed_at": newest["committed_at"], "tags": newest["tags"]})
+    return out
+
+
+@router.get("/datasets/{name}")
+def list_versions(name: str, repo: RepoDep, _: Viewer) -> dict[str, Any]:
+    return {"name": name, "versions": repo.versions(name), "rules": repo.rules_text(name)}
+
+
+@router.get("/datasets/{name}/versions/{rev}")
+def show_version(
+    name: str, rev: str, repo: RepoDep, database: Annotated[Database, Depends(_database)], _: Viewer
+) -> dict[str, Any]:
+    """One version (``rev``: a commit id, short or full, a tag or ``latest``) and the models trained on it."""
+    info = repo.info(name, rev or LATEST)
+    info["models"] = service.models_trained_on(database=database, dataset=name, rev=info["rev"])
+    return info
+
+
+@router.get("/datasets/{name}/diff")
+def diff_versions(name: str, a: str, b: str, repo: RepoDep, _: Viewer) -> dict[str, Any]:
+    return repo.diff(name, a, b)
