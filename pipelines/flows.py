@@ -1,9 +1,18 @@
-"""``train_and_deploy``: version a dataset with DVC, train on it, and promote the result to production
-(at once, as an admin) or ask for it (a promotion request an approver decides)."""
+"""Shipyard's Prefect flows, each served as a deployment (``pipelines.serve``) by ``shipyard up``:
+
+- ``ingest``: read a CSV file → validate, version and push it as a dataset (``DataRepo.add``).
+- ``train_and_deploy``: a dataset revision (or a file, ingested first) → a training job through the
+  trainer API (cached on the spec's hash) → the new version and production scored on the same holdout
+  rows → a promotion request the registry's gate judges (or, by policy, a direct ``staging`` alias).
+  It never moves ``production`` itself: an approver does, by approving the request.
+- ``retrain``: the same from a parent version and a reason, warm-started from the parent
+  (``init_from``) where the framework allows.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -13,27 +22,31 @@ from typing import Any, Literal
 import pandas as pd
 from prefect import flow
 from prefect.logging import get_run_logger
-from prefect.settings import (
-    PREFECT_HOME,
-    PREFECT_SERVER_ANALYTICS_ENABLED,
-    get_current_settings,
-    temporary_settings,
-)
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
 from pipelines.tasks import (
     PROMOTE_REASON,
     PipelineConfig,
+    cached_train_model,
+    describe_evaluation,
+    evaluate,
     promote,
+    read_csv,
+    read_job,
+    read_version,
     request_promotion,
-    submit_job,
     version_dataset,
-    wait_for_job,
 )
 from shipyard_common.settings import NO_TELEMETRY_ENV, PlatformSettings
 
 DEFAULT_TIMEOUT_S = 1800.0
-Promotion = Literal["direct", "request"]
-PROMOTIONS: tuple[str, ...] = ("direct", "request")
+STAGING = "staging"
+# "request": ask for production (an approver decides); "staging": point the staging alias at the
+# new version at once (the registry allows that to an admin token only).
+Promotion = Literal["request", "staging"]
+PROMOTIONS: tuple[str, ...] = ("request", "staging")
+# Frameworks whose jobs can fine-tune from a registered version's weights (``init_from``).
+WARM_START_FRAMEWORKS = frozenset({"pytorch", "transformers"})
 
 
 def default_job_spec(
@@ -83,70 +96,153 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
     return merged
 
 
-@flow(name="train_and_deploy", persist_result=False)
-def train_and_deploy_flow(
-    *,
-    dataset_name: str,
-    model_name: str,
-    config: PipelineConfig,
-    frame: pd.DataFrame | None = None,
-    csv_path: str | None = None,
-    spec_overrides: dict[str, Any] | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    poll_interval_s: float = 1.0,
-    promotion: str = "direct",
-    reason: str = PROMOTE_REASON,
-) -> dict[str, Any]:
-    """The Prefect flow itself; most callers want :func:`train_and_deploy`, which sets Prefect up."""
-    if (frame is None) == (csv_path is None):
-        raise ValueError("give the dataset as exactly one of frame= or csv_path=")
+@flow(name="ingest", persist_result=False)
+def ingest(name: str, csv_path: str, config: PipelineConfig | None = None) -> dict[str, Any]:
+    """Read ``csv_path`` and add it as dataset ``name``: validated, versioned with DVC, pushed to the
+    remote. Returns ``{"dataset", "rev", "rows"}``. A refused file fails the ``version_dataset``
+    task with the validation's report as its message."""
+    config = config or PipelineConfig.from_platform()
+    frame: pd.DataFrame = read_csv(csv_path)
+    rev = version_dataset(name, frame, config)
+    return {"dataset": name, "rev": rev, "rows": len(frame)}
+
+
+def _check(promotion: str, dataset_rev: str | None, csv_path: str | None, *, need_one: bool = True) -> None:
     if promotion not in PROMOTIONS:
         raise ValueError(f"promotion must be one of {', '.join(PROMOTIONS)}, not {promotion!r}")
-    data: pd.DataFrame | str = frame if frame is not None else str(csv_path)
-    rev = version_dataset(dataset_name, data, config)
-    spec = default_job_spec(model_name=model_name, dataset=dataset_name, rev=rev, overrides=spec_overrides)
-    # Overrides may not move the job off the revision that was just versioned.
-    spec["data"]["dataset"], spec["data"]["rev"] = dataset_name, rev
-    job_id = submit_job(spec, config)
-    job = wait_for_job(job_id, config, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
-    registered_name = str(job.get("model_name") or spec["model_name"])
-    version = str(job["model_version"])
+    if need_one and (dataset_rev is None) == (csv_path is None):
+        raise ValueError("give the dataset as exactly one of dataset_rev= or csv_path=")
+    if not need_one and dataset_rev is not None and csv_path is not None:
+        raise ValueError("give the dataset as at most one of dataset_rev= or csv_path=")
+
+
+def train_evaluate_promote(
+    spec: dict[str, Any], config: PipelineConfig, *, promotion: str, reason: str, timeout_s: float,
+    poll_interval_s: float,
+) -> dict[str, Any]:
+    """The steps ``train_and_deploy`` and ``retrain`` share, inside their flow run."""
+    logger = get_run_logger()
+    trained = cached_train_model(config)(
+        spec, config, timeout_s=timeout_s, poll_interval_s=poll_interval_s, return_state=True
+    )
+    job = trained.result()
+    cached = trained.name == "Cached"
+    model, version = str(job.get("model_name") or spec["model_name"]), str(job["model_version"])
+    if cached:
+        logger.info("same spec, same dataset revision: reusing job %s (%s v%s), nothing trained",
+                    job["id"], model, version)
+    evaluation = evaluate(model, version, dict(job.get("spec") or spec), config)
+    why = f"{reason}; {describe_evaluation(evaluation)}"
     result: dict[str, Any] = {
-        "dataset_rev": rev,
-        "job_id": job_id,
-        "model_name": registered_name,
-        "model_version": version,
-        "metrics": dict(job.get("metrics") or {}),
-        "promotion": promotion,
+        "dataset_rev": spec["data"]["rev"], "job_id": str(job["id"]), "model_name": model,
+        "model_version": version, "metrics": dict(job.get("metrics") or {}), "cached": cached,
+        "evaluation": evaluation, "promotion": promotion,
     }
-    if promotion == "direct":
-        result["promoted"] = promote(registered_name, version, config, reason=reason)
-        get_run_logger().info("deployed %s v%s to production: %s", registered_name, version,
-                              result["metrics"])
+    if promotion == "request":
+        result["request"] = request_promotion(model, version, config, reason=why)
+        logger.info("asked for %s v%s as production (request #%s)", model, version, result["request"]["id"])
     else:
-        result["request"] = request_promotion(registered_name, version, config, reason=reason)
-        get_run_logger().info("asked for %s v%s as production (request #%s): %s", registered_name, version,
-                              result["request"]["id"], result["metrics"])
+        result["promoted"] = promote(model, version, config, alias=STAGING, reason=why)
+        logger.info("%s of %s → v%s", STAGING, model, version)
     return result
 
 
-@contextmanager
-def local_prefect(platform: PlatformSettings) -> Iterator[None]:
-    """Run flows on Prefect's ephemeral local API, keeping its database under the state dir.
+@flow(name="train_and_deploy", persist_result=False)
+def train_and_deploy_flow(
+    dataset_name: str,
+    model_name: str,
+    dataset_rev: str | None = None,
+    csv_path: str | None = None,
+    spec_overrides: dict[str, Any] | None = None,
+    promotion: str = "request",
+    reason: str = PROMOTE_REASON,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    poll_interval_s: float = 1.0,
+    config: PipelineConfig | None = None,
+) -> dict[str, Any]:
+    """Train ``model_name`` on dataset ``dataset_name`` at ``dataset_rev`` (or on ``csv_path``,
+    ingested first), evaluate it against production on the same holdout rows and ask for production
+    (``promotion="request"``) or point ``staging`` at it (``"staging"``, admin token).
 
-    With ``PREFECT_API_URL`` (a Prefect server) or ``PREFECT_HOME`` set by the caller, their
-    choice stands. The ephemeral server is started once per process and outlives this block,
-    so a later call with another state dir reuses the first one's Prefect database.
+    ``config`` is for in-process callers; a deployed run builds it from its process's environment
+    (``SHIPYARD_*`` settings, ``SHIPYARD_API_TOKEN``).
     """
+    _check(promotion, dataset_rev, csv_path)
+    config = config or PipelineConfig.from_platform()
+    rev = dataset_rev or ingest(dataset_name, str(csv_path), config)["rev"]
+    spec = default_job_spec(model_name=model_name, dataset=dataset_name, rev=rev, overrides=spec_overrides)
+    # Overrides may not move the job off the revision that was asked for.
+    spec["data"]["dataset"], spec["data"]["rev"] = dataset_name, rev
+    return train_evaluate_promote(spec, config, promotion=promotion, reason=reason, timeout_s=timeout_s,
+                                  poll_interval_s=poll_interval_s)
+
+
+@flow(name="retrain", persist_result=False)
+def retrain_flow(
+    model_name: str,
+    parent_version: str,
+    reason: str,
+    dataset_rev: str | None = None,
+    csv_path: str | None = None,
+    spec_overrides: dict[str, Any] | None = None,
+    promotion: str = "request",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    poll_interval_s: float = 1.0,
+    config: PipelineConfig | None = None,
+) -> dict[str, Any]:
+    """Retrain ``model_name`` from ``parent_version``: the parent's job spec on the same dataset, at
+    ``dataset_rev``, or ``csv_path`` ingested, or else the parent's revision; warm-started from the
+    parent (``init_from``) for PyTorch and Transformers jobs; then as ``train_and_deploy``, with
+    ``reason`` and the parent named in the promotion request."""
+    _check(promotion, dataset_rev, csv_path, need_one=False)
+    config = config or PipelineConfig.from_platform()
+    parent = read_version(model_name, str(parent_version), config)
+    lineage = parent.get("lineage") or {}
+    if not lineage.get("job_id"):
+        raise ValueError(f"{model_name} v{parent_version} names no training job: nothing to retrain from")
+    parent_spec = read_job(str(lineage["job_id"]), config).get("spec") or {}
+    spec = deep_merge(parent_spec, spec_overrides or {})
+    dataset = str(spec["data"]["dataset"])
+    if csv_path is not None:
+        rev = ingest(dataset, csv_path, config)["rev"]
+    else:
+        rev = dataset_rev or str(lineage.get("dataset_rev") or spec["data"]["rev"])
+    spec["model_name"] = model_name
+    spec["data"]["rev"] = rev
+    if spec.get("framework", "pytorch") in WARM_START_FRAMEWORKS:
+        spec["init_from"] = {"model_name": model_name, "version": str(parent_version)}
+    else:
+        spec.pop("init_from", None)
+    get_run_logger().info("retraining %s from v%s on %s@%s: %s", model_name, parent_version, dataset,
+                          rev[:12], reason)
+    return train_evaluate_promote(spec, config, promotion=promotion,
+                                  reason=f"retrain from v{parent_version}: {reason}",
+                                  timeout_s=timeout_s, poll_interval_s=poll_interval_s)
+
+
+@contextmanager
+def prefect_api(platform: PlatformSettings | None = None) -> Iterator[None]:
+    """Talk to the platform's Prefect server (``SHIPYARD_PREFECT_API_URL``, started by ``shipyard up``)
+    in this block: flows run here are recorded there, and deployments are found there."""
+    platform = platform or PlatformSettings()
     for key, value in NO_TELEMETRY_ENV.items():
         os.environ.setdefault(key, value)
-    updates: dict[Any, Any] = {PREFECT_SERVER_ANALYTICS_ENABLED: False}
-    if not get_current_settings().api.url and "PREFECT_HOME" not in os.environ:
-        home = platform.state_dir.resolve() / "prefect"
-        home.mkdir(parents=True, exist_ok=True)
-        updates[PREFECT_HOME] = home
+    updates: dict[Any, Any] = {
+        PREFECT_SERVER_ANALYTICS_ENABLED: False, PREFECT_API_URL: platform.prefect_api_url
+    }
     with temporary_settings(updates=updates):
         yield
+
+
+def frame_to_csv(frame: pd.DataFrame, platform: PlatformSettings, name: str) -> Path:
+    """Keep a frame to ingest as a CSV file under the state dir (flows take files, not frames)."""
+    text = frame.to_csv(index=False)
+    folder = platform.state_dir.resolve() / "pipelines" / "inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.csv"
+    if not path.exists():
+        path.write_text(text)
+    return path
 
 
 def train_and_deploy(
@@ -155,68 +251,65 @@ def train_and_deploy(
     model_name: str,
     frame: pd.DataFrame | None = None,
     csv_path: str | Path | None = None,
+    dataset_rev: str | None = None,
     spec_overrides: Mapping[str, Any] | None = None,
     platform: PlatformSettings | None = None,
     token: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     poll_interval_s: float = 1.0,
-    promotion: Promotion = "direct",
+    promotion: Promotion = "request",
     reason: str = PROMOTE_REASON,
 ) -> dict[str, Any]:
-    """Version a dataset, train a model on it, and promote the new version to ``production``.
+    """Run the flow ``train_and_deploy`` in this process, recorded by the platform's Prefect server.
 
-    Runs the Prefect flow ``train_and_deploy`` (:func:`train_and_deploy_flow`) on Prefect's
-    local ephemeral API unless a Prefect server is configured.
-
-    Two ways to promote (``promotion``):
-
-    - ``"direct"`` (the default): the flow moves ``production`` to the new version itself
-      (``POST …/promote``). The registry allows that to an **admin** token only and marks the
-      move ``direct`` in the audit; with any other token the flow fails with a 403 after training.
-    - ``"request"``: the flow asks for ``production`` (``POST /models/{name}/requests``, as the
-      token's holder, trainer or approver, with ``reason``) and returns the pending request with
-      the gate's verdict on it; production moves only once an approver who is not that person
-      approves it (``shipyard models approve <id>``). ``make demo`` runs this way.
+    (``shipyard pipelines run train_and_deploy`` runs it in the deployments process instead.)
 
     Args:
-        dataset_name: name of the dataset in the DVC repository (``data/<name>.csv``).
+        dataset_name: name of the dataset in the DVC repository.
         model_name: registered model name the trainer registers the new version under.
-        frame: the data, with a ``target`` column; or
-        csv_path: a CSV file holding it (exactly one of ``frame`` and ``csv_path``).
+        frame / csv_path / dataset_rev: the data: exactly one of a frame or a CSV file (ingested
+            first), or a revision already in the repository.
         spec_overrides: merged key by key into :func:`default_job_spec`, e.g.
             ``{"training": {"epochs": 5}, "model": {"hidden": [16]}}``.
-        platform: where the services and the data repository are (default: ``PlatformSettings()``).
-        token: API token for the trainer and the registry: admin for ``"direct"``; trainer,
-            approver or admin for ``"request"``. Default ``SHIPYARD_API_TOKEN``, else the
-            development admin token.
+        platform: where the services, the data repository and Prefect are (default: ``PlatformSettings()``).
+        token: API token for the trainer and the registry (trainer or approver for ``"request"``,
+            admin for ``"staging"``). Default ``SHIPYARD_API_TOKEN``, else the development admin token.
         timeout_s: how long to wait for the training job.
         poll_interval_s: how often to ask the trainer about the job.
-        promotion: ``"direct"`` or ``"request"``, as above.
-        reason: why, for the audit row (and the approver, with ``"request"``).
+        promotion: ``"request"`` (default: a promotion request for production, which an approver
+            who is not the token's holder decides) or ``"staging"`` (the staging alias at once).
+        reason: why, for the request (the holdout figures are added to it).
 
     Returns:
-        ``{"dataset_rev", "job_id", "model_name", "model_version", "metrics", "promotion"}`` and,
-        with ``"direct"``, ``"promoted"`` (the registry's answer: version, previous_version, …);
-        with ``"request"``, ``"request"`` (the pending request: id, state, gate, …).
+        ``{"dataset_rev", "job_id", "model_name", "model_version", "metrics", "cached", "evaluation",
+        "promotion"}`` and ``"request"`` (id, state, gate, …) or ``"promoted"`` (the registry's answer).
 
     Raises:
-        ValueError: the data is given both or neither way, or ``promotion`` is unknown.
+        ValueError: the data is given in none or several ways, or ``promotion`` is unknown.
         pipelines.tasks.JobFailed: the job failed or was cancelled (with the job's error).
         pipelines.tasks.ServiceError: a service refused a request (after retries, if transient).
         TimeoutError: the job did not end within ``timeout_s``.
     """
     platform = platform or PlatformSettings()
+    if sum(x is not None for x in (frame, csv_path, dataset_rev)) != 1:
+        raise ValueError("give the dataset as exactly one of frame=, csv_path= or dataset_rev=")
+    _check(promotion, None, None, need_one=False)
+    if frame is not None:
+        csv_path = frame_to_csv(frame, platform, dataset_name)
     config = PipelineConfig.from_platform(platform, token)
-    with local_prefect(platform):
+    with prefect_api(platform):
         return train_and_deploy_flow(
             dataset_name=dataset_name,
             model_name=model_name,
-            config=config,
-            frame=frame,
+            dataset_rev=dataset_rev,
             csv_path=str(csv_path) if csv_path is not None else None,
             spec_overrides=dict(spec_overrides) if spec_overrides else None,
-            timeout_s=timeout_s,
-            poll_interval_s=poll_interval_s,
             promotion=promotion,
             reason=reason,
+            timeout_s=timeout_s,
+            poll_interval_s=poll_interval_s,
+            config=config,
         )
+
+
+FLOWS: dict[str, Any] = {"ingest": ingest, "train_and_deploy": train_and_deploy_flow, "retrain": retrain_flow}

@@ -1,34 +1,44 @@
-"""The steps of ``train_and_deploy`` as Prefect tasks.
+"""The steps of Shipyard's flows as Prefect tasks.
 
-Transient HTTP failures are retried by Prefect (``retries`` + ``retry_condition_fn``), not by
-loops of our own; an answer that will not change on retry (4xx, a failed job) fails at once.
-No task is cached: each one changes the platform, and a cached job id or revision would lie.
+Transient failures (a service or MLflow unreachable, 429/502/503/504) are retried by Prefect
+(``retries`` with growing delays + ``retry_condition_fn``), not by loops of our own; an answer that
+will not change on retry (4xx, a failed job) fails at once. One task is cached: ``train_model``,
+keyed on the job spec's hash (the spec names the dataset revision), so that a rerun with the same
+inputs reuses the finished job instead of training again. Its results are kept under
+``<state_dir>/pipelines/cache``, which every process running flows for one platform shares.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import State
 from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shipyard_common.datasets import DataRepo
-from shipyard_common.lineage import PRODUCTION
+from shipyard_common.lineage import PRODUCTION, TAG_FEATURES, TAG_TARGET
 from shipyard_common.settings import DEV_ADMIN_TOKEN, PlatformSettings
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 # Statuses that mean "the service did not handle this; ask again later".
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 PROMOTE_REASON = "train_and_deploy flow"
+# Retries of a task that talks to a service: about a minute of waiting in all before it fails.
+RETRY_DELAYS_S: list[float] = [1, 2, 4, 8, 16, 30]
 
 
 class PipelineSettings(BaseSettings):
@@ -44,13 +54,16 @@ class PipelineConfig(BaseModel):
 
     A flow's parameters are stored by the Prefect API; this holds only what a task needs, and
     the token as a ``SecretStr`` so that it is stored masked. ``PlatformSettings`` would carry
-    every server-side token along.
+    every server-side token along. A deployed flow gets none: it builds its own from the
+    environment of the process that serves it.
     """
 
     trainer_url: str
     registry_url: str
+    mlflow_tracking_uri: str
     data_repo: Path
     dvc_remote: Path
+    cache_dir: Path
     token: SecretStr
     http_timeout_s: float = 30.0
 
@@ -66,8 +79,10 @@ class PipelineConfig(BaseModel):
         return cls(
             trainer_url=platform.trainer_url.rstrip("/"),
             registry_url=platform.registry_url.rstrip("/"),
+            mlflow_tracking_uri=platform.mlflow_tracking_uri,
             data_repo=platform.data_repo_path,
             dvc_remote=platform.dvc_remote_path,
+            cache_dir=platform.state_dir.resolve() / "pipelines" / "cache",
             token=secret,
         )
 
@@ -109,12 +124,24 @@ def _failure(state: State[Any]) -> BaseException | None:
     return None
 
 
+def is_transient(exc: BaseException | None) -> bool:
+    """A failure that may pass if asked again: a connection failure, a "not now" answer, or MLflow
+    unreachable or failing on its side."""
+    if isinstance(exc, httpx.TransportError | ConnectionError):
+        return True
+    if isinstance(exc, ServiceError):
+        return exc.status in RETRYABLE_STATUS
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        text = str(exc)
+        return exc.get_http_status_code() >= 500 or "Max retries" in text or "onnection" in text
+    return False
+
+
 def retry_when_transient(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
     """Retry on connection trouble and on answers that say "not now"."""
-    exc = _failure(state)
-    if isinstance(exc, httpx.TransportError):
-        return True
-    return isinstance(exc, ServiceError) and exc.status in RETRYABLE_STATUS
+    return is_transient(_failure(state))
 
 
 def retry_when_not_delivered(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
@@ -128,9 +155,18 @@ def retry_when_not_delivered(task: Any, task_run: TaskRun, state: State[Any]) ->
     return isinstance(exc, ServiceError) and exc.status in {429, 502, 503}
 
 
+@task(name="read_csv", cache_policy=NO_CACHE, persist_result=False)
+def read_csv(path: str) -> pd.DataFrame:
+    """Read the file to ingest (a missing or unreadable file fails here, naming it)."""
+    frame = pd.read_csv(Path(path))
+    get_run_logger().info("read %s: %d rows × %d columns", path, len(frame), len(frame.columns))
+    return frame
+
+
 @task(name="version_dataset", cache_policy=NO_CACHE, persist_result=False)
 def version_dataset(name: str, data: pd.DataFrame | str | Path, config: PipelineConfig) -> str:
-    """Version ``data`` (a frame, or the path of a CSV file) as dataset ``name``; return the git revision."""
+    """Validate, version and push ``data`` (a frame, or the path of a CSV file) as dataset ``name``
+    (``DataRepo.add``: its refusal is this task's failure message); return the git revision."""
     frame = data if isinstance(data, pd.DataFrame) else pd.read_csv(Path(data))
     version = DataRepo(config.data_repo, config.dvc_remote).add(name, frame)
     get_run_logger().info(
@@ -142,7 +178,8 @@ def version_dataset(name: str, data: pd.DataFrame | str | Path, config: Pipeline
 
 @task(
     name="submit_job", cache_policy=NO_CACHE, persist_result=False,
-    retries=4, retry_delay_seconds=[1, 2, 4, 8], retry_condition_fn=retry_when_not_delivered,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_when_not_delivered,
 )
 def submit_job(spec: dict[str, Any], config: PipelineConfig) -> str:
     """``POST /jobs`` on the trainer; return the job id."""
@@ -159,7 +196,8 @@ def get_job(client: httpx.Client, config: PipelineConfig, job_id: str) -> dict[s
 
 @task(
     name="wait_for_job", cache_policy=NO_CACHE, persist_result=False,
-    retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_when_transient,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_when_transient,
 )
 def wait_for_job(
     job_id: str, config: PipelineConfig, *, timeout_s: float = 1800.0, poll_interval_s: float = 1.0
@@ -200,7 +238,8 @@ def wait_for_job(
 
 @task(
     name="promote", cache_policy=NO_CACHE, persist_result=False,
-    retries=4, retry_delay_seconds=[1, 2, 4, 8], retry_condition_fn=retry_when_transient,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_when_transient,
 )
 def promote(
     model: str, version: str, config: PipelineConfig, *, alias: str = PRODUCTION,
@@ -221,7 +260,8 @@ def promote(
 
 @task(
     name="request_promotion", cache_policy=NO_CACHE, persist_result=False,
-    retries=4, retry_delay_seconds=[1, 2, 4, 8], retry_condition_fn=retry_when_not_delivered,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_when_not_delivered,
 )
 def request_promotion(
     model: str, version: str, config: PipelineConfig, *, reason: str = PROMOTE_REASON,
@@ -231,18 +271,200 @@ def request_promotion(
 
     The request stays pending until an approver other than the token's holder decides it; the
     answer carries the model's gate verdict on it now (``gate``, None when no gate covers ``alias``).
+    Asking again is harmless: when the same request is pending already (a rerun), that one is
+    returned; when ``alias`` names ``version`` already, ``{"id": None, "state": "in place", …}``.
     """
     url = f"{config.registry_url}/models/{model}/requests"
     with config.client() as client:
-        request: dict[str, Any] = checked_json(
-            client.post(url, json={"version": str(version), "alias": alias, "reason": reason})
-        )
+        try:
+            request: dict[str, Any] = checked_json(
+                client.post(url, json={"version": str(version), "alias": alias, "reason": reason})
+            )
+        except ServiceError as exc:
+            if exc.status != 409:
+                raise
+            request = _existing_request(client, config, model, str(version), alias) or {}
+            if not request:
+                raise
     gate = request.get("gate")
     get_run_logger().info(
         "request #%s: %s of %s → version %s, %s; gate: %s", request["id"], alias, model, version,
         request["state"], "none" if gate is None else gate.get("summary"),
     )
     return request
+
+
+def _existing_request(
+    client: httpx.Client, config: PipelineConfig, model: str, version: str, alias: str
+) -> dict[str, Any] | None:
+    pending = checked_json(client.get(f"{config.registry_url}/requests",
+                                      params={"model": model, "state": "pending"}))
+    for request in pending:
+        if str(request.get("version")) == version and request.get("alias") == alias:
+            return dict(request)
+    aliases = checked_json(client.get(f"{config.registry_url}/models/{model}")).get("aliases") or {}
+    if str(aliases.get(alias)) == version:
+        return {"id": None, "state": "in place", "version": version, "alias": alias, "gate": None}
+    return None
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """A stable hash of a job spec (key order does not matter)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def training_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    spec = parameters["spec"]
+    return f"train-{spec['model_name']}-{spec['data']['rev']}-{spec_hash(spec)[:24]}"
+
+
+@task(
+    name="train_model", cache_key_fn=training_cache_key, persist_result=True, result_serializer="json",
+)
+def train_model(
+    spec: dict[str, Any], config: PipelineConfig, *, timeout_s: float = 1800.0, poll_interval_s: float = 1.0
+) -> dict[str, Any]:
+    """Submit the job and wait for it; return the finished job.
+
+    Cached (see :func:`training_cache_key`): a second run with the same spec, hence the same
+    dataset revision, returns the first job without a second one. A failed job is never cached.
+    The flow sets the result storage (``config.cache_dir``) with ``with_options``.
+    """
+    job_id = submit_job(spec, config)
+    job = wait_for_job(job_id, config, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
+    return {key: job.get(key) for key in ("id", "state", "model_name", "model_version", "metrics", "spec")}
+
+
+def cached_train_model(config: PipelineConfig) -> Any:
+    return train_model.with_options(result_storage=config.cache_dir)
+
+
+@task(
+    name="read_version", cache_policy=NO_CACHE, persist_result=False,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_when_transient,
+)
+def read_version(model: str, version: str, config: PipelineConfig) -> dict[str, Any]:
+    """``GET /models/{name}/versions/{version}`` on the registry."""
+    with config.client() as client:
+        found: dict[str, Any] = checked_json(
+            client.get(f"{config.registry_url}/models/{model}/versions/{version}")
+        )
+    return found
+
+
+@task(
+    name="read_job", cache_policy=NO_CACHE, persist_result=False,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_when_transient,
+)
+def read_job(job_id: str, config: PipelineConfig) -> dict[str, Any]:
+    with config.client() as client:
+        return get_job(client, config, job_id)
+
+
+def holdout_rows(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
+    """The rows of ``frame`` the trainer held out for validation under ``spec``.
+
+    The trainer splits with scikit-learn's ``train_test_split`` (``test_size`` = the spec's
+    ``data.validation_split``, ``random_state`` = ``training.seed``, stratified on the target for
+    classification); the same call on the row numbers picks the same rows.
+    """
+    from sklearn.model_selection import train_test_split
+
+    data, training = spec["data"], spec.get("training") or {}
+    target = frame[data.get("target", "target")]
+    stratify = None
+    if data.get("task", "classification") == "classification":
+        classes = sorted(target.unique().tolist())
+        stratify = target.map({label: i for i, label in enumerate(classes)}).to_numpy(dtype=np.int64)
+    _, val_index = train_test_split(
+        np.arange(len(frame)), test_size=data.get("validation_split", 0.2),
+        random_state=training.get("seed", 0), stratify=stratify,
+    )
+    return frame.iloc[np.sort(val_index)]
+
+
+def score_version(
+    model: str, version: str, rows: pd.DataFrame, config: PipelineConfig, tags: dict[str, str], task: str
+) -> float | None:
+    """Score one registered version's ONNX file on ``rows`` with ONNX Runtime: accuracy for a
+    classifier, RMSE for a regressor. None when the version has no ONNX file or needs columns
+    ``rows`` lack."""
+    import mlflow.artifacts
+    import onnxruntime as ort
+
+    features = json.loads(tags.get(TAG_FEATURES) or "[]")
+    target = tags.get(TAG_TARGET) or "target"
+    if not features or any(c not in rows.columns for c in [*features, target]):
+        return None
+    with tempfile.TemporaryDirectory(prefix="shipyard-eval-") as folder:
+        mlflow.set_tracking_uri(config.mlflow_tracking_uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}",
+                                                         dst_path=folder))
+        found = sorted(local.rglob("model.onnx"))
+        if not found:
+            return None
+        session = ort.InferenceSession(str(found[0]), providers=["CPUExecutionProvider"])
+        inputs = {session.get_inputs()[0].name: rows[features].to_numpy(dtype=np.float32)}
+        output = np.asarray(session.run(None, inputs)[0])
+    truth = rows[target]
+    if task == "classification":
+        # The trainer numbers the classes in sorted order of their labels.
+        index = {label: i for i, label in enumerate(sorted(truth.unique().tolist()))}
+        return float((output.argmax(axis=1) == truth.map(index).to_numpy()).mean())
+    return float(np.sqrt(np.mean((output.reshape(-1) - truth.to_numpy(dtype=np.float64)) ** 2)))
+
+
+@task(
+    name="evaluate", cache_policy=NO_CACHE, persist_result=False,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_when_transient,
+)
+def evaluate(model: str, version: str, spec: dict[str, Any], config: PipelineConfig) -> dict[str, Any]:
+    """Score the new version and the current production version on the same holdout rows (the new
+    version's validation split of the dataset revision it was trained on).
+
+    Returns ``{"metric": "accuracy" | "rmse", "rows", "candidate": {"version", "value"},
+    "production": {"version", "value"} | None}``; production's value is None when it cannot be
+    scored on these rows (other columns, no ONNX file).
+    """
+    frame = DataRepo(config.data_repo, config.dvc_remote).read(spec["data"]["dataset"], spec["data"]["rev"])
+    rows = holdout_rows(frame, spec)
+    task = spec["data"].get("task", "classification")
+    with config.client() as client:
+        registered = checked_json(client.get(f"{config.registry_url}/models/{model}"))
+        candidate = checked_json(client.get(f"{config.registry_url}/models/{model}/versions/{version}"))
+        production_version = (registered.get("aliases") or {}).get(PRODUCTION)
+        production = None
+        if production_version is not None and str(production_version) != str(version):
+            production = checked_json(
+                client.get(f"{config.registry_url}/models/{model}/versions/{production_version}")
+            )
+    result: dict[str, Any] = {
+        "metric": "accuracy" if task == "classification" else "rmse",
+        "rows": len(rows),
+        "candidate": {"version": str(version),
+                      "value": score_version(model, str(version), rows, config, candidate["tags"], task)},
+        "production": None,
+    }
+    if production is not None:
+        result["production"] = {
+            "version": str(production_version),
+            "value": score_version(model, str(production_version), rows, config, production["tags"], task),
+        }
+    get_run_logger().info("holdout of %s (%d rows): %s", model, len(rows), describe_evaluation(result))
+    return result
+
+
+def describe_evaluation(evaluation: dict[str, Any]) -> str:
+    """One line for a promotion request's reason: both versions' figures on the same rows."""
+    metric, rows = evaluation["metric"], evaluation["rows"]
+    candidate, production = evaluation["candidate"], evaluation["production"]
+
+    def figure(entry: dict[str, Any]) -> str:
+        value = entry["value"]
+        return f"v{entry['version']} {metric} " + ("n/a" if value is None else f"{value:.4f}")
+
+    text = f"holdout {rows} rows: {figure(candidate)}"
+    return text + (f" vs production {figure(production)}" if production else " (no production version)")
 
 
 def _eta(seconds: float | None) -> str:

@@ -1,4 +1,5 @@
-"""The local stack: Redis (if none answers), MLflow, a Celery worker and the four services.
+"""The local stack: Redis (if none answers), MLflow, a Prefect server, a Celery worker, the four
+services and the process that serves Shipyard's flows as Prefect deployments.
 
 Each process runs in its own process group, so that stopping it also stops its children,
 and is recorded in ``<state_dir>/run/<name>.json``; logs go to ``<state_dir>/logs/<name>.log``.
@@ -22,9 +23,12 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
-from shipyard_common.settings import NO_TELEMETRY_ENV, PlatformSettings
+from shipyard_common.settings import DEV_TRAINER_TOKEN, NO_TELEMETRY_ENV, PlatformSettings
 
 SERVICES = ("trainer", "registry", "serving", "monitor")
+# Start order; stopped in reverse.
+ORDER = ("redis", "mlflow", "prefect", "worker", *SERVICES, "pipelines")
+PREFECT_SCHEMA = "prefect"
 
 
 class StackError(RuntimeError):
@@ -107,6 +111,7 @@ class Stack:
         worker_queues: str = "cpu,gpu",
         worker_concurrency: int = 1,
         extra_env: dict[str, str] | None = None,
+        pipelines_token: str | None = None,
     ) -> None:
         self.platform = platform
         self.state_dir = platform.state_dir.resolve()
@@ -119,6 +124,14 @@ class Stack:
         self.worker_queues = worker_queues
         self.worker_concurrency = worker_concurrency
         self.extra_env = extra_env or {}
+        # The token the deployed flows act with: SHIPYARD_PIPELINES_TOKEN, else SHIPYARD_API_TOKEN,
+        # else (development) dev-trainer's, so that their promotion requests need another's approval.
+        self.pipelines_token = (
+            pipelines_token
+            or os.environ.get("SHIPYARD_PIPELINES_TOKEN")
+            or os.environ.get("SHIPYARD_API_TOKEN")
+            or DEV_TRAINER_TOKEN
+        )
 
     # -- what runs -------------------------------------------------------------------------
     def child_env(self) -> dict[str, str]:
@@ -212,14 +225,52 @@ class Stack:
             port=port,
         )
 
+    def prefect_database_url(self) -> str:
+        """Prefect's database: SQLite under the state dir, or, when the platform's database is
+        PostgreSQL, that database through asyncpg, in a schema of its own (``prefect``: Prefect has an
+        ``events`` table too)."""
+        url = self.platform.database_url
+        if url.startswith(("postgresql", "postgres")):
+            rest = url.split("://", 1)[1]
+            return f"postgresql+asyncpg://{rest}"
+        return f"sqlite+aiosqlite:///{self.state_dir / 'prefect' / 'prefect.db'}"
+
+    def prefect_component(self) -> Component:
+        port = url_port(self.platform.prefect_api_url)
+        home = self.state_dir / "prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        database = self.prefect_database_url()
+        env = {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": database,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        }
+        if database.startswith("postgresql"):
+            _ensure_schema(self.platform.database_url, PREFECT_SCHEMA)
+            env["PREFECT_SERVER_DATABASE_SQLALCHEMY_CONNECT_ARGS_SEARCH_PATH"] = f"{PREFECT_SCHEMA}, public"
+        argv = [sys.executable, "-m", "prefect", "server", "start",
+                "--host", "127.0.0.1", "--port", str(port)]
+        health = f"{self.platform.prefect_api_url.rstrip('/')}/health"
+        return Component("prefect", argv, env=env, health_url=health, port=port)
+
+    def pipelines_component(self) -> Component:
+        env = {
+            "PREFECT_HOME": str(self.state_dir / "prefect"),
+            "SHIPYARD_API_TOKEN": self.pipelines_token,
+        }
+        return Component("pipelines", [sys.executable, "-m", "pipelines.serve"], env=env)
+
     def components(self) -> list[Component]:
         parts: list[Component] = []
         redis_part = self.redis_component()
         if redis_part:
             parts.append(redis_part)
         parts.append(self.mlflow_component())
+        parts.append(self.prefect_component())
         parts.append(self.worker_component())
         parts.extend(self.service_component(name) for name in SERVICES)
+        parts.append(self.pipelines_component())
         return parts
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -278,6 +329,9 @@ class Stack:
             if record.name == "redis":
                 if redis_answers(self.platform.redis_url):
                     return
+            elif record.name == "pipelines":
+                if deployments_served(self.platform):
+                    return
             elif record.health_url is None:
                 return
             else:
@@ -315,7 +369,7 @@ class Stack:
     def down(self, timeout: float = 15.0) -> list[str]:
         stopped = []
         # Stop in reverse start order: services first, Redis last.
-        order = {name: i for i, name in enumerate(["redis", "mlflow", "worker", *SERVICES])}
+        order = {name: i for i, name in enumerate(ORDER)}
         for record in sorted(self.records(), key=lambda r: -order.get(r.name, 0)):
             if record.alive():
                 stop_process_group(record.pid, timeout)
@@ -335,6 +389,8 @@ class Stack:
                     healthy = False
             elif alive and record.name == "redis":
                 healthy = redis_answers(self.platform.redis_url)
+            elif alive and record.name == "pipelines":
+                healthy = deployments_served(self.platform)
             rows.append(
                 {
                     "name": record.name,
@@ -369,6 +425,36 @@ def stop_process_group(pid: int, timeout: float = 15.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
+
+
+def deployments_served(platform: PlatformSettings) -> bool:
+    """Whether Prefect knows every deployment of Shipyard's flows (the deployments process made them)."""
+    from pipelines import DEPLOYMENT, PIPELINES
+
+    api = platform.prefect_api_url.rstrip("/")
+    try:
+        return all(
+            httpx.get(f"{api}/deployments/name/{name}/{DEPLOYMENT}", timeout=2).status_code == 200
+            for name in PIPELINES
+        )
+    except httpx.HTTPError:
+        return False
+
+
+def prefect_ui_url(platform: PlatformSettings) -> str:
+    return platform.prefect_api_url.rstrip("/").removesuffix("/api")
+
+
+def _ensure_schema(database_url: str, schema: str) -> None:
+    import sqlalchemy as sa
+
+    url = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    finally:
+        engine.dispose()
 
 
 def _port_free(port: int) -> bool:

@@ -1,14 +1,13 @@
 """The whole loop as a user drives it: data → training → registry → serving → monitoring.
 
 Every component is real and runs as its own process, started the way ``shipyard up`` starts
-it: MLflow, a Celery worker on Redis, the four services. The pipeline runs in this process on
-Prefect's local ephemeral API.
+it: MLflow, a Prefect server, a Celery worker on Redis, the four services and the deployments
+process. The pipeline runs in this process, recorded by the stack's Prefect server.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,12 +43,13 @@ def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
         registry_url=f"http://127.0.0.1:{free_port()}",
         serving_url=f"http://127.0.0.1:{free_port()}",
         monitor_url=f"http://127.0.0.1:{free_port()}",
+        prefect_api_url=f"http://127.0.0.1:{free_port()}/api",
         tokens=dict(TOKENS),
         log_json=True,
     )
     redis.Redis.from_url(platform.redis_url).flushdb()
-    stack = Stack(platform, extra_env={"SHIPYARD_SERVING_RECONCILE_INTERVAL_S": "2"})
-    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    stack = Stack(platform, extra_env={"SHIPYARD_SERVING_RECONCILE_INTERVAL_S": "2"},
+                  pipelines_token="test-trainer")
     try:
         stack.up()
         yield platform
@@ -59,17 +59,22 @@ def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
 
 @pytest.fixture(scope="module")
 def deployed(stack_platform: PlatformSettings) -> dict:
-    """Run the Prefect flow once; every test below looks at what it left behind."""
+    """Run the Prefect flow once (it asks for production as test-trainer) and approve its request as
+    test-approver; every test below looks at what it left behind."""
     from pipelines.flows import train_and_deploy
 
     frame = load_breast_cancer(as_frame=True).frame
-    return train_and_deploy(
+    result = train_and_deploy(
         dataset_name="breast_cancer",
         frame=frame,
         model_name="breast_cancer",
         platform=stack_platform,
-        token="test-admin",
+        token="test-trainer",
     )
+    approved = httpx.post(f"{stack_platform.registry_url}/requests/{result['request']['id']}/approve",
+                          json={"reason": "e2e"}, headers=auth("approver"), timeout=30)
+    approved.raise_for_status()
+    return result
 
 
 @pytest.fixture
@@ -173,7 +178,8 @@ def test_bad_input_gets_a_clear_4xx_everywhere(deployed, stack_platform):
 
 def test_stack_reports_every_component_healthy(stack_platform):
     rows = Stack(stack_platform).status()
-    assert {r["name"] for r in rows} >= {"mlflow", "worker", "trainer", "registry", "serving", "monitor"}
+    assert {r["name"] for r in rows} >= {"mlflow", "prefect", "worker", "trainer", "registry", "serving",
+                                         "monitor", "pipelines"}
     assert all(r["alive"] for r in rows)
     assert all(r["healthy"] in (True, None) for r in rows)
 

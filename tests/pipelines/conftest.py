@@ -1,0 +1,45 @@
+"""One platform for the pipeline tests: the stack as ``shipyard up`` starts it (MLflow, a Prefect
+server with its own SQLite database under the session's tmp folder, a Celery worker, the four
+services and the deployments process), on free ports, started once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from shipyard_cli.stack import Stack, free_port
+from shipyard_common.settings import PlatformSettings
+from tests.support import test_platform
+
+PIPELINES_REDIS_DB = 12
+# Fast enough for tests: the deployments process polls for runs every second, the server's
+# scheduler looks at schedules every two.
+FAST_PREFECT = {"PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+
+
+@pytest.fixture(scope="session")
+def pipeline_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("pipelines-stack")
+    urls = {f"{name}_url": f"http://127.0.0.1:{free_port()}" for name in ("trainer", "registry", "serving",
+                                                                          "monitor")}
+    platform = test_platform(
+        state,
+        redis_url=f"{redis_url.rsplit('/', 1)[0]}/{PIPELINES_REDIS_DB}",
+        mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
+        prefect_api_url=f"http://127.0.0.1:{free_port()}/api",
+        **urls,
+    )
+    redis.Redis.from_url(platform.redis_url).flushdb()
+    stack = Stack(platform, extra_env=FAST_PREFECT, pipelines_token="test-trainer")
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def stack_platform(pipeline_stack: Stack) -> PlatformSettings:
+    return pipeline_stack.platform
