@@ -17,18 +17,20 @@ from shipyard_cli.common import console, fail, platform_settings
 from shipyard_cli.data import data_app
 from shipyard_cli.jobs import jobs_app
 from shipyard_cli.models import models_app
+from shipyard_cli.pipelines import pipelines_app
 from shipyard_cli.serving import drift, predict
-from shipyard_cli.stack import Stack, StackError
+from shipyard_cli.stack import Stack, StackError, prefect_ui_url
 
 app = typer.Typer(help="Shipyard: train, register, promote, serve and watch models.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(pipelines_app, name="pipelines")
 
 
 @app.command()
 def up() -> None:
-    """Start Redis (if none answers), MLflow, a worker and the four services on loopback."""
+    """Start Redis (if none answers), MLflow, Prefect, a worker, the four services and the flows."""
     stack = Stack(platform_settings())
     try:
         stack.up(on_started=lambda r: console.print(f"  [green]✓[/green] {r.name:<9} pid {r.pid}"))
@@ -36,6 +38,7 @@ def up() -> None:
         fail(str(exc))
     console.print(f"stack is up; logs in {stack.log_dir}")
     console.print(f"registry UI: {ui_url(stack.platform)}")
+    console.print(f"Prefect UI (flows, runs, schedules): {prefect_ui_url(stack.platform)}")
 
 
 @app.command()
@@ -65,6 +68,7 @@ def status() -> None:
         )
     console.print(table)
     console.print(f"registry UI: {ui_url(platform)}")
+    console.print(f"Prefect UI (flows, runs, schedules): {prefect_ui_url(platform)}")
     if not all(row["alive"] for row in rows):
         raise typer.Exit(code=1)
 
