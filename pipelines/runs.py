@@ -92,10 +92,20 @@ def failure_message(run_id: str, platform: PlatformSettings | None = None) -> st
 
 
 def list_pipelines(platform: PlatformSettings | None = None, *, runs: int = 5) -> list[dict[str, Any]]:
-    """Each deployment with its schedules and its latest runs."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    """Each deployment with its schedules and its latest runs (those that started: a schedule keeps
+    many future runs waiting, which would hide them)."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
+    not_waiting = FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])
+    started = FlowRunFilter(state=FlowRunFilterState(type=not_waiting))
     rows: list[dict[str, Any]] = []
     with prefect_api(platform), get_client(sync_client=True) as client:
         for flow in FLOWS:
@@ -106,7 +116,7 @@ def list_pipelines(platform: PlatformSettings | None = None, *, runs: int = 5) -
                 continue
             latest = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-                sort=FlowRunSort.START_TIME_DESC, limit=runs,
+                flow_run_filter=started, sort=FlowRunSort.START_TIME_DESC, limit=runs,
             )
             rows.append({
                 "name": flow,
