@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from services.trainer import service
 from services.trainer.broker import on_broker_for
 from services.trainer.datasets import router as datasets_router
+from services.trainer.pipeline_runs import router as pipeline_runs_router
 from services.trainer.router import router
 from services.trainer.settings import TrainerSettings
 from services.trainer.worker import TASK_NAME, make_celery
@@ -66,6 +67,7 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     app.state.data_repo = DataRepo.from_settings(platform)
     app.include_router(router)
     app.include_router(datasets_router)
+    app.include_router(pipeline_runs_router)
     return app
 
 

@@ -171,3 +171,31 @@ def test_starting_a_run_returns_its_id_at_once(stack_platform, csv_path):
     assert time.monotonic() - started < 5
     assert read_run(run_id, stack_platform).state_name in ("Scheduled", "Pending", "Running", "Completed")
     assert wait_for_run(run_id, stack_platform, timeout_s=120, poll_interval_s=0.5).state_name == "Completed"
+
+
+def test_a_pipeline_started_over_http_answers_its_run_id_at_once(stack_platform, csv_path):
+    import time
+
+    runs = f"{stack_platform.trainer_url}/pipelines"
+    body = {"parameters": {"name": "bc_http", "csv_path": csv_path}}
+    started = time.monotonic()
+    answer = httpx.post(f"{runs}/ingest/runs", json=body, headers=auth("trainer"), timeout=30)
+    assert answer.status_code == 202, answer.text
+    assert time.monotonic() - started < 5  # created, not run: the deployments process runs it
+    run = answer.json()
+    assert run["pipeline"] == "ingest" and run["ui_url"].endswith(run["id"])
+
+    def state() -> str:
+        return str(httpx.get(f"{runs}/runs/{run['id']}", headers=auth("viewer"), timeout=30).json()["state"])
+
+    wait_for(lambda: state() == "Completed", timeout=120, interval=0.5, what="the run started over HTTP")
+    refusals = [
+        (httpx.post(f"{runs}/nope/runs", json=body, headers=auth("trainer")), 404, "no pipeline 'nope'"),
+        (httpx.post(f"{runs}/ingest/runs", json=body, headers=auth("viewer")), 403, "'trainer' role"),
+        (httpx.post(f"{runs}/ingest/runs", json=body), 401, "token"),
+        (httpx.post(f"{runs}/ingest/runs", json={"parameters": {"name": 3, "surprise": 1}},
+                    headers=auth("trainer"), timeout=30), 400, "parameters"),
+        (httpx.get(f"{runs}/runs/not-a-run", headers=auth("viewer")), 404, "UUID"),
+    ]
+    for response, status, words in refusals:
+        assert response.status_code == status and words in response.json()["error"]["message"], response.text
