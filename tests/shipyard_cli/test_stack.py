@@ -82,3 +82,35 @@ def test_status_names_the_registry_ui(tmp_path):
         assert stack.down() == ["sleeper"]
     assert result.exit_code == 0, result.output
     assert "sleeper" in result.output and f"registry UI: {registry_url}/ui" in result.output
+
+
+def test_prefect_keeps_its_tables_in_the_platforms_postgresql(tmp_path, postgres_url):
+    """With the platform's database on PostgreSQL, the Prefect server stores flow runs there, in its own
+    schema (Prefect has tables, such as ``events``, whose names the platform uses too)."""
+    import psycopg2
+    from prefect import flow
+
+    from pipelines.flows import prefect_api
+
+    platform = PlatformSettings(env="test", state_dir=tmp_path, db_url=postgres_url, tokens=TOKENS,
+                                prefect_api_url=f"http://127.0.0.1:{free_port()}/api")
+    stack = Stack(platform)
+    record = stack.start_component(stack.prefect_component())
+    try:
+        stack.wait_ready(record, timeout=120)
+
+        @flow(name="shipyard-pg-check")
+        def check() -> int:
+            return 42
+
+        with prefect_api(platform):
+            assert check() == 42
+        connection = psycopg2.connect(postgres_url.replace("+psycopg2", ""))
+        with connection, connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM prefect.flow_run r JOIN prefect.flow f ON f.id = r.flow_id "
+                           "WHERE f.name = 'shipyard-pg-check' AND r.state_type = 'COMPLETED'")
+            assert cursor.fetchone() == (1,)
+        connection.close()
+        assert not (tmp_path / "prefect" / "prefect.db").exists()
+    finally:
+        stack.down()
