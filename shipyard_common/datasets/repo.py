@@ -42,7 +42,8 @@ from shipyard_common.settings import NO_TELEMETRY_ENV
 if TYPE_CHECKING:
     from shipyard_common.settings import PlatformSettings
 
-_lock = threading.Lock()
+# Reentrant: a write (under it) may read an older version, which takes it too.
+_lock = threading.RLock()
 
 
 class DatasetNotFound(NotFound):

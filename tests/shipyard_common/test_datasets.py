@@ -109,6 +109,23 @@ def test_versions_read_back_from_an_s3_remote(s3_repo):
     assert tracked.stdout == ""  # the secret lives in the ignored config.local only
 
 
+def test_a_version_from_before_metadata_was_kept_is_read_and_followed(repo):
+    """A repository an older release wrote holds no meta/<name>.json: adding the next version reads
+    the older data itself (under the write lock, which that read takes again)."""
+    first = repo.add("iris", iris())
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=repo.path, check=True, capture_output=True)
+
+    git("rm", "-q", "meta/iris.json")
+    pointer = repo.path / "data" / "iris.csv.dvc"  # the version's commit must be one without metadata
+    pointer.write_text(pointer.read_text() + "# written by an older release\n")
+    git("commit", "-q", "-am", "as an older release left it")
+    second = repo.add("iris", iris().head(120))
+    assert second.created and second.rows == 120 and second.rev != first.rev
+    assert repo.read("iris", second.rev).shape == (120, 5)
+
+
 def test_revisions_resolve_by_short_sha_tag_and_latest(repo):
     first = repo.add("iris", iris(), tag="baseline")
     second = repo.add("iris", iris().head(100))
