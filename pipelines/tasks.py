@@ -383,13 +383,24 @@ def holdout_rows(frame: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
     return frame.iloc[np.sort(val_index)]
 
 
+def _download_version(config: PipelineConfig, model: str, version: str, folder: Path) -> Path:
+    """The version's files, through a client bound to the platform's MLflow (never MLflow's
+    process-wide tracking URI, which other code in the same process may rely on)."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    uri = config.mlflow_tracking_uri
+    source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(model, version).source
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder), tracking_uri=uri)
+    return Path(local)
+
+
 def score_version(
     model: str, version: str, rows: pd.DataFrame, config: PipelineConfig, tags: dict[str, str], task: str
 ) -> float | None:
     """Score one registered version's ONNX file on ``rows`` with ONNX Runtime: accuracy for a
     classifier, RMSE for a regressor. None when the version has no ONNX file or needs columns
     ``rows`` lack."""
-    import mlflow.artifacts
     import onnxruntime as ort
 
     features = json.loads(tags.get(TAG_FEATURES) or "[]")
@@ -397,9 +408,7 @@ def score_version(
     if not features or any(c not in rows.columns for c in [*features, target]):
         return None
     with tempfile.TemporaryDirectory(prefix="shipyard-eval-") as folder:
-        mlflow.set_tracking_uri(config.mlflow_tracking_uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}",
-                                                         dst_path=folder))
+        local = _download_version(config, model, version, Path(folder))
         found = sorted(local.rglob("model.onnx"))
         if not found:
             return None
