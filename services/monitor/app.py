@@ -5,9 +5,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.monitor.router import router
-from services.monitor.service import Refresher, create_monitor
+from services.monitor import tables  # noqa: F401  (registers the monitor's tables before create_tables)
+from services.monitor.context import create_monitor
+from services.monitor.feedback.router import router as feedback_router
+from services.monitor.loop import Loop
+from services.monitor.retraining.router import router as retraining_router
 from services.monitor.settings import MonitorSettings
+from services.monitor.windows.router import router as windows_router
 from shipyard_common.db import Database
 from shipyard_common.settings import disable_telemetry
 from shipyard_common.web import install_common, mlflow_health_check
@@ -19,18 +23,18 @@ def create_app(settings: MonitorSettings) -> FastAPI:
     platform = settings.platform
     database = Database(platform.database_url)
 
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Serving may not have logged anything yet; the queries need the table to exist.
+        # Serving may not have logged anything yet; the queries need the tables to exist.
         database.create_tables()
-        refresher = Refresher(app.state.monitor)
-        refresher.start()
+        loop = Loop(app.state.monitor)
+        loop.start()
         try:
             yield
         finally:
             app.state.ready = False
-            refresher.stop()
+            loop.stop()
+            app.state.monitor.close()
             database.dispose()
 
     app = FastAPI(title="Shipyard monitor", version="0.1.0", lifespan=lifespan)
@@ -39,5 +43,6 @@ def create_app(settings: MonitorSettings) -> FastAPI:
         readiness["mlflow"] = mlflow_health_check(platform.mlflow_tracking_uri)
     registry = install_common(app, service="monitor", platform=platform, readiness_checks=readiness)
     app.state.monitor = create_monitor(settings=settings, database=database, registry=registry)
-    app.include_router(router)
+    for router in (windows_router, feedback_router, retraining_router):
+        app.include_router(router)
     return app

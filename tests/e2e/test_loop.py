@@ -18,63 +18,12 @@ from sklearn.datasets import load_breast_cancer
 
 from shipyard_cli.client import ShipyardClient
 from shipyard_cli.demo import logged_rows, send_rows, wait_for_drift, wait_until_served
-from shipyard_cli.stack import Stack, free_port
+from shipyard_cli.stack import Stack
 from shipyard_common.lineage import TAG_DATASET_REV, TAG_FEATURES, TAG_JOB_ID
 from shipyard_common.settings import PlatformSettings
-from tests.support import TOKENS, auth, wait_for
+from tests.support import auth, wait_for
 
 pytestmark = pytest.mark.e2e
-
-E2E_REDIS_DB = 14
-
-
-@pytest.fixture(scope="module")
-def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[PlatformSettings]:
-    import redis
-
-    state = tmp_path_factory.mktemp("e2e-state")
-    base_redis = redis_url.rsplit("/", 1)[0]
-    platform = PlatformSettings(
-        env="test",
-        state_dir=state,
-        redis_url=f"{base_redis}/{E2E_REDIS_DB}",
-        mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
-        trainer_url=f"http://127.0.0.1:{free_port()}",
-        registry_url=f"http://127.0.0.1:{free_port()}",
-        serving_url=f"http://127.0.0.1:{free_port()}",
-        monitor_url=f"http://127.0.0.1:{free_port()}",
-        prefect_api_url=f"http://127.0.0.1:{free_port()}/api",
-        tokens=dict(TOKENS),
-        log_json=True,
-    )
-    redis.Redis.from_url(platform.redis_url).flushdb()
-    stack = Stack(platform, extra_env={"SHIPYARD_SERVING_RECONCILE_INTERVAL_S": "2"},
-                  pipelines_token="test-trainer")
-    try:
-        stack.up()
-        yield platform
-    finally:
-        stack.down()
-
-
-@pytest.fixture(scope="module")
-def deployed(stack_platform: PlatformSettings) -> dict:
-    """Run the Prefect flow once (it asks for production as test-trainer) and approve its request as
-    test-approver; every test below looks at what it left behind."""
-    from pipelines.flows import train_and_deploy
-
-    frame = load_breast_cancer(as_frame=True).frame
-    result = train_and_deploy(
-        dataset_name="breast_cancer",
-        frame=frame,
-        model_name="breast_cancer",
-        platform=stack_platform,
-        token="test-trainer",
-    )
-    approved = httpx.post(f"{stack_platform.registry_url}/requests/{result['request']['id']}/approve",
-                          json={"reason": "e2e"}, headers=auth("approver"), timeout=30)
-    approved.raise_for_status()
-    return result
 
 
 @pytest.fixture

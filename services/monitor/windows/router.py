@@ -4,8 +4,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from services.monitor import service
-from services.monitor.schemas import DriftPublic, DriftSummary
+from services.monitor.windows import service
+from services.monitor.windows.schemas import DriftPublic, DriftSummary
 from services.monitor.settings import MAX_WINDOW
 from shipyard_common.auth import Principal, Role, role_checker
 

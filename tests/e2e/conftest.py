@@ -1,0 +1,76 @@
+"""The stack every end-to-end test shares: started once per session, because it costs a minute.
+
+Every component is real and runs as its own process, started the way ``shipyard up`` starts it.
+Tests in several files use it (the loop, retraining, Prometheus); each leaves what it made behind,
+so a test looks only at the models and rows it made itself, or at the first deployment (``deployed``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from sklearn.datasets import load_breast_cancer
+
+from shipyard_cli.stack import Stack, free_port
+from shipyard_common.settings import PlatformSettings
+from tests.support import TOKENS, auth
+
+E2E_REDIS_DB = 14
+
+
+@pytest.fixture(scope="session")
+def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[PlatformSettings]:
+    import redis
+
+    state = tmp_path_factory.mktemp("e2e-state")
+    base_redis = redis_url.rsplit("/", 1)[0]
+    platform = PlatformSettings(
+        env="test",
+        state_dir=state,
+        redis_url=f"{base_redis}/{E2E_REDIS_DB}",
+        mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
+        trainer_url=f"http://127.0.0.1:{free_port()}",
+        registry_url=f"http://127.0.0.1:{free_port()}",
+        serving_url=f"http://127.0.0.1:{free_port()}",
+        monitor_url=f"http://127.0.0.1:{free_port()}",
+        prefect_api_url=f"http://127.0.0.1:{free_port()}/api",
+        tokens=dict(TOKENS),
+        log_json=True,
+    )
+    redis.Redis.from_url(platform.redis_url).flushdb()
+    extra_env = {
+        "SHIPYARD_SERVING_RECONCILE_INTERVAL_S": "2",
+        # Windows close within a second of their 200th row, so tests wait for seconds, not minutes.
+        "SHIPYARD_MONITOR_LOOP_INTERVAL_S": "1",
+        "SHIPYARD_MONITOR_WINDOW": '{"rows": 200}',
+    }
+    stack = Stack(platform, extra_env=extra_env, pipelines_token="test-trainer")
+    try:
+        stack.up()
+        yield platform
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def deployed(stack_platform: PlatformSettings) -> dict:
+    """Run the Prefect flow once (it asks for production as test-trainer) and approve its request as
+    test-approver; every test below looks at what it left behind."""
+    from pipelines.flows import train_and_deploy
+
+    frame = load_breast_cancer(as_frame=True).frame
+    result = train_and_deploy(
+        dataset_name="breast_cancer",
+        frame=frame,
+        model_name="breast_cancer",
+        platform=stack_platform,
+        token="test-trainer",
+    )
+    approved = httpx.post(f"{stack_platform.registry_url}/requests/{result['request']['id']}/approve",
+                          json={"reason": "e2e"}, headers=auth("approver"), timeout=30)
+    approved.raise_for_status()
+    return result
+
+
