@@ -75,6 +75,10 @@ class WindowRecord(Base):
     f1: Mapped[float | None] = mapped_column(Float, nullable=True)
     mae: Mapped[float | None] = mapped_column(Float, nullable=True)
     rmse: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Classification: the labelled rows' confusion counts, [[true index, predicted index, count], …]
+    # in the order of the version's classes, so that macro F1 over many windows is exact.
+    confusion: Mapped[list[list[int]] | None] = mapped_column(JSON, nullable=True)
+    # Null until the live metrics are computed; set back to null when a late label marks it for re-scoring.
     performance_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
@@ -92,6 +96,8 @@ class FeedbackRecord(Base):
     model: Mapped[str | None] = mapped_column(String(128), nullable=True)
     version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     prediction_id: Mapped[int | None] = mapped_column(_ID, nullable=True, index=True)
+    # Why this label cannot be scored (a class the version does not know, no such row …); kept, not lost.
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     created_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
