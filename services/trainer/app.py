@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from services.trainer import service
 from services.trainer.broker import on_broker_for
 from services.trainer.datasets import router as datasets_router
+from services.trainer.metrics import JobCollector
 from services.trainer.pipeline_runs import router as pipeline_runs_router
 from services.trainer.router import router
 from services.trainer.settings import TrainerSettings
@@ -57,10 +58,11 @@ def create_app(settings: TrainerSettings) -> FastAPI:
             database.dispose()
 
     app = FastAPI(title="Shipyard trainer", version="0.1.0", lifespan=lifespan)
-    install_common(
+    registry = install_common(
         app, service="trainer", platform=platform,
         readiness_checks={"database": database.ping, "redis": redis_answers},
     )
+    registry.register(JobCollector(database, settings))
     app.state.settings = settings
     app.state.database = database
     app.state.enqueue = enqueue

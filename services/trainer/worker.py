@@ -85,6 +85,7 @@ def worker_argv(*, queues: Sequence[str], concurrency: int, pool: str, loglevel:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from services.trainer.metrics import WorkerMetricsSettings, serve_worker_metrics
     from shipyard_common.logging import configure_logging
     from shipyard_common.settings import disable_telemetry
 
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     queues = [settings.queue_name(q) for q in wanted]
     broker = urlsplit(platform.redis_url)
     log.info("trainer worker consuming %s on redis %s%s", queues, broker.hostname, broker.path)
+    serve_worker_metrics(WorkerMetricsSettings(), queues=wanted, concurrency=args.concurrency)
     app = make_celery(settings)
     app.worker_main(
         worker_argv(queues=queues, concurrency=args.concurrency, pool=args.pool, loglevel=platform.log_level)
