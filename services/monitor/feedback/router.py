@@ -1,5 +1,41 @@
+"""Ground truth over HTTP: labels in, live metrics out; both read or write rows, nothing is computed here."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-router = APIRouter()
+from fastapi import APIRouter, Body, Depends, Query, Request
+
+from services.monitor.feedback import service
+from services.monitor.feedback.schemas import MAX_LABELS, FeedbackAccepted, FeedbackItem, FeedbackSummary
+from shipyard_common.auth import Principal, Role, role_checker
+
+router = APIRouter(tags=["feedback"])
+
+# The least role that may change anything: a client application labels what it was answered, it
+# neither promotes nor administers. Admin may too; a viewer token may not write.
+SENDER = Role.TRAINER
+
+
+@router.post("/feedback", response_model=FeedbackAccepted)
+def send_feedback(
+    request: Request,
+    principal: Annotated[Principal, Depends(role_checker(SENDER))],
+    items: Annotated[list[FeedbackItem], Body(
+        max_length=MAX_LABELS,
+        description=f"At most {MAX_LABELS} labels: [{{request_id, row (default 0), label}}, …].")],
+) -> FeedbackAccepted:
+    """Store true labels of answered requests; the monitor's loop joins and scores them."""
+    return service.store_labels(database=request.app.state.monitor.database, items=items,
+                                created_by=principal.name)
+
+
+@router.get("/feedback/{model}", response_model=FeedbackSummary)
+def get_feedback(
+    request: Request,
+    model: str,
+    _: Annotated[Principal, Depends(role_checker(Role.VIEWER))],
+    windows: Annotated[int, Query(ge=1, le=500, description="Windows per version, newest first.")] = 20,
+) -> FeedbackSummary:
+    """Live metrics of each version of ``model`` with labels, as the loop last computed them."""
+    return service.summarize(database=request.app.state.monitor.database, model=model, windows=windows)
