@@ -7,11 +7,13 @@ This module is the root app and the stack's commands; each group of commands liv
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from shipyard_cli import observability
 from shipyard_cli.client import ClientError, ui_url
 from shipyard_cli.common import console, fail, platform_settings
 from shipyard_cli.data import data_app
@@ -29,9 +31,17 @@ app.add_typer(pipelines_app, name="pipelines")
 
 
 @app.command()
-def up() -> None:
+def up(
+    with_prometheus: Annotated[bool, typer.Option(
+        "--with-prometheus", help="Also start Prometheus (from PATH) scraping the stack, with the alerts.",
+    )] = False,
+    with_grafana: Annotated[bool, typer.Option(
+        "--with-grafana", help="Also start grafana-server (from PATH) with Shipyard's dashboards "
+        "(and Prometheus, which it reads).",
+    )] = False,
+) -> None:
     """Start Redis (if none answers), MLflow, Prefect, a worker, the four services and the flows."""
-    stack = Stack(platform_settings())
+    stack = _stack_for_up(with_prometheus=with_prometheus or with_grafana, with_grafana=with_grafana)
     try:
         stack.up(on_started=lambda r: console.print(f"  [green]✓[/green] {r.name:<9} pid {r.pid}"))
     except StackError as exc:
@@ -39,6 +49,37 @@ def up() -> None:
     console.print(f"stack is up; logs in {stack.log_dir}")
     console.print(f"registry UI: {ui_url(stack.platform)}")
     console.print(f"Prefect UI (flows, runs, schedules): {prefect_ui_url(stack.platform)}")
+    started = {record.name for record in stack.records()}
+    if "prometheus" in started:
+        console.print(f"Prometheus (targets, alerts): http://127.0.0.1:{stack.prometheus_port}")
+    if "grafana" in started:
+        console.print(f"Grafana (folder Shipyard: Serving, Training, Models): http://127.0.0.1:{stack.grafana_port}")
+
+
+def _stack_for_up(*, with_prometheus: bool, with_grafana: bool) -> Stack:
+    """The stack ``shipyard up`` starts: the worker's metrics on a fixed port (the one the shipped
+    Prometheus configuration scrapes), Prometheus and Grafana where asked for and installed."""
+    def port(name: str, default: int) -> int:
+        return int(os.environ.get(name) or default)
+
+    prometheus_port = grafana_port = None
+    if with_prometheus:
+        if observability.prometheus_binary():
+            prometheus_port = port("SHIPYARD_PROMETHEUS_PORT", observability.DEFAULT_PROMETHEUS_PORT)
+        else:
+            console.print("[yellow]no prometheus on PATH: started without it[/yellow] (apt-get install "
+                          "prometheus)")
+    if with_grafana and prometheus_port is not None:
+        if observability.grafana_binary():
+            grafana_port = port("SHIPYARD_GRAFANA_PORT", observability.DEFAULT_GRAFANA_PORT)
+        else:
+            console.print("[yellow]no grafana-server on PATH: started without it[/yellow]")
+    return Stack(
+        platform_settings(),
+        worker_metrics_port=port("SHIPYARD_WORKER_METRICS_PORT", observability.DEFAULT_WORKER_METRICS_PORT),
+        prometheus_port=prometheus_port,
+        grafana_port=grafana_port,
+    )
 
 
 @app.command()

@@ -23,11 +23,12 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
+from shipyard_cli import observability
 from shipyard_common.settings import DEV_TRAINER_TOKEN, NO_TELEMETRY_ENV, PlatformSettings
 
 SERVICES = ("trainer", "registry", "serving", "monitor")
 # Start order; stopped in reverse.
-ORDER = ("redis", "mlflow", "prefect", "worker", *SERVICES, "pipelines")
+ORDER = ("redis", "mlflow", "prefect", "worker", *SERVICES, "pipelines", "prometheus", "grafana")
 PREFECT_SCHEMA = "prefect"
 
 
@@ -112,8 +113,16 @@ class Stack:
         worker_concurrency: int = 1,
         extra_env: dict[str, str] | None = None,
         pipelines_token: str | None = None,
+        worker_metrics_port: int | None = None,
+        prometheus_port: int | None = None,
+        grafana_port: int | None = None,
     ) -> None:
         self.platform = platform
+        # Where the worker serves /metrics (any free port unless given); Prometheus and Grafana run
+        # beside the stack only on a port given (``shipyard up --with-prometheus --with-grafana``).
+        self.worker_metrics_port = worker_metrics_port or free_port()
+        self.prometheus_port = prometheus_port
+        self.grafana_port = grafana_port
         self.state_dir = platform.state_dir.resolve()
         self.run_dir = self.state_dir / "run"
         self.log_dir = self.state_dir / "logs"
@@ -211,7 +220,9 @@ class Stack:
             "--concurrency",
             str(self.worker_concurrency),
         ]
-        return Component("worker", argv)
+        port = self.worker_metrics_port
+        env = {"SHIPYARD_WORKER_METRICS_PORT": str(port)}
+        return Component("worker", argv, env=env, health_url=f"http://127.0.0.1:{port}/metrics", port=port)
 
     def service_component(self, name: str) -> Component:
         url = getattr(self.platform, f"{name}_url")
@@ -261,6 +272,34 @@ class Stack:
         }
         return Component("pipelines", [sys.executable, "-m", "pipelines.serve"], env=env)
 
+    def prometheus_component(self, *, scrape_interval: str = "15s") -> Component | None:
+        """Prometheus scraping this stack with Shipyard's rules; None without ``prometheus`` on PATH."""
+        binary = observability.prometheus_binary()
+        if binary is None or self.prometheus_port is None:
+            return None
+        port = self.prometheus_port
+        targets = observability.scrape_targets(
+            self.platform, worker_metrics_port=self.worker_metrics_port, prometheus_port=port
+        )
+        home = self.state_dir / "prometheus"
+        config = observability.write_prometheus_config(
+            home / "prometheus.yml", observability.prometheus_config(targets, scrape_interval=scrape_interval)
+        )
+        argv = observability.prometheus_argv(binary, config=config, data_dir=home / "data", port=port)
+        return Component("prometheus", argv, health_url=f"http://127.0.0.1:{port}/-/ready", port=port)
+
+    def grafana_component(self) -> Component | None:
+        """Grafana with Shipyard's datasource and dashboards; None without ``grafana-server`` on PATH."""
+        binary = observability.grafana_binary()
+        if binary is None or self.grafana_port is None or self.prometheus_port is None:
+            return None
+        port = self.grafana_port
+        env = observability.grafana_env(
+            state_dir=self.state_dir, port=port, prometheus_url=f"http://127.0.0.1:{self.prometheus_port}"
+        )
+        health = f"http://127.0.0.1:{port}/api/health"
+        return Component("grafana", observability.grafana_argv(binary), env=env, health_url=health, port=port)
+
     def components(self) -> list[Component]:
         parts: list[Component] = []
         redis_part = self.redis_component()
@@ -271,6 +310,8 @@ class Stack:
         parts.append(self.worker_component())
         parts.extend(self.service_component(name) for name in SERVICES)
         parts.append(self.pipelines_component())
+        extras = (self.prometheus_component(), self.grafana_component())
+        parts.extend(part for part in extras if part is not None)
         return parts
 
     # -- lifecycle --------------------------------------------------------------------------
