@@ -38,14 +38,72 @@ class ServingStatus(BaseModel):
 
 
 class DriftVerdict(BaseModel):
-    """The monitor's latest verdict on a model's production traffic."""
+    """The monitor's latest verdict on a model's production traffic (its newest closed window)."""
 
     dataset_drift: bool | None = None
     drift_share: float | None = None
     version: str | None = None
     rows: int | None = None
     computed_at: datetime | None = None
+    window_id: int | None = None
+    status: str | None = Field(default=None, description="ok, or why drift was not computed (too_few_rows…).")
+    # The window's live metrics from ground truth, if labels for its rows arrived.
+    labelled: int | None = None
+    accuracy: float | None = None
+    f1: float | None = None
+    mae: float | None = None
+    rmse: float | None = None
     error: str | None = Field(default=None, description="Why there is no verdict (monitor unreachable…).")
+
+
+class LiveFigures(Utc):
+    """Live metrics from ground truth: accuracy and macro F1 (classifiers) or MAE and RMSE."""
+
+    labelled: int = 0
+    accuracy: float | None = None
+    f1: float | None = None
+    mae: float | None = None
+    rmse: float | None = None
+    window_id: int | None = None
+    ended_at: datetime | None = None
+
+
+class LiveVersion(BaseModel):
+    """One version's live metrics: over all its labelled rows, and in its newest window with labels."""
+
+    version: str
+    task: str | None = None
+    overall: LiveFigures
+    latest: LiveFigures
+
+
+class RetrainingTrigger(Utc):
+    """One retraining the monitor started: why, its Prefect flow run, and what it produced."""
+
+    id: int
+    version: str | None = None
+    cause: str
+    reason: str = ""
+    state: str
+    flow_run_id: str | None = None
+    flow_run_url: str | None = None
+    job_id: str | None = None
+    new_version: str | None = None
+    request_id: str | None = None
+    message: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class Monitoring(BaseModel):
+    """What the monitor says about one model; each part is None with its error when it cannot be read."""
+
+    drift: DriftVerdict | None = None
+    live: list[LiveVersion] | None = None
+    triggers: list[RetrainingTrigger] | None = None
+    drift_error: str | None = None
+    live_error: str | None = None
+    triggers_error: str | None = None
 
 
 class ModelPublic(Utc):

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from services.registry.core import approvals, catalog, promotion
 from services.registry.core.registry import Registry
-from services.registry.core.schemas import DriftVerdict, ServingStatus, VersionPublic
+from services.registry.core.schemas import LiveVersion, Monitoring, ServingStatus, VersionPublic
 from services.registry.ui.charts import Point, metric_chart
 from services.registry.ui.web import Signed, UiRoute, registry_of, render
 from shipyard_common.errors import NotFound
@@ -33,13 +33,19 @@ PREFERRED_METRICS = ("val_accuracy", "accuracy", "val_f1_macro", "val_roc_auc", 
 KEY_METRICS = 4
 
 
-def peers(registry: Registry, authorization: str) -> tuple[
-    Future[dict[str, ServingStatus]], Future[dict[str, DriftVerdict]]
+def peers(registry: Registry, authorization: str, model: str) -> tuple[
+    Future[dict[str, ServingStatus]], Future[Monitoring]
 ]:
-    """Serving's status and the monitor's verdicts, asked for at once while the page reads MLflow."""
+    """Serving's status and the monitor's view of ``model``, asked for at once while the page reads MLflow."""
     pool = registry.store.pool
     return (pool.submit(registry.peers.serving, authorization),
-            pool.submit(registry.peers.drift, authorization))
+            pool.submit(registry.peers.monitoring, authorization, model))
+
+
+def headline_live(monitoring: Monitoring, production: str | None) -> LiveVersion | None:
+    """The live metrics a model page leads with: production's, else the newest labelled version's."""
+    live = monitoring.live or []
+    return next((v for v in live if v.version == str(production)), live[0] if live else None)
 
 
 @router.get("/models", response_class=HTMLResponse)
@@ -69,23 +75,26 @@ def chart_points(versions: list[VersionPublic], metric: str, production: str | N
 @router.get("/models/{name}", response_class=HTMLResponse)
 def model_page(request: Request, name: str, session: Signed, metric: MetricName = None,
                page_token: PageToken = None) -> HTMLResponse:
-    """A model: versions and key metrics, a chart, serving, pending requests, compare, the gate."""
+    """A model: versions and key metrics, a chart, serving, drift, live metrics and retraining triggers,
+    pending requests, compare, the gate."""
     registry = registry_of(request)
-    serving, drift = peers(registry, session.authorization)
+    serving, watched = peers(registry, session.authorization, name)
     # The database's reads run while MLflow answers.
     pool = registry.store.pool
     pending = pool.submit(approvals.list_requests, registry=registry, model=name, state="pending", limit=50)
     gate = pool.submit(promotion.get_gate, registry=registry, name=name)
     model, page = catalog.model_and_versions(store=registry.store, name=name, page_token=page_token,
                                              max_results=registry.settings.page_size)
-    status, verdict = serving.result().get(name), drift.result().get(name)
+    status, monitoring = serving.result().get(name), watched.result()
     metrics = metric_names(page.versions)
     chosen = metric if metric in metrics else (metrics[0] if metrics else None)
     columns = ([chosen] if chosen else []) + [m for m in metrics if m != chosen][:KEY_METRICS - 1]
     points = chart_points(page.versions, chosen, model.aliases.get(PRODUCTION)) if chosen else []
     chart = metric_chart(points, chosen) if chosen else None
     return render(request, "model.html", title=name, model=model, page=page, first_page=page_token is None,
-                  metrics=metrics, chosen=chosen, columns=columns, chart=chart, serving=status, drift=verdict,
+                  metrics=metrics, chosen=chosen, columns=columns, chart=chart, serving=status,
+                  drift=monitoring.drift, monitoring=monitoring,
+                  live=headline_live(monitoring, model.aliases.get(PRODUCTION)),
                   pending=pending.result(), gate=gate.result(), aliases=ALIASES,
                   canary_weight=promotion.canary_weight(model.tags))
 

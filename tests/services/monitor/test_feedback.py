@@ -111,7 +111,7 @@ class Monitor:
     database: Database
     platform: PlatformSettings
 
-    def send(self, labels: list[dict[str, Any]], role: str = "trainer") -> httpx.Response:
+    def send(self, labels: list[dict[str, Any]], role: str = "trainer") -> Any:
         return self.client.post("/feedback", json=labels, headers=auth(role))
 
     def run_pass(self) -> None:
