@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
@@ -40,6 +42,8 @@ from pipelines.tasks import (
 from shipyard_common.settings import NO_TELEMETRY_ENV, PlatformSettings
 
 DEFAULT_TIMEOUT_S = 1800.0
+# The key of the artifact a run's result is kept in (flows persist no results): ``runs.read_result``.
+RESULT_KEY = "shipyard-result"
 STAGING = "staging"
 # "request": ask for production (an approver decides); "staging": point the staging alias at the
 # new version at once (the registry allows that to an admin token only).
@@ -104,7 +108,7 @@ def ingest(name: str, csv_path: str, config: PipelineConfig | None = None) -> di
     config = config or PipelineConfig.from_platform()
     frame: pd.DataFrame = read_csv(csv_path)
     rev = version_dataset(name, frame, config)
-    return {"dataset": name, "rev": rev, "rows": len(frame)}
+    return report_result({"dataset": name, "rev": rev, "rows": len(frame)})
 
 
 def _check(promotion: str, dataset_rev: str | None, csv_path: str | None, *, need_one: bool = True) -> None:
@@ -173,8 +177,8 @@ def train_and_deploy_flow(
     spec = default_job_spec(model_name=model_name, dataset=dataset_name, rev=rev, overrides=spec_overrides)
     # Overrides may not move the job off the revision that was asked for.
     spec["data"]["dataset"], spec["data"]["rev"] = dataset_name, rev
-    return train_evaluate_promote(spec, config, promotion=promotion, reason=reason, timeout_s=timeout_s,
-                                  poll_interval_s=poll_interval_s)
+    return report_result(train_evaluate_promote(spec, config, promotion=promotion, reason=reason,
+                                                timeout_s=timeout_s, poll_interval_s=poll_interval_s))
 
 
 @flow(name="retrain", persist_result=False)
@@ -215,9 +219,54 @@ def retrain_flow(
         spec.pop("init_from", None)
     get_run_logger().info("retraining %s from v%s on %s@%s: %s", model_name, parent_version, dataset,
                           rev[:12], reason)
-    return train_evaluate_promote(spec, config, promotion=promotion,
-                                  reason=f"retrain from v{parent_version}: {reason}",
-                                  timeout_s=timeout_s, poll_interval_s=poll_interval_s)
+    return report_result(train_evaluate_promote(spec, config, promotion=promotion,
+                                                reason=f"retrain from v{parent_version}: {reason}",
+                                                timeout_s=timeout_s, poll_interval_s=poll_interval_s))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON: non-finite floats become null, anything else unknown its ``str``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return str(value)
+
+
+def report_result(result: dict[str, Any]) -> dict[str, Any]:
+    """Keep a flow's result as an artifact of its run (key ``RESULT_KEY``, the JSON as data): runs
+    persist no results, and whoever started the run over HTTP reads the outcome there (the trainer's
+    ``GET /pipelines/runs/{id}`` answers it as ``result``). A failure to keep it is logged, never
+    the run's failure: what the run did (a job, a version, a request) is done either way."""
+    try:
+        keep_result(json_safe(result))
+    except Exception:
+        get_run_logger().warning("the run's result could not be kept", exc_info=True)
+    return result
+
+
+@task(name="keep_result", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1, persist_result=False)
+def keep_result(result: dict[str, Any]) -> None:
+    """The artifact, written by a task so that it names a task run too: Prefect's artifact filter
+    (``pipelines.runs.read_result``) finds only artifacts whose task run matches."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    task_run = context.task_run if context is not None else None
+    artifact = ArtifactCreate(
+        key=RESULT_KEY, type="json", description="The run's result (JSON).", data=result,
+        flow_run_id=task_run.flow_run_id if task_run else None, task_run_id=task_run.id if task_run else None,
+    )
+    # The client itself: prefect.artifacts' helpers hand back an unawaited coroutine where a sync
+    # flow runs inside an event loop, and then nothing is kept.
+    with get_client(sync_client=True) as client:
+        client.create_artifact(artifact=artifact)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ up and runs it, so a caller such as an HTTP handler never waits for the flow.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from typing import Any
 from uuid import UUID
@@ -18,7 +19,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 
 from pipelines import DEPLOYMENT, PIPELINES
-from pipelines.flows import FLOWS, prefect_api
+from pipelines.flows import FLOWS, RESULT_KEY, prefect_api
 from shipyard_common.settings import PlatformSettings
 
 assert tuple(FLOWS) == PIPELINES
@@ -164,3 +165,30 @@ def _describe(schedule: Any) -> str:
     if isinstance(schedule, IntervalSchedule):
         return f"every {schedule.interval.total_seconds():g}s"
     return str(schedule)
+
+
+def read_result(run_id: str, platform: PlatformSettings | None = None) -> dict[str, Any] | None:
+    """What a run's flow returned (``ingest``: dataset, rev, rows; ``train_and_deploy`` and ``retrain``:
+    job_id, model_version, request …), kept as its ``RESULT_KEY`` artifact; None until it finished."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        TaskRunFilter,
+    )
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    only = ArtifactFilter(key=ArtifactFilterKey(any_=[RESULT_KEY]),
+                          flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]))
+    with prefect_api(platform), get_client(sync_client=True) as client:
+        # Every filter given: the server refuses the nulls the client sends for those left out. An
+        # empty task run filter still needs a task run: the result is kept by a task (keep_result).
+        found = client.read_artifacts(artifact_filter=only, flow_run_filter=FlowRunFilter(),
+                                      task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC,
+                                      limit=1, offset=0)
+    if not found:
+        return None
+    data = found[0].data
+    value = json.loads(data) if isinstance(data, str) else data
+    return value if isinstance(value, dict) else None

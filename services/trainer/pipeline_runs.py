@@ -34,7 +34,19 @@ class PipelineRunPublic(BaseModel):
     id: str
     pipeline: str | None = Field(default=None, description="The pipeline started (in the answer to a start).")
     state: str | None = None
-    message: str | None = Field(default=None, description="For a failed run: which task failed and why.")
+    state_type: str | None = Field(
+        default=None,
+        description="Prefect's kind of state: SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED, CRASHED, "
+                    "CANCELLING, CANCELLED, PAUSED.",
+    )
+    final: bool = Field(default=False, description="Whether the run has ended (its state will not change).")
+    message: str | None = Field(
+        default=None, description="A run that failed, crashed or was cancelled: which task failed and why."
+    )
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="For a completed run: what its flow returned (retrain: job_id, model_version, request…).",
+    )
     ui_url: str
 
 
@@ -62,10 +74,10 @@ async def start_run(request: Request, name: str, body: PipelineRunCreate, _: Tra
 
 @router.get("/runs/{run_id}", response_model=PipelineRunPublic)
 def get_run(request: Request, run_id: str, _: Viewer) -> PipelineRunPublic:
-    """A run's state; for a failed one, which task failed and why."""
+    """A run's state; for a failed one, which task failed and why; for a completed one, its result."""
     from uuid import UUID
 
-    from pipelines.runs import failure_message, read_run, ui_url
+    from pipelines.runs import failure_message, read_result, read_run, ui_url
 
     try:
         UUID(run_id)
@@ -74,12 +86,17 @@ def get_run(request: Request, run_id: str, _: Viewer) -> PipelineRunPublic:
     platform = _platform(request)
     try:
         run = read_run(run_id, platform)
+        state = run.state
+        final, completed = state is not None and state.is_final(), state is not None and state.is_completed()
+        # Failed, crashed or cancelled: which task failed and why, or the run's own message.
+        message = failure_message(run_id, platform) if final and not completed else None
+        result = read_result(run_id, platform) if completed else None
     except Exception as exc:
         raise _prefect_error(exc, run_id) from exc
-    failed = run.state is not None and run.state.is_failed()
     return PipelineRunPublic(
-        id=run_id, state=run.state_name,
-        message=failure_message(run_id, platform) if failed else None, ui_url=ui_url(platform, run_id),
+        id=run_id, state=run.state_name, state_type=state.type.value if state else None,
+        final=final, message=message or None, result=result,
+        ui_url=ui_url(platform, run_id),
     )
 
 

@@ -22,7 +22,14 @@ from sklearn.datasets import load_breast_cancer
 from typer.testing import CliRunner
 
 from pipelines.flows import frame_to_csv, prefect_api
-from pipelines.runs import deployment_name, failure_message, read_run, start_pipeline, wait_for_run
+from pipelines.runs import (
+    deployment_name,
+    failure_message,
+    read_result,
+    read_run,
+    start_pipeline,
+    wait_for_run,
+)
 from shipyard_cli.main import app
 from shipyard_cli.stack import stop_process_group
 from tests.support import auth, wait_for
@@ -91,8 +98,10 @@ def test_train_and_deploy_through_the_server_asks_for_production_and_a_rerun_tra
     approved = httpx.post(f"{stack_platform.registry_url}/requests/{request['id']}/approve",
                           json={"reason": "looks right"}, headers=auth("approver"), timeout=30)
     assert approved.status_code == 200, approved.text
-    run_to_end(stack_platform, "retrain", {"model_name": MODEL, "parent_version": request["version"],
-                                           "reason": "drift on 3 features", "poll_interval_s": 0.5})
+    retrain = run_to_end(stack_platform, "retrain", {
+        "model_name": MODEL, "parent_version": request["version"], "reason": "drift on 3 features",
+        "poll_interval_s": 0.5,
+    })
     jobs = jobs_of(stack_platform, MODEL)
     retrained = next(j for j in jobs if j["id"] != job["id"])
     assert retrained["spec"]["init_from"] == {"model_name": MODEL, "version": request["version"]}
@@ -101,6 +110,15 @@ def test_train_and_deploy_through_the_server_asks_for_production_and_a_rerun_tra
                   if r["version"] == str(retrained["model_version"]))
     assert newest["reason"].startswith(f"retrain from v{request['version']}: drift on 3 features")
     assert f"vs production v{request['version']} accuracy" in newest["reason"]
+    # The run keeps what it did, for whoever started it (the monitor reads it over the trainer's API).
+    result = read_result(retrain, stack_platform)
+    assert result is not None and result["job_id"] == retrained["id"]
+    assert result["model_version"] == str(retrained["model_version"])
+    assert result["request"]["id"] == newest["id"]
+    over_http = httpx.get(f"{stack_platform.trainer_url}/pipelines/runs/{retrain}", headers=auth("viewer"),
+                          timeout=30).json()
+    assert over_http["final"] is True and over_http["state_type"] == "COMPLETED"
+    assert over_http["result"] == result and over_http["message"] is None
 
 
 def test_the_trainer_down_during_a_flow_is_retried_until_it_is_back(pipeline_stack, csv_path):
@@ -130,6 +148,11 @@ def test_a_failed_flow_names_the_task_and_why(stack_platform):
     assert finished.state is not None and finished.state.is_failed()
     message = failure_message(run_id, stack_platform)
     assert "task read_csv" in message and "/no/such/file.csv" in message
+    assert read_result(run_id, stack_platform) is None  # it returned nothing
+    over_http = httpx.get(f"{stack_platform.trainer_url}/pipelines/runs/{run_id}", headers=auth("viewer"),
+                          timeout=30).json()
+    assert over_http["final"] is True and over_http["state_type"] == "FAILED" and over_http["result"] is None
+    assert over_http["message"] == message
 
 
 def test_a_scheduled_deployment_fires_and_its_runs_are_visible(stack_platform, csv_path):
@@ -189,6 +212,10 @@ def test_a_pipeline_started_over_http_answers_its_run_id_at_once(stack_platform,
         return str(httpx.get(f"{runs}/runs/{run['id']}", headers=auth("viewer"), timeout=30).json()["state"])
 
     wait_for(lambda: state() == "Completed", timeout=120, interval=0.5, what="the run started over HTTP")
+    ended = httpx.get(f"{runs}/runs/{run['id']}", headers=auth("viewer"), timeout=30).json()
+    assert ended["final"] is True and ended["state_type"] == "COMPLETED"
+    assert ended["result"]["dataset"] == "bc_http" and ended["result"]["rows"] == 569
+    assert len(ended["result"]["rev"]) == 40
     refusals = [
         (httpx.post(f"{runs}/nope/runs", json=body, headers=auth("trainer")), 404, "no pipeline 'nope'"),
         (httpx.post(f"{runs}/ingest/runs", json=body, headers=auth("viewer")), 403, "'trainer' role"),
