@@ -119,6 +119,8 @@ class PolicyRecord(Base):
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # The schedule counts from here until the model's first retraining.
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # A row every trigger decision updates first, so two monitors never start two retrainings.
     lock_version: Mapped[int] = mapped_column(Integer, default=0)
 
@@ -127,7 +129,12 @@ class TriggerRecord(Base):
     """One retraining the monitor started (or refused to start), its flow run and its outcome."""
 
     __tablename__ = "monitor_triggers"
-    __table_args__ = (Index("ix_monitor_triggers_model_created", "model", "created_at"),)
+    __table_args__ = (
+        Index("ix_monitor_triggers_model_created", "model", "created_at"),
+        # At most one retraining of a model at a time, whoever starts it: the model's name while
+        # pending, started or running, null once it ended (nulls never clash).
+        UniqueConstraint("active_model", name="uq_monitor_triggers_active_model"),
+    )
 
     id: Mapped[int] = mapped_column(_ID, primary_key=True)
     model: Mapped[str] = mapped_column(String(128))
@@ -137,11 +144,18 @@ class TriggerRecord(Base):
     reason: Mapped[str] = mapped_column(Text)
     # pending → started → running → completed | failed.
     state: Mapped[str] = mapped_column(String(16), index=True)
+    active_model: Mapped[str | None] = mapped_column(String(128), nullable=True)
     flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The run's page in Prefect's UI.
+    flow_run_url: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    # The retrain flow's parameters as sent (model_name, parent_version, reason and the policy's).
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # What the retrain flow produced: job id, new version, promotion request id; or why it failed.
     outcome: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     window_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # Who asked: a person's name (manual), else "monitor".
     created_by: Mapped[str | None] = mapped_column(String(128), nullable=True)

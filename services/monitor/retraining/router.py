@@ -1,5 +1,83 @@
+"""Retraining over HTTP: policies (approver), triggers (read by anyone, started by hand by a trainer).
+
+Routes are plain functions: the database and MLflow are blocking, so FastAPI runs them in its pool.
+"""
+
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-router = APIRouter()
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+
+from services.monitor.context import Monitor
+from services.monitor.retraining import service
+from services.monitor.retraining.schemas import (
+    PolicyCreate,
+    PolicyPublic,
+    TriggerCreate,
+    TriggerPage,
+    TriggerPublic,
+    TriggerState,
+)
+from shipyard_common.auth import Principal, Role, role_checker
+
+router = APIRouter(tags=["retraining"])
+
+Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
+# Who decides when the platform retrains by itself decides what may reach production: approvers.
+Approver = Annotated[Principal, Depends(role_checker(Role.APPROVER))]
+Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
+MAX_PAGE = 500
+
+
+def _monitor(request: Request) -> Monitor:
+    return request.app.state.monitor  # type: ignore[no-any-return]
+
+
+@router.put("/policies/{model}", response_model=PolicyPublic)
+def put_policy(request: Request, model: str, body: PolicyCreate, who: Approver) -> PolicyPublic:
+    """Create or replace the model's policy (it must have a production version)."""
+    return service.put_policy(monitor=_monitor(request), model=model, body=body, by=who.name)
+
+
+@router.get("/policies", response_model=list[PolicyPublic])
+def list_policies(request: Request, _: Viewer) -> list[PolicyPublic]:
+    return service.list_policies(monitor=_monitor(request))
+
+
+@router.get("/policies/{model}", response_model=PolicyPublic)
+def get_policy(request: Request, model: str, _: Viewer) -> PolicyPublic:
+    return service.get_policy(monitor=_monitor(request), model=model)
+
+
+@router.delete("/policies/{model}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_policy(request: Request, model: str, _: Approver) -> Response:
+    """Remove the policy; the triggers it fired stay, and a retraining under way is still followed."""
+    service.delete_policy(monitor=_monitor(request), model=model)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/triggers", response_model=TriggerPage)
+def list_triggers(
+    request: Request,
+    _: Viewer,
+    model: str | None = None,
+    state: TriggerState | None = None,
+    max_results: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    page_token: str | None = None,
+) -> TriggerPage:
+    """Triggers, newest first: each one's cause, reason, flow run, state and outcome."""
+    return service.list_triggers(monitor=_monitor(request), model=model, state=state,
+                                 max_results=max_results, page_token=page_token)
+
+
+@router.get("/triggers/{trigger_id}", response_model=TriggerPublic)
+def get_trigger(request: Request, trigger_id: int, _: Viewer) -> TriggerPublic:
+    return service.get_trigger(monitor=_monitor(request), trigger_id=trigger_id)
+
+
+@router.post("/triggers", response_model=TriggerPublic, status_code=status.HTTP_202_ACCEPTED)
+def trigger(request: Request, body: TriggerCreate, who: Trainer) -> TriggerPublic:
+    """Retrain the production version now (cause ``manual``). 202 with the trigger: ``started`` with its
+    flow run, or ``failed`` with why (the trainer down); 409 while a retraining of the model runs."""
+    return service.trigger_manually(monitor=_monitor(request), body=body, by=who.name)
