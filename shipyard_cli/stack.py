@@ -228,6 +228,9 @@ class Stack:
         url = getattr(self.platform, f"{name}_url")
         port = url_port(url)
         env = {f"SHIPYARD_{name.upper()}_PORT": str(port)}
+        if name == "monitor":
+            # Retrain runs start with the pipelines' token: their requests need another's approval.
+            env["SHIPYARD_MONITOR_TRAINER_TOKEN"] = self.pipelines_token
         return Component(
             name,
             [sys.executable, "-m", f"services.{name}"],
