@@ -17,9 +17,11 @@ from shipyard_cli import observability
 from shipyard_cli.client import ClientError, ui_url
 from shipyard_cli.common import console, fail, platform_settings
 from shipyard_cli.data import data_app
+from shipyard_cli.feedback import feedback
 from shipyard_cli.jobs import jobs_app
 from shipyard_cli.models import models_app
 from shipyard_cli.pipelines import pipelines_app
+from shipyard_cli.retraining import retraining_app
 from shipyard_cli.serving import drift, predict
 from shipyard_cli.stack import Stack, StackError, prefect_ui_url
 
@@ -28,6 +30,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(pipelines_app, name="pipelines")
+app.add_typer(retraining_app, name="retraining")
 
 
 @app.command()
@@ -132,6 +135,7 @@ def demo(
 # the order of 'shipyard --help'.
 app.command()(predict)
 app.command()(drift)
+app.command()(feedback)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.metrics import f1_score
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from services.monitor.app import create_app
 from services.monitor.feedback import scoring
@@ -30,11 +32,13 @@ from services.monitor.feedback.service import PENDING_TTL
 from services.monitor.loop import run_pass
 from services.monitor.settings import MAX_WINDOW, MonitorSettings, WindowSpec
 from services.monitor.tables import FeedbackRecord, WindowRecord
+from shipyard_cli.main import app as cli
+from shipyard_common.auth import Role
 from shipyard_common.db import Database, utcnow
 from shipyard_common.lineage import SHADOW, TAG_SIGNATURE, TAG_TASK
 from shipyard_common.records import PredictionRecord
 from shipyard_common.settings import PlatformSettings
-from tests.support import auth, running_app, wait_for
+from tests.support import TOKENS, auth, running_app, wait_for
 
 CLASSES = ["cat", "dog", "fish"]
 BATCH = 5
@@ -355,16 +359,27 @@ def test_scores_over_windows_combine_exactly_as_sklearn_on_all_rows() -> None:
         scoring.true_class(3, None, 3)
 
 
-def test_the_real_loop_scores_labels_sent_over_http(platform: PlatformSettings) -> None:
-    """The monitor served by uvicorn with its own loop: labels sent over HTTP show up in the gauges."""
+def test_the_real_loop_scores_labels_sent_with_the_cli(platform: PlatformSettings, tmp_path: Path) -> None:
+    """The monitor served by uvicorn with its own loop; ``shipyard feedback`` sends a CSV of labels
+    over HTTP, and the loop's scores show up in the summary and the gauges."""
     database = Database(platform.database_url)
     database.create_tables()
     model = register(platform, "classification")
     answers, labels, _, _ = classification_answers(REQUESTS, wrong=WRONG)
     window = close_window(database, model, "1", log_requests(database, model, "1", answers))
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("request_id,row,label\n" + "".join(
+        f"{label['request_id']},{label['row']},{label['label']}\n" for label in labels))
     with running_app(create_app(quiet_settings(platform, loop_interval_s=0.2))) as base:
-        sent = httpx.post(f"{base}/feedback", json=labels, headers=auth("trainer"), timeout=30)
-        assert sent.status_code == 200 and sent.json()["matched"] == 50, sent.text
+        env = {"SHIPYARD_MONITOR_URL": base, "COLUMNS": "200",
+               "SHIPYARD_API_TOKEN": next(t for t, r in TOKENS.items() if r == Role.VIEWER)}
+        refused = CliRunner().invoke(cli, ["feedback", str(csv_file)], env=env, catch_exceptions=False)
+        assert refused.exit_code == 1 and "needs the 'trainer' role" in refused.output
+        env["SHIPYARD_API_TOKEN"] = next(t for t, r in TOKENS.items() if r == Role.TRAINER)
+        sent = CliRunner().invoke(cli, ["feedback", str(csv_file)], env=env, catch_exceptions=False)
+        assert sent.exit_code == 0, sent.output
+        counts = sent.output.split("\n")[3].split("│")[1:-1]
+        assert [int(c.strip()) for c in counts] == [50, 50, 0, 0, 50, 0], sent.output
         summary = wait_for(lambda: [v for v in httpx.get(f"{base}/feedback/{model}", headers=auth("viewer"),
                                                              timeout=30).json()["versions"]],
                            timeout=30, what="the loop to score the labels")
