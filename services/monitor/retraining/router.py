@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, status
 
 from services.monitor.context import Monitor
 from services.monitor.retraining import service
@@ -50,11 +50,11 @@ def get_policy(request: Request, model: str, _: Viewer) -> PolicyPublic:
     return service.get_policy(monitor=_monitor(request), model=model)
 
 
-@router.delete("/policies/{model}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_policy(request: Request, model: str, _: Approver) -> Response:
-    """Remove the policy; the triggers it fired stay, and a retraining under way is still followed."""
-    service.delete_policy(monitor=_monitor(request), model=model)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/policies/{model}", response_model=PolicyPublic)
+def delete_policy(request: Request, model: str, _: Approver) -> PolicyPublic:
+    """Remove the policy (answered as it was); the triggers it fired stay, and a retraining under way
+    is still followed."""
+    return service.delete_policy(monitor=_monitor(request), model=model)
 
 
 @router.get("/triggers", response_model=TriggerPage)

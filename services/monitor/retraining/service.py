@@ -133,13 +133,15 @@ def list_policies(*, monitor: Monitor) -> list[PolicyPublic]:
         return [PolicyPublic.model_validate(p) for p in policies]
 
 
-def delete_policy(*, monitor: Monitor, model: str) -> None:
+def delete_policy(*, monitor: Monitor, model: str) -> PolicyPublic:
     """Remove the policy; its triggers stay as the record, a running retraining is still followed."""
     with monitor.database.session() as session:
         policy = session.get(PolicyRecord, model)
         if policy is None:
             raise NotFound(f"{model} has no retraining policy")
+        removed = PolicyPublic.model_validate(policy)
         session.delete(policy)
+        return removed
 
 
 # -- triggers: reads -----------------------------------------------------------------------------

@@ -263,7 +263,7 @@ def test_policies_are_validated_and_set_by_approvers_only(platform, trainer, tmp
         assert [p["model"] for p in httpx.get(f"{base}/policies", headers=auth("viewer")).json()] == [model]
 
         assert httpx.delete(f"{base}/policies/{model}", headers=auth("trainer")).status_code == 403
-        assert httpx.delete(f"{base}/policies/{model}", headers=auth("approver")).status_code == 204
+        assert httpx.delete(f"{base}/policies/{model}", headers=auth("approver")).status_code == 200
         assert httpx.get(f"{base}/policies/{model}", headers=auth("viewer")).status_code == 404
         assert httpx.delete(f"{base}/policies/{model}", headers=auth("approver")).status_code == 404
 
@@ -626,3 +626,60 @@ def test_a_manual_retraining_is_one_at_a_time_and_lists_page_by_page(platform, t
         assert (
             httpx.get(f"{base}/triggers", params={"state": "odd"}, headers=auth("viewer")).status_code == 422
         )
+
+
+def test_the_cli_sets_shows_and_deletes_a_policy_and_lists_and_starts_triggers(platform, trainer, tmp_path):
+    from typer.testing import CliRunner
+
+    from shipyard_cli.main import app as cli
+
+    double, trainer_url = trainer
+    db_url = f"sqlite:///{tmp_path / 'monitor.db'}"
+    model = production_model(platform)
+    settings = monitor_settings(platform, db_url, trainer_url, loop_interval_s=0.2)
+    with running_app(create_app(settings)) as base:
+        env = {**platform.model_copy(update={"monitor_url": base}).as_env(), "COLUMNS": "250"}
+        runner = CliRunner()
+
+        def run(*args: str, token: str = "test-approver") -> Any:
+            return runner.invoke(cli, ["retraining", *args], env={**env, "SHIPYARD_API_TOKEN": token})
+
+        made = run(
+            "policy",
+            "set",
+            model,
+            "--drift-share-above",
+            "0.3",
+            "--windows",
+            "2",
+            "--cooldown",
+            "600",
+            "-p",
+            'spec_overrides={"training": {"epochs": 2}}',
+        )
+        assert made.exit_code == 0, made.output
+        assert "drift share > 0.3 in 2 windows" in made.output and "600s" in made.output
+        refused = run("policy", "set", model, "--cooldown", "5")
+        assert refused.exit_code == 1 and "at least one condition" in refused.output
+        shown = run("policy", "show")
+        assert shown.exit_code == 0 and model in shown.output and "epochs" in shown.output
+        assert run("triggers", model).output.strip() == "no retraining triggers"
+
+        started = run("trigger", model, "--reason", "fresh labels", token="test-trainer")
+        assert started.exit_code == 0, started.output
+        assert "manual" in started.output and "flow run" in started.output
+        assert double.starts[0]["parameters"]["spec_overrides"] == {"training": {"epochs": 2}}  # the policy's
+        busy = run("trigger", model, "--reason", "again", token="test-trainer")
+        assert busy.exit_code == 1 and "already started" in busy.output
+        double.complete(double.starts[0]["run"], version="5", request_id=9)
+        listed = wait_for(
+            lambda: (r := run("triggers", model)) and "completed" in r.output and r,
+            timeout=10,
+            what="the trigger completed",
+        )
+        assert "v5, promotion request #9" in listed.output and "fresh labels" in listed.output
+
+        assert run("policy", "delete", model, token="test-trainer").exit_code == 1  # approvers only
+        removed = run("policy", "delete", model)
+        assert removed.exit_code == 0 and "policy removed" in removed.output
+        assert run("policy", "show", model).exit_code == 1

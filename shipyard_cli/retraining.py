@@ -1,0 +1,185 @@
+"""``shipyard retraining``: the policies that make a model retrain by itself, and the triggers they fired."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import typer
+from rich.table import Table
+
+from shipyard_cli.client import ClientError, ShipyardClient
+from shipyard_cli.common import TokenOption, console, fail, platform_settings
+from shipyard_cli.pipelines import ParamOption, parse_params
+
+retraining_app = typer.Typer(help="Retraining that starts itself: policies per model, triggers, by hand.",
+                             no_args_is_help=True)
+policy_app = typer.Typer(help="A model's retraining policy (set and delete: approver).", no_args_is_help=True)
+retraining_app.add_typer(policy_app, name="policy")
+
+
+class RetrainingClient(ShipyardClient):
+    """The monitor's retraining routes."""
+
+    def _url(self, path: str) -> str:
+        return f"{self.platform.monitor_url.rstrip('/')}{path}"
+
+    def put_policy(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("PUT", self._url(f"/policies/{quote(model, safe='')}"), json=body))
+
+    def policies(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", self._url("/policies")))
+
+    def policy(self, model: str) -> dict[str, Any]:
+        return dict(self._call("GET", self._url(f"/policies/{quote(model, safe='')}")))
+
+    def delete_policy(self, model: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", self._url(f"/policies/{quote(model, safe='')}")))
+
+    def triggers(self, model: str | None, state: str | None, limit: int) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"model": model, "state": state, "max_results": limit}.items() if v}
+        return list(self._call("GET", self._url("/triggers"), params=params)["triggers"])
+
+    def trigger(self, model: str, reason: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+        body = {"model": model, "reason": reason, "parameters": parameters}
+        return dict(self._call("POST", self._url("/triggers"), json=body))
+
+
+@contextmanager
+def _client(token: str) -> Iterator[RetrainingClient]:
+    client = RetrainingClient(platform_settings(), token=token)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _policy_table(policies: list[dict[str, Any]]) -> Table:
+    table = Table("model", "enabled", "when", "cooldown", "parameters", "updated")
+    for p in policies:
+        when = []
+        if p["drift_share_above"] is not None:
+            when.append(f"drift share > {p['drift_share_above']:g} in {p['consecutive_windows']} windows")
+        if p["accuracy_below"] is not None:
+            when.append(f"accuracy < {p['accuracy_below']:g} ({p['min_labelled']}+ labels)")
+        if p["schedule_interval_s"] is not None:
+            when.append(f"every {p['schedule_interval_s']:g}s")
+        table.add_row(p["model"], "yes" if p["enabled"] else "[red]no[/red]", "\n".join(when),
+                      f"{p['cooldown_s']:g}s", str(p["parameters"] or "-"),
+                      f"{p['updated_at'][:19]} by {p['updated_by']}")
+    return table
+
+
+def _describe(trigger: dict[str, Any]) -> str:
+    outcome = trigger.get("outcome") or {}
+    if trigger["state"] == "completed" and outcome.get("version"):
+        request = f", promotion request #{outcome['request_id']}" if outcome.get("request_id") else ""
+        return f"v{outcome['version']}{request}"
+    return str(trigger.get("message") or trigger.get("flow_run_url") or "")
+
+
+STATE_STYLE = {"failed": "[red]failed[/red]", "completed": "[green]completed[/green]"}
+
+
+def _trigger_table(triggers: list[dict[str, Any]]) -> Table:
+    table = Table("id", "model", "from", "cause", "state", "created", "outcome", "reason")
+    for t in triggers:
+        state = STATE_STYLE.get(t["state"], t["state"])
+        table.add_row(str(t["id"]), t["model"], f"v{t['version']}", t["cause"], state, t["created_at"][:19],
+                      _describe(t), t["reason"])
+    return table
+
+
+@policy_app.command("set")
+def set_policy(
+    model: Annotated[str, typer.Argument(help="The registered model (it needs a production version).")],
+    token: TokenOption,
+    drift_share_above: Annotated[float | None, typer.Option(help="Retrain when more than this share of "
+                                                            "features drifts …")] = None,
+    windows: Annotated[int, typer.Option(help="… in this many windows in a row.")] = 3,
+    accuracy_below: Annotated[float | None, typer.Option(help="Retrain when live accuracy is below.")] = None,
+    min_labelled: Annotated[int, typer.Option(help="Labels a window needs for its accuracy to count.")] = 50,
+    every: Annotated[float | None, typer.Option(help="Retrain every this many seconds.")] = None,
+    cooldown: Annotated[float, typer.Option(help="Seconds between two retrainings, at least.")] = 3600.0,
+    param: ParamOption = None,
+    enabled: Annotated[bool, typer.Option(help="--disabled keeps the policy but fires nothing.")] = True,
+) -> None:
+    """Create or replace MODEL's policy: drift, an accuracy floor and/or a schedule, and a cooldown."""
+    body = {"enabled": enabled, "drift_share_above": drift_share_above, "consecutive_windows": windows,
+            "accuracy_below": accuracy_below, "min_labelled": min_labelled, "schedule_interval_s": every,
+            "cooldown_s": cooldown, "parameters": parse_params(param)}
+    with _client(token) as client:
+        try:
+            policy = client.put_policy(model, body)
+        except ClientError as exc:
+            fail(exc.message)
+    console.print(_policy_table([policy]))
+
+
+@policy_app.command("show")
+def show_policy(
+    token: TokenOption,
+    model: Annotated[str | None, typer.Argument(help="One model; every policy if left out.")] = None,
+) -> None:
+    """Show one model's policy, or every policy."""
+    with _client(token) as client:
+        try:
+            policies = [client.policy(model)] if model else client.policies()
+        except ClientError as exc:
+            fail(exc.message)
+    if not policies:
+        console.print("no retraining policies ('shipyard retraining policy set MODEL …' makes one)")
+        return
+    console.print(_policy_table(policies))
+
+
+@policy_app.command("delete")
+def delete_policy(model: Annotated[str, typer.Argument()], token: TokenOption) -> None:
+    """Remove MODEL's policy (its triggers stay; a retraining under way goes on)."""
+    with _client(token) as client:
+        try:
+            client.delete_policy(model)
+        except ClientError as exc:
+            fail(exc.message)
+    console.print(f"{model}: policy removed")
+
+
+@retraining_app.command("triggers")
+def list_triggers(
+    token: TokenOption,
+    model: Annotated[str | None, typer.Argument(help="One model's; every model's if left out.")] = None,
+    state: Annotated[str | None, typer.Option(help="pending, started, running, completed or failed.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+) -> None:
+    """Retrainings the monitor (or a person) started: why, their flow run, how they ended."""
+    with _client(token) as client:
+        try:
+            triggers = client.triggers(model, state, limit)
+        except ClientError as exc:
+            fail(exc.message)
+    if not triggers:
+        console.print("no retraining triggers")
+        return
+    console.print(_trigger_table(triggers))
+
+
+@retraining_app.command("trigger")
+def trigger(
+    model: Annotated[str, typer.Argument(help="Retrain this model's production version now.")],
+    token: TokenOption,
+    reason: Annotated[str, typer.Option(help="Why: recorded, and named in the promotion request.")],
+    param: ParamOption = None,
+) -> None:
+    """Retrain MODEL now (role trainer): the retrain flow, then a promotion request for the new version."""
+    with _client(token) as client:
+        try:
+            started = client.trigger(model, reason, parse_params(param) if param else None)
+        except ClientError as exc:
+            fail(exc.message)
+    console.print(_trigger_table([started]))
+    if started["state"] == "failed":
+        fail(f"trigger {started['id']} could not start: {started['message']}")
+    page = started["flow_run_url"] or ""
+    console.print(f"trigger {started['id']}: flow run {started['flow_run_id']} {page}")
