@@ -21,6 +21,7 @@ from shipyard_cli.feedback import feedback
 from shipyard_cli.jobs import jobs_app
 from shipyard_cli.models import models_app
 from shipyard_cli.pipelines import pipelines_app
+from shipyard_cli.retraining import retraining_app
 from shipyard_cli.serving import drift, predict
 from shipyard_cli.stack import Stack, StackError, prefect_ui_url
 
@@ -29,6 +30,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(pipelines_app, name="pipelines")
+app.add_typer(retraining_app, name="retraining")
 
 
 @app.command()
