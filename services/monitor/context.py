@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from services.monitor.metrics import MonitorMetrics
 from services.monitor.settings import MonitorSettings
+from services.monitor.windows.book import WindowBook
 from services.monitor.windows.references import ReferenceCache
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
@@ -29,6 +30,8 @@ class Monitor:
     # The trainer's API (pipeline runs), with the monitor's own token.
     trainer: httpx.Client
     stop: threading.Event = field(default_factory=threading.Event)
+    # What the windows step remembers between passes (the pairs with logs, lineage it read).
+    windows: WindowBook = field(default_factory=WindowBook)
 
     def close(self) -> None:
         self.trainer.close()

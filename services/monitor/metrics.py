@@ -24,21 +24,36 @@ class MonitorMetrics:
 
         # Drift and data quality of the newest closed window.
         self.drift_share = gauge("shipyard_drift_share", "Share of features Evidently finds drifted", MV)
-        self.dataset_drift = gauge("shipyard_dataset_drift", "1 when Evidently finds dataset drift, else 0", MV)
+        self.dataset_drift = gauge(
+            "shipyard_dataset_drift", "1 when Evidently finds dataset drift, else 0", MV
+        )
         self.feature_drift_score = gauge(
             "shipyard_feature_drift_score",
             "Evidently drift score of one feature (p-value for K-S, distance for Wasserstein …)",
             [*MV, "feature"],
         )
         self.feature_drifted = gauge(
-            "shipyard_feature_drifted", "1 when Evidently finds this feature drifted, else 0", [*MV, "feature"]
+            "shipyard_feature_drifted", "1 when Evidently finds this feature drifted, else 0",
+            [*MV, "feature"],
         )
         self.prediction_drift_score = gauge(
             "shipyard_prediction_drift_score", "Evidently drift score of the model's predictions", MV
         )
         self.missing_share = gauge("shipyard_window_missing_share", "Share of missing input values", MV)
         self.out_of_range_share = gauge(
-            "shipyard_window_out_of_range_share", "Share of input values outside the training data's range", MV
+            "shipyard_window_out_of_range_share",
+            "Share of input values outside the training data's range", MV,
+        )
+        self.unseen_category_share = gauge(
+            "shipyard_window_unseen_category_share",
+            "Share of categorical input values the training data never had", MV,
+        )
+        self.schema_mismatch_share = gauge(
+            "shipyard_window_schema_mismatch_share",
+            "Share of logged rows whose width is not the version's number of features", MV,
+        )
+        self.prediction_drift = gauge(
+            "shipyard_prediction_drift", "1 when Evidently finds the predictions drifted, else 0", MV
         )
         self.window_rows = gauge("shipyard_window_rows", "Rows in the newest closed window", MV)
         self.window_end = gauge(
@@ -90,3 +105,19 @@ class MonitorMetrics:
             for feature, (score, drifted) in scores.items():
                 self.feature_drift_score.labels(model, version, feature).set(score)
                 self.feature_drifted.labels(model, version, feature).set(1.0 if drifted else 0.0)
+
+    def forget_windows(self, model: str, version: str) -> None:
+        """Remove every window series of a version that is no longer served (labels stay bounded)."""
+        labels = {"model": model, "version": version}
+        with self._lock:
+            self._features.pop((model, version), None)
+            per_feature = (self.feature_drift_score, self.feature_drifted)
+            for metric in (*per_feature, self.windows, *self._window_gauges()):
+                metric.remove_by_labels(labels)
+
+    def _window_gauges(self) -> tuple[Gauge, ...]:
+        return (
+            self.drift_share, self.dataset_drift, self.prediction_drift_score, self.prediction_drift,
+            self.missing_share, self.out_of_range_share, self.unseen_category_share,
+            self.schema_mismatch_share, self.window_rows, self.window_end, self.pending_rows,
+        )

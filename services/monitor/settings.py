@@ -39,8 +39,21 @@ class MonitorSettings(ServiceSettings):
     # dataset drifted; on a 30-feature model that hides a shift of 8 features, which is the
     # kind of change worth an alert. A quarter still needs several independent K-S rejections.
     drift_share: float = Field(default=0.25, gt=0, le=1)
+    # The prediction log is written a moment after the answer (the serving shipper's lag); a window
+    # takes only rows answered at least this long ago, so that late rows are not left out of it.
+    window_grace_s: float = Field(default=5.0, ge=0)
+    # The most windows one (model, version) closes per pass: a backlog is caught up over passes.
+    max_windows_per_pass: int = Field(default=10, ge=1)
+    # Drift methods and thresholds: Evidently's choice per column unless one is set here (any name
+    # Evidently knows: "ks", "wasserstein", "psi", "jensenshannon", "chisquare", "z" …).
+    num_method: str | None = None
+    cat_method: str | None = None
+    num_threshold: float | None = Field(default=None, gt=0)
+    cat_threshold: float | None = Field(default=None, gt=0)
     reference_cache_size: int = Field(default=16, ge=1)
     report_dir: Path | None = Field(default=None, description="Reports; under state_dir if unset.")
+    # Evidently's report of each ok window is kept on disk, the newest ``reports_keep`` per model.
+    reports_keep: int = Field(default=500, ge=1)
     # The token the monitor starts retraining with (the trainer's POST /pipelines/retrain/runs).
     trainer_token: SecretStr | None = None
 

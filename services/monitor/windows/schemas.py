@@ -1,14 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
-
-
-class ReferencePublic(BaseModel):
-    dataset: str
-    rev: str
-    rows: int
 
 
 class FeatureDriftPublic(BaseModel):
@@ -17,24 +12,123 @@ class FeatureDriftPublic(BaseModel):
     method: str
     threshold: float | None
     drifted: bool
+    kind: str = Field(default="numerical", description="numerical or categorical, as Evidently treated it")
+
+
+class PredictionDriftPublic(BaseModel):
+    drifted: bool
+    score: float | None
+    method: str | None
+    threshold: float | None
+    reference: str = Field(description="What the predictions were compared with (the training target).")
+
+
+class ReferencePublic(BaseModel):
+    dataset: str
+    rev: str
+    rows: int | None
+
+
+class WindowPublic(BaseModel):
+    """One closed window: its bounds, status, drift, data quality and, once labels arrive, live metrics."""
+
+    id: int
+    model: str
+    version: str
+    kind: str = Field(description="rows (closed at a count of rows) or time (its period ended)")
+    status: str = Field(description="ok, empty, too_few_rows, all_missing, schema_change or error")
+    message: str | None
+    started_at: datetime
+    ended_at: datetime
+    first_prediction_id: int | None
+    last_prediction_id: int | None
+    requests: int
+    rows: int
+    dataset: str | None
+    dataset_rev: str | None
+    dataset_drift: bool | None
+    drift_share: float | None
+    drifted_count: int | None
+    prediction_drift: bool | None
+    prediction_drift_score: float | None
+    features: list[FeatureDriftPublic]
+    quality: dict[str, Any]
+    report_url: str | None = Field(description="Evidently's HTML report of the window, while it is kept.")
+    computed_at: datetime
+    labelled: int
+    accuracy: float | None
+    f1: float | None
+    mae: float | None
+    rmse: float | None
+    performance_at: datetime | None
+
+
+class WindowPage(BaseModel):
+    """Windows, newest first; ``next_before``: pass it as ``before`` for the next page (null: no more)."""
+
+    model: str
+    items: list[WindowPublic]
+    next_before: int | None
 
 
 class DriftPublic(BaseModel):
+    """The drift of a model's newest ``ok`` window (of one version, if asked)."""
+
     model: str
     version: str
+    window_id: int
+    kind: str
+    started_at: datetime
+    ended_at: datetime
     reference: ReferencePublic
     current_rows: int
     dataset_drift: bool
     drift_share: float
+    drifted_count: int | None
     features: list[FeatureDriftPublic]
+    prediction: PredictionDriftPublic | None
+    quality: dict[str, Any]
+    report_url: str | None
+    computed_at: datetime
 
 
 class DriftSummary(BaseModel):
-    """The latest verdict the monitor computed for a model (its background refresh or a request)."""
+    """A model at a glance, as stored: its newest drift verdict, newest window and live metrics.
+
+    ``version`` … ``computed_at`` and ``window_id``: the newest ``ok`` window (null before the
+    first); ``status``: the newest window's, whatever it is (``latest_window_id``); the live
+    metrics: the newest window with labels (``performance_window_id``).
+    """
 
     model: str
+    version: str | None
+    dataset_drift: bool | None
+    drift_share: float | None
+    current_rows: int | None
+    computed_at: datetime | None = Field(description="When this verdict was computed (UTC).")
+    window_id: int | None
+    status: str
+    latest_window_id: int
+    labelled: int | None = None
+    accuracy: float | None = None
+    f1: float | None = None
+    mae: float | None = None
+    rmse: float | None = None
+    performance_window_id: int | None = None
+
+
+class ReportPublic(BaseModel):
+    window_id: int
     version: str
-    dataset_drift: bool
-    drift_share: float
-    current_rows: int
-    computed_at: datetime = Field(description="When this verdict was computed (UTC).")
+    started_at: datetime
+    ended_at: datetime
+    rows: int
+    dataset_drift: bool | None
+    drift_share: float | None
+    url: str
+
+
+class ReportPage(BaseModel):
+    model: str
+    items: list[ReportPublic]
+    next_before: int | None

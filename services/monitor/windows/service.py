@@ -1,299 +1,165 @@
-"""Drift of a model's logged inputs against the dataset revision its production version was trained on."""
+"""Closing windows: the loop's step that cuts each served version's prediction log into windows and
+records, for each, its status, data quality, drift (Evidently) and report.
+
+A request never computes anything; the routes read the rows written here (:mod:`.queries`).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from collections import defaultdict
+from dataclasses import asdict
+from datetime import timedelta
 
-import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from services.monitor.windows.drift import DriftResult, compute_drift
-from services.monitor.windows.schemas import DriftPublic, DriftSummary, FeatureDriftPublic, ReferencePublic
-from services.monitor.settings import MonitorSettings
-from services.monitor.windows.references import ReferenceCache
-from shipyard_common.datasets import DataRepo
-from shipyard_common.db import Database
-from shipyard_common.errors import Conflict, NotFound, ShipyardError, Unavailable
-from shipyard_common.lineage import PRODUCTION, TAG_DATASET, TAG_DATASET_REV, TAG_FEATURES
+from services.monitor.context import Monitor
+from services.monitor.tables import WindowRecord
+from services.monitor.windows import cutting, gauges, quality
+from services.monitor.windows.compute import Outcome, assess
+from services.monitor.windows.cutting import Due, Plan
+from services.monitor.windows.drift import DriftOptions
+from services.monitor.windows.lineage import Lineage, served_versions
+from services.monitor.windows.reports import prune_reports, write_report
+from shipyard_common.db import utcnow
+from shipyard_common.errors import ShipyardError, Unavailable
 from shipyard_common.records import PredictionRecord
 
 log = logging.getLogger("shipyard.monitor")
 
-# MLflow answers these when the model, or the alias on it, does not exist.
-_MLFLOW_MISSING = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 
-
-class DriftGauges:
-    """The drift gauges of one app, kept to the current feature set of each model."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.feature_score = Gauge(
-            "shipyard_feature_drift_score",
-            "Evidently drift score of one feature (p-value for K-S, distance for Wasserstein)",
-            ["model", "feature"],
-            registry=registry,
-        )
-        self.dataset_drift = Gauge(
-            "shipyard_dataset_drift", "1 when Evidently finds dataset drift, else 0", ["model"],
-            registry=registry,
-        )
-        self.drift_share = Gauge(
-            "shipyard_drift_share", "Share of features Evidently finds drifted", ["model"], registry=registry
-        )
-        self.refresh_errors = Counter(
-            "shipyard_drift_refresh_errors",
-            "Background drift computations that failed unexpectedly",
-            ["model"],
-            registry=registry,
-        )
-        self._features: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
-
-    def update(self, report: DriftPublic) -> None:
-        with self._lock:
-            current = {feature.name for feature in report.features}
-            # A newly promoted version may have other features; drop series nobody updates any more.
-            for stale in self._features.get(report.model, set()) - current:
-                self.feature_score.remove(report.model, stale)
-            self._features[report.model] = current
-            for feature in report.features:
-                score = feature.score if feature.score is not None else float("nan")
-                self.feature_score.labels(report.model, feature.name).set(score)
-            self.dataset_drift.labels(report.model).set(1.0 if report.dataset_drift else 0.0)
-            self.drift_share.labels(report.model).set(report.drift_share)
-
-
-@dataclass
-class Monitor:
-    """What the monitor's functions need; one per app."""
-
-    settings: MonitorSettings
-    database: Database
-    mlflow: MlflowClient
-    references: ReferenceCache
-    gauges: DriftGauges
-    stop: threading.Event = field(default_factory=threading.Event)
-    # The newest verdict per model, for readers that must not pay for a computation (the registry).
-    latest: dict[str, DriftSummary] = field(default_factory=dict)
-
-
-def create_monitor(*, settings: MonitorSettings, database: Database, registry: CollectorRegistry) -> Monitor:
-    platform = settings.platform
-    repo = DataRepo.from_settings(platform)
-    return Monitor(
-        settings=settings,
-        database=database,
-        mlflow=MlflowClient(tracking_uri=platform.mlflow_tracking_uri),
-        references=ReferenceCache(repo.read, settings.reference_cache_size),
-        gauges=DriftGauges(registry),
-    )
-
-
-@dataclass(frozen=True)
-class Lineage:
-    version: str
-    dataset: str
-    rev: str
-    features: list[str]
-
-
-def get_production_lineage(*, monitor: Monitor, model: str) -> Lineage:
-    try:
-        version = monitor.mlflow.get_model_version_by_alias(model, PRODUCTION)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise NotFound(f"model {model!r} is not in the registry") from exc
-        if exc.error_code in _MLFLOW_MISSING:
-            raise NotFound(
-                f"model {model!r} has no '{PRODUCTION}' version yet: promote one to monitor its drift"
-            ) from exc
-        raise Unavailable(f"the MLflow registry did not answer for model {model!r}: {exc.message}") from exc
-    except Exception as exc:  # requests/connection errors surface unwrapped from the client
-        raise Unavailable(f"the MLflow registry cannot be reached: {exc}") from exc
-
-    tags: dict[str, str] = dict(version.tags or {})
-    missing = [tag for tag in (TAG_DATASET, TAG_DATASET_REV, TAG_FEATURES) if not tags.get(tag)]
-    if missing:
-        raise Conflict(
-            f"version {version.version} of {model!r} lacks the lineage tags {missing}; "
-            "drift needs the dataset revision and features it was trained on"
-        )
-    try:
-        features = json.loads(tags[TAG_FEATURES])
-    except ValueError as exc:
-        raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version.version} is not JSON: {exc}") from exc
-    if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
-        raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version.version} is not a list of feature names")
-    return Lineage(
-        version=str(version.version), dataset=tags[TAG_DATASET], rev=tags[TAG_DATASET_REV], features=features
-    )
-
-
-def get_reference(*, monitor: Monitor, lineage: Lineage, model: str) -> pd.DataFrame:
-    try:
-        frame = monitor.references.get(lineage.dataset, lineage.rev)
-    except NotFound as exc:
-        # The model exists; a 404 here would read as "no such model".
-        raise Conflict(
-            f"the reference data of {model!r} v{lineage.version} cannot be read: {exc.message}"
-        ) from exc
-    absent = [name for name in lineage.features if name not in frame.columns]
-    if absent:
-        raise Conflict(
-            f"dataset {lineage.dataset!r} at {lineage.rev[:12]} lacks features {absent[:5]} "
-            f"that {model!r} v{lineage.version} was trained on"
-        )
-    return frame[lineage.features]
-
-
-def list_current_rows(*, monitor: Monitor, model: str, width: int, window: int) -> list[list[float]]:
-    """The newest ``window`` logged input rows of ``model``, oldest first.
-
-    A logged request holds a batch of rows; rows of another width (a version with other
-    features answered them) cannot be compared with this reference and are left out.
-    """
-    statement = (
-        select(PredictionRecord.inputs)
-        .where(PredictionRecord.model == model, PredictionRecord.role == PRODUCTION)
-        .order_by(PredictionRecord.created_at.desc(), PredictionRecord.id.desc())
-        .execution_options(yield_per=500)
-    )
-    newest_first: list[list[float]] = []
-    with monitor.database.session() as session:
-        for inputs in session.scalars(statement):
-            for row in reversed(_rows(inputs)):
-                if len(row) == width:
-                    newest_first.append(row)
-            if len(newest_first) >= window:
-                break
-    return list(reversed(newest_first[:window]))
-
-
-def _rows(inputs: Any) -> list[list[float]]:
-    if not isinstance(inputs, list) or not inputs:
-        return []
-    if not isinstance(inputs[0], list):  # one row logged without its batch brackets
-        inputs = [inputs]
-    rows = []
-    for row in inputs:
-        try:
-            rows.append([float(value) for value in row])
-        except (TypeError, ValueError):
-            continue
-    return rows
-
-
-def get_drift(*, monitor: Monitor, model: str, window: int) -> DriftPublic:
-    """Drift of the newest ``window`` rows logged for ``model`` against its training data."""
-    lineage = get_production_lineage(monitor=monitor, model=model)
-    reference = get_reference(monitor=monitor, lineage=lineage, model=model)
-    rows = list_current_rows(monitor=monitor, model=model, width=len(lineage.features), window=window)
-    needed = monitor.settings.min_rows
-    if len(rows) < needed:
-        raise Conflict(
-            f"model {model!r} has {len(rows)} logged prediction rows; drift needs at least {needed}"
-        )
-    current = pd.DataFrame(rows, columns=lineage.features)
-    result = compute_drift(
-        reference=reference, current=current, features=lineage.features,
-        drift_share=monitor.settings.drift_share,
-    )
-    report = to_public(model=model, lineage=lineage, reference_rows=len(reference),
-                       current_rows=len(current), result=result)
-    monitor.gauges.update(report)
-    monitor.latest[model] = DriftSummary(
-        model=model, version=report.version, dataset_drift=report.dataset_drift,
-        drift_share=report.drift_share, current_rows=report.current_rows, computed_at=datetime.now(UTC),
-    )
-    return report
-
-
-def list_latest(*, monitor: Monitor) -> list[DriftSummary]:
-    """The newest verdict of every model drift was computed for since this process started."""
-    return sorted(monitor.latest.values(), key=lambda summary: summary.model)
-
-
-def to_public(
-    *, model: str, lineage: Lineage, reference_rows: int, current_rows: int, result: DriftResult
-) -> DriftPublic:
-    return DriftPublic(
-        model=model,
-        version=lineage.version,
-        reference=ReferencePublic(dataset=lineage.dataset, rev=lineage.rev, rows=reference_rows),
-        current_rows=current_rows,
-        dataset_drift=result.dataset_drift,
-        drift_share=result.drift_share,
-        features=[
-            FeatureDriftPublic(
-                name=f.name, score=f.score, method=f.method, threshold=f.threshold, drifted=f.drifted
-            )
-            for f in result.features
-        ],
-    )
-
-
-def list_logged_models(*, monitor: Monitor) -> list[str]:
-    statement = select(PredictionRecord.model).where(PredictionRecord.role == PRODUCTION).distinct()
-    with monitor.database.session() as session:
-        return sorted(session.scalars(statement))
-
-
-def refresh_all(*, monitor: Monitor) -> int:
-    """Recompute drift, and so the gauges, of every logged model that can have it; return how many."""
-    refreshed = 0
-    for model in list_logged_models(monitor=monitor):
-        if monitor.stop.is_set():
-            break
-        try:
-            get_drift(monitor=monitor, model=model, window=monitor.settings.default_window)
-            refreshed += 1
-        except (NotFound, Conflict) as exc:
-            # No production version, or too few rows yet: nothing to report, nothing wrong.
-            log.debug("no drift for %s: %s", model, exc.message)
-        except ShipyardError as exc:
-            monitor.gauges.refresh_errors.labels(model).inc()
-            log.warning("drift refresh of %s failed: %s", model, exc.message)
-        except Exception:
-            monitor.gauges.refresh_errors.labels(model).inc()
-            log.exception("drift refresh of %s failed", model)
-    return refreshed
-
-
-class Refresher:
-    """Keeps the gauges current between requests, so that Prometheus sees drift nobody asked for."""
-
-    def __init__(self, monitor: Monitor) -> None:
-        self.monitor = monitor
-        self.thread = threading.Thread(target=self._run, name="drift-refresher", daemon=True)
-
-    def start(self) -> None:
-        self.monitor.stop.clear()
-        self.thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self.monitor.stop.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self.monitor.stop.is_set():
-            try:
-                refresh_all(monitor=self.monitor)
-            except Exception:  # a database outage must not end the thread for good
-                log.exception("drift refresh pass failed")
-            self.monitor.stop.wait(self.monitor.settings.refresh_interval_s)
-
-
-def close_due_windows(*, monitor: object) -> int:
+def close_due_windows(*, monitor: Monitor) -> int:
     """Close every window that is due and compute its drift and quality; how many closed."""
-    return 0
+    discover(monitor=monitor)
+    by_model: dict[str, list[str]] = defaultdict(list)
+    for model, version in sorted(monitor.windows.known):
+        by_model[model].append(version)
+    closed = 0
+    for model, versions in by_model.items():
+        served = served_versions(mlflow=monitor.mlflow, model=model)
+        for version in versions:
+            if monitor.stop.is_set():
+                return closed
+            try:
+                closed += close_version(monitor=monitor, model=model, version=version, served=served)
+            except Exception as exc:  # one version's trouble must not stop the others
+                monitor.metrics.window_errors.labels(model).inc()
+                log.warning("windows of %s v%s not closed this pass: %s", model, version, exc,
+                            exc_info=not isinstance(exc, ShipyardError))
+    return closed
+
+
+def discover(*, monitor: Monitor) -> None:
+    """Add the (model, version) pairs logged since the last pass to the book."""
+    book = monitor.windows
+    statement = (
+        select(PredictionRecord.model, PredictionRecord.version, func.max(PredictionRecord.id))
+        .where(PredictionRecord.id > book.scanned_to)
+        .group_by(PredictionRecord.model, PredictionRecord.version)
+    )
+    with monitor.database.session() as session:
+        found = session.execute(statement).all()
+    with book.lock:
+        for model, version, newest in found:
+            book.known.add((model, version))
+            book.scanned_to = max(book.scanned_to, int(newest))
+
+
+def close_version(*, monitor: Monitor, model: str, version: str, served: set[str] | None) -> int:
+    """Close the due windows of one version (at most ``max_windows_per_pass``); how many."""
+    plan = plan_windows(monitor=monitor, model=model, version=version,
+                        served=served is None or version in served)
+    for due in plan.due:
+        record = close_window(monitor=monitor, model=model, version=version, due=due)
+        gauges.record_window(monitor.metrics, record)
+    monitor.metrics.pending_rows.labels(model, version).set(plan.pending_rows)
+    if not plan.due and not plan.pending_rows and served is not None and version not in served:
+        # Nothing left to close and no alias: forget it until it is logged again.
+        with monitor.windows.lock:
+            monitor.windows.known.discard((model, version))
+        monitor.metrics.forget_windows(model, version)
+    return len(plan.due)
+
+
+def plan_windows(*, monitor: Monitor, model: str, version: str, served: bool) -> Plan:
+    settings = monitor.settings
+    spec = settings.window_for(model)
+    until = utcnow() - timedelta(seconds=settings.window_grace_s)
+    most = settings.max_windows_per_pass
+    with monitor.database.session() as session:
+        cursor = cutting.read_cursor(session, model=model, version=version)
+        if spec.rows is not None:
+            return cutting.plan_rows(session, model=model, version=version, after_id=cursor.last_id,
+                                     size=spec.rows, until=until, most=most)
+        assert spec.seconds is not None
+        return cutting.plan_time(session, model=model, version=version, cursor=cursor, seconds=spec.seconds,
+                                 until=until, served=served, most=most)
+
+
+def close_window(*, monitor: Monitor, model: str, version: str, due: Due) -> WindowRecord:
+    """Compute and store one window; Unavailable (MLflow or the database away) leaves it for later."""
+    outcome, lineage = _outcome(monitor=monitor, model=model, version=version, due=due)
+    settings = monitor.settings
+    record = _record(model=model, version=version, due=due, outcome=outcome)
+    if lineage is not None:
+        record.dataset, record.dataset_rev = lineage.dataset, lineage.rev
+    with monitor.database.session() as session:
+        session.add(record)
+        session.flush()
+        if outcome.drift is not None:
+            record.report_path = write_report(settings.report_path, record.id, outcome.drift.snapshot)
+            prune_reports(session, root=settings.report_path, model=model, keep=settings.reports_keep)
+    return record
+
+
+def _outcome(*, monitor: Monitor, model: str, version: str, due: Due) -> tuple[Outcome, Lineage | None]:
+    if not due.rows:
+        periods = f" ({due.periods} periods)" if due.periods > 1 else ""
+        return Outcome(quality.EMPTY, f"no predictions were logged in this window{periods}"), None
+    lineage: Lineage | None = None
+    try:
+        lineage = monitor.windows.lineage.get(mlflow=monitor.mlflow, model=model, version=version)
+        reference = monitor.references.get(lineage.dataset, lineage.rev)
+        settings = monitor.settings
+        with monitor.database.session() as session:
+            return assess(session=session, due=due, lineage=lineage, reference=reference,
+                          min_rows=settings.min_rows, options=drift_options(monitor)), lineage
+    except Unavailable:
+        raise
+    except ShipyardError as exc:  # no lineage, no reference, a feature the dataset lacks …
+        return Outcome(quality.ERROR, exc.message), lineage
+    except Exception as exc:  # Evidently failing on this window's data must not stop the next
+        log.exception("window of %s v%s failed", model, version)
+        return Outcome(quality.ERROR, f"drift could not be computed: {type(exc).__name__}: {exc}"), lineage
+
+
+def drift_options(monitor: Monitor) -> DriftOptions:
+    s = monitor.settings
+    return DriftOptions(drift_share=s.drift_share, num_method=s.num_method, cat_method=s.cat_method,
+                        num_threshold=s.num_threshold, cat_threshold=s.cat_threshold)
+
+
+def _record(*, model: str, version: str, due: Due, outcome: Outcome) -> WindowRecord:
+    drift = outcome.drift
+    prediction = drift.prediction if drift is not None else None
+    return WindowRecord(
+        model=model, version=version, kind=due.kind, first_prediction_id=due.first_id,
+        last_prediction_id=due.last_id, started_at=due.started_at, ended_at=due.ended_at,
+        requests=due.requests, rows=due.rows, status=outcome.status, message=outcome.message,
+        dataset_drift=drift.dataset_drift if drift else None,
+        drift_share=drift.drift_share if drift else None,
+        drifted_count=drift.drifted_count if drift else None,
+        prediction_drift=prediction.drifted if prediction else None,
+        prediction_drift_score=prediction.score if prediction else None,
+        features=[asdict(feature) for feature in outcome.features],
+        quality=_with_prediction(outcome), computed_at=utcnow(), labelled=0,
+    )
+
+
+def _with_prediction(outcome: Outcome) -> dict[str, object]:
+    found = dict(outcome.quality)
+    prediction = outcome.drift.prediction if outcome.drift is not None else None
+    if prediction is not None:
+        found["prediction_drift"] = {**found.get("prediction_drift", {}), "method": prediction.method,
+                                     "threshold": prediction.threshold, "kind": prediction.kind}
+    return found

@@ -1,0 +1,110 @@
+"""What the registry says about a served version: its lineage tags, and which versions hold an alias."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from shipyard_common.errors import Conflict, NotFound, Unavailable
+from shipyard_common.lineage import TAG_DATASET, TAG_DATASET_REV, TAG_FEATURES, TAG_TARGET, TAG_TASK
+
+# MLflow answers these when the model or version does not exist.
+_MLFLOW_MISSING = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The data a version was trained on: dataset @ rev, its features, target and task."""
+
+    model: str
+    version: str
+    dataset: str
+    rev: str
+    features: tuple[str, ...]
+    target: str | None
+    task: str | None
+
+
+def _mlflow_error(exc: Exception, what: str) -> Exception:
+    if isinstance(exc, MlflowException):
+        if exc.error_code in _MLFLOW_MISSING:
+            return NotFound(f"{what} is not in the registry")
+        return Unavailable(f"the MLflow registry did not answer for {what}: {exc.message}")
+    return Unavailable(f"the MLflow registry cannot be reached: {exc}")
+
+
+def read_lineage(*, mlflow: MlflowClient, model: str, version: str) -> Lineage:
+    """The lineage tags of ``model`` v``version``; Conflict when they are missing or malformed."""
+    try:
+        found = mlflow.get_model_version(model, version)
+    except Exception as exc:  # requests/connection errors surface unwrapped from the client
+        raise _mlflow_error(exc, f"version {version} of {model!r}") from exc
+    tags: dict[str, str] = dict(found.tags or {})
+    missing = [tag for tag in (TAG_DATASET, TAG_DATASET_REV, TAG_FEATURES) if not tags.get(tag)]
+    if missing:
+        raise Conflict(f"version {version} of {model!r} lacks the lineage tags {missing}; "
+                       "drift needs the dataset revision and features it was trained on")
+    try:
+        features = json.loads(tags[TAG_FEATURES])
+    except ValueError as exc:
+        raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version} is not JSON: {exc}") from exc
+    if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
+        raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version} is not a list of feature names")
+    return Lineage(model=model, version=version, dataset=tags[TAG_DATASET], rev=tags[TAG_DATASET_REV],
+                   features=tuple(features), target=tags.get(TAG_TARGET) or None,
+                   task=tags.get(TAG_TASK) or None)
+
+
+def read_aliases(*, mlflow: MlflowClient, model: str) -> dict[str, str] | None:
+    """Alias → version of ``model``; None when it is not registered. Unavailable when MLflow is not there."""
+    try:
+        registered = mlflow.get_registered_model(model)
+    except Exception as exc:
+        error = _mlflow_error(exc, f"model {model!r}")
+        if isinstance(error, NotFound):
+            return None
+        raise error from exc
+    return {str(alias): str(version) for alias, version in (registered.aliases or {}).items()}
+
+
+def served_versions(*, mlflow: MlflowClient, model: str) -> set[str] | None:
+    """The versions of ``model`` that hold an alias (none if it is gone); None if MLflow cannot tell."""
+    try:
+        aliases = read_aliases(mlflow=mlflow, model=model)
+    except Unavailable:
+        return None
+    return set((aliases or {}).values())
+
+
+def is_registered(*, mlflow: MlflowClient, model: str) -> bool | None:
+    """Whether ``model`` is in the registry; None if MLflow cannot tell now."""
+    try:
+        return read_aliases(mlflow=mlflow, model=model) is not None
+    except Unavailable:
+        return None
+
+
+class LineageCache:
+    """Lineage by (model, version): the trainer writes the tags once, so a hit stays valid."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._found: dict[tuple[str, str], Lineage] = {}
+        self._lock = threading.Lock()
+
+    def get(self, *, mlflow: MlflowClient, model: str, version: str) -> Lineage:
+        key = (model, version)
+        with self._lock:
+            hit = self._found.get(key)
+        if hit is not None:
+            return hit
+        found = read_lineage(mlflow=mlflow, model=model, version=version)
+        with self._lock:
+            if len(self._found) >= self._size:
+                self._found.clear()
+            self._found[key] = found
+        return found
