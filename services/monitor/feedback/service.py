@@ -140,7 +140,7 @@ class Targets:
         key = (model, version)
         if key not in self._found:
             try:
-                self._found[key] = read_target(self._mlflow, model, version)
+                self._found[key] = read_target(mlflow=self._mlflow, model=model, version=version)
             except TargetUnavailable as exc:
                 self._found[key] = exc
         found = self._found[key]
@@ -149,7 +149,7 @@ class Targets:
         return found
 
 
-def read_target(mlflow: MlflowClient, model: str, version: str) -> scoring.Target:
+def read_target(*, mlflow: MlflowClient, model: str, version: str) -> scoring.Target:
     try:
         tags: dict[str, str] = dict(mlflow.get_model_version(model, version).tags or {})
     except MlflowException as exc:
@@ -211,7 +211,7 @@ def join_labels(*, monitor: Monitor, targets: Targets) -> int:
 def _join_chunk(
     session: Session, *, labels: Sequence[FeedbackRecord], targets: Targets, metrics: MonitorMetrics
 ) -> int:
-    logged = logged_requests(session, {label.request_id for label in labels})
+    logged = logged_requests(session, request_ids={label.request_id for label in labels})
     expired = utcnow() - PENDING_TTL
     touched: set[tuple[str, str, int]] = set()
     joined = 0
@@ -223,7 +223,7 @@ def _join_chunk(
             continue
         primary = min(found, key=lambda p: (p.role == SHADOW, p.id))
         try:
-            error = check_label(label, primary, targets)
+            error = check_label(label=label, primary=primary, targets=targets)
         except TargetUnavailable as exc:
             log.info("label %s waits: %s", label.id, exc)
             continue
@@ -231,7 +231,7 @@ def _join_chunk(
             joined += 1
             metrics.feedback.labels(primary.model, "false" if error else "true").inc()
             touched.update((p.model, p.version, p.id) for p in found)
-    mark_windows(session, touched)
+    mark_windows(session, touched=touched)
     return joined
 
 
@@ -240,7 +240,7 @@ def unmatched_error() -> str:
     return f"no prediction with this request id was logged within {days} days of the label"
 
 
-def logged_requests(session: Session, request_ids: set[str]) -> dict[str, list[Logged]]:
+def logged_requests(session: Session, *, request_ids: set[str]) -> dict[str, list[Logged]]:
     statement = select(PredictionRecord.id, PredictionRecord.request_id, PredictionRecord.model,
                        PredictionRecord.version, PredictionRecord.role, PredictionRecord.outputs
                        ).where(PredictionRecord.request_id.in_(request_ids))
@@ -250,7 +250,7 @@ def logged_requests(session: Session, request_ids: set[str]) -> dict[str, list[L
     return found
 
 
-def check_label(label: FeedbackRecord, primary: Logged, targets: Targets) -> str | None:
+def check_label(*, label: FeedbackRecord, primary: Logged, targets: Targets) -> str | None:
     """Why ``label`` cannot be scored against ``primary``'s answer, or None."""
     try:
         answer = scoring.answer_of(primary.outputs, label.row)
@@ -277,7 +277,7 @@ def _settle(
     return bool(getattr(result, "rowcount", 0))
 
 
-def mark_windows(session: Session, touched: Iterable[tuple[str, str, int]]) -> None:
+def mark_windows(session: Session, *, touched: Iterable[tuple[str, str, int]]) -> None:
     """Clear ``performance_at`` of every window that holds one of the ``touched`` predictions."""
     by_version: dict[tuple[str, str], list[int]] = defaultdict(list)
     for model, version, prediction_id in touched:
@@ -378,7 +378,8 @@ def summarize(*, database: Database, model: str, windows: int) -> FeedbackSummar
     by_version: dict[str, list[WindowRecord]] = defaultdict(list)
     for window in labelled:
         by_version[window.version].append(window)
-    versions = [version_live(version, found, windows) for version, found in by_version.items()]
+    versions = [version_live(version=version, windows=found, limit=windows)
+                for version, found in by_version.items()]
     versions.sort(key=newest_version_first)
     return FeedbackSummary(
         model=model, joined=int(joined or 0), rejected=int(rejected or 0), versions=versions,
@@ -396,7 +397,7 @@ def rejected_label(label: FeedbackRecord) -> RejectedLabelPublic:
                                version=label.version, error=label.error or "", created_at=label.created_at)
 
 
-def version_live(version: str, windows: list[WindowRecord], limit: int) -> VersionLivePublic:
+def version_live(*, version: str, windows: list[WindowRecord], limit: int) -> VersionLivePublic:
     """``windows``: the version's windows with labels, newest first."""
     overall = scoring.combine(stored_scores(w) for w in windows)
     public = [window_live(w) for w in windows[:limit]]
