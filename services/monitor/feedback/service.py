@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from prometheus_client import Gauge
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -56,6 +58,8 @@ SCORE_BATCH = 200
 # How long a label waits for its request to appear in the prediction log.
 PENDING_TTL = timedelta(days=7)
 RECENT_REJECTED = 10
+# Versions per model whose live gauges are kept: those labelled most recently.
+LIVE_VERSIONS = 5
 
 T = TypeVar("T")
 
@@ -346,18 +350,41 @@ def score_window(session: Session, *, window: WindowRecord, targets: Targets) ->
 
 
 def update_gauges(*, database: Database, metrics: MonitorMetrics) -> None:
-    """Each version's live gauges from its newest window with labels."""
+    """Each version's live gauges from its newest window with labels.
+
+    Per model, only the ``LIVE_VERSIONS`` versions labelled most recently keep series: old versions'
+    are removed, so that the series stay bounded however many versions a model had.
+    """
     newest = (select(func.max(WindowRecord.id)).where(WindowRecord.labelled > 0)
               .group_by(WindowRecord.model, WindowRecord.version))
     with database.session() as session:
-        windows = session.scalars(select(WindowRecord).where(WindowRecord.id.in_(newest))).all()
+        windows = session.scalars(select(WindowRecord).where(WindowRecord.id.in_(newest))
+                                  .order_by(WindowRecord.id.desc())).all()
+    kept: Counter[str] = Counter()
     for window in windows:
-        labels = (window.model, window.version)
-        metrics.live_labelled.labels(*labels).set(window.labelled)
-        for gauge, value in ((metrics.live_accuracy, window.accuracy), (metrics.live_f1, window.f1),
-                             (metrics.live_mae, window.mae), (metrics.live_rmse, window.rmse)):
-            if value is not None:
-                gauge.labels(*labels).set(value)
+        kept[window.model] += 1
+        if kept[window.model] > LIVE_VERSIONS:
+            remove_live_gauges(metrics=metrics, model=window.model, version=window.version)
+        else:
+            set_live_gauges(metrics=metrics, window=window)
+
+
+def live_gauges(metrics: MonitorMetrics) -> tuple[Gauge, ...]:
+    return (metrics.live_labelled, metrics.live_accuracy, metrics.live_f1, metrics.live_mae,
+            metrics.live_rmse)
+
+
+def set_live_gauges(*, metrics: MonitorMetrics, window: WindowRecord) -> None:
+    values = (window.labelled, window.accuracy, window.f1, window.mae, window.rmse)
+    for gauge, value in zip(live_gauges(metrics), values, strict=True):
+        if value is not None:
+            gauge.labels(window.model, window.version).set(value)
+
+
+def remove_live_gauges(*, metrics: MonitorMetrics, model: str, version: str) -> None:
+    for gauge in live_gauges(metrics):
+        with contextlib.suppress(KeyError):  # never set, or already removed
+            gauge.remove(model, version)
 
 
 # -- GET /feedback/{model} ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from services.monitor.app import create_app
 from services.monitor.feedback import scoring
 from services.monitor.feedback.schemas import MAX_LABELS
-from services.monitor.feedback.service import PENDING_TTL
+from services.monitor.feedback.service import LIVE_VERSIONS, PENDING_TTL
 from services.monitor.loop import run_pass
 from services.monitor.settings import MAX_WINDOW, MonitorSettings, WindowSpec
 from services.monitor.tables import FeedbackRecord, WindowRecord
@@ -306,6 +306,32 @@ def test_regression_labels_give_mae_and_rmse(monitor: Monitor) -> None:
     assert ("shipyard_live_accuracy", live(model, "1")) not in metrics
     overall = monitor.summary(model)["versions"][0]["overall"]
     assert overall["mae"] == pytest.approx(scored.mae) and overall["rmse"] == pytest.approx(scored.rmse)
+
+
+def test_live_gauges_are_kept_for_the_versions_labelled_last(monitor: Monitor) -> None:
+    model = f"many-{uuid.uuid4().hex[:8]}"
+    versions = [str(v) for v in range(1, LIVE_VERSIONS + 2)]
+
+    def labelled_window(version: str) -> None:  # scored already: the pass only sets the gauges
+        now = utcnow()
+        with monitor.database.session() as session:
+            session.add(WindowRecord(model=model, version=version, kind="rows", started_at=now,
+                                     ended_at=now, status="ok", labelled=10, accuracy=int(version) / 10,
+                                     f1=0.5, performance_at=now))
+
+    def shown() -> set[str]:
+        metrics = gauges(monitor.client)
+        return {v for v in versions if ("shipyard_live_accuracy", live(model, v)) in metrics}
+
+    for version in versions[:-1]:
+        labelled_window(version)
+    monitor.run_pass()
+    assert shown() == set(versions[:-1])
+    labelled_window(versions[-1])
+    monitor.run_pass()
+    assert shown() == set(versions[1:])  # the version labelled longest ago lost its series
+    newest = gauges(monitor.client)[("shipyard_live_accuracy", live(model, versions[-1]))]
+    assert newest == pytest.approx(int(versions[-1]) / 10)
 
 
 def test_what_a_post_accepts_and_who_may_send(platform: PlatformSettings) -> None:
