@@ -77,6 +77,8 @@ def production_version(*, monitor: Monitor, model: str) -> str:
         if exc.error_code in _MLFLOW_MISSING:
             raise NotFound(f"there is no registered model {model!r}") from None
         raise Unavailable(f"the registry (MLflow) cannot be read: {exc.message}") from exc
+    except Exception as exc:  # connection errors surface unwrapped from MLflow's client
+        raise Unavailable(f"the registry (MLflow) cannot be reached: {exc}") from exc
     version = (registered.aliases or {}).get(PRODUCTION)
     if version is None:
         raise Conflict(f"{model} has no production version: there is nothing to retrain from")
