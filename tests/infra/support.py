@@ -23,7 +23,7 @@ GPU_METRICS = "shipyard_gpu_"
 
 # Grafana's built-in interval variables, as Grafana would fill them in for a 1 s scrape interval over
 # the last few minutes.
-BUILTINS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "10m"}
+BUILTINS = {"$__rate_interval": "5m", "$__interval": "15s", "$__range": "10m"}
 # A top-level comparison against a number at the end of an expression: `… > 0.05`, `… == 0`.
 THRESHOLD = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*(bool\s+)?-?[0-9][0-9.e+-]*\s*$")
 
