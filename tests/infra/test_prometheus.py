@@ -130,3 +130,42 @@ def test_no_prometheus_or_grafana_unless_asked_for_and_installed(tmp_path, monke
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     stack = default_stack(tmp_path, prometheus_port=free_port(), grafana_port=free_port())
     assert stack.prometheus_component() is None and stack.grafana_component() is None
+
+
+def test_shipyard_up_asks_for_prometheus_and_grafana_on_their_ports(tmp_path, monkeypatch):
+    """``shipyard up --with-grafana``: the worker on its fixed port, Prometheus and Grafana (a stand-in
+    ``grafana-server`` on PATH here) on the ports the environment names."""
+    from shipyard_cli.main import _stack_for_up
+
+    grafana = tmp_path / "bin" / "grafana-server"
+    grafana.parent.mkdir()
+    grafana.write_text("#!/bin/sh\nexit 0\n")
+    grafana.chmod(0o755)
+    prometheus_bin = shutil.which("prometheus") or "/nonexistent/prometheus"
+    monkeypatch.setenv("PATH", f"{grafana.parent}:{Path(prometheus_bin).parent}")
+    monkeypatch.setenv("SHIPYARD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("SHIPYARD_PROMETHEUS_PORT", "19090")
+    monkeypatch.setenv("SHIPYARD_GRAFANA_PORT", "13000")
+    monkeypatch.delenv("SHIPYARD_WORKER_METRICS_PORT", raising=False)
+    stack = _stack_for_up(with_prometheus=True, with_grafana=True)
+    assert stack.worker_metrics_port == observability.DEFAULT_WORKER_METRICS_PORT
+    if shutil.which("prometheus") is None:
+        assert stack.prometheus_port is None and stack.grafana_port is None
+        return
+    assert (stack.prometheus_port, stack.grafana_port) == (19090, 13000)
+    component = stack.grafana_component()
+    assert component is not None and component.argv[0] == str(grafana)
+    assert component.env["GF_SERVER_HTTP_PORT"] == "13000"
+    assert component.env["SHIPYARD_PROMETHEUS_URL"] == "http://127.0.0.1:19090"
+    assert component.env["GF_PATHS_PROVISIONING"] == str(observability.GRAFANA_PROVISIONING)
+    assert component.health_url == "http://127.0.0.1:13000/api/health"
+
+
+def test_shipyard_up_goes_on_without_prometheus_when_none_is_installed(tmp_path, monkeypatch):
+    from shipyard_cli.main import _stack_for_up
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setenv("SHIPYARD_STATE_DIR", str(tmp_path / "state"))
+    stack = _stack_for_up(with_prometheus=True, with_grafana=True)
+    assert stack.prometheus_port is None and stack.grafana_port is None
+    assert [c for c in (stack.prometheus_component(), stack.grafana_component()) if c] == []
