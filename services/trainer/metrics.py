@@ -38,7 +38,6 @@ import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.sql import extract
@@ -181,7 +180,7 @@ class JobCollector(Collector):
             for state in ENDED:
                 found = durations.get((queue, state), empty)
                 pairs = zip(DURATION_BUCKETS, found.at_most, strict=True)
-                buckets = [(floatToGoString(bound), float(n)) for bound, n in pairs]
+                buckets = [(str(bound), float(n)) for bound, n in pairs]  # le="5.0", as prometheus_client
                 buckets.append(("+Inf", float(found.jobs)))
                 family.add_metric([queue, state], buckets, found.seconds)
         return family
