@@ -233,10 +233,31 @@ class ShipyardClient:
     def serving_models(self) -> list[dict[str, Any]]:
         return self._call("GET", f"{self.platform.serving_url}/v1/models")
 
-    # monitor
-    def drift(self, model: str, window: int | None = None) -> dict[str, Any]:
-        params = {"window": window} if window else None
-        return self._call("GET", f"{self.platform.monitor_url}/drift/{model}", params=params)
+    # monitor: windows, drift and reports, as the monitor's loop stored them
+    def drift(self, model: str, version: str | None = None) -> dict[str, Any]:
+        """The drift of the newest ``ok`` window of ``model`` (of ``version``, if given)."""
+        params = {"version": version} if version else None
+        return self._call("GET", f"{self.platform.monitor_url}/drift/{quote(model, safe='')}", params=params)
+
+    def drift_summaries(self) -> list[dict[str, Any]]:
+        """Per model: the newest verdict, the newest window's status, the newest live metrics."""
+        return self._call("GET", f"{self.platform.monitor_url}/drift")
+
+    def windows(
+        self, model: str, *, version: str | None = None, status: str | None = None, limit: int = 50,
+        before: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of ``model``'s closed windows, newest first (``next_before`` for the next page)."""
+        params = {k: v for k, v in {"version": version, "status": status, "limit": limit,
+                                    "before": before}.items() if v is not None}
+        url = f"{self.platform.monitor_url}/windows/{quote(model, safe='')}"
+        return self._call("GET", url, params=params)
+
+    def reports(self, model: str, *, limit: int = 50, before: int | None = None) -> dict[str, Any]:
+        """One page of ``model``'s windows that have an Evidently report, newest first."""
+        params = {"limit": limit, **({"before": before} if before else {})}
+        url = f"{self.platform.monitor_url}/reports/{quote(model, safe='')}"
+        return self._call("GET", url, params=params)
 
 
 def ui_url(platform: PlatformSettings) -> str:

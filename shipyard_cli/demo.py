@@ -17,15 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from shipyard_cli.client import ClientError, ShipyardClient, ui_url
+from shipyard_cli.drift import drift_table
 from shipyard_cli.stack import Stack
-from shipyard_cli.views import drift_table, print_gate
+from shipyard_cli.views import print_gate
 from shipyard_common.lineage import PRODUCTION, TAG_FEATURES
 from shipyard_common.settings import DEV_ADMIN_TOKEN, DEV_APPROVER_TOKEN, DEV_TRAINER_TOKEN, PlatformSettings
 
 DEMO_MODEL = "breast_cancer"
-DEMO_ROWS = 200
 SHIFTED_FEATURES = 8
-ALL_ROWS = 100_000  # the monitor's largest window
 # The demo's gate: a floor, and no worse than production by more than two points on the same data.
 DEMO_GATE = ["val_accuracy >= 0.9", "val_accuracy >= production - 0.02"]
 REQUEST_REASON = "demo: nightly retrain of breast_cancer on the latest data"
@@ -84,23 +83,24 @@ def run_demo(platform: PlatformSettings, *, console: Console, keep_running: bool
         wait_until_served(client, DEMO_MODEL, version)
         features = json.loads(client_version_tags(client, DEMO_MODEL, version)[TAG_FEATURES])
         rng = np.random.default_rng(7)
-        sample = frame[features].sample(DEMO_ROWS, random_state=7).to_numpy(dtype=float)
-        answer = client.predict(DEMO_MODEL, sample[:1].tolist())
+        answer = client.predict(DEMO_MODEL, frame[features].iloc[:1].to_numpy(dtype=float).tolist())
         console.print(f"  prediction for row 0 by v{answer['model_version']}: {answer['outputs'][0]}")
 
-        console.rule(f"[bold]6. {DEMO_ROWS} unchanged rows → drift?")
-        before = logged_rows(client, DEMO_MODEL)
-        send_rows(client, DEMO_MODEL, sample)
-        calm = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, logged_before=before)
+        size = window_rows(client, DEMO_MODEL)
+        console.rule(f"[bold]6. two windows of {size} unchanged rows → drift?")
+        calm_rows = frame[features].sample(2 * size, replace=True, random_state=7).to_numpy(dtype=float)
+        before = newest_window_id(client, DEMO_MODEL)
+        send_rows(client, DEMO_MODEL, calm_rows)
+        calm = wait_for_window(client, DEMO_MODEL, after=before)
         console.print(drift_table(calm))
 
-        console.rule(f"[bold]7. {DEMO_ROWS} rows with {SHIFTED_FEATURES} features shifted by 3σ → drift?")
-        shifted = sample.copy()
+        console.rule(f"[bold]7. two windows with {SHIFTED_FEATURES} features shifted by 3σ → drift?")
+        shifted = calm_rows.copy()
         columns = rng.choice(len(features), size=SHIFTED_FEATURES, replace=False)
         shifted[:, columns] += 3 * frame[features].to_numpy(dtype=float).std(axis=0)[columns]
-        before = logged_rows(client, DEMO_MODEL)
+        before = newest_window_id(client, DEMO_MODEL)
         send_rows(client, DEMO_MODEL, shifted)
-        stormy = wait_for_drift(client, DEMO_MODEL, DEMO_ROWS, logged_before=before)
+        stormy = wait_for_window(client, DEMO_MODEL, after=before)
         console.print(drift_table(stormy))
         console.print(
             f"[bold]demo done[/bold]: v{version} requested by dev-trainer, approved by dev-approver, served; "
@@ -156,29 +156,40 @@ def send_rows(client: ShipyardClient, model: str, rows: np.ndarray, batch: int =
         client.predict(model, rows[start : start + batch].tolist())
 
 
-def logged_rows(client: ShipyardClient, model: str) -> int:
-    """How many input rows the monitor sees in the prediction log for ``model``."""
-    try:
-        return int(client.drift(model, ALL_ROWS)["current_rows"])
-    except ClientError as exc:
-        if exc.status == 409:  # too few rows to judge drift yet
-            return 0
-        raise
+def window_rows(client: ShipyardClient, model: str) -> int:
+    """How many rows close one of ``model``'s windows (the monitor's setting for it)."""
+    spec = client.windows(model, limit=1)["window"]
+    if "rows" not in spec:
+        raise ClientError(409, f"the monitor cuts {model}'s windows by time ({spec}); the demo needs "
+                               "windows by rows (SHIPYARD_MONITOR_WINDOW='{\"rows\": 200}')")
+    return int(spec["rows"])
 
 
-def wait_for_drift(
-    client: ShipyardClient, model: str, window: int, *, logged_before: int, timeout: float = 30
+def newest_window_id(client: ShipyardClient, model: str) -> int:
+    """The id of ``model``'s newest closed window (0 before the first)."""
+    items = client.windows(model, limit=1)["items"]
+    return int(items[0]["id"]) if items else 0
+
+
+def wait_for_window(
+    client: ShipyardClient, model: str, *, after: int, windows: int = 2, timeout: float = 90
 ) -> dict[str, Any]:
-    """The drift report over the last ``window`` rows, once the rows just sent have been logged.
+    """The drift of the newest window once ``windows`` windows have closed after window ``after``.
 
-    The prediction log is written asynchronously, so the rows may land a moment after the
-    answers; waiting for the count keeps the report from mixing in older rows.
+    Rows sent to fill two windows make the second one theirs alone, whatever was pending before;
+    the monitor's loop closes them once the prediction log holds them (a few seconds).
     """
     deadline = time.monotonic() + timeout
-    while logged_rows(client, model) < logged_before + window:
+    while True:
+        items = client.windows(model, limit=windows)["items"]
+        fresh = [item for item in items if int(item["id"]) > after]
+        if len(fresh) >= windows:
+            newest = fresh[0]
+            if newest["status"] != "ok":
+                raise ClientError(409, f"window #{newest['id']} of {model} is {newest['status']}: "
+                                       f"{newest['message']}")
+            return client.drift(model, version=str(newest["version"]))
         if time.monotonic() > deadline:
-            raise ClientError(
-                504, f"the prediction log did not reach {logged_before + window} rows in {timeout:.0f}s"
-            )
-        time.sleep(0.2)
-    return client.drift(model, window)
+            raise ClientError(504, f"{windows} windows of {model} did not close within {timeout:.0f}s "
+                                   f"({len(fresh)} did)")
+        time.sleep(0.5)

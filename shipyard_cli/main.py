@@ -17,12 +17,13 @@ from shipyard_cli import observability
 from shipyard_cli.client import ClientError, ui_url
 from shipyard_cli.common import console, fail, platform_settings
 from shipyard_cli.data import data_app
+from shipyard_cli.drift import drift
 from shipyard_cli.feedback import feedback
 from shipyard_cli.jobs import jobs_app
 from shipyard_cli.models import models_app
 from shipyard_cli.pipelines import pipelines_app
 from shipyard_cli.retraining import retraining_app
-from shipyard_cli.serving import drift, predict
+from shipyard_cli.serving import predict
 from shipyard_cli.stack import Stack, StackError, prefect_ui_url
 
 app = typer.Typer(help="Shipyard: train, register, promote, serve and watch models.", no_args_is_help=True)

@@ -1,6 +1,7 @@
-"""``shipyard predict`` and ``shipyard drift``: ask serving for predictions, see how their inputs drift.
+"""``shipyard predict``: ask serving for predictions.
 
-Both are top-level commands; ``shipyard_cli.main`` registers them on the root app.
+A top-level command; ``shipyard_cli.main`` registers it on the root app (``shipyard drift`` lives in
+``shipyard_cli.drift``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import typer
 
 from shipyard_cli.client import ClientError
 from shipyard_cli.common import TokenOption, client_for, console, fail
-from shipyard_cli.views import drift_table
 from shipyard_common.settings import DEV_ADMIN_TOKEN
 
 
@@ -33,12 +33,3 @@ def predict(
     except ClientError as exc:
         fail(exc.message)
 
-
-def drift(
-    model: str, window: Annotated[int | None, typer.Option()] = None, token: TokenOption = DEV_ADMIN_TOKEN
-) -> None:
-    """Show per-feature drift of recent predictions against the training data."""
-    try:
-        console.print(drift_table(client_for(token).drift(model, window)))
-    except ClientError as exc:
-        fail(exc.message)

@@ -66,22 +66,3 @@ def print_gate(verdict: dict[str, Any] | None, alias: str, out: Console = consol
         failing = sum(not rule["passed"] for rule in rules)
         out.print(f"gate: [red]blocks[/red]: an approval would be refused ({failing} of {len(rules)} "
                   "rules fail)")
-
-
-def drift_table(report: dict[str, Any]) -> Table:
-    table = Table(
-        "feature",
-        "score",
-        "method",
-        "drifted",
-        title=f"{report['model']} v{report['version']}: dataset drift = {report['dataset_drift']} "
-        f"(share {report['drift_share']:.2f}, {report['current_rows']} rows)",
-    )
-    for feature in report["features"]:
-        table.add_row(
-            feature["name"],
-            f"{feature['score']:.4g}",
-            str(feature.get("method", "")),
-            "[red]yes[/red]" if feature["drifted"] else "no",
-        )
-    return table

@@ -17,7 +17,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from shipyard_cli.client import ShipyardClient
-from shipyard_cli.demo import logged_rows, send_rows, wait_for_drift, wait_until_served
+from shipyard_cli.demo import newest_window_id, send_rows, wait_for_window, wait_until_served
 from shipyard_cli.stack import Stack
 from shipyard_common.lineage import TAG_DATASET_REV, TAG_FEATURES, TAG_JOB_ID
 from shipyard_common.settings import PlatformSettings
@@ -62,30 +62,34 @@ def test_promoted_version_answers_predictions(deployed, client):
 
 
 def test_drift_flagged_on_shifted_data_only(deployed, client, stack_platform):
+    """Rows sent to fill two windows (the stack's windows are 200 rows): the monitor's loop closes
+    them; the newest holds only these rows, calm or shifted."""
     version = str(deployed["model_version"])
     wait_until_served(client, "breast_cancer", version)
     tags = next(v for v in client.list_versions("breast_cancer") if str(v["version"]) == version)["tags"]
     features = json.loads(tags[TAG_FEATURES])
     frame = load_breast_cancer(as_frame=True).frame
-    rows = frame[features].sample(200, random_state=3).to_numpy(dtype=float)
+    rows = frame[features].sample(400, random_state=3).to_numpy(dtype=float)
 
-    before = logged_rows(client, "breast_cancer")
+    before = newest_window_id(client, "breast_cancer")
     send_rows(client, "breast_cancer", rows)
-    calm = wait_for_drift(client, "breast_cancer", 200, logged_before=before)
-    assert calm["dataset_drift"] is False
+    calm = wait_for_window(client, "breast_cancer", after=before)
+    assert calm["dataset_drift"] is False and calm["current_rows"] == 200
     assert calm["version"] == version and calm["reference"]["rev"] == deployed["dataset_rev"]
 
     shifted = rows.copy()
     shifted[:, :8] += 3 * frame[features].to_numpy(dtype=float).std(axis=0)[:8]
-    before = logged_rows(client, "breast_cancer")
+    before = newest_window_id(client, "breast_cancer")
     send_rows(client, "breast_cancer", shifted)
-    stormy = wait_for_drift(client, "breast_cancer", 200, logged_before=before)
-    assert stormy["dataset_drift"] is True
+    stormy = wait_for_window(client, "breast_cancer", after=before)
+    assert stormy["dataset_drift"] is True and stormy["window_id"] > calm["window_id"]
     drifted = {f["name"] for f in stormy["features"] if f["drifted"]}
     assert set(features[:8]) <= drifted
 
     metrics = httpx.get(f"{stack_platform.monitor_url}/metrics").text
-    assert 'shipyard_dataset_drift{model="breast_cancer"} 1.0' in metrics
+    assert f'shipyard_dataset_drift{{model="breast_cancer",version="{version}"}} 1.0' in metrics
+    [listed] = client.reports("breast_cancer", limit=1)["items"]
+    assert listed["window_id"] == stormy["window_id"]
 
 
 def test_bad_input_gets_a_clear_4xx_everywhere(deployed, stack_platform):

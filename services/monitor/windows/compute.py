@@ -60,15 +60,27 @@ def assess(*, session: Session, due: Due, lineage: Lineage, reference: Reference
     if not found.rows:
         return Outcome(verdict.status, verdict.message, report)
     typed = to_frame(found.rows, features=features, columns=reference.columns)
+    outputs = _outputs(found.outputs)
+    # Millions of Python floats in lists: gone before Evidently runs, or every collection of the
+    # garbage collector walks them again.
+    found.release()
     report.update(quality.value_quality(typed, reference.columns))
     verdict = quality.judge(found, typed.frame, min_rows=min_rows)
     if verdict.status != quality.OK:
         return Outcome(verdict.status, verdict.message, report)
-    return _drift(found.outputs, typed.frame, lineage=lineage, reference=reference, report=report,
-                  options=options)
+    return _drift(outputs, typed.frame, lineage=lineage, reference=reference, report=report, options=options)
 
 
-def _drift(outputs: list[Any], current: pd.DataFrame, *, lineage: Lineage, reference: Reference,
+def _outputs(outputs: list[Any]) -> np.ndarray | str:
+    """The logged outputs as an array of one row per input row, or why they are not."""
+    try:
+        values = np.array(outputs, dtype=np.float64)
+    except (TypeError, ValueError):
+        return "the logged outputs are not rows of numbers of one width"
+    return values.reshape(len(outputs), -1)
+
+
+def _drift(outputs: np.ndarray | str, current: pd.DataFrame, *, lineage: Lineage, reference: Reference,
            report: dict[str, Any], options: DriftOptions) -> Outcome:
     features = list(lineage.features)
     prepared, target = reference.prepared(("evidently", lineage.features, lineage.target, lineage.task),
@@ -118,15 +130,12 @@ def _typed(series: pd.Series, kind: str) -> pd.Series:
     return series.map(lambda value: None if pd.isna(value) else str(value)).astype(object)
 
 
-def _predictions(outputs: list[Any], target: Target | None) -> tuple[pd.Series | None, str | None]:
+def _predictions(values: np.ndarray | str, target: Target | None) -> tuple[pd.Series | None, str | None]:
     """The window's predicted classes or values, or why there are none."""
     if target is None:
         return None, "the version has no usable target/task lineage tags"
-    try:
-        values = np.array(outputs, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None, "the logged outputs are not rows of numbers of one width"
-    values = values.reshape(len(outputs), -1)
+    if isinstance(values, str):
+        return None, values
     if target.kind == NUMERICAL:
         if values.shape[1] != 1:
             return None, f"a regressor's outputs have {values.shape[1]} values per row, not 1"

@@ -45,7 +45,7 @@ def _share(part: float, whole: float) -> float:
 def schema_quality(found: WindowRows) -> dict[str, Any]:
     return {
         "rows": found.total,
-        "checked_rows": len(found.rows),
+        "checked_rows": found.fitting,
         "expected_width": found.expected,
         "widths": {str(width): count for width, count in sorted(found.widths.items())},
         "not_rows": found.not_rows,
@@ -97,7 +97,7 @@ def _outside(values: np.ndarray, stats: ColumnStats) -> int:
 
 def judge(found: WindowRows, frame: pd.DataFrame | None, *, min_rows: int) -> Verdict:
     """Whether drift can be computed on the window (``ok``), or why not."""
-    fit, total = len(found.rows), found.total
+    fit, total = found.fitting, found.total
     if total == 0:
         return Verdict(EMPTY, "no predictions were logged in this window")
     if fit == 0:

@@ -61,7 +61,9 @@ def list_windows(*, monitor: Monitor, model: str, version: str | None, status: s
         if not found:
             require_model(session, monitor=monitor, model=model)
     items = [window_public(record) for record in found[:limit]]
-    return WindowPage(model=model, items=items, next_before=items[-1].id if len(found) > limit else None)
+    spec = monitor.settings.window_for(model).model_dump(exclude_none=True)
+    return WindowPage(model=model, window=spec, items=items,
+                      next_before=items[-1].id if len(found) > limit else None)
 
 
 def window_public(record: WindowRecord) -> WindowPublic:

@@ -67,6 +67,7 @@ class WindowPage(BaseModel):
     """Windows, newest first; ``next_before``: pass it as ``before`` for the next page (null: no more)."""
 
     model: str
+    window: dict[str, float] = Field(description="How its windows are cut: {rows: N} or {seconds: S}.")
     items: list[WindowPublic]
     next_before: int | None
 

@@ -304,7 +304,17 @@ def get(base: str, path: str, role: str | None = "viewer", **params: Any) -> htt
     return httpx.get(f"{base}{path}", params=params, headers=auth(role) if role else {}, timeout=60)
 
 
-def test_the_api_reads_what_the_loop_stored(served_monitor, data):
+def shipyard(base: str, *args: str, tmp_path: Path) -> Any:
+    from typer.testing import CliRunner
+
+    from shipyard_cli.main import app as cli
+
+    env = {"SHIPYARD_MONITOR_URL": base, "SHIPYARD_STATE_DIR": str(tmp_path / "cli"), "COLUMNS": "250",
+           "SHIPYARD_API_TOKEN": "test-viewer"}
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_the_api_reads_what_the_loop_stored(served_monitor, data, tmp_path):
     base, platform = served_monitor
     model = register(platform, data)
     waiting = register(platform, data)
@@ -327,6 +337,15 @@ def test_the_api_reads_what_the_loop_stored(served_monitor, data):
     assert "metric_results" in get(base, listed["url"], format="json").json()
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
     assert f'shipyard_windows_total{{model="{model}",status="ok",version="1"}} 1.0' in metrics
+
+    printed = shipyard(base, "drift", model, "--windows", "5", tmp_path=tmp_path)
+    assert printed.exit_code == 0, printed.output
+    assert f"{model} v1, window #{window['id']}" in printed.output
+    assert "dataset drift = False" in printed.output
+    assert data.features[0] in printed.output and "predictions" in printed.output
+    assert "newest windows" in printed.output and window["report_url"] in printed.output
+    missing = shipyard(base, "drift", waiting, tmp_path=tmp_path)
+    assert missing.exit_code == 1 and "no window has closed yet" in missing.output
 
     # A report path in the database that leads outside the report folder is never served.
     database = Database(platform.database_url)
