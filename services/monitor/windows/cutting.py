@@ -5,7 +5,8 @@ order, until it holds at least N rows (a request's batch is never split). By tim
 seconds aligned on the Unix epoch, ``[start, end)`` by the time each request was answered; a
 period with no rows is an ``empty`` window while the version holds an alias (a run of empty
 periods is one window), and is skipped once it does not. Either way only requests answered at
-least ``grace`` ago are taken: the prediction log is written a moment after the answer.
+least ``grace`` ago are taken: the prediction log is written a moment after the answer. By rows,
+the rows a version has left once it lost its alias are its last window, however few.
 """
 
 from __future__ import annotations
@@ -92,9 +93,14 @@ def read_cursor(session: Session, *, model: str, version: str) -> Cursor:
 
 
 def plan_rows(
-    session: Session, *, model: str, version: str, after_id: int | None, size: int, until: datetime, most: int
+    session: Session, *, model: str, version: str, after_id: int | None, size: int, until: datetime,
+    most: int, served: bool = True,
 ) -> Plan:
-    """Up to ``most`` windows of at least ``size`` rows each, of requests answered before ``until``."""
+    """Up to ``most`` windows of at least ``size`` rows each, of requests answered before ``until``.
+
+    A version that no longer holds an alias gets no more rows: what it has left once ``until``
+    passed its last request is its last window, however few rows it holds.
+    """
     found = session.execute(
         select(P.id, rows_of(P.inputs), P.created_at)
         .where(P.model == model, P.version == version, P.id > (after_id or 0))
@@ -112,6 +118,9 @@ def plan_rows(
         if held >= size:
             due.append(_rows_window(batch))
             batch, held = [], 0
+    if batch and not served and not pending and len(due) < most:
+        due.append(_rows_window(batch))
+        held = 0
     return Plan(due=due, pending_rows=pending + held)
 
 

@@ -90,7 +90,7 @@ def plan_windows(*, monitor: Monitor, model: str, version: str, served: bool) ->
         cursor = cutting.read_cursor(session, model=model, version=version)
         if spec.rows is not None:
             return cutting.plan_rows(session, model=model, version=version, after_id=cursor.last_id,
-                                     size=spec.rows, until=until, most=most)
+                                     size=spec.rows, until=until, most=most, served=served)
         assert spec.seconds is not None
         return cutting.plan_time(session, model=model, version=version, cursor=cursor, seconds=spec.seconds,
                                  until=until, served=served, most=most)

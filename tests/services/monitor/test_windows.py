@@ -291,6 +291,18 @@ def test_unseen_categories_and_one_read_per_revision(make_monitor, data):
     # Two versions on one revision, two windows: the revision was read and described once.
     assert monitor.references.loads == 1
 
+    # v1 has no alias: the 40 rows it has left are its last window; v2's wait for 60 more.
+    for version in ("1", "2"):
+        log(db_url, model, rows[:40], outputs=[[y] for y in sample["y"][:40]], version=version)
+    run_pass(monitor=monitor)
+    [last] = windows(monitor, model)[2:]
+    assert (last.version, last.rows, last.status) == ("1", 40, "ok")
+    assert gauge(monitor, "shipyard_window_pending_rows", model=model, version="2") == 40
+    run_pass(monitor=monitor)  # nothing left of v1: its series go
+    assert gauge(monitor, "shipyard_window_rows", model=model, version="1") is None
+    assert gauge(monitor, "shipyard_window_rows", model=model, version="2") == 100
+    assert (model, "1") not in monitor.windows.known
+
 
 @pytest.fixture
 def served_monitor(platform: PlatformSettings, data: Data) -> Iterator[tuple[str, PlatformSettings]]:
