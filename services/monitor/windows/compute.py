@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy.orm import Session
 
 from services.monitor.windows import quality
-from services.monitor.windows.cutting import Due
 from services.monitor.windows.drift import Columns, DriftOptions, DriftResult, FeatureDrift, compute_drift
-from services.monitor.windows.frames import read_rows, to_frame
+from services.monitor.windows.frames import WindowRows, to_frame
 from services.monitor.windows.lineage import Lineage
 from services.monitor.windows.references import CATEGORICAL, NUMERICAL, Reference
 from shipyard_common.errors import Conflict
@@ -45,15 +43,14 @@ class Target:
     classes: tuple[str, ...] = ()
 
 
-def assess(*, session: Session, due: Due, lineage: Lineage, reference: Reference, min_rows: int,
+def assess(*, found: WindowRows, lineage: Lineage, reference: Reference, min_rows: int,
            options: DriftOptions) -> Outcome:
-    """Read the window's rows, check their quality and, when enough fit, compute their drift."""
+    """Check the quality of the window's rows and, when enough fit, compute their drift."""
     features = list(lineage.features)
     absent = [name for name in features if name not in reference.columns]
     if absent:
         raise Conflict(f"dataset {reference.dataset!r} at {reference.rev[:12]} lacks features {absent[:5]} "
                        f"that v{lineage.version} was trained on")
-    found = read_rows(session, model=lineage.model, version=lineage.version, due=due, expected=len(features))
     report = quality.schema_quality(found)
     report["reference_rows"] = reference.rows
     verdict = quality.judge(found, None, min_rows=min_rows)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from datetime import timedelta
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
 from services.monitor.context import Monitor
 from services.monitor.tables import WindowRecord
@@ -19,6 +20,7 @@ from services.monitor.windows import cutting, gauges, quality
 from services.monitor.windows.compute import Outcome, assess
 from services.monitor.windows.cutting import Due, Plan
 from services.monitor.windows.drift import DriftOptions
+from services.monitor.windows.frames import read_rows
 from services.monitor.windows.lineage import Lineage, served_versions
 from services.monitor.windows.reports import prune_reports, write_report
 from shipyard_common.db import utcnow
@@ -120,11 +122,11 @@ def _outcome(*, monitor: Monitor, model: str, version: str, due: Due) -> tuple[O
     try:
         lineage = monitor.windows.lineage.get(mlflow=monitor.mlflow, model=model, version=version)
         reference = monitor.references.get(lineage.dataset, lineage.rev)
-        settings = monitor.settings
-        with monitor.database.session() as session:
-            return assess(session=session, due=due, lineage=lineage, reference=reference,
-                          min_rows=settings.min_rows, options=drift_options(monitor)), lineage
-    except Unavailable:
+        with monitor.database.session() as session:  # not held while Evidently runs
+            found = read_rows(session, model=model, version=version, due=due, expected=len(lineage.features))
+        return assess(found=found, lineage=lineage, reference=reference, min_rows=monitor.settings.min_rows,
+                      options=drift_options(monitor)), lineage
+    except (Unavailable, DBAPIError):  # MLflow or the database away: the window waits for the next pass
         raise
     except ShipyardError as exc:  # no lineage, no reference, a feature the dataset lacks …
         return Outcome(quality.ERROR, exc.message), lineage
