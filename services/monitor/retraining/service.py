@@ -492,13 +492,22 @@ def _expire_pending(monitor: Monitor) -> int:
 
 
 def _set_running(monitor: Monitor) -> None:
-    """``shipyard_retraining_running``: 1 per model with a retraining under way, else 0 (from the record)."""
+    """The retraining series of every watched model (one with windows, a policy or a trigger), from the
+    record: ``running`` 1 or 0, and the trigger and outcome counters at 0 until they count something,
+    so that dashboards show a zero, and ``increase()`` sees the first trigger."""
     with monitor.database.session() as session:
-        counts = session.execute(
-            select(TriggerRecord.model, func.count(TriggerRecord.active_model)).group_by(TriggerRecord.model)
-        ).all()
-    for model, active in counts:
-        monitor.metrics.retraining_running.labels(model).set(1 if active else 0)
+        counted = session.execute(
+            select(TriggerRecord.model, func.count(TriggerRecord.active_model)).group_by(TriggerRecord.model))
+        active: dict[str, int] = {model: count for model, count in counted}
+        watched = set(active) | set(session.scalars(select(PolicyRecord.model))) | set(
+            session.scalars(select(WindowRecord.model).distinct()))
+    metrics = monitor.metrics
+    for model in watched:
+        metrics.retraining_running.labels(model).set(1 if active.get(model) else 0)
+        for cause in Cause:
+            metrics.triggers.labels(model, cause.value)
+        for outcome in (TriggerState.COMPLETED, TriggerState.FAILED):
+            metrics.trigger_outcomes.labels(model, outcome.value)
 
 
 def follow_triggers(*, monitor: Monitor) -> int:

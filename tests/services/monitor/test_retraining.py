@@ -683,3 +683,21 @@ def test_the_cli_sets_shows_and_deletes_a_policy_and_lists_and_starts_triggers(p
         removed = run("policy", "delete", model)
         assert removed.exit_code == 0 and "policy removed" in removed.output
         assert run("policy", "show", model).exit_code == 1
+
+
+def test_every_watched_model_has_its_retraining_series_at_zero_before_any_trigger(
+    make_monitor, trainer, tmp_path
+):
+    """A dashboard shows 0 for a model that never retrained, and ``increase()`` sees its first trigger."""
+    _, trainer_url = trainer
+    monitor = make_monitor(f"sqlite:///{tmp_path / 'm.db'}", trainer_url)
+    add_windows(monitor, "watched", [0.1])
+    set_policy(monitor, "governed", **DRIFT_POLICY)
+    follow_triggers(monitor=monitor)
+    for model in ("watched", "governed"):
+        assert sample(monitor, "shipyard_retraining_running", model=model) == 0
+        for cause in ("drift", "accuracy", "schedule", "manual"):
+            assert sample(monitor, "shipyard_retraining_triggers_total", model=model, cause=cause) == 0
+        for outcome in ("completed", "failed"):
+            assert sample(monitor, "shipyard_retraining_outcomes_total", model=model, outcome=outcome) == 0
+    assert sample(monitor, "shipyard_retraining_running", model="unwatched") is None
