@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from services.monitor.windows.cutting import Tally
 from services.monitor.windows.lineage import LineageCache
 
 
@@ -20,4 +21,6 @@ class WindowBook:
     known: set[tuple[str, str]] = field(default_factory=set)
     scanned_to: int = 0
     lineage: LineageCache = field(default_factory=LineageCache)
+    # Windows by time: the rows of each version's open period, counted incrementally.
+    tallies: dict[tuple[str, str], Tally] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)

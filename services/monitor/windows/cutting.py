@@ -138,7 +138,7 @@ def period_floor(moment: datetime, seconds: float) -> datetime:
 
 def plan_time(
     session: Session, *, model: str, version: str, cursor: Cursor, seconds: float, until: datetime,
-    served: bool, most: int,
+    served: bool, most: int, tally: Tally | None = None,
 ) -> Plan:
     """Up to ``most`` windows of the periods of ``seconds`` that ended before ``until``."""
     key = (P.model == model, P.version == version)
@@ -154,15 +154,40 @@ def plan_time(
             start = end
             continue
         following = session.scalar(select(func.min(P.created_at)).where(*key, P.created_at >= end))
-        resume = period_floor(following or until, seconds)
+        # Up to the period of the next request, and never past the last period closed by now.
+        resume = period_floor(min(following or until, until), seconds)
         if served:
             periods = max(1, round((resume - start).total_seconds() / seconds))
             due.append(Due(kind=TIME, started_at=start, ended_at=resume, periods=periods))
         start = resume if served or following is not None else None
-    pending = session.scalar(
-        select(func.coalesce(func.sum(rows_of(P.inputs)), 0)).where(*key, P.created_at >= (start or until))
-    )
-    return Plan(due=due, pending_rows=int(pending or 0))
+    return Plan(due=due, pending_rows=_pending_since(session, key, start or until, tally))
+
+
+@dataclass
+class Tally:
+    """Rows logged since ``since`` up to prediction id ``scanned_id``: each pass adds only the new ones."""
+
+    since: datetime
+    scanned_id: int = 0
+    rows: int = 0
+
+
+def _pending_since(session: Session, key: tuple[Any, ...], since: datetime, tally: Tally | None) -> int:
+    """Rows answered since ``since`` (the open period); ``tally`` carries the count between passes,
+    so that a long period's rows are not all counted again on every pass."""
+    if tally is None:
+        return int(session.scalar(
+            select(func.coalesce(func.sum(rows_of(P.inputs)), 0)).where(*key, P.created_at >= since)
+        ) or 0)
+    if tally.since != since:
+        tally.since, tally.scanned_id, tally.rows = since, 0, 0
+    newest, rows = session.execute(
+        select(func.max(P.id), func.coalesce(func.sum(rows_of(P.inputs)), 0))
+        .where(*key, P.created_at >= since, P.id > tally.scanned_id)
+    ).one()
+    if newest is not None:
+        tally.scanned_id, tally.rows = int(newest), tally.rows + int(rows)
+    return tally.rows
 
 
 def _time_start(session: Session, key: tuple[Any, ...], cursor: Cursor, seconds: float) -> datetime | None:

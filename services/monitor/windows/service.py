@@ -79,6 +79,7 @@ def close_version(*, monitor: Monitor, model: str, version: str, served: set[str
         # Nothing left to close and no alias: forget it until it is logged again.
         with monitor.windows.lock:
             monitor.windows.known.discard((model, version))
+            monitor.windows.tallies.pop((model, version), None)
         monitor.metrics.forget_windows(model, version)
     return len(plan.due)
 
@@ -94,8 +95,9 @@ def plan_windows(*, monitor: Monitor, model: str, version: str, served: bool) ->
             return cutting.plan_rows(session, model=model, version=version, after_id=cursor.last_id,
                                      size=spec.rows, until=until, most=most, served=served)
         assert spec.seconds is not None
+        tally = monitor.windows.tallies.setdefault((model, version), cutting.Tally(since=until))
         return cutting.plan_time(session, model=model, version=version, cursor=cursor, seconds=spec.seconds,
-                                 until=until, served=served, most=most)
+                                 until=until, served=served, most=most, tally=tally)
 
 
 def close_window(*, monitor: Monitor, model: str, version: str, due: Due) -> WindowRecord:

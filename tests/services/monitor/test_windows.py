@@ -209,7 +209,8 @@ def test_calm_then_shifted_rows_make_two_windows_by_rows(make_monitor, db_url, d
 
 
 def test_windows_by_time_report_empty_and_small_periods(make_monitor, db_url, data):
-    monitor = make_monitor(db_url, min_rows=30)
+    # The grace keeps the current period open even if the minute turns while the test runs.
+    monitor = make_monitor(db_url, min_rows=30, window_grace_s=20)
     model = register(monitor.settings.platform, data)
     monitor.settings.windows[model] = WindowSpec(seconds=60)
     start = period_floor(utcnow(), 60) - timedelta(minutes=10)
@@ -227,10 +228,13 @@ def test_windows_by_time_report_empty_and_small_periods(make_monitor, db_url, da
         ("ok", 40, 0 * minute, minute), ("empty", 0, minute, 3 * minute),
         ("too_few_rows", 5, 3 * minute, 4 * minute), ("ok", 40, 4 * minute, 5 * minute),
     ]
-    # The periods up to now hold nothing more: one empty window for them, the current one stays open.
+    # The periods closed by now hold nothing more: one empty window for them; the current one is open.
     assert [w.status for w in windows(monitor, model)[4:]] == ["empty"]
     assert windows(monitor, model)[1].message == "no predictions were logged in this window (2 periods)"
     assert gauge(monitor, "shipyard_window_pending_rows", model=model, version="1") == 15
+    log(db_url, model, rows[:5], at=utcnow())  # counted on top of what the last pass counted
+    run_pass(monitor=monitor)
+    assert gauge(monitor, "shipyard_window_pending_rows", model=model, version="1") == 20
     assert gauge(monitor, "shipyard_windows_total", model=model, version="1", status="empty") == 2
 
 
