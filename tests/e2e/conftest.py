@@ -42,8 +42,9 @@ def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
     redis.Redis.from_url(platform.redis_url).flushdb()
     extra_env = {
         "SHIPYARD_SERVING_RECONCILE_INTERVAL_S": "2",
-        # Windows close within a second of their 200th row, so tests wait for seconds, not minutes.
+        # Windows close a second or two after their 200th row is logged, so tests wait for seconds.
         "SHIPYARD_MONITOR_LOOP_INTERVAL_S": "1",
+        "SHIPYARD_MONITOR_WINDOW_GRACE_S": "1",
         "SHIPYARD_MONITOR_WINDOW": '{"rows": 200}',
     }
     stack = Stack(platform, extra_env=extra_env, pipelines_token="test-trainer")
