@@ -13,6 +13,7 @@ from rich.table import Table
 from shipyard_cli.client import ClientError, ShipyardClient
 from shipyard_cli.common import TokenOption, console, fail, platform_settings
 from shipyard_cli.pipelines import ParamOption, parse_params
+from shipyard_common.settings import DEV_ADMIN_TOKEN
 
 retraining_app = typer.Typer(help="Retraining that starts itself: policies per model, triggers, by hand.",
                              no_args_is_help=True)
@@ -95,7 +96,6 @@ def _trigger_table(triggers: list[dict[str, Any]]) -> Table:
 @policy_app.command("set")
 def set_policy(
     model: Annotated[str, typer.Argument(help="The registered model (it needs a production version).")],
-    token: TokenOption,
     drift_share_above: Annotated[float | None, typer.Option(help="Retrain when more than this share of "
                                                             "features drifts …")] = None,
     windows: Annotated[int, typer.Option(help="… in this many windows in a row.")] = 3,
@@ -105,6 +105,7 @@ def set_policy(
     cooldown: Annotated[float, typer.Option(help="Seconds between two retrainings, at least.")] = 3600.0,
     param: ParamOption = None,
     enabled: Annotated[bool, typer.Option(help="--disabled keeps the policy but fires nothing.")] = True,
+    token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Create or replace MODEL's policy: drift, an accuracy floor and/or a schedule, and a cooldown."""
     body = {"enabled": enabled, "drift_share_above": drift_share_above, "consecutive_windows": windows,
@@ -120,8 +121,8 @@ def set_policy(
 
 @policy_app.command("show")
 def show_policy(
-    token: TokenOption,
     model: Annotated[str | None, typer.Argument(help="One model; every policy if left out.")] = None,
+    token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Show one model's policy, or every policy."""
     with _client(token) as client:
@@ -136,7 +137,7 @@ def show_policy(
 
 
 @policy_app.command("delete")
-def delete_policy(model: Annotated[str, typer.Argument()], token: TokenOption) -> None:
+def delete_policy(model: Annotated[str, typer.Argument()], token: TokenOption = DEV_ADMIN_TOKEN) -> None:
     """Remove MODEL's policy (its triggers stay; a retraining under way goes on)."""
     with _client(token) as client:
         try:
@@ -148,10 +149,10 @@ def delete_policy(model: Annotated[str, typer.Argument()], token: TokenOption) -
 
 @retraining_app.command("triggers")
 def list_triggers(
-    token: TokenOption,
     model: Annotated[str | None, typer.Argument(help="One model's; every model's if left out.")] = None,
     state: Annotated[str | None, typer.Option(help="pending, started, running, completed or failed.")] = None,
     limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Retrainings the monitor (or a person) started: why, their flow run, how they ended."""
     with _client(token) as client:
@@ -168,9 +169,9 @@ def list_triggers(
 @retraining_app.command("trigger")
 def trigger(
     model: Annotated[str, typer.Argument(help="Retrain this model's production version now.")],
-    token: TokenOption,
     reason: Annotated[str, typer.Option(help="Why: recorded, and named in the promotion request.")],
     param: ParamOption = None,
+    token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Retrain MODEL now (role trainer): the retrain flow, then a promotion request for the new version."""
     with _client(token) as client:
