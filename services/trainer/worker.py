@@ -85,7 +85,7 @@ def worker_argv(*, queues: Sequence[str], concurrency: int, pool: str, loglevel:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from services.trainer.metrics import WorkerMetricsSettings, serve_worker_metrics
+    from services.trainer.worker_metrics import WorkerMetricsSettings, serve_worker_metrics
     from shipyard_common.logging import configure_logging
     from shipyard_common.settings import disable_telemetry
 

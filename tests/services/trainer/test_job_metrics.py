@@ -17,16 +17,16 @@ import sqlalchemy
 from prometheus_client import CollectorRegistry
 
 from services.trainer.app import create_app
-from services.trainer.metrics import (
+from services.trainer.metrics import JobCollector
+from services.trainer.models import JobLogRecord, JobRecord
+from services.trainer.settings import TrainerSettings
+from services.trainer.worker_metrics import (
     GpuCollector,
-    JobCollector,
     WorkerMetricsSettings,
     parse_nvidia_smi,
     read_gpus,
     serve_worker_metrics,
 )
-from services.trainer.models import JobLogRecord, JobRecord
-from services.trainer.settings import TrainerSettings
 from shipyard_cli.stack import free_port
 from shipyard_common.db import Database, utcnow
 from tests.services.trainer.conftest import job_spec, trainer_settings
