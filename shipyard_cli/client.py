@@ -225,10 +225,14 @@ class ShipyardClient:
         return self._call("PUT", f"{self.platform.registry_url}/models/{model}/gate", json=body)
 
     # serving
-    def predict(self, model: str, inputs: list[list[float]]) -> dict[str, Any]:
-        return self._call(
-            "POST", f"{self.platform.serving_url}/v1/models/{model}/predict", json={"inputs": inputs}
-        )
+    def predict(
+        self, model: str, inputs: list[list[float]], *, request_id: str | None = None
+    ) -> dict[str, Any]:
+        """``model``'s answer; ``request_id`` (sent as ``X-Request-ID``) names the request, so that its true
+        labels can be sent to the monitor later."""
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return self._call("POST", f"{self.platform.serving_url}/v1/models/{model}/predict",
+                          json={"inputs": inputs}, headers=headers)
 
     def serving_models(self) -> list[dict[str, Any]]:
         return self._call("GET", f"{self.platform.serving_url}/v1/models")
@@ -252,6 +256,36 @@ class ShipyardClient:
                                     "before": before}.items() if v is not None}
         url = f"{self.platform.monitor_url}/windows/{quote(model, safe='')}"
         return self._call("GET", url, params=params)
+
+    def send_feedback(self, labels: list[dict[str, Any]]) -> dict[str, Any]:
+        """True labels ``[{"request_id", "row", "label"}]`` (at most 10,000): the counts matched, pending …"""
+        return self._call("POST", self._monitor("/feedback"), json=labels)
+
+    # monitor: retraining policies and the triggers they fired
+    def put_policy(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("PUT", self._monitor(f"/policies/{quote(model, safe='')}"), json=body)
+
+    def policies(self) -> list[dict[str, Any]]:
+        return self._call("GET", self._monitor("/policies"))
+
+    def policy(self, model: str) -> dict[str, Any]:
+        return self._call("GET", self._monitor(f"/policies/{quote(model, safe='')}"))
+
+    def delete_policy(self, model: str) -> dict[str, Any]:
+        return self._call("DELETE", self._monitor(f"/policies/{quote(model, safe='')}"))
+
+    def triggers(
+        self, model: str | None = None, state: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"model": model, "state": state, "max_results": limit}.items() if v}
+        return list(self._call("GET", self._monitor("/triggers"), params=params)["triggers"])
+
+    def trigger(self, model: str, reason: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = {"model": model, "reason": reason, "parameters": parameters}
+        return self._call("POST", self._monitor("/triggers"), json=body)
+
+    def _monitor(self, path: str) -> str:
+        return f"{self.platform.monitor_url.rstrip('/')}{path}"
 
     def reports(self, model: str, *, limit: int = 50, before: int | None = None) -> dict[str, Any]:
         """One page of ``model``'s windows that have an Evidently report, newest first."""

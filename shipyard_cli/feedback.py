@@ -60,9 +60,8 @@ def feedback(
 def send_labels(*, client: ShipyardClient, labels: list[dict[str, Any]]) -> dict[str, int]:
     """POST ``labels`` in calls of at most ``MAX_LABELS``; the summed counts of the answers."""
     totals = dict.fromkeys(COUNTS, 0)
-    url = f"{client.platform.monitor_url.rstrip('/')}/feedback"
     for start in range(0, len(labels), MAX_LABELS):
-        answer = client._call("POST", url, json=labels[start:start + MAX_LABELS])
+        answer = client.send_feedback(labels[start:start + MAX_LABELS])
         for key in COUNTS:
             totals[key] += int(answer.get(key, 0))
     return totals

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
-from urllib.parse import quote
 
 import typer
 from rich.table import Table
@@ -21,36 +20,9 @@ policy_app = typer.Typer(help="A model's retraining policy (set and delete: appr
 retraining_app.add_typer(policy_app, name="policy")
 
 
-class RetrainingClient(ShipyardClient):
-    """The monitor's retraining routes."""
-
-    def _url(self, path: str) -> str:
-        return f"{self.platform.monitor_url.rstrip('/')}{path}"
-
-    def put_policy(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._call("PUT", self._url(f"/policies/{quote(model, safe='')}"), json=body))
-
-    def policies(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", self._url("/policies")))
-
-    def policy(self, model: str) -> dict[str, Any]:
-        return dict(self._call("GET", self._url(f"/policies/{quote(model, safe='')}")))
-
-    def delete_policy(self, model: str) -> dict[str, Any]:
-        return dict(self._call("DELETE", self._url(f"/policies/{quote(model, safe='')}")))
-
-    def triggers(self, model: str | None, state: str | None, limit: int) -> list[dict[str, Any]]:
-        params = {k: v for k, v in {"model": model, "state": state, "max_results": limit}.items() if v}
-        return list(self._call("GET", self._url("/triggers"), params=params)["triggers"])
-
-    def trigger(self, model: str, reason: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
-        body = {"model": model, "reason": reason, "parameters": parameters}
-        return dict(self._call("POST", self._url("/triggers"), json=body))
-
-
 @contextmanager
-def _client(token: str) -> Iterator[RetrainingClient]:
-    client = RetrainingClient(platform_settings(), token=token)
+def _client(token: str) -> Iterator[ShipyardClient]:
+    client = ShipyardClient(platform_settings(), token=token)
     try:
         yield client
     finally:
@@ -84,7 +56,7 @@ def _describe(trigger: dict[str, Any]) -> str:
 STATE_STYLE = {"failed": "[red]failed[/red]", "completed": "[green]completed[/green]"}
 
 
-def _trigger_table(triggers: list[dict[str, Any]]) -> Table:
+def trigger_table(triggers: list[dict[str, Any]]) -> Table:
     table = Table("id", "model", "from", "cause", "state", "created", "outcome", "reason")
     for t in triggers:
         state = STATE_STYLE.get(t["state"], t["state"])
@@ -163,7 +135,7 @@ def list_triggers(
     if not triggers:
         console.print("no retraining triggers")
         return
-    console.print(_trigger_table(triggers))
+    console.print(trigger_table(triggers))
 
 
 @retraining_app.command("trigger")
@@ -179,7 +151,7 @@ def trigger(
             started = client.trigger(model, reason, parse_params(param) if param else None)
         except ClientError as exc:
             fail(exc.message)
-    console.print(_trigger_table([started]))
+    console.print(trigger_table([started]))
     if started["state"] == "failed":
         fail(f"trigger {started['id']} could not start: {started['message']}")
     page = started["flow_run_url"] or ""
