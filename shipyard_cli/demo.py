@@ -305,7 +305,7 @@ def wait_for_live(
 def wait_for_trigger(
     client: ShipyardClient, model: str, *, after: int, timeout: float = RETRAIN_TIMEOUT_S
 ) -> dict[str, Any]:
-    """``model``'s first retraining trigger after trigger ``after``, once it has ended (completed or failed)."""
+    """``model``'s first retraining trigger after trigger ``after``, once it ended (completed or failed)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         triggers = [t for t in client.triggers(model, limit=5) if int(t["id"]) > after]
