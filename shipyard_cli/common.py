@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, NoReturn
+from collections.abc import Callable
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from shipyard_cli.client import ShipyardClient
+from shipyard_cli.client import ClientError, ShipyardClient
 from shipyard_common.settings import PlatformSettings, disable_telemetry
 
 console = Console()
+T = TypeVar("T")
 TokenOption = Annotated[str, typer.Option(envvar="SHIPYARD_API_TOKEN", help="API token.")]
 
 
@@ -29,3 +31,20 @@ def fail(message: str) -> NoReturn:
     # never as rich markup, which would restyle it or raise on an unmatched closing tag.
     console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code=1)
+
+
+Refused = Callable[[ClientError], NoReturn]
+
+
+def call(token: str, action: Callable[[ShipyardClient], T], *, refused: Refused | None = None) -> T:
+    """``action`` with a client acting with ``token``; a service's refusal is printed (by ``refused``, if
+    given) and the command exits 1. One place for what every command does with an error."""
+    with client_for(token) as client:
+        try:
+            return action(client)
+        except ClientError as exc:
+            (refused or _refused)(exc)
+
+
+def _refused(exc: ClientError) -> NoReturn:
+    fail(exc.message)

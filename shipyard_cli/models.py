@@ -3,17 +3,19 @@ rollback, history and archiving."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from shipyard_cli.client import ClientError, ShipyardClient
-from shipyard_cli.common import TokenOption, client_for, console, fail
+from shipyard_cli.common import TokenOption, call, client_for, console, fail
 from shipyard_cli.views import delta, gate_table, num, print_gate, when
 from shipyard_common.settings import DEV_ADMIN_TOKEN
 
+T = TypeVar("T")
 models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
 
 
@@ -35,13 +37,15 @@ def _fail_client(exc: ClientError) -> NoReturn:
     fail(exc.message)
 
 
+def _call(token: str, action: Callable[[ShipyardClient], T]) -> T:
+    """:func:`~shipyard_cli.common.call`, a gate's verdict printed when that is what refused."""
+    return call(token, action, refused=_fail_client)
+
+
 @models_app.command("list")
 def models_list(token: TokenOption = DEV_ADMIN_TOKEN) -> None:
     """List registered models, their aliases and latest version."""
-    try:
-        models = client_for(token).list_models()
-    except ClientError as exc:
-        _fail_client(exc)
+    models = _call(token, lambda client: client.list_models())
     table = Table("model", "aliases")
     table.add_column("latest", justify="right")
     table.add_column("updated")
@@ -158,10 +162,7 @@ def models_show(
 @models_app.command("compare")
 def models_compare(name: str, a: str, b: str, token: TokenOption = DEV_ADMIN_TOKEN) -> None:
     """Compare version B with version A: metric deltas (B − A), changed params, data, signature."""
-    try:
-        result = client_for(token).compare(name, a, b)
-    except ClientError as exc:
-        _fail_client(exc)
+    result = _call(token, lambda client: client.compare(name, a, b))
     va, vb = f"v{result['a']['version']}", f"v{result['b']['version']}"
     metrics = Table("metric", title=f"{escape(name)}: {vb} against {va}", title_justify="left")
     for column in (va, vb, "delta"):
@@ -197,12 +198,8 @@ def models_request(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Ask for VERSION to become ALIAS (trainer or approver); an approver who is not you decides."""
-    try:
-        request = client_for(token).request_promotion(
-            name, version, alias=alias, reason=reason, weight=weight
-        )
-    except ClientError as exc:
-        _fail_client(exc)
+    request = _call(token, lambda client: client.request_promotion(
+        name, version, alias=alias, reason=reason, weight=weight))
     share = f" for {request['weight']:.0%} of requests" if request.get("weight") is not None else ""
     asker = escape(request["requested_by"])
     console.print(f"request #{request['id']}: {escape(name)} {request['alias']} → "
@@ -217,10 +214,7 @@ def models_requests(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """List promotion requests, newest first, with the gate's verdict on pending ones."""
-    try:
-        requests = client_for(token).list_requests(model=model, state=state)
-    except ClientError as exc:
-        _fail_client(exc)
+    requests = _call(token, lambda client: client.list_requests(model=model, state=state))
     table = Table()
     table.add_column("id", justify="right")
     table.add_column("model")
@@ -255,10 +249,7 @@ def models_approve(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Approve someone else's request: the alias moves at once, if the model's gate passes."""
-    try:
-        result = client_for(token).approve(request_id, reason)
-    except ClientError as exc:
-        _fail_client(exc)
+    result = _call(token, lambda client: client.approve(request_id, reason))
     _moved(result, f"request #{request_id} approved: ")
 
 
@@ -269,10 +260,7 @@ def models_reject(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Reject someone else's pending request."""
-    try:
-        request = client_for(token).reject(request_id, reason)
-    except ClientError as exc:
-        _fail_client(exc)
+    request = _call(token, lambda client: client.reject(request_id, reason))
     by = escape(request.get("decided_by") or "?")
     console.print(f"request #{request['id']} {request['state']} by {by}")
 
@@ -280,10 +268,7 @@ def models_reject(
 @models_app.command("withdraw")
 def models_withdraw(request_id: int, token: TokenOption = DEV_ADMIN_TOKEN) -> None:
     """Withdraw your own pending request."""
-    try:
-        request = client_for(token).cancel_request(request_id)
-    except ClientError as exc:
-        _fail_client(exc)
+    request = _call(token, lambda client: client.cancel_request(request_id))
     console.print(f"request #{request['id']} {request['state']}")
 
 
@@ -294,10 +279,7 @@ def models_rollback(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Point production back at the version it named before the current one (approver)."""
-    try:
-        result = client_for(token).rollback(name, reason)
-    except ClientError as exc:
-        _fail_client(exc)
+    result = _call(token, lambda client: client.rollback(name, reason))
     _moved(result, "rolled back ")
 
 
@@ -310,10 +292,7 @@ def models_history(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Every alias move of a model, newest first; with --at, which version was production then."""
-    try:
-        history = client_for(token).history(name, at=at)
-    except ClientError as exc:
-        _fail_client(exc)
+    history = _call(token, lambda client: client.history(name, at=at))
     table = Table(title=f"{escape(name)}: alias moves, newest first", title_justify="left")
     table.add_column("at (UTC)")
     table.add_column("action")
@@ -412,10 +391,7 @@ def models_promote(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Point an alias at a version at once, without a request (admin; marked direct in the audit)."""
-    try:
-        result = client_for(token).promote(name, version, alias=alias, reason=reason, weight=weight)
-    except ClientError as exc:
-        _fail_client(exc)
+    result = _call(token, lambda c: c.promote(name, version, alias=alias, reason=reason, weight=weight))
     _moved(result, "")
 
 
@@ -427,8 +403,5 @@ def models_unalias(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Remove an alias (end a canary or a shadow; approver); serving unloads its version."""
-    try:
-        result = client_for(token).remove_alias(name, alias, reason=reason)
-    except ClientError as exc:
-        _fail_client(exc)
+    result = _call(token, lambda client: client.remove_alias(name, alias, reason=reason))
     console.print(f"{name}: {alias} removed (was v{result.get('previous_version', '?')})")

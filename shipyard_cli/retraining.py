@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from shipyard_cli.client import ClientError, ShipyardClient
-from shipyard_cli.common import TokenOption, console, fail, platform_settings
+from shipyard_cli.common import TokenOption, call, console, fail
 from shipyard_cli.pipelines import ParamOption, parse_params
 from shipyard_common.settings import DEV_ADMIN_TOKEN
 
@@ -18,15 +15,6 @@ retraining_app = typer.Typer(help="Retraining that starts itself: policies per m
                              no_args_is_help=True)
 policy_app = typer.Typer(help="A model's retraining policy (set and delete: approver).", no_args_is_help=True)
 retraining_app.add_typer(policy_app, name="policy")
-
-
-@contextmanager
-def _client(token: str) -> Iterator[ShipyardClient]:
-    client = ShipyardClient(platform_settings(), token=token)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _policy_table(policies: list[dict[str, Any]]) -> Table:
@@ -83,11 +71,7 @@ def set_policy(
     body = {"enabled": enabled, "drift_share_above": drift_share_above, "consecutive_windows": windows,
             "accuracy_below": accuracy_below, "min_labelled": min_labelled, "schedule_interval_s": every,
             "cooldown_s": cooldown, "parameters": parse_params(param)}
-    with _client(token) as client:
-        try:
-            policy = client.put_policy(model, body)
-        except ClientError as exc:
-            fail(exc.message)
+    policy = call(token, lambda client: client.put_policy(model, body))
     console.print(_policy_table([policy]))
 
 
@@ -97,11 +81,7 @@ def show_policy(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Show one model's policy, or every policy."""
-    with _client(token) as client:
-        try:
-            policies = [client.policy(model)] if model else client.policies()
-        except ClientError as exc:
-            fail(exc.message)
+    policies = call(token, lambda client: [client.policy(model)] if model else client.policies())
     if not policies:
         console.print("no retraining policies ('shipyard retraining policy set MODEL …' makes one)")
         return
@@ -111,11 +91,7 @@ def show_policy(
 @policy_app.command("delete")
 def delete_policy(model: Annotated[str, typer.Argument()], token: TokenOption = DEV_ADMIN_TOKEN) -> None:
     """Remove MODEL's policy (its triggers stay; a retraining under way goes on)."""
-    with _client(token) as client:
-        try:
-            client.delete_policy(model)
-        except ClientError as exc:
-            fail(exc.message)
+    call(token, lambda client: client.delete_policy(model))
     console.print(f"{model}: policy removed")
 
 
@@ -127,11 +103,7 @@ def list_triggers(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Retrainings the monitor (or a person) started: why, their flow run, how they ended."""
-    with _client(token) as client:
-        try:
-            triggers = client.triggers(model, state, limit)
-        except ClientError as exc:
-            fail(exc.message)
+    triggers = call(token, lambda client: client.triggers(model, state, limit))
     if not triggers:
         console.print("no retraining triggers")
         return
@@ -146,11 +118,8 @@ def trigger(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Retrain MODEL now (role trainer): the retrain flow, then a promotion request for the new version."""
-    with _client(token) as client:
-        try:
-            started = client.trigger(model, reason, parse_params(param) if param else None)
-        except ClientError as exc:
-            fail(exc.message)
+    parameters = parse_params(param) if param else None
+    started = call(token, lambda client: client.trigger(model, reason, parameters))
     console.print(trigger_table([started]))
     if started["state"] == "failed":
         fail(f"trigger {started['id']} could not start: {started['message']}")
