@@ -25,8 +25,11 @@ $(VENV)/.installed: pyproject.toml $(PACKAGES)
 demo: install
 	$(BIN)/shipyard demo
 
+# Two workers on two cores: much of the suite waits on servers it started. Files that share a stack run
+# on one worker (tests/conftest.py); `pytest` alone runs serially.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,6 +1,7 @@
 """Fixtures on real components: the machine's Redis and PostgreSQL, an MLflow server process.
 
-Redis: ``SHIPYARD_TEST_REDIS_URL`` (default db 13 of the local server, flushed per session),
+Redis: ``SHIPYARD_TEST_REDIS_URL`` (default db 13 of the local server, flushed per session; each
+pytest-xdist worker has its own, see ``tests.support.redis_db``),
 so that tests never touch a developer's stack on db 0. PostgreSQL: a throw-away database per
 session on ``SHIPYARD_TEST_PG_URL`` (default the local server with trust auth).
 """
@@ -17,11 +18,11 @@ import redis
 
 from shipyard_cli.stack import Stack, free_port, redis_answers, stop_process_group
 from shipyard_common.settings import PlatformSettings, disable_telemetry
-from tests.support import test_platform
+from tests.support import redis_db, test_platform
 
 disable_telemetry()
 
-REDIS_URL = os.environ.get("SHIPYARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("SHIPYARD_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{redis_db(13)}")
 PG_ADMIN_URL = os.environ.get("SHIPYARD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -86,3 +87,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     import logging
 
     logging.raiseExceptions = False
+
+
+# Tests that share a session's stack run on one pytest-xdist worker (``make test`` runs two); every
+# other file is a group of its own, so a module's fixtures start once.
+SHARED_STACKS = ("e2e", "pipelines")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        path = Path(str(item.path)).relative_to(root)
+        group = path.parts[0] if path.parts[0] in SHARED_STACKS else path.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +26,30 @@ TOKENS: dict[str, Role] = {
 }
 
 
+def worker_index() -> int:
+    """Which pytest-xdist worker runs this process (0 without xdist): what it owns must differ."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name.removeprefix("gw") or 0)
+
+
+def redis_db(base: int) -> int:
+    """A Redis database of this worker's own (13, 12, 14 for the first; 3 lower for each next one): a
+    session flushes its databases, and a stack's worker takes every job on its queues."""
+    db = base - 3 * worker_index()
+    if db < 1:
+        raise RuntimeError("the tests have Redis databases for at most four pytest-xdist workers")
+    return db
+
+
+def events_channel() -> str:
+    """The events channel of this worker's stacks: Redis pub/sub reaches every database."""
+    return f"shipyard.events.test-{worker_index()}"
+
+
 def test_platform(state_dir: Any, **overrides: Any) -> PlatformSettings:
     """Platform settings as every test wants them: test env, the test tokens, plain-text logs."""
-    values: dict[str, Any] = {"env": "test", "tokens": dict(TOKENS), "log_json": False}
+    values: dict[str, Any] = {"env": "test", "tokens": dict(TOKENS), "log_json": False,
+                              "events_channel": events_channel()}
     values.update(overrides)
     return PlatformSettings(state_dir=state_dir, **values)
 

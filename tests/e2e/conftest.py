@@ -15,9 +15,9 @@ from sklearn.datasets import load_breast_cancer
 
 from shipyard_cli.stack import Stack, free_port
 from shipyard_common.settings import PlatformSettings
-from tests.support import TOKENS, auth
+from tests.support import TOKENS, auth, events_channel, redis_db
 
-E2E_REDIS_DB = 14
+E2E_REDIS_DB = redis_db(14)
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +38,7 @@ def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
         prefect_api_url=f"http://127.0.0.1:{free_port()}/api",
         tokens=dict(TOKENS),
         log_json=True,
+        events_channel=events_channel(),
     )
     redis.Redis.from_url(platform.redis_url).flushdb()
     extra_env = {

@@ -11,9 +11,9 @@ import redis
 
 from shipyard_cli.stack import Stack, free_port
 from shipyard_common.settings import PlatformSettings
-from tests.support import test_platform
+from tests.support import redis_db, test_platform
 
-PIPELINES_REDIS_DB = 12
+PIPELINES_REDIS_DB = redis_db(12)
 # Fast enough for tests: the deployments process polls for runs every second, the server's
 # scheduler looks at schedules every two.
 FAST_PREFECT = {"PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
