@@ -21,6 +21,9 @@ from shipyard_common.settings import PlatformSettings, disable_telemetry
 from tests.support import redis_db, test_platform
 
 disable_telemetry()
+# pytest-xdist's workers start with COLUMNS=80; the CLI's console, made when first imported, would keep
+# that width for good. CLI tests pass the width they want to each command.
+os.environ.pop("COLUMNS", None)
 
 REDIS_URL = os.environ.get("SHIPYARD_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{redis_db(13)}")
 PG_ADMIN_URL = os.environ.get("SHIPYARD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
