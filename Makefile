@@ -7,20 +7,29 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test lint typecheck up down status clean
+.PHONY: install lock demo test lint typecheck up down status clean
 
 install: $(VENV)/.installed
 
 # The editable install records the package list when it runs, so a new package reinstalls it.
 PACKAGES := $(wildcard */__init__.py services/*/__init__.py)
 
-# torch is pinned to the CPU build that lies on this machine's disk; any other version downloads GBs.
-$(VENV)/.installed: pyproject.toml $(PACKAGES)
+# Exactly what requirements.lock pins (make lock writes it; CONTRIBUTING.md), then shipyard itself with
+# --no-deps, built with the pinned setuptools; pip check proves the set complete and consistent. torch is
+# pinned to the CPU build that lies on this machine's disk (2.13.0+cpu); any other version downloads GBs.
+$(VENV)/.installed: requirements.lock pyproject.toml $(PACKAGES)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev,tf]"
+	$(BIN)/pip install -q $$(grep -E '^(pip|setuptools|wheel)==' requirements.lock)
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
+
+# A fresh resolution of pyproject.toml (with torch==2.13.0 and the dev and tf extras) in a scratch venv,
+# written to requirements.lock; then the check that CI runs. Upgrades: CONTRIBUTING.md.
+lock:
+	$(PYTHON) tools/lock.py
+	$(PYTHON) tools/check_lock.py
 
 demo: install
 	$(BIN)/shipyard demo
