@@ -12,9 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_training import images  # noqa: E402
-from services.trainer import engine, torch_job  # noqa: E402
-from services.trainer.frameworks import FitContext  # noqa: E402
-from services.trainer.schemas import JobCreate  # noqa: E402
+from services.trainer.api.schemas import JobCreate  # noqa: E402
+from services.trainer.engines import engine, torch_job  # noqa: E402
+from services.trainer.engines.frameworks import FitContext  # noqa: E402
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 def bench_celery(settings: Any) -> Any:
     """The trainer's Celery app plus a no-op task whose result is kept (the baseline)."""
-    from services.trainer.worker import make_celery
+    from services.trainer.worker.celery_app import make_celery
 
     app = make_celery(settings)
     app.conf.update(result_backend=settings.platform.redis_url, result_expires=600)
@@ -60,7 +60,7 @@ def bench_celery(settings: Any) -> Any:
 def worker_main() -> None:
     """``python bench/job_latency.py worker``: the trainer worker, plus the no-op task."""
     from services.trainer.settings import TrainerSettings
-    from services.trainer.worker import worker_argv
+    from services.trainer.worker.celery_app import worker_argv
     from shipyard_common.logging import configure_logging
     from shipyard_common.settings import disable_telemetry
 
@@ -94,8 +94,8 @@ def main() -> None:
     import httpx
     from sklearn.datasets import load_breast_cancer
 
-    from services.trainer.broker import on_broker_for
     from services.trainer.settings import TrainerSettings
+    from services.trainer.worker.broker import on_broker_for
     from shipyard_cli.stack import Component, Stack, free_port, redis_answers, stop_process_group
     from shipyard_common.datasets import DataRepo
     from shipyard_common.settings import PlatformSettings, disable_telemetry

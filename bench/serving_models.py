@@ -2,7 +2,7 @@
 
 Each takes one input ``input`` float32 [batch, n_features] (dynamic batch axis) and answers
 ``probabilities`` [batch, 10] (softmax), opset 18, IR version clamped to 10 as
-``services/trainer/export.py`` does. Weights are random (seeded): serving speed does not depend
+``services/trainer/engines/export.py`` does. Weights are random (seeded): serving speed does not depend
 on what the model has learnt.
 """
 

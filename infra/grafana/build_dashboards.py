@@ -4,7 +4,7 @@
 
 The JSON files are what Grafana provisions; ``tests/infra/test_grafana.py`` fails when they differ
 from what this file builds, and ``tests/e2e/test_observability.py`` runs every panel's query against a
-live stack. Panels read the metric names of ``services/*/metrics.py`` and ``services/trainer/metrics.py``.
+live stack. Panels read the metric names of ``services/*/metrics.py`` and ``services/trainer/api/metrics.py``.
 
 Every panel reads the ``${datasource}`` variable (default: the provisioned ``shipyard-prometheus``);
 panels by model and version filter with the ``$model`` and ``$version`` variables (regexes: "All"

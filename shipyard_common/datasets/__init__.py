@@ -7,7 +7,7 @@ Why a package in ``shipyard_common`` rather than a ``services/data`` service: th
 (which answers the dataset routes and checks a job's dataset at submit), the trainer's worker,
 the monitor and the Prefect flows all read or write the same repository, and services never
 import each other. One package keeps the repository layout, the validation rules and the
-statistics in one place; the HTTP routes are the trainer's (``services/trainer/datasets.py``).
+statistics in one place; the HTTP routes are the trainer's (``services/trainer/api/datasets.py``).
 
     names.py   dataset names, revisions, tags
     repo.py    DataRepo: git + DVC repository, local folder or S3 remote, add/read/resolve/diff

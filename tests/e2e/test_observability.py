@@ -30,7 +30,7 @@ import httpx
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from services.trainer.worker_metrics import read_gpus
+from services.trainer.worker.metrics import read_gpus
 from shipyard_cli.client import ShipyardClient
 from shipyard_cli.demo import wait_until_served
 from shipyard_cli.stack import Stack, free_port, url_port

@@ -25,9 +25,9 @@ from sqlalchemy import select, update
 from services.registry.app import create_app
 from services.registry.core.tables import AuditRecord, GateRecord, PromotionRequestRecord, UiSessionRecord
 from services.registry.settings import RegistrySettings
-from services.trainer import service as trainer_service
+from services.trainer.api import service as trainer_service
+from services.trainer.api.schemas import JobCreate, JobState
 from services.trainer.app import create_app as create_trainer_app
-from services.trainer.schemas import JobCreate, JobState
 from services.trainer.settings import TrainerSettings
 from shipyard_cli.stack import free_port
 from shipyard_common.auth import Role, principal_name

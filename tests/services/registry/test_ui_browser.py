@@ -33,10 +33,10 @@ from services.registry.app import create_app
 from services.registry.settings import RegistrySettings
 from services.serving.app import create_app as create_serving_app
 from services.serving.settings import ServingSettings
-from services.trainer import service as trainer_service
+from services.trainer.api import service as trainer_service
+from services.trainer.api.schemas import JobCreate, JobState, Task
 from services.trainer.app import create_app as create_trainer_app
-from services.trainer.reports import write_reports
-from services.trainer.schemas import JobCreate, JobState, Task
+from services.trainer.engines.reports import write_reports
 from services.trainer.settings import TrainerSettings
 from shipyard_cli.stack import free_port
 from shipyard_common.db import Database

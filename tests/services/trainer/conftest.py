@@ -51,7 +51,7 @@ def poison_weights_after(monkeypatch: pytest.MonkeyPatch, *, update: int, value:
     a divergence at a known step, to check what the NaN guard reports."""
     import torch
 
-    from services.trainer import engine
+    from services.trainer.engines import engine
 
     build = engine.build_optimizer
 

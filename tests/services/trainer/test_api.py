@@ -10,8 +10,8 @@ import pytest
 import redis
 from sklearn.datasets import load_breast_cancer
 
+from services.trainer.api.tables import JobRecord
 from services.trainer.app import create_app
-from services.trainer.models import JobRecord
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo, DatasetVersion
 from shipyard_common.db import Database
@@ -133,7 +133,7 @@ def test_submitting_needs_a_trainer_token(settings, rev):
 
 
 def test_job_is_kept_when_the_broker_is_away_and_sent_once_it_is_back(platform, db_url, rev):
-    from services.trainer import service
+    from services.trainer.api import service
 
     away = trainer_settings(platform.model_copy(update={"db_url": db_url, "redis_url": "redis://127.0.0.1:1/0"}))
     with running_app(create_app(away)) as base:
@@ -145,7 +145,7 @@ def test_job_is_kept_when_the_broker_is_away_and_sent_once_it_is_back(platform, 
     job_id = created.json()["id"]
 
     back = trainer_settings(platform.model_copy(update={"db_url": db_url}))
-    from services.trainer.worker import TASK_NAME, make_celery
+    from services.trainer.worker.celery_app import TASK_NAME, make_celery
 
     celery = make_celery(back)
     database = Database(back.platform.database_url)

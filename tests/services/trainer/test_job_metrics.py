@@ -16,11 +16,11 @@ import redis
 import sqlalchemy
 from prometheus_client import CollectorRegistry
 
+from services.trainer.api.metrics import JobCollector
+from services.trainer.api.tables import JobLogRecord, JobRecord
 from services.trainer.app import create_app
-from services.trainer.metrics import JobCollector
-from services.trainer.models import JobLogRecord, JobRecord
 from services.trainer.settings import TrainerSettings
-from services.trainer.worker_metrics import (
+from services.trainer.worker.metrics import (
     GpuCollector,
     WorkerMetricsSettings,
     parse_nvidia_smi,

@@ -13,8 +13,8 @@ import redis
 from sklearn.datasets import load_breast_cancer
 
 from services.trainer.app import create_app
-from services.trainer.broker import job_ids_on_broker
 from services.trainer.settings import TrainerSettings
+from services.trainer.worker.broker import job_ids_on_broker
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
@@ -192,8 +192,8 @@ def test_logs_can_be_read_in_pages_and_followed_as_a_stream(stack):
 
 
 def test_cancel_and_logs_on_sqlite_and_postgresql(db_url):
-    from services.trainer import service
-    from services.trainer.schemas import JobCreate, JobState
+    from services.trainer.api import service
+    from services.trainer.api.schemas import JobCreate, JobState
     from shipyard_common.db import Database
     from shipyard_common.errors import Conflict, NotFound
 

@@ -19,9 +19,9 @@ import redis
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_breast_cancer
 
+from services.trainer.api.tables import JobRecord
 from services.trainer.app import create_app
-from services.trainer.broker import on_broker_for
-from services.trainer.models import JobRecord
+from services.trainer.worker.broker import on_broker_for
 from shipyard_cli.stack import Stack, free_port, stop_process_group
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from services.trainer import engine, text, torch_job
-from services.trainer.frameworks import FitContext, FitOutcome
-from services.trainer.schemas import ExportFormat, JobCreate
+from services.trainer.api.schemas import ExportFormat, JobCreate
+from services.trainer.engines import engine, text, torch_job
+from services.trainer.engines.frameworks import FitContext, FitOutcome
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec
 

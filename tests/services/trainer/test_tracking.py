@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from services.trainer.tracking import Tracking, flatten, git_commit
+from services.trainer.engines.tracking import Tracking, flatten, git_commit
 from shipyard_common.lineage import TAG_DATASET, TAG_JOB_ID
 
 

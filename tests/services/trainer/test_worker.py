@@ -145,7 +145,7 @@ def test_a_missing_dataset_is_refused_at_submit(stack):
 
 
 def test_a_second_delivery_of_a_finished_job_changes_nothing(trained, stack):
-    from services.trainer.worker import TASK_NAME, make_celery
+    from services.trainer.worker.celery_app import TASK_NAME, make_celery
 
     settings: TrainerSettings = stack["settings"]
     celery = make_celery(settings)

@@ -1,7 +1,7 @@
 """The pictures and tables a finished training run leaves next to its model.
 
 ``confusion_matrix.json`` / ``.png`` for classifiers and ``training_curves.png`` for every run,
-written into a folder for :meth:`services.trainer.tracking.Tracking.log_reports` to upload.
+written into a folder for :meth:`services.trainer.engines.tracking.Tracking.log_reports` to upload.
 Matplotlib runs on its Agg backend: a worker has no display.
 """
 
@@ -12,15 +12,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from services.trainer.schemas import Task
+from services.trainer.api.schemas import Task
 from shipyard_common.lineage import CONFUSION_JSON, CONFUSION_PNG, CURVES_PNG, REPORTS_ARTIFACT_PATH
 
 if TYPE_CHECKING:
-    from services.trainer.tracking import Tracking
+    from services.trainer.engines.tracking import Tracking
 
 
 class Reported(Protocol):
-    """What the reports read: a :class:`~services.trainer.frameworks.FitOutcome` has it all."""
+    """What the reports read: a :class:`~services.trainer.engines.frameworks.FitOutcome` has it all."""
 
     task: Task
     classes: list[Any]

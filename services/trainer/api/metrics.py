@@ -17,7 +17,7 @@ Every (queue, state) series is present, at 0 when nothing is there, so that ``in
 first failure. ``shipyard_training_queue_messages{queue}`` is what waits on the Celery queue in
 Redis (its lists' lengths), left out while Redis does not answer.
 
-The worker's own ``/metrics`` (alive, GPUs) is :mod:`services.trainer.worker_metrics`.
+The worker's own ``/metrics`` (alive, GPUs) is :mod:`services.trainer.worker.metrics`.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.sql import extract
 
-from services.trainer.broker import PRIORITY_SEP, PRIORITY_STEPS
-from services.trainer.models import JobLogRecord, JobRecord
-from services.trainer.schemas import TERMINAL_STATES, JobState
-from services.trainer.schemas import Queue as QueueName
+from services.trainer.api.schemas import TERMINAL_STATES, JobState
+from services.trainer.api.schemas import Queue as QueueName
+from services.trainer.api.tables import JobLogRecord, JobRecord
 from services.trainer.settings import TrainerSettings
+from services.trainer.worker.broker import PRIORITY_SEP, PRIORITY_STEPS
 from shipyard_common.db import Database, utcnow
 
 log = logging.getLogger("shipyard.trainer.metrics")

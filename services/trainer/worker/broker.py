@@ -3,7 +3,7 @@
 kombu's Redis transport keeps a queue's waiting messages in a Redis list named after the queue
 (one more list per priority step, ``<queue>\\x06\\x16<priority>``), and the messages a worker has
 taken but not yet acknowledged in the ``unacked`` hash. A job id found in neither has lost its
-message; :func:`services.trainer.service.requeue_lost_jobs` sends such jobs again.
+message; :func:`services.trainer.api.service.requeue_lost_jobs` sends such jobs again.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import redis
 
-from services.trainer.schemas import Queue as QueueName
+from services.trainer.api.schemas import Queue as QueueName
 from services.trainer.settings import TrainerSettings
-from services.trainer.worker import TASK_NAME
+from services.trainer.worker.celery_app import TASK_NAME
 
 log = logging.getLogger("shipyard.trainer.broker")
 

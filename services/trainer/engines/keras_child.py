@@ -1,10 +1,10 @@
-"""The Keras training process: ``python -m services.trainer.keras_child <folder> [--onnx]``.
+"""The Keras training process: ``python -m services.trainer.engines.keras_child <folder> [--onnx]``.
 
-Started by :mod:`services.trainer.keras_job` with ``KERAS_BACKEND`` set (Keras picks its backend
+Started by :mod:`services.trainer.engines.keras_job` with ``KERAS_BACKEND`` set (Keras picks its backend
 once per process). ``<folder>`` holds ``job.json`` (the spec, the classes, where checkpoints,
 exports and TensorBoard files go, what to resume from) and the prepared arrays as ``.npy``.
 This process builds the model, runs ``model.fit`` with its callbacks, exports and checks the
-model, and reports through :func:`services.trainer.child.emit`:
+model, and reports through :func:`services.trainer.engines.child.emit`:
 
 - ``plan`` once, ``step`` during epochs (at most every half second, and at each epoch's end),
   ``epoch`` with the validation metrics (named and computed as in the PyTorch jobs) after
@@ -33,8 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from services.trainer import child
-from services.trainer.export import (
+from services.trainer.api.schemas import (
+    METRIC_GOALS,
+    ExportFormat,
+    JobCreate,
+    OptimizerName,
+    Precision,
+    SchedulerName,
+    Task,
+)
+from services.trainer.engines import child
+from services.trainer.engines.export import (
     INPUT_NAME,
     MAX_ABS_DIFF,
     MAX_IR_VERSION,
@@ -42,7 +51,7 @@ from services.trainer.export import (
     OUTPUT_NAMES,
     quiet_exporter,
 )
-from services.trainer.keras_job import (
+from services.trainer.engines.keras_job import (
     ACK_FILE,
     CHECKPOINT_BEST,
     CHECKPOINT_MODEL,
@@ -53,15 +62,6 @@ from services.trainer.keras_job import (
     REFERENCE,
     RESULT_FILE,
     SERVING_MODEL,
-)
-from services.trainer.schemas import (
-    METRIC_GOALS,
-    ExportFormat,
-    JobCreate,
-    OptimizerName,
-    Precision,
-    SchedulerName,
-    Task,
 )
 
 log = logging.getLogger("shipyard.trainer.keras_child")
@@ -310,11 +310,11 @@ def validation_scores(job: Job, out: np.ndarray) -> tuple[float, dict[str, float
     """(val_loss, metrics, confusion) from the core model's outputs on the validation rows.
 
     The loss is the training loss (cross-entropy on logits; MSE on the standardised target); the
-    metrics are :func:`services.trainer.engine.validation_metrics`, the PyTorch jobs' own code.
+    metrics are :func:`services.trainer.engines.engine.validation_metrics`, the PyTorch jobs' own code.
     """
     import torch
 
-    from services.trainer import engine
+    from services.trainer.engines import engine
 
     out = out.astype(np.float64)
     if job.classification:

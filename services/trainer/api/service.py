@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 
-from services.trainer.models import JobLogRecord, JobRecord
-from services.trainer.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState, Progress
+from services.trainer.api.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState, Progress
+from services.trainer.api.tables import JobLogRecord, JobRecord
 from shipyard_common.db import Database, utcnow
 from shipyard_common.errors import Conflict, NotFound
 

@@ -14,7 +14,7 @@ another one. The backbones below it see standardised rows:
 - ``transformer_encoder``: the row read as ``sequence_length`` tokens, Linear to ``d_model``,
   plus a learned position embedding, pre-norm encoder layers, mean over tokens → Linear;
 - ``plugin``: ``module:function`` from a file in the trainer's plugin directory;
-- ``pretrained_text``: :func:`services.trainer.text.build_text_model` (token ids in, no scaling).
+- ``pretrained_text``: :func:`services.trainer.engines.text.build_text_model` (token ids in, no scaling).
 
 Every built-in one is free of data-dependent control flow, so it exports to ONNX (dynamo, with
 a dynamic batch axis) and traces to TorchScript; the tests check both for each.
@@ -34,8 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.trainer.engine import TabularData
-from services.trainer.schemas import (
+from services.trainer.api.schemas import (
     FACTORY_PATTERN,
     CNNSpec,
     JobCreate,
@@ -46,6 +45,7 @@ from services.trainer.schemas import (
     Task,
     TransformerEncoderSpec,
 )
+from services.trainer.engines.engine import TabularData
 from shipyard_common.errors import InvalidInput
 
 PLUGIN_DIR_ENV = "SHIPYARD_TRAINER_PLUGIN_DIR"
@@ -97,7 +97,7 @@ def build_model(data: TabularData, spec: JobCreate, *, plugin_dir: Path | None) 
     """
     model_spec = spec.model
     if isinstance(model_spec, PretrainedTextSpec):
-        from services.trainer.text import build_text_model
+        from services.trainer.engines.text import build_text_model
 
         return build_text_model(data, spec)
 

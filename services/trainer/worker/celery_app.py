@@ -2,7 +2,7 @@
 
 The broker carries only job ids; the database holds the jobs. Acknowledging late, and
 rejecting on a lost worker, means a job whose worker dies goes back on the queue instead of
-vanishing; :func:`services.trainer.service.claim_job` keeps the second delivery from
+vanishing; :func:`services.trainer.api.service.claim_job` keeps the second delivery from
 running a job twice.
 """
 
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 from kombu import Queue
 
-from services.trainer.schemas import Queue as QueueName
+from services.trainer.api.schemas import Queue as QueueName
 from services.trainer.settings import TrainerSettings
 
 TASK_NAME = "shipyard.train"
@@ -58,8 +58,8 @@ def make_celery(settings: TrainerSettings) -> Celery:
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)
     def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
-        from services.trainer.job import run_job
-        from services.trainer.service import Claim
+        from services.trainer.api.service import Claim
+        from services.trainer.worker.runner import run_job
 
         claim = run_job(job_id=job_id, settings=settings)
         if claim == Claim.BUSY:
@@ -85,7 +85,7 @@ def worker_argv(*, queues: Sequence[str], concurrency: int, pool: str, loglevel:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from services.trainer.worker_metrics import WorkerMetricsSettings, serve_worker_metrics
+    from services.trainer.worker.metrics import WorkerMetricsSettings, serve_worker_metrics
     from shipyard_common.logging import configure_logging
     from shipyard_common.settings import disable_telemetry
 
@@ -115,6 +115,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         worker_argv(queues=queues, concurrency=args.concurrency, pool=args.pool, loglevel=platform.log_level)
     )
 
-
-if __name__ == "__main__":
-    main()

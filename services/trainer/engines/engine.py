@@ -1,6 +1,6 @@
 """The training loop: tabular data in, a fitted PyTorch MLP out.
 
-Nothing here knows about jobs, databases or MLflow; :mod:`services.trainer.job` wires those
+Nothing here knows about jobs, databases or MLflow; :mod:`services.trainer.worker.runner` wires those
 in through the ``observer`` callback. The fitted module takes raw feature rows: the
 standardisation fitted on the training split lives inside it as buffers, so that whoever
 serves the exported model cannot forget it or apply another one.
@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from services.trainer.schemas import (
+from services.trainer.api.schemas import (
     METRIC_GOALS,
     JobCreate,
     OptimizerName,
@@ -139,12 +139,12 @@ def pick_device(queue: str) -> str:
 
 
 def build_model(data: TabularData, spec: JobCreate, *, plugin_dir: Path | None = None) -> Any:
-    """The model ``spec.model`` describes (see :mod:`services.trainer.architectures`).
+    """The model ``spec.model`` describes (see :mod:`services.trainer.engines.architectures`).
 
     An ``nn.Module`` taking raw rows; typed ``Any`` because the loop calls a regression
     model's ``scale_target``. ``plugin_dir`` is where ``plugin`` factories are loaded from.
     """
-    from services.trainer import architectures
+    from services.trainer.engines import architectures
 
     return architectures.build_model(data, spec, plugin_dir=plugin_dir)
 
@@ -318,7 +318,7 @@ def train(
     first epoch. ``tensorboard_dir`` receives per-epoch scalars (losses, lr, validation metrics).
 
     With ``world_size > 1`` the caller has initialised the default process group (see
-    :mod:`services.trainer.distributed`): each rank trains on its share of the rows
+    :mod:`services.trainer.engines.distributed`): each rank trains on its share of the rows
     (``DistributedSampler``) in a ``DistributedDataParallel`` model; every rank validates on the
     whole validation split (the same weights, hence the same metrics and the same early-stopping
     decisions); rank 0 alone reports to ``observer``, checkpoints and writes TensorBoard.
@@ -385,7 +385,7 @@ def _feature_parts(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Ten
     """
     # By name: this class's forward is exactly net((x - mean) / std) * target_std + target_mean.
     kind = type(model)
-    if (kind.__module__, kind.__name__) != ("services.trainer.architectures", "FeatureModel"):
+    if (kind.__module__, kind.__name__) != ("services.trainer.engines.architectures", "FeatureModel"):
         return None
     net = model.net
     if not isinstance(net, nn.Module):

@@ -14,7 +14,7 @@ import pandas as pd
 from fastapi import APIRouter, Depends, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from services.trainer import service
+from services.trainer.api import service
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.datasets import LATEST, DataRepo, validate_dataset_name
 from shipyard_common.db import Database

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.trainer.engine import TabularData, TrainingFailed
-from services.trainer.schemas import Task
+from services.trainer.api.schemas import Task
+from services.trainer.engines.engine import TabularData, TrainingFailed
 
 log = logging.getLogger("shipyard.trainer.export")
 

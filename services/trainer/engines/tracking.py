@@ -30,7 +30,7 @@ from shipyard_common.lineage import (
 
 log = logging.getLogger("shipyard.trainer.tracking")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 _ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 # Where a job's run keeps its latest training checkpoint, for a worker that takes the job over.
 CHECKPOINT_ARTIFACT_PATH = "checkpoints"
@@ -105,7 +105,7 @@ class Tracking:
         return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
 
     def log_reports(self, run_id: str, paths: list[Path], *, artifact_path: str = "reports") -> None:
-        """Upload report files (see :mod:`services.trainer.reports`) under the run's ``reports/``."""
+        """Upload report files (see :mod:`services.trainer.engines.reports`) under the run's ``reports/``."""
         for path in paths:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 

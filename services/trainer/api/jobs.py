@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from services.trainer import service
-from services.trainer.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState
+from services.trainer.api import service
+from services.trainer.api.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.datasets import DataRepo, DatasetNotFound
 from shipyard_common.db import Database

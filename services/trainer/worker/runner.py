@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.trainer import reports, service
-from services.trainer.models import JobRecord
-from services.trainer.schemas import JobCreate, JobState, Progress
-from services.trainer.service import Claim
+from services.trainer.api import service
+from services.trainer.api.schemas import JobCreate, JobState, Progress
+from services.trainer.api.service import Claim
+from services.trainer.api.tables import JobRecord
+from services.trainer.engines import reports
 from services.trainer.settings import TrainerSettings
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
@@ -42,8 +43,8 @@ from shipyard_common.lineage import (
 )
 
 if TYPE_CHECKING:
-    from services.trainer.frameworks import FitOutcome
-    from services.trainer.tracking import Tracking
+    from services.trainer.engines.frameworks import FitOutcome
+    from services.trainer.engines.tracking import Tracking
 
 log = logging.getLogger("shipyard.trainer.job")
 
@@ -200,8 +201,8 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
     # Imported here: the API process imports this package too and must not pay for torch.
     from mlflow.exceptions import MlflowException
 
-    from services.trainer import engine, frameworks, model_card
-    from services.trainer.tracking import Tracking, flatten, git_commit, metric_tags
+    from services.trainer.engines import engine, frameworks, model_card
+    from services.trainer.engines.tracking import Tracking, flatten, git_commit, metric_tags
 
     platform = settings.platform
     with database.session() as session:
@@ -343,7 +344,7 @@ def _log_outcome(tracking: Tracking, run_id: str, outcome: FitOutcome, writer: _
     """Reports, TensorBoard events and the weights, beside the model in the run's artifacts."""
     import torch
 
-    from services.trainer.tracking import TENSORBOARD_ARTIFACT_PATH
+    from services.trainer.engines.tracking import TENSORBOARD_ARTIFACT_PATH
 
     if writer.resumed_from_epoch is not None:
         # The lost worker may have died between saving its last epoch and logging its metrics.

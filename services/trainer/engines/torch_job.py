@@ -1,7 +1,7 @@
 """Frameworks ``pytorch`` and ``transformers``: the engine's loop, then the exports, checked.
 
-``transformers`` is the same loop on token ids (see :mod:`services.trainer.text`); ``gpus > 1``
-runs the same loop under torchrun (see :mod:`services.trainer.distributed`).
+``transformers`` is the same loop on token ids (see :mod:`services.trainer.engines.text`); ``gpus > 1``
+runs the same loop under torchrun (see :mod:`services.trainer.engines.distributed`).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from services.trainer import engine
-from services.trainer.frameworks import Export, FitContext, FitOutcome
-from services.trainer.schemas import ExportFormat, Framework, JobCreate
+from services.trainer.api.schemas import ExportFormat, Framework, JobCreate
+from services.trainer.engines import engine
+from services.trainer.engines.frameworks import Export, FitContext, FitOutcome
 
 log = logging.getLogger("shipyard.trainer.torch_job")
 
@@ -21,7 +21,7 @@ CHECKPOINT_FILE = "last.pt"
 def prepare(context: FitContext) -> engine.TabularData:
     spec = context.spec
     if spec.framework == Framework.TRANSFORMERS:
-        from services.trainer import text
+        from services.trainer.engines import text
 
         return text.prepare_text_data(context.frame, spec, workdir=context.workdir)
     return engine.prepare_data(context.frame, spec)
@@ -32,7 +32,7 @@ def fit(context: FitContext) -> FitOutcome:
     data = prepare(context)
     context.plan(engine.steps_per_epoch(data, spec) * spec.training.epochs)
     if spec.resources.gpus > 1:
-        from services.trainer import distributed
+        from services.trainer.engines import distributed
 
         result = distributed.train(data, context)
     else:
@@ -83,7 +83,7 @@ def load_resume(context: FitContext) -> dict[str, Any] | None:
 
 def export_all(model: Any, data: engine.TabularData, spec: JobCreate, context: FitContext) -> list[Export]:
     """Every format the spec asks for, each checked against PyTorch on the validation rows."""
-    from services.trainer import export
+    from services.trainer.engines import export
 
     exports: list[Export] = []
     folder = context.workdir / "exports"

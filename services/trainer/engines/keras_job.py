@@ -1,12 +1,12 @@
 """Framework ``keras``: Keras 3 training in a child process, reported as if it ran here.
 
 Keras picks its backend once per process, so every job gets a fresh child
-(:mod:`services.trainer.keras_child`): backend ``torch`` unless a SavedModel is wanted, then
+(:mod:`services.trainer.engines.keras_child`): backend ``torch`` unless a SavedModel is wanted, then
 ``tensorflow``. This side prepares the data exactly as the PyTorch jobs do
-(:func:`services.trainer.engine.prepare_data`), hands the child the arrays and the spec as
-files in the job's scratch folder, relays its events through :func:`services.trainer.child.run`
+(:func:`services.trainer.engines.engine.prepare_data`), hands the child the arrays and the spec as
+files in the job's scratch folder, relays its events through :func:`services.trainer.engines.child.run`
 (plan, steps, epochs, checkpoints; a cancel kills the child) and turns its result file into a
-:class:`~services.trainer.frameworks.FitOutcome`.
+:class:`~services.trainer.engines.frameworks.FitOutcome`.
 
 A TensorFlow child cannot write ONNX (that needs ``tf2onnx``), so when a job wants both
 ``savedmodel`` and ``onnx`` the TensorFlow child saves the serving model as a ``.keras`` file,
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 import services
-from services.trainer import child, engine
-from services.trainer.frameworks import Export, FitContext, FitOutcome
-from services.trainer.schemas import ExportFormat, JobCreate, Precision, SchedulerName, Task
+from services.trainer.api.schemas import ExportFormat, JobCreate, Precision, SchedulerName, Task
+from services.trainer.engines import child, engine
+from services.trainer.engines.frameworks import Export, FitContext, FitOutcome
 from shipyard_common.errors import InvalidInput
 
 log = logging.getLogger("shipyard.trainer.keras_job")
@@ -149,7 +149,7 @@ def fit(context: FitContext) -> FitOutcome:
 
     backend = backend_for(spec)
     log.info("training with Keras (backend %s) in a child process", backend)
-    module = [sys.executable, "-m", "services.trainer.keras_child", str(folder)]
+    module = [sys.executable, "-m", "services.trainer.engines.keras_child", str(folder)]
     result = child.run(module, context=acknowledging(context, folder / ACK_FILE),
                        env=child_env(backend, context.device))
     done: dict[str, dict[str, Any]] = {item["format"]: item for item in result["exports"]}

@@ -1,11 +1,11 @@
-"""What :mod:`services.trainer.job` asks of a framework, and what it gets back.
+"""What :mod:`services.trainer.worker.runner` asks of a framework, and what it gets back.
 
 ``job`` owns the job row, the MLflow run, checkpoint uploads, cancellation and registration;
 a framework owns turning a data frame and a spec into a fitted, exported, checked model:
 
-- ``pytorch`` and ``transformers``: :mod:`services.trainer.torch_job` (the engine in
-  :mod:`services.trainer.engine`, in this process, or under torchrun when ``gpus > 1``);
-- ``keras``: :mod:`services.trainer.keras_job`, in a child process, because Keras picks its
+- ``pytorch`` and ``transformers``: :mod:`services.trainer.engines.torch_job` (the engine in
+  :mod:`services.trainer.engines.engine`, in this process, or under torchrun when ``gpus > 1``);
+- ``keras``: :mod:`services.trainer.engines.keras_job`, in a child process, because Keras picks its
   backend once per process (torch by default, TensorFlow when a SavedModel is wanted).
 
 Every framework reports through the same :class:`FitContext` callbacks, so progress, cancel,
@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from services.trainer.schemas import ExportFormat, Framework, JobCreate, Task
+from services.trainer.api.schemas import ExportFormat, Framework, JobCreate, Task
 
 # (epoch, global step, metrics at the end of an epoch or None mid-epoch) → may raise to stop.
 Observer = Callable[[int, int, dict[str, float] | None], None]
@@ -94,9 +94,9 @@ class FitOutcome:
 def fit(context: FitContext) -> FitOutcome:
     """Train, export and check the model that ``context.spec`` describes."""
     if context.spec.framework == Framework.KERAS:
-        from services.trainer import keras_job
+        from services.trainer.engines import keras_job
 
         return keras_job.fit(context)
-    from services.trainer import torch_job
+    from services.trainer.engines import torch_job
 
     return torch_job.fit(context)

@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.trainer.engine import TrainingFailed
-from services.trainer.frameworks import FitContext
+from services.trainer.engines.engine import TrainingFailed
+from services.trainer.engines.frameworks import FitContext
 
 log = logging.getLogger("shipyard.trainer.child")
 

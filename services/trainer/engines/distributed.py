@@ -3,11 +3,12 @@
 The parent (:func:`train`, in the worker) writes the data arrays (``np.save``, no pickle), the
 spec and the starting weights into ``context.workdir``, then runs::
 
-    python -m torch.distributed.run --standalone --nproc_per_node=<gpus> -m services.trainer.distributed …
+    python -m torch.distributed.run --standalone --nproc_per_node=<gpus> \
+        -m services.trainer.engines.distributed …
 
-through :func:`services.trainer.child.run`, which relays the ranks' events to the job. Each rank
+through :func:`services.trainer.engines.child.run`, which relays the ranks' events to the job. Each rank
 (:func:`main`) joins the process group (NCCL on CUDA, one GPU per rank; gloo on CPU, which is
-how the tests run it) and calls :func:`services.trainer.engine.train` with its ``rank`` and
+how the tests run it) and calls :func:`services.trainer.engines.engine.train` with its ``rank`` and
 ``world_size``: ``DistributedSampler`` shares, a DDP model, the train loss all-reduced,
 validation on every rank (same weights, same metrics, same early-stopping decisions), a NaN
 in any rank stopping all of them at the same check. Rank 0 alone reports progress, writes the
@@ -41,9 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.trainer import child, engine
-from services.trainer.frameworks import FitContext
-from services.trainer.schemas import JobCreate, Task
+from services.trainer.api.schemas import JobCreate, Task
+from services.trainer.engines import child, engine
+from services.trainer.engines.frameworks import FitContext
 from shipyard_common.errors import ShipyardError
 
 log = logging.getLogger("shipyard.trainer.distributed")
@@ -55,7 +56,7 @@ RESULT_FILE = "result.json"
 WEIGHTS_FILE = "model.pt"
 # A rank reports a mid-epoch step at most this often (the job's progress is throttled anyway).
 STEP_EVENT_EVERY_S = 0.5
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def train(data: engine.TabularData, context: FitContext) -> engine.TrainResult:
@@ -80,7 +81,7 @@ def train(data: engine.TabularData, context: FitContext) -> engine.TrainResult:
     (folder / SPEC_FILE).write_text(spec.model_dump_json())
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-        "-m", "services.trainer.distributed",
+        "-m", "services.trainer.engines.distributed",
         "--folder", str(folder), "--device", device_type, "--checkpoint-dir", str(context.checkpoint_dir),
         "--tensorboard-dir", str(context.tensorboard_dir),
     ]
@@ -109,7 +110,7 @@ def train(data: engine.TabularData, context: FitContext) -> engine.TrainResult:
 
 def _resume_file(context: FitContext) -> Path | None:
     # The same rule as in-process training: a readable checkpoint resumes, anything else starts over.
-    from services.trainer import torch_job
+    from services.trainer.engines import torch_job
 
     if torch_job.load_resume(context) is None or context.resume_dir is None:
         return None
@@ -210,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 child.emit("step", epoch=epoch, step=step)
 
         def checkpointer(state: dict[str, Any]) -> None:
-            from services.trainer import torch_job
+            from services.trainer.engines import torch_job
 
             args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             engine.save_checkpoint(state, args.checkpoint_dir / torch_job.CHECKPOINT_FILE)
