@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gpu_training import images  # noqa: E402
 from services.trainer.api.schemas import JobCreate  # noqa: E402
 from services.trainer.engines import engine, torch_job  # noqa: E402
-from services.trainer.engines.frameworks import FitContext  # noqa: E402
+from services.trainer.engines.types import FitContext  # noqa: E402
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ from services.trainer.api.schemas import (
     Task,
     TransformerEncoderSpec,
 )
-from services.trainer.engines.engine import TabularData
+from services.trainer.engines.types import TabularData
 from shipyard_common.errors import InvalidInput
 
 PLUGIN_DIR_ENV = "SHIPYARD_TRAINER_PLUGIN_DIR"

@@ -27,8 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.trainer.engines.engine import TrainingFailed
-from services.trainer.engines.frameworks import FitContext
+from services.trainer.engines.types import FitContext, TrainingFailed
 
 log = logging.getLogger("shipyard.trainer.child")
 

@@ -18,9 +18,9 @@ rebuilds the model with :func:`engine.build_model` and loads that state dict
 (``weights_only=True``).
 
 A rank that fails (divergence, bad input) emits ``failed`` with the engine's message, which
-the parent raises as :class:`engine.TrainingFailed`. torchrun starts each rank in a session of
-its own, out of reach of the parent's process-group kill on cancel; so each rank watches its
-launcher and exits as soon as the launcher is gone.
+the parent raises as :class:`~services.trainer.engines.types.TrainingFailed`. torchrun starts
+each rank in a session of its own, out of reach of the parent's process-group kill on cancel;
+so each rank watches its launcher and exits as soon as the launcher is gone.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ import torch
 
 from services.trainer.api.schemas import JobCreate, Task
 from services.trainer.engines import child, engine
-from services.trainer.engines.frameworks import FitContext
+from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
+from services.trainer.engines.types import FitContext, TabularData, TrainingFailed
 from shipyard_common.errors import ShipyardError
 
 log = logging.getLogger("shipyard.trainer.distributed")
@@ -59,13 +60,13 @@ STEP_EVENT_EVERY_S = 0.5
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def train(data: engine.TabularData, context: FitContext) -> engine.TrainResult:
+def train(data: TabularData, context: FitContext) -> engine.TrainResult:
     """Train on ``context.spec.resources.gpus`` processes; the fitted model as ``engine.train`` gives it."""
     spec = context.spec
     world = spec.resources.gpus
     device_type = torch.device(context.device).type
     if device_type == "cuda" and torch.cuda.device_count() < world:
-        raise engine.TrainingFailed(
+        raise TrainingFailed(
             f"resources.gpus is {world} but this worker sees {torch.cuda.device_count()} GPU(s)"
         )
     # Input errors surface here, in the job's process, as they would without DDP.
@@ -110,14 +111,12 @@ def train(data: engine.TabularData, context: FitContext) -> engine.TrainResult:
 
 def _resume_file(context: FitContext) -> Path | None:
     # The same rule as in-process training: a readable checkpoint resumes, anything else starts over.
-    from services.trainer.engines import torch_job
-
-    if torch_job.load_resume(context) is None or context.resume_dir is None:
+    if load_resume(context) is None or context.resume_dir is None:
         return None
-    return context.resume_dir / torch_job.CHECKPOINT_FILE
+    return context.resume_dir / CHECKPOINT_FILE
 
 
-def write_data(data: engine.TabularData, folder: Path) -> None:
+def write_data(data: TabularData, folder: Path) -> None:
     """Arrays as ``<field>.npy`` (no pickle); the other fields (JSON values, enums, paths) in data.json."""
     kind = type(data)
     meta: dict[str, Any] = {"class": f"{kind.__module__}:{kind.__qualname__}", "arrays": [], "values": {}}
@@ -135,7 +134,7 @@ def write_data(data: engine.TabularData, folder: Path) -> None:
     (folder / DATA_META).write_text(json.dumps(meta))
 
 
-def read_data(folder: Path) -> engine.TabularData:
+def read_data(folder: Path) -> TabularData:
     meta = json.loads((folder / DATA_META).read_text())
     module, _, name = str(meta["class"]).partition(":")
     if not module.startswith("services.trainer."):
@@ -149,7 +148,7 @@ def read_data(folder: Path) -> engine.TabularData:
             values[key] = Path(boxed["path"])
         else:
             values[key] = boxed["json"]
-    data: engine.TabularData = kind(**values)
+    data: TabularData = kind(**values)
     return data
 
 
@@ -211,10 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 child.emit("step", epoch=epoch, step=step)
 
         def checkpointer(state: dict[str, Any]) -> None:
-            from services.trainer.engines import torch_job
-
             args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            engine.save_checkpoint(state, args.checkpoint_dir / torch_job.CHECKPOINT_FILE)
+            engine.save_checkpoint(state, args.checkpoint_dir / CHECKPOINT_FILE)
             child.emit("checkpoint")
 
         result = engine.train(

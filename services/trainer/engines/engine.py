@@ -32,35 +32,15 @@ from services.trainer.api.schemas import (
     SchedulerName,
     Task,
 )
-from shipyard_common.errors import InvalidInput, ShipyardError
+from services.trainer.engines.types import Observer, TabularData, TrainingFailed
+from shipyard_common.errors import InvalidInput
 
 log = logging.getLogger("shipyard.trainer.engine")
 
-# (epoch, global step, metrics at the end of an epoch or None mid-epoch) → may raise to stop.
-Observer = Callable[[int, int, dict[str, float] | None], None]
 # Receives the full training state at the end of every epoch (see :func:`load_checkpoint`).
 Checkpointer = Callable[[dict[str, Any]], None]
 
 CHECKPOINT_VERSION = 1
-
-
-class TrainingFailed(ShipyardError):
-    """The job's inputs were fine, but training or exporting did not produce a usable model."""
-
-    code = "training_failed"
-
-
-@dataclass(frozen=True)
-class TabularData:
-    features: list[str]
-    target: str
-    task: Task
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    # Classification: the label each output column stands for, in output order.
-    classes: list[Any] = field(default_factory=list)
 
 
 def prepare_data(frame: pd.DataFrame, spec: JobCreate) -> TabularData:

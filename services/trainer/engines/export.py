@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from services.trainer.api.schemas import Task
-from services.trainer.engines.engine import TabularData, TrainingFailed
+from services.trainer.engines.types import TabularData, TrainingFailed
 
 log = logging.getLogger("shipyard.trainer.export")
 

@@ -1,94 +1,24 @@
-"""What :mod:`services.trainer.worker.runner` asks of a framework, and what it gets back.
+"""Which framework fits a job: :func:`fit` hands the runner's context to the spec's framework.
 
-``job`` owns the job row, the MLflow run, checkpoint uploads, cancellation and registration;
-a framework owns turning a data frame and a spec into a fitted, exported, checked model:
+The context and the outcome are :mod:`services.trainer.engines.types`. The runner
+(:mod:`services.trainer.worker.runner`) owns the job row, the MLflow run, checkpoint uploads,
+cancellation and registration; a framework owns turning a data frame and a spec into a fitted,
+exported, checked model:
 
 - ``pytorch`` and ``transformers``: :mod:`services.trainer.engines.torch_job` (the engine in
   :mod:`services.trainer.engines.engine`, in this process, or under torchrun when ``gpus > 1``);
 - ``keras``: :mod:`services.trainer.engines.keras_job`, in a child process, because Keras picks its
   backend once per process (torch by default, TensorFlow when a SavedModel is wanted).
 
-Every framework reports through the same :class:`FitContext` callbacks, so progress, cancel,
-checkpoints and resume behave the same whichever one trained the model.
+Every framework reports through the same :class:`~services.trainer.engines.types.FitContext`
+callbacks, so progress, cancel, checkpoints and resume behave the same whichever one trained
+the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import pandas as pd
-
-from services.trainer.api.schemas import ExportFormat, Framework, JobCreate, Task
-
-# (epoch, global step, metrics at the end of an epoch or None mid-epoch) → may raise to stop.
-Observer = Callable[[int, int, dict[str, float] | None], None]
-
-
-@dataclass
-class FitContext:
-    spec: JobCreate
-    frame: pd.DataFrame
-    device: str
-    # Scratch space for this job, removed when it ends: exports and reports are written here.
-    workdir: Path
-    # Called after every step and every epoch; raises (JobAborted) when the job must stop.
-    observer: Observer
-    # The framework writes its checkpoint file(s) here each epoch, then calls ``checkpoint_saved``,
-    # which uploads the folder's files as the run's ``checkpoints/``.
-    checkpoint_dir: Path
-    checkpoint_saved: Callable[[], None]
-    # A lost worker's last checkpoint files, downloaded; None when training starts at epoch 1.
-    resume_dir: Path | None
-    # TensorBoard event files go here; ``job`` uploads the folder as the run's ``tensorboard/``.
-    tensorboard_dir: Path
-    # Called once, before the first step, with the number of optimizer steps the whole run
-    # will take (all epochs), so that progress can show a fraction and an ETA.
-    plan: Callable[[int], None]
-    # Fine-tuning: the parent version's trained weights (a state dict read with weights_only).
-    initial_weights: dict[str, Any] | None = None
-    # Where ``model.type: plugin`` factories are looked up (the trainer's SHIPYARD_TRAINER_PLUGIN_DIR).
-    plugin_dir: Path | None = None
-
-
-@dataclass(frozen=True)
-class Export:
-    format: ExportFormat
-    # A file (model.onnx, model.pt) or a folder (SavedModel).
-    path: Path
-    # Largest |exported - framework| on held-out rows; checked ≤ 1e-4 (scaled for regression).
-    max_abs_diff: float
-    # {"inputs": [{"name", "shape" (None = any), "dtype"}], "outputs": [...]} (+ "classes").
-    signature: dict[str, Any]
-
-
-@dataclass
-class FitOutcome:
-    task: Task
-    features: list[str]
-    target: str
-    # Classification: the label each output column stands for, in output order.
-    classes: list[Any]
-    n_train: int
-    n_val: int
-    metrics: dict[str, float]
-    # One entry per finished epoch: {"epoch": n, "lr": …, "train_loss": …, "val_…": …}.
-    history: list[dict[str, float]]
-    confusion: list[list[int]] | None
-    best_epoch: int | None
-    stopped_early: bool
-    seconds: float
-    device: str
-    exports: list[Export]
-    # The trained weights as a state dict, kept as the run's ``weights/model.pt`` so that a later
-    # job can fine-tune from this version (``init_from``); None where the framework has none.
-    state_dict: dict[str, Any] | None = None
-    # Further files to upload: (local path, artifact folder), e.g. the tokenizer.
-    artifacts: list[tuple[Path, str]] = field(default_factory=list)
-    # What the model card says about the model beyond the spec (parameters, architecture).
-    card: dict[str, Any] = field(default_factory=dict)
+from services.trainer.api.schemas import Framework
+from services.trainer.engines.types import FitContext, FitOutcome
 
 
 def fit(context: FitContext) -> FitOutcome:

@@ -6,7 +6,7 @@ Keras picks its backend once per process, so every job gets a fresh child
 (:func:`services.trainer.engines.engine.prepare_data`), hands the child the arrays and the spec as
 files in the job's scratch folder, relays its events through :func:`services.trainer.engines.child.run`
 (plan, steps, epochs, checkpoints; a cancel kills the child) and turns its result file into a
-:class:`~services.trainer.engines.frameworks.FitOutcome`.
+:class:`~services.trainer.engines.types.FitOutcome`.
 
 A TensorFlow child cannot write ONNX (that needs ``tf2onnx``), so when a job wants both
 ``savedmodel`` and ``onnx`` the TensorFlow child saves the serving model as a ``.keras`` file,
@@ -29,7 +29,7 @@ import numpy as np
 import services
 from services.trainer.api.schemas import ExportFormat, JobCreate, Precision, SchedulerName, Task
 from services.trainer.engines import child, engine
-from services.trainer.engines.frameworks import Export, FitContext, FitOutcome
+from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
 from shipyard_common.errors import InvalidInput
 
 log = logging.getLogger("shipyard.trainer.keras_job")
@@ -56,7 +56,7 @@ def backend_for(spec: JobCreate) -> str:
     return "tensorflow" if ExportFormat.SAVEDMODEL in spec.exports else "torch"
 
 
-def check_spec(data: engine.TabularData, spec: JobCreate, device: str) -> None:
+def check_spec(data: TabularData, spec: JobCreate, device: str) -> None:
     """Refuse, before any process starts, what the Keras jobs cannot do with this data."""
     training, model = spec.training, spec.model
     n_features = len(data.features)

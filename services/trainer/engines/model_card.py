@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer.api.schemas import ExportFormat, JobCreate, Task
-from services.trainer.engines.frameworks import Export, FitOutcome
+from services.trainer.engines.types import Export, FitOutcome
 from shipyard_common.lineage import MODEL_CARD_FILE, MODEL_CARD_JSON, SIGNATURE_FILE
 
 # Serving prefers the first format of this order that a version holds.

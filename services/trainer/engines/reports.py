@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class Reported(Protocol):
-    """What the reports read: a :class:`~services.trainer.engines.frameworks.FitOutcome` has it all."""
+    """What the reports read: a :class:`~services.trainer.engines.types.FitOutcome` has it all."""
 
     task: Task
     classes: list[Any]

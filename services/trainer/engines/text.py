@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from services.trainer.api.schemas import JobCreate, PretrainedTextSpec, Task
-from services.trainer.engines.engine import TabularData, TrainingFailed
+from services.trainer.engines.types import TabularData, TrainingFailed
 from shipyard_common.errors import InvalidInput
 
 # The artifact folder (in the MLflow run) that the tokenizer files are uploaded to.

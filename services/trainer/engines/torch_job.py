@@ -11,14 +11,13 @@ from typing import Any
 
 from services.trainer.api.schemas import ExportFormat, Framework, JobCreate
 from services.trainer.engines import engine
-from services.trainer.engines.frameworks import Export, FitContext, FitOutcome
+from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
+from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
 
 log = logging.getLogger("shipyard.trainer.torch_job")
 
-CHECKPOINT_FILE = "last.pt"
 
-
-def prepare(context: FitContext) -> engine.TabularData:
+def prepare(context: FitContext) -> TabularData:
     spec = context.spec
     if spec.framework == Framework.TRANSFORMERS:
         from services.trainer.engines import text
@@ -50,7 +49,7 @@ def fit(context: FitContext) -> FitOutcome:
     )
 
 
-def train_here(data: engine.TabularData, context: FitContext) -> engine.TrainResult:
+def train_here(data: TabularData, context: FitContext) -> engine.TrainResult:
     """The engine in this process, checkpointing into ``context.checkpoint_dir`` every epoch."""
     checkpoint_file = context.checkpoint_dir / CHECKPOINT_FILE
 
@@ -66,22 +65,7 @@ def train_here(data: engine.TabularData, context: FitContext) -> engine.TrainRes
     )
 
 
-def load_resume(context: FitContext) -> dict[str, Any] | None:
-    """The lost worker's checkpoint, or None (none saved, or unreadable: then train from epoch 1)."""
-    if context.resume_dir is None:
-        return None
-    path = context.resume_dir / CHECKPOINT_FILE
-    if not path.is_file():
-        log.info("no checkpoint to resume from; training starts at epoch 1")
-        return None
-    try:
-        return engine.load_checkpoint(path)
-    except Exception as exc:  # a torn or foreign file: training from scratch still gives a model
-        log.warning("could not read the checkpoint (%s); training starts at epoch 1", exc)
-        return None
-
-
-def export_all(model: Any, data: engine.TabularData, spec: JobCreate, context: FitContext) -> list[Export]:
+def export_all(model: Any, data: TabularData, spec: JobCreate, context: FitContext) -> list[Export]:
     """Every format the spec asks for, each checked against PyTorch on the validation rows."""
     from services.trainer.engines import export
 

@@ -21,7 +21,7 @@ import torch
 
 from services.trainer.api.schemas import ExportFormat, JobCreate
 from services.trainer.engines import engine, text, torch_job
-from services.trainer.engines.frameworks import FitContext, FitOutcome
+from services.trainer.engines.types import FitContext, FitOutcome
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec
 
