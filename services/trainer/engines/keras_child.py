@@ -315,6 +315,7 @@ def validation_scores(job: Job, out: np.ndarray) -> tuple[float, dict[str, float
     import torch
 
     from services.trainer.engines import engine
+    from services.trainer.engines.types import TabularData
 
     out = out.astype(np.float64)
     if job.classification:
@@ -329,7 +330,7 @@ def validation_scores(job: Job, out: np.ndarray) -> tuple[float, dict[str, float
         loss = float(np.mean((out - (target - mean) / std) ** 2)) if len(target) else 0.0
         out = out * std + mean
         y = torch.from_numpy(target)
-    data = engine.TabularData(
+    data = TabularData(
         features=job.features, target=job.spec.data.target, task=job.task,
         x_train=job.x_train, y_train=job.y_train, x_val=job.x_val, y_val=job.y_val, classes=job.classes,
     )
@@ -343,6 +344,48 @@ def make_callbacks(job: Job, state: RunState, resumed: dict[str, Any] | None,
     import keras
 
     training = job.spec.training
+    callbacks: list[Any] = lr_schedule(job)
+    callbacks += [progress_callback(state), validation_callback(job, state)]
+    stopper = early_stopper(job, resumed, best_weights)
+    if stopper is not None:
+        callbacks.append(stopper)
+    plateau: Any = None
+    if training.scheduler.name == SchedulerName.PLATEAU:
+        plateau = plateau_callback(job, resumed)
+        callbacks.append(plateau)
+    callbacks.append(tensorboard_callback(job.tensorboard_dir, state))
+    # Saved before the epoch is reported, so that a reported epoch always has its checkpoint:
+    # the model with its optimizer state, written beside the checkpoint folder and moved in whole.
+    staged = job.folder / "staging" / CHECKPOINT_MODEL
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    callbacks.append(keras.callbacks.ModelCheckpoint(filepath=str(staged), save_weights_only=False,
+                                                     verbose=0))
+    callbacks += [checkpoint_callback(job, state, staged, stopper, plateau), epoch_callback(state)]
+    return callbacks, stopper
+
+
+def lr_schedule(job: Job) -> list[Any]:
+    """A LearningRateScheduler for ``step`` and ``cosine``, stepped per epoch as in PyTorch; else none."""
+    import keras
+
+    training = job.spec.training
+    scheduler = training.scheduler
+    base_lr, epochs = training.learning_rate, training.epochs
+    if scheduler.name == SchedulerName.STEP:
+        # Epoch index e (from 0) runs at base·γ^(e // step_size), as StepLR stepped once per epoch.
+        return [keras.callbacks.LearningRateScheduler(
+            lambda e, lr: base_lr * scheduler.gamma ** (e // scheduler.step_size))]
+    if scheduler.name == SchedulerName.COSINE:
+        # CosineAnnealingLR(T_max=epochs) stepped once per epoch, down towards 0.
+        return [keras.callbacks.LearningRateScheduler(
+            lambda e, lr: base_lr * (1 + math.cos(math.pi * e / epochs)) / 2)]
+    if scheduler.name == SchedulerName.ONECYCLE:  # the parent refuses it already
+        raise Failed("training.scheduler 'onecycle' is not available with framework 'keras'")
+    return []
+
+
+def progress_callback(state: RunState) -> Any:
+    import keras
 
     class Progress(keras.callbacks.Callback):
         """Counts steps, stops on a non-finite loss, reports progress (throttled)."""
@@ -367,6 +410,12 @@ def make_callbacks(job: Job, state: RunState, resumed: dict[str, Any] | None,
                 self.last_event = now
                 child.emit("step", epoch=state.epoch, step=state.step)
 
+    return Progress()
+
+
+def validation_callback(job: Job, state: RunState) -> Any:
+    import keras
+
     class ValidationMetrics(keras.callbacks.Callback):
         """The PyTorch jobs' epoch metrics, put into ``logs`` for the callbacks after this one."""
 
@@ -387,6 +436,17 @@ def make_callbacks(job: Job, state: RunState, resumed: dict[str, Any] | None,
             state.last_good = epoch + 1
             state.history.append({"epoch": float(epoch + 1), **metrics})
 
+    return ValidationMetrics()
+
+
+def early_stopper(job: Job, resumed: dict[str, Any] | None, best_weights: list[np.ndarray] | None) -> Any:
+    """``training.early_stopping`` as Keras's EarlyStopping, carrying on where a lost worker stopped."""
+    import keras
+
+    stopping = job.spec.training.early_stopping
+    if stopping is None:
+        return None
+
     class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
             super().on_train_begin(logs)
@@ -396,6 +456,19 @@ def make_callbacks(job: Job, state: RunState, resumed: dict[str, Any] | None,
                 self.best_epoch = int(saved["best_epoch"])
                 self.best_weights = best_weights
 
+    return ResumableEarlyStopping(
+        monitor=stopping.metric, patience=stopping.patience, min_delta=stopping.min_delta,
+        mode="max" if METRIC_GOALS[stopping.metric] else "min",
+        restore_best_weights=stopping.restore_best, verbose=0,
+    )
+
+
+def plateau_callback(job: Job, resumed: dict[str, Any] | None) -> Any:
+    """The ``plateau`` scheduler as Keras's ReduceLROnPlateau, carrying on where a lost worker stopped."""
+    import keras
+
+    scheduler = job.spec.training.scheduler
+
     class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
             super().on_train_begin(logs)
@@ -403,6 +476,14 @@ def make_callbacks(job: Job, state: RunState, resumed: dict[str, Any] | None,
             if saved:
                 self.wait, self.best = int(saved["wait"]), saved["best"]
                 self.cooldown_counter = int(saved["cooldown_counter"])
+
+    # ReduceLROnPlateau(patience=p) in PyTorch cuts after p + 1 epochs without improvement.
+    return ResumablePlateau(monitor="val_loss", mode="min", factor=scheduler.gamma,
+                            patience=scheduler.patience + 1, verbose=0)
+
+
+def checkpoint_callback(job: Job, state: RunState, staged: Path, stopper: Any, plateau: Any) -> Any:
+    import keras
 
     class CheckpointState(keras.callbacks.Callback):
         """After ModelCheckpoint wrote ``last.keras``: move it in, write the rest, then ``checkpoint``.
@@ -437,10 +518,16 @@ def make_callbacks(job: Job, state: RunState, resumed: dict[str, Any] | None,
             child.emit("checkpoint")
             wait_for_upload(job.folder / ACK_FILE, state.checkpoints)
 
+    return CheckpointState()
+
+
+def tensorboard_callback(folder: Path, state: RunState) -> Any:
+    import keras
+
     class TensorBoardScalars(keras.callbacks.Callback):
         """The epoch's metrics as TensorBoard scalars, tagged as the PyTorch jobs tag them."""
 
-        def __init__(self, folder: Path, state: RunState) -> None:
+        def __init__(self) -> None:
             super().__init__()
             import tensorflow as tf  # Keras has imported it already (set_random_seed seeds it)
 
@@ -458,51 +545,19 @@ def make_callbacks(job: Job, state: RunState, resumed: dict[str, Any] | None,
         def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
             self.writer.close()
 
+    return TensorBoardScalars()
+
+
+def epoch_callback(state: RunState) -> Any:
+    import keras
+
     class MlflowLogger(keras.callbacks.Callback):
         """Reports the epoch's metrics; the parent's observer logs them to MLflow and the job row."""
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             child.emit("epoch", epoch=epoch + 1, step=state.step, metrics=state.metrics)
 
-    callbacks: list[Any] = []
-    scheduler = training.scheduler
-    base_lr, epochs = training.learning_rate, training.epochs
-    if scheduler.name == SchedulerName.STEP:
-        # Epoch index e (from 0) runs at base·γ^(e // step_size), as StepLR stepped once per epoch.
-        callbacks.append(keras.callbacks.LearningRateScheduler(
-            lambda e, lr: base_lr * scheduler.gamma ** (e // scheduler.step_size)))
-    elif scheduler.name == SchedulerName.COSINE:
-        # CosineAnnealingLR(T_max=epochs) stepped once per epoch, down towards 0.
-        callbacks.append(keras.callbacks.LearningRateScheduler(
-            lambda e, lr: base_lr * (1 + math.cos(math.pi * e / epochs)) / 2))
-    elif scheduler.name == SchedulerName.ONECYCLE:  # the parent refuses it already
-        raise Failed("training.scheduler 'onecycle' is not available with framework 'keras'")
-    callbacks += [Progress(), ValidationMetrics()]
-
-    stopper: Any = None
-    stopping = training.early_stopping
-    if stopping is not None:
-        stopper = ResumableEarlyStopping(
-            monitor=stopping.metric, patience=stopping.patience, min_delta=stopping.min_delta,
-            mode="max" if METRIC_GOALS[stopping.metric] else "min",
-            restore_best_weights=stopping.restore_best, verbose=0,
-        )
-        callbacks.append(stopper)
-    plateau: Any = None
-    if scheduler.name == SchedulerName.PLATEAU:
-        # ReduceLROnPlateau(patience=p) in PyTorch cuts after p + 1 epochs without improvement.
-        plateau = ResumablePlateau(monitor="val_loss", mode="min", factor=scheduler.gamma,
-                                   patience=scheduler.patience + 1, verbose=0)
-        callbacks.append(plateau)
-    callbacks.append(TensorBoardScalars(job.tensorboard_dir, state))
-    # Saved before the epoch is reported, so that a reported epoch always has its checkpoint:
-    # the model with its optimizer state, written beside the checkpoint folder and moved in whole.
-    staged = job.folder / "staging" / CHECKPOINT_MODEL
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    callbacks.append(keras.callbacks.ModelCheckpoint(filepath=str(staged), save_weights_only=False,
-                                                     verbose=0))
-    callbacks += [CheckpointState(), MlflowLogger()]
-    return callbacks, stopper
+    return MlflowLogger()
 
 
 def orphaned() -> None:

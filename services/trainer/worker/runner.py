@@ -43,8 +43,10 @@ from shipyard_common.lineage import (
 )
 
 if TYPE_CHECKING:
-    from services.trainer.engines.frameworks import FitOutcome
+    import pandas as pd
+
     from services.trainer.engines.tracking import Tracking
+    from services.trainer.engines.types import Export, FitOutcome
 
 log = logging.getLogger("shipyard.trainer.job")
 
@@ -197,113 +199,62 @@ class _ProgressWriter:
             log.info("epoch %d/%d: %s", epoch, self.epochs, shown)
 
 
+@dataclass
+class _Run:
+    """One job's MLflow run, scratch folders and lineage, as :func:`_run_claimed` passes them on."""
+
+    job_id: str
+    spec: JobCreate
+    device: str
+    tracking: Tracking
+    lineage: dict[str, str]
+    workdir: Path
+    run_id: str
+    continuing: bool
+    resume_dir: Path | None
+    initial_weights: dict[str, Any] | None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.workdir / "checkpoint"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.workdir / "tensorboard"
+
+
 def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) -> None:
     # Imported here: the API process imports this package too and must not pay for torch.
-    from mlflow.exceptions import MlflowException
-
-    from services.trainer.engines import engine, frameworks, model_card
-    from services.trainer.engines.tracking import Tracking, flatten, git_commit, metric_tags
+    from services.trainer.engines import engine
+    from services.trainer.engines.tracking import Tracking, git_commit
 
     platform = settings.platform
-    with database.session() as session:
-        record = session.get(JobRecord, job_id)
-        if record is None:  # deleted between the claim and now
-            raise JobAborted(job_id)
-        spec = JobCreate.model_validate(record.spec)
-        previous_run_id = record.mlflow_run_id
-
+    spec, previous_run_id = _read_job(database, job_id)
     frame = DataRepo.from_settings(platform).read(spec.data.dataset, spec.data.rev)
     device = engine.pick_device(spec.resources.queue.value)
-    commit = settings.git_commit or git_commit()
     tracking = Tracking(platform.mlflow_tracking_uri)
     lineage = {
         TAG_JOB_ID: job_id,
         TAG_DATASET: spec.data.dataset,
         TAG_DATASET_REV: spec.data.rev,
-        TAG_GIT_COMMIT: commit,
+        TAG_GIT_COMMIT: settings.git_commit or git_commit(),
         TAG_FRAMEWORK: spec.framework.value,
     }
     scratch = tempfile.TemporaryDirectory(prefix="shipyard-job-")
     workdir = Path(scratch.name)
-    checkpoint_dir, tensorboard_dir = workdir / "checkpoint", workdir / "tensorboard"
-    checkpoint_dir.mkdir()
-    tensorboard_dir.mkdir()
     try:
-        initial_weights = None
-        if spec.init_from is not None:
-            parent = spec.init_from
-            lineage[TAG_PARENT] = f"{parent.model_name}/{parent.version}"
-            initial_weights = _parent_weights(tracking, parent.model_name, parent.version, workdir / "parent")
-        elif spec.model.type == "pretrained_text":
-            lineage[TAG_PARENT] = f"pretrained:{spec.model.checkpoint}"
-
-        resume_dir = None
-        if previous_run_id:
-            # A worker that ran this job was lost: continue its run from its last checkpoint.
-            run_id = previous_run_id
-            resume_dir = _download_checkpoint(tracking, run_id, workdir / "resume")
-        else:
-            run_id = tracking.start_run(
-                experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage
-            )
-        if not service.update_job(
-            database=database, job_id=job_id, expect_state=JobState.RUNNING,
-            mlflow_run_id=run_id, device=device,
-        ):
-            tracking.end_run(run_id, ok=False)
-            raise JobAborted(job_id)
-        log.info("training %s (%s, %s) on %s (MLflow run %s)", spec.model_name, spec.framework.value,
-                 spec.model.type, device, run_id)
+        run = _start_run(database=database, job_id=job_id, spec=spec, device=device, tracking=tracking,
+                         lineage=lineage, workdir=workdir, previous_run_id=previous_run_id)
         ok = False
         try:
-            try:
-                tracking.log_params(run_id, {**flatten(spec.model_dump(mode="json")), "device": device})
-            except MlflowException:
-                if previous_run_id is None:
-                    raise
-                # The lost worker logged them already (MLflow refuses a changed value, e.g. the device).
-                log.warning("kept the params the lost worker logged to run %s", run_id)
-            writer = _ProgressWriter(database=database, job_id=job_id, epochs=spec.training.epochs,
-                                     tracking=tracking, run_id=run_id, started=time.monotonic(),
-                                     continuing=previous_run_id is not None)
-            context = frameworks.FitContext(
-                spec=spec, frame=frame, device=device, workdir=workdir, observer=writer,
-                checkpoint_dir=checkpoint_dir,
-                checkpoint_saved=lambda: tracking.log_checkpoint(run_id, checkpoint_dir),
-                resume_dir=resume_dir, tensorboard_dir=tensorboard_dir, plan=writer.plan,
-                initial_weights=initial_weights, plugin_dir=settings.plugin_dir,
-            )
-            outcome = frameworks.fit(context)
-            _log_outcome(tracking, run_id, outcome, writer, workdir)
-            lineage.update({
-                TAG_FEATURES: json.dumps(outcome.features), TAG_TARGET: outcome.target,
-                TAG_TASK: outcome.task.value,
-            })
-            folder = model_card.write_model_folder(outcome=outcome, spec=spec, lineage=lineage,
-                                                   folder=workdir / "model")
-            source = tracking.log_model_folder(run_id, folder.path)
-            diffs = {f"{e.format.value}_max_abs_diff": e.max_abs_diff for e in outcome.exports}
-            tracking.log_metrics(run_id, diffs, step=spec.training.epochs)
-            metrics = {**outcome.metrics, **diffs}
-            # The last moment a cancel can still keep a model out of the registry.
-            if not service.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
-                                      progress=writer.final().model_dump()):
-                raise JobAborted(job_id)
-            version = tracking.register(
-                model_name=spec.model_name, job_id=job_id, run_id=run_id, source=source,
-                tags={**lineage, TAG_FORMAT: folder.primary.format.value,
-                      TAG_FORMATS: json.dumps([e.format.value for e in outcome.exports]),
-                      TAG_SIGNATURE: json.dumps(folder.primary.signature, sort_keys=True),
-                      **metric_tags(outcome.metrics)},
-                description=(f"Trained by Shipyard job {job_id} on {spec.data.dataset}@{spec.data.rev[:12]}; "
-                             f"see {MODEL_CARD_FILE} in the version's files."),
-            )
+            version, metrics, writer = _train_and_register(run, database=database, settings=settings,
+                                                           frame=frame)
             ok = True
         finally:
             try:
-                tracking.end_run(run_id, ok=ok)
+                tracking.end_run(run.run_id, ok=ok)
             except Exception:  # the job's outcome matters more than the run's status
-                log.warning("could not end MLflow run %s", run_id, exc_info=True)
+                log.warning("could not end MLflow run %s", run.run_id, exc_info=True)
     finally:
         scratch.cleanup()
 
@@ -312,6 +263,123 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
         state=JobState.SUCCEEDED, model_version=version, metrics=metrics,
         progress=writer.final().model_dump(), error=None,
+    )
+
+
+def _read_job(database: Database, job_id: str) -> tuple[JobCreate, str | None]:
+    """The job's spec, and the MLflow run of a lost worker that ran it before (or None)."""
+    with database.session() as session:
+        record = session.get(JobRecord, job_id)
+        if record is None:  # deleted between the claim and now
+            raise JobAborted(job_id)
+        return JobCreate.model_validate(record.spec), record.mlflow_run_id
+
+
+def _start_run(
+    *, database: Database, job_id: str, spec: JobCreate, device: str, tracking: Tracking,
+    lineage: dict[str, str], workdir: Path, previous_run_id: str | None,
+) -> _Run:
+    """The parent's weights, then a new MLflow run, or the lost worker's run and its checkpoint."""
+    (workdir / "checkpoint").mkdir()
+    (workdir / "tensorboard").mkdir()
+    initial_weights = None
+    if spec.init_from is not None:
+        parent = spec.init_from
+        lineage[TAG_PARENT] = f"{parent.model_name}/{parent.version}"
+        initial_weights = _parent_weights(tracking, parent.model_name, parent.version, workdir / "parent")
+    elif spec.model.type == "pretrained_text":
+        lineage[TAG_PARENT] = f"pretrained:{spec.model.checkpoint}"
+
+    resume_dir = None
+    if previous_run_id:
+        # A worker that ran this job was lost: continue its run from its last checkpoint.
+        run_id = previous_run_id
+        resume_dir = _download_checkpoint(tracking, run_id, workdir / "resume")
+    else:
+        run_id = tracking.start_run(
+            experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage
+        )
+    if not service.update_job(
+        database=database, job_id=job_id, expect_state=JobState.RUNNING,
+        mlflow_run_id=run_id, device=device,
+    ):
+        tracking.end_run(run_id, ok=False)
+        raise JobAborted(job_id)
+    log.info("training %s (%s, %s) on %s (MLflow run %s)", spec.model_name, spec.framework.value,
+             spec.model.type, device, run_id)
+    return _Run(job_id=job_id, spec=spec, device=device, tracking=tracking, lineage=lineage,
+                workdir=workdir, run_id=run_id, continuing=previous_run_id is not None,
+                resume_dir=resume_dir, initial_weights=initial_weights)
+
+
+def _train_and_register(
+    run: _Run, *, database: Database, settings: TrainerSettings, frame: pd.DataFrame
+) -> tuple[str, dict[str, float], _ProgressWriter]:
+    """Fit with the spec's framework, log the outcome, register the model: (version, metrics, writer)."""
+    from services.trainer.engines import frameworks, model_card
+    from services.trainer.engines.types import FitContext
+
+    spec, tracking, run_id, job_id, lineage = run.spec, run.tracking, run.run_id, run.job_id, run.lineage
+    _log_params(run)
+    writer = _ProgressWriter(database=database, job_id=job_id, epochs=spec.training.epochs,
+                             tracking=tracking, run_id=run_id, started=time.monotonic(),
+                             continuing=run.continuing)
+    checkpoint_dir = run.checkpoint_dir
+    context = FitContext(
+        spec=spec, frame=frame, device=run.device, workdir=run.workdir, observer=writer,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_saved=lambda: tracking.log_checkpoint(run_id, checkpoint_dir),
+        resume_dir=run.resume_dir, tensorboard_dir=run.tensorboard_dir, plan=writer.plan,
+        initial_weights=run.initial_weights, plugin_dir=settings.plugin_dir,
+    )
+    outcome = frameworks.fit(context)
+    _log_outcome(tracking, run_id, outcome, writer, run.workdir)
+    lineage.update({
+        TAG_FEATURES: json.dumps(outcome.features), TAG_TARGET: outcome.target,
+        TAG_TASK: outcome.task.value,
+    })
+    folder = model_card.write_model_folder(outcome=outcome, spec=spec, lineage=lineage,
+                                           folder=run.workdir / "model")
+    source = tracking.log_model_folder(run_id, folder.path)
+    diffs = {f"{e.format.value}_max_abs_diff": e.max_abs_diff for e in outcome.exports}
+    tracking.log_metrics(run_id, diffs, step=spec.training.epochs)
+    metrics = {**outcome.metrics, **diffs}
+    # The last moment a cancel can still keep a model out of the registry.
+    if not service.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
+                              progress=writer.final().model_dump()):
+        raise JobAborted(job_id)
+    version = _register(run, outcome=outcome, source=source, primary=folder.primary)
+    return version, metrics, writer
+
+
+def _log_params(run: _Run) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from services.trainer.engines.tracking import flatten
+
+    try:
+        params = {**flatten(run.spec.model_dump(mode="json")), "device": run.device}
+        run.tracking.log_params(run.run_id, params)
+    except MlflowException:
+        if not run.continuing:
+            raise
+        # The lost worker logged them already (MLflow refuses a changed value, e.g. the device).
+        log.warning("kept the params the lost worker logged to run %s", run.run_id)
+
+
+def _register(run: _Run, *, outcome: FitOutcome, source: str, primary: Export) -> str:
+    """Register the logged model folder as a new version of ``spec.model_name``, with its lineage."""
+    from services.trainer.engines.tracking import metric_tags
+
+    spec, job_id = run.spec, run.job_id
+    return run.tracking.register(
+        model_name=spec.model_name, job_id=job_id, run_id=run.run_id, source=source,
+        tags={**run.lineage, TAG_FORMAT: primary.format.value,
+              TAG_FORMATS: json.dumps([e.format.value for e in outcome.exports]),
+              TAG_SIGNATURE: json.dumps(primary.signature, sort_keys=True),
+              **metric_tags(outcome.metrics)},
+        description=(f"Trained by Shipyard job {job_id} on {spec.data.dataset}@{spec.data.rev[:12]}; "
+                     f"see {MODEL_CARD_FILE} in the version's files."),
     )
 
 
