@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -80,8 +81,8 @@ def _closure(requirements: list[str]) -> set[str]:
             seen.add((name, extra))
             names.add(name)
             try:
-                dist = metadata.distribution(req.name)
-            except metadata.PackageNotFoundError:
+                dist = next(metadata.distributions(name=req.name, path=_site_packages()))
+            except StopIteration:
                 raise AssertionError(f"{req.name} is required but not installed; run make install") from None
             for text in dist.requires or []:
                 sub = Requirement(text)
@@ -90,11 +91,21 @@ def _closure(requirements: list[str]) -> set[str]:
     return names
 
 
+def _installed() -> list[metadata.Distribution]:
+    """The venv's own distributions: once setuptools is imported, the copies it vendors (an older
+    ``wheel``, ``zipp`` …) are on ``sys.path`` too, and they are not what pip installed."""
+    return list(metadata.distributions(path=_site_packages()))
+
+
+def _site_packages() -> list[str]:
+    return sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+
+
 @pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="not running in make install's venv")
 def test_the_venv_is_the_lock_and_the_lock_is_complete() -> None:
     pins, errors = check_lock.read_lock()
     assert errors == []
-    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in metadata.distributions()}
+    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in _installed()}
     differ = {n: (str(v), str(installed.get(n))) for n, v in pins.items() if installed.get(n) != v}
     assert differ == {}, f"the venv is not requirements.lock (lock, venv); run make install: {differ}"
     needed = _closure(check_lock.project_requirements())
