@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_training import images  # noqa: E402
-from services.trainer.api.schemas import JobCreate  # noqa: E402
-from services.trainer.engines import engine, torch_job  # noqa: E402
-from services.trainer.engines.types import FitContext  # noqa: E402
+from bench.gpu_training import images
+from services.trainer.api.schemas import JobCreate
+from services.trainer.engines import engine, torch_job
+from services.trainer.engines.types import FitContext
 
 
 def main() -> None:

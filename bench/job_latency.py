@@ -75,7 +75,7 @@ def worker_main() -> None:
 
 def summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, max(0, int(round(0.9 * len(ordered))) - 1))]
+    p90 = ordered[min(len(ordered) - 1, max(0, round(0.9 * len(ordered)) - 1))]
     return {"median": statistics.median(ordered), "p90": p90, "max": ordered[-1], "min": ordered[0]}
 
 

@@ -254,7 +254,7 @@ def fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mlp,cnn,big", help=f"comma list of {', '.join(MODELS)}")
@@ -308,7 +308,7 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
 
 
 def run(args: argparse.Namespace, models: list[str], connections: list[int], targets: list[str],
-        tmp: Path, procs: Processes) -> None:  # noqa: C901, PLR0912, PLR0915
+        tmp: Path, procs: Processes) -> None:
     import httpx
     from mlflow.tracking import MlflowClient
 

@@ -44,7 +44,7 @@ def build_module(key: str):  # type: ignore[no-untyped-def]  # torch is imported
             self.body = body
             self.reshape = reshape
 
-        def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the ONNX input's name
+        def forward(self, input: torch.Tensor) -> torch.Tensor:  # `input`: the ONNX input's name
             x = input.reshape(input.shape[0], *self.reshape) if self.reshape else input
             return torch.softmax(self.body(x), dim=1)
 

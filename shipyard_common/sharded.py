@@ -69,7 +69,7 @@ def _use_created() -> bool:
 class _Sharded:
     """One labelled child: a list of floats per writing thread, summed when read."""
 
-    __slots__ = ("_shards", "_lock", "_size", "created")
+    __slots__ = ("_lock", "_shards", "_size", "created")
 
     def __init__(self, size: int) -> None:
         self._shards: dict[int, list[float]] = {}

@@ -38,7 +38,7 @@ def _write(tmp_path: Path, deps: list[str], lock: list[str]) -> tuple[Path, Path
         '[project.optional-dependencies]\ndev = ["pytest==8.0.0"]\ntf = []\n'
     )
     lockfile = tmp_path / "requirements.lock"
-    lockfile.write_text("# header\n" + "\n".join(lock + ["pytest==8.0.0"]) + "\n")
+    lockfile.write_text("# header\n" + "\n".join([*lock, "pytest==8.0.0"]) + "\n")
     return pyproject, lockfile
 
 

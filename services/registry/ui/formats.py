@@ -22,7 +22,7 @@ def number(value: float | int | None) -> str:
     """A figure as a table shows it: 4 decimals below 100, thousands separated above, whole counts bare."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 10:
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 10):
         return f"{int(value):,}"
     if abs(value) >= 100:
         return f"{value:,.1f}"

@@ -3,6 +3,7 @@ archive, history, and exactly one move when two people or two processes act at o
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -446,6 +447,6 @@ def test_two_processes_racing_give_one_move_per_decision_and_a_history_matching_
     moves.reverse()
     assert len(moves) == 4 + 8
     assert [m["request_id"] is not None for m in moves[:4]] == [True] * 4
-    for before, after in zip(moves, moves[1:], strict=False):
+    for before, after in itertools.pairwise(moves):
         assert after["previous_version"] == before["version"], moves
     assert model_factory.client.get_registered_model(name).aliases == {"production": moves[-1]["version"]}

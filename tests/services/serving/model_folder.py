@@ -56,7 +56,7 @@ class TinyClassifier(torch.nn.Module):
         self.weights = torch.nn.Parameter(torch.from_numpy(weights))
         self.bias = torch.nn.Parameter(torch.from_numpy(bias))
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the signature's input name
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # `input`: the signature's input name
         return torch.softmax(input @ self.weights + self.bias, dim=1)
 
 

@@ -168,7 +168,7 @@ def test_a_runtime_error_fails_only_the_request_that_caused_it() -> None:
 
 def test_an_idle_runtime_runs_a_request_at_once() -> None:
     # A 30 s wait that is never waited: nothing else is running, so nothing is worth waiting for.
-    with batcher(max_batch_size=64, max_wait_s=30) as (runtime, inner):
+    with batcher(max_batch_size=64, max_wait_s=30) as (runtime, _inner):
         started = time.monotonic()
         for caller in range(20):
             check_own_rows(rows_for(caller, 1), runtime.predict({"x": rows_for(caller, 1)}))

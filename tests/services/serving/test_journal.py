@@ -252,7 +252,7 @@ def test_room_counts_records_not_yet_shipped_and_reservations(tmp_path):
     assert not journal.try_reserve()
     assert journal.append_line(line, reserved=True) is not None  # the reserved place
     tail = JournalTail(journal.path)
-    records, lines, position = tail.take_rows(2)
+    _records, lines, position = tail.take_rows(2)
     assert journal.append_line(line) is None  # taken is not shipped
     tail.commit(position, lines)
     assert journal.pending() == 1 and journal.try_reserve() and journal.append_line(line) is not None

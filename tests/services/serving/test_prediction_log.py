@@ -295,7 +295,7 @@ def test_a_shipper_killed_between_its_commit_and_its_mark_is_not_written_twice(
         journal.append(record(prefix, index))
     # A shipper whose batch of four is committed to the database, killed before it marks the journal.
     dead = JournalTail(journal.path)
-    batch, lines, _ = dead.take_rows(4)
+    batch, _lines, _ = dead.take_rows(4)
     with database.session() as session:
         insert_rows(session, batch)
     dead.close()

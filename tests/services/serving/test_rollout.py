@@ -371,7 +371,7 @@ def test_shadow_sees_every_request_is_logged_as_shadow_and_never_answers(
 def test_the_periodic_reconcile_catches_canary_and_shadow_changes_whose_events_were_lost(
     isolated_platform: PlatformSettings, model_factory: ModelFactory
 ) -> None:
-    production, other = versions_of(model_factory, "rollout-reconcile", seeds=(51, 52))
+    production, _other = versions_of(model_factory, "rollout-reconcile", seeds=(51, 52))
     name = production.name
     client = model_factory.client
     model_factory.set_production(name, "1")

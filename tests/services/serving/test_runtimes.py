@@ -64,7 +64,7 @@ def test_onnx_and_torchscript_answer_alike_behind_one_interface(folder: Path) ->
         runtime.close()
     # ONNX describes itself; TorchScript does not, so it needs the stored signature.
     assert onnx.signature.inputs[0].shape == (None, 4) and onnx.signature.inputs[0].dtype == np.float32
-    with pytest.raises(ModelLoadError, match="signature.json"):
+    with pytest.raises(ModelLoadError, match=r"signature\.json"):
         load_torchscript(root / "torchscript" / "model.pt", signature=None, intra_op_threads=1)
 
 
@@ -72,7 +72,7 @@ def test_torchscript_is_loaded_with_jit_load_only(tmp_path: Path) -> None:
     # A pickle (what torch.save of a module or state dict writes) is not TorchScript: refused.
     pickled = tmp_path / "model.pt"
     torch.save({"weights": torch.zeros(2)}, pickled)
-    with pytest.raises(ModelLoadError, match="torch.jit.load cannot open"):
+    with pytest.raises(ModelLoadError, match=r"torch\.jit\.load cannot open"):
         load_torchscript(pickled, signature=Signature.from_json(SIGNATURE), intra_op_threads=1)
 
 

@@ -39,7 +39,7 @@ class TinyClassifier(tf.Module):
         self.bias = tf.Variable(bias)
 
     @tf.function(input_signature=[tf.TensorSpec([None, N_FEATURES], tf.float32, name="input")])
-    def serve(self, input: tf.Tensor) -> dict[str, tf.Tensor]:  # noqa: A002 - the signature's input name
+    def serve(self, input: tf.Tensor) -> dict[str, tf.Tensor]:  # `input`: the signature's input name
         return {"probabilities": tf.nn.softmax(tf.matmul(input, self.weights) + self.bias, axis=1)}
 
 
