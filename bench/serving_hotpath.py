@@ -126,12 +126,12 @@ def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
 
     from prometheus_client import CollectorRegistry
 
-    from services.serving.batching import with_batching
-    from services.serving.dataplane import DataPlane
-    from services.serving.fastlane import FastLane
-    from services.serving.metrics import ServingMetrics
-    from services.serving.models import LoadedModels, ServedModel
-    from services.serving.prediction_log import PredictionLog
+    from services.serving.core.dataplane import DataPlane
+    from services.serving.core.follower import with_batching
+    from services.serving.core.loaded import LoadedModels, ServedModel
+    from services.serving.core.metrics import ServingMetrics
+    from services.serving.fastlane.lane import FastLane
+    from services.serving.predlog.log import PredictionLog
     from services.serving.runtimes.loader import load_runtime
     from services.serving.settings import ServingSettings
     from shipyard_common.auth import Role, TokenAuthenticator
@@ -203,7 +203,7 @@ def main() -> None:
         os.environ["BENCH_MODEL_PATH"] = str(onnx_path)
         reference = importlib.import_module("serving_reference").app
         lane, close = shipyard_lane(folder, onnx_path)
-        from services.serving.httpfast import FastLaneHttpProtocol
+        from services.serving.fastlane.uvicorn_protocol import FastLaneHttpProtocol
 
         ours_app, ours_protocol = _LaneApp(lane), FastLaneHttpProtocol
         bare_protocol = "httptools"

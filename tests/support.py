@@ -1,8 +1,15 @@
-"""Helpers the tests share: tokens per role, real servers on free ports, waiting."""
+"""Helpers the tests share: tokens per role, real servers on free ports, processes, waiting.
+
+Tests take their helpers from here (or their package's conftest.py or helper modules), never from
+another test module nor from the CLI: ``free_port`` and ``stop_process_group`` are the tests' own.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -10,10 +17,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import redis
 import uvicorn
 
-from shipyard_cli.stack import free_port
-from shipyard_common.auth import Role
+from shipyard_common.auth import Role, principal_name
 from shipyard_common.settings import PlatformSettings
 
 TOKENS: dict[str, Role] = {
@@ -24,6 +31,46 @@ TOKENS: dict[str, Role] = {
     # A second approver, for decisions two people race to make.
     "test-approver-2": Role.APPROVER,
 }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process_group(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM the process group ``pid`` leads (a process started with ``start_new_session=True``),
+    then SIGKILL what is still there after ``timeout`` seconds."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ChildProcessError):  # reap our own child: no zombie lingers
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def redis_answers(url: str) -> bool:
+    """Whether the Redis at ``url`` answers a PING within a second."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        ok = bool(client.ping())
+        client.close()
+        return ok
+    except redis.RedisError:
+        return False
 
 
 def worker_index() -> int:
@@ -57,11 +104,20 @@ def test_platform(state_dir: Any, **overrides: Any) -> PlatformSettings:
 test_platform.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
+def token_of(role: Role | str) -> str:
+    """The (first) test token for ``role``."""
+    role = Role(role)
+    return next(t for t, r in TOKENS.items() if r == role)
+
+
+def name_of(role: Role | str) -> str:
+    """The principal name that ``token_of(role)`` signs in as."""
+    return principal_name(token_of(role), Role(role))
+
+
 def auth(role: Role | str) -> dict[str, str]:
     """Headers carrying the test token for ``role``."""
-    role = Role(role)
-    token = next(t for t, r in TOKENS.items() if r == role)
-    return {"Authorization": f"Bearer {token}"}
+    return {"Authorization": f"Bearer {token_of(role)}"}
 
 
 @contextmanager

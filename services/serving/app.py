@@ -13,16 +13,17 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
-from services.serving.dataplane import DataPlane
-from services.serving.fastlane import FastLane
-from services.serving.http import BodyLimit
-from services.serving.metrics import ServingMetrics
-from services.serving.models import LoadedModels, ModelFollower
-from services.serving.prediction_log import PredictionLog
-from services.serving.router import router
-from services.serving.router_tfserving import router as tfserving_router
-from services.serving.router_v2 import router as v2_router
-from services.serving.routing import ShadowMirror
+from services.serving.api.http import BodyLimit
+from services.serving.api.ours import router
+from services.serving.api.tfserving import router as tfserving_router
+from services.serving.api.v2 import router as v2_router
+from services.serving.core.dataplane import DataPlane
+from services.serving.core.follower import ModelFollower
+from services.serving.core.loaded import LoadedModels
+from services.serving.core.metrics import ServingMetrics
+from services.serving.core.routing import ShadowMirror
+from services.serving.fastlane.lane import FastLane
+from services.serving.predlog.log import PredictionLog
 from services.serving.settings import ServingSettings
 from shipyard_common.db import Database
 from shipyard_common.errors import Unavailable

@@ -67,7 +67,7 @@ class ServingSettings(ServiceSettings):
     )
     prediction_log_batch: int = Field(default=500, ge=1)
     prediction_log_flush_s: float = Field(default=0.5, gt=0)
-    # -- adaptive batching (services/serving/batching.py) --------------------------------------
+    # -- adaptive batching (services/serving/batching/adaptive.py) --------------------------------------
     batching: bool = Field(
         default=True,
         description="Merge concurrent requests for one model version into one runtime call.",

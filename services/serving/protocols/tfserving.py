@@ -14,10 +14,20 @@ from typing import Any
 
 import numpy as np
 
-from services.serving import dataplane as dp
+from services.serving.core.dataplane import (
+    VERSION_HEADER,
+    DataPlane,
+    Inference,
+    count_error,
+    infer,
+    model_state,
+    resolve,
+    served_model,
+)
+from services.serving.core.routing import version_status
+from services.serving.core.validation import array_from_json
 from services.serving.protocols import dumps, loads
 from services.serving.runtimes.base import Signature
-from services.serving.validation import array_from_json
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError
 from shipyard_common.lineage import PRODUCTION
 
@@ -95,7 +105,7 @@ def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, np.ndar
     return _columns(request["inputs"], signature), False
 
 
-def encode_predict(inference: dp.Inference, row_format: bool) -> dict[str, Any]:
+def encode_predict(inference: Inference, row_format: bool) -> dict[str, Any]:
     outputs = inference.outputs
     if row_format:
         if len(outputs) == 1:
@@ -110,7 +120,7 @@ def encode_predict(inference: dp.Inference, row_format: bool) -> dict[str, Any]:
 
 
 def predict(
-    *, dataplane: dp.DataPlane, name: str, version: str | None, label: str | None, body: bytes,
+    *, dataplane: DataPlane, name: str, version: str | None, label: str | None, body: bytes,
     request_id: str | None = None, inline: bool = False,
 ) -> Response:
     """One ``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict``.
@@ -120,30 +130,30 @@ def predict(
     """
     started = time.perf_counter()
     try:
-        served = dp.served_model(dataplane, name, version=version, label=label)
+        served = served_model(dataplane, name, version=version, label=label)
         try:
             arrays, row_format = decode_predict(body, served.signature)
         except InvalidInput:
-            dp.count_error(dataplane, name, "invalid_input")
+            count_error(dataplane, name, "invalid_input")
             raise
-        inference = dp.infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
+        inference = infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
                              started=started, inline=inline)
         status, content, answer_headers = json_response(encode_predict(inference, row_format))
-        answer_headers[dp.VERSION_HEADER] = inference.version  # the body has no field for it
+        answer_headers[VERSION_HEADER] = inference.version  # the body has no field for it
         return status, content, answer_headers
     except ShipyardError as exc:
         return error_response(exc)
 
 
 def model_status(
-    *, dataplane: dp.DataPlane, name: str, version: str | None = None, label: str | None = None
+    *, dataplane: DataPlane, name: str, version: str | None = None, label: str | None = None
 ) -> Response:
     """``GET /v1/models/{name}/versions/{v}`` or ``/labels/{l}``: TF Serving's GetModelStatus."""
     try:
-        state = dp.model_state(dataplane, name)
-        statuses = dp.version_status(state)
+        state = model_state(dataplane, name)
+        statuses = version_status(state)
         if label is not None:
-            served = dp.resolve(dataplane, name, label=label)
+            served = resolve(dataplane, name, label=label)
             statuses = [s for s in statuses if s["version"] == served.version]
         elif version is not None:
             statuses = [s for s in statuses if s["version"] == version]

@@ -18,11 +18,21 @@ from typing import Any
 
 import numpy as np
 
-from services.serving import dataplane as dp
-from services.serving.models import ServedModel
+from services.serving.core.dataplane import (
+    VERSION_HEADER,
+    DataPlane,
+    Inference,
+    count_error,
+    new_request_id,
+    served_model,
+)
+from services.serving.core.dataplane import (
+    infer as run_inference,
+)
+from services.serving.core.loaded import ServedModel
+from services.serving.core.validation import array_from_json
 from services.serving.protocols import dumps, loads
 from services.serving.runtimes.base import TensorSpec
-from services.serving.validation import array_from_json
 from shipyard_common.errors import InvalidInput, ShipyardError
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -210,7 +220,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
 
 
 def encode_infer_response(
-    inference: dp.Inference, requested: list[RequestedOutput], request_id: str
+    inference: Inference, requested: list[RequestedOutput], request_id: str
 ) -> Response:
     header: dict[str, Any] = {
         "model_name": inference.model, "model_version": inference.version, "id": request_id, "outputs": [],
@@ -236,7 +246,7 @@ def encode_infer_response(
 
 
 def infer(
-    *, dataplane: dp.DataPlane, name: str, version: str | None, body: bytes, headers: dict[str, str],
+    *, dataplane: DataPlane, name: str, version: str | None, body: bytes, headers: dict[str, str],
     inline: bool = False,
 ) -> Response:
     """One ``POST /v2/models/{name}[/versions/{version}]/infer``: parse, run, encode (or the error).
@@ -246,7 +256,7 @@ def infer(
     """
     started = time.perf_counter()
     try:
-        served = dp.served_model(dataplane, name, version=version)
+        served = served_model(dataplane, name, version=version)
         try:
             request = decode_infer_request(body, headers.get(HEADER_LENGTH))
             known = served.signature.output_names
@@ -258,13 +268,13 @@ def infer(
                     raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
                 requested = request.outputs
         except InvalidInput:
-            dp.count_error(dataplane, name, "invalid_input")
+            count_error(dataplane, name, "invalid_input")
             raise
-        request_id = request.id or headers.get("x-request-id") or dp.new_request_id()
-        inference = dp.infer(dataplane=dataplane, served=served, arrays=request.arrays,
+        request_id = request.id or headers.get("x-request-id") or new_request_id()
+        inference = run_inference(dataplane=dataplane, served=served, arrays=request.arrays,
                              request_id=request_id, started=started, inline=inline)
         status, content, answer_headers = encode_infer_response(inference, requested, request_id)
-        answer_headers[dp.VERSION_HEADER] = inference.version  # which version answered (canary split)
+        answer_headers[VERSION_HEADER] = inference.version  # which version answered (canary split)
         return status, content, answer_headers
     except ShipyardError as exc:
         return error_response(exc)

@@ -2,7 +2,7 @@
 
 A signature names each input and output with its dtype and shape (``None`` for a dimension
 of any size, the batch first). Requests are checked against it before a runtime sees them
-(:mod:`services.serving.validation`), so runtimes only ever get arrays of the right dtype and shape.
+(:mod:`services.serving.core.validation`), so runtimes only ever get arrays of the right dtype and shape.
 """
 
 from __future__ import annotations

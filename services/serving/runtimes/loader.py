@@ -139,7 +139,7 @@ def load_runtime(
             available[fmt], signature=stored, intra_op_threads=settings.intra_op_threads
         )
     else:
-        from services.serving.runtimes.tfserving import connect_tf_serving
+        from services.serving.runtimes.tfserving_grpc import connect_tf_serving
 
         assert settings.tf_serving_address is not None
         runtime = connect_tf_serving(address=settings.tf_serving_address, model_name=name, version=version,

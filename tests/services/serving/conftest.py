@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from services.serving.app import create_app
-from services.serving.httpfast import FastLaneHttpProtocol
+from services.serving.fastlane.uvicorn_protocol import FastLaneHttpProtocol
 from services.serving.settings import ServingSettings
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.conftest import isolated_platform, model_factory

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.serving.batching import BatchingRuntime, with_batching
-from services.serving.metrics import ServingMetrics
+from services.serving.batching.adaptive import BatchingRuntime
+from services.serving.core.follower import with_batching
+from services.serving.core.metrics import ServingMetrics
 from services.serving.runtimes.base import Signature, TensorSpec
 from services.serving.runtimes.loader import LoadedRuntime
 from services.serving.settings import BatchingOverride, ServingSettings

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.serving.dataplane import DataPlane
-from services.serving.metrics import ServingMetrics
-from services.serving.models import LoadedModels, ServedModel
+from services.serving.core.dataplane import DataPlane
+from services.serving.core.loaded import LoadedModels, ServedModel
+from services.serving.core.metrics import ServingMetrics
 from services.serving.protocols import tfserving, v2
 from services.serving.runtimes.base import Signature
 from services.serving.settings import ServingSettings

@@ -22,14 +22,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from sqlalchemy import select
 
-from shipyard_cli.stack import free_port
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import IR_VERSION, ModelFactory, unique_name
 from tests.services.serving.processes import serving_process
 from tests.services.serving.test_serving import metric
-from tests.support import auth, wait_for
+from tests.support import auth, free_port, wait_for
 
 FEATURES = 16
 

@@ -1,4 +1,4 @@
-"""The fast lane (services/serving/fastlane.py) answers every predict route as FastAPI's routes do.
+"""The fast lane (services/serving/fastlane/lane.py) answers every predict route as FastAPI's routes do.
 
 Two apps serve the same registered models, one with the fast lane and one without
 (``fast_lane=False``: FastAPI's routes answer); each request, good or refused, goes to both over
@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from services.serving.httpfast import find_fast_lane
+from services.serving.fastlane.uvicorn_protocol import find_fast_lane
 from tests.support import auth, wait_for
 
 VIEWER = auth("viewer")

@@ -1,4 +1,5 @@
-"""Predictions answered inside uvicorn's HTTP protocol (services/serving/httpfast.py) keep HTTP/1.1's rules.
+"""Predictions answered inside uvicorn's HTTP protocol (services/serving/fastlane/uvicorn_protocol.py)
+keep HTTP/1.1's rules, on the one uvicorn release that protocol is bound to.
 
 Raw sockets against a real uvicorn serving the real app with :class:`FastLaneHttpProtocol`:
 several requests on one kept-alive connection, pipelined requests answered in order,
@@ -15,15 +16,26 @@ from typing import Any
 
 import httpx
 import numpy as np
+import uvicorn
 from sqlalchemy import select
 
-from services.serving.httpfast import find_fast_lane
+from services.serving.fastlane.uvicorn_protocol import UVICORN_VERSION, bound_uvicorn, find_fast_lane
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 from tests.services.serving.test_fastlane import ROWS, VIEWER
 from tests.support import wait_for
 
 BODY = json.dumps({"inputs": ROWS}).encode()
+
+
+def test_the_protocol_is_bound_to_the_installed_uvicorn() -> None:
+    """Fails on a uvicorn upgrade: check the protocol against the new release's httptools_impl, then
+    move UVICORN_VERSION (until then, serving runs predictions on the ASGI fast lane instead)."""
+    assert uvicorn.__version__ == UVICORN_VERSION, (
+        f"uvicorn is {uvicorn.__version__}, but services/serving/fastlane/uvicorn_protocol.py is written "
+        f"against {UVICORN_VERSION}: read its private names again before moving the pin"
+    )
+    assert bound_uvicorn()
 
 
 def request(name: str, *, extra: str = "", version: str = "1.1", body: bytes = BODY) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from services.serving.journal import Journal, JournalClosed, JournalTail, dumps, orphans
+from services.serving.predlog.journal import Journal, JournalClosed, JournalTail, dumps, orphans
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -46,7 +46,7 @@ def test_a_killed_process_leaves_exactly_its_uncommitted_records(tmp_path):
         from datetime import datetime, timedelta
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from services.serving.journal import Journal
+        from services.serving.predlog.journal import Journal
         journal = Journal(Path({str(tmp_path)!r}))
         def record(n):
             return {{"request_id": f"r{{n}}", "model": "m", "version": "1", "latency_ms": 0.1,

@@ -8,7 +8,7 @@ import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.serving.metrics import ServingMetrics
+from services.serving.core.metrics import ServingMetrics
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.services.serving.test_serving import ROWS, metric, predict, serving

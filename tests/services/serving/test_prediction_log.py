@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from services.serving.prediction_log import PredictionLog
+from services.serving.predlog.log import PredictionLog
 from shipyard_common.db import Database, utcnow
 from shipyard_common.records import PredictionRecord
 from tests.support import wait_for
@@ -203,7 +203,7 @@ def serving_process(db_url: str, journal: Path, prefix: str, count: int) -> subp
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
         from shipyard_common.db import Database, utcnow
-        from services.serving.prediction_log import PredictionLog
+        from services.serving.predlog.log import PredictionLog
         database = Database({db_url!r})
         database.create_tables()
         log = PredictionLog(database, capacity=1000, batch_size=1000, flush_interval_s=600,
@@ -284,8 +284,8 @@ def test_a_shipper_outliving_its_server_ships_what_it_left_once(db_url: str, tmp
 def test_a_shipper_killed_between_its_commit_and_its_mark_is_not_written_twice(
     db_url: str, tmp_path: Path
 ) -> None:
-    from services.serving.journal import Journal, JournalTail
-    from services.serving.shipper import Shipper, insert_rows
+    from services.serving.predlog.journal import Journal, JournalTail
+    from services.serving.predlog.shipper import Shipper, insert_rows
 
     database = Database(db_url)
     database.create_tables()

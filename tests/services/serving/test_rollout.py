@@ -21,7 +21,8 @@ from sqlalchemy import select
 
 from services.registry.app import create_app as create_registry_app
 from services.registry.settings import RegistrySettings
-from services.serving.routing import Lease, ShadowMirror, retire_runtime
+from services.serving.core.leases import Lease, retire_runtime
+from services.serving.core.routing import ShadowMirror
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 from shipyard_common.settings import PlatformSettings
@@ -488,7 +489,7 @@ def test_the_shadow_pool_skips_and_counts_copies_it_has_no_room_for() -> None:
 
 @pytest.mark.parametrize("weight", ["0", "1.5", "abc", None])
 def test_an_unusable_canary_weight_tag_falls_back_to_the_default(weight: str | None) -> None:
-    from services.serving.routing import weight_from_tags
+    from services.serving.core.follower import weight_from_tags
 
     tags = {} if weight is None else {"shipyard.canary_weight": weight}
     assert weight_from_tags(tags) == 0.1
@@ -501,9 +502,9 @@ def test_a_request_that_picked_a_retired_version_is_answered_by_its_successor() 
 
     from prometheus_client import CollectorRegistry
 
-    from services.serving.metrics import ServingMetrics
-    from services.serving.models import LoadedModels, ServedModel
-    from services.serving.routing import Router, leased
+    from services.serving.core.loaded import LoadedModels, ServedModel
+    from services.serving.core.metrics import ServingMetrics
+    from services.serving.core.routing import Router, leased
     from services.serving.runtimes.base import Signature
     from shipyard_common.errors import Unavailable
 

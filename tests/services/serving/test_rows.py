@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
-from services.serving.dataplane import _float_rows, plain_numbers
+from services.serving.protocols.ours import float_rows, plain_numbers
 
 F32 = np.dtype("float32")
 
@@ -38,8 +38,8 @@ BODIES = [
 @pytest.mark.parametrize(("body", "taken"), BODIES)
 def test_the_byte_count_takes_exactly_the_rows_the_per_value_check_takes(body: bytes, taken: bool) -> None:
     inputs = orjson.loads(body)["inputs"]
-    looked_at = _float_rows(inputs, F32, 3)
-    quick = _float_rows(inputs, F32, 3, dots=plain_numbers(body))
+    looked_at = float_rows(inputs, F32, 3)
+    quick = float_rows(inputs, F32, 3, dots=plain_numbers(body))
     assert (looked_at is not None) is taken
     assert (quick is not None) is taken
     if taken:

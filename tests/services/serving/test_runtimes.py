@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from services.serving.core.validation import array_from_json, check_body_size, validate_inputs
 from services.serving.runtimes.base import ModelLoadError, Runtime, Signature
 from services.serving.runtimes.loader import choose_format, format_files, load_runtime
 from services.serving.runtimes.onnx import load_onnx, session_options
 from services.serving.runtimes.torchscript import load_torchscript
 from services.serving.settings import ServingSettings
-from services.serving.validation import array_from_json, check_body_size, validate_inputs
 from shipyard_common.errors import InvalidInput, PayloadTooLarge
 from shipyard_common.lineage import TAG_FORMAT
 from tests.services.serving.model_folder import SIGNATURE, expected, write_model_folder

@@ -15,14 +15,13 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
-from shipyard_cli.stack import free_port
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.services.serving.model_folder import register_folder
 from tests.services.serving.processes import serving_process
-from tests.support import auth, wait_for
+from tests.support import auth, free_port, wait_for
 
 ROWS = [[0.1, 0.2, 0.3, 0.4]]
 

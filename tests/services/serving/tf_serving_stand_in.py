@@ -27,8 +27,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from shipyard_cli.stack import free_port
 from tests.services.registry.model_factory import N_FEATURES, classifier_weights
+from tests.support import free_port
 
 
 class TinyClassifier(tf.Module):

@@ -35,8 +35,8 @@ refuses (not a JSON object with ``inputs``, a content type other than ``applicat
 an ``X-Request-ID`` over 64 characters), so that those 422s keep FastAPI's exact shape.
 
 Its parts (:meth:`FastLane.match`, :meth:`FastLane.prepare`, :meth:`FastLane.answer_inline`,
-:meth:`FastLane.count`) also serve :mod:`services.serving.httpfast`, which answers cheap requests
-inside uvicorn's HTTP protocol without an ASGI task. There, our protocol's requests (prepared as
+:meth:`FastLane.count`) also serve :mod:`services.serving.fastlane.uvicorn_protocol`, which answers
+cheap requests inside uvicorn's HTTP protocol without an ASGI task. There, our protocol's requests (as
 :class:`Mergeable`) go to the :class:`Merger`, which answers those that arrived in the same
 event-loop iteration for the same model with one runtime call
 (:func:`services.serving.dataplane.predict_rows_merged`); a request that cannot share a call is
@@ -57,9 +57,11 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from services.serving import dataplane as dp
-from services.serving.http import ASGIApp, Message, ProtocolResponse, Receive, Scope, Send
+from services.serving.api.http import ASGIApp, Message, ProtocolResponse, Receive, Scope, Send
+from services.serving.core.dataplane import VERSION_HEADER, DataPlane, Offload
+from services.serving.fastlane.rows import RowsRequest, predict_rows_merged, predict_rows_now
 from services.serving.protocols import loads, tfserving, v2
+from services.serving.protocols.ours import plain_numbers, predict_body, predict_inference
 from shipyard_common.auth import Role, TokenAuthenticator
 from shipyard_common.errors import BadRequest, InvalidInput, ShipyardError
 from shipyard_common.metrics import HttpMetrics
@@ -98,7 +100,7 @@ _OURS_ROUTE = _ROUTES[3][2]
 _OURS_PREFIX, _OURS_SUFFIX = len("/v1/models/"), -len("/predict")
 
 
-class HandBack(Exception):  # noqa: N818 - a signal, not an error
+class HandBack(Exception):
     """Let FastAPI answer this request (its body is replayed)."""
 
 
@@ -109,7 +111,7 @@ class FastLane:
         self.app = app
         self.state = state
         self.body_limit = body_limit
-        self._plane: dp.DataPlane | None = None
+        self._plane: DataPlane | None = None
         self._authenticator: TokenAuthenticator | None = None
         self._executor: Executor | None = None
         self._http_metrics: HttpMetrics | None = None
@@ -203,7 +205,7 @@ class FastLane:
         """A mergeable request answered alone, on the event loop; None: run its general call in a thread."""
         rows = mergeable.rows
         try:
-            answered = dp.predict_rows_now(dataplane=self.plane, name=mergeable.name, inputs=rows.inputs,
+            answered = predict_rows_now(dataplane=self.plane, name=mergeable.name, inputs=rows.inputs,
                                            request_id=rows.request_id, started=rows.started, dots=rows.dots)
         except ShipyardError as exc:  # the model failed: counted and worded as by the general path
             return _error(exc)
@@ -216,7 +218,7 @@ class FastLane:
         if deferred.body_size <= INLINE_MAX_BODY and self._cheap(deferred.name):
             try:
                 return deferred.call(inline=True)
-            except dp.Offload:
+            except Offload:
                 pass
         return None
 
@@ -237,7 +239,7 @@ class FastLane:
 
     # -- the app's parts, looked up once (they are set after the middleware is declared) --------
     @property
-    def plane(self) -> dp.DataPlane:
+    def plane(self) -> DataPlane:
         if self._plane is None:
             self._plane = self.state.dataplane
         return self._plane
@@ -304,14 +306,14 @@ class FastLane:
 
         def call(inline: bool = False) -> ProtocolResponse:
             try:
-                inference = dp.predict_inference(dataplane=plane, name=name, inputs=inputs,
+                inference = predict_inference(dataplane=plane, name=name, inputs=inputs,
                                                  request_id=request_id, started=started, inline=inline)
             except ShipyardError as exc:
                 return _error(exc)
-            return 200, orjson.dumps(dp.predict_body(inference)), {
-                "content-type": "application/json", dp.VERSION_HEADER: inference.version}
+            return 200, orjson.dumps(predict_body(inference)), {
+                "content-type": "application/json", VERSION_HEADER: inference.version}
 
-        return Mergeable(name, dp.RowsRequest(inputs, request_id, started, dp.plain_numbers(body)),
+        return Mergeable(name, RowsRequest(inputs, request_id, started, plain_numbers(body)),
                          Deferred(call, name, len(body)))
 
     def _v2(self, name: str, version: str | None, body: bytes,
@@ -364,7 +366,7 @@ class Mergeable(NamedTuple):
     """Our protocol's request, which may share a runtime call with requests that came with it."""
 
     name: str
-    rows: dp.RowsRequest
+    rows: RowsRequest
     #: The general path's call, for when neither a merged nor a one-pass answer is possible.
     fallback: Deferred
 
@@ -445,7 +447,7 @@ class Merger:
             merged: list[tuple[bytes, str] | None] | None = None
             if len(entries) > 1:
                 try:
-                    merged = dp.predict_rows_merged(dataplane=self._lane.plane, name=name,
+                    merged = predict_rows_merged(dataplane=self._lane.plane, name=name,
                                                     requests=[entry[0].rows for entry in entries])
                 except Exception:
                     log.exception("merging %d requests for %r failed; answering each alone",
@@ -477,7 +479,7 @@ def in_thread(answer: ProtocolResponse) -> bool:
 
 def _rows_answer(answered: tuple[bytes, str]) -> ProtocolResponse:
     content, version = answered
-    return 200, content, {"content-type": "application/json", dp.VERSION_HEADER: version}
+    return 200, content, {"content-type": "application/json", VERSION_HEADER: version}
 
 
 def _error(exc: ShipyardError) -> ProtocolResponse:

@@ -1,6 +1,6 @@
 """How much CPU one runtime call of a loaded version costs: decides whether it may run on the event loop.
 
-The fast lane (:mod:`services.serving.fastlane`) runs a request's model call inline on the event
+The fast lane (:mod:`services.serving.fastlane.lane`) runs a request's model call inline on the event
 loop when that is cheaper than a thread hop, and in a thread otherwise. The deciding figure is an
 exponentially weighted mean of the CPU time the calling thread spent in the runtime call
 (``time.thread_time``): unlike wall time, it does not grow while a thread waits for the GIL or for
@@ -36,7 +36,7 @@ SAMPLE_EVERY = 16
 class CallCost:
     """An EWMA of one version's runtime-call CPU time; updates are racy but only ever approximate."""
 
-    __slots__ = ("mean_s", "samples", "remote", "_calls")
+    __slots__ = ("_calls", "mean_s", "remote", "samples")
 
     def __init__(self, *, remote: bool = False) -> None:
         self.mean_s = 0.0

@@ -1,11 +1,18 @@
+"""Our protocol's routes: ``POST /v1/models/{name}/predict`` and the model status routes.
+
+Thin: the rows codec is :mod:`services.serving.protocols.ours`, the status :mod:`services.serving.api.status`.
+"""
+
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 
-from services.serving import dataplane
-from services.serving.schemas import ModelStatusPublic, PredictRequest, PredictResponse
+from services.serving.api import status
+from services.serving.api.schemas import ModelStatusPublic, PredictRequest, PredictResponse
+from services.serving.core.dataplane import VERSION_HEADER, DataPlane
+from services.serving.protocols.ours import predict_body, predict_inference
 from shipyard_common.auth import Principal, Role, role_checker
 
 router = APIRouter(prefix="/v1/models", tags=["serving"])
@@ -13,7 +20,7 @@ router = APIRouter(prefix="/v1/models", tags=["serving"])
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 
 
-def _dataplane(request: Request) -> dataplane.DataPlane:
+def _dataplane(request: Request) -> DataPlane:
     return request.app.state.dataplane  # type: ignore[no-any-return]
 
 
@@ -28,18 +35,18 @@ def predict(
     _: Viewer,
     x_request_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> PredictResponse:
-    answer = dataplane.predict(
+    inference = predict_inference(
         dataplane=_dataplane(request), name=name, inputs=body.inputs, request_id=x_request_id
     )
-    response.headers[dataplane.VERSION_HEADER] = answer.model_version
-    return answer
+    response.headers[VERSION_HEADER] = inference.version
+    return PredictResponse(**predict_body(inference))
 
 
 @router.get("", response_model=list[ModelStatusPublic])
 def list_models(request: Request, _: Viewer) -> list[ModelStatusPublic]:
-    return dataplane.list_models(dataplane=_dataplane(request))
+    return status.list_models(dataplane=_dataplane(request))
 
 
 @router.get("/{name}", response_model=ModelStatusPublic)
 def get_model(request: Request, name: str, _: Viewer) -> ModelStatusPublic:
-    return dataplane.get_model(dataplane=_dataplane(request), name=name)
+    return status.get_model(dataplane=_dataplane(request), name=name)

@@ -33,22 +33,30 @@ from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from dataclasses import replace as dataclass_replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from services.serving.callcost import REMOTE_FORMATS, CallCost
+from services.serving.batching.callcost import REMOTE_FORMATS, CallCost
 from services.serving.runtimes.base import Runtime, Signature
-from services.serving.settings import BatchingPolicy
-
-if TYPE_CHECKING:
-    from services.serving.metrics import ServingMetrics, VersionMetrics
-    from services.serving.runtimes.loader import LoadedRuntime
 
 log = logging.getLogger("shipyard.serving.batching")
 
 Arrays = dict[str, np.ndarray]
+
+
+class _Observed(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class BatchMetrics(Protocol):
+    """Where a batcher counts its calls: a version's metrics (core/metrics.py), by shape not import."""
+
+    @property
+    def batch_requests(self) -> _Observed: ...
+
+    @property
+    def batch_rows(self) -> _Observed: ...
 
 
 class UnsplittableOutput(Exception):
@@ -99,7 +107,7 @@ class BatchingRuntime:
         max_batch_size: int,
         max_wait_s: float,
         name: str = "model",
-        metrics: VersionMetrics | None = None,
+        metrics: BatchMetrics | None = None,
     ) -> None:
         self.runtime = runtime
         self.format = runtime.format
@@ -314,18 +322,3 @@ class BatchingRuntime:
             start = end
         return answers
 
-
-def with_batching(
-    loaded: LoadedRuntime, *, name: str, version: str, policy: BatchingPolicy, metrics: ServingMetrics
-) -> LoadedRuntime:
-    """``loaded`` with its runtime wrapped in a :class:`BatchingRuntime`, when the policy and model allow."""
-    if not policy.enabled or policy.max_batch_size < 2:
-        return loaded
-    if not batchable(loaded.signature, loaded.runtime.signature):
-        log.info("%s version %s has no free batch dimension; its requests are not merged", name, version)
-        return loaded
-    runtime = BatchingRuntime(
-        loaded.runtime, max_batch_size=policy.max_batch_size, max_wait_s=policy.max_wait_s,
-        name=f"{name}-{version}", metrics=metrics.version(name, version),
-    )
-    return dataclass_replace(loaded, runtime=runtime)

@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.serving.journal import Journal, JournalClosed, Row, dumps, orphans, row_of
-from services.serving.shipper import DATABASE_URL_ENV, fresh, insert_rows
+from services.serving.predlog.journal import Journal, JournalClosed, Row, dumps, orphans, row_of
+from services.serving.predlog.shipper import DATABASE_URL_ENV, fresh, insert_rows
 from shipyard_common.db import Database
 from shipyard_common.errors import Unavailable
 
@@ -199,7 +199,7 @@ class PredictionLog:
         root = logging.getLogger()
         json_logs = any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers)
         command = [
-            sys.executable, "-m", "services.serving.shipper",
+            sys.executable, "-m", "services.serving.predlog.shipper",
             "--journal", str(self._journal.path), "--parent", str(os.getpid()),
             "--batch-size", str(self._batch_size), "--flush-interval-s", str(self._flush_interval_s),
             "--log-level", logging.getLevelName(root.getEffectiveLevel()),

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from services.serving.http import authorize, get_dataplane, respond
+from services.serving.api.http import authorize, get_dataplane, respond
 from services.serving.protocols import tfserving
 from shipyard_common.errors import ShipyardError
 

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from services.serving import dataplane as dp
-from services.serving.http import authorize, get_dataplane, lower_headers, respond
+from services.serving.api.http import authorize, get_dataplane, lower_headers, respond
+from services.serving.core.dataplane import resolve
 from services.serving.protocols import v2
 from shipyard_common.errors import BadRequest, ShipyardError
 
@@ -37,7 +37,7 @@ def ready(request: Request) -> Response:
 
 def _model_ready(request: Request, name: str, version: str | None) -> Response:
     try:
-        served = dp.resolve(get_dataplane(request), name, version=version)
+        served = resolve(get_dataplane(request), name, version=version)
         return respond(v2.json_response(v2.model_ready(served)))
     except ShipyardError as exc:
         return respond(v2.error_response(exc))
@@ -56,7 +56,7 @@ def model_version_ready(request: Request, name: str, version: str) -> Response:
 def _metadata(request: Request, name: str, version: str | None) -> Response:
     try:
         authorize(request)
-        served = dp.resolve(get_dataplane(request), name, version=version)
+        served = resolve(get_dataplane(request), name, version=version)
         return respond(v2.json_response(v2.model_metadata(served)))
     except ShipyardError as exc:
         return respond(v2.error_response(exc))

@@ -9,7 +9,6 @@ version that fails to load never replaces a working one: the failure goes into t
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -19,26 +18,35 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from services.serving.batching import with_batching
-from services.serving.callcost import REMOTE_FORMATS, CallCost
-from services.serving.metrics import ServingMetrics
-from services.serving.routing import ROLES, Lease, RoleSlot, follow_roles, retire_runtime
-from services.serving.runtimes.base import ModelLoadError, Runtime, Signature, TensorSpec
+from services.serving.batching.adaptive import BatchingRuntime, batchable
+from services.serving.core.loaded import (
+    SIDE_ALIASES,
+    AliasSlot,
+    LoadedModels,
+    ServedModel,
+    retire_served,
+    slot,
+)
+from services.serving.core.metrics import ServingMetrics
+from services.serving.runtimes.base import ModelLoadError
 from services.serving.runtimes.loader import LoadedRuntime, load_runtime
-from services.serving.settings import ServingSettings
-from shipyard_common.errors import NotFound, Unavailable
+from services.serving.settings import BatchingPolicy, ServingSettings
 from shipyard_common.events import EventBus
-from shipyard_common.lineage import DEFAULT_CANARY_WEIGHT, PRODUCTION
+from shipyard_common.lineage import (
+    DEFAULT_CANARY_WEIGHT,
+    PRODUCTION,
+    TAG_CANARY_WEIGHT,
+)
 
 log = logging.getLogger("shipyard.serving.models")
 
@@ -46,164 +54,6 @@ _COMPLETE_MARKER = ".complete"
 _PAGE_SIZE = 1000
 # Until MLflow answers, serving is not ready: look again soon rather than a full interval later.
 _RETRY_AFTER_FAILURE_S = 2.0
-
-
-def retire_served(served: ServedModel) -> None:
-    """Close ``served``'s runtime once the requests holding its lease are done (routing.py)."""
-    retire_runtime(served.runtime, served.lease)
-
-
-Status = Literal["loading", "serving", "updating", "degraded", "failed"]
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    version: str
-    runtime: Runtime
-    #: What requests are checked against: the version's stored signature, or the runtime's own.
-    signature: Signature
-    loaded_at: datetime
-    #: production, canary or shadow: which alias it is loaded for (the prediction log's role).
-    role: str = PRODUCTION
-    #: Held by each request running on it; a replaced version is closed once they are done.
-    lease: Lease = field(default_factory=Lease, compare=False, repr=False)
-    #: CPU per runtime call, for runtimes that do not measure their own (batching.py does).
-    own_cost: CallCost = field(default_factory=CallCost, compare=False, repr=False)
-
-    #: What one runtime call of this version costs (the fast lane runs cheap ones inline): the
-    #: runtime's own measure (batching.py) or ``own_cost``. Set at creation.
-    cost: CallCost = field(init=False, compare=False, repr=False)
-    #: The input of a version that takes rows of fractional numbers (one 2-D floating-point input
-    #: with a free batch dimension), which our protocol's rows fill directly; None otherwise.
-    rows_input: TensorSpec | None = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.own_cost.remote = self.runtime.format in REMOTE_FORMATS
-        measured = getattr(self.runtime, "cost", None)
-        # A frozen dataclass: derived fields are set once, here.
-        object.__setattr__(self, "cost", measured if isinstance(measured, CallCost) else self.own_cost)
-        inputs = self.signature.inputs
-        rows_input = inputs[0] if len(inputs) == 1 else None
-        if rows_input is not None and (
-            len(rows_input.shape) != 2 or rows_input.shape[0] is not None or rows_input.dtype.kind != "f"
-        ):
-            rows_input = None
-        object.__setattr__(self, "rows_input", rows_input)
-
-
-@dataclass(frozen=True)
-class ModelState:
-    """A snapshot: replaced as a whole under the lock, so readers never see half an update."""
-
-    name: str
-    target_version: str | None = None
-    served: ServedModel | None = None
-    error: str | None = None
-    failed_version: str | None = None
-    failed_at: float | None = None
-    #: The canary and shadow aliases, loaded beside production (routing.py).
-    canary: RoleSlot = RoleSlot()
-    shadow: RoleSlot = RoleSlot()
-    #: Share of requests naming no version that the canary answers.
-    canary_weight: float = DEFAULT_CANARY_WEIGHT
-
-    @property
-    def status(self) -> Status:
-        if self.served is None:
-            return "failed" if self.error else "loading"
-        if self.served.version == self.target_version:
-            return "serving"
-        # Still answering with the previous version: either the new one failed, or it is on its way.
-        return "degraded" if self.error else "updating"
-
-
-class LoadedModels:
-    """The in-memory table of models: what each should serve, what it serves, what went wrong."""
-
-    def __init__(self, metrics: ServingMetrics) -> None:
-        self._states: dict[str, ModelState] = {}
-        self._lock = threading.Lock()
-        self._metrics = metrics
-        self.reconciled = threading.Event()
-
-    def state(self, name: str) -> ModelState | None:
-        return self._states.get(name)
-
-    def states(self) -> list[ModelState]:
-        with self._lock:
-            return sorted(self._states.values(), key=lambda s: s.name)
-
-    def names(self) -> set[str]:
-        with self._lock:
-            return set(self._states)
-
-    def served(self, name: str) -> ServedModel:
-        """The version that answers for ``name`` now, or an error a caller can act on."""
-        state = self._states.get(name)
-        if state is None:
-            if not self.reconciled.is_set():
-                raise Unavailable(
-                    f"model {name!r} is not loaded yet: serving is still reading the registry; retry shortly"
-                )
-            raise NotFound(
-                f"model {name!r} is not served: no registered model of that name has a "
-                f"'{PRODUCTION}' alias (GET /v1/models lists what is served)"
-            )
-        if state.served is None:
-            if state.error:
-                raise Unavailable(
-                    f"model {name!r} has no working version: version {state.failed_version} failed to "
-                    f"load: {state.error}"
-                )
-            raise Unavailable(
-                f"model {name!r} version {state.target_version} is still loading; retry shortly"
-            )
-        return state.served
-
-    def _update(self, name: str, **changes: object) -> ModelState:
-        with self._lock:
-            current = self._states.get(name) or ModelState(name=name)
-            updated = replace(current, **changes)  # type: ignore[arg-type]
-            self._states[name] = updated
-            return updated
-
-    def set_target(self, name: str, version: str) -> ModelState:
-        with self._lock:
-            current = self._states.get(name) or ModelState(name=name)
-            updated = replace(current, target_version=version)
-            if current.failed_version not in (None, version):
-                # The failure belongs to a version production no longer names.
-                updated = replace(updated, error=None, failed_version=None, failed_at=None)
-            self._states[name] = updated
-            return updated
-
-    def install(self, served: ServedModel) -> None:
-        """Swap ``served`` in; the previous version stays alive for requests that hold it."""
-        self._update(served.name, served=served, error=None, failed_version=None, failed_at=None)
-        self._metrics.loaded_version.labels(served.name).set(float(served.version))
-
-    def record_failure(self, name: str, version: str, error: str) -> None:
-        self._update(name, error=error, failed_version=version, failed_at=time.monotonic())
-        self._metrics.load_failures.labels(name).inc()
-
-    def close_all(self) -> None:
-        """At shutdown: release every runtime (TF Serving channels, sessions)."""
-        for state in self.states():
-            for served in (state.served, *(getattr(state, role).served for role in ROLES)):
-                if served is not None:
-                    with contextlib.suppress(Exception):
-                        served.runtime.close()
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            removed = self._states.pop(name, None)
-        if removed is not None:
-            for served in (removed.served, *(getattr(removed, role).served for role in ROLES)):
-                if served is not None:
-                    retire_served(served)
-        with contextlib.suppress(KeyError):  # never loaded, so never labelled
-            self._metrics.loaded_version.remove(name)
 
 
 def _folder_name(model_name: str) -> str:
@@ -255,7 +105,7 @@ class ModelFollower:
 
     def on_event(self, payload: dict[str, object]) -> None:
         if payload.get("type") in ("model.alias_moved", "model.alias_removed") and payload.get("alias") in (
-            PRODUCTION, *ROLES,
+            PRODUCTION, *SIDE_ALIASES,
         ):
             self._requests.put(str(payload["model"]))
 
@@ -312,7 +162,7 @@ class ModelFollower:
             if self._stop.is_set():
                 return
             self.ensure(name, version)
-            follow_roles(self, name, *found[name])  # canary and shadow, beside production
+            follow_side_aliases(self, name, *found[name])  # canary and shadow, beside production
         for name in self.models.names() - set(wanted):
             log.info("unloading %s: it no longer has a %s alias", name, PRODUCTION)
             self.models.remove(name)
@@ -335,7 +185,7 @@ class ModelFollower:
             self.models.remove(name)
             return
         self.ensure(name, aliases[PRODUCTION])
-        follow_roles(self, name, aliases, dict(model.tags or {}))  # canary and shadow
+        follow_side_aliases(self, name, aliases, dict(model.tags or {}))  # canary and shadow
 
     def ensure(self, name: str, version: str) -> None:
         """Make ``version`` the served version of ``name`` unless it is already, or recently failed."""
@@ -364,7 +214,7 @@ class ModelFollower:
 
     def try_load(
         self, name: str, version: str, *, failed_version: str | None, failed_at: float | None,
-        role: str = PRODUCTION,
+        alias: str = PRODUCTION,
     ) -> LoadedRuntime | str | None:
         """Load ``version`` (see :meth:`load`); or why it failed (logged; the caller records it);
         or None without trying, when this same version failed less than ``failed_load_retry_s`` ago."""
@@ -378,7 +228,7 @@ class ModelFollower:
             return self.load(name, version)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
-            log.warning("version %s of %s failed to load as its %s: %s", version, name, role, reason,
+            log.warning("version %s of %s failed to load as its %s: %s", version, name, alias, reason,
                         extra={"model": name, "version": version})
             return reason
 
@@ -424,7 +274,109 @@ class ModelFollower:
         model_dir = self.models_dir / _folder_name(name)
         state = self.models.state(name)
         if state is not None:  # the canary's and shadow's files too
-            keep = keep | {getattr(state, role).target_version for role in ROLES}
+            keep = keep | {getattr(state, alias).target_version for alias in SIDE_ALIASES}
         for folder in model_dir.iterdir() if model_dir.exists() else []:
             if folder.is_dir() and not folder.name.startswith(".") and folder.name not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def weight_from_tags(tags: Mapping[str, str] | None) -> float:
+    """The model's canary weight tag, or the default when it is missing or unusable."""
+    raw = (tags or {}).get(TAG_CANARY_WEIGHT)
+    if raw is None:
+        return DEFAULT_CANARY_WEIGHT
+    try:
+        weight = float(raw)
+    except ValueError:
+        weight = -1.0
+    if not 0 < weight <= 1:
+        log.warning("ignoring the canary weight tag %r: not a number in (0, 1]", raw)
+        return DEFAULT_CANARY_WEIGHT
+    return weight
+
+
+def follow_side_aliases(
+    follower: ModelFollower, name: str, aliases: Mapping[str, str], tags: Mapping[str, str] | None
+) -> None:
+    """Move the canary and shadow of ``name`` (which production serves) to what the aliases name."""
+    models = follower.models
+    if models.state(name) is None:
+        return
+    models._update(name, canary_weight=weight_from_tags(tags))
+    for alias in SIDE_ALIASES:
+        version = aliases.get(alias)
+        ensure_alias(follower, name, alias, None if version is None else str(version))
+
+
+def ensure_alias(follower: ModelFollower, name: str, alias: str, version: str | None) -> None:
+    """Load ``version`` as the ``alias`` of ``name`` (None: unload it) unless it already is."""
+    from services.serving.core.loaded import ServedModel, retire_served
+
+    models = follower.models
+    state = models.state(name)
+    if state is None:
+        return
+    current = slot(state, alias)
+    if version is None:
+        if current.status is None:
+            return
+        models._update(name, **{alias: AliasSlot()})
+        log.info("unloading the %s of %s (version %s): the alias is gone", alias, name,
+                 current.served.version if current.served else None)
+        if current.served is not None:
+            retire_served(current.served)
+        return
+    if current.target_version != version:
+        changed = replace(current, target_version=version)
+        if current.failed_version not in (None, version):
+            changed = replace(changed, error=None, failed_version=None, failed_at=None)
+        models._update(name, **{alias: changed})
+        current = changed
+    if current.served is not None and current.served.version == version:
+        return
+    started = time.perf_counter()
+    loaded = follower.try_load(name, version, failed_version=current.failed_version,
+                               failed_at=current.failed_at, alias=alias)
+    if loaded is None:
+        return
+    if isinstance(loaded, str):
+        _update_slot(models, name, alias, error=loaded, failed_version=version, failed_at=time.monotonic())
+        follower.metrics.load_failures.labels(name).inc()
+        return
+    served = ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
+                         loaded_at=datetime.now(UTC), alias=alias)
+    previous = _update_slot(models, name, alias, served=served, error=None, failed_version=None,
+                            failed_at=None)
+    log.info("serving %s version %s as its %s (was %s), loaded in %.2fs", name, version, alias,
+             previous.served.version if previous and previous.served else None,
+             time.perf_counter() - started, extra={"model": name, "version": version})
+    if previous is not None and previous.served is not None:
+        retire_served(previous.served)
+
+
+def _update_slot(models: LoadedModels, name: str, alias: str, **changes: Any) -> AliasSlot | None:
+    """Change the ``alias`` slot of ``name`` in one step; the slot as it was, None if no model."""
+    with models._lock:
+        state = models._states.get(name)
+        if state is None:
+            return None
+        before = slot(state, alias)
+        changed: dict[str, Any] = {alias: replace(before, **changes)}
+        models._states[name] = replace(state, **changed)
+        return before
+
+
+def with_batching(
+    loaded: LoadedRuntime, *, name: str, version: str, policy: BatchingPolicy, metrics: ServingMetrics
+) -> LoadedRuntime:
+    """``loaded`` with its runtime wrapped in a :class:`BatchingRuntime`, when the policy and model allow."""
+    if not policy.enabled or policy.max_batch_size < 2:
+        return loaded
+    if not batchable(loaded.signature, loaded.runtime.signature):
+        log.info("%s version %s has no free batch dimension; its requests are not merged", name, version)
+        return loaded
+    runtime = BatchingRuntime(
+        loaded.runtime, max_batch_size=policy.max_batch_size, max_wait_s=policy.max_wait_s,
+        name=f"{name}-{version}", metrics=metrics.version(name, version),
+    )
+    return replace(loaded, runtime=runtime)

@@ -4,7 +4,7 @@ For every request, uvicorn's ``httptools`` protocol builds a request/response cy
 asyncio task running the ASGI app (uvicorn's proxy-headers layer, FastAPI, the fast lane), and
 turns the app's two ``send`` messages back into bytes. For a small model that machinery costs
 more than the model call. :class:`FastLaneHttpProtocol` keeps all of it for every other request,
-and for a predict POST that the fast lane (:mod:`services.serving.fastlane`) would answer inline
+and for a predict POST that the fast lane (:mod:`services.serving.fastlane.lane`) would answer inline
 it does the same work synchronously, as the body completes:
 
 * when the headers are complete, a request the lane takes (:meth:`FastLane.match`: a predict
@@ -34,7 +34,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from services.serving.fastlane import (
+from services.serving.api.http import ProtocolResponse
+from services.serving.fastlane.lane import (
     INLINE_MAX_BODY,
     Deferred,
     FastLane,
@@ -44,7 +45,20 @@ from services.serving.fastlane import (
     in_thread,
     internal_error,
 )
-from services.serving.http import ProtocolResponse
+
+#: The uvicorn release this protocol was written against (requirements.lock pins it). Its private
+#: names (``RequestResponseCycle`` fields, ``_start_asgi_task``...) change without notice between
+#: releases: another version turns the fast lane's protocol off (:func:`bound_uvicorn`), and
+#: tests/services/serving/test_httpfast.py fails until this module is checked against it.
+UVICORN_VERSION = "0.55.0"
+
+
+def bound_uvicorn() -> bool:
+    """Whether the installed uvicorn is the one this protocol is bound to."""
+    import uvicorn
+
+    return uvicorn.__version__ == UVICORN_VERSION
+
 
 # Response header lines as bytes, by (name, value): the same few (content type, version) recur.
 _HEADER_LINES: dict[tuple[str, str], bytes] = {}

@@ -41,7 +41,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from services.serving.journal import ROW_COLUMNS, JournalTail, Row, as_datetime, record_of
+from services.serving.predlog.journal import ROW_COLUMNS, JournalTail, Row, as_datetime, record_of
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 
@@ -57,7 +57,7 @@ _ORPHANED_ATTEMPTS = 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.serving.shipper")
+    parser = argparse.ArgumentParser(prog="python -m services.serving.predlog.shipper")
     parser.add_argument("--journal", type=Path, required=True)
     parser.add_argument("--parent", type=int, required=True, help="the serving process's pid")
     parser.add_argument("--batch-size", type=int, default=500)

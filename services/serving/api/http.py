@@ -9,8 +9,8 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
-from services.serving.dataplane import DataPlane
-from services.serving.validation import check_body_size
+from services.serving.core.dataplane import DataPlane
+from services.serving.core.validation import check_body_size
 from shipyard_common.auth import Role, TokenAuthenticator
 from shipyard_common.errors import PayloadTooLarge
 

@@ -1,0 +1,1 @@
+"""The data plane and what it stands on: loaded models and their follower, routing, leases, metrics."""
