@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shipyard_cli.stack import Stack, free_port, redis_answers, stop_process_group
+from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings, disable_telemetry
-from tests.support import redis_db, test_platform
+from tests.support import free_port, redis_answers, redis_db, stop_process_group, test_platform
 
 disable_telemetry()
 # pytest-xdist's workers start with COLUMNS=80; the CLI's console, made when first imported, would keep

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from shipyard_cli.stack import Stack, free_port
+from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
-from tests.support import TOKENS, auth, events_channel, redis_db
+from tests.support import TOKENS, auth, events_channel, free_port, redis_db
 
 E2E_REDIS_DB = redis_db(14)
 

@@ -33,11 +33,11 @@ from sklearn.datasets import load_breast_cancer
 from services.trainer.worker.metrics import read_gpus
 from shipyard_cli.client import ShipyardClient
 from shipyard_cli.demo import wait_until_served
-from shipyard_cli.stack import Stack, free_port, url_port
+from shipyard_cli.stack import Stack, url_port
 from shipyard_common.settings import PlatformSettings
 from tests.infra.support import alert_rules, dashboards, fill, panel_queries, variable_queries
 from tests.services.trainer.conftest import job_spec
-from tests.support import auth, wait_for
+from tests.support import auth, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 

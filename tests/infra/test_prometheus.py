@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from shipyard_cli import observability
-from shipyard_cli.stack import Stack, free_port
+from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
 from tests.infra.support import PROMETHEUS_DIR, RULES_FILE, alert_rules
-from tests.support import TOKENS
+from tests.support import TOKENS, free_port
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from shipyard_cli.stack import Stack, free_port
+from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
-from tests.support import redis_db, test_platform
+from tests.support import free_port, redis_db, test_platform
 
 PIPELINES_REDIS_DB = redis_db(12)
 # Fast enough for tests: the deployments process polls for runs every second, the server's

@@ -31,8 +31,7 @@ from pipelines.runs import (
     wait_for_run,
 )
 from shipyard_cli.main import app
-from shipyard_cli.stack import stop_process_group
-from tests.support import auth, wait_for
+from tests.support import auth, stop_process_group, wait_for
 
 MODEL = "bc_pipeline"
 SMALL = {"training": {"epochs": 3}, "model": {"hidden": [16]}}

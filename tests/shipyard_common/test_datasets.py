@@ -14,10 +14,9 @@ import pytest
 from pydantic import SecretStr
 from sklearn.datasets import load_iris
 
-from shipyard_cli.stack import free_port, stop_process_group
 from shipyard_common.datasets import DataRepo, DatasetNotFound, S3Remote
 from shipyard_common.errors import Conflict, InvalidInput, NotFound, ValidationFailed
-from tests.support import wait_for
+from tests.support import free_port, stop_process_group, wait_for
 
 RULES = """
 max_null_fraction: 0.05

@@ -31,11 +31,10 @@ from services.monitor.retraining.schemas import RetrainParameters
 from services.monitor.retraining.service import check_policies, follow_triggers
 from services.monitor.settings import MonitorSettings
 from services.monitor.tables import PolicyRecord, TriggerRecord, WindowRecord
-from shipyard_cli.stack import free_port
 from shipyard_common.db import Database, utcnow
 from shipyard_common.lineage import PRODUCTION
 from shipyard_common.settings import PlatformSettings
-from tests.support import auth, running_app, wait_for
+from tests.support import auth, free_port, running_app, wait_for
 
 DRIFT_POLICY: dict[str, Any] = {"drift_share_above": 0.3, "consecutive_windows": 3, "cooldown_s": 3600}
 

@@ -25,12 +25,11 @@ from services.monitor.settings import MAX_WINDOW, MonitorSettings, WindowSpec
 from services.monitor.tables import TriggerRecord, WindowRecord
 from services.registry.app import create_app as create_registry_app
 from services.registry.settings import RegistrySettings
-from shipyard_cli.stack import free_port
 from shipyard_common.db import Database, utcnow
 from shipyard_common.lineage import TAG_DATASET, TAG_DATASET_REV, TAG_SIGNATURE, TAG_TASK
 from shipyard_common.records import PredictionRecord
 from tests.services.registry.model_factory import ModelFactory, tiny_classifier, unique_name
-from tests.support import TOKENS, auth, running_app, test_platform
+from tests.support import TOKENS, auth, free_port, running_app, test_platform
 
 CLASSES = ["setosa", "versicolor", "virginica"]
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -21,11 +21,11 @@ import pytest
 
 from services.registry.app import create_app
 from services.registry.settings import RegistrySettings
-from shipyard_cli.stack import Stack, free_port
+from shipyard_cli.stack import Stack
 from shipyard_common.auth import Role, principal_name
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
-from tests.support import auth, running_app, wait_for
+from tests.support import auth, free_port, running_app, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 TRAINER, APPROVER, ADMIN, VIEWER = auth("trainer"), auth("approver"), auth("admin"), auth("viewer")

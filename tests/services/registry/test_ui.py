@@ -29,8 +29,7 @@ from services.trainer.api import service as trainer_service
 from services.trainer.api.schemas import JobCreate, JobState
 from services.trainer.app import create_app as create_trainer_app
 from services.trainer.settings import TrainerSettings
-from shipyard_cli.stack import free_port
-from shipyard_common.auth import Role, principal_name
+from shipyard_common.auth import Role
 from shipyard_common.db import Database, utcnow
 from shipyard_common.lineage import (
     METRIC_TAG_PREFIX,
@@ -43,7 +42,7 @@ from shipyard_common.lineage import (
 )
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, tiny_classifier, unique_name
-from tests.support import TOKENS, auth, running_app, test_platform
+from tests.support import TOKENS, auth, free_port, name_of, running_app, test_platform, token_of
 
 ROLES = ("viewer", "trainer", "approver", "admin")
 CALLERS = ("nobody", *ROLES)
@@ -54,14 +53,6 @@ PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
 )
-
-
-def token_of(role: str) -> str:
-    return next(t for t, r in TOKENS.items() if r == Role(role))
-
-
-def name_of(role: str) -> str:
-    return principal_name(token_of(role), Role(role))
 
 
 def hidden(html: str, field: str) -> str:

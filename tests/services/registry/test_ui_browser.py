@@ -38,7 +38,6 @@ from services.trainer.api.schemas import JobCreate, JobState, Task
 from services.trainer.app import create_app as create_trainer_app
 from services.trainer.engines.reports import write_reports
 from services.trainer.settings import TrainerSettings
-from shipyard_cli.stack import free_port
 from shipyard_common.db import Database
 from shipyard_common.lineage import (
     METRIC_TAG_PREFIX,
@@ -61,8 +60,7 @@ from tests.services.registry.model_factory import (
     run_directly,
     tiny_classifier,
 )
-from tests.services.registry.test_ui import name_of, token_of
-from tests.support import auth, running_app, wait_for
+from tests.support import auth, free_port, name_of, running_app, token_of, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
