@@ -40,9 +40,11 @@ TEST_WORKERS ?= 2
 test: install
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
+# The same three checks as .pre-commit-config.yaml; the import contracts are in pyproject.toml.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy shipyard_common shipyard_cli services pipelines
+	$(BIN)/lint-imports
 
 up: install
 	$(BIN)/shipyard up

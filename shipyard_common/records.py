@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shipyard_common.db import Base, utcnow
+from shipyard_common.orm import Base, utcnow
 
 
 class EventRecord(Base):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import prometheus_client.metrics as _prometheus_metrics
@@ -48,6 +48,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import INF, floatToGoString
+
+# prometheus_client leaves it unannotated: the type it has (a bucket bound as Prometheus writes it).
+_go_float: Callable[[float], str] = floatToGoString
 
 _get_ident = threading.get_ident
 
@@ -295,7 +298,7 @@ class ShardedHistogramFamily(_Family[ShardedHistogram]):
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._upper_bounds = _upper_bounds(buckets)
-        self._le = [floatToGoString(bound) for bound in self._upper_bounds]
+        self._le = [_go_float(bound) for bound in self._upper_bounds]
         labelnames = tuple(labelnames)
         if "le" in labelnames:
             raise ValueError("Invalid label metric name: le")
