@@ -8,13 +8,12 @@ import httpx
 import pytest
 
 from services.serving.app import create_app
-from services.serving.fastlane.uvicorn_protocol import FastLaneHttpProtocol
 from services.serving.settings import ServingSettings
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.conftest import isolated_platform, model_factory
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.services.serving.model_folder import register_folder
-from tests.services.serving.test_serving import NO_RECONCILE
+from tests.services.serving.support import NO_RECONCILE
 from tests.support import running_app, wait_for
 
 __all__ = ["apps", "isolated_platform", "model_factory"]
@@ -32,8 +31,7 @@ def apps(
     fast = create_app(ServingSettings(platform=isolated_platform, **common))
     plain = create_app(ServingSettings(platform=isolated_platform, fast_lane=False, **common))
     with ExitStack() as stack:
-        # As `python -m services.serving` serves it: cheap predictions answered in the HTTP protocol.
-        bases = [stack.enter_context(running_app(fast, http=FastLaneHttpProtocol)),
+        bases = [stack.enter_context(running_app(fast)),
                  stack.enter_context(running_app(plain))]
         for base in bases:
             wait_for(lambda base=base: httpx.get(f"{base}/readyz").status_code == 200, timeout=60,

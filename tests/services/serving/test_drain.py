@@ -27,7 +27,7 @@ from shipyard_common.records import PredictionRecord
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import IR_VERSION, ModelFactory, unique_name
 from tests.services.serving.processes import serving_process
-from tests.services.serving.test_serving import metric
+from tests.services.serving.support import metric
 from tests.support import auth, free_port, wait_for
 
 FEATURES = 16

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.serving.core.metrics import ServingMetrics
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
-from tests.services.serving.test_serving import ROWS, metric, predict, serving
+from tests.services.serving.support import ROWS, metric, predict, serving
 from tests.support import auth
 
 

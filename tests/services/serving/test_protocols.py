@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.services.serving.model_folder import FolderVersion, expected, register_folder
-from tests.services.serving.test_serving import serving
+from tests.services.serving.support import serving
 from tests.support import auth
 
 ROWS = np.asarray([[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)

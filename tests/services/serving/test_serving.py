@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from services.registry.app import create_app as create_registry_app
@@ -29,44 +25,13 @@ from tests.services.registry.model_factory import (
     run_directly,
     unique_name,
 )
+from tests.services.serving.support import ROWS, metric, model_status, predict, serving
 from tests.support import auth, running_app, wait_for
-
-ROWS = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 0.0, 0.0]]
-# Long enough that, within a test, only an event can make serving notice a promotion.
-NO_RECONCILE = 300.0
-
-
-@contextmanager
-def serving(platform: PlatformSettings, **settings: Any) -> Iterator[str]:
-    app = create_app(ServingSettings(platform=platform, **{"reconcile_interval_s": NO_RECONCILE, **settings}))
-    with running_app(app) as base:
-        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=30, what="serving ready")
-        yield base
-
-
-def predict(base: str, name: str, inputs: Any, **kwargs: Any) -> httpx.Response:
-    return httpx.post(
-        f"{base}/v1/models/{name}/predict", json={"inputs": inputs}, headers=auth("viewer"), **kwargs
-    )
-
-
-def model_status(base: str, name: str) -> dict[str, Any]:
-    response = httpx.get(f"{base}/v1/models/{name}", headers=auth("viewer"))
-    response.raise_for_status()
-    return response.json()  # type: ignore[no-any-return]
 
 
 def wait_served(base: str, name: str, version: str, timeout: float = 10) -> None:
     wait_for(lambda: model_status(base, name)["version"] == version, timeout=timeout,
              what=f"{name} v{version} served")
-
-
-def metric(base: str, name: str, labels: dict[str, str]) -> float | None:
-    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return None
 
 
 def assert_answers_like(

@@ -9,7 +9,7 @@ import tritonclient.http as triton
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.services.serving.model_folder import expected, register_folder
-from tests.services.serving.test_serving import model_status, serving
+from tests.services.serving.support import model_status, serving
 from tests.services.serving.tf_serving_stand_in import tf_serving_stand_in, write_savedmodel
 from tests.support import auth
 

@@ -1,0 +1,51 @@
+"""Helpers the serving tests share: a serving app on a free port, its predict and status calls, its metrics.
+
+Test modules import these from here, never from one another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.serving.app import create_app
+from services.serving.settings import ServingSettings
+from shipyard_common.settings import PlatformSettings
+from tests.support import auth, running_app, wait_for
+
+VIEWER = auth("viewer")
+ROWS = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 0.0, 0.0]]
+# Long enough that, within a test, only an event can make serving notice a promotion.
+NO_RECONCILE = 300.0
+
+
+@contextmanager
+def serving(platform: PlatformSettings, **settings: Any) -> Iterator[str]:
+    app = create_app(ServingSettings(platform=platform, **{"reconcile_interval_s": NO_RECONCILE, **settings}))
+    with running_app(app) as base:
+        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=30, what="serving ready")
+        yield base
+
+
+def predict(base: str, name: str, inputs: Any, **kwargs: Any) -> httpx.Response:
+    return httpx.post(
+        f"{base}/v1/models/{name}/predict", json={"inputs": inputs}, headers=auth("viewer"), **kwargs
+    )
+
+
+def model_status(base: str, name: str) -> dict[str, Any]:
+    response = httpx.get(f"{base}/v1/models/{name}", headers=auth("viewer"))
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
+
+
+def metric(base: str, name: str, labels: dict[str, str]) -> float | None:
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
