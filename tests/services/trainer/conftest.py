@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from services.trainer.settings import TrainerSettings
-from shipyard_cli.stack import stop_process_group
 from shipyard_common.settings import PlatformSettings
+from tests.support import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[3]
 
