@@ -1,5 +1,9 @@
 """Names that the trainer writes on MLflow objects and the registry, serving and monitor read."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+
 PRODUCTION = "production"
 STAGING = "staging"
 CANARY = "canary"
@@ -23,6 +27,34 @@ TAG_FORMATS = "shipyard.formats"
 TAG_FRAMEWORK = "shipyard.framework"
 # Fine-tuned versions: "<model>/<version>" of the registered parent, or "pretrained:<checkpoint>".
 TAG_PARENT = "shipyard.parent"
+
+# A version's lineage, field by field: the trainer writes these tags on the run and the version
+# (:func:`lineage_tags`), the registry reads them back as the version's ``lineage``
+# (:func:`read_lineage`). One table, so that a tag added here is both written and read.
+LINEAGE_TAGS: dict[str, str] = {
+    "job_id": TAG_JOB_ID,
+    "dataset": TAG_DATASET,
+    "dataset_rev": TAG_DATASET_REV,
+    "git_commit": TAG_GIT_COMMIT,
+    "framework": TAG_FRAMEWORK,
+    "parent": TAG_PARENT,
+    "task": TAG_TASK,
+}
+
+
+def lineage_tags(**fields: str | None) -> dict[str, str]:
+    """The tags that record ``fields`` (named as in :data:`LINEAGE_TAGS`); a None field is left out."""
+    unknown = sorted(set(fields) - set(LINEAGE_TAGS))
+    if unknown:
+        raise KeyError(f"not lineage field(s): {unknown}; known: {sorted(LINEAGE_TAGS)}")
+    return {LINEAGE_TAGS[name]: value for name, value in fields.items() if value is not None}
+
+
+def read_lineage(tags: Mapping[str, str]) -> dict[str, str | None]:
+    """The lineage fields that a run's or version's ``tags`` record, None where a tag is absent."""
+    return {name: tags.get(tag) for name, tag in LINEAGE_TAGS.items()}
+
+
 # Version tags ``shipyard.metric.<name>``: the metrics of the model that was registered (with early
 # stopping's restore_best, an earlier epoch's), unlike the run's summary (its last logged values).
 METRIC_TAG_PREFIX = "shipyard.metric."

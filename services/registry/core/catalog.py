@@ -31,16 +31,10 @@ from shipyard_common.lineage import (
     MODEL_CARD_FILE,
     REPORTS_ARTIFACT_PATH,
     TAG_ARCHIVED,
-    TAG_DATASET,
-    TAG_DATASET_REV,
     TAG_FORMAT,
     TAG_FORMATS,
-    TAG_FRAMEWORK,
-    TAG_GIT_COMMIT,
-    TAG_JOB_ID,
-    TAG_PARENT,
     TAG_SIGNATURE,
-    TAG_TASK,
+    read_lineage,
 )
 
 # Runs read in parallel for versions registered without metric tags.
@@ -101,16 +95,7 @@ def version_public(version: VersionRecord, aliases: dict[str, str]) -> VersionPu
         aliases=sorted(alias for alias, target in aliases.items() if str(target) == version.version),
         metrics=metrics,
         metrics_source="version" if metrics is not None else None,
-        lineage=Lineage.model_construct(
-            dataset=tags.get(TAG_DATASET),
-            dataset_rev=tags.get(TAG_DATASET_REV),
-            job_id=tags.get(TAG_JOB_ID),
-            git_commit=tags.get(TAG_GIT_COMMIT),
-            parent=tags.get(TAG_PARENT),
-            framework=tags.get(TAG_FRAMEWORK),
-            task=tags.get(TAG_TASK),
-            run_id=version.run_id,
-        ),
+        lineage=Lineage.model_construct(**read_lineage(tags), run_id=version.run_id),
         signature=signature if isinstance(signature, dict) else None,
         exports=[str(f) for f in formats]
         if isinstance(formats, list)
