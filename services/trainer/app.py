@@ -12,8 +12,9 @@ from services.trainer.api.datasets import router as datasets_router
 from services.trainer.api.jobs import router
 from services.trainer.api.metrics import JobCollector
 from services.trainer.api.pipeline_runs import router as pipeline_runs_router
+from services.trainer.jobs.queues import TASK_NAME
 from services.trainer.settings import TrainerSettings
-from services.trainer.worker.celery_app import TASK_NAME, make_celery
+from services.trainer.worker.celery_app import make_celery
 from services.trainer.worker.reconciler import reconcile_until
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database

@@ -1,4 +1,5 @@
-"""The trainer's HTTP layer: routes, request and answer schemas, the job service, the tables.
+"""The trainer's HTTP layer: the routes, the job service, the job metrics collector.
 
-Nothing here imports torch or Celery's task code: jobs are stored, then sent to a worker by name.
+It stores jobs through :mod:`services.trainer.jobs` and sends them to a worker by name; it never
+imports ``worker`` or ``engines`` (hence neither torch nor Celery's task code).
 """

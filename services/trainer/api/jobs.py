@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.trainer.api import service
-from services.trainer.api.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState
+from services.trainer.jobs.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.datasets import DataRepo, DatasetNotFound
 from shipyard_common.db import Database

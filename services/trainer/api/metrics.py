@@ -34,11 +34,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.sql import extract
 
-from services.trainer.api.schemas import TERMINAL_STATES, JobState
-from services.trainer.api.schemas import Queue as QueueName
-from services.trainer.api.tables import JobLogRecord, JobRecord
+from services.trainer.jobs.queues import waiting_keys
+from services.trainer.jobs.schemas import TERMINAL_STATES, JobState
+from services.trainer.jobs.schemas import Queue as QueueName
+from services.trainer.jobs.tables import JobLogRecord, JobRecord
 from services.trainer.settings import TrainerSettings
-from services.trainer.worker.broker import PRIORITY_SEP, PRIORITY_STEPS
 from shipyard_common.db import Database, utcnow
 
 log = logging.getLogger("shipyard.trainer.metrics")
@@ -115,7 +115,7 @@ def broker_messages(redis_url: str, queue_names: dict[str, str]) -> dict[str, in
     try:
         found = {}
         for queue, name in queue_names.items():
-            keys = (name, *(f"{name}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS))
+            keys = waiting_keys(name)
             found[queue] = sum(int(client.llen(key)) for key in keys)
         return found
     finally:

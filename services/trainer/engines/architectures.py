@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.trainer.api.schemas import (
+from services.trainer.engines.types import TabularData
+from services.trainer.jobs.schemas import (
     FACTORY_PATTERN,
     CNNSpec,
     JobCreate,
@@ -45,7 +46,6 @@ from services.trainer.api.schemas import (
     Task,
     TransformerEncoderSpec,
 )
-from services.trainer.engines.types import TabularData
 from shipyard_common.errors import InvalidInput
 
 PLUGIN_DIR_ENV = "SHIPYARD_TRAINER_PLUGIN_DIR"

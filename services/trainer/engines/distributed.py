@@ -42,10 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.trainer.api.schemas import JobCreate, Task
 from services.trainer.engines import child, engine
+from services.trainer.engines.checkpoints import Checkpointer
 from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
-from services.trainer.engines.types import FitContext, TabularData, TrainingFailed
+from services.trainer.engines.types import FitContext, Observer, TabularData, TrainingFailed
+from services.trainer.jobs.schemas import JobCreate, Task
 from shipyard_common.errors import ShipyardError
 
 log = logging.getLogger("shipyard.trainer.distributed")
@@ -169,15 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """One rank (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address)."""
     import torch.distributed as dist
 
-    parser = argparse.ArgumentParser(description="one DDP rank of a Shipyard training job")
-    parser.add_argument("--folder", type=Path, required=True)
-    parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
-    parser.add_argument("--checkpoint-dir", type=Path, required=True)
-    parser.add_argument("--tensorboard-dir", type=Path, required=True)
-    parser.add_argument("--initial-weights", type=Path)
-    parser.add_argument("--plugin-dir", type=Path)
-    parser.add_argument("--resume", type=Path)
-    args = parser.parse_args(argv)
+    args = _parse_args(argv)
     _watch_launcher()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -197,39 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.initial_weights is not None:
             initial = torch.load(args.initial_weights, map_location="cpu", weights_only=True)
         resume = engine.load_checkpoint(args.resume) if args.resume is not None else None
-        last_step_event = 0.0
-
-        def observer(epoch: int, step: int, metrics: dict[str, float] | None) -> None:
-            nonlocal last_step_event
-            if metrics is not None:
-                child.emit("epoch", epoch=epoch, step=step, metrics=metrics)
-                return
-            now = time.monotonic()
-            if now - last_step_event >= STEP_EVENT_EVERY_S:
-                last_step_event = now
-                child.emit("step", epoch=epoch, step=step)
-
-        def checkpointer(state: dict[str, Any]) -> None:
-            args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            engine.save_checkpoint(state, args.checkpoint_dir / CHECKPOINT_FILE)
-            child.emit("checkpoint")
-
         result = engine.train(
-            data, spec, device=device, observer=observer if lead else None,
-            checkpointer=checkpointer if lead else None, resume=resume,
+            data, spec, device=device, observer=_observer() if lead else None,
+            checkpointer=_checkpointer(args.checkpoint_dir) if lead else None, resume=resume,
             tensorboard_dir=args.tensorboard_dir if lead else None, initial_weights=initial,
             plugin_dir=args.plugin_dir, rank=rank, world_size=world,
         )
         if lead:
-            weights = args.folder / WEIGHTS_FILE
-            torch.save(result.model.state_dict(), weights)
-            summary = {
-                "weights": str(weights), "metrics": result.metrics, "history": result.history,
-                "confusion": result.confusion, "best_epoch": result.best_epoch,
-                "stopped_early": result.stopped_early, "seconds": result.seconds, "device": result.device,
-            }
-            (args.folder / RESULT_FILE).write_text(json.dumps(summary))
-            child.emit("result", path=str(args.folder / RESULT_FILE))
+            _write_result(result, args.folder)
         return 0
     except ShipyardError as exc:
         # Every rank raises the engine's divergence alike; one message reaches the job.
@@ -238,6 +206,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         dist.destroy_process_group()
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="one DDP rank of a Shipyard training job")
+    parser.add_argument("--folder", type=Path, required=True)
+    parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    parser.add_argument("--checkpoint-dir", type=Path, required=True)
+    parser.add_argument("--tensorboard-dir", type=Path, required=True)
+    parser.add_argument("--initial-weights", type=Path)
+    parser.add_argument("--plugin-dir", type=Path)
+    parser.add_argument("--resume", type=Path)
+    return parser.parse_args(argv)
+
+
+def _observer() -> Observer:
+    """Rank 0's reports to the job process: every epoch, and a mid-epoch step at most so often."""
+    last_step_event = 0.0
+
+    def observer(epoch: int, step: int, metrics: dict[str, float] | None) -> None:
+        nonlocal last_step_event
+        if metrics is not None:
+            child.emit("epoch", epoch=epoch, step=step, metrics=metrics)
+            return
+        now = time.monotonic()
+        if now - last_step_event >= STEP_EVENT_EVERY_S:
+            last_step_event = now
+            child.emit("step", epoch=epoch, step=step)
+
+    return observer
+
+
+def _checkpointer(checkpoint_dir: Path) -> Checkpointer:
+    def checkpointer(state: dict[str, Any]) -> None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(state, checkpoint_dir / CHECKPOINT_FILE)
+        child.emit("checkpoint")
+
+    return checkpointer
+
+
+def _write_result(result: engine.TrainResult, folder: Path) -> None:
+    """Rank 0's weights and summary, for the job process (see :func:`train`)."""
+    weights = folder / WEIGHTS_FILE
+    torch.save(result.model.state_dict(), weights)
+    summary = {
+        "weights": str(weights), "metrics": result.metrics, "history": result.history,
+        "confusion": result.confusion, "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early, "seconds": result.seconds, "device": result.device,
+    }
+    (folder / RESULT_FILE).write_text(json.dumps(summary))
+    child.emit("result", path=str(folder / RESULT_FILE))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.trainer.api.schemas import Task
 from services.trainer.engines.types import TabularData, TrainingFailed
+from services.trainer.jobs.schemas import Task
 
 log = logging.getLogger("shipyard.trainer.export")
 
@@ -49,7 +49,7 @@ class ServingModule(nn.Module):
         self.model = model
         self.classification = task == Task.CLASSIFICATION
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the ONNX input's name
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = self.model(input)
         return torch.softmax(out, dim=1) if self.classification else out
 

@@ -17,8 +17,8 @@ the model.
 
 from __future__ import annotations
 
-from services.trainer.api.schemas import Framework
 from services.trainer.engines.types import FitContext, FitOutcome
+from services.trainer.jobs.schemas import Framework
 
 
 def fit(context: FitContext) -> FitOutcome:

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 import services
-from services.trainer.api.schemas import ExportFormat, JobCreate, Precision, SchedulerName, Task
 from services.trainer.engines import child, engine
 from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
+from services.trainer.jobs.schemas import ExportFormat, JobCreate, Precision, SchedulerName, Task
 from shipyard_common.errors import InvalidInput
 
 log = logging.getLogger("shipyard.trainer.keras_job")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.trainer.api.schemas import ExportFormat, JobCreate, Task
 from services.trainer.engines.types import Export, FitOutcome
+from services.trainer.jobs.schemas import ExportFormat, JobCreate, Task
 from shipyard_common.lineage import MODEL_CARD_FILE, MODEL_CARD_JSON, SIGNATURE_FILE
 
 # Serving prefers the first format of this order that a version holds.

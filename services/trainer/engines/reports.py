@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from services.trainer.api.schemas import Task
+from services.trainer.jobs.schemas import Task
 from shipyard_common.lineage import CONFUSION_JSON, CONFUSION_PNG, CURVES_PNG, REPORTS_ARTIFACT_PATH
 
 if TYPE_CHECKING:

@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from services.trainer.api.schemas import JobCreate, PretrainedTextSpec, Task
 from services.trainer.engines.types import TabularData, TrainingFailed
+from services.trainer.jobs.schemas import JobCreate, PretrainedTextSpec, Task
 from shipyard_common.errors import InvalidInput
 
 # The artifact folder (in the MLflow run) that the tokenizer files are uploaded to.

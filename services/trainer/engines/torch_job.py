@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from services.trainer.api.schemas import ExportFormat, Framework, JobCreate
 from services.trainer.engines import engine
 from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
 from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
+from services.trainer.jobs.schemas import ExportFormat, Framework, JobCreate
 
 log = logging.getLogger("shipyard.trainer.torch_job")
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from services.trainer.api.schemas import ExportFormat, JobCreate, Task
+from services.trainer.jobs.schemas import ExportFormat, JobCreate, Task
 from shipyard_common.errors import ShipyardError
 
 # (epoch, global step, metrics at the end of an epoch or None mid-epoch) → may raise to stop.

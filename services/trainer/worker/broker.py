@@ -1,9 +1,8 @@
 """What is on the broker: the job ids that have a Celery message in Redis right now.
 
-kombu's Redis transport keeps a queue's waiting messages in a Redis list named after the queue
-(one more list per priority step, ``<queue>\\x06\\x16<priority>``), and the messages a worker has
-taken but not yet acknowledged in the ``unacked`` hash. A job id found in neither has lost its
-message; :func:`services.trainer.api.service.requeue_lost_jobs` sends such jobs again.
+The messages wait in the Redis lists :func:`services.trainer.jobs.queues.waiting_keys` names, or sit
+unacknowledged in the ``unacked`` hash. A job id found in neither has lost its message;
+:func:`services.trainer.jobs.store.requeue_lost_jobs` sends such jobs again.
 """
 
 from __future__ import annotations
@@ -16,15 +15,11 @@ from typing import Any
 
 import redis
 
-from services.trainer.api.schemas import Queue as QueueName
+from services.trainer.jobs.queues import TASK_NAME, UNACKED_KEY, waiting_keys
+from services.trainer.jobs.schemas import Queue as QueueName
 from services.trainer.settings import TrainerSettings
-from services.trainer.worker.celery_app import TASK_NAME
 
 log = logging.getLogger("shipyard.trainer.broker")
-
-UNACKED_KEY = "unacked"
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (3, 6, 9)  # kombu's default steps; step 0 is the plain queue name
 
 
 def job_id_of(message: dict[str, Any]) -> str | None:
@@ -60,7 +55,7 @@ def job_ids_on_broker(redis_url: str, queue_names: Iterable[str]) -> set[str]:
     try:
         raw_messages: list[Any] = []
         for name in queue_names:
-            for key in (name, *(f"{name}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS)):
+            for key in waiting_keys(name):
                 raw_messages.extend(client.lrange(key, 0, -1))
         raw_messages.extend(client.hvals(UNACKED_KEY))
     finally:

@@ -2,7 +2,7 @@
 
 The broker carries only job ids; the database holds the jobs. Acknowledging late, and
 rejecting on a lost worker, means a job whose worker dies goes back on the queue instead of
-vanishing; :func:`services.trainer.api.service.claim_job` keeps the second delivery from
+vanishing; :func:`services.trainer.jobs.store.claim_job` keeps the second delivery from
 running a job twice.
 """
 
@@ -17,10 +17,9 @@ from urllib.parse import urlsplit
 from celery import Celery
 from kombu import Queue
 
-from services.trainer.api.schemas import Queue as QueueName
+from services.trainer.jobs.queues import TASK_NAME
+from services.trainer.jobs.schemas import Queue as QueueName
 from services.trainer.settings import TrainerSettings
-
-TASK_NAME = "shipyard.train"
 
 log = logging.getLogger("shipyard.trainer.worker")
 
@@ -58,7 +57,7 @@ def make_celery(settings: TrainerSettings) -> Celery:
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)
     def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
-        from services.trainer.api.service import Claim
+        from services.trainer.jobs.store import Claim
         from services.trainer.worker.runner import run_job
 
         claim = run_job(job_id=job_id, settings=settings)

@@ -1,7 +1,7 @@
 """The reconciler: a thread in the API process that makes the broker agree with the database.
 
 Jobs stored while the broker was away are sent, and jobs whose message the broker lost are sent
-again; :func:`services.trainer.api.service.claim_job` keeps a second delivery from running twice.
+again; :func:`services.trainer.jobs.store.claim_job` keeps a second delivery from running twice.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from services.trainer.api import service
+from services.trainer.jobs import store
 from services.trainer.settings import TrainerSettings
 from services.trainer.worker.broker import on_broker_for
 from shipyard_common.db import Database
@@ -18,22 +18,22 @@ log = logging.getLogger("shipyard.trainer")
 
 
 def reconcile_until(
-    stop: threading.Event, settings: TrainerSettings, database: Database, enqueue: service.Enqueue
+    stop: threading.Event, settings: TrainerSettings, database: Database, enqueue: store.Enqueue
 ) -> None:
     """Make the broker agree with the database, every ``reconcile_interval_s``.
 
-    Jobs stored while the broker was away are sent (see ``service.create_job``), and jobs whose
-    message the broker lost are sent again (see ``service.requeue_lost_jobs``).
+    Jobs stored while the broker was away are sent (see ``store.send_unsent_jobs``), and jobs whose
+    message the broker lost are sent again (see ``store.requeue_lost_jobs``).
     """
     on_broker = on_broker_for(settings)
     while not stop.wait(settings.reconcile_interval_s):
         try:
-            sent = service.send_unsent_jobs(
+            sent = store.send_unsent_jobs(
                 database=database, enqueue=enqueue, older_than_s=min(10.0, settings.lost_after_s)
             )
             if sent:
                 log.info("sent %d job(s) the broker had not accepted before", sent)
-            resent = service.requeue_lost_jobs(
+            resent = store.requeue_lost_jobs(
                 database=database, enqueue=enqueue, on_broker=on_broker,
                 lost_after_s=settings.lost_after_s, stale_after_s=settings.stale_after_s,
             )

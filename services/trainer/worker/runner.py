@@ -16,30 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.trainer.api import service
-from services.trainer.api.schemas import JobCreate, JobState, Progress
-from services.trainer.api.service import Claim
-from services.trainer.api.tables import JobRecord
 from services.trainer.engines import reports
+from services.trainer.jobs import store
+from services.trainer.jobs.schemas import JobCreate, JobState, Progress
+from services.trainer.jobs.store import Claim
+from services.trainer.jobs.tables import JobRecord
 from services.trainer.settings import TrainerSettings
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
 from shipyard_common.errors import InvalidInput, ShipyardError
 from shipyard_common.lineage import (
     MODEL_CARD_FILE,
-    TAG_DATASET,
-    TAG_DATASET_REV,
     TAG_FEATURES,
     TAG_FORMAT,
     TAG_FORMATS,
-    TAG_FRAMEWORK,
-    TAG_GIT_COMMIT,
-    TAG_JOB_ID,
-    TAG_PARENT,
     TAG_SIGNATURE,
     TAG_TARGET,
-    TAG_TASK,
     WEIGHTS_FILE,
+    lineage_tags,
 )
 
 if TYPE_CHECKING:
@@ -70,7 +64,7 @@ class JobLogHandler(logging.Handler):
         self.database = database
         self.job_id = job_id
         self.thread = threading.get_ident()
-        self.line = service.last_log_line(database=database, job_id=job_id)
+        self.line = store.last_log_line(database=database, job_id=job_id)
         self._writing = False
         self.setFormatter(logging.Formatter("%(message)s"))
 
@@ -82,7 +76,7 @@ class JobLogHandler(logging.Handler):
         self._writing = True  # a record logged while writing (a database warning) must not recurse
         try:
             self.line += 1
-            service.append_log(
+            store.append_log(
                 database=self.database, job_id=self.job_id, line=self.line,
                 level=record.levelname.lower(), message=self.format(record)[:8000],
             )
@@ -108,7 +102,7 @@ def database_for(settings: TrainerSettings) -> Database:
 def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None = None) -> Claim:
     """Run job ``job_id`` if this worker may claim it; return what the claim said."""
     database = database or database_for(settings)
-    claim = service.claim_job(
+    claim = store.claim_job(
         database=database, job_id=job_id,
         stale_after_s=settings.stale_after_s, max_attempts=settings.max_attempts,
     )
@@ -122,7 +116,7 @@ def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None
         log.info("job %s started", job_id)
         _run_claimed(job_id=job_id, settings=settings, database=database)
     except JobAborted:
-        state = service.get_job(database=database, job_id=job_id).state
+        state = store.get_job(database=database, job_id=job_id).state
         log.info("job %s is now %s elsewhere; training stopped, no model registered", job_id, state.value)
     except ShipyardError as exc:
         log.warning("job %s failed: %s", job_id, exc.message)
@@ -136,7 +130,7 @@ def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None
 
 
 def _fail(database: Database, job_id: str, message: str) -> None:
-    service.update_job(
+    store.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
         state=JobState.FAILED, error=message[:4000],
     )
@@ -189,7 +183,7 @@ class _ProgressWriter:
         values: dict[str, object] = {"progress": progress.model_dump()}
         if metrics is not None:
             values["metrics"] = metrics
-        if not service.update_job(
+        if not store.update_job(
             database=self.database, job_id=self.job_id, expect_state=JobState.RUNNING, **values
         ):
             raise JobAborted(self.job_id)
@@ -233,13 +227,10 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
     frame = DataRepo.from_settings(platform).read(spec.data.dataset, spec.data.rev)
     device = engine.pick_device(spec.resources.queue.value)
     tracking = Tracking(platform.mlflow_tracking_uri)
-    lineage = {
-        TAG_JOB_ID: job_id,
-        TAG_DATASET: spec.data.dataset,
-        TAG_DATASET_REV: spec.data.rev,
-        TAG_GIT_COMMIT: settings.git_commit or git_commit(),
-        TAG_FRAMEWORK: spec.framework.value,
-    }
+    lineage = lineage_tags(
+        job_id=job_id, dataset=spec.data.dataset, dataset_rev=spec.data.rev,
+        git_commit=settings.git_commit or git_commit(), framework=spec.framework.value,
+    )
     scratch = tempfile.TemporaryDirectory(prefix="shipyard-job-")
     workdir = Path(scratch.name)
     try:
@@ -259,7 +250,7 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         scratch.cleanup()
 
     log.info("job %s succeeded: %s v%s %s", job_id, spec.model_name, version, metrics)
-    service.update_job(
+    store.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
         state=JobState.SUCCEEDED, model_version=version, metrics=metrics,
         progress=writer.final().model_dump(), error=None,
@@ -285,10 +276,10 @@ def _start_run(
     initial_weights = None
     if spec.init_from is not None:
         parent = spec.init_from
-        lineage[TAG_PARENT] = f"{parent.model_name}/{parent.version}"
+        lineage.update(lineage_tags(parent=f"{parent.model_name}/{parent.version}"))
         initial_weights = _parent_weights(tracking, parent.model_name, parent.version, workdir / "parent")
     elif spec.model.type == "pretrained_text":
-        lineage[TAG_PARENT] = f"pretrained:{spec.model.checkpoint}"
+        lineage.update(lineage_tags(parent=f"pretrained:{spec.model.checkpoint}"))
 
     resume_dir = None
     if previous_run_id:
@@ -299,7 +290,7 @@ def _start_run(
         run_id = tracking.start_run(
             experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage
         )
-    if not service.update_job(
+    if not store.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
         mlflow_run_id=run_id, device=device,
     ):
@@ -334,10 +325,8 @@ def _train_and_register(
     )
     outcome = frameworks.fit(context)
     _log_outcome(tracking, run_id, outcome, writer, run.workdir)
-    lineage.update({
-        TAG_FEATURES: json.dumps(outcome.features), TAG_TARGET: outcome.target,
-        TAG_TASK: outcome.task.value,
-    })
+    lineage.update({TAG_FEATURES: json.dumps(outcome.features), TAG_TARGET: outcome.target,
+                    **lineage_tags(task=outcome.task.value)})
     folder = model_card.write_model_folder(outcome=outcome, spec=spec, lineage=lineage,
                                            folder=run.workdir / "model")
     source = tracking.log_model_folder(run_id, folder.path)
@@ -345,7 +334,7 @@ def _train_and_register(
     tracking.log_metrics(run_id, diffs, step=spec.training.epochs)
     metrics = {**outcome.metrics, **diffs}
     # The last moment a cancel can still keep a model out of the registry.
-    if not service.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
+    if not store.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
                               progress=writer.final().model_dump()):
         raise JobAborted(job_id)
     version = _register(run, outcome=outcome, source=source, primary=folder.primary)

@@ -10,8 +10,8 @@ import pytest
 import redis
 from sklearn.datasets import load_breast_cancer
 
-from services.trainer.api.tables import JobRecord
 from services.trainer.app import create_app
+from services.trainer.jobs.tables import JobRecord
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo, DatasetVersion
 from shipyard_common.db import Database

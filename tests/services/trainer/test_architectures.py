@@ -14,8 +14,8 @@ import pytest
 import torch
 from sklearn.datasets import load_diabetes
 
-from services.trainer.api.schemas import JobCreate, PluginSpec, Task
 from services.trainer.engines import architectures, engine, export
+from services.trainer.jobs.schemas import JobCreate, PluginSpec, Task
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec
 

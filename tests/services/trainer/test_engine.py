@@ -11,9 +11,9 @@ import pytest
 import torch
 from sklearn.datasets import load_diabetes
 
-from services.trainer.api.schemas import JobCreate
 from services.trainer.engines import engine
 from services.trainer.engines.export import example_input, export_onnx
+from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec
 

@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from sklearn import metrics as skm
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine
 
-from services.trainer.api.schemas import JobCreate
 from services.trainer.app import create_app
 from services.trainer.engines import engine
 from services.trainer.engines.reports import (
@@ -28,6 +27,7 @@ from services.trainer.engines.reports import (
     write_reports,
 )
 from services.trainer.engines.tracking import Tracking
+from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.auth import Role
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec, poison_weights_after

@@ -10,8 +10,8 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from services.trainer.api.schemas import JobCreate, Precision
 from services.trainer.engines import engine
+from services.trainer.jobs.schemas import JobCreate, Precision
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec, poison_weights_after
 

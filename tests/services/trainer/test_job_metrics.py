@@ -17,8 +17,8 @@ import sqlalchemy
 from prometheus_client import CollectorRegistry
 
 from services.trainer.api.metrics import JobCollector
-from services.trainer.api.tables import JobLogRecord, JobRecord
 from services.trainer.app import create_app
+from services.trainer.jobs.tables import JobLogRecord, JobRecord
 from services.trainer.settings import TrainerSettings
 from services.trainer.worker.metrics import (
     GpuCollector,

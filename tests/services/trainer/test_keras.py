@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_diabetes, load_digits, load_wine
 
-from services.trainer.api.schemas import ExportFormat, JobCreate
 from services.trainer.engines import engine, keras_job
 from services.trainer.engines.types import FitContext
+from services.trainer.jobs.schemas import ExportFormat, JobCreate
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec
 

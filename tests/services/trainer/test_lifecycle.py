@@ -193,7 +193,7 @@ def test_logs_can_be_read_in_pages_and_followed_as_a_stream(stack):
 
 def test_cancel_and_logs_on_sqlite_and_postgresql(db_url):
     from services.trainer.api import service
-    from services.trainer.api.schemas import JobCreate, JobState
+    from services.trainer.jobs.schemas import JobCreate, JobState
     from shipyard_common.db import Database
     from shipyard_common.errors import Conflict, NotFound
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.trainer.api.schemas import JobCreate
 from services.trainer.engines import engine
+from services.trainer.jobs.schemas import JobCreate
 from tests.services.trainer.conftest import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"

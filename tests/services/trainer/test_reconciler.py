@@ -19,8 +19,8 @@ import redis
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_breast_cancer
 
-from services.trainer.api.tables import JobRecord
 from services.trainer.app import create_app
+from services.trainer.jobs.tables import JobRecord
 from services.trainer.worker.broker import on_broker_for
 from shipyard_cli.stack import Stack, free_port, stop_process_group
 from shipyard_common.auth import Role

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from services.trainer.api.schemas import FRAMEWORK_EXPORTS, FRAMEWORK_MODELS, Framework, JobCreate
+from services.trainer.jobs.schemas import FRAMEWORK_EXPORTS, FRAMEWORK_MODELS, Framework, JobCreate
 from shipyard_common.auth import Role
 from tests.services.trainer.conftest import job_spec
 from tests.support import auth, running_app

@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 
 from services.trainer.api import service
-from services.trainer.api.schemas import JobCreate, JobState
 from services.trainer.api.service import Claim
+from services.trainer.jobs.schemas import JobCreate, JobState
 from shipyard_common.db import Database, utcnow
 from tests.services.trainer.conftest import job_spec
 
@@ -36,7 +36,7 @@ def new_job(database: Database) -> str:
 def age(database: Database, job_id: str, seconds: float) -> None:
     from sqlalchemy import update
 
-    from services.trainer.api.tables import JobRecord
+    from services.trainer.jobs.tables import JobRecord
 
     with database.session() as session:
         session.execute(

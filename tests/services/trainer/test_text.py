@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from services.trainer.api.schemas import ExportFormat, JobCreate
 from services.trainer.engines import engine, text, torch_job
 from services.trainer.engines.types import FitContext, FitOutcome
+from services.trainer.jobs.schemas import ExportFormat, JobCreate
 from shipyard_common.errors import InvalidInput
 from tests.services.trainer.conftest import job_spec
 
