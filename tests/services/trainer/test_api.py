@@ -176,9 +176,8 @@ def test_service_runs_as_a_module(platform, tmp_path):
     import subprocess
     import sys
 
-    from shipyard_cli.stack import free_port, stop_process_group
     from tests.services.trainer.conftest import ROOT
-    from tests.support import wait_for
+    from tests.support import free_port, stop_process_group, wait_for
 
     port = free_port()
     env = {**os.environ, **platform.as_env(), "SHIPYARD_TRAINER_PORT": str(port), "PYTHONPATH": str(ROOT)}

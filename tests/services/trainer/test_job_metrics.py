@@ -27,10 +27,9 @@ from services.trainer.worker.metrics import (
     read_gpus,
     serve_worker_metrics,
 )
-from shipyard_cli.stack import free_port
 from shipyard_common.db import Database, utcnow
 from tests.services.trainer.conftest import job_spec, trainer_settings
-from tests.support import running_app, test_platform
+from tests.support import free_port, running_app, test_platform
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -22,13 +22,13 @@ from sklearn.datasets import load_breast_cancer
 from services.trainer.app import create_app
 from services.trainer.jobs.tables import JobRecord
 from services.trainer.worker.broker import on_broker_for
-from shipyard_cli.stack import Stack, free_port, stop_process_group
+from shipyard_cli.stack import Stack
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
 from shipyard_common.lineage import TAG_JOB_ID
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
-from tests.support import auth, running_app, test_platform, wait_for
+from tests.support import auth, free_port, running_app, stop_process_group, test_platform, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

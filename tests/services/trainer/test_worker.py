@@ -247,7 +247,7 @@ def test_a_keras_job_trains_through_the_worker_and_registers_onnx(stack):
 def test_a_transformers_job_fine_tunes_minilm_and_ships_its_tokenizer(stack, tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
-    from tests.services.trainer.test_text import sentiment_frame
+    from tests.services.trainer.sentiment import sentiment_frame
 
     platform = stack["settings"].platform
     rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("reviews", sentiment_frame(160)).rev
