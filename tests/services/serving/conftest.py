@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from services.serving.app import create_app
+from services.serving.fastlane.uvicorn_protocol import FastLaneHttpProtocol
 from services.serving.settings import ServingSettings
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.conftest import isolated_platform, model_factory
@@ -31,7 +32,8 @@ def apps(
     fast = create_app(ServingSettings(platform=isolated_platform, **common))
     plain = create_app(ServingSettings(platform=isolated_platform, fast_lane=False, **common))
     with ExitStack() as stack:
-        bases = [stack.enter_context(running_app(fast)),
+        # As `python -m services.serving` serves it: cheap predictions answered in the HTTP protocol.
+        bases = [stack.enter_context(running_app(fast, http=FastLaneHttpProtocol)),
                  stack.enter_context(running_app(plain))]
         for base in bases:
             wait_for(lambda base=base: httpx.get(f"{base}/readyz").status_code == 200, timeout=60,
