@@ -20,7 +20,9 @@ prediction log against the requests wrk saw answered. Targets (``--targets``):
 - ``pglog`` (only when named): the same, 1 worker, with its prediction log (and its other tables)
   in a PostgreSQL database made for the run on ``--pg-url``'s server and dropped at the end.
 - ``v2``: the same service's Open Inference Protocol ``POST /v2/models/{name}/infer``, if it
-  answers; "not available" otherwise.
+  answers; "not available" otherwise. ``v2bin``: the same with the input as a binary tensor
+  (``Inference-Header-Content-Length``). ``tf``: TF Serving's REST ``POST /v1/models/{name}:predict``
+  with ``{"instances": [row]}``.
 - ``mlflow``: ``mlflow models serve --env-manager local`` (its default: 1 uvicorn worker) on the
   same ONNX file saved with ``mlflow.onnx.save_model`` (pyfunc flavour), body ``{"inputs": [[...]]}``.
 - ``ref1`` / ``ref2``: ``bench/serving_reference.py``, a raw ASGI app (orjson, one ONNX Runtime
@@ -57,7 +59,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from serving_models import MODELS, export, in_process_rate  # noqa: E402
 
-ALL_TARGETS = ("shipyard", "v2", "shipyard2", "nobatch", "pglog", "mlflow", "ref1", "ref2")
+ALL_TARGETS = ("shipyard", "v2", "v2bin", "tf", "shipyard2", "nobatch", "pglog", "mlflow", "ref1", "ref2")
 # pglog needs a PostgreSQL server: only when asked for.
 DEFAULT_TARGETS = tuple(t for t in ALL_TARGETS if t != "pglog")
 # Extra serving instances: target → (label, environment on top of the default instance's).
@@ -193,7 +195,9 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
 
 # -- wrk -------------------------------------------------------------------------------------------
 LUA = """wrk.method = "POST"
-wrk.body = [==[{body}]==]
+local body_file = assert(io.open("{body_path}", "rb"))
+wrk.body = body_file:read("*a")
+body_file:close()
 {headers}
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -208,7 +212,9 @@ def run_wrk(target: Target, connections: int, duration: float, lua_dir: Path) ->
     lua_dir.mkdir(parents=True, exist_ok=True)
     script = lua_dir / f"{target.key}.lua"
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in target.headers.items())
-    script.write_text(LUA.format(body=target.body.decode(), headers=headers))
+    body_path = lua_dir / f"{target.key}.body"
+    body_path.write_bytes(target.body)
+    script.write_text(LUA.format(body_path=body_path, headers=headers))
     argv = ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{duration:g}s",
             "--timeout", "10s", "--latency", "-s", str(script), target.url]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True).stdout
@@ -364,7 +370,7 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
     database_urls = {extra: f"sqlite:///{tmp / f'{extra}.db'}" for extra in EXTRA_SERVING}
     if "pglog" in targets:
         database_urls["pglog"] = procs.postgres_database(args.pg_url)
-    if any(t in targets for t in ("shipyard", "v2", *EXTRA_SERVING)):
+    if any(t in targets for t in ("shipyard", "v2", "v2bin", "tf", *EXTRA_SERVING)):
         redis_part = stack.redis_component()
         if redis_part is not None:
             procs.adopt("redis", stack.start_component(redis_part).pid)
@@ -413,6 +419,7 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
     results: dict[tuple[str, str, int], Result | str] = {}
     # Requests each Shipyard instance answered (wrk's counts and the check requests), by its database.
     databases = {"shipyard": platform.database_url, "v2": platform.database_url,
+                 "v2bin": platform.database_url, "tf": platform.database_url,
                  **{extra: database_urls[extra] for extra in extra_urls}}
     answered: dict[str, int] = dict.fromkeys(databases.values(), 0)
 
@@ -440,6 +447,23 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
             body = {"inputs": [tensor]}
             per_model.append(Target("v2", f"Shipyard /v2 infer ({shipyard_workers}w)",
                                     f"{platform.serving_url}/v2/models/{names[key]}/infer", json_body(body),
+                                    {**headers, "Authorization": f"Bearer {TOKEN}"}, shipyard_workers))
+        if "v2bin" in targets:
+            import numpy as np
+
+            raw = np.asarray([row], dtype="<f4").tobytes()
+            tensor_head = {"name": "input", "shape": [1, model.n_features], "datatype": "FP32",
+                           "parameters": {"binary_data_size": len(raw)}}
+            header = json_body({"inputs": [tensor_head]})
+            per_model.append(Target("v2bin", f"Shipyard /v2 infer, binary tensor ({shipyard_workers}w)",
+                                    f"{platform.serving_url}/v2/models/{names[key]}/infer", header + raw,
+                                    {"Content-Type": "application/octet-stream",
+                                     "Inference-Header-Content-Length": str(len(header)),
+                                     "Authorization": f"Bearer {TOKEN}"}, shipyard_workers))
+        if "tf" in targets:
+            per_model.append(Target("tf", f"Shipyard TF Serving REST :predict ({shipyard_workers}w)",
+                                    f"{platform.serving_url}/v1/models/{names[key]}:predict",
+                                    json_body({"instances": [row]}),
                                     {**headers, "Authorization": f"Bearer {TOKEN}"}, shipyard_workers))
         started_here: list[int] = []
         try:

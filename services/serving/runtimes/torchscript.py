@@ -8,6 +8,7 @@ names neither its inputs' shapes nor its outputs, so the version's stored signat
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,9 @@ def load_torchscript(path: Path, *, signature: Signature | None, intra_op_thread
     import torch
 
     _set_torch_threads(intra_op_threads)
+    jit_load: Callable[..., Any] = torch.jit.load  # not annotated in torch
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = jit_load(str(path), map_location="cpu")
     except Exception as exc:
         raise ModelLoadError(f"torch.jit.load cannot open {path.name}: {exc}") from exc
     module.eval()

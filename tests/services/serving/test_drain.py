@@ -122,13 +122,17 @@ def _drain_while_requests_are_in_flight(
     late_thread = threading.Thread(target=send, args=(late, rows[:1]))
     late_thread.start()
 
+    # Until uvicorn stops accepting (the grace is over), watch the slow requests: some must still be
+    # running then, or this test would not see uvicorn wait for them.
+    in_flight_at_grace_end = _last_in_flight(base, name, until=terminated + 1.5)
+    assert in_flight_at_grace_end > 0, "every slow request finished within the grace: make the model slower"
+
     for thread in [*threads, late_thread]:
         thread.join(180)
     assert process.wait(180) == 0, log_path.read_text()[-3000:]
     exited = time.monotonic()
     assert {rid: answers[rid][0] for rid in [*slow, late]} == dict.fromkeys([*slow, late], 200)
-    # Some were still running when the grace ended and uvicorn stopped accepting: it waited for them.
-    # (Four 1024-row requests are several CPU-seconds of work, far more than the 1.5 s grace.)
+    # Those still running when the grace ended and uvicorn stopped accepting: it waited for them.
     last = max(at for _, at in answers.values())
     assert terminated + 1.5 < last <= exited
     log_text = log_path.read_text()
@@ -143,3 +147,15 @@ def _drain_while_requests_are_in_flight(
     finally:
         database.dispose()
     assert sorted(logged) == sorted([*slow, late])
+
+
+def _last_in_flight(base: str, name: str, *, until: float) -> float:
+    """The model's in-flight requests as last read before ``until`` or before the server stopped answering."""
+    last = -1.0
+    while time.monotonic() < until:
+        try:
+            last = metric(base, "shipyard_prediction_in_flight", {"model": name})
+        except httpx.HTTPError:
+            break  # no longer accepting: the grace is over
+        time.sleep(0.02)
+    return last
