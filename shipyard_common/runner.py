@@ -16,6 +16,11 @@ With ``workers`` > 1, uvicorn's supervisor process holds the socket and starts t
 processes, each of which builds the app from an import string (``app_factory``, a factory
 function) and runs a :class:`DrainingServer`; on SIGTERM the supervisor sends SIGTERM to each
 worker, which drains as above, and exits once they all have.
+
+The drain subclasses uvicorn's ``Server`` and its worker supervisor and keeps a copy of the
+supervisor's ``keep_subprocess_alive``: like serving's HTTP protocol
+(``services/serving/fastlane/uvicorn_protocol.py``), it is written against one uvicorn release,
+:data:`UVICORN_VERSION` (requirements.lock pins it), and a test fails when the installed one differs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ from shipyard_common.logging import configure_logging
 from shipyard_common.settings import ServiceSettings, disable_telemetry
 
 log = logging.getLogger("shipyard.runner")
+
+#: The uvicorn release whose internals this module and serving's HTTP protocol are written against.
+UVICORN_VERSION = "0.55.0"
+
+
+def bound_uvicorn() -> bool:
+    """Whether the installed uvicorn is the release :data:`UVICORN_VERSION` names."""
+    return bool(uvicorn.__version__ == UVICORN_VERSION)
 
 
 class DrainingServer(uvicorn.Server):

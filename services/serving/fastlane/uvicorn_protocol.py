@@ -35,23 +35,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from services.serving.api.http import ProtocolResponse
 from services.serving.fastlane.lane import FastLane, HandBack, LaneRequest, find_fast_lane, internal_error
+from shipyard_common.runner import UVICORN_VERSION, bound_uvicorn
+
+__all__ = ["UVICORN_VERSION", "FastLaneHttpProtocol", "bound_uvicorn", "drive"]
 
 #: Bodies up to this size are answered in the protocol; larger ones take the ASGI path.
 HELD_MAX_BODY = 64 * 1024
-
-#: The uvicorn release this protocol was written against (requirements.lock pins it). Its private
-#: names (``RequestResponseCycle`` fields, ``_start_asgi_task``...) change without notice between
-#: releases: another version turns the fast lane's protocol off (:func:`bound_uvicorn`), and
-#: tests/services/serving/test_http_rules.py fails until this module is checked against it.
-UVICORN_VERSION = "0.55.0"
-
-
-def bound_uvicorn() -> bool:
-    """Whether the installed uvicorn is the one this protocol is bound to."""
-    import uvicorn
-
-    return uvicorn.__version__ == UVICORN_VERSION
-
 
 # Response header lines as bytes, by (name, value): the same few (content type, version) recur.
 _HEADER_LINES: dict[tuple[str, str], bytes] = {}

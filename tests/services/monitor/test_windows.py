@@ -209,8 +209,9 @@ def test_calm_then_shifted_rows_make_two_windows_by_rows(make_monitor, db_url, d
 
 
 def test_windows_by_time_report_empty_and_small_periods(make_monitor, db_url, data):
-    # The grace keeps the current period open even if the minute turns while the test runs.
-    monitor = make_monitor(db_url, min_rows=30, window_grace_s=20)
+    # Periods close when the clock less the grace passes their end: a grace of the current second
+    # less one puts the next such moment a minute away, so no period closes while the test runs.
+    monitor = make_monitor(db_url, min_rows=30, window_grace_s=(utcnow().second - 1) % 60)
     model = register(monitor.settings.platform, data)
     monitor.settings.windows[model] = WindowSpec(seconds=60)
     start = period_floor(utcnow(), 60) - timedelta(minutes=10)

@@ -30,11 +30,13 @@ BODY = json.dumps({"inputs": ROWS}).encode()
 
 
 def test_the_protocol_is_bound_to_the_installed_uvicorn() -> None:
-    """Fails on a uvicorn upgrade: check the protocol against the new release's httptools_impl, then
-    move UVICORN_VERSION (until then, serving runs predictions on the ASGI fast lane instead)."""
+    """Fails on a uvicorn upgrade: check serving's protocol against the new release's httptools_impl and
+    shipyard_common/runner.py's drain against its supervisor, then move UVICORN_VERSION (until then,
+    serving runs predictions on the ASGI fast lane instead)."""
     assert uvicorn.__version__ == UVICORN_VERSION, (
-        f"uvicorn is {uvicorn.__version__}, but services/serving/fastlane/uvicorn_protocol.py is written "
-        f"against {UVICORN_VERSION}: read its private names again before moving the pin"
+        f"uvicorn is {uvicorn.__version__}, but services/serving/fastlane/uvicorn_protocol.py and "
+        f"shipyard_common/runner.py are written against {UVICORN_VERSION}: read the private names they "
+        "use again before moving the pin (shipyard_common.runner.UVICORN_VERSION)"
     )
     assert bound_uvicorn()
 
