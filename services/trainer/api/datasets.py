@@ -8,7 +8,7 @@ knows which jobs, and so which models, trained on each version. The logic lives 
 from __future__ import annotations
 
 import io
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import pandas as pd
 from fastapi import APIRouter, Depends, Query, Request, status
@@ -29,11 +29,11 @@ PARQUET_TYPES = {"application/vnd.apache.parquet", "application/x-parquet", "app
 
 
 def _repo(request: Request) -> DataRepo:
-    return request.app.state.data_repo
+    return cast(DataRepo, request.app.state.data_repo)
 
 
 def _database(request: Request) -> Database:
-    return request.app.state.database
+    return cast(Database, request.app.state.database)
 
 
 RepoDep = Annotated[DataRepo, Depends(_repo)]

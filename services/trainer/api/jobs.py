@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import StreamingResponse
@@ -20,15 +20,15 @@ router = APIRouter(tags=["jobs"])
 
 
 def get_database(request: Request) -> Database:
-    return request.app.state.database
+    return cast(Database, request.app.state.database)
 
 
 def get_data_repo(request: Request) -> DataRepo:
-    return request.app.state.data_repo
+    return cast(DataRepo, request.app.state.data_repo)
 
 
 def get_enqueue(request: Request) -> service.Enqueue:
-    return request.app.state.enqueue
+    return cast(service.Enqueue, request.app.state.enqueue)
 
 
 DatabaseDep = Annotated[Database, Depends(get_database)]

@@ -82,7 +82,7 @@ class FeatureModel(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net((x - self.mean) / self.std)
+        out: torch.Tensor = self.net((x - self.mean) / self.std)
         return out * self.target_std + self.target_mean
 
     def scale_target(self, y: torch.Tensor) -> torch.Tensor:
@@ -177,7 +177,8 @@ class ConvNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        out: torch.Tensor = self.head(self.features(x))
+        return out
 
 
 def _steps(n_features: int, sequence_length: int) -> int:
@@ -219,7 +220,8 @@ class RecurrentNet(nn.Module):
         hidden = state[0] if self.is_lstm else state
         # (layers·directions, batch, hidden): the last layer's directions, side by side per row.
         last = hidden[-self.directions:].transpose(0, 1).reshape(x.shape[0], -1)
-        return self.head(self.dropout(last))
+        out: torch.Tensor = self.head(self.dropout(last))
+        return out
 
 
 class TransformerNet(nn.Module):
@@ -245,7 +247,8 @@ class TransformerNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(x.shape[0], self.sequence_length, self.step_width)
         hidden = self.encoder(self.embed(tokens) + self.position)
-        return self.head(self.norm(hidden).mean(dim=1))
+        out: torch.Tensor = self.head(self.norm(hidden).mean(dim=1))
+        return out
 
 
 def build_plugin(spec: PluginSpec, *, n_features: int, n_outputs: int, plugin_dir: Path | None) -> nn.Module:

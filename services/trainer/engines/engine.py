@@ -355,7 +355,7 @@ def _batch_step(
         if setup.scaling:
             setup.scaler.scale(loss).backward()
         else:
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
     if update:
         optimizer_step(setup, checks)
 

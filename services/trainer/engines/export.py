@@ -141,13 +141,15 @@ def export_torchscript(
     try:
         with quiet_exporter(), torch.no_grad():
             # Our own check below compares the file as reloaded, on held-out rows.
-            traced = torch.jit.trace(module, (example.cpu(),), check_trace=False)
+            traced = torch.jit.trace(  # type: ignore[no-untyped-call]
+                module, (example.cpu(),), check_trace=False
+            )
             torch.jit.save(traced, str(path))
     except Exception as exc:
         raise TrainingFailed(f"the model cannot be traced to TorchScript: {_first_line(exc)}") from exc
 
     with quiet_exporter():
-        loaded = torch.jit.load(str(path), map_location="cpu")
+        loaded = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     rows = torch.from_numpy(np.ascontiguousarray(check_rows, dtype=_numpy_dtype(example)))
     with torch.no_grad():
         eager = module(rows).numpy()
@@ -210,7 +212,7 @@ def quiet_exporter() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
             # nn.LSTM/GRU keep their weights in a plain list attribute; harmless for the export.
             warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
             yield

@@ -146,7 +146,7 @@ def lr_schedule(job: Job) -> list[Any]:
 def progress_callback(state: RunState) -> Any:
     import keras
 
-    class Progress(keras.callbacks.Callback):
+    class Progress(keras.callbacks.Callback):  # type: ignore[misc]
         """Counts steps, stops on a non-finite loss, reports progress (throttled)."""
 
         def __init__(self) -> None:
@@ -175,7 +175,7 @@ def progress_callback(state: RunState) -> Any:
 def validation_callback(job: Job, state: RunState) -> Any:
     import keras
 
-    class ValidationMetrics(keras.callbacks.Callback):
+    class ValidationMetrics(keras.callbacks.Callback):  # type: ignore[misc]
         """The PyTorch jobs' epoch metrics, put into ``logs`` for the callbacks after this one."""
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -206,7 +206,7 @@ def early_stopper(job: Job, resumed: dict[str, Any] | None, best_weights: list[n
     if stopping is None:
         return None
 
-    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):  # type: ignore[misc]
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
             super().on_train_begin(logs)
             saved = (resumed or {}).get("early_stopping")
@@ -228,7 +228,7 @@ def plateau_callback(job: Job, resumed: dict[str, Any] | None) -> Any:
 
     scheduler = job.spec.training.scheduler
 
-    class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
+    class ResumablePlateau(keras.callbacks.ReduceLROnPlateau):  # type: ignore[misc]
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
             super().on_train_begin(logs)
             saved = (resumed or {}).get("plateau")
@@ -244,7 +244,7 @@ def plateau_callback(job: Job, resumed: dict[str, Any] | None) -> Any:
 def checkpoint_callback(job: Job, state: RunState, staged: Path, stopper: Any, plateau: Any) -> Any:
     import keras
 
-    class CheckpointState(keras.callbacks.Callback):
+    class CheckpointState(keras.callbacks.Callback):  # type: ignore[misc]
         """After ModelCheckpoint wrote ``last.keras``: move it in, write the rest, then ``checkpoint``.
 
         The parent uploads the folder while this process goes on with the next epoch, so every
@@ -283,7 +283,7 @@ def checkpoint_callback(job: Job, state: RunState, staged: Path, stopper: Any, p
 def tensorboard_callback(folder: Path, state: RunState) -> Any:
     import keras
 
-    class TensorBoardScalars(keras.callbacks.Callback):
+    class TensorBoardScalars(keras.callbacks.Callback):  # type: ignore[misc]
         """The epoch's metrics as TensorBoard scalars, tagged as the PyTorch jobs tag them."""
 
         def __init__(self) -> None:
@@ -310,7 +310,7 @@ def tensorboard_callback(folder: Path, state: RunState) -> Any:
 def epoch_callback(state: RunState) -> Any:
     import keras
 
-    class MlflowLogger(keras.callbacks.Callback):
+    class MlflowLogger(keras.callbacks.Callback):  # type: ignore[misc]
         """Reports the epoch's metrics; the parent's observer logs them to MLflow and the job row."""
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

@@ -233,7 +233,8 @@ class PretrainedTextClassifier(nn.Module):
         # clamp: a row of padding only (an empty text truncated away cannot happen, [CLS] and
         # [SEP] are always there, but a client may send one) pools to zeros, not NaN.
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.head(self.dropout(pooled))
+        out: torch.Tensor = self.head(self.dropout(pooled))
+        return out
 
 
 def load_encoder(checkpoint: Path) -> nn.Module:

@@ -288,9 +288,12 @@ def batch_loss(setup: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     else:
         with torch.autocast(setup.device_type, dtype=setup.amp_dtype):
             out = setup.runner(x)
+    loss: torch.Tensor
     if setup.scale_target is not None:
-        return setup.loss_fn(setup.scale_target(out.float()), setup.scale_target(y))
-    return setup.loss_fn(out.float() if setup.amp_dtype is not None else out, y)
+        loss = setup.loss_fn(setup.scale_target(out.float()), setup.scale_target(y))
+    else:
+        loss = setup.loss_fn(out.float() if setup.amp_dtype is not None else out, y)
+    return loss
 
 
 def optimizer_step(setup: Setup, checks: FiniteChecks) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from celery import Celery
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]
 
 from services.trainer.jobs.queues import TASK_NAME
 from services.trainer.jobs.schemas import Queue as QueueName
@@ -35,7 +35,7 @@ def make_celery(settings: TrainerSettings) -> Celery:
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[Queue(name, routing_key=name) for name in queues],
+        task_queues=[Queue(name, routing_key=name) for name in queues],  # type: ignore[no-untyped-call]
         task_default_queue=queues[0],
         task_create_missing_queues=False,
         broker_connection_retry_on_startup=True,
@@ -55,7 +55,7 @@ def make_celery(settings: TrainerSettings) -> Celery:
         worker_send_task_events=False,
     )
 
-    @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)
+    @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)  # type: ignore[untyped-decorator]
     def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
         from services.trainer.jobs.store import Claim
         from services.trainer.worker.runner import run_job
