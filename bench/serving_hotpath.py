@@ -9,10 +9,9 @@ one request after the other on one kept-alive connection, in one event loop:
 
 - ``bare``: ``bench/serving_reference.py`` (orjson, one ONNX Runtime session) under uvicorn's
   own ``httptools`` protocol, what ``bench/serving.py`` calls the bare reference;
-- ``shipyard``: serving's fast lane (:mod:`services.serving.fastlane.lane`) under its HTTP protocol
-  (:class:`~services.serving.fastlane.uvicorn_protocol.FastLaneHttpProtocol`), with the real parts
-  behind it: token check, the version's signature check, the
-  batcher, metrics, and the prediction log (journal, shipper process, SQLite) — as
+- ``shipyard``: serving's :class:`~services.serving.httpfast.FastLaneHttpProtocol` with the fast
+  lane and the real parts behind it: token check, the version's signature check, the batching
+  wrapper, metrics, and the prediction log (journal, shipper process, SQLite) — as
   ``python -m services.serving`` sets them up by default.
 
 It prints microseconds per request for each and their ratio: the CPU the request path costs in
@@ -128,7 +127,7 @@ def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
     from prometheus_client import CollectorRegistry
 
     from services.serving.core.dataplane import DataPlane
-    from services.serving.core.follower import make_batcher
+    from services.serving.core.follower import with_batching
     from services.serving.core.loaded import LoadedModels, ServedModel
     from services.serving.core.metrics import ServingMetrics
     from services.serving.fastlane.lane import FastLane
@@ -149,13 +148,14 @@ def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
     metrics = ServingMetrics(registry)
     loaded = load_runtime(model_folder, name="mlp", version="1", tags={"shipyard.format": "onnx"},
                           settings=settings)
-    batcher = make_batcher(loaded, name="mlp", version="1", policy=settings.batching_for("mlp"),
+    loaded = with_batching(loaded, name="mlp", version="1", policy=settings.batching_for("mlp"),
                            metrics=metrics)
-    print(f"Shipyard's ONNX Runtime session: {getattr(loaded.runtime, 'threads', '?')} intra-op thread(s)")
+    inner = getattr(loaded.runtime, "runtime", loaded.runtime)
+    print(f"Shipyard's ONNX Runtime session: {getattr(inner, 'threads', '?')} intra-op thread(s)")
     models = LoadedModels(metrics)
     models.set_target("mlp", "1")
     models.install(ServedModel(name="mlp", version="1", runtime=loaded.runtime, signature=loaded.signature,
-                               loaded_at=datetime.now(UTC), batcher=batcher))
+                               loaded_at=datetime.now(UTC)))
     models.reconciled.set()
     database = Database(f"sqlite:///{folder / 'serving.db'}")
     database.create_tables()
@@ -167,9 +167,9 @@ def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
     prediction_log.start()
     executor = ThreadPoolExecutor(settings.request_threads)
     state = SimpleNamespace(
-        dataplane=DataPlane(settings=settings, models=models, prediction_log=prediction_log, metrics=metrics,
-                            pool=executor),
+        dataplane=DataPlane(settings=settings, models=models, prediction_log=prediction_log, metrics=metrics),
         authenticator=TokenAuthenticator({TOKEN: Role.VIEWER}),
+        predict_executor=executor,
         http_metrics=HttpMetrics(registry, "serving"),
     )
 

@@ -95,7 +95,7 @@ def version_public(version: VersionRecord, aliases: dict[str, str]) -> VersionPu
         aliases=sorted(alias for alias, target in aliases.items() if str(target) == version.version),
         metrics=metrics,
         metrics_source="version" if metrics is not None else None,
-        lineage=Lineage.model_construct(**read_lineage(tags), run_id=version.run_id),
+        lineage=Lineage(**read_lineage(tags), run_id=version.run_id),
         signature=signature if isinstance(signature, dict) else None,
         exports=[str(f) for f in formats]
         if isinstance(formats, list)

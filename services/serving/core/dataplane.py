@@ -1,32 +1,22 @@
-"""Answering predictions, whatever the protocol: one call, :func:`infer`.
+"""Answering predictions, whatever the protocol: find the version, check the inputs, run, log.
 
-Every protocol (ours, the Open Inference Protocol v2 in JSON or binary tensors, TF Serving's REST
-API) turns its request into an :class:`InferenceRequest` (the model, version or label, and how to
-decode its body against the answering version's signature) and awaits :func:`infer`, which picks
-the version (canary split, labels, versions), decodes and checks the inputs, runs the model through
-the version's batcher (merged with concurrent requests of any protocol), logs the exchange, counts
-it and copies it to the shadow version. Every refusal is counted here, once; the protocol only
-words it in its own error shape.
-
-On the event loop: the model runs there when its calls are cheap, else in ``pool`` (batching/);
-the prediction log's append, which waits when the log is full, then waits in ``pool`` too.
+Every protocol (ours, the Open Inference Protocol v2, TF Serving's REST API) decodes its
+request to named arrays and calls :func:`infer`; what differs between them is only the codec.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
+from services.serving.batching.adaptive import BatchingRuntime
 from services.serving.core.loaded import LoadedModels, ModelState, ServedModel
-from services.serving.core.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics
+from services.serving.core.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics, VersionMetrics
 from services.serving.core.routing import (
     Router,
     ShadowMirror,
@@ -42,7 +32,6 @@ from shipyard_common.errors import (
     NotFound,
     ShipyardError,
     UpstreamError,
-    ValidationFailed,
 )
 from shipyard_common.lineage import PRODUCTION
 
@@ -72,45 +61,23 @@ new_request_id = _RequestIds()
 os.register_at_fork(after_in_child=new_request_id.reseed)
 
 
+class Offload(Exception):
+    """An inline (event-loop) call found it would have to block: run the request in a thread instead.
+
+    Raised before the model ran and before anything was counted or logged, so the request can
+    simply be run again.
+    """
+
+
 @dataclass
 class DataPlane:
     settings: ServingSettings
     models: LoadedModels
     prediction_log: PredictionLog
     metrics: ServingMetrics
-    #: Runs the costly model calls and the log's waits for room, off the event loop.
-    pool: Executor
     #: Which loaded version answers (canary split, labels, versions); copies to the shadow.
     router: Router = field(default_factory=Router)
     shadow: ShadowMirror = field(default_factory=ShadowMirror)
-
-
-Arrays = dict[str, np.ndarray]
-
-
-class Decoded(NamedTuple):
-    """A request's inputs, decoded against the answering version's signature."""
-
-    arrays: Arrays
-    #: Whether the codec already checked them against that signature (our rows are: not twice).
-    checked: bool = False
-    #: An id the body carries (v2's ``id``), used before the request's own.
-    request_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceRequest:
-    """One prediction request, whatever its protocol."""
-
-    model: str
-    #: The codec's reading of the body for a version's signature; raises InvalidInput or
-    #: ValidationFailed (counted as ``invalid_input``) when the body does not fit it.
-    decode: Callable[[Signature], Decoded]
-    version: str | None = None
-    label: str | None = None
-    request_id: str | None = None
-    #: ``time.perf_counter()`` when the request came in: its logged latency starts there.
-    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True)
@@ -120,7 +87,6 @@ class Inference:
     signature: Signature
     #: Every output the model answered, in the signature's order.
     outputs: dict[str, np.ndarray]
-    request_id: str
 
 
 def resolve(
@@ -132,6 +98,16 @@ def resolve(
     ``split``: a request naming neither goes to the canary with the model's canary weight.
     """
     return dataplane.router.resolve(dataplane.models, name, version=version, label=label, split=split)
+
+
+def _mirror(
+    dataplane: DataPlane, answered: ServedModel, arrays: dict[str, np.ndarray], request_id: str
+) -> None:
+    """A copy of the request for the model's shadow version, if it has one: never waited for."""
+    shadow = shadow_of(dataplane.models, answered)
+    if shadow is not None:
+        dataplane.shadow.submit(shadow, lambda target: infer(
+            dataplane=dataplane, served=target, arrays=arrays, request_id=request_id))
 
 
 def count_error(dataplane: DataPlane, name: str, reason: str, *, version: str | None = None) -> None:
@@ -147,94 +123,14 @@ def count_error(dataplane: DataPlane, name: str, reason: str, *, version: str | 
     dataplane.metrics.version(name, version).error(reason).inc()
 
 
-async def infer(dataplane: DataPlane, request: InferenceRequest) -> Inference:
-    """The one data-plane call: see the module docstring. Raises ShipyardError for the protocol to word."""
-    name = request.model
+def served_model(
+    dataplane: DataPlane, name: str, *, version: str | None = None, label: str | None = None
+) -> ServedModel:
     try:
-        served = resolve(dataplane, name, version=request.version, label=request.label, split=True)
+        return resolve(dataplane, name, version=version, label=label, split=True)
     except ShipyardError as exc:
         count_error(dataplane, name, exc.code)
         raise
-    try:
-        decoded = request.decode(served.signature)
-    except (InvalidInput, ValidationFailed):
-        count_error(dataplane, name, "invalid_input")
-        raise
-    return await run(dataplane, served, decoded.arrays, request_id=decoded.request_id or request.request_id,
-                     started=request.started, checked=decoded.checked)
-
-
-async def run(
-    dataplane: DataPlane, served: ServedModel, arrays: Arrays, *, request_id: str | None, started: float,
-    checked: bool = False,
-) -> Inference:
-    """Check ``arrays`` against ``served``'s signature, run them, log, count and mirror the exchange.
-
-    Runs holding the version's lease (:func:`~services.serving.core.routing.hold`: a version retired
-    meanwhile is replaced by its successor), counted in its model's in-flight gauge. ``checked``:
-    the codec checked them against ``served`` already (not again, unless another version answers).
-    """
-    chosen = served
-    served = hold(dataplane.models, dataplane.router, served)
-    try:
-        counted = dataplane.metrics.version(served.name, served.version)  # cached: no .labels() here
-        counted.in_flight.inc()
-        try:
-            inputs = arrays if checked and served is chosen else _validated(dataplane, served, arrays)
-            outputs = await _outputs(dataplane, served, inputs)
-            record = log_record(served, request_id, _logged_inputs(inputs),
-                                loggable(next(iter(outputs.values()))),
-                                (time.perf_counter() - started) * 1000, time.time())
-            await _append(dataplane, record)
-            counted.requests.inc()
-            counted.rows.inc(int(next(iter(inputs.values())).shape[0]) if inputs else 0)
-            counted.latency.observe(record["latency_ms"] / 1000)
-        finally:
-            counted.in_flight.dec()
-    finally:
-        served.lease.release()
-    _mirror(dataplane, served, inputs, record["request_id"])
-    return Inference(model=served.name, version=served.version, signature=served.signature, outputs=outputs,
-                     request_id=record["request_id"])
-
-
-def _validated(dataplane: DataPlane, served: ServedModel, arrays: Arrays) -> Arrays:
-    settings = dataplane.settings
-    try:
-        return validate_inputs(arrays, served.signature, max_batch_rows=settings.max_batch_rows,
-                               allow_non_finite=settings.allow_non_finite)
-    except InvalidInput:
-        count_error(dataplane, served.name, "invalid_input", version=served.version)
-        raise
-
-
-async def _outputs(dataplane: DataPlane, served: ServedModel, inputs: Arrays) -> Arrays:
-    """The version's outputs for checked ``inputs``, in its signature's order; a failure is the model's."""
-    try:
-        answered = await served.batcher.run(inputs, pool=dataplane.pool)
-        return {spec.name: np.asarray(answered[spec.name]) for spec in served.signature.outputs}
-    except Exception as exc:  # inputs passed the checks, so this is the model's own failure
-        count_error(dataplane, served.name, "runtime_error", version=served.version)
-        raise UpstreamError(
-            f"model {served.name!r} version {served.version} failed on this input: {exc}"
-        ) from exc
-
-
-async def _append(dataplane: DataPlane, record: dict[str, Any]) -> None:
-    """Log ``record``: at once when there is room, else waiting for room in the pool (nothing is dropped)."""
-    prediction_log = dataplane.prediction_log
-    if prediction_log.try_reserve():
-        prediction_log.append(record, reserved=True)
-        return
-    await asyncio.get_running_loop().run_in_executor(dataplane.pool, prediction_log.append, record)
-
-
-def _mirror(dataplane: DataPlane, answered: ServedModel, inputs: Arrays, request_id: str) -> None:
-    """A copy of the request for the model's shadow version, if it has one: never waited for."""
-    shadow = shadow_of(dataplane.models, answered)
-    if shadow is not None:
-        dataplane.shadow.submit(shadow, lambda target: run(
-            dataplane, target, inputs, request_id=request_id, started=time.perf_counter()))
 
 
 _ORJSON_KINDS = frozenset("iuf")
@@ -251,10 +147,120 @@ def loggable(value: np.ndarray) -> Any:
     return value.tolist()
 
 
-def _logged_inputs(inputs: Arrays) -> Any:
-    if len(inputs) == 1:
-        return loggable(next(iter(inputs.values())))
-    return {key: loggable(value) for key, value in inputs.items()}
+def infer(
+    *,
+    dataplane: DataPlane,
+    served: ServedModel,
+    arrays: dict[str, np.ndarray],
+    request_id: str | None = None,
+    started: float | None = None,
+    inline: bool = False,
+    validated: bool = False,
+) -> Inference:
+    """Check ``arrays`` against ``served``'s signature, run it, log the exchange.
+
+    Runs holding the version's lease (:func:`~services.serving.routing.hold`: a version retired
+    meanwhile is replaced by its successor), counted in its model's in-flight gauge.
+
+    ``inline``: the caller is the event loop, which must not block: the model call is never
+    queued for a merged call, and room in the prediction log is reserved before the model runs:
+    a full log raises :class:`Offload` (nothing run, logged or counted yet) so that the caller runs
+    the request again in a thread, where it may wait.
+
+    ``validated``: the protocol's parser already checked ``arrays`` against ``served``'s signature
+    (:func:`parse_rows`), so they are not checked twice, unless another version ends up answering.
+    """
+    started = time.perf_counter() if started is None else started
+    chosen = served
+    served = hold(dataplane.models, dataplane.router, served)
+    try:
+        counted = dataplane.metrics.version(served.name, served.version)  # cached: no .labels() here
+        in_flight = counted.in_flight
+        in_flight.inc()
+        try:
+            return _infer_held(dataplane, served, counted, arrays, request_id=request_id, started=started,
+                               inline=inline, validated=validated and served is chosen)
+        finally:
+            in_flight.dec()
+    finally:
+        served.lease.release()
+
+
+def _infer_held(
+    dataplane: DataPlane, served: ServedModel, counted: VersionMetrics, arrays: dict[str, np.ndarray], *,
+    request_id: str | None, started: float, inline: bool, validated: bool,
+) -> Inference:
+    name = served.name
+    settings = dataplane.settings
+    if validated:
+        checked = arrays
+    else:
+        try:
+            checked = validate_inputs(
+                arrays, served.signature, max_batch_rows=settings.max_batch_rows,
+                allow_non_finite=settings.allow_non_finite,
+            )
+        except InvalidInput:
+            count_error(dataplane, name, "invalid_input", version=served.version)
+            raise
+    outputs, record = run_logged(dataplane, served, counted, checked, request_id=request_id, started=started,
+                                  inline=inline)
+    _mirror(dataplane, served, checked, record["request_id"])
+    return Inference(model=name, version=served.version, signature=served.signature, outputs=outputs)
+
+
+def run_logged(
+    dataplane: DataPlane, served: ServedModel, counted: VersionMetrics, checked: dict[str, np.ndarray], *,
+    request_id: str | None, started: float, inline: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Run checked inputs on ``served``, log and count the exchange: its outputs and log record.
+
+    ``inline`` (the event loop): room in the log is reserved before the model runs; a full log
+    raises :class:`Offload` with nothing run, logged or counted.
+    """
+    prediction_log = dataplane.prediction_log
+    if inline and not prediction_log.try_reserve():
+        raise Offload
+    try:
+        outputs, record = _run(dataplane, served, checked, request_id=request_id, started=started,
+                               inline=inline)
+    except BaseException:
+        if inline:
+            prediction_log.release()  # the record never took its place
+        raise
+    # Waits while the log is full (not inline: room is already held): nothing answered is dropped.
+    prediction_log.append(record, reserved=inline)
+    counted.requests.inc()
+    counted.rows.inc(int(next(iter(checked.values())).shape[0]) if checked else 0)
+    counted.latency.observe(record["latency_ms"] / 1000)
+    return outputs, record
+
+
+def _run(
+    dataplane: DataPlane, served: ServedModel, checked: dict[str, np.ndarray], *,
+    request_id: str | None, started: float, inline: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Run ``checked`` through ``served``: its outputs, and the prediction log's record of the exchange."""
+    name = served.name
+    try:
+        runtime = served.runtime
+        if isinstance(runtime, BatchingRuntime):  # measures its own calls' cost
+            answered = runtime.predict_now(checked) if inline else runtime.predict(checked)
+        else:
+            answered = served.own_cost.timed(runtime.predict, checked)
+        outputs = {spec.name: np.asarray(answered[spec.name]) for spec in served.signature.outputs}
+    except Exception as exc:  # inputs passed the checks, so this is the model's own failure
+        count_error(dataplane, name, "runtime_error", version=served.version)
+        raise UpstreamError(f"model {name!r} version {served.version} failed on this input: {exc}") from exc
+    latency_ms = (time.perf_counter() - started) * 1000
+    inputs_logged: Any
+    if len(checked) == 1:
+        inputs_logged = loggable(next(iter(checked.values())))
+    else:
+        inputs_logged = {key: loggable(value) for key, value in checked.items()}
+    record = log_record(served, request_id, inputs_logged, loggable(next(iter(outputs.values()))), latency_ms,
+                     time.time())
+    return outputs, record
 
 
 def log_record(

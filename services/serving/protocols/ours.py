@@ -13,16 +13,20 @@ from typing import Any
 
 import numpy as np
 
-from services.serving.core.dataplane import Decoded, Inference, InferenceRequest
+from services.serving.core.dataplane import DataPlane, Inference, count_error, infer, served_model
 from services.serving.core.validation import array_from_json
-from services.serving.runtimes.base import Signature, TensorSpec
-from services.serving.settings import ServingSettings
+from services.serving.runtimes.base import TensorSpec
 from shipyard_common.errors import (
     InvalidInput,
     ValidationFailed,
 )
 
 _NUMBER_TYPES = (int, float)
+
+
+# -- our JSON protocol: {"inputs": [[...], ...]} -------------------------------------------------
+
+
 _NUMBER_TYPE_SET = frozenset(_NUMBER_TYPES)
 _FLOAT_TYPE_SET = frozenset({float})
 _FLOAT_MAX: dict[np.dtype[Any], float] = {}
@@ -76,15 +80,21 @@ def parse_rows(inputs: Any, *, spec: TensorSpec, max_rows: int, allow_non_finite
         raise ValidationFailed(exc.message) from exc
 
 
-def float_rows(inputs: list[Any], dtype: np.dtype[Any], expected: int | None) -> np.ndarray | None:
+def float_rows(
+    inputs: list[Any], dtype: np.dtype[Any], expected: int | None, *, dots: int = -1
+) -> np.ndarray | None:
     """Rows of Python floats as ``dtype``, all finite and in its range; None: take the general path.
 
     The common request (fractional features, a floating-point model): converted to float64 in one
     numpy call (which cannot overflow), checked with two reductions (a NaN fails every comparison,
     ±Inf or a value beyond ``dtype``'s range fails the bounds), then cast. Anything else (integers,
     which may exceed 64 bits; bad values; ragged rows) goes the general way, which names the problem.
+
+    ``dots`` (:func:`plain_numbers`): the count of ``.`` in the JSON the rows came from, when it
+    holds no string but its ``inputs`` key, else -1. When the values number as many, each is a
+    fraction (what orjson reads as a float), and no value's type is looked at.
     """
-    if not _all_floats(inputs, expected):
+    if dots < 0 and not _all_floats(inputs, expected):
         return None
     try:
         wide = np.asarray(inputs, dtype=np.float64)
@@ -92,6 +102,8 @@ def float_rows(inputs: list[Any], dtype: np.dtype[Any], expected: int | None) ->
         return None
     if wide.ndim != 2 or not wide.size or (expected is not None and wide.shape[1] != expected):
         return None
+    if dots >= 0 and wide.size != dots and not _all_floats(inputs, expected):
+        return None  # some value has no ".": an integer, which the general path converts
     largest = _FLOAT_MAX.get(dtype)
     if largest is None:
         largest = _FLOAT_MAX[dtype] = float(np.finfo(dtype).max)
@@ -103,6 +115,18 @@ def float_rows(inputs: list[Any], dtype: np.dtype[Any], expected: int | None) ->
 def _all_floats(inputs: list[Any], expected: int | None) -> bool:
     return all(type(row) is list and (expected is None or len(row) == expected)
                and _FLOAT_TYPE_SET.issuperset(map(type, row)) for row in inputs)
+
+
+def plain_numbers(body: bytes) -> int:
+    """For a JSON body ``{"inputs": ...}`` with no string but that key: its count of ``.``; else -1.
+
+    Outside strings, a ``.`` can only be a number's (one at most each). So when the values number
+    as many as the body's dots, each has one: each is a fraction, none an integer, a boolean or
+    ``null`` (which have none), and :func:`float_rows` need not look at their types.
+    """
+    if body.count(b'"') != 2:
+        return -1
+    return body.count(b".")
 
 
 def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non_finite: bool) -> None:
@@ -124,42 +148,47 @@ def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non
                 raise ValidationFailed(f"row {index}, feature {column} is {value}; features must be finite")
 
 
-def inference_request(
-    *, settings: ServingSettings, name: str, inputs: Any, request_id: str | None = None,
-    started: float | None = None,
-) -> InferenceRequest:
-    """Our ``POST /v1/models/{name}/predict`` with ``inputs`` (the body's field), for the data plane.
+def predict_inference(
+    *, dataplane: DataPlane, name: str, inputs: Any, request_id: str | None = None,
+    started: float | None = None, inline: bool = False,
+) -> Inference:
+    """Our ``POST /v1/models/{name}/predict`` with ``inputs`` (the body's field): the answer's outputs.
 
-    Rows (a list of lists of numbers) for a model with one 2-D input, or ``{name: array}`` for a
-    model with several. Bad rows are 422s here; wrap the data plane's call in :func:`as_422`.
+    Raises the protocol's errors (422 for bad rows); the route and the fast lane shape them.
     """
-
-    def decode(signature: Signature) -> Decoded:
+    started = time.perf_counter() if started is None else started
+    served = served_model(dataplane, name)
+    settings = dataplane.settings
+    signature = served.signature
+    try:
+        arrays: dict[str, np.ndarray]
+        validated = False
         if isinstance(inputs, dict) and len(signature.inputs) > 1:
             specs = {spec.name: spec for spec in signature.inputs}
             unknown = sorted(set(inputs) - set(specs))
             if unknown:
                 raise ValidationFailed(f"unknown input(s) {unknown}; the model takes {list(specs)}")
-            return Decoded({key: array_from_json(value, specs[key].dtype, what=f"input {key!r}")
-                            for key, value in inputs.items()})
-        if len(signature.inputs) != 1 or len(signature.inputs[0].shape) != 2:
-            raise ValidationFailed(
-                f"this model takes {[s.describe() for s in signature.inputs]}; send "
-                '{"inputs": {name: array, ...}} or use the v2 protocol'
-            )
-        spec = signature.inputs[0]
-        rows = parse_rows(inputs, spec=spec, max_rows=settings.max_batch_rows,
-                          allow_non_finite=settings.allow_non_finite)
-        # parse_rows checked what validate_inputs would: dtype, shape, rows, finite values.
-        return Decoded({spec.name: rows}, checked=True)
-
-    return InferenceRequest(model=name, decode=decode, request_id=request_id,
-                            started=time.perf_counter() if started is None else started)
-
-
-def as_422(exc: InvalidInput) -> ValidationFailed:
-    """This protocol has answered bad inputs with 422 since its first version (v2 and TF: 400)."""
-    return ValidationFailed(exc.message, details=exc.details)
+            arrays = {key: array_from_json(value, specs[key].dtype, what=f"input {key!r}")
+                      for key, value in inputs.items()}
+        else:
+            if len(signature.inputs) != 1 or len(signature.inputs[0].shape) != 2:
+                raise ValidationFailed(
+                    f"this model takes {[s.describe() for s in signature.inputs]}; send "
+                    '{"inputs": {name: array, ...}} or use the v2 protocol'
+                )
+            spec = signature.inputs[0]
+            arrays = {spec.name: parse_rows(inputs, spec=spec, max_rows=settings.max_batch_rows,
+                                            allow_non_finite=settings.allow_non_finite)}
+            # parse_rows checked what validate_inputs would: dtype, shape, rows, finite values.
+            validated = True
+        return infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
+                     started=started, inline=inline, validated=validated)
+    except InvalidInput as exc:
+        # This protocol has answered bad rows with 422 since its first version.
+        raise ValidationFailed(exc.message, details=exc.details) from exc
+    except ValidationFailed:
+        count_error(dataplane, name, "invalid_input")
+        raise
 
 
 def predict_body(inference: Inference) -> dict[str, Any]:

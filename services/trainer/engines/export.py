@@ -212,7 +212,7 @@ def quiet_exporter() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined, unused-ignore]
             # nn.LSTM/GRU keep their weights in a plain list attribute; harmless for the export.
             warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
             yield

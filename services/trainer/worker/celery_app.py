@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from celery import Celery
-from kombu import Queue  # type: ignore[attr-defined]
+from kombu import Queue  # type: ignore[attr-defined, unused-ignore]
 
 from services.trainer.jobs.queues import TASK_NAME
 from services.trainer.jobs.schemas import Queue as QueueName
