@@ -175,7 +175,9 @@ def test_a_scheduled_deployment_fires_and_its_runs_are_visible(stack_platform, c
                 return [r for r in runs if r.state_name == "Completed" and r.auto_scheduled
                         and r.parameters.get("name") == "bc_scheduled"]
 
-            [run, *_] = wait_for(completed_runs, timeout=30, interval=1, what="a scheduled run")
+            # The scheduler's loop, the worker's poll and the run itself: seconds on an idle machine,
+            # over 30 s on a loaded CI one.
+            [run, *_] = wait_for(completed_runs, timeout=120, interval=1, what="a scheduled run")
         assert read_run(str(run.id), stack_platform).state_name == "Completed"
         listed = runner.invoke(app, ["pipelines", "list"], env=env)
         assert listed.exit_code == 0, listed.output
