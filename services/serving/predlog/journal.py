@@ -56,11 +56,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from services.serving.predlog.records import Row, dumps, loads, row
 
 log = logging.getLogger("shipyard.serving.journal")
 
@@ -87,73 +88,8 @@ _SEGMENT_BYTES = 16 * 1024 * 1024
 # the mark itself, with nothing to look up.
 _SEQ_SHIFT = 40
 _OFFSET_MASK = (1 << _SEQ_SHIFT) - 1
-_DUMPS_OPTION = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC
-# A record's line: its scalar fields as a JSON array (request_id, model, version, role,
-# latency_ms, created_at), then its inputs' and outputs' JSON, tab-separated (JSON text never
-# holds a raw tab): the shipper takes the inputs and outputs as they are, without parsing and
-# encoding them again. Lines of the earlier layout (one JSON object, "{...}") are read too.
-
-
 class JournalClosed(Exception):
     """The journal takes no more records: its process is shutting down."""
-
-
-def dumps(record: dict[str, Any]) -> bytes:
-    """``record`` (a row of the predictions table; numpy arrays included) as one journal line."""
-    head = orjson.dumps([record["request_id"], record["model"], record["version"],
-                         record.get("role", "production"), record["latency_ms"], record["created_at"]],
-                        option=_DUMPS_OPTION)
-    return b"%b\t%b\t%b\n" % (head, orjson.dumps(record["inputs"], option=_DUMPS_OPTION),
-                              orjson.dumps(record["outputs"], option=_DUMPS_OPTION))
-
-
-#: A record as the predictions table's columns, in this order: request_id, model, version, role,
-#: inputs and outputs (JSON text), latency_ms, created_at (as written: seconds since the epoch,
-#: an ISO string, or a datetime).
-Row = tuple[str, str, str, str, str, str, float, Any]
-ROW_COLUMNS = ("request_id", "model", "version", "role", "inputs", "outputs", "latency_ms", "created_at")
-
-
-def row(line: bytes) -> Row:
-    """A journal line (without its newline) as a :data:`Row`; raises as :func:`loads`."""
-    if line[:1] == b"[":
-        head, inputs, outputs = line.split(b"\t")
-        request_id, model, version, role, latency_ms, created_at = orjson.loads(head)
-        return request_id, model, version, role, inputs.decode(), outputs.decode(), latency_ms, created_at
-    return row_of(loads(line))
-
-
-def row_of(record: dict[str, Any]) -> Row:
-    """A record (a dict, as :func:`loads` or the data plane makes them) as a :data:`Row`."""
-    return (record["request_id"], record["model"], record["version"], record.get("role", "production"),
-            _json_text(record["inputs"]), _json_text(record["outputs"]), record["latency_ms"],
-            record["created_at"])
-
-
-def _json_text(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-
-
-def loads(line: bytes) -> dict[str, Any]:
-    """A journal line (without its newline) as a record, its inputs and outputs parsed and
-    ``created_at`` a naive UTC datetime; raises ``orjson.JSONDecodeError`` (a ``ValueError``) for a
-    torn one."""
-    if line[:1] != b"[":
-        record = orjson.loads(line)  # the earlier layout (or a torn line, which fails here)
-        if type(record) is not dict:
-            raise orjson.JSONDecodeError("not a record", "", 0)
-        _parse_time(record)
-        return record
-    return record_of(row(line))
-
-
-def record_of(found: Row) -> dict[str, Any]:
-    """A :data:`Row` as a record: its inputs and outputs parsed, ``created_at`` a naive UTC datetime."""
-    record = dict(zip(ROW_COLUMNS, found, strict=True))
-    record["inputs"] = orjson.loads(record["inputs"])
-    record["outputs"] = orjson.loads(record["outputs"])
-    record["created_at"] = as_datetime(record["created_at"])
-    return record
 
 
 class Journal:
@@ -599,21 +535,6 @@ def _parse(data: bytes, start: int, path: Path) -> list[dict[str, Any]]:
             continue
         records.append(record)
     return records
-
-
-def _parse_time(record: dict[str, Any]) -> None:
-    if "created_at" in record:
-        record["created_at"] = as_datetime(record["created_at"])
-
-
-def as_datetime(created: Any) -> Any:
-    """A record's ``created_at`` as the naive UTC datetime the table holds: from seconds since the
-    epoch (what the data plane records: a clock read, no datetime per request) or an ISO string."""
-    if isinstance(created, str):
-        return datetime.fromisoformat(created).replace(tzinfo=None)
-    if isinstance(created, int | float):
-        return datetime.fromtimestamp(created, UTC).replace(tzinfo=None)
-    return created
 
 
 def _preallocate(fd: int, size: int) -> None:

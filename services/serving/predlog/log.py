@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.serving.predlog.journal import Journal, JournalClosed, Row, dumps, orphans, row_of
+from services.serving.predlog.journal import Journal, JournalClosed, orphans
+from services.serving.predlog.records import Row, dumps, row_of
 from services.serving.predlog.shipper import DATABASE_URL_ENV, fresh, insert_rows
 from shipyard_common.db import Database
 from shipyard_common.errors import Unavailable

@@ -41,7 +41,8 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from services.serving.predlog.journal import ROW_COLUMNS, JournalTail, Row, as_datetime, record_of
+from services.serving.predlog.journal import JournalTail
+from services.serving.predlog.records import ROW_COLUMNS, Row, as_datetime, record_of
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from services.serving.predlog.journal import Journal, JournalClosed, JournalTail, dumps, orphans
+from services.serving.predlog.journal import Journal, JournalClosed, JournalTail, orphans
+from services.serving.predlog.records import dumps
 
 ROOT = Path(__file__).resolve().parents[3]
 
