@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import httpx
 import redis
 
 from shipyard_cli import observability
+from shipyard_common.processes import free_port, stop_process_group
 from shipyard_common.settings import DEV_TRAINER_TOKEN, NO_TELEMETRY_ENV, PlatformSettings
 
 SERVICES = ("trainer", "registry", "serving", "monitor")
@@ -34,12 +34,6 @@ PREFECT_SCHEMA = "prefect"
 
 class StackError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def url_port(url: str) -> int:
@@ -445,30 +439,6 @@ class Stack:
                 }
             )
         return rows
-
-
-def stop_process_group(pid: int, timeout: float = 15.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        try:
-            # Reap our own child so that it does not linger as a zombie.
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                pass
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
 
 
 def deployments_served(platform: PlatformSettings) -> bool:

@@ -1,15 +1,13 @@
 """Helpers the tests share: tokens per role, real servers on free ports, processes, waiting.
 
 Tests take their helpers from here (or their package's conftest.py or helper modules), never from
-another test module nor from the CLI: ``free_port`` and ``stop_process_group`` are the tests' own.
+another test module nor from the CLI: ``free_port`` and ``stop_process_group`` come from
+``shipyard_common.processes`` (the one definition the CLI's stack uses too) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +19,8 @@ import redis
 import uvicorn
 
 from shipyard_common.auth import Role, principal_name
+from shipyard_common.processes import free_port as free_port
+from shipyard_common.processes import stop_process_group as stop_process_group
 from shipyard_common.settings import PlatformSettings
 
 TOKENS: dict[str, Role] = {
@@ -31,35 +31,6 @@ TOKENS: dict[str, Role] = {
     # A second approver, for decisions two people race to make.
     "test-approver-2": Role.APPROVER,
 }
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop_process_group(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM the process group ``pid`` leads (a process started with ``start_new_session=True``),
-    then SIGKILL what is still there after ``timeout`` seconds."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(ChildProcessError):  # reap our own child: no zombie lingers
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
 
 
 def redis_answers(url: str) -> bool:

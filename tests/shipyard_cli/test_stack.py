@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from shipyard_cli.stack import Stack, StackError, free_port, redis_answers, redis_server_binary
+from shipyard_cli.stack import Stack, StackError, redis_answers, redis_server_binary
 from shipyard_common.settings import PlatformSettings
-from tests.support import TOKENS
+from tests.support import TOKENS, free_port
 
 
 def test_embedded_redis_is_started_when_none_answers(tmp_path, monkeypatch):
