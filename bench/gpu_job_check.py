@@ -12,9 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_training import images
-from services.trainer.api.schemas import JobCreate
 from services.trainer.engines import engine, torch_job
 from services.trainer.engines.types import FitContext
+from services.trainer.jobs.schemas import JobCreate
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.trainer.api.schemas import JobCreate
 from services.trainer.engines import engine
+from services.trainer.jobs.schemas import JobCreate
 
 
 def images(rows: int, seed: int = 0) -> pd.DataFrame:

@@ -40,8 +40,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.trainer.api.schemas import JobCreate, MLPSpec
 from services.trainer.engines import engine
+from services.trainer.jobs.schemas import JobCreate, MLPSpec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

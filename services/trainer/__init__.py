@@ -18,5 +18,6 @@ A folder per layer; each imports only the layers below it, never one above or be
    (``queues``).
 5. ``settings``, then ``shipyard_common``: imported by any layer above.
 
-``api/schemas.py`` only re-exports ``jobs.schemas`` for importers outside the trainer.
+Importers outside the trainer (tests, ``bench/``) take the job spec, the tables and the job store
+from ``jobs`` too; ``api.service`` holds only what the HTTP API does itself.
 """

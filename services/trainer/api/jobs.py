@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.trainer.api import service
+from services.trainer.jobs import store
 from services.trainer.jobs.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.datasets import DataRepo, DatasetNotFound
@@ -27,8 +28,8 @@ def get_data_repo(request: Request) -> DataRepo:
     return cast(DataRepo, request.app.state.data_repo)
 
 
-def get_enqueue(request: Request) -> service.Enqueue:
-    return cast(service.Enqueue, request.app.state.enqueue)
+def get_enqueue(request: Request) -> store.Enqueue:
+    return cast(store.Enqueue, request.app.state.enqueue)
 
 
 DatabaseDep = Annotated[Database, Depends(get_database)]
@@ -41,7 +42,7 @@ Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
 def create_job(
     spec: JobCreate,
     database: DatabaseDep,
-    enqueue: Annotated[service.Enqueue, Depends(get_enqueue)],
+    enqueue: Annotated[store.Enqueue, Depends(get_enqueue)],
     data_repo: Annotated[DataRepo, Depends(get_data_repo)],
     _: Trainer,
 ) -> JobPublic:
@@ -64,7 +65,7 @@ def pin_dataset(data_repo: DataRepo, spec: JobCreate) -> JobCreate:
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, database: DatabaseDep, _: Viewer) -> JobPublic:
-    return service.get_job(database=database, job_id=job_id)
+    return store.get_job(database=database, job_id=job_id)
 
 
 @router.get("/jobs", response_model=list[JobPublic])

@@ -1,8 +1,7 @@
 """What the HTTP API does with jobs: create, list, cancel, and read a job's logs.
 
 The functions a worker uses too (read, update, claim, log, send again) are the job store's,
-:mod:`services.trainer.jobs.store`; they are re-exported here, so that the routes and callers
-outside the trainer reach every job function through this one module.
+:mod:`services.trainer.jobs.store`; callers import them from there.
 """
 
 from __future__ import annotations
@@ -14,28 +13,10 @@ from typing import Any
 from sqlalchemy import CursorResult, select, update
 
 from services.trainer.jobs.schemas import JobCreate, JobPublic, JobState, Progress
-from services.trainer.jobs.store import (
-    Claim,
-    Enqueue,
-    append_log,
-    claim_job,
-    get_job,
-    last_log_line,
-    requeue_lost_jobs,
-    send,
-    send_unsent_jobs,
-    to_public,
-    update_job,
-)
+from services.trainer.jobs.store import Enqueue, get_job, send, to_public
 from services.trainer.jobs.tables import JobLogRecord, JobRecord
 from shipyard_common.db import Database, utcnow
 from shipyard_common.errors import Conflict, NotFound
-
-__all__ = [
-    "Claim", "Enqueue", "append_log", "cancel_job", "claim_job", "create_job", "get_job", "last_log_line",
-    "list_jobs", "models_trained_on", "read_logs", "requeue_lost_jobs", "send_unsent_jobs", "to_public",
-    "update_job",
-]
 
 log = logging.getLogger("shipyard.trainer")
 
@@ -50,7 +31,8 @@ def create_job(*, database: Database, spec: JobCreate, enqueue: Enqueue) -> JobP
 
     The row is written first so that a worker never receives an id the database does not
     know. If the broker refuses, the job stays stored as ``queued`` with no ``enqueued_at``
-    and the caller still gets 201: :func:`send_unsent_jobs` sends it once the broker is back.
+    and the caller still gets 201: the job store's
+    :func:`~services.trainer.jobs.store.send_unsent_jobs` sends it once the broker is back.
     Answering 503 instead would be a lie ("nothing happened") that invites a retry, and a
     retried POST would train the same model twice (the pipeline retries POSTs on 503).
     """
@@ -111,8 +93,8 @@ def cancel_job(*, database: Database, job_id: str) -> JobPublic:
     """End a queued or running job as ``cancelled``.
 
     Only the row changes. A queued job's message stays on the broker, and the worker that
-    receives it finds the job finished (see :func:`claim_job`); a running job's worker sees
-    its next progress write refused and stops without registering a model.
+    receives it finds the job finished (see :func:`~services.trainer.jobs.store.claim_job`); a
+    running job's worker sees its next progress write refused and stops without registering a model.
     """
     statement = (
         update(JobRecord)

@@ -26,8 +26,9 @@ from services.registry.app import create_app
 from services.registry.core.tables import AuditRecord, GateRecord, PromotionRequestRecord, UiSessionRecord
 from services.registry.settings import RegistrySettings
 from services.trainer.api import service as trainer_service
-from services.trainer.api.schemas import JobCreate, JobState
 from services.trainer.app import create_app as create_trainer_app
+from services.trainer.jobs import store as trainer_store
+from services.trainer.jobs.schemas import JobCreate, JobState
 from services.trainer.settings import TrainerSettings
 from shipyard_common.auth import Role
 from shipyard_common.db import Database, utcnow
@@ -524,17 +525,17 @@ def test_jobs_pages_read_the_trainer_with_the_users_token(stack: Stack) -> None:
         "dataset": "iris", "rev": REV, "task": "classification", "target": "species"}})
     job = trainer_service.create_job(database=stack.database, spec=spec, enqueue=lambda job_id, queue: None)
     progress = {**job.progress.model_dump(), "epoch": 3, "epochs": 10, "eta_seconds": 70}
-    trainer_service.update_job(database=stack.database, job_id=job.id, state=JobState.RUNNING,
-                               progress=progress)
+    trainer_store.update_job(database=stack.database, job_id=job.id, state=JobState.RUNNING,
+                             progress=progress)
     for line in range(1, 6):
-        trainer_service.append_log(database=stack.database, job_id=job.id, line=line, level="INFO",
-                                   message=f"epoch {line}: val_loss 0.{9 - line}")
+        trainer_store.append_log(database=stack.database, job_id=job.id, line=line, level="INFO",
+                                 message=f"epoch {line}: val_loss 0.{9 - line}")
     viewer = stack.browsers["viewer"]
     listing = assert_page(viewer.get("/ui/jobs"), 200, job.id[:8], "running", "3/10")
     assert f'href="/ui/jobs/{job.id}"' in listing
     page = assert_page(viewer.get(f"/ui/jobs/{job.id}"), 200, "epoch 5: val_loss 0.4", "iris@")
     assert f'data-follow="/ui/jobs/{job.id}/logs"' in page and 'data-after="5"' in page
-    trainer_service.append_log(database=stack.database, job_id=job.id, line=6, level="INFO", message="done")
+    trainer_store.append_log(database=stack.database, job_id=job.id, line=6, level="INFO", message="done")
     more = viewer.get(f"/ui/jobs/{job.id}/logs?after=5").json()
     assert more["state"] == "running" and [x["message"] for x in more["lines"]] == ["done"]
     assert more["next_after"] == 6

@@ -34,9 +34,10 @@ from services.registry.settings import RegistrySettings
 from services.serving.app import create_app as create_serving_app
 from services.serving.settings import ServingSettings
 from services.trainer.api import service as trainer_service
-from services.trainer.api.schemas import JobCreate, JobState, Task
 from services.trainer.app import create_app as create_trainer_app
 from services.trainer.engines.reports import write_reports
+from services.trainer.jobs import store as trainer_store
+from services.trainer.jobs.schemas import JobCreate, JobState, Task
 from services.trainer.settings import TrainerSettings
 from shipyard_common.db import Database
 from shipyard_common.lineage import (
@@ -162,10 +163,10 @@ def make_job(database: Database, name: str) -> str:
                                     *(f"epoch {e}/60 train_loss {0.9 * 0.95 ** e:.4f} val_accuracy "
                                       f"{min(0.9467, 0.6 + e * 0.01):.4f}" for e in range(1, 9)),
                                     "exported onnx (max |diff| 2.4e-07)", "registered version 3"], start=1):
-        trainer_service.append_log(database=database, job_id=job.id, line=line, level="INFO", message=message)
-    trainer_service.update_job(database=database, job_id=job.id, state=JobState.SUCCEEDED,
-                               progress={**job.progress.model_dump(), "epoch": 60, "epochs": 60},
-                               metrics=TRAININGS[2][1])
+        trainer_store.append_log(database=database, job_id=job.id, line=line, level="INFO", message=message)
+    trainer_store.update_job(database=database, job_id=job.id, state=JobState.SUCCEEDED,
+                             progress={**job.progress.model_dump(), "epoch": 60, "epochs": 60},
+                             metrics=TRAININGS[2][1])
     return job.id
 
 
@@ -224,8 +225,8 @@ def platform_running(isolated_platform: PlatformSettings, model_factory: ModelFa
         httpx.put(f"{registry}/models/{name}/gate", headers=admin, timeout=60, json={
             "rules": ["val_accuracy >= production - 0.01", "val_f1_macro >= 0.9"]}).raise_for_status()
         decide_earlier_requests(registry, name)
-        trainer_service.update_job(database=database, job_id=job_id, model_version=versions[2].version,
-                                   mlflow_run_id=versions[2].run_id)
+        trainer_store.update_job(database=database, job_id=job_id, model_version=versions[2].version,
+                                 mlflow_run_id=versions[2].run_id)
         serving_app = create_serving_app(ServingSettings(platform=platform, reconcile_interval_s=300))
         serving = stack.enter_context(running_app(serving_app, port=ports["serving"]))
         wait_for(lambda: served(serving, name) == "2", timeout=60, what="serving v2")
@@ -344,14 +345,14 @@ def follow_a_running_job(page: Any, base: str, p: Platform, shots: Shots) -> Non
     spec = JobCreate.model_validate({"model_name": p.name, "data": {
         "dataset": "iris", "rev": REV, "task": "classification", "target": "species"}})
     job = trainer_service.create_job(database=p.database, spec=spec, enqueue=lambda job_id, queue: None)
-    trainer_service.update_job(database=p.database, job_id=job.id, state=JobState.RUNNING)
-    trainer_service.append_log(database=p.database, job_id=job.id, line=1, level="INFO", message="epoch 1/60")
+    trainer_store.update_job(database=p.database, job_id=job.id, state=JobState.RUNNING)
+    trainer_store.append_log(database=p.database, job_id=job.id, line=1, level="INFO", message="epoch 1/60")
     page.goto(f"{base}/ui/jobs/{job.id}")
     assert "following" in page.inner_text("[data-log-status]")
-    trainer_service.append_log(database=p.database, job_id=job.id, line=2, level="WARNING",
-                               message="epoch 2/60: val_loss rose")
+    trainer_store.append_log(database=p.database, job_id=job.id, line=2, level="WARNING",
+                             message="epoch 2/60: val_loss rose")
     page.wait_for_selector("#log .lvl-warning:has-text('val_loss rose')")
-    trainer_service.update_job(database=p.database, job_id=job.id, state=JobState.CANCELLED)
+    trainer_store.update_job(database=p.database, job_id=job.id, state=JobState.CANCELLED)
     page.wait_for_selector("[data-job-state] .state-cancelled")  # the page reloads once the job ends
     assert "epoch 2/60: val_loss rose" in page.inner_text("#log")
     shots.take(page, "job-followed")

@@ -133,7 +133,7 @@ def test_submitting_needs_a_trainer_token(settings, rev):
 
 
 def test_job_is_kept_when_the_broker_is_away_and_sent_once_it_is_back(platform, db_url, rev):
-    from services.trainer.api import service
+    from services.trainer.jobs import store
 
     away = trainer_settings(platform.model_copy(update={"db_url": db_url, "redis_url": "redis://127.0.0.1:1/0"}))
     with running_app(create_app(away)) as base:
@@ -153,8 +153,8 @@ def test_job_is_kept_when_the_broker_is_away_and_sent_once_it_is_back(platform, 
         def enqueue(job: str, queue: str) -> None:
             celery.send_task(TASK_NAME, args=[job], queue=back.queue_name(queue))
 
-        assert service.send_unsent_jobs(database=database, enqueue=enqueue, older_than_s=0) == 1
-        assert service.send_unsent_jobs(database=database, enqueue=enqueue, older_than_s=0) == 0
+        assert store.send_unsent_jobs(database=database, enqueue=enqueue, older_than_s=0) == 1
+        assert store.send_unsent_jobs(database=database, enqueue=enqueue, older_than_s=0) == 0
     finally:
         celery.close()
         database.dispose()

@@ -193,6 +193,7 @@ def test_logs_can_be_read_in_pages_and_followed_as_a_stream(stack):
 
 def test_cancel_and_logs_on_sqlite_and_postgresql(db_url):
     from services.trainer.api import service
+    from services.trainer.jobs import store
     from services.trainer.jobs.schemas import JobCreate, JobState
     from shipyard_common.db import Database
     from shipyard_common.errors import Conflict, NotFound
@@ -203,8 +204,8 @@ def test_cancel_and_logs_on_sqlite_and_postgresql(db_url):
         spec = JobCreate.model_validate(job_spec(rev="0" * 40))
         job = service.create_job(database=database, spec=spec, enqueue=lambda job_id, queue: None)
         for line, message in enumerate(["one", "two", "three"], start=1):
-            service.append_log(database=database, job_id=job.id, line=line, level="info", message=message)
-        assert service.last_log_line(database=database, job_id=job.id) == 3
+            store.append_log(database=database, job_id=job.id, line=line, level="info", message=message)
+        assert store.last_log_line(database=database, job_id=job.id) == 3
         state, lines = service.read_logs(database=database, job_id=job.id, after=1)
         assert state == JobState.QUEUED and [x["message"] for x in lines] == ["two", "three"]
 

@@ -7,8 +7,9 @@ from datetime import timedelta
 import pytest
 
 from services.trainer.api import service
-from services.trainer.api.service import Claim
+from services.trainer.jobs import store
 from services.trainer.jobs.schemas import JobCreate, JobState
+from services.trainer.jobs.store import Claim
 from shipyard_common.db import Database, utcnow
 from tests.services.trainer.conftest import job_spec
 
@@ -46,7 +47,7 @@ def age(database: Database, job_id: str, seconds: float) -> None:
 
 
 def claim(database: Database, job_id: str, *, stale_after_s: float = 60, max_attempts: int = 3) -> Claim:
-    return service.claim_job(
+    return store.claim_job(
         database=database, job_id=job_id, stale_after_s=stale_after_s, max_attempts=max_attempts
     )
 
@@ -55,7 +56,7 @@ def test_second_delivery_does_not_run_a_running_job(database):
     job_id = new_job(database)
     assert claim(database, job_id) == Claim.CLAIMED
     assert claim(database, job_id) == Claim.BUSY
-    assert service.get_job(database=database, job_id=job_id).state == JobState.RUNNING
+    assert store.get_job(database=database, job_id=job_id).state == JobState.RUNNING
 
 
 def test_a_silent_running_job_is_taken_over_until_attempts_run_out(database):
@@ -65,18 +66,18 @@ def test_a_silent_running_job_is_taken_over_until_attempts_run_out(database):
     assert claim(database, job_id, max_attempts=2) == Claim.CLAIMED
     age(database, job_id, 120)
     assert claim(database, job_id, max_attempts=2) == Claim.EXHAUSTED
-    job = service.get_job(database=database, job_id=job_id)
+    job = store.get_job(database=database, job_id=job_id)
     assert job.state == JobState.FAILED and "2 times" in (job.error or "")
 
 
 def test_finished_and_unknown_jobs_are_not_claimed(database):
     job_id = new_job(database)
     assert claim(database, job_id) == Claim.CLAIMED
-    assert service.update_job(
+    assert store.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING, state=JobState.SUCCEEDED
     )
     # A writer that expects the job to be running no longer touches it.
-    assert not service.update_job(
+    assert not store.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING, error="x"
     )
     assert claim(database, job_id, stale_after_s=0) == Claim.FINISHED
