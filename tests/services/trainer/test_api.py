@@ -20,6 +20,11 @@ from tests.services.trainer.conftest import job_spec, trainer_settings
 from tests.support import auth, running_app
 
 SMALL = load_breast_cancer(as_frame=True).frame.head(60)
+# For the requests that run DVC, instead of httpx's default of 5 s, which the first add timed out on
+# under load: a fresh repository's first add runs git init, dvc init, then dvc add and push, each dvc
+# a Python process of its own (5.1 s on a 2-core machine at load 3.6; a second add took 2.8 s, a
+# diff, which reads both versions through dvc.api, 1.1 s).
+DVC_REQUEST_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +226,8 @@ def test_dataset_routes(settings, tmp_path):
         viewer = httpx.post(f"{base}/datasets/bc", content=csv, headers=auth(Role.VIEWER))
         assert viewer.status_code == 403
         first = httpx.post(f"{base}/datasets/bc", params={"tag": "v1"}, content=csv,
-                           headers={**auth(Role.TRAINER), "content-type": "text/csv"})
+                           headers={**auth(Role.TRAINER), "content-type": "text/csv"},
+                           timeout=DVC_REQUEST_TIMEOUT_S)
         assert first.status_code == 201, first.text
         rules = httpx.put(f"{base}/datasets/bc/rules", content=b"rows: {min: 55}\n",
                           headers=auth(Role.TRAINER))
@@ -232,7 +238,8 @@ def test_dataset_routes(settings, tmp_path):
         [failure] = small.json()["error"]["details"]["failures"]
         assert failure["rule"] == "rows" and failure["figures"] == {"rows": 50, "min": 55, "max": None}
         second = httpx.post(f"{base}/datasets/bc", params={"format": "parquet"},
-                            content=SMALL.head(58).to_parquet(), headers=auth(Role.TRAINER))
+                            content=SMALL.head(58).to_parquet(), headers=auth(Role.TRAINER),
+                            timeout=DVC_REQUEST_TIMEOUT_S)
         assert second.status_code == 201, second.text
         listed = httpx.get(f"{base}/datasets", headers=auth(Role.VIEWER)).json()
         assert [(d["name"], d["versions"], d["latest"]) for d in listed] == [("bc", 2, second.json()["rev"])]
@@ -240,7 +247,7 @@ def test_dataset_routes(settings, tmp_path):
         assert shown["rev"] == first.json()["rev"] and shown["rows"] == 60 and shown["models"] == []
         assert shown["stats"]["target"]["min"] == 0
         diff = httpx.get(f"{base}/datasets/bc/diff", params={"a": "v1", "b": "latest"},
-                         headers=auth(Role.VIEWER))
+                         headers=auth(Role.VIEWER), timeout=DVC_REQUEST_TIMEOUT_S)
         assert diff.json()["rows"] == {"a": 60, "b": 58, "delta": -2}
         unknown = httpx.get(f"{base}/datasets/bc/versions/nope", headers=auth(Role.VIEWER))
         assert unknown.status_code == 404 and "no revision 'nope'" in unknown.json()["error"]["message"]
