@@ -9,10 +9,9 @@ one request after the other on one kept-alive connection, in one event loop:
 
 - ``bare``: ``bench/serving_reference.py`` (orjson, one ONNX Runtime session) under uvicorn's
   own ``httptools`` protocol, what ``bench/serving.py`` calls the bare reference;
-- ``shipyard``: serving's fast lane (:mod:`services.serving.fastlane.lane`) under its HTTP protocol
-  (:class:`~services.serving.fastlane.uvicorn_protocol.FastLaneHttpProtocol`), with the real parts
-  behind it: token check, the version's signature check, the
-  batcher, metrics, and the prediction log (journal, shipper process, SQLite) — as
+- ``shipyard``: serving's :class:`~services.serving.httpfast.FastLaneHttpProtocol` with the fast
+  lane and the real parts behind it: token check, the version's signature check, the batching
+  wrapper, metrics, and the prediction log (journal, shipper process, SQLite) — as
   ``python -m services.serving`` sets them up by default.
 
 It prints microseconds per request for each and their ratio: the CPU the request path costs in
@@ -105,27 +104,6 @@ async def _drive(app: Any, protocol_class: Any, payload: bytes, requests: int) -
     return elapsed / requests
 
 
-async def _drive_many(app: Any, protocol_class: Any, payload: bytes, requests: int, connections: int) -> float:
-    """As :func:`_drive`, with ``connections`` kept-alive connections whose requests arrive together:
-    each round, every connection's request is read in one loop iteration (as a server's loop reads
-    every socket that became readable), then the loop runs until every one is answered."""
-    pairs = [_protocol(app, protocol_class) for _ in range(connections)]
-    rounds = max(1, requests // connections)
-    started = time.perf_counter()
-    for _ in range(rounds):
-        for protocol, _transport in pairs:
-            protocol.data_received(payload)
-        await asyncio.sleep(0)
-        while not all(protocol.cycle.response_complete for protocol, _ in pairs):
-            await asyncio.sleep(0)
-    elapsed = time.perf_counter() - started
-    for protocol, transport in pairs:
-        if b" 200 OK" not in b"".join(transport.written[-2:]):
-            raise SystemExit(f"the app answered: {b''.join(transport.written[-2:])[:400]!r}")
-        protocol.connection_lost(None)
-    return elapsed / (rounds * connections)
-
-
 def _request(path: str, body: bytes) -> bytes:
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n")
@@ -149,7 +127,7 @@ def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
     from prometheus_client import CollectorRegistry
 
     from services.serving.core.dataplane import DataPlane
-    from services.serving.core.follower import make_batcher
+    from services.serving.core.follower import with_batching
     from services.serving.core.loaded import LoadedModels, ServedModel
     from services.serving.core.metrics import ServingMetrics
     from services.serving.fastlane.lane import FastLane
@@ -170,13 +148,14 @@ def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
     metrics = ServingMetrics(registry)
     loaded = load_runtime(model_folder, name="mlp", version="1", tags={"shipyard.format": "onnx"},
                           settings=settings)
-    batcher = make_batcher(loaded, name="mlp", version="1", policy=settings.batching_for("mlp"),
+    loaded = with_batching(loaded, name="mlp", version="1", policy=settings.batching_for("mlp"),
                            metrics=metrics)
-    print(f"Shipyard's ONNX Runtime session: {getattr(loaded.runtime, 'threads', '?')} intra-op thread(s)")
+    inner = getattr(loaded.runtime, "runtime", loaded.runtime)
+    print(f"Shipyard's ONNX Runtime session: {getattr(inner, 'threads', '?')} intra-op thread(s)")
     models = LoadedModels(metrics)
     models.set_target("mlp", "1")
     models.install(ServedModel(name="mlp", version="1", runtime=loaded.runtime, signature=loaded.signature,
-                               loaded_at=datetime.now(UTC), batcher=batcher))
+                               loaded_at=datetime.now(UTC)))
     models.reconciled.set()
     database = Database(f"sqlite:///{folder / 'serving.db'}")
     database.create_tables()
@@ -188,9 +167,9 @@ def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
     prediction_log.start()
     executor = ThreadPoolExecutor(settings.request_threads)
     state = SimpleNamespace(
-        dataplane=DataPlane(settings=settings, models=models, prediction_log=prediction_log, metrics=metrics,
-                            pool=executor),
+        dataplane=DataPlane(settings=settings, models=models, prediction_log=prediction_log, metrics=metrics),
         authenticator=TokenAuthenticator({TOKEN: Role.VIEWER}),
+        predict_executor=executor,
         http_metrics=HttpMetrics(registry, "serving"),
     )
 
@@ -211,8 +190,6 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30_000)
     parser.add_argument("--rounds", type=int, default=3, help="best of this many runs of --requests each")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--connections", type=int, default=1,
-                        help="connections whose requests arrive in the same loop iteration")
     args = parser.parse_args()
 
     import numpy as np
@@ -239,8 +216,6 @@ def main() -> None:
         gc.freeze()  # as serving does (settings.gc_freeze)
 
         def run(app: Any, protocol: Any, payload: bytes, requests: int) -> float:
-            if args.connections > 1:
-                return loop.run_until_complete(_drive_many(app, protocol, payload, requests, args.connections))
             return loop.run_until_complete(_drive(app, protocol, payload, requests))
 
         try:
@@ -262,7 +237,7 @@ def main() -> None:
     print(f"Shipyard (fast lane in the protocol): {ours * 1e6:7.1f} µs per request")
     print(f"bare ÷ Shipyard, requests/s:          {bare / ours:7.2f}")
     if args.profile:
-        pstats.Stats(profiler).sort_stats(os.environ.get("HOTPATH_SORT", "tottime")).print_stats(int(os.environ.get("HOTPATH_LINES", "30")))
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":

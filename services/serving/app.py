@@ -46,7 +46,7 @@ def _create_tables(database: Database, attempts: int = 5) -> None:
 
 
 class ServingApp(FastAPI):
-    """The FastAPI app with the prediction fast lane (fastlane/lane.py) in front of its middleware stack."""
+    """The FastAPI app with the prediction fast lane (fastlane.py) in front of its middleware stack."""
 
     #: The fast lane's body limit; None: no fast lane, FastAPI's routes answer predictions.
     fast_lane_body_limit: int | None = None
@@ -79,7 +79,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         finally:
             app.state.ready = False
             # Copies to shadow versions already taken finish (and are logged) before runtimes close.
-            await dataplane.shadow.close()
+            dataplane.shadow.close()
             follower.stop()
             # After uvicorn has finished the requests in flight, so every answered one is written.
             executor.shutdown(wait=True)
@@ -90,9 +90,9 @@ def create_app(settings: ServingSettings) -> FastAPI:
     app = ServingApp(title="Shipyard serving", version="0.1.0", lifespan=lifespan,
                      telemetry={"tracing": False, "metrics": False, "logs": False})
     app.fast_lane_body_limit = settings.max_body_bytes if settings.fast_lane else None
-    # Model calls too costly for the event loop (batching/), and the prediction log's waits for
-    # room; its threads end with the lifespan.
+    # Model calls too costly for the event loop (fastlane.py); its threads end with the lifespan.
     executor = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="predict")
+    app.state.predict_executor = executor
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     models = LoadedModels(metrics)
@@ -117,7 +117,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     )
     metrics.prediction_log_pending.set_function(prediction_log.pending)
     app.state.dataplane = DataPlane(
-        settings=settings, models=models, prediction_log=prediction_log, metrics=metrics, pool=executor,
+        settings=settings, models=models, prediction_log=prediction_log, metrics=metrics,
         shadow=ShadowMirror(registry),
     )
     app.state.follower = ModelFollower(settings=settings, models=models, metrics=metrics)

@@ -78,9 +78,8 @@ class ServingSettings(ServiceSettings):
     )
     max_batch_wait_ms: float = Field(
         default=2.0, ge=0,
-        description="For models whose calls run in the thread pool: the longest a request waits for "
-        "the version's running call to end (to share the next one) before it runs beside it. An idle "
-        "model runs a request at once; cheap models merge what arrives in one event-loop iteration.",
+        description="Longest a request waits for others to join its batch, and only while another "
+        "call of the same version is running: an idle model runs a request at once.",
     )
     batching_overrides: dict[str, BatchingOverride] = Field(
         default_factory=dict,
@@ -89,8 +88,9 @@ class ServingSettings(ServiceSettings):
     )
     fast_lane: bool = Field(
         default=True,
-        description="Answer predict requests in the lean ASGI layer (fastlane/lane.py) in front of "
-        "FastAPI; false: FastAPI's routes answer them (the same calls and answers, more CPU per request).",
+        description="Answer predict requests in the lean layer (fastlane.py) in front of FastAPI, "
+        "cheap models' requests inside uvicorn's HTTP protocol (httpfast.py); false: FastAPI's routes "
+        "answer them (same answers, several times the CPU per request).",
     )
     # -- processes and threads -----------------------------------------------------------------
     workers: int = Field(
@@ -100,8 +100,8 @@ class ServingSettings(ServiceSettings):
     )
     request_threads: int = Field(
         default=64, ge=1,
-        description="Threads per process for model calls too costly to run on the event loop "
-        "(batching/adaptive.py), and for requests waiting for room in a full prediction log.",
+        description="Threads per process for model calls too costly to run on the event loop; "
+        "concurrent ones of a version are what adaptive batching merges.",
     )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,

@@ -1,7 +1,6 @@
 """Our protocol's routes: ``POST /v1/models/{name}/predict`` and the model status routes.
 
-Thin: the rows codec is :mod:`services.serving.protocols.ours`, the status
-:mod:`services.serving.api.status`.
+Thin: the rows codec is :mod:`services.serving.protocols.ours`, the status :mod:`services.serving.api.status`.
 """
 
 from __future__ import annotations
@@ -11,10 +10,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request, Response
 
 from services.serving.api import status
-from services.serving.api.predict import ours as predict_ours
 from services.serving.api.schemas import ModelStatusPublic, PredictRequest, PredictResponse
 from services.serving.core.dataplane import VERSION_HEADER, DataPlane
-from services.serving.protocols.ours import predict_body
+from services.serving.protocols.ours import predict_body, predict_inference
 from shipyard_common.auth import Principal, Role, role_checker
 
 router = APIRouter(prefix="/v1/models", tags=["serving"])
@@ -26,8 +24,10 @@ def _dataplane(request: Request) -> DataPlane:
     return request.app.state.dataplane  # type: ignore[no-any-return]
 
 
+# Plain defs: ONNX Runtime releases the GIL while it runs, and the prediction log may block when
+# full, so these belong in the thread pool rather than on the event loop.
 @router.post("/{name}/predict", response_model=PredictResponse)
-async def predict(
+def predict(
     request: Request,
     response: Response,
     name: str,
@@ -35,8 +35,9 @@ async def predict(
     _: Viewer,
     x_request_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> PredictResponse:
-    inference = await predict_ours(_dataplane(request), name=name, inputs=body.inputs,
-                                   request_id=x_request_id)
+    inference = predict_inference(
+        dataplane=_dataplane(request), name=name, inputs=body.inputs, request_id=x_request_id
+    )
     response.headers[VERSION_HEADER] = inference.version
     return PredictResponse(**predict_body(inference))
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
-from services.serving.api import predict
 from services.serving.api.http import authorize, get_dataplane, respond
 from services.serving.protocols import tfserving
 from shipyard_common.errors import ShipyardError
@@ -23,8 +23,11 @@ async def _predict(request: Request, name: str, version: str | None, label: str 
     except ShipyardError as exc:
         return respond(tfserving.error_response(exc))
     body = await request.body()
-    return respond(await predict.tfserving(get_dataplane(request), name=name, version=version, label=label,
-                                           body=body, request_id=request.headers.get("x-request-id")))
+    answer = await run_in_threadpool(
+        tfserving.predict, dataplane=get_dataplane(request), name=name, version=version, label=label,
+        body=body, request_id=request.headers.get("x-request-id"),
+    )
+    return respond(answer)
 
 
 @router.post("/{name}:predict")

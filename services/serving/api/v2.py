@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
-from services.serving.api import predict
 from services.serving.api.http import authorize, get_dataplane, lower_headers, respond
 from services.serving.core.dataplane import resolve
 from services.serving.protocols import v2
-from shipyard_common.errors import ShipyardError
+from shipyard_common.errors import BadRequest, ShipyardError
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -75,11 +75,17 @@ def model_version_metadata(request: Request, name: str, version: str) -> Respons
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     try:
         authorize(request)
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise BadRequest("compressed request bodies are not accepted; send them uncompressed")
     except ShipyardError as exc:
         return respond(v2.error_response(exc))
     body = await request.body()
-    return respond(await predict.v2(get_dataplane(request), name=name, version=version, body=body,
-                                    headers=lower_headers(request)))
+    # In the thread pool: ONNX Runtime releases the GIL, and the prediction log may block when full.
+    answer = await run_in_threadpool(
+        v2.infer, dataplane=get_dataplane(request), name=name, version=version, body=body,
+        headers=lower_headers(request),
+    )
+    return respond(answer)
 
 
 @router.post("/models/{name}/infer")

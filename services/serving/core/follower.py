@@ -28,7 +28,7 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from services.serving.batching.adaptive import Batcher, batchable
+from services.serving.batching.adaptive import BatchingRuntime, batchable
 from services.serving.core.loaded import (
     SIDE_ALIASES,
     AliasSlot,
@@ -200,7 +200,10 @@ class ModelFollower:
             self.models.record_failure(name, version, loaded)
             return
         previous = state.served.version if state.served else None
-        self.models.install(self.served(name, version, loaded))
+        self.models.install(
+            ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
+                        loaded_at=datetime.now(UTC))
+        )
         log.info(
             "serving %s version %s as %s (was %s), loaded in %.2fs", name, version, loaded.runtime.format,
             previous, time.perf_counter() - started, extra={"model": name, "version": version},
@@ -235,17 +238,9 @@ class ModelFollower:
         folder = self.download(name, version)
         loaded = load_runtime(folder, name=name, version=version, tags=tags, settings=self.settings)
         self.metrics.observe_load(name, version, time.perf_counter() - started)
-        return loaded
-
-    def served(
-        self, name: str, version: str, loaded: LoadedRuntime, *, alias: str = PRODUCTION
-    ) -> ServedModel:
-        """``loaded`` as the ``alias`` of ``name``, with its batcher (batching/: concurrent requests
-        for the version are merged into one runtime call, as its model's policy allows)."""
-        batcher = make_batcher(loaded, name=name, version=version, policy=self.settings.batching_for(name),
-                               metrics=self.metrics)
-        return ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
-                           loaded_at=datetime.now(UTC), alias=alias, batcher=batcher)
+        # Concurrent requests for this version are merged into one runtime call (batching.py).
+        return with_batching(loaded, name=name, version=version, policy=self.settings.batching_for(name),
+                             metrics=self.metrics)
 
     def download(self, name: str, version: str) -> Path:
         """The version's artifacts under the state folder, downloaded once."""
@@ -315,7 +310,7 @@ def follow_side_aliases(
 
 def ensure_alias(follower: ModelFollower, name: str, alias: str, version: str | None) -> None:
     """Load ``version`` as the ``alias`` of ``name`` (None: unload it) unless it already is."""
-    from services.serving.core.loaded import retire_served
+    from services.serving.core.loaded import ServedModel, retire_served
 
     models = follower.models
     state = models.state(name)
@@ -348,7 +343,8 @@ def ensure_alias(follower: ModelFollower, name: str, alias: str, version: str | 
         _update_slot(models, name, alias, error=loaded, failed_version=version, failed_at=time.monotonic())
         follower.metrics.load_failures.labels(name).inc()
         return
-    served = follower.served(name, version, loaded, alias=alias)
+    served = ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
+                         loaded_at=datetime.now(UTC), alias=alias)
     previous = _update_slot(models, name, alias, served=served, error=None, failed_version=None,
                             failed_at=None)
     log.info("serving %s version %s as its %s (was %s), loaded in %.2fs", name, version, alias,
@@ -370,13 +366,17 @@ def _update_slot(models: LoadedModels, name: str, alias: str, **changes: Any) ->
         return before
 
 
-def make_batcher(
+def with_batching(
     loaded: LoadedRuntime, *, name: str, version: str, policy: BatchingPolicy, metrics: ServingMetrics
-) -> Batcher:
-    """The version's batcher: merging when the policy allows and every tensor has a free batch dimension."""
-    merge = policy.enabled and policy.max_batch_size >= 2
-    if merge and not batchable(loaded.signature, loaded.runtime.signature):
+) -> LoadedRuntime:
+    """``loaded`` with its runtime wrapped in a :class:`BatchingRuntime`, when the policy and model allow."""
+    if not policy.enabled or policy.max_batch_size < 2:
+        return loaded
+    if not batchable(loaded.signature, loaded.runtime.signature):
         log.info("%s version %s has no free batch dimension; its requests are not merged", name, version)
-        merge = False
-    return Batcher(loaded.runtime, max_batch_size=policy.max_batch_size, max_wait_s=policy.max_wait_s,
-                   merge=merge, metrics=metrics.version(name, version))
+        return loaded
+    runtime = BatchingRuntime(
+        loaded.runtime, max_batch_size=policy.max_batch_size, max_wait_s=policy.max_wait_s,
+        name=f"{name}-{version}", metrics=metrics.version(name, version),
+    )
+    return replace(loaded, runtime=runtime)

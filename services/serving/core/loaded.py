@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from services.serving.batching.adaptive import Batcher
+from services.serving.batching.callcost import REMOTE_FORMATS, CallCost
 from services.serving.core.leases import Lease, retire_runtime
 from services.serving.core.metrics import ServingMetrics
-from services.serving.runtimes.base import Runtime, Signature
+from services.serving.runtimes.base import Runtime, Signature, TensorSpec
 from shipyard_common.errors import NotFound, Unavailable
 from shipyard_common.lineage import (
     CANARY,
@@ -97,12 +97,28 @@ class ServedModel:
     alias: str = PRODUCTION
     #: Held by each request running on it; a replaced version is closed once they are done.
     lease: Lease = field(default_factory=Lease, compare=False, repr=False)
-    #: Runs its runtime calls, merging concurrent requests (batching/); one that never merges if None.
-    batcher: Batcher = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    #: CPU per runtime call, for runtimes that do not measure their own (batching.py does).
+    own_cost: CallCost = field(default_factory=CallCost, compare=False, repr=False)
+
+    #: What one runtime call of this version costs (the fast lane runs cheap ones inline): the
+    #: runtime's own measure (batching.py) or ``own_cost``. Set at creation.
+    cost: CallCost = field(init=False, compare=False, repr=False)
+    #: The input of a version that takes rows of fractional numbers (one 2-D floating-point input
+    #: with a free batch dimension), which our protocol's rows fill directly; None otherwise.
+    rows_input: TensorSpec | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.batcher is None:  # a frozen dataclass: the default is set once, here
-            object.__setattr__(self, "batcher", Batcher(self.runtime, max_batch_size=1, merge=False))
+        self.own_cost.remote = self.runtime.format in REMOTE_FORMATS
+        measured = getattr(self.runtime, "cost", None)
+        # A frozen dataclass: derived fields are set once, here.
+        object.__setattr__(self, "cost", measured if isinstance(measured, CallCost) else self.own_cost)
+        inputs = self.signature.inputs
+        rows_input = inputs[0] if len(inputs) == 1 else None
+        if rows_input is not None and (
+            len(rows_input.shape) != 2 or rows_input.shape[0] is not None or rows_input.dtype.kind != "f"
+        ):
+            rows_input = None
+        object.__setattr__(self, "rows_input", rows_input)
 
 
 @dataclass(frozen=True)

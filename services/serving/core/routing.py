@@ -6,8 +6,8 @@ Besides ``production``, a registered model may carry two more aliases that servi
   with the model's ``shipyard.canary_weight`` tag (default 0.1; the registry sets it when it moves
   the alias). The response names the version that answered (body and ``X-Model-Version``).
 * ``shadow``: sees a copy of every request production or the canary answered, off the request
-  path (event-loop tasks, a bounded number at once; beyond it a copy is skipped and counted, never
-  waited for). Its predictions go to the prediction log with role ``shadow`` and are never returned.
+  path (a small bounded pool; when it is full the copy is skipped and counted, never waited for).
+  Its predictions go to the prediction log with alias ``shadow`` and are never returned.
 
 Both are loaded, warmed up and swapped like production (by the follower, on its one thread),
 and a version that fails to load never replaces a working one. Explicit version routes and the
@@ -16,11 +16,12 @@ and a version that fails to load never replaces a working one. Explicit version 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter
@@ -169,13 +170,11 @@ def leased(function: Callable[P, T]) -> Callable[P, T]:
 
 
 class ShadowMirror:
-    """Runs copies of requests on the shadow version as event-loop tasks, never making callers wait.
+    """Runs copies of requests on the shadow version, in a small pool, never making callers wait."""
 
-    At most ``capacity`` copies run at once; when that many are running, a copy is skipped and
-    counted. :meth:`close` waits for the copies taken, so their rows reach the prediction log.
-    """
-
-    def __init__(self, registry: CollectorRegistry | None = None, *, capacity: int = 64) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, workers: int = 2, capacity: int = 64
+    ) -> None:
         registry = registry or CollectorRegistry()
         self.mirrored = Counter(
             "shipyard_shadow_requests", "Requests copied to the shadow version and run there",
@@ -189,34 +188,57 @@ class ShadowMirror:
             "shipyard_shadow_failures", "Copies the shadow version refused or failed on",
             ["model", "version"], registry=registry,
         )
-        self._capacity = capacity
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._workers = workers
+        self._slots = threading.BoundedSemaphore(capacity)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
         self._closed = False
 
-    def submit(self, shadow: ServedModel, run: Callable[[ServedModel], Awaitable[object]]) -> bool:
-        """Start ``run(shadow)`` as a task on the running loop; False (and counted) when full or closed."""
-        if self._closed or len(self._tasks) >= self._capacity:
+    def _executor(self) -> ThreadPoolExecutor | None:
+        with self._lock:
+            if self._closed:
+                return None
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="shadow")
+            return self._pool
+
+    def submit(self, shadow: ServedModel, run: Callable[[ServedModel], object]) -> bool:
+        """Run ``run(shadow)`` in the pool; False (and counted) when the pool is full."""
+        if not self._slots.acquire(blocking=False):
             self.skipped.labels(shadow.name).inc()
             return False
-        task = asyncio.get_running_loop().create_task(self._copy(shadow, run))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        pool = self._executor()
+        if pool is None:
+            self._slots.release()
+            self.skipped.labels(shadow.name).inc()
+            return False
+
+        def task() -> None:
+            try:
+                run(shadow)
+                self.mirrored.labels(shadow.name, shadow.version).inc()
+            except Exception as exc:  # the caller has its answer; the shadow's failure is only counted
+                self.failed.labels(shadow.name, shadow.version).inc()
+                log.info("the shadow %s version %s failed on a copied request: %s",
+                         shadow.name, shadow.version, exc)
+            finally:
+                self._slots.release()
+
+        try:
+            pool.submit(task)
+        except RuntimeError:  # shut down meanwhile
+            self._slots.release()
+            self.skipped.labels(shadow.name).inc()
+            return False
         return True
 
-    async def _copy(self, shadow: ServedModel, run: Callable[[ServedModel], Awaitable[object]]) -> None:
-        try:
-            await run(shadow)
-            self.mirrored.labels(shadow.name, shadow.version).inc()
-        except Exception as exc:  # the caller has its answer; the shadow's failure is only counted
-            self.failed.labels(shadow.name, shadow.version).inc()
-            log.info("the shadow %s version %s failed on a copied request: %s",
-                     shadow.name, shadow.version, exc)
-
-    async def close(self) -> None:
+    def close(self) -> None:
         """Finish the copies already taken (so their rows reach the log), take no more."""
-        self._closed = True
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def shadow_of(models: LoadedModels, answered: ServedModel) -> ServedModel | None:

@@ -1,86 +1,69 @@
-"""uvicorn's HTTP protocol with the fast lane's predictions answered inside it, without an ASGI task.
+"""uvicorn's HTTP protocol with the prediction fast lane answered inside it, without an ASGI task.
 
 For every request, uvicorn's ``httptools`` protocol builds a request/response cycle, starts an
-asyncio task running the ASGI app (uvicorn's proxy-headers layer, then the fast lane), and turns
-the app's two ``send`` messages back into bytes: for a small model that machinery costs more than
-the model call. :class:`FastLaneHttpProtocol` keeps all of it for every other request; for a
-predict POST that the fast lane (:mod:`services.serving.fastlane.lane`) takes, it runs the same
-call, :meth:`FastLane.answer`, without the task:
+asyncio task running the ASGI app (uvicorn's proxy-headers layer, FastAPI, the fast lane), and
+turns the app's two ``send`` messages back into bytes. For a small model that machinery costs
+more than the model call. :class:`FastLaneHttpProtocol` keeps all of it for every other request,
+and for a predict POST that the fast lane (:mod:`services.serving.fastlane.lane`) would answer inline
+it does the same work synchronously, as the body completes:
 
 * when the headers are complete, a request the lane takes (:meth:`FastLane.match`: a predict
-  route, a ``Content-Length`` of at most :data:`HELD_MAX_BODY`, no ``Expect: 100-continue``) is
-  held instead of starting its task;
-* when its body is complete, :meth:`FastLane.answer`'s coroutine is driven right there
-  (:func:`drive`): the data plane, the batcher (where the request may wait for the end of the loop
-  iteration to share a runtime call) and the log are the lane's, unchanged. When it is done, the
-  answer's bytes are written with uvicorn's default headers (``date``, ``server``) and keep-alive
-  handling, and the connection is told the response is complete, as uvicorn's own ``send`` would;
-* anything else (a body FastAPI must refuse, a pipelined request, a client not reading its
-  responses) starts the ordinary ASGI task with the body already read: the answer is the same
-  either way, only the path differs.
+  route, a ``Content-Length`` of at most :data:`~services.serving.fastlane.INLINE_MAX_BODY`, no
+  ``Expect: 100-continue``) is held instead of starting its task;
+* when its body is complete, the lane prepares it (token, parsing) and, if every version that may
+  answer is cheap, runs it inline (:meth:`FastLane.answer_inline`) and writes the response bytes
+  itself, with uvicorn's default headers (``date``, ``server``) and keep-alive handling, then
+  tells the connection the response is complete, as uvicorn's own ``send`` would; our protocol's
+  requests go to the lane's :class:`~services.serving.fastlane.Merger` instead, which answers
+  them (through :meth:`FastLaneHttpProtocol.merge_done`) once the loop iteration's reads are done,
+  with one runtime call for the requests of one model;
+* anything else (an expensive model, a full prediction log, a body FastAPI must refuse, a
+  pipelined request, a client not reading its responses) starts the ordinary ASGI task with the
+  body already read: the answer is the same either way, only the path differs.
 
 Requests are counted in the same request metrics as the app's. Access logging is off in Shipyard's
 runner (``access_log=False``), so nothing is skipped there. Bound to uvicorn's ``httptools``
-protocol (``uvicorn.protocols.http.httptools_impl``) of the pinned uvicorn version
-(:data:`UVICORN_VERSION`; ``python -m services.serving`` uses it when ``SHIPYARD_SERVING_FAST_LANE``
-is on, the default, and uvicorn is that version). The tests drive the fast lane's tests through it.
+protocol (``uvicorn.protocols.http.httptools_impl``) of the pinned uvicorn version: the tests
+drive every serving test through it (``python -m services.serving`` uses it when
+``SHIPYARD_SERVING_FAST_LANE`` is on, the default).
 """
+
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from services.serving.api.http import ProtocolResponse
-from services.serving.fastlane.lane import FastLane, HandBack, LaneRequest, find_fast_lane, internal_error
+from services.serving.fastlane.lane import (
+    INLINE_MAX_BODY,
+    Deferred,
+    FastLane,
+    HandBack,
+    LaneRequest,
+    Mergeable,
+    in_thread,
+    internal_error,
+)
 from shipyard_common.runner import UVICORN_VERSION, bound_uvicorn
 
-__all__ = ["UVICORN_VERSION", "FastLaneHttpProtocol", "bound_uvicorn", "drive"]
-
-#: Bodies up to this size are answered in the protocol; larger ones take the ASGI path.
-HELD_MAX_BODY = 64 * 1024
+__all__ = ["UVICORN_VERSION", "FastLaneHttpProtocol", "bound_uvicorn", "find_fast_lane"]
 
 # Response header lines as bytes, by (name, value): the same few (content type, version) recur.
 _HEADER_LINES: dict[tuple[str, str], bytes] = {}
 _HEADER_LINES_KEPT = 512
 
 
-def drive(coroutine: Coroutine[Any, Any, ProtocolResponse], done: Callable[[ProtocolResponse], None]) -> None:
-    """Run ``coroutine`` on the running loop without a task: at once, up to its first wait, then
-    each time what it waits for is done; ``done`` gets its result (or the answer to its error).
-
-    What an asyncio task does with a coroutine (each ``await`` of a future yields the future to
-    its driver; a bare ``yield`` asks to be run again soon), without the task's scheduling, name and
-    context copy: most predictions finish in the first step. Raises :class:`HandBack` only when the
-    coroutine raises it before its first wait (the lane decides that before running anything).
-    """
-    first = True
-
-    def step(_: object = None) -> None:
-        nonlocal first
-        try:
-            waited = coroutine.send(None)
-        except StopIteration as stop:
-            done(stop.value)
-            return
-        except HandBack:
-            if first:
-                raise
-            done(internal_error(RuntimeError("a request was handed back after it had started")))
-            return
-        except Exception as exc:
-            done(internal_error(exc))
-            return
-        finally:
-            first = False
-        if waited is None:
-            asyncio.get_running_loop().call_soon(step)
-        else:
-            waited.add_done_callback(step)
-
-    step()
+def find_fast_lane(app: Any) -> FastLane | None:
+    """The fast lane in front of ``app``'s middleware (uvicorn wraps the app in its own layers)."""
+    for _ in range(8):
+        if app is None:
+            return None
+        stack = getattr(app, "middleware_stack", None)
+        if isinstance(stack, FastLane):
+            return stack
+        app = getattr(app, "app", None)
+    return None
 
 
 class FastLaneHttpProtocol(HttpToolsProtocol):
@@ -115,7 +98,7 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
             and not cycle.waiting_for_100_continue
         ):
             request = lane.match(cycle.scope)  # type: ignore[arg-type]  # an ASGI HTTP scope
-            if request is not None and int(request.headers[b"content-length"]) <= HELD_MAX_BODY:
+            if request is not None and request.body_size <= INLINE_MAX_BODY:
                 self._held = (cycle, app, request)
                 return
         super()._start_asgi_task(cycle, app)
@@ -137,21 +120,47 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _answer(self, cycle: RequestResponseCycle, app: Any, request: LaneRequest) -> bool:
-        """Answer ``cycle`` here (now, or once its merged call is done); False when the ASGI path must
-        (nothing was run or counted then)."""
+        """Answer ``cycle`` here (now, or with the requests merged in this loop iteration); False when
+        the ASGI path must (nothing was run or counted then)."""
         lane = self._lane
-        if lane is None or self.flow.write_paused:  # a client not reading its answers: the ASGI path waits
+        if lane is None or self.flow.write_paused:
             return False
-
-        def done(answer: ProtocolResponse) -> None:
-            if not cycle.disconnected:
-                self._respond(cycle, request, answer)
-
         try:
-            drive(lane.answer(request, bytes(cycle.body)), done)
+            prepared = lane.prepare(request, bytes(cycle.body))
+            if isinstance(prepared, Mergeable):
+                lane.merger.add(self.loop, prepared, self, (cycle, app, request))
+                return True
+            if isinstance(prepared, Deferred):
+                answer = lane.answer_inline(prepared)
+                if answer is None:
+                    return False
+            else:
+                answer = prepared
         except HandBack:
             return False
+        except Exception as exc:
+            answer = internal_error(exc)
+        self._respond(cycle, request, answer)
         return True
+
+    # -- MergeClient: a merged request's end (fastlane.Merger) ------------------------------------
+    def merge_ready(self, context: tuple[RequestResponseCycle, Any, LaneRequest]) -> bool:
+        cycle, app, _ = context
+        if cycle.response_complete or cycle.disconnected:
+            return False
+        if self.flow.write_paused:  # a client not reading its answers: the ASGI path waits for it
+            super()._start_asgi_task(cycle, app)
+            return False
+        return True
+
+    def merge_done(
+        self, context: tuple[RequestResponseCycle, Any, LaneRequest], answer: ProtocolResponse
+    ) -> None:
+        cycle, app, request = context
+        if in_thread(answer):
+            super()._start_asgi_task(cycle, app)  # the ASGI path, with the body already read
+        elif not cycle.disconnected:
+            self._respond(cycle, request, answer)
 
     def _respond(self, cycle: RequestResponseCycle, request: LaneRequest, answer: ProtocolResponse) -> None:
         """Write ``answer`` as uvicorn's ``send`` would, and end the request's cycle."""
@@ -177,7 +186,7 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
         cycle.body = bytearray()
         self.transport.write(b"".join(parts))
         lane.count(request, status)
-        lane.answered += 1
+        lane.protocol_answers += 1
         cycle.message_event.set()
         if not cycle.keep_alive:
             self.transport.close()

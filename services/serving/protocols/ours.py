@@ -7,24 +7,26 @@ value-by-value check that names the first offending value (a 422).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from services.serving.core.dataplane import Decoded, Inference, InferenceRequest, Rows
+from services.serving.core.dataplane import DataPlane, Inference, count_error, infer, served_model
 from services.serving.core.validation import array_from_json
-from services.serving.runtimes.base import Signature, TensorSpec
-from services.serving.settings import ServingSettings
+from services.serving.runtimes.base import TensorSpec
 from shipyard_common.errors import (
     InvalidInput,
     ValidationFailed,
 )
 
 _NUMBER_TYPES = (int, float)
+
+
+# -- our JSON protocol: {"inputs": [[...], ...]} -------------------------------------------------
+
+
 _NUMBER_TYPE_SET = frozenset(_NUMBER_TYPES)
 _FLOAT_TYPE_SET = frozenset({float})
 _FLOAT_MAX: dict[np.dtype[Any], float] = {}
@@ -78,27 +80,30 @@ def parse_rows(inputs: Any, *, spec: TensorSpec, max_rows: int, allow_non_finite
         raise ValidationFailed(exc.message) from exc
 
 
-def float_rows(inputs: list[Any], dtype: np.dtype[Any], expected: int | None) -> np.ndarray | None:
+def float_rows(
+    inputs: list[Any], dtype: np.dtype[Any], expected: int | None, *, dots: int = -1
+) -> np.ndarray | None:
     """Rows of Python floats as ``dtype``, all finite and in its range; None: take the general path.
 
     The common request (fractional features, a floating-point model): converted to float64 in one
     numpy call (which cannot overflow), checked with two reductions (a NaN fails every comparison,
     ±Inf or a value beyond ``dtype``'s range fails the bounds), then cast. Anything else (integers,
     which may exceed 64 bits; bad values; ragged rows) goes the general way, which names the problem.
+
+    ``dots`` (:func:`plain_numbers`): the count of ``.`` in the JSON the rows came from, when it
+    holds no string but its ``inputs`` key, else -1. When the values number as many, each is a
+    fraction (what orjson reads as a float), and no value's type is looked at.
     """
-    if not _all_floats(inputs, expected):
+    if dots < 0 and not _all_floats(inputs, expected):
         return None
-    return _float_array(inputs, dtype, expected)
-
-
-def _float_array(inputs: list[Any], dtype: np.dtype[Any], expected: int | None) -> np.ndarray | None:
-    """:func:`float_rows` for rows already known to be lists of Python floats."""
     try:
         wide = np.asarray(inputs, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):  # ragged, or not numbers
         return None
     if wide.ndim != 2 or not wide.size or (expected is not None and wide.shape[1] != expected):
         return None
+    if dots >= 0 and wide.size != dots and not _all_floats(inputs, expected):
+        return None  # some value has no ".": an integer, which the general path converts
     largest = _FLOAT_MAX.get(dtype)
     if largest is None:
         largest = _FLOAT_MAX[dtype] = float(np.finfo(dtype).max)
@@ -107,20 +112,21 @@ def _float_array(inputs: list[Any], dtype: np.dtype[Any], expected: int | None) 
     return wide.astype(dtype)
 
 
-_CONVERTERS: dict[np.dtype[Any], Callable[[list[Any]], np.ndarray | None]] = {}
-
-
-def _converter(dtype: np.dtype[Any]) -> Callable[[list[Any]], np.ndarray | None]:
-    """Rows of floats (of one width, already checked) as ``dtype``: :class:`Rows`'s ``convert``."""
-    found = _CONVERTERS.get(dtype)
-    if found is None:
-        found = _CONVERTERS[dtype] = functools.partial(_float_array, dtype=dtype, expected=None)
-    return found
-
-
 def _all_floats(inputs: list[Any], expected: int | None) -> bool:
     return all(type(row) is list and (expected is None or len(row) == expected)
                and _FLOAT_TYPE_SET.issuperset(map(type, row)) for row in inputs)
+
+
+def plain_numbers(body: bytes) -> int:
+    """For a JSON body ``{"inputs": ...}`` with no string but that key: its count of ``.``; else -1.
+
+    Outside strings, a ``.`` can only be a number's (one at most each). So when the values number
+    as many as the body's dots, each has one: each is a fraction, none an integer, a boolean or
+    ``null`` (which have none), and :func:`float_rows` need not look at their types.
+    """
+    if body.count(b'"') != 2:
+        return -1
+    return body.count(b".")
 
 
 def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non_finite: bool) -> None:
@@ -142,53 +148,47 @@ def _check_rows_one_by_one(inputs: list[Any], *, expected: int | None, allow_non
                 raise ValidationFailed(f"row {index}, feature {column} is {value}; features must be finite")
 
 
-def inference_request(
-    *, settings: ServingSettings, name: str, inputs: Any, request_id: str | None = None,
-    started: float | None = None,
-) -> InferenceRequest:
-    """Our ``POST /v1/models/{name}/predict`` with ``inputs`` (the body's field), for the data plane.
+def predict_inference(
+    *, dataplane: DataPlane, name: str, inputs: Any, request_id: str | None = None,
+    started: float | None = None, inline: bool = False,
+) -> Inference:
+    """Our ``POST /v1/models/{name}/predict`` with ``inputs`` (the body's field): the answer's outputs.
 
-    Rows (a list of lists of numbers) for a model with one 2-D input, or ``{name: array}`` for a
-    model with several. Bad rows are 422s here; wrap the data plane's call in :func:`as_422`.
+    Raises the protocol's errors (422 for bad rows); the route and the fast lane shape them.
     """
-
-    def decode(signature: Signature) -> Decoded:
+    started = time.perf_counter() if started is None else started
+    served = served_model(dataplane, name)
+    settings = dataplane.settings
+    signature = served.signature
+    try:
+        arrays: dict[str, np.ndarray]
+        validated = False
         if isinstance(inputs, dict) and len(signature.inputs) > 1:
             specs = {spec.name: spec for spec in signature.inputs}
             unknown = sorted(set(inputs) - set(specs))
             if unknown:
                 raise ValidationFailed(f"unknown input(s) {unknown}; the model takes {list(specs)}")
-            return Decoded({key: array_from_json(value, specs[key].dtype, what=f"input {key!r}")
-                            for key, value in inputs.items()})
-        if len(signature.inputs) != 1 or len(signature.inputs[0].shape) != 2:
-            raise ValidationFailed(
-                f"this model takes {[s.describe() for s in signature.inputs]}; send "
-                '{"inputs": {name: array, ...}} or use the v2 protocol'
-            )
-        spec = signature.inputs[0]
-
-        def alone() -> dict[str, np.ndarray]:
-            # parse_rows checks what validate_inputs would: dtype, shape, rows, finite values.
-            return {spec.name: parse_rows(inputs, spec=spec, max_rows=settings.max_batch_rows,
-                                          allow_non_finite=settings.allow_non_finite)}
-
-        width = spec.shape[1]
-        if (
-            spec.shape[0] is None and width is not None and spec.dtype.kind == "f"
-            and not settings.allow_non_finite and type(inputs) is list
-            and 0 < len(inputs) <= settings.max_batch_rows and _all_floats(inputs, width)
-        ):
-            # Rows of floats of the right width: made an array with the rows they share a call with.
-            return Decoded({}, checked=True, rows=Rows(spec.name, inputs, width, _converter(spec.dtype), alone))
-        return Decoded(alone(), checked=True)
-
-    return InferenceRequest(model=name, decode=decode, request_id=request_id,
-                            started=time.perf_counter() if started is None else started)
-
-
-def as_422(exc: InvalidInput) -> ValidationFailed:
-    """This protocol has answered bad inputs with 422 since its first version (v2 and TF: 400)."""
-    return ValidationFailed(exc.message, details=exc.details)
+            arrays = {key: array_from_json(value, specs[key].dtype, what=f"input {key!r}")
+                      for key, value in inputs.items()}
+        else:
+            if len(signature.inputs) != 1 or len(signature.inputs[0].shape) != 2:
+                raise ValidationFailed(
+                    f"this model takes {[s.describe() for s in signature.inputs]}; send "
+                    '{"inputs": {name: array, ...}} or use the v2 protocol'
+                )
+            spec = signature.inputs[0]
+            arrays = {spec.name: parse_rows(inputs, spec=spec, max_rows=settings.max_batch_rows,
+                                            allow_non_finite=settings.allow_non_finite)}
+            # parse_rows checked what validate_inputs would: dtype, shape, rows, finite values.
+            validated = True
+        return infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
+                     started=started, inline=inline, validated=validated)
+    except InvalidInput as exc:
+        # This protocol has answered bad rows with 422 since its first version.
+        raise ValidationFailed(exc.message, details=exc.details) from exc
+    except ValidationFailed:
+        count_error(dataplane, name, "invalid_input")
+        raise
 
 
 def predict_body(inference: Inference) -> dict[str, Any]:

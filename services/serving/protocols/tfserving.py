@@ -17,11 +17,12 @@ import numpy as np
 from services.serving.core.dataplane import (
     VERSION_HEADER,
     DataPlane,
-    Decoded,
     Inference,
-    InferenceRequest,
+    count_error,
+    infer,
     model_state,
     resolve,
+    served_model,
 )
 from services.serving.core.routing import version_status
 from services.serving.core.validation import array_from_json
@@ -118,30 +119,30 @@ def encode_predict(inference: Inference, row_format: bool) -> dict[str, Any]:
     return {"outputs": {key: value.tolist() for key, value in outputs.items()}}
 
 
-def inference_request(
-    *, name: str, version: str | None, label: str | None, body: bytes, request_id: str | None = None,
-    started: float | None = None,
-) -> tuple[InferenceRequest, list[bool]]:
-    """One ``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict`` for the data plane, and
-    whether it came in row form (``instances``), known once the data plane has decoded it."""
-    row_format: list[bool] = []
+def predict(
+    *, dataplane: DataPlane, name: str, version: str | None, label: str | None, body: bytes,
+    request_id: str | None = None, inline: bool = False,
+) -> Response:
+    """One ``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict``.
 
-    def decode(signature: Signature) -> Decoded:
-        arrays, rows = decode_predict(body, signature)
-        row_format.append(rows)
-        return Decoded(arrays)
-
-    inference = InferenceRequest(model=name, version=version, label=label, decode=decode,
-                                 request_id=request_id,
-                                 started=time.perf_counter() if started is None else started)
-    return inference, row_format
-
-
-def predict_response(inference: Inference, row_format: list[bool]) -> Response:
-    """The answer in the request's form; the version that answered in a header (the body has no field)."""
-    status, content, answer_headers = json_response(encode_predict(inference, row_format[0]))
-    answer_headers[VERSION_HEADER] = inference.version
-    return status, content, answer_headers
+    ``inline``: called on the event loop (the fast lane); see :func:`dataplane.infer`, whose
+    :class:`~services.serving.dataplane.Offload` passes through.
+    """
+    started = time.perf_counter()
+    try:
+        served = served_model(dataplane, name, version=version, label=label)
+        try:
+            arrays, row_format = decode_predict(body, served.signature)
+        except InvalidInput:
+            count_error(dataplane, name, "invalid_input")
+            raise
+        inference = infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
+                             started=started, inline=inline)
+        status, content, answer_headers = json_response(encode_predict(inference, row_format))
+        answer_headers[VERSION_HEADER] = inference.version  # the body has no field for it
+        return status, content, answer_headers
+    except ShipyardError as exc:
+        return error_response(exc)
 
 
 def model_status(

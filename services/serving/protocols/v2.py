@@ -18,11 +18,21 @@ from typing import Any
 
 import numpy as np
 
-from services.serving.core.dataplane import VERSION_HEADER, Decoded, Inference, InferenceRequest
+from services.serving.core.dataplane import (
+    VERSION_HEADER,
+    DataPlane,
+    Inference,
+    count_error,
+    new_request_id,
+    served_model,
+)
+from services.serving.core.dataplane import (
+    infer as run_inference,
+)
 from services.serving.core.loaded import ServedModel
 from services.serving.core.validation import array_from_json
 from services.serving.protocols import dumps, loads
-from services.serving.runtimes.base import Signature, TensorSpec
+from services.serving.runtimes.base import TensorSpec
 from shipyard_common.errors import InvalidInput, ShipyardError
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -235,33 +245,36 @@ def encode_infer_response(
     }
 
 
-def inference_request(
-    *, name: str, version: str | None, body: bytes, headers: dict[str, str], started: float | None = None,
-) -> tuple[InferenceRequest, list[RequestedOutput]]:
-    """One ``POST /v2/models/{name}[/versions/{version}]/infer`` for the data plane, and the outputs
-    to answer (filled in when the data plane decodes the body for the answering version)."""
-    requested: list[RequestedOutput] = []
+def infer(
+    *, dataplane: DataPlane, name: str, version: str | None, body: bytes, headers: dict[str, str],
+    inline: bool = False,
+) -> Response:
+    """One ``POST /v2/models/{name}[/versions/{version}]/infer``: parse, run, encode (or the error).
 
-    def decode(signature: Signature) -> Decoded:
-        request = decode_infer_request(body, headers.get(HEADER_LENGTH))
-        known = signature.output_names
-        if request.outputs is None:
-            requested.extend(RequestedOutput(n, request.binary_default) for n in known)
-        else:
-            unknown = [o.name for o in request.outputs if o.name not in known]
-            if unknown:
-                raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
-            requested.extend(request.outputs)
-        return Decoded(request.arrays, request_id=request.id)
-
-    inference = InferenceRequest(model=name, version=version, decode=decode,
-                                 request_id=headers.get("x-request-id"),
-                                 started=time.perf_counter() if started is None else started)
-    return inference, requested
-
-
-def infer_response(inference: Inference, requested: list[RequestedOutput]) -> Response:
-    """The answer to an infer request: its outputs, and which version answered (canary split)."""
-    status, content, answer_headers = encode_infer_response(inference, requested, inference.request_id)
-    answer_headers[VERSION_HEADER] = inference.version
-    return status, content, answer_headers
+    ``inline``: called on the event loop (the fast lane); see :func:`dataplane.infer`, whose
+    :class:`~services.serving.dataplane.Offload` passes through.
+    """
+    started = time.perf_counter()
+    try:
+        served = served_model(dataplane, name, version=version)
+        try:
+            request = decode_infer_request(body, headers.get(HEADER_LENGTH))
+            known = served.signature.output_names
+            if request.outputs is None:
+                requested = [RequestedOutput(n, request.binary_default) for n in known]
+            else:
+                unknown = [o.name for o in request.outputs if o.name not in known]
+                if unknown:
+                    raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
+                requested = request.outputs
+        except InvalidInput:
+            count_error(dataplane, name, "invalid_input")
+            raise
+        request_id = request.id or headers.get("x-request-id") or new_request_id()
+        inference = run_inference(dataplane=dataplane, served=served, arrays=request.arrays,
+                             request_id=request_id, started=started, inline=inline)
+        status, content, answer_headers = encode_infer_response(inference, requested, request_id)
+        answer_headers[VERSION_HEADER] = inference.version  # which version answered (canary split)
+        return status, content, answer_headers
+    except ShipyardError as exc:
+        return error_response(exc)

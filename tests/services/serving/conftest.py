@@ -32,7 +32,7 @@ def apps(
     fast = create_app(ServingSettings(platform=isolated_platform, **common))
     plain = create_app(ServingSettings(platform=isolated_platform, fast_lane=False, **common))
     with ExitStack() as stack:
-        # As `python -m services.serving` serves it: predictions answered in the HTTP protocol.
+        # As `python -m services.serving` serves it: cheap predictions answered in the HTTP protocol.
         bases = [stack.enter_context(running_app(fast, http=FastLaneHttpProtocol)),
                  stack.enter_context(running_app(plain))]
         for base in bases:

@@ -1,20 +1,17 @@
 """Adaptive batching: concurrent requests merged into one runtime call, each caller getting its own rows.
 
-The unit tests drive :class:`Batcher` with a recording runtime whose calls wait at a gate the test
-opens, so which requests are queued together is decided by the test, never by timing: in the
-thread pool (a costly model) and on the event loop (a cheap one, whose requests of one loop
-iteration merge). The last test serves a real model over HTTP with batching on.
+The unit tests drive :class:`BatchingRuntime` with a recording runtime whose calls wait at a gate
+the test opens, so which requests are queued together is decided by the test, never by timing.
+The last test serves a real model over HTTP with batching on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -22,10 +19,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.serving.batching.adaptive import Batcher, shape_key
-from services.serving.batching.callcost import MIN_SAMPLES
-from services.serving.core.follower import make_batcher
-from services.serving.core.leases import Lease, retire_runtime
+from services.serving.batching.adaptive import BatchingRuntime
+from services.serving.core.follower import with_batching
 from services.serving.core.metrics import ServingMetrics
 from services.serving.runtimes.base import Signature, TensorSpec
 from services.serving.runtimes.loader import LoadedRuntime
@@ -81,26 +76,6 @@ class RecordingRuntime:
         self.closed = True
 
 
-@dataclass
-class Request:
-    """A request as the batcher holds it: its arrays, and the batcher (for :func:`outputs_only`)."""
-
-    arrays: dict[str, np.ndarray]
-    batcher: Batcher
-
-    def shape(self) -> tuple[Hashable, int] | None:
-        return shape_key(self.arrays)
-
-
-def outputs_only(requests: list[Request], on_loop: bool) -> list[Any]:
-    """The data plane's group handle reduced to its runtime call: each request's outputs or error."""
-    return list(requests[0].batcher.outputs([request.arrays for request in requests]))
-
-
-def ask(batcher: Batcher, rows: np.ndarray, pool: ThreadPoolExecutor) -> Coroutine[Any, Any, Any]:
-    return batcher.run(Request({"x": rows}, batcher), handle=outputs_only, pool=pool)
-
-
 def rows_for(caller: int, count: int, width: int = 2) -> np.ndarray:
     """Rows only ``caller`` sends: caller * 1000 + row index, then column offsets."""
     base = np.arange(count, dtype=np.float32)[:, None] + caller * 1000
@@ -114,48 +89,39 @@ def check_own_rows(sent: np.ndarray, answer: dict[str, np.ndarray]) -> None:
 
 @contextmanager
 def batcher(
-    max_batch_size: int = 8, max_wait_s: float = 30.0, *, runtime: RecordingRuntime | None = None,
-    on_loop: bool = False,
-) -> Iterator[tuple[Batcher, RecordingRuntime]]:
-    """A batcher whose calls run in a thread pool (a costly model), or on the loop (``on_loop``: cheap)."""
-    inner = runtime or RecordingRuntime()
-    made = Batcher(inner, max_batch_size=max_batch_size, max_wait_s=max_wait_s)
-    if on_loop:
-        made.cost.samples, made.cost.mean_s = MIN_SAMPLES, 0.0
-        assert made.cost.cheap
-    else:
-        made.cost.remote = True  # never cheap: every call in the pool
+    max_batch_size: int = 8, max_wait_s: float = 30.0
+) -> Iterator[tuple[BatchingRuntime, RecordingRuntime]]:
+    inner = RecordingRuntime()
+    runtime = BatchingRuntime(inner, max_batch_size=max_batch_size, max_wait_s=max_wait_s, name="test")
     try:
-        yield made, inner
+        yield runtime, inner
     finally:
         inner.gate.set()
+        runtime.close(timeout=30)
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
-
-
-def run_concurrently(batcher: Batcher, inner: RecordingRuntime, requests: list[np.ndarray]) -> list[Any]:
-    """Send ``requests`` at once while the version is held busy; the answers (or errors), in order.
+def run_concurrently(
+    runtime: BatchingRuntime, inner: RecordingRuntime, requests: list[np.ndarray]
+) -> list[Any]:
+    """Send ``requests`` at once while the runtime is held busy; the answers (or errors), in order.
 
     The first request runs at once and waits at the closed gate; the others are sent then, and
     the gate opens only when all of them are queued, so they cannot help but be batched.
     """
-
-    async def scenario(pool: ThreadPoolExecutor) -> list[Any]:
-        inner.gate.clear()
-        tasks = [asyncio.ensure_future(ask(batcher, requests[0], pool))]
-        await eventually(lambda: inner.entered == 1, "the first request running")
-        tasks += [asyncio.ensure_future(ask(batcher, rows, pool)) for rows in requests[1:]]
-        await eventually(lambda: batcher.queued >= len(requests) - 1, "every request queued")
+    inner.gate.clear()
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        futures = [pool.submit(runtime.predict, {"x": requests[0]})]
+        wait_for(lambda: inner.entered == 1, timeout=30, what="the first request running")
+        futures += [pool.submit(runtime.predict, {"x": rows}) for rows in requests[1:]]
+        wait_for(lambda: runtime.queued >= len(requests) - 1, timeout=30, what="every request queued")
         inner.gate.set()
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return asyncio.run(scenario(pool))
+        results: list[Any] = []
+        for future in futures:
+            try:
+                results.append(future.result(timeout=60))
+            except Exception as exc:
+                results.append(exc)
+    return results
 
 
 def test_concurrent_callers_share_runtime_calls_and_each_gets_its_own_rows() -> None:
@@ -203,115 +169,79 @@ def test_a_runtime_error_fails_only_the_request_that_caused_it() -> None:
 
 def test_an_idle_runtime_runs_a_request_at_once() -> None:
     # A 30 s wait that is never waited: nothing else is running, so nothing is worth waiting for.
-    async def one_by_one(runtime: Batcher, pool: ThreadPoolExecutor) -> None:
-        for caller in range(20):
-            check_own_rows(rows_for(caller, 1), await ask(runtime, rows_for(caller, 1), pool))
-
-    with batcher(max_batch_size=64, max_wait_s=30) as (runtime, _inner), ThreadPoolExecutor(2) as pool:
+    with batcher(max_batch_size=64, max_wait_s=30) as (runtime, _inner):
         started = time.monotonic()
-        asyncio.run(one_by_one(runtime, pool))
+        for caller in range(20):
+            check_own_rows(rows_for(caller, 1), runtime.predict({"x": rows_for(caller, 1)}))
         assert time.monotonic() - started < 10
         assert runtime.calls == 20 and runtime.queued == 0
 
 
-def test_a_request_that_waited_its_longest_runs_beside_the_running_call() -> None:
-    with batcher(max_batch_size=64, max_wait_s=0.05) as (runtime, inner), ThreadPoolExecutor(4) as pool:
-        inner.gate.clear()
-
-        async def scenario() -> list[Any]:
-            first = asyncio.ensure_future(ask(runtime, rows_for(0, 1), pool))
-            await eventually(lambda: inner.entered == 1, "the first request running")
-            second = asyncio.ensure_future(ask(runtime, rows_for(1, 2), pool))
-            # Not waiting for the first call to end: after 50 ms it runs beside it.
-            await eventually(lambda: inner.entered == 2, "the second request running beside the first")
-            inner.gate.set()
-            return list(await asyncio.gather(first, second))
-
-        first, second = asyncio.run(scenario())
-        check_own_rows(rows_for(0, 1), first)
-        check_own_rows(rows_for(1, 2), second)
-        assert runtime.queued == 1 and sorted(inner.batches) == [1, 2]
-
-
-def test_a_retired_version_is_closed_only_once_its_queued_requests_are_answered() -> None:
+def test_close_answers_every_queued_request_then_closes_the_runtime() -> None:
     inner = RecordingRuntime()
-    lease = Lease()
+    runtime = BatchingRuntime(inner, max_batch_size=4, max_wait_s=30, name="test")
+    inner.gate.clear()
     requests = [rows_for(caller, 1) for caller in range(10)]
-    with batcher(max_batch_size=4, runtime=inner) as (runtime, _), ThreadPoolExecutor(4) as pool:
-
-        async def request(rows: np.ndarray) -> dict[str, np.ndarray]:
-            assert lease.acquire()  # as the data plane holds the version while it waits here
-            try:
-                return await ask(runtime, rows, pool)
-            finally:
-                lease.release()
-
-        async def scenario() -> list[Any]:
-            inner.gate.clear()
-            tasks = [asyncio.ensure_future(request(rows)) for rows in requests]
-            await eventually(lambda: runtime.queued >= len(requests) - 1, "every request queued")
-            retire_runtime(inner, lease, grace_s=0)  # type: ignore[arg-type]
-            await asyncio.sleep(0.2)
-            assert not inner.closed  # waits for the queued requests
-            inner.gate.set()
-            return list(await asyncio.gather(*tasks))
-
-        for sent, answer in zip(requests, asyncio.run(scenario()), strict=True):
-            check_own_rows(sent, answer)
-    wait_for(lambda: inner.closed, timeout=30, what="the runtime closed")
-
-
-class Unsplittable(RecordingRuntime):
-    def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        answer = super().predict(arrays)
-        return {"echo": answer["echo"], "total": np.asarray([answer["total"].sum()])}
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        futures = [pool.submit(runtime.predict, {"x": rows}) for rows in requests]
+        wait_for(lambda: runtime.queued >= len(requests) - 1, timeout=30, what="every request queued")
+        closing = threading.Thread(target=runtime.close)
+        closing.start()
+        time.sleep(0.2)
+        assert closing.is_alive() and not inner.closed  # waits for the queued requests
+        inner.gate.set()
+        for sent, future in zip(requests, futures, strict=True):
+            check_own_rows(sent, future.result(timeout=60))
+        closing.join(60)
+    assert not closing.is_alive() and inner.closed
+    assert not runtime._worker.is_alive()
+    # After close, a straggler (a request that resolved the version just before a swap) still runs.
+    check_own_rows(rows_for(99, 1), runtime.predict({"x": rows_for(99, 1)}))
 
 
 def test_outputs_that_do_not_follow_the_batch_stop_merging() -> None:
-    with batcher(max_batch_size=16, runtime=Unsplittable()) as (runtime, inner):
+    class Pooled(RecordingRuntime):
+        def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            answer = super().predict(arrays)
+            return {"echo": answer["echo"], "total": np.asarray([answer["total"].sum()])}
+
+    inner = Pooled()
+    runtime = BatchingRuntime(inner, max_batch_size=16, max_wait_s=30, name="test")
+    try:
         requests = [rows_for(caller, 1) for caller in range(6)]
-        results = run_concurrently(runtime, inner, requests)
+        results = run_concurrently(runtime, inner, requests)  # type: ignore[arg-type]
         for sent, answer in zip(requests, results, strict=True):
             np.testing.assert_allclose(answer["total"], [sent.sum()])  # each ran alone after all
-        assert runtime.calls > len(requests) - 1 and not runtime.merges
+        assert runtime.calls > len(requests) - 1 and not runtime._merging
+    finally:
+        inner.gate.set()
+        runtime.close()
 
 
-def on_the_loop(runtime: Batcher, batches: list[list[np.ndarray]]) -> list[list[Any]]:
-    """Each batch's requests sent in one event-loop iteration, one batch after the other."""
-
-    async def scenario(pool: ThreadPoolExecutor) -> list[list[Any]]:
-        return [list(await asyncio.gather(*(ask(runtime, rows, pool) for rows in batch),
-                                          return_exceptions=True)) for batch in batches]
-
-    with ThreadPoolExecutor(1) as pool:
-        return asyncio.run(scenario(pool))
-
-
-def test_cheap_requests_of_one_loop_iteration_share_one_call_on_the_loop() -> None:
-    with batcher(on_loop=True) as (runtime, inner):
-        first = [rows_for(caller, count) for caller, count in ((1, 2), (2, 1), (3, 3), (4, 1))]
-        busy = [rows_for(caller, count) for caller, count in ((5, 1), (6, 2))]
-        poisoned = [rows_for(7, 1), np.asarray([[POISON, 1.0]], dtype=np.float32), rows_for(8, 2)]
-        answers = on_the_loop(runtime, [first, busy, poisoned])
-        for sent, answer in zip(first + busy, answers[0] + answers[1], strict=True):
-            check_own_rows(sent, answer)
-        # Idle: the first request ran at once, the three behind it at the iteration's end, together;
-        # busy since: every request of an iteration waits for its end, then they share a call.
-        assert inner.batches[:3] == [2, 5, 3]
-        # A merged call that fails: each runs alone, and only the poisoned one fails.
-        assert isinstance(answers[2][1], RuntimeError)
-        check_own_rows(poisoned[0], answers[2][0])
-        check_own_rows(poisoned[2], answers[2][2])
-        assert inner.batches[3:] == [4, 1, 1, 2] and runtime.merges
-
-
-def test_cheap_outputs_that_do_not_split_stop_merging() -> None:
-    with batcher(on_loop=True, runtime=Unsplittable()) as (runtime, _inner):
-        requests = [rows_for(caller, 1 + caller % 2) for caller in range(4)]
-        (answers,) = on_the_loop(runtime, [requests])
+def test_rows_merged_by_the_caller_run_in_one_call_and_split_back() -> None:
+    with batcher() as (runtime, inner):
+        requests = [rows_for(caller, count) for caller, count in ((1, 2), (2, 1), (3, 3))]
+        answers = runtime.predict_merged_now({"x": np.concatenate(requests)}, [2, 1, 3])
+        assert answers is not None and inner.batches == [6] and runtime.inline_calls == 1
         for sent, answer in zip(requests, answers, strict=True):
-            np.testing.assert_allclose(answer["total"], [sent.sum()])
+            check_own_rows(sent, answer)
+        with pytest.raises(RuntimeError, match="poisoned"):  # the caller then runs each alone
+            runtime.predict_merged_now({"x": np.full((2, 2), POISON, dtype=np.float32)}, [1, 1])
+        assert runtime.merges
+
+
+def test_rows_merged_by_the_caller_whose_outputs_do_not_split_stop_merging() -> None:
+    class Pooled(RecordingRuntime):
+        def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            answer = super().predict(arrays)
+            return {"echo": answer["echo"], "total": np.asarray([answer["total"].sum()])}
+
+    runtime = BatchingRuntime(Pooled(), max_batch_size=16, max_wait_s=30, name="test")
+    try:
+        assert runtime.predict_merged_now({"x": rows_for(1, 3)}, [1, 2]) is None
         assert not runtime.merges
+    finally:
+        runtime.close()
 
 
 def loaded(signature: Signature = SIGNATURE) -> LoadedRuntime:
@@ -329,17 +259,20 @@ def test_policy_per_model_and_models_without_a_free_batch_dimension() -> None:
     assert settings.batching_for("other").max_batch_size == 32
     metrics = ServingMetrics(CollectorRegistry())
 
-    def make(name: str, signature: Signature = SIGNATURE, **changes: Any) -> Batcher:
-        return make_batcher(loaded(signature), name=name, version="1",
-                            policy=settings.model_copy(update=changes).batching_for(name), metrics=metrics)
+    def wrap(name: str, signature: Signature = SIGNATURE, **changes: Any) -> Any:
+        result = with_batching(loaded(signature), name=name, version="1",
+                               policy=settings.model_copy(update=changes).batching_for(name), metrics=metrics)
+        if isinstance(result.runtime, BatchingRuntime):
+            result.runtime.close()
+        return result.runtime
 
-    small = make("small")
-    assert small.merges and small.max_batch_size == 4 and small.max_wait_s == pytest.approx(0.003)
-    assert small.runtime.signature == SIGNATURE
-    assert not make("off").merges
-    assert not make("other", batching=False).merges
+    small = wrap("small")
+    assert isinstance(small, BatchingRuntime) and small.max_batch_size == 4
+    assert small.signature == SIGNATURE and small.format == "onnx"
+    assert not isinstance(wrap("off"), BatchingRuntime)
+    assert not isinstance(wrap("other", batching=False), BatchingRuntime)
     fixed = Signature(inputs=(spec("x", 1, 4),), outputs=(spec("y", 1, 2),))
-    assert not make("other", fixed).merges
+    assert not isinstance(wrap("other", fixed), BatchingRuntime)
 
 
 def test_settings_read_overrides_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

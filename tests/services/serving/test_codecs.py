@@ -6,9 +6,7 @@ No web framework and no MLflow: what a leaner ASGI path would call. The model ta
 
 from __future__ import annotations
 
-import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,10 +14,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.serving.api import predict
 from services.serving.core.dataplane import DataPlane
 from services.serving.core.loaded import LoadedModels, ServedModel
 from services.serving.core.metrics import ServingMetrics
+from services.serving.protocols import tfserving, v2
 from services.serving.runtimes.base import Signature
 from services.serving.settings import ServingSettings
 
@@ -59,13 +57,10 @@ class MemoryLog:
     def append(self, record: dict[str, Any], *, reserved: bool = False) -> None:
         self.records.append(record)
 
-    def append_reserved(self, records: list[dict[str, Any]]) -> None:
-        self.records += records
-
-    def try_reserve(self, count: int = 1) -> bool:
+    def try_reserve(self) -> bool:
         return True
 
-    def release(self, count: int = 1) -> None:
+    def release(self) -> None:
         pass
 
 
@@ -82,8 +77,7 @@ def plane() -> DataPlane:
     models.reconciled.set()
     log: Any = MemoryLog()
     return DataPlane(
-        settings=ServingSettings(max_batch_rows=4), models=models, prediction_log=log, metrics=metrics,
-        pool=ThreadPoolExecutor(1),
+        settings=ServingSettings(max_batch_rows=4), models=models, prediction_log=log, metrics=metrics
     )
 
 
@@ -107,13 +101,13 @@ def test_v2_mixed_binary_and_json_inputs_and_outputs(plane: DataPlane) -> None:
             "outputs": [{"name": "first", "parameters": {"binary_data": True}}, {"name": "total"}],
         }
     ).encode()
-    status, body, headers = asyncio.run(predict.v2(
-        plane,
+    status, body, headers = v2.infer(
+        dataplane=plane,
         name="sum",
         version="4",
         body=header + IDS.astype("<i8").tobytes(),
         headers={"inference-header-content-length": str(len(header))},
-    ))
+    )
     assert status == 200, body
     length = int(headers["inference-header-content-length"])
     answer = json.loads(body[:length])
@@ -129,7 +123,7 @@ def test_v2_mixed_binary_and_json_inputs_and_outputs(plane: DataPlane) -> None:
     assert total["datatype"] == "FP32" and total["data"] == [8.5, -2.0]
     np.testing.assert_array_equal(plane.prediction_log.records[0]["inputs"]["ids"], IDS)  # type: ignore[attr-defined]
 
-    status, body, _ = asyncio.run(predict.v2(plane, name="sum", version=None, body=header, headers={}))
+    status, body, _ = v2.infer(dataplane=plane, name="sum", version=None, body=header, headers={})
     assert status == 400 and "neither 'data' nor" not in json.loads(body)["error"]
     assert "binary data" in json.loads(body)["error"]
 
@@ -138,16 +132,16 @@ def test_tf_serving_rest_named_inputs_and_several_outputs(plane: DataPlane) -> N
     rows = {
         "instances": [{"ids": i, "weights": w} for i, w in zip(IDS.tolist(), WEIGHTS.tolist(), strict=True)]
     }
-    status, body, _ = asyncio.run(predict.tfserving(
-        plane, name="sum", version=None, label=None, body=json.dumps(rows).encode(), request_id=None
-    ))
+    status, body, _ = tfserving.predict(
+        dataplane=plane, name="sum", version=None, label=None, body=json.dumps(rows).encode()
+    )
     assert status == 200, body
     assert json.loads(body) == {"predictions": [{"total": 8.5, "first": 1}, {"total": -2.0, "first": 4}]}
 
     columns = {"inputs": {"ids": IDS.tolist(), "weights": WEIGHTS.tolist()}}
-    status, body, _ = asyncio.run(predict.tfserving(
-        plane, name="sum", version="4", label=None, body=json.dumps(columns).encode(), request_id=None
-    ))
+    status, body, _ = tfserving.predict(
+        dataplane=plane, name="sum", version="4", label=None, body=json.dumps(columns).encode()
+    )
     assert json.loads(body) == {"outputs": {"total": [8.5, -2.0], "first": [1, 4]}}
 
     for request, message in (
@@ -156,7 +150,7 @@ def test_tf_serving_rest_named_inputs_and_several_outputs(plane: DataPlane) -> N
         ({"inputs": {"ids": [[1.5, 2, 3], [1, 2, 3]], "weights": WEIGHTS.tolist()}}, "fractional"),
         ({"inputs": {"ids": IDS.tolist(), "weights": WEIGHTS[:1].tolist()}}, "disagree on the batch size"),
     ):
-        status, body, _ = asyncio.run(predict.tfserving(
-            plane, name="sum", version=None, label=None, body=json.dumps(request).encode(), request_id=None
-        ))
+        status, body, _ = tfserving.predict(
+            dataplane=plane, name="sum", version=None, label=None, body=json.dumps(request).encode()
+        )
         assert status == 400 and message in json.loads(body)["error"], (request, body)

@@ -6,7 +6,6 @@ here waits a fixed time: every check polls for the state it needs, and every bou
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import uuid
@@ -469,27 +468,23 @@ def test_a_retired_version_is_closed_only_after_its_requests_are_done() -> None:
 
 
 def test_the_shadow_pool_skips_and_counts_copies_it_has_no_room_for() -> None:
+    mirror = ShadowMirror(workers=1, capacity=1)
+    release = threading.Event()
+    started = threading.Event()
     shadow: Any = type("Shadow", (), {"name": "m", "version": "2"})()
 
-    async def scenario() -> None:
-        mirror = ShadowMirror(capacity=1)
-        release = asyncio.Event()
-        started = asyncio.Event()
+    def slow(_: object) -> None:
+        started.set()
+        release.wait(30)
 
-        async def slow(_: object) -> None:
-            started.set()
-            await release.wait()
-
-        assert mirror.submit(shadow, slow)
-        await asyncio.wait_for(started.wait(), 30)
-        assert not mirror.submit(shadow, slow)  # full: skipped at once, never waited for
-        assert mirror.skipped.labels("m")._value.get() == 1
-        release.set()
-        await mirror.close()
-        assert mirror.mirrored.labels("m", "2")._value.get() == 1
-        assert not mirror.submit(shadow, slow)  # closed
-
-    asyncio.run(scenario())
+    assert mirror.submit(shadow, slow)
+    assert started.wait(30)
+    assert not mirror.submit(shadow, slow)  # full: skipped at once, never waited for
+    assert mirror.skipped.labels("m")._value.get() == 1
+    release.set()
+    mirror.close()
+    assert mirror.mirrored.labels("m", "2")._value.get() == 1
+    assert not mirror.submit(shadow, slow)  # closed
 
 
 @pytest.mark.parametrize("weight", ["0", "1.5", "abc", None])
@@ -503,37 +498,35 @@ def test_an_unusable_canary_weight_tag_falls_back_to_the_default(weight: str | N
 
 def test_a_request_that_picked_a_retired_version_is_answered_by_its_successor() -> None:
     from datetime import UTC, datetime
+    from types import SimpleNamespace
 
     from prometheus_client import CollectorRegistry
 
     from services.serving.core.loaded import LoadedModels, ServedModel
     from services.serving.core.metrics import ServingMetrics
-    from services.serving.core.routing import Router, hold
+    from services.serving.core.routing import Router, leased
     from services.serving.runtimes.base import Signature
     from shipyard_common.errors import Unavailable
 
     models = LoadedModels(ServingMetrics(CollectorRegistry()))
-    router = Router()
+    dataplane = SimpleNamespace(models=models, router=Router())
 
     def served(version: str) -> ServedModel:
         return ServedModel(name="m", version=version, runtime=_Runtime(),  # type: ignore[arg-type]
                            signature=Signature(inputs=(), outputs=()), loaded_at=datetime.now(UTC))
 
-    def answer(*, served: ServedModel) -> tuple[str, int]:
-        held = hold(models, router, served)  # as the data plane runs every request
-        try:
-            return held.version, held.lease.holders
-        finally:
-            held.lease.release()
+    @leased
+    def answer(*, dataplane: object, served: ServedModel) -> tuple[str, int]:
+        return served.version, served.lease.holders
 
     old, new = served("1"), served("2")
     models.install(old)
-    assert answer(served=old) == ("1", 1)  # held while it runs
+    assert answer(dataplane=dataplane, served=old) == ("1", 1)  # held while it runs
     assert old.lease.holders == 0
     models.install(new)
     assert old.lease.retire(timeout=0)
-    assert answer(served=old) == ("2", 1)
+    assert answer(dataplane=dataplane, served=old) == ("2", 1)
     models.remove("m")
     assert new.lease.retire(timeout=30)
     with pytest.raises(Unavailable):
-        answer(served=new)
+        answer(dataplane=dataplane, served=new)

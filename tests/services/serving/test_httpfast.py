@@ -19,11 +19,10 @@ import numpy as np
 import uvicorn
 from sqlalchemy import select
 
-from services.serving.fastlane.lane import find_fast_lane
-from services.serving.fastlane.uvicorn_protocol import UVICORN_VERSION, bound_uvicorn
+from services.serving.fastlane.uvicorn_protocol import UVICORN_VERSION, bound_uvicorn, find_fast_lane
 from shipyard_common.db import Database
 from shipyard_common.records import PredictionRecord
-from tests.services.serving.support import ROWS, VIEWER
+from tests.services.serving.test_fastlane import ROWS, VIEWER
 from tests.support import wait_for
 
 BODY = json.dumps({"inputs": ROWS}).encode()
@@ -83,7 +82,7 @@ def closed(sock: socket.socket) -> bool:
 
 
 def warm(base: str, name: str) -> None:
-    """Cheap calls run on the event loop (and merge there) once a few have been measured."""
+    """Cheap calls run inline (and so in the protocol) once a few have been measured."""
     for _ in range(8):
         response = httpx.post(f"{base}/v1/models/{name}/predict", json={"inputs": ROWS}, headers=VIEWER)
         response.raise_for_status()
@@ -99,7 +98,7 @@ def test_kept_alive_and_pipelined_requests_are_answered_in_order(apps: tuple[Any
     warm(base, name)
     lane = find_fast_lane(app)
     assert lane is not None
-    before = lane.answered
+    before = lane.protocol_answers
     with connect(base) as sock:
         for _ in range(3):  # one after the other on one connection
             sock.sendall(request(name))
@@ -116,7 +115,7 @@ def test_kept_alive_and_pipelined_requests_are_answered_in_order(apps: tuple[Any
         answers = read_responses(sock, 4)
         assert [status for status, _, _ in answers] == [200, 200, 422, 200]
         assert "features" in json.loads(answers[2][2])["error"]["message"]
-    assert lane.answered - before >= 3
+    assert lane.protocol_answers - before >= 3
 
 
 def test_connection_close_and_http_10_close_after_the_answer(apps: tuple[Any, str, str, str]) -> None:
@@ -170,8 +169,7 @@ def test_requests_arriving_together_share_a_runtime_call_and_each_gets_its_own_r
     lane = find_fast_lane(app)
     assert lane is not None
     plane = app.state.dataplane
-    batcher = plane.models.state(name).served.batcher
-    merged_before = batcher.merged
+    merged_before = lane.merger.merged
     requests_before = plane.metrics.version(name, "1").requests.get()
     rng = np.random.default_rng(11)
     sent: dict[str, list[list[float]]] = {}
@@ -180,7 +178,7 @@ def test_requests_arriving_together_share_a_runtime_call_and_each_gets_its_own_r
     # Whether requests are read in one loop iteration is up to the kernel and the scheduler: bursts
     # until some were merged (the first burst nearly always is; on two cores busy with another test
     # worker, it can take dozens).
-    while rounds < 3 or (batcher.merged == merged_before and rounds < 200):
+    while rounds < 3 or (lane.merger.merged == merged_before and rounds < 200):
         bodies: list[tuple[str, bytes]] = []
         for index in range(12):
             rows = rng.normal(size=(1 + index % 3, 4)).round(4).tolist()
@@ -200,7 +198,7 @@ def test_requests_arriving_together_share_a_runtime_call_and_each_gets_its_own_r
                 assert status == 200 and headers["x-model-version"] == "1", body
                 answered[request_id] = json.loads(body)["outputs"]
         rounds += 1
-    assert batcher.merged > merged_before, "no two requests arrived in one loop iteration in 200 bursts"
+    assert lane.merger.merged > merged_before, "no two requests arrived in one loop iteration in 200 bursts"
 
     # Every answer is the one the plain app gives that request's rows alone.
     with httpx.Client(headers=VIEWER) as client:
@@ -224,49 +222,3 @@ def test_requests_arriving_together_share_a_runtime_call_and_each_gets_its_own_r
         np.testing.assert_allclose(record.inputs, sent[record.request_id], rtol=1e-6)
         np.testing.assert_allclose(record.outputs, answered[record.request_id], rtol=1e-6)
         assert record.latency_ms > 0
-
-
-def test_drive_runs_a_coroutine_to_its_answer_without_a_task() -> None:
-    """The protocol's driver: at once when nothing is awaited; on the future's completion otherwise;
-    a HandBack before the first wait goes back to the caller; any other error becomes a 500."""
-    import asyncio
-
-    import pytest
-
-    from services.serving.fastlane.lane import HandBack
-    from services.serving.fastlane.uvicorn_protocol import drive
-
-    async def at_once() -> Any:
-        return 200, b"now", {}
-
-    async def later(future: asyncio.Future[bytes]) -> Any:
-        await asyncio.sleep(0)  # a bare yield: run again soon
-        return 200, await future, {}
-
-    async def handed_back() -> Any:
-        raise HandBack
-
-    async def failing(future: asyncio.Future[bytes]) -> Any:
-        await future
-        raise RuntimeError("boom")
-
-    async def scenario() -> None:
-        answers: list[Any] = []
-        drive(at_once(), answers.append)
-        assert answers == [(200, b"now", {})]  # no loop iteration needed
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        drive(later(future), answers.append)
-        await asyncio.sleep(0.01)
-        assert len(answers) == 1
-        future.set_result(b"later")
-        await asyncio.sleep(0.01)
-        assert answers[1] == (200, b"later", {})
-        with pytest.raises(HandBack):
-            drive(handed_back(), answers.append)
-        other: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        drive(failing(other), answers.append)
-        other.set_result(b"")
-        await asyncio.sleep(0.01)
-        assert answers[2][0] == 500 and b"RuntimeError" in answers[2][1]
-
-    asyncio.run(scenario())
