@@ -1,11 +1,14 @@
 """The prediction hot path in process, without sockets: Shipyard against the bare ASGI app.
 
-Run from the repository root:  .venv/bin/python bench/serving_hotpath.py [--requests N] [--profile]
+Run from the repository root:  .venv/bin/python bench/serving_hotpath.py [--requests N] [--connections C]
+[--profile]
 
 Both servers are driven the way uvicorn drives them, minus the kernel: the raw bytes of a
 single-row MLP predict request go into uvicorn's HTTP protocol object (``data_received``), whose
 ``httptools`` parser calls the app, and the response bytes come out of an in-memory transport;
-one request after the other on one kept-alive connection, in one event loop:
+one request after the other on one kept-alive connection, in one event loop (``--connections C``:
+C connections whose requests are read in the same loop iteration, as under load, where serving
+merges them):
 
 - ``bare``: ``bench/serving_reference.py`` (orjson, one ONNX Runtime session) under uvicorn's
   own ``httptools`` protocol, what ``bench/serving.py`` calls the bare reference;
@@ -104,6 +107,29 @@ async def _drive(app: Any, protocol_class: Any, payload: bytes, requests: int) -
     return elapsed / requests
 
 
+async def _drive_many(
+    app: Any, protocol_class: Any, payload: bytes, requests: int, connections: int
+) -> float:
+    """As :func:`_drive`, with ``connections`` kept-alive connections whose requests arrive together:
+    each round, every connection's request is read in one loop iteration (as a server's loop reads
+    every socket that became readable), then the loop runs until every one is answered."""
+    pairs = [_protocol(app, protocol_class) for _ in range(connections)]
+    rounds = max(1, requests // connections)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for protocol, _transport in pairs:
+            protocol.data_received(payload)
+        await asyncio.sleep(0)
+        while not all(protocol.cycle.response_complete for protocol, _ in pairs):
+            await asyncio.sleep(0)
+    elapsed = time.perf_counter() - started
+    for protocol, transport in pairs:
+        if b" 200 OK" not in b"".join(transport.written[-2:]):
+            raise SystemExit(f"the app answered: {b''.join(transport.written[-2:])[:400]!r}")
+        protocol.connection_lost(None)
+    return elapsed / (rounds * connections)
+
+
 def _request(path: str, body: bytes) -> bytes:
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n")
@@ -190,6 +216,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30_000)
     parser.add_argument("--rounds", type=int, default=3, help="best of this many runs of --requests each")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="the profile's order (a pstats key)")
+    parser.add_argument("--lines", type=int, default=30, help="the profile's length")
+    parser.add_argument("--connections", type=int, default=1,
+                        help="connections whose requests arrive in the same loop iteration")
     args = parser.parse_args()
 
     import numpy as np
@@ -216,6 +246,9 @@ def main() -> None:
         gc.freeze()  # as serving does (settings.gc_freeze)
 
         def run(app: Any, protocol: Any, payload: bytes, requests: int) -> float:
+            if args.connections > 1:
+                many = _drive_many(app, protocol, payload, requests, args.connections)
+                return loop.run_until_complete(many)
             return loop.run_until_complete(_drive(app, protocol, payload, requests))
 
         try:
@@ -237,7 +270,7 @@ def main() -> None:
     print(f"Shipyard (fast lane in the protocol): {ours * 1e6:7.1f} µs per request")
     print(f"bare ÷ Shipyard, requests/s:          {bare / ours:7.2f}")
     if args.profile:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.lines)
 
 
 if __name__ == "__main__":
