@@ -134,14 +134,21 @@ def _open(path: Path, *, intra_op_threads: int, graph_optimization: str) -> Onnx
     return runtime
 
 
-def _seconds_per_row(runtime: OnnxRuntime, arrays: dict[str, np.ndarray], *, runs: int = 30) -> float:
-    """The best of a few timings of ``runs`` one-row calls: the least disturbed by other work."""
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        for _ in range(runs):
-            runtime.session.run(runtime._output_names, arrays)
-        best = min(best, (time.perf_counter() - started) / runs)
+def _seconds_per_row(
+    runtimes: tuple[OnnxRuntime, ...], arrays: dict[str, np.ndarray], *, runs: int = 30, rounds: int = 5
+) -> list[float]:
+    """Each runtime's best timing of ``runs`` one-row calls, the runtimes taking turns round by round.
+
+    Taking turns, so that a busy moment of the machine slows both rather than one; the best round
+    of each, the one least disturbed by other work.
+    """
+    best = [float("inf")] * len(runtimes)
+    for _ in range(rounds):
+        for index, runtime in enumerate(runtimes):
+            started = time.perf_counter()
+            for _ in range(runs):
+                runtime.session.run(runtime._output_names, arrays)
+            best[index] = min(best[index], (time.perf_counter() - started) / runs)
     return best
 
 
@@ -167,7 +174,7 @@ def load_onnx(
         return runtime
     single = _open(path, intra_op_threads=1, graph_optimization=graph_optimization)
     arrays = warm_up_arrays(runtime.signature)
-    pooled_s, single_s = _seconds_per_row(runtime, arrays), _seconds_per_row(single, arrays)
+    pooled_s, single_s = _seconds_per_row((runtime, single), arrays)
     if pooled_s < single_s * _POOL_MUST_WIN_BY:
         single.close()
         return runtime
