@@ -6,12 +6,16 @@ a token. Every error, auth included, is answered in the protocol's ``{"error": "
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from services.serving.api.http import authorize, get_dataplane, lower_headers, respond
 from services.serving.core.dataplane import resolve
+from services.serving.core.loaded import ServedModel
 from services.serving.protocols import v2
 from shipyard_common.errors import BadRequest, ShipyardError
 
@@ -35,41 +39,41 @@ def ready(request: Request) -> Response:
     return respond(v2.json_response({"ready": is_ready}, 200 if is_ready else 503))
 
 
-def _model_ready(request: Request, name: str, version: str | None) -> Response:
+def _about(
+    request: Request, name: str, version: str | None, render: Callable[[ServedModel], dict[str, Any]], *,
+    token: bool,
+) -> Response:
+    """What ``render`` says of the version that answers ``name`` (and ``version``), or the error.
+
+    ``token``: whether the route needs one (metadata does; readiness is open, like /healthz).
+    """
     try:
+        if token:
+            authorize(request)
         served = resolve(get_dataplane(request), name, version=version)
-        return respond(v2.json_response(v2.model_ready(served)))
+        return respond(v2.json_response(render(served)))
     except ShipyardError as exc:
         return respond(v2.error_response(exc))
 
 
 @router.get("/models/{name}/ready")
 def model_ready(request: Request, name: str) -> Response:
-    return _model_ready(request, name, None)
+    return _about(request, name, None, v2.model_ready, token=False)
 
 
 @router.get("/models/{name}/versions/{version}/ready")
 def model_version_ready(request: Request, name: str, version: str) -> Response:
-    return _model_ready(request, name, version)
-
-
-def _metadata(request: Request, name: str, version: str | None) -> Response:
-    try:
-        authorize(request)
-        served = resolve(get_dataplane(request), name, version=version)
-        return respond(v2.json_response(v2.model_metadata(served)))
-    except ShipyardError as exc:
-        return respond(v2.error_response(exc))
+    return _about(request, name, version, v2.model_ready, token=False)
 
 
 @router.get("/models/{name}")
 def model_metadata(request: Request, name: str) -> Response:
-    return _metadata(request, name, None)
+    return _about(request, name, None, v2.model_metadata, token=True)
 
 
 @router.get("/models/{name}/versions/{version}")
 def model_version_metadata(request: Request, name: str, version: str) -> Response:
-    return _metadata(request, name, version)
+    return _about(request, name, version, v2.model_metadata, token=True)
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
