@@ -4,7 +4,8 @@ Its layers, one folder each, each importing only the ones below it (import-linte
 
 * ``fastlane/``  the prediction hot path in front of the app (``SHIPYARD_SERVING_FAST_LANE``), and
   the one module bound to a server's internals (uvicorn's HTTP protocol, pinned)
-* ``api/``       the FastAPI routers, one per protocol, auth and body limits, the status routes
+* ``api/``       the FastAPI routers, one per protocol, auth and body limits, the status routes;
+  the gRPC server of the Open Inference Protocol v2 (``SHIPYARD_SERVING_GRPC_PORT``)
 * ``protocols/`` codecs: bytes and headers to arrays and back, per protocol
 * ``core/``      the data plane (pick the version, validate, canary/shadow, run, log, count),
   the loaded models, the follower that loads them, leases, metrics

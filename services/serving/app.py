@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -58,6 +59,22 @@ class ServingApp(FastAPI):
         return FastLane(stack, state=self.state, body_limit=self.fast_lane_body_limit)
 
 
+async def _start_grpc(app: FastAPI, settings: ServingSettings) -> Any:
+    """The gRPC inference server (api/grpc.py), started on the app's event loop.
+
+    Imported here, only when ``grpc_port`` is set: its messages are tritonclient's generated stubs.
+    """
+    from services.serving.api.grpc import start_server
+
+    dataplane: DataPlane = app.state.dataplane
+
+    def ready() -> bool:  # as GET /v2/health/ready
+        return bool(app.state.ready) and dataplane.models.reconciled.is_set()
+
+    return await start_server(settings, dataplane=dataplane, authenticator=app.state.authenticator,
+                              executor=app.state.predict_executor, ready=ready, version=app.version)
+
+
 def create_app(settings: ServingSettings) -> FastAPI:
     platform = settings.platform
     database = Database(platform.database_url)
@@ -69,15 +86,22 @@ def create_app(settings: ServingSettings) -> FastAPI:
         follower: ModelFollower = app.state.follower
         dataplane.prediction_log.start()
         follower.start()
-        if settings.gc_freeze:
-            # Everything imported so far (MLflow, SQLAlchemy, numpy...: most of the heap) leaves the
-            # collector's view: full collections then take a few ms instead of tens (the p99).
-            gc.collect()
-            gc.freeze()
+        grpc_server = None
         try:
+            if settings.grpc_port:
+                grpc_server = await _start_grpc(app, settings)
+            if settings.gc_freeze:
+                # Everything imported so far (MLflow, SQLAlchemy, numpy...: most of the heap) leaves the
+                # collector's view: full collections then take a few ms instead of tens (the p99).
+                gc.collect()
+                gc.freeze()
             yield
         finally:
             app.state.ready = False
+            if grpc_server is not None:  # its calls in flight finish (a few seconds at most) first
+                from services.serving.api.grpc import stop_server
+
+                await stop_server(grpc_server)
             # Copies to shadow versions already taken finish (and are logged) before runtimes close.
             dataplane.shadow.close()
             follower.stop()

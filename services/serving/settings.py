@@ -34,6 +34,12 @@ class ServingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SHIPYARD_SERVING_", extra="ignore")
 
     port: int = 8003
+    grpc_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port of the Open Inference Protocol v2 over gRPC (inference.GRPCInferenceService, "
+        "tritonclient.grpc), on the same host; 0: off (8013 by convention). With several workers each "
+        "process binds it with SO_REUSEPORT.",
+    )
     reconcile_interval_s: float = Field(
         default=10, gt=0, description="Full check of every production alias; catches lost events."
     )
