@@ -1,7 +1,9 @@
 """TF Serving's REST routes: thin; the codec is :mod:`services.serving.protocols.tfserving`.
 
 ``GET /v1/models/{name}`` is our status route (router.py), which carries TF Serving's
-``model_version_status`` too. All routes need a token; errors are ``{"error": "..."}``.
+``model_version_status`` too; ``.../metadata`` is TF Serving's GetModelMetadata; ``:classify`` and
+``:regress`` answer 400, as TF Serving does for a model whose signature is a predict one. All routes
+need a token; errors are ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -62,3 +64,61 @@ def tfserving_version_status(request: Request, name: str, version: str) -> Respo
 @router.get("/{name}/labels/{label}")
 def tfserving_label_status(request: Request, name: str, label: str) -> Response:
     return _status(request, name, None, label)
+
+
+def _metadata(request: Request, name: str, version: str | None, label: str | None) -> Response:
+    try:
+        authorize(request)
+    except ShipyardError as exc:
+        return respond(tfserving.error_response(exc))
+    return respond(tfserving.model_metadata(dataplane=get_dataplane(request), name=name, version=version,
+                                            label=label))
+
+
+@router.get("/{name}/metadata")
+def tfserving_metadata(request: Request, name: str) -> Response:
+    return _metadata(request, name, None, None)
+
+
+@router.get("/{name}/versions/{version}/metadata")
+def tfserving_version_metadata(request: Request, name: str, version: str) -> Response:
+    return _metadata(request, name, version, None)
+
+
+@router.get("/{name}/labels/{label}/metadata")
+def tfserving_label_metadata(request: Request, name: str, label: str) -> Response:
+    return _metadata(request, name, None, label)
+
+
+def _unsupported(
+    request: Request, name: str, method: str, version: str | None, label: str | None
+) -> Response:
+    try:
+        authorize(request)
+    except ShipyardError as exc:
+        return respond(tfserving.error_response(exc))
+    return respond(tfserving.unsupported_method(dataplane=get_dataplane(request), name=name, method=method,
+                                                version=version, label=label))
+
+
+@router.post("/{name}:classify")
+@router.post("/{name}:regress")
+def tfserving_classify_or_regress(request: Request, name: str) -> Response:
+    return _unsupported(request, name, _method(request), None, None)
+
+
+@router.post("/{name}/versions/{version}:classify")
+@router.post("/{name}/versions/{version}:regress")
+def tfserving_version_classify_or_regress(request: Request, name: str, version: str) -> Response:
+    return _unsupported(request, name, _method(request), version, None)
+
+
+@router.post("/{name}/labels/{label}:classify")
+@router.post("/{name}/labels/{label}:regress")
+def tfserving_label_classify_or_regress(request: Request, name: str, label: str) -> Response:
+    return _unsupported(request, name, _method(request), None, label)
+
+
+def _method(request: Request) -> str:
+    """``classify`` or ``regress``, from the path the request came by."""
+    return "classify" if request.url.path.endswith(":classify") else "regress"

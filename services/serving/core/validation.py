@@ -30,12 +30,35 @@ def _kind_name(array: np.ndarray) -> str:
             "f": "fractional numbers", "c": "complex numbers"}.get(array.dtype.kind, array.dtype.name)
 
 
+def _holds_bool(value: Any) -> bool:
+    """Whether a JSON value (a number, or lists nested to any depth) holds a boolean anywhere.
+
+    One C-level pass per list (the set of its items' types); only lists of lists go deeper.
+    """
+    if type(value) is bool:
+        return True
+    if type(value) is not list:
+        return False
+    pending = [value]
+    while pending:
+        items = pending.pop()
+        kinds = set(map(type, items))
+        if bool in kinds:
+            return True
+        if list in kinds:
+            pending.extend(item for item in items if type(item) is list)
+    return False
+
+
 def array_from_json(value: Any, dtype: np.dtype[Any], *, what: str) -> np.ndarray:
     """A JSON value (nested lists of numbers, or one number) as an array of ``dtype``, checked.
 
     Strings are refused although numpy would parse them, and so are booleans for numeric inputs
-    and fractions for integer ones; a number beyond ``dtype``'s range is refused, not wrapped.
+    (numpy reads ``[true, 1.5]`` as ``[1.0, 1.5]``) and fractions for integer ones; a number beyond
+    ``dtype``'s range is refused, not wrapped.
     """
+    if dtype.kind != "b" and _holds_bool(value):
+        raise InvalidInput(f"{what} holds booleans; the model takes {dtype.name} numbers")
     try:
         raw = np.asarray(value)
     except ValueError as exc:  # ragged nesting

@@ -60,10 +60,10 @@ import orjson
 from services.serving.api.http import ASGIApp, Message, ProtocolResponse, Receive, Scope, Send
 from services.serving.core.dataplane import VERSION_HEADER, DataPlane, Offload
 from services.serving.fastlane.rows import RowsRequest, predict_rows_merged, predict_rows_now
-from services.serving.protocols import loads, tfserving, v2
+from services.serving.protocols import NestedTooDeeply, loads, tfserving, v2
 from services.serving.protocols.ours import plain_numbers, predict_body, predict_inference
 from shipyard_common.auth import Role, TokenAuthenticator
-from shipyard_common.errors import BadRequest, InvalidInput, ShipyardError
+from shipyard_common.errors import BadRequest, InvalidInput, ShipyardError, ValidationFailed
 from shipyard_common.metrics import HttpMetrics
 
 log = logging.getLogger("shipyard.web")
@@ -289,6 +289,8 @@ class FastLane:
             raise HandBack
         try:
             parsed = loads(body)
+        except NestedTooDeeply as exc:  # FastAPI's parser would recurse until it failed (a 500)
+            return _error(ValidationFailed(exc.message))
         except InvalidInput:
             raise HandBack from None
         try:

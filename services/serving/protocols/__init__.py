@@ -15,6 +15,14 @@ import orjson
 from shipyard_common.errors import InvalidInput
 
 
+class NestedTooDeeply(InvalidInput):
+    """A JSON body nested deeper than :data:`MAX_JSON_DEPTH`: refused before any recursive parse."""
+
+
+#: orjson's own limit on nesting: deeper bodies are refused, never parsed recursively.
+MAX_JSON_DEPTH = 1024
+
+
 def loads(body: bytes | str, *, what: str = "the request body") -> Any:
     """Parse JSON fast; NaN/Infinity literals, which orjson refuses, through the slow parser.
 
@@ -24,9 +32,11 @@ def loads(body: bytes | str, *, what: str = "the request body") -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as fast_error:
+        if "depth limit" in str(fast_error):  # orjson stops at 1,024 levels; json.loads would recurse
+            raise NestedTooDeeply(f"{what} is nested too deeply (over {MAX_JSON_DEPTH} levels)") from None
         try:
             return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InvalidInput(f"{what} is not valid JSON: {fast_error}") from None
 
 

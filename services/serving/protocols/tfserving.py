@@ -27,7 +27,7 @@ from services.serving.core.dataplane import (
 from services.serving.core.routing import version_status
 from services.serving.core.validation import array_from_json
 from services.serving.protocols import dumps, loads
-from services.serving.runtimes.base import Signature
+from services.serving.runtimes.base import Signature, TensorSpec
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError
 from shipyard_common.lineage import PRODUCTION
 
@@ -163,5 +163,59 @@ def model_status(
                     f"alias (version {state.target_version})"
                 )
         return json_response({"model_version_status": statuses})
+    except ShipyardError as exc:
+        return error_response(exc)
+
+
+#: TF Serving's DataType names for the dtypes a signature may hold.
+_DT_NAMES = {
+    "float32": "DT_FLOAT", "float64": "DT_DOUBLE", "float16": "DT_HALF", "int8": "DT_INT8",
+    "int16": "DT_INT16", "int32": "DT_INT32", "int64": "DT_INT64", "uint8": "DT_UINT8",
+    "uint16": "DT_UINT16", "uint32": "DT_UINT32", "uint64": "DT_UINT64", "bool": "DT_BOOL",
+}
+PREDICT_METHOD = "tensorflow/serving/predict"
+
+
+def _tensor_info(spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "dtype": _DT_NAMES.get(spec.dtype.name, "DT_STRING" if spec.dtype.kind in "OSU" else "DT_INVALID"),
+        "tensor_shape": {"dim": [{"size": str(-1 if size is None else size), "name": ""}
+                                 for size in spec.shape], "unknown_rank": False},
+        "name": spec.name,
+    }
+
+
+def model_metadata(
+    *, dataplane: DataPlane, name: str, version: str | None = None, label: str | None = None
+) -> Response:
+    """``GET /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata``: TF Serving's GetModelMetadata,
+    the answering version's ``serving_default`` signature."""
+    try:
+        served = resolve(dataplane, name, version=version, label=label)
+        signature = served.signature
+        definition = {
+            "inputs": {spec.name: _tensor_info(spec) for spec in signature.inputs},
+            "outputs": {spec.name: _tensor_info(spec) for spec in signature.outputs},
+            "method_name": PREDICT_METHOD,
+        }
+        return json_response({
+            "model_spec": {"name": name, "signature_name": "", "version": served.version},
+            "metadata": {"signature_def": {"signature_def": {SIGNATURE_NAME: definition}}},
+        })
+    except ShipyardError as exc:
+        return error_response(exc)
+
+
+def unsupported_method(
+    *, dataplane: DataPlane, name: str, method: str, version: str | None = None, label: str | None = None
+) -> Response:
+    """``:classify`` and ``:regress``: every version serves its signature with the predict method only,
+    as TF Serving says of a SavedModel without a classification or regression signature."""
+    try:
+        served = resolve(dataplane, name, version=version, label=label)
+        raise InvalidInput(
+            f"model {name!r} version {served.version} has no {method} signature: its "
+            f"{SIGNATURE_NAME!r} signature's method is {PREDICT_METHOD}; send the request to :predict"
+        )
     except ShipyardError as exc:
         return error_response(exc)

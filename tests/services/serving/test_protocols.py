@@ -327,3 +327,63 @@ def test_our_json_protocol_serves_torchscript_and_refuses_large_bodies(served: t
     chunked = httpx.post(url, content=chunks(), headers={**VIEWER, "Content-Type": "application/json"})
     assert chunked.status_code == 413, chunked.text
     assert httpx.post(url, json={"inputs": ROWS.tolist()}, headers=VIEWER).status_code == 200
+
+
+def test_tf_serving_metadata_and_the_methods_a_predict_signature_lacks(served: tuple) -> None:
+    base, onnx, _ = served
+    url = f"{base}/v1/models/{onnx.name}"
+    for route in ("/metadata", "/versions/1/metadata", "/labels/production/metadata"):
+        response = httpx.get(f"{url}{route}", headers=VIEWER)
+        assert response.status_code == 200, response.text
+        found = response.json()
+        assert found["model_spec"] == {"name": onnx.name, "signature_name": "", "version": "1"}
+        definition = found["metadata"]["signature_def"]["signature_def"]["serving_default"]
+        assert definition["method_name"] == "tensorflow/serving/predict"
+        assert definition["inputs"]["input"]["dtype"] == "DT_FLOAT"
+        assert [dim["size"] for dim in definition["inputs"]["input"]["tensor_shape"]["dim"]] == ["-1", "4"]
+        assert list(definition["outputs"]) == ["probabilities"]
+    assert httpx.get(f"{url}/metadata").status_code == 401
+    missing = httpx.get(f"{url}/versions/2/metadata", headers=VIEWER)
+    assert missing.status_code == 404 and "version 2" in missing.json()["error"]
+    for method in ("classify", "regress"):
+        for route in (f":{method}", f"/versions/1:{method}", f"/labels/production:{method}"):
+            response = httpx.post(f"{url}{route}", json={"examples": [{"x": 1.0}]}, headers=VIEWER)
+            assert response.status_code == 400, (route, response.text)
+            error = response.json()["error"]
+            assert f"no {method} signature" in error and ":predict" in error
+        assert httpx.post(f"{url}:{method}", json={"examples": []}).status_code == 401
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "1.0" + "]" * levels
+
+
+def test_every_protocol_refuses_booleans_and_deep_json_in_its_own_shape(served: tuple) -> None:
+    base, onnx, _ = served
+    json_headers = {**VIEWER, "Content-Type": "application/json"}
+    bad_row = [True, 1.0, 2.0, 3.0]  # numpy would read it as [1.0, 1.0, 2.0, 3.0]
+    v2_bool = good_v2([bad_row])
+    v2_bool["inputs"][0]["data"] = bad_row
+    cases = [  # (url, body, status, how the error reads)
+        (f"{base}/v1/models/{onnx.name}/predict", json.dumps({"inputs": [bad_row]}), 422, "ours"),
+        (f"{base}/v2/models/{onnx.name}/infer", json.dumps(v2_bool), 400, "flat"),
+        (f"{base}/v1/models/{onnx.name}:predict", json.dumps({"instances": [bad_row]}), 400, "flat"),
+        (f"{base}/v1/models/{onnx.name}:predict", json.dumps({"inputs": [[1.0, 2.0, False, 4.0]]}), 400,
+         "flat"),
+        (f"{base}/v1/models/{onnx.name}/predict", '{"inputs": ' + deep(1500) + "}", 422, "ours"),
+        (f"{base}/v2/models/{onnx.name}/infer",
+         '{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ' + deep(1500) + "}]}",
+         400, "flat"),
+        (f"{base}/v1/models/{onnx.name}:predict", '{"instances": ' + deep(1500) + "}", 400, "flat"),
+    ]
+    for url, body, status, shape in cases:
+        response = httpx.post(url, content=body, headers=json_headers)
+        assert response.status_code == status, (url, body[:80], response.text)
+        error = response.json()["error"]
+        message = error["message"] if shape == "ours" else error
+        assert isinstance(message, str), response.text  # tritonclient and TF clients print a string
+        assert "bool" in message or "nested too deeply" in message, message
+    # Serving is still up and answers as before.
+    good = httpx.post(f"{base}/v1/models/{onnx.name}:predict", json={"instances": ROWS.tolist()},
+                      headers=VIEWER)
+    assert good.status_code == 200
