@@ -10,6 +10,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import DeclarativeBase
 
+# The largest value a BIGINT column (PostgreSQL's, and SQLite's INTEGER) holds: integers that reach a
+# query, ids and offsets alike, are bounded by it where they enter (a 422), not by the driver's
+# OverflowError (a 500).
+MAX_BIGINT = 2**63 - 1
+
 
 class Base(DeclarativeBase):
     pass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Path, Query, Request, status
 
 from services.monitor.context import Monitor
 from services.monitor.retraining import service
@@ -20,6 +20,7 @@ from services.monitor.retraining.schemas import (
     TriggerState,
 )
 from shipyard_common.auth import Principal, Role, role_checker
+from shipyard_common.orm import MAX_BIGINT
 
 router = APIRouter(tags=["retraining"])
 
@@ -28,6 +29,7 @@ Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Approver = Annotated[Principal, Depends(role_checker(Role.APPROVER))]
 Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
 MAX_PAGE = 500
+TriggerId = Annotated[int, Path(ge=1, le=MAX_BIGINT)]
 
 
 def _monitor(request: Request) -> Monitor:
@@ -72,7 +74,7 @@ def list_triggers(
 
 
 @router.get("/triggers/{trigger_id}", response_model=TriggerPublic)
-def get_trigger(request: Request, trigger_id: int, _: Viewer) -> TriggerPublic:
+def get_trigger(request: Request, trigger_id: TriggerId, _: Viewer) -> TriggerPublic:
     return service.get_trigger(monitor=_monitor(request), trigger_id=trigger_id)
 
 

@@ -46,6 +46,7 @@ from services.monitor.tables import PolicyRecord, TriggerRecord, WindowRecord
 from shipyard_common.db import Database, utcnow
 from shipyard_common.errors import Conflict, NotFound, Unavailable
 from shipyard_common.lineage import PRODUCTION
+from shipyard_common.orm import MAX_BIGINT
 
 log = logging.getLogger("shipyard.monitor.retraining")
 
@@ -169,10 +170,10 @@ def list_triggers(
 
 
 def _page_position(token: str) -> int:
-    try:
+    # The id of the last trigger of the page before: a decimal BIGINT, or not one this API gave.
+    if 0 < len(token) <= 19 and token.isascii() and token.isdigit() and int(token) <= MAX_BIGINT:
         return int(token)
-    except ValueError:
-        raise NotFound(f"page_token {token!r} is not one this API gave") from None
+    raise NotFound(f"page_token {token!r} is not one this API gave")
 
 
 def get_trigger(*, monitor: Monitor, trigger_id: int) -> TriggerPublic:

@@ -12,13 +12,16 @@ from services.monitor.windows.quality import STATUSES
 from services.monitor.windows.schemas import DriftPublic, DriftSummary, ReportPage, WindowPage
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import InvalidInput
+from shipyard_common.orm import MAX_BIGINT
 
 router = APIRouter(tags=["drift"])
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
-Before = Annotated[int | None, Query(ge=1, description="Only windows with a smaller id (the next page).")]
+Before = Annotated[
+    int | None, Query(ge=1, le=MAX_BIGINT, description="Only windows with a smaller id (the next page).")
+]
 Version = Annotated[str | None, Query(min_length=1, max_length=32, description="One version only.")]
-WindowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+WindowId = Annotated[int, Path(ge=1, le=MAX_BIGINT)]
 
 
 # Plain defs: the database is blocking, so FastAPI runs them in its thread pool.

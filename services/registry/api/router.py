@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 
 from services.registry.core import approvals, catalog, history, promotion
 from services.registry.core.registry import Registry
@@ -36,6 +36,7 @@ from services.registry.core.schemas import (
     VersionPage,
 )
 from shipyard_common.auth import Principal, Role, role_checker
+from shipyard_common.orm import MAX_BIGINT
 
 router = APIRouter()
 
@@ -48,6 +49,8 @@ MaxResults = Annotated[
     int | None, Query(ge=1, le=1000, description="Page size; default the setting page_size.")
 ]
 Why = Annotated[str | None, Query(max_length=2000, description="Why, for the audit row.")]
+# A promotion request's id: a BIGINT row id, so a larger number is a 422, not the driver's overflow.
+RequestId = Annotated[int, Path(ge=1, le=MAX_BIGINT)]
 
 
 def get_registry(request: Request) -> Registry:
@@ -162,13 +165,13 @@ def list_requests(
 
 
 @router.get("/requests/{request_id}", response_model=PromotionRequestPublic, tags=["promotion"])
-def get_request(registry: RegistryDep, request_id: int, _: Viewer) -> PromotionRequestPublic:
+def get_request(registry: RegistryDep, request_id: RequestId, _: Viewer) -> PromotionRequestPublic:
     return approvals.get_request(registry=registry, request_id=request_id)
 
 
 @router.post("/requests/{request_id}/approve", response_model=PromotePublic, tags=["promotion"])
 def approve_request(
-    registry: RegistryDep, request_id: int, body: DecisionCreate, principal: Approver
+    registry: RegistryDep, request_id: RequestId, body: DecisionCreate, principal: Approver
 ) -> PromotePublic:
     return approvals.approve(
         registry=registry, request_id=request_id, actor=principal.name, reason=body.reason
@@ -177,7 +180,7 @@ def approve_request(
 
 @router.post("/requests/{request_id}/reject", response_model=PromotionRequestPublic, tags=["promotion"])
 def reject_request(
-    registry: RegistryDep, request_id: int, body: DecisionCreate, principal: Approver
+    registry: RegistryDep, request_id: RequestId, body: DecisionCreate, principal: Approver
 ) -> PromotionRequestPublic:
     return approvals.reject(
         registry=registry, request_id=request_id, actor=principal.name, reason=body.reason
@@ -185,7 +188,9 @@ def reject_request(
 
 
 @router.post("/requests/{request_id}/cancel", response_model=PromotionRequestPublic, tags=["promotion"])
-def cancel_request(registry: RegistryDep, request_id: int, principal: Requester) -> PromotionRequestPublic:
+def cancel_request(
+    registry: RegistryDep, request_id: RequestId, principal: Requester
+) -> PromotionRequestPublic:
     return approvals.cancel(
         registry=registry, request_id=request_id, actor=principal.name, is_admin=principal.role == Role.ADMIN
     )
@@ -253,7 +258,9 @@ def list_audit(
     registry: RegistryDep,
     _: Viewer,
     model: Annotated[str | None, Query(description="Only the rows of this model.")] = None,
-    limit: Annotated[int, Query(ge=1, description="At most this many rows, newest first.")] = 100,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_BIGINT, description="At most this many rows, newest first.")
+    ] = 100,
 ) -> list[AuditPublic]:
     return history.list_audit(
         registry=registry, model=model, limit=min(limit, registry.settings.audit_page_max)

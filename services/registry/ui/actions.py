@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Path, Request
 from fastapi.responses import RedirectResponse
 
 from services.registry.core import approvals, history, promotion
@@ -30,12 +30,14 @@ from services.registry.ui.web import (
 )
 from shipyard_common.auth import Role
 from shipyard_common.lineage import CANARY
+from shipyard_common.orm import MAX_BIGINT
 
 router = APIRouter(route_class=UiRoute)
 
 Text = Annotated[str, Form(max_length=4000)]
 Alias = Annotated[str, Form(max_length=32)]
 Weight = Annotated[float | None, Form()]
+RequestId = Annotated[int, Path(ge=1, le=MAX_BIGINT)]
 
 
 def version_url(name: str, version: str) -> str:
@@ -96,7 +98,8 @@ def remove_alias(request: Request, name: str, alias: str, session: ApproverForm,
 
 
 @router.post("/requests/{request_id}/approve")
-def approve(request: Request, request_id: int, session: ApproverForm, reason: Text = "") -> RedirectResponse:
+def approve(request: Request, request_id: RequestId, session: ApproverForm,
+            reason: Text = "") -> RedirectResponse:
     body = parsed(DecisionCreate, reason=reason.strip())
     moved = approvals.approve(registry=registry_of(request), request_id=request_id,
                               actor=session.principal.name, reason=body.reason)
@@ -105,7 +108,8 @@ def approve(request: Request, request_id: int, session: ApproverForm, reason: Te
 
 
 @router.post("/requests/{request_id}/reject")
-def reject(request: Request, request_id: int, session: ApproverForm, reason: Text = "") -> RedirectResponse:
+def reject(request: Request, request_id: RequestId, session: ApproverForm,
+           reason: Text = "") -> RedirectResponse:
     body = parsed(DecisionCreate, reason=reason.strip())
     approvals.reject(registry=registry_of(request), request_id=request_id, actor=session.principal.name,
                      reason=body.reason)
@@ -113,7 +117,7 @@ def reject(request: Request, request_id: int, session: ApproverForm, reason: Tex
 
 
 @router.post("/requests/{request_id}/cancel")
-def withdraw(request: Request, request_id: int, session: RequesterForm) -> RedirectResponse:
+def withdraw(request: Request, request_id: RequestId, session: RequesterForm) -> RedirectResponse:
     """Withdraw a pending request: its requester, or an admin."""
     approvals.cancel(registry=registry_of(request), request_id=request_id, actor=session.principal.name,
                      is_admin=session.principal.role == Role.ADMIN)

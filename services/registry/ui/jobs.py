@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from services.registry.ui.sessions import UiSession
 from services.registry.ui.web import Signed, UiRoute, registry_of, render
 from shipyard_common.errors import NotFound, ShipyardError, Unavailable, UpstreamError
+from shipyard_common.orm import MAX_BIGINT
 
 router = APIRouter(route_class=UiRoute)
 
@@ -79,7 +80,7 @@ def job_page(request: Request, job_id: str, session: Signed) -> HTMLResponse:
 
 @router.get("/jobs/{job_id}/logs")
 def job_logs(request: Request, job_id: str, session: Signed,
-             after: Annotated[int, Query(ge=0)] = 0) -> JSONResponse:
+             after: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0) -> JSONResponse:
     """The job's log lines after ``after`` for the page's script: ``{state, lines, next_after}``."""
     try:
         logs = trainer_get(request, session, f"/jobs/{quote(job_id, safe='')}/logs",

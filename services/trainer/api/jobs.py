@@ -16,6 +16,7 @@ from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.datasets import DataRepo, DatasetNotFound
 from shipyard_common.db import Database
 from shipyard_common.errors import ValidationFailed
+from shipyard_common.orm import MAX_BIGINT
 
 router = APIRouter(tags=["jobs"])
 
@@ -91,7 +92,9 @@ def job_logs(
     request: Request,
     database: DatabaseDep,
     _: Viewer,
-    after: Annotated[int, Query(ge=0, description="return the lines numbered above this")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_BIGINT, description="return the lines numbered above this")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=service.MAX_LOG_LIMIT)] = 1000,
     stream: bool = False,
 ) -> dict[str, Any] | StreamingResponse:
@@ -107,15 +110,20 @@ def job_logs(
             "job_id": job_id, "state": state.value, "lines": lines,
             "next_after": lines[-1]["line"] if lines else after,
         }
-    last_event = request.headers.get("last-event-id", "")
-    if last_event.isdigit():
-        after = max(after, int(last_event))
+    after = max(after, _last_event_id(request.headers.get("last-event-id", "")))
     interval = request.app.state.settings.log_poll_interval_s
     return StreamingResponse(
         _follow(request, database, job_id, after, interval),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _last_event_id(header: str) -> int:
+    """The line a reconnecting EventSource saw last: ASCII digits within a BIGINT, else 0 (none)."""
+    if 0 < len(header) <= 19 and header.isascii() and header.isdigit() and int(header) <= MAX_BIGINT:
+        return int(header)
+    return 0
 
 
 async def _follow(

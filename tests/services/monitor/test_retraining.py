@@ -377,6 +377,19 @@ def test_a_flood_of_drifted_windows_starts_one_retraining_and_records_its_outcom
         one = httpx.get(f"{base}/triggers/{done['id']}", headers=auth("viewer")).json()
         assert one == done
         assert httpx.get(f"{base}/triggers/999999", headers=auth("viewer")).status_code == 404
+        # Ids past a BIGINT are FastAPI's 422 (they overflowed the driver: a 500), ids within it a 404.
+        for huge in ("99999999999999999999", str(2**63)):
+            for path in (f"/triggers/{huge}", f"/windows/{model}?before={huge}",
+                         f"/reports/{model}?before={huge}"):
+                answer = httpx.get(f"{base}{path}", headers=auth("viewer"))
+                assert answer.status_code == 422, (path, answer.text)
+                assert answer.json()["error"]["code"] == "validation_error"
+        assert httpx.get(f"{base}/triggers/{2**63 - 1}", headers=auth("viewer")).status_code == 404
+        last = httpx.get(f"{base}/windows/{model}", params={"before": 2**63 - 1}, headers=auth("viewer"))
+        assert last.status_code == 200, last.text
+        for token in ("99999999999999999999", "9" * 5000, "²"):
+            paged = httpx.get(f"{base}/triggers", params={"page_token": token}, headers=auth("viewer"))
+            assert paged.status_code == 404 and "page_token" in paged.json()["error"]["message"]
         database.dispose()
 
 

@@ -189,6 +189,16 @@ def test_nobody_decides_their_own_request_and_a_decision_is_made_once(
     assert "no promotion request #999999" in _refused(
         httpx.post(f"{registry_url}/requests/999999/approve", json={"reason": "x"}, headers=APPROVER), 404
     )
+    # An id past a BIGINT is FastAPI's 422 (it overflowed the driver: a 500); one within it a 404.
+    for huge in ("99999999999999999999", str(2**63)):
+        for answer in (
+            httpx.get(f"{registry_url}/requests/{huge}", headers=VIEWER),
+            httpx.post(f"{registry_url}/requests/{huge}/approve", json={"reason": "x"}, headers=APPROVER),
+            httpx.post(f"{registry_url}/requests/{huge}/cancel", headers=TRAINER),
+        ):
+            assert answer.status_code == 422, answer.text
+            assert "request_id" in answer.json()["error"]["message"]
+    assert httpx.get(f"{registry_url}/requests/{2**63 - 1}", headers=VIEWER).status_code == 404
 
 
 def test_a_failing_gate_blocks_approval_and_names_each_rule_and_its_figures(

@@ -255,3 +255,32 @@ def test_dataset_routes(settings, tmp_path):
                              headers=auth(Role.TRAINER))
         assert garbage.status_code == 400 and "parquet" in garbage.json()["error"]["message"]
     assert len(Repo(tmp_path / "repo", tmp_path / "remote").versions("bc")) == 2
+
+
+def test_integer_parameters_past_a_bigint_are_422_not_500(db_settings, rev):
+    # after=10**20 reached the database and overflowed its driver (a 500); every integer a route
+    # takes is bounded by what a BIGINT holds, so FastAPI refuses it with its own message.
+    with running_app(create_app(db_settings)) as base:
+        job = httpx.post(f"{base}/jobs", json=job_spec(rev=rev), headers=auth(Role.TRAINER)).json()
+        logs = f"{base}/jobs/{job['id']}/logs"
+        for after in ("99999999999999999999", str(2**63), "-1"):
+            response = httpx.get(logs, params={"after": after}, headers=auth(Role.VIEWER))
+            assert response.status_code == 422, (after, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "validation_error" and "after" in error["message"]
+            assert {d["field"] for d in error["details"]} == {"query.after"}, error
+        for after in (0, 5, 2**63 - 1):
+            response = httpx.get(logs, params={"after": after}, headers=auth(Role.VIEWER))
+            assert response.status_code == 200, response.text
+            assert response.json()["lines"] == [] and response.json()["next_after"] == after
+        huge = httpx.get(f"{base}/jobs", params={"limit": "99999999999999999999"}, headers=auth(Role.VIEWER))
+        assert huge.status_code == 422, huge.text
+
+
+@pytest.mark.parametrize(("header", "line"), [
+    ("7", 7), (str(2**63 - 1), 2**63 - 1), (str(2**63), 0), ("9" * 5000, 0), ("²", 0), ("", 0), ("-3", 0),
+])
+def test_a_last_event_id_past_a_bigint_or_not_a_number_is_ignored(header, line):
+    from services.trainer.api.jobs import _last_event_id
+
+    assert _last_event_id(header) == line
