@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,11 +37,14 @@ def mlflow_health_check(tracking_uri: str) -> ReadinessCheck:
     return check
 
 
-def error_response(status_code: int, code: str, message: str, details: Any = None) -> JSONResponse:
+def error_response(
+    status_code: int, code: str, message: str, details: Any = None, *,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
         error["details"] = details
-    return JSONResponse({"error": error}, status_code=status_code)
+    return JSONResponse({"error": error}, status_code=status_code, headers=headers)
 
 
 def describe_validation_errors(errors: list[Any]) -> tuple[str, list[dict[str, Any]]]:
@@ -57,6 +60,13 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, list[dict[str, A
     return "invalid request: " + "; ".join(parts), details
 
 
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """An unknown route (404), a method the route does not take (405, with its ``Allow``), and the like."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    # Starlette's 405 names the methods the route takes in Allow (RFC 9110): kept.
+    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ShipyardError)
     async def _shipyard_error(_: Request, exc: ShipyardError) -> JSONResponse:
@@ -69,10 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message, details = describe_validation_errors(list(exc.errors()))
         return error_response(422, "validation_error", message, details)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

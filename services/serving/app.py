@@ -12,11 +12,13 @@ from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from services.serving.api.http import BodyLimit
 from services.serving.api.ours import router
 from services.serving.api.tfserving import router as tfserving_router
+from services.serving.api.v2 import route_error as v2_route_error
 from services.serving.api.v2 import router as v2_router
 from services.serving.core.dataplane import DataPlane
 from services.serving.core.follower import ModelFollower
@@ -149,6 +151,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     app.include_router(tfserving_router)
     app.include_router(router)
     app.include_router(v2_router)
+    app.add_exception_handler(StarletteHTTPException, v2_route_error)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

@@ -12,12 +12,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.serving.api.http import authorize, get_dataplane, lower_headers, respond
 from services.serving.core.dataplane import resolve
 from services.serving.core.loaded import ServedModel
 from services.serving.protocols import v2
 from shipyard_common.errors import BadRequest, ShipyardError
+from shipyard_common.web import http_error
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -100,3 +102,21 @@ async def infer(request: Request, name: str) -> Response:
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer_version(request: Request, name: str, version: str) -> Response:
     return await _infer(request, name, version)
+
+
+async def route_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """A path under /v2 that no route takes (404), or a method its route does not (405, with ``Allow``),
+    answered in the protocol's ``{"error": "..."}`` (tritonclient prints only that shape); other
+    paths get the platform's answer."""
+    path = request.url.path
+    if path != "/v2" and not path.startswith("/v2/"):
+        return await http_error(request, exc)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        message = f"{path} does not take {request.method}; it takes {headers.get('Allow', 'other methods')}"
+    elif exc.status_code == 404:
+        message = f"no Open Inference Protocol route {request.method} {path}"
+    else:
+        message = str(exc.detail)
+    status, content, answer_headers = v2.json_response({"error": message}, exc.status_code)
+    return respond((status, content, {**answer_headers, **headers}))

@@ -387,3 +387,20 @@ def test_every_protocol_refuses_booleans_and_deep_json_in_its_own_shape(served: 
     good = httpx.post(f"{base}/v1/models/{onnx.name}:predict", json={"instances": ROWS.tolist()},
                       headers=VIEWER)
     assert good.status_code == 200
+
+
+def test_unknown_v2_routes_and_wrong_methods_answer_in_each_protocols_shape(served: tuple) -> None:
+    base, onnx, _ = served
+    # tritonclient's error printing needs v2's {"error": "..."}; the repository API is not served.
+    with pytest.raises(InferenceServerException) as raised:
+        client(base).get_model_repository_index(headers=dict(VIEWER))
+    assert "no Open Inference Protocol route POST /v2/repository/index" in str(raised.value)
+    wrong = httpx.get(f"{base}/v2/models/{onnx.name}/infer", headers=VIEWER)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json() == {"error": f"/v2/models/{onnx.name}/infer does not take GET; it takes POST"}
+    unknown = httpx.get(f"{base}/v2/nothing/here", headers=VIEWER)
+    assert unknown.status_code == 404 and isinstance(unknown.json()["error"], str)
+    # Elsewhere the platform's shape, and the 405 still names what the route takes.
+    ours = httpx.get(f"{base}/v1/models/{onnx.name}/predict", headers=VIEWER)
+    assert ours.status_code == 405 and ours.headers["allow"] == "POST"
+    assert ours.json()["error"]["code"] == "method_not_allowed"
