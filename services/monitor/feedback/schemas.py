@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shipyard_common.times import UtcDatetime
 
 # Labels one POST /feedback may carry; more are sent in several calls.
 MAX_LABELS = 10_000
@@ -60,10 +61,10 @@ class LiveMetricsPublic(BaseModel):
 
 class WindowLivePublic(LiveMetricsPublic):
     window_id: int
-    started_at: datetime
-    ended_at: datetime
+    started_at: UtcDatetime
+    ended_at: UtcDatetime
     rows: int
-    performance_at: datetime | None = Field(description="When these metrics were computed (UTC).")
+    performance_at: UtcDatetime | None = Field(description="When these metrics were computed (UTC).")
 
 
 class VersionLivePublic(BaseModel):
@@ -80,7 +81,7 @@ class RejectedLabelPublic(BaseModel):
     label: Label
     version: str | None
     error: str
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class FeedbackSummary(BaseModel):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shipyard_common.times import UtcDatetime
 
 MAX_WINDOWS = 1000
 
@@ -102,8 +103,8 @@ class PolicyPublic(BaseModel):
     schedule_interval_s: float | None
     cooldown_s: float
     parameters: dict[str, Any]
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
     updated_by: str | None
 
 
@@ -137,9 +138,9 @@ class TriggerPublic(BaseModel):
     )
     message: str | None = Field(description="Why it failed, or what it noted.")
     window_ids: list[int] = Field(description="The windows that fired it (drift, accuracy).")
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    finished_at: UtcDatetime | None
     created_by: str | None
 
 

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from shipyard_common.times import UtcDatetime
 
 
 class FeatureDriftPublic(BaseModel):
@@ -38,8 +39,8 @@ class WindowPublic(BaseModel):
     kind: str = Field(description="rows (closed at a count of rows) or time (its period ended)")
     status: str = Field(description="ok, empty, too_few_rows, all_missing, schema_change or error")
     message: str | None
-    started_at: datetime
-    ended_at: datetime
+    started_at: UtcDatetime
+    ended_at: UtcDatetime
     first_prediction_id: int | None
     last_prediction_id: int | None
     requests: int
@@ -54,13 +55,13 @@ class WindowPublic(BaseModel):
     features: list[FeatureDriftPublic]
     quality: dict[str, Any]
     report_url: str | None = Field(description="Evidently's HTML report of the window, while it is kept.")
-    computed_at: datetime
+    computed_at: UtcDatetime
     labelled: int
     accuracy: float | None
     f1: float | None
     mae: float | None
     rmse: float | None
-    performance_at: datetime | None
+    performance_at: UtcDatetime | None
 
 
 class WindowPage(BaseModel):
@@ -79,8 +80,8 @@ class DriftPublic(BaseModel):
     version: str
     window_id: int
     kind: str
-    started_at: datetime
-    ended_at: datetime
+    started_at: UtcDatetime
+    ended_at: UtcDatetime
     reference: ReferencePublic
     current_rows: int
     dataset_drift: bool
@@ -90,7 +91,7 @@ class DriftPublic(BaseModel):
     prediction: PredictionDriftPublic | None
     quality: dict[str, Any]
     report_url: str | None
-    computed_at: datetime
+    computed_at: UtcDatetime
 
 
 class DriftSummary(BaseModel):
@@ -106,7 +107,7 @@ class DriftSummary(BaseModel):
     dataset_drift: bool | None
     drift_share: float | None
     current_rows: int | None
-    computed_at: datetime | None = Field(description="When this verdict was computed (UTC).")
+    computed_at: UtcDatetime | None = Field(description="When this verdict was computed (UTC).")
     window_id: int | None
     status: str
     latest_window_id: int
@@ -121,8 +122,8 @@ class DriftSummary(BaseModel):
 class ReportPublic(BaseModel):
     window_id: int
     version: str
-    started_at: datetime
-    ended_at: datetime
+    started_at: UtcDatetime
+    ended_at: UtcDatetime
     rows: int
     dataset_drift: bool | None
     drift_share: float | None

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from shipyard_common.lineage import ALIASES, CANARY, PRODUCTION
+from shipyard_common.times import UtcDatetime
 
 # Built from lineage.ALIASES so that the trainer, registry and serving agree on one list.
 AliasName = Literal[ALIASES]  # type: ignore[valid-type]
 RequestState = Literal["pending", "approved", "rejected", "cancelled"]
 Reason = Field(min_length=1, max_length=2000, description="Why, in a sentence: kept in the audit.")
-
-
-class Utc(BaseModel):
-    """Datetimes the database stores naive are UTC: say so, or clients read them as local time."""
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _in_utc(cls, value: Any) -> Any:
-        if isinstance(value, datetime) and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
 
 
 # Reads: models and versions
@@ -44,7 +33,7 @@ class DriftVerdict(BaseModel):
     drift_share: float | None = None
     version: str | None = None
     rows: int | None = None
-    computed_at: datetime | None = None
+    computed_at: UtcDatetime | None = None
     window_id: int | None = None
     status: str | None = Field(default=None, description="ok, or why drift was not computed (too_few_rows…).")
     # The window's live metrics from ground truth, if labels for its rows arrived.
@@ -56,7 +45,7 @@ class DriftVerdict(BaseModel):
     error: str | None = Field(default=None, description="Why there is no verdict (monitor unreachable…).")
 
 
-class LiveFigures(Utc):
+class LiveFigures(BaseModel):
     """Live metrics from ground truth: accuracy and macro F1 (classifiers) or MAE and RMSE."""
 
     labelled: int = 0
@@ -65,7 +54,7 @@ class LiveFigures(Utc):
     mae: float | None = None
     rmse: float | None = None
     window_id: int | None = None
-    ended_at: datetime | None = None
+    ended_at: UtcDatetime | None = None
 
 
 class LiveVersion(BaseModel):
@@ -77,7 +66,7 @@ class LiveVersion(BaseModel):
     latest: LiveFigures
 
 
-class RetrainingTrigger(Utc):
+class RetrainingTrigger(BaseModel):
     """One retraining the monitor started: why, its Prefect flow run, and what it produced."""
 
     id: int
@@ -91,8 +80,8 @@ class RetrainingTrigger(Utc):
     new_version: str | None = None
     request_id: str | None = None
     message: str | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
+    created_at: UtcDatetime | None = None
+    updated_at: UtcDatetime | None = None
 
 
 class Monitoring(BaseModel):
@@ -106,14 +95,14 @@ class Monitoring(BaseModel):
     triggers_error: str | None = None
 
 
-class ModelPublic(Utc):
+class ModelPublic(BaseModel):
     name: str
     description: str | None = None
     aliases: dict[str, str] = Field(description="Alias → version it points at.")
     latest_version: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
+    created_at: UtcDatetime | None = None
+    updated_at: UtcDatetime | None = None
 
 
 class ModelPage(BaseModel):
@@ -132,7 +121,7 @@ class Lineage(BaseModel):
     run_id: str | None = None
 
 
-class VersionPublic(Utc):
+class VersionPublic(BaseModel):
     name: str
     version: str
     run_id: str | None = None
@@ -151,7 +140,7 @@ class VersionPublic(Utc):
     signature: dict[str, Any] | None = None
     exports: list[str] = Field(default_factory=list)
     archived: bool = False
-    created_at: datetime | None = None
+    created_at: UtcDatetime | None = None
 
 
 class VersionPage(BaseModel):
@@ -248,7 +237,7 @@ class GateVerdict(BaseModel):
     summary: str
 
 
-class PromotionRequestPublic(Utc):
+class PromotionRequestPublic(BaseModel):
     id: int
     model: str
     version: str
@@ -256,10 +245,10 @@ class PromotionRequestPublic(Utc):
     weight: float | None
     reason: str
     requested_by: str
-    requested_at: datetime
+    requested_at: UtcDatetime
     state: RequestState
     decided_by: str | None
-    decided_at: datetime | None
+    decided_at: UtcDatetime | None
     decision_reason: str | None
     gate: GateVerdict | None = Field(default=None, description="The gate's verdict now (pending requests).")
 
@@ -284,16 +273,16 @@ class GateSet(BaseModel):
     aliases: list[AliasName] = Field(default_factory=lambda: [PRODUCTION], min_length=1)
 
 
-class GatePublic(Utc):
+class GatePublic(BaseModel):
     model: str
     rules: list[str]
     aliases: list[str]
     updated_by: str | None = None
-    updated_at: datetime | None = None
+    updated_at: UtcDatetime | None = None
 
 
 # History and audit
-class AuditPublic(Utc):
+class AuditPublic(BaseModel):
     id: int
     model: str
     version: str
@@ -305,11 +294,11 @@ class AuditPublic(Utc):
     reason: str | None
     request_id: int | None = None
     direct: bool = Field(default=False, description="An admin's move without an approved request.")
-    at: datetime
+    at: UtcDatetime
 
 
-class HistoryPublic(Utc):
+class HistoryPublic(BaseModel):
     model: str
     moves: list[AuditPublic] = Field(description="Alias moves, newest first.")
-    at: datetime | None = Field(default=None, description="The moment asked about (?at=).")
+    at: UtcDatetime | None = Field(default=None, description="The moment asked about (?at=).")
     production_at: str | None = Field(default=None, description="The production version at that moment.")

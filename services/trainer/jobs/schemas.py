@@ -7,7 +7,6 @@ trained with the default would be worse than a 422.
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from enum import StrEnum
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -24,6 +23,7 @@ from pydantic import (
 
 from shipyard_common.datasets import validate_dataset_name, validate_name, validate_ref
 from shipyard_common.errors import InvalidInput
+from shipyard_common.times import UtcDatetime
 
 SPEC_VERSION = 1
 
@@ -404,6 +404,6 @@ class JobPublic(BaseModel):
     mlflow_run_id: str | None
     device: str | None
     error: str | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
     spec: JobCreate

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -284,3 +286,28 @@ def test_a_last_event_id_past_a_bigint_or_not_a_number_is_ignored(header, line):
     from services.trainer.api.jobs import _last_event_id
 
     assert _last_event_id(header) == line
+
+
+# RFC 3339's date-time, which OpenAPI's format names: a time zone offset is not optional.
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def test_a_jobs_times_are_utc_with_their_offset(db_settings, rev):
+    # Both databases hand the DateTime columns back naive; the API says they are UTC.
+    with running_app(create_app(db_settings)) as base:
+        before = datetime.now(UTC)
+        created = httpx.post(f"{base}/jobs", json=job_spec(rev=rev), headers=auth(Role.TRAINER)).json()
+        fetched = httpx.get(f"{base}/jobs/{created['id']}", headers=auth(Role.VIEWER)).json()
+        listed = httpx.get(f"{base}/jobs", headers=auth(Role.VIEWER)).json()
+        cancelled = httpx.post(f"{base}/jobs/{created['id']}/cancel", headers=auth(Role.TRAINER)).json()
+        schema = httpx.get(f"{base}/openapi.json").json()["components"]["schemas"]["JobPublic"]
+    answers = [created, fetched, *[j for j in listed if j["id"] == created["id"]], cancelled]
+    assert len(answers) == 4
+    for job in answers:
+        for field in ("created_at", "updated_at"):
+            assert RFC3339.match(job[field]), (field, job[field])
+            moment = datetime.fromisoformat(job[field])
+            assert moment.utcoffset() == timedelta(0)
+            assert before - timedelta(seconds=5) <= moment <= datetime.now(UTC) + timedelta(seconds=5)
+    assert schema["properties"]["created_at"]["format"] == "date-time"
+
