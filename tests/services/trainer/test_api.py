@@ -6,6 +6,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -311,3 +312,28 @@ def test_a_jobs_times_are_utc_with_their_offset(db_settings, rev):
             assert before - timedelta(seconds=5) <= moment <= datetime.now(UTC) + timedelta(seconds=5)
     assert schema["properties"]["created_at"]["format"] == "date-time"
 
+
+README = Path(__file__).resolve().parents[3] / "README.md"
+README_JOB_MARKER = "<!-- README example: POST /jobs"
+
+
+def readme_job_example() -> dict:
+    """The JSON of the README's ``POST /jobs`` example: the first ```json block after its marker."""
+    text = README.read_text(encoding="utf-8")
+    assert README_JOB_MARKER in text, f"README.md lost its marker {README_JOB_MARKER!r}"
+    after = text.split(README_JOB_MARKER, 1)[1]
+    block = re.search(r"^```json\n(.*?)^```", after, flags=re.S | re.M)
+    assert block is not None, "no ```json block after the README's POST /jobs marker"
+    return dict(json.loads(block.group(1)))
+
+
+def test_the_readmes_job_example_is_accepted(settings):
+    # The README's example once lacked data.task and was refused; it is submitted as written, to a
+    # trainer whose data repository holds the dataset it names.
+    example = readme_job_example()
+    with running_app(create_app(settings)) as base:
+        response = httpx.post(f"{base}/jobs", json=example, headers=auth(Role.TRAINER))
+    assert response.status_code in (201, 202), response.text
+    job = response.json()
+    assert job["state"] == "queued" and job["model_name"] == example["model_name"]
+    assert job["spec"]["data"]["dataset"] == example["data"]["dataset"]
