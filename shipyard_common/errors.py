@@ -13,6 +13,7 @@ so service code never raises ``HTTPException``.
     ├── Conflict (409)                the request clashes with current state
     ├── PayloadTooLarge (413)
     ├── ValidationFailed (422)        a request body that fails its schema
+    ├── TooManyRequests (429)         over the caller's rate limit (shipyard_common.edge)
     ├── UpstreamError (502)           a component we depend on answered badly
     └── Unavailable (503)             a component we depend on is not there
 """
@@ -77,6 +78,11 @@ class PayloadTooLarge(ShipyardError):
 class ValidationFailed(ShipyardError):
     status_code = 422
     code = "validation_error"
+
+
+class TooManyRequests(ShipyardError):
+    status_code = 429
+    code = "rate_limited"
 
 
 class UpstreamError(ShipyardError):

@@ -149,3 +149,27 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     platform: PlatformSettings = Field(default_factory=PlatformSettings)
+
+    # The edge (shipyard_common.edge): what a request must pass before routing, auth and parsing.
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1,
+        description="Largest request body; a larger one is answered 413 before it is read.",
+    )
+    max_json_depth: int = Field(default=64, ge=0, description="Deepest JSON nesting accepted (400); 0: any.")
+    max_json_values: int = Field(
+        default=1_000_000, ge=0, description="Most values in one JSON body (400); 0: any."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description='Host headers answered (JSON list; "*.example.com", "*" for any), besides the '
+        "service's own host and its URL in the platform settings; others are answered 400.",
+    )
+    cors_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description='Origins browsers may call from (JSON list, "*" any); none by default.',
+    )
+    rate_limit_per_s: float = Field(
+        default=0, ge=0,
+        description="Requests a second per token (per address without one), in each process; 0: off.",
+    )
+    rate_limit_burst: int = Field(default=100, ge=1, description="Requests a caller may send at once.")

@@ -13,6 +13,7 @@ from services.monitor.retraining.router import router as retraining_router
 from services.monitor.settings import MonitorSettings
 from services.monitor.windows.router import router as windows_router
 from shipyard_common.db import Database
+from shipyard_common.edge import install_edge
 from shipyard_common.settings import disable_telemetry
 from shipyard_common.web import install_common, mlflow_health_check
 
@@ -42,6 +43,7 @@ def create_app(settings: MonitorSettings) -> FastAPI:
     if platform.mlflow_tracking_uri.startswith(("http://", "https://")):
         readiness["mlflow"] = mlflow_health_check(platform.mlflow_tracking_uri)
     registry = install_common(app, service="monitor", platform=platform, readiness_checks=readiness)
+    install_edge(app, settings, service="monitor")
     app.state.monitor = create_monitor(settings=settings, database=database, registry=registry)
     for router in (windows_router, feedback_router, retraining_router):
         app.include_router(router)

@@ -13,6 +13,7 @@ from services.registry.core.tables import upgrade_audit_table
 from services.registry.settings import RegistrySettings
 from services.registry.ui.router import STATIC_DIR, ui_router
 from shipyard_common.db import Database
+from shipyard_common.edge import install_edge
 from shipyard_common.web import install_common, mlflow_health_check
 
 
@@ -38,6 +39,7 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     if platform.mlflow_tracking_uri.startswith(("http://", "https://")):
         readiness["mlflow"] = mlflow_health_check(platform.mlflow_tracking_uri)
     install_common(app, service="registry", platform=platform, readiness_checks=readiness)
+    install_edge(app, settings, service="registry")
     app.state.registry = registry
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")

@@ -18,6 +18,7 @@ from services.trainer.worker.celery_app import make_celery
 from services.trainer.worker.reconciler import reconcile_until
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
+from shipyard_common.edge import BodyRoute, install_edge
 from shipyard_common.web import install_common
 
 log = logging.getLogger("shipyard.trainer")
@@ -63,6 +64,9 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         readiness_checks={"database": database.ping, "redis": redis_answers},
     )
     registry.register(JobCollector(database, settings))
+    # Dataset uploads are files, not requests: their own limit (dataset_max_bytes, 1 GiB by default).
+    install_edge(app, settings, service="trainer",
+                 body_routes=[BodyRoute("POST", r"/datasets/[^/]+", settings.dataset_max_bytes)])
     app.state.settings = settings
     app.state.database = database
     app.state.enqueue = enqueue
