@@ -130,8 +130,10 @@ def test_a_declared_length_over_the_limit_is_refused_before_auth_and_unread(trai
     head = post_head(trainer, "/jobs", "Content-Length: 209715200\r\n")
     status, body, sent, seconds = raw_request(trainer, head)
     assert status == 413 and sent == 0 and seconds < 10
-    assert body["error"] == {"code": "payload_too_large",
-                             "message": "the request body is 209715200 bytes, over the limit of 1048576 bytes"}
+    assert body["error"] == {
+        "code": "payload_too_large",
+        "message": "the request body is 209715200 bytes, over the limit of 1048576 bytes",
+    }
 
 
 def test_dataset_uploads_have_their_own_larger_limit(trainer: str) -> None:
