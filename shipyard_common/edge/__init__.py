@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from shipyard_common.edge.asgi import ErrorBody, platform_error_body
 from shipyard_common.edge.body import BodyLimit, BodyRoute
 from shipyard_common.edge.hosts import TrustedHosts
 from shipyard_common.edge.jsonscan import JsonLimits
@@ -31,7 +32,7 @@ from shipyard_common.edge.ratelimit import RateLimit
 from shipyard_common.metrics import HttpMetrics
 from shipyard_common.settings import ServiceSettings
 
-__all__ = ["BodyRoute", "allowed_hosts", "install_edge"]
+__all__ = ["BodyRoute", "ErrorBody", "allowed_hosts", "install_edge", "platform_error_body"]
 
 # Headers a browser page may send and read across origins (tokens travel in headers, never cookies).
 CORS_REQUEST_HEADERS = ["authorization", "x-api-token", "content-type", "x-request-id"]
@@ -52,21 +53,27 @@ def allowed_hosts(settings: ServiceSettings, service: str) -> list[str]:
 
 
 def install_edge(
-    app: FastAPI, settings: ServiceSettings, *, service: str, body_routes: Sequence[BodyRoute] = ()
+    app: FastAPI,
+    settings: ServiceSettings,
+    *,
+    service: str,
+    body_routes: Sequence[BodyRoute] = (),
+    error_body: ErrorBody = platform_error_body,
 ) -> None:
-    """Put the edge in front of ``app`` from ``settings``; ``body_routes`` take other body limits."""
+    """Put the edge in front of ``app`` from ``settings``. ``body_routes`` take other body limits;
+    ``error_body`` shapes refusals where a path's protocol has its own error shape (serving's)."""
     metrics: HttpMetrics | None = getattr(app.state, "http_metrics", None)
     json_limits = JsonLimits(max_depth=settings.max_json_depth, max_values=settings.max_json_values)
     # add_middleware puts each layer outside the ones added before it: innermost first.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, json_limits=json_limits,
-                       routes=body_routes, metrics=metrics)
+                       routes=body_routes, metrics=metrics, error_body=error_body)
     if settings.rate_limit_per_s > 0:
         app.add_middleware(RateLimit, rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst,
-                           tokens=settings.platform.tokens, metrics=metrics)
+                           tokens=settings.platform.tokens, metrics=metrics, error_body=error_body)
     if settings.cors_allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allowed_origins,
                            allow_methods=["*"], allow_headers=CORS_REQUEST_HEADERS,
                            expose_headers=CORS_EXPOSED_HEADERS, allow_credentials=False, max_age=600)
     hosts = allowed_hosts(settings, service)
     if "*" not in hosts:
-        app.add_middleware(TrustedHosts, allowed=hosts, metrics=metrics)
+        app.add_middleware(TrustedHosts, allowed=hosts, metrics=metrics, error_body=error_body)

@@ -1,5 +1,6 @@
 """What the edge's ASGI layers share: the ASGI types, header lookups, and a refusal in the
-platform's error body (``{"error": {"code", "message"}}``, as :mod:`shipyard_common.web` answers)."""
+platform's error body (``{"error": {"code", "message"}}``, as :mod:`shipyard_common.web` answers),
+or in another shape where a service's protocols have their own (serving's OIP v2: ``ErrorBody``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # The route label of refusals in shipyard_http_requests: they never reach a route.
 EDGE_ROUTE = "(edge)"
+
+# The bytes of a refusal's JSON body for a request (its path may say which protocol it speaks).
+ErrorBody = Callable[[Scope, ShipyardError], bytes]
+
+
+def platform_error_body(scope: Scope, error: ShipyardError) -> bytes:
+    """``{"error": {"code", "message"}}``: every service's own routes answer errors so."""
+    return json.dumps(error.to_body()).encode()
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -44,10 +53,11 @@ async def refuse(
     close: bool,
     headers: list[tuple[bytes, bytes]] | None = None,
     metrics: HttpMetrics | None = None,
+    error_body: ErrorBody = platform_error_body,
 ) -> None:
-    """Answer ``error`` in the platform's body; ``close`` ends the connection, so that a body left
+    """Answer ``error`` (in ``error_body``'s shape); ``close`` ends the connection, so that a body left
     unread is never read (uvicorn would otherwise read and drop the rest to keep the connection)."""
-    body = json.dumps(error.to_body()).encode()
+    body = error_body(scope, error)
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     head += headers or []
     if close:

@@ -16,7 +16,17 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shipyard_common.edge.asgi import ASGIApp, Message, Receive, Scope, Send, header, refuse
+from shipyard_common.edge.asgi import (
+    ASGIApp,
+    ErrorBody,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    platform_error_body,
+    refuse,
+)
 from shipyard_common.edge.jsonscan import JsonLimits, check_json_shape
 from shipyard_common.errors import BadRequest, PayloadTooLarge
 from shipyard_common.metrics import HttpMetrics
@@ -60,8 +70,10 @@ class BodyLimit:
         json_limits: JsonLimits | None = None,
         routes: Sequence[BodyRoute] = (),
         metrics: HttpMetrics | None = None,
+        error_body: ErrorBody = platform_error_body,
     ) -> None:
         self.app = app
+        self.error_body = error_body
         self.max_bytes = max_bytes
         self.json_limits = json_limits or JsonLimits(max_depth=0, max_values=0)
         self.routes = tuple(routes)
@@ -96,7 +108,8 @@ class BodyLimit:
             body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
             problem = check_json_shape(body, self.json_limits)
             if problem is not None:
-                await refuse(scope, send, BadRequest(problem), close=False, metrics=self.metrics)
+                await refuse(scope, send, BadRequest(problem), close=False, metrics=self.metrics,
+                             error_body=self.error_body)
                 return
             messages = deque([{"type": "http.request", "body": body, "more_body": False}])
 
@@ -122,4 +135,5 @@ class BodyLimit:
                 return messages
 
     async def _too_large(self, scope: Scope, send: Send, message: str) -> None:
-        await refuse(scope, send, PayloadTooLarge(message), close=True, metrics=self.metrics)
+        await refuse(scope, send, PayloadTooLarge(message), close=True, metrics=self.metrics,
+                     error_body=self.error_body)

@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shipyard_common.edge.asgi import ASGIApp, Receive, Scope, Send, has_body, header, refuse
+from shipyard_common.edge.asgi import (
+    ASGIApp,
+    ErrorBody,
+    Receive,
+    Scope,
+    Send,
+    has_body,
+    header,
+    platform_error_body,
+    refuse,
+)
 from shipyard_common.errors import BadRequest
 from shipyard_common.metrics import HttpMetrics
 
@@ -27,8 +37,16 @@ def host_name(value: bytes) -> str:
 class TrustedHosts:
     """400 for a Host header that none of ``allowed`` names."""
 
-    def __init__(self, app: ASGIApp, *, allowed: Iterable[str], metrics: HttpMetrics | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        allowed: Iterable[str],
+        metrics: HttpMetrics | None = None,
+        error_body: ErrorBody = platform_error_body,
+    ) -> None:
         self.app = app
+        self.error_body = error_body
         names = {host.strip().lower().strip("[]") for host in allowed if host.strip()}
         self.exact = frozenset(name for name in names if not name.startswith("*."))
         self.suffixes = tuple(name[1:] for name in names if name.startswith("*."))  # ".example.com"
@@ -48,4 +66,5 @@ class TrustedHosts:
             return
         said = f"the Host header names {host!r}, which" if host else "a request without a Host header:"
         error = BadRequest(f"{said} this service does not answer to (its allowed_hosts setting)")
-        await refuse(scope, send, error, close=has_body(scope), metrics=self.metrics)
+        await refuse(scope, send, error, close=has_body(scope), metrics=self.metrics,
+                     error_body=self.error_body)

@@ -16,7 +16,17 @@ import time
 from collections.abc import Mapping
 
 from shipyard_common.auth import Grant, Role, principal_name
-from shipyard_common.edge.asgi import ASGIApp, Receive, Scope, Send, has_body, header, refuse
+from shipyard_common.edge.asgi import (
+    ASGIApp,
+    ErrorBody,
+    Receive,
+    Scope,
+    Send,
+    has_body,
+    header,
+    platform_error_body,
+    refuse,
+)
 from shipyard_common.errors import TooManyRequests
 from shipyard_common.metrics import HttpMetrics
 
@@ -40,8 +50,10 @@ class RateLimit:
         burst: int,
         tokens: Mapping[str, Role | Grant],
         metrics: HttpMetrics | None = None,
+        error_body: ErrorBody = platform_error_body,
     ) -> None:
         self.app = app
+        self.error_body = error_body
         self.rate = rate
         self.burst = float(burst)
         # Looked up by the token's digest: a dict lookup then reveals nothing of a token by its timing.
@@ -94,4 +106,5 @@ class RateLimit:
             f"retry in {seconds} s"
         )
         await refuse(scope, send, error, close=has_body(scope),
-                     headers=[(b"retry-after", str(seconds).encode())], metrics=self.metrics)
+                     headers=[(b"retry-after", str(seconds).encode())], metrics=self.metrics,
+                     error_body=self.error_body)

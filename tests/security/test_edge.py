@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from services.monitor.app import create_app as create_monitor
 from services.monitor.settings import MonitorSettings
@@ -22,7 +23,11 @@ from services.registry.settings import RegistrySettings
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
 from shipyard_common.auth import Role
+from shipyard_common.edge import install_edge
 from shipyard_common.edge.jsonscan import JsonLimits, check_json_shape
+from shipyard_common.errors import ShipyardError
+from shipyard_common.settings import ServiceSettings
+from shipyard_common.web import install_common
 from tests.support import auth, free_port, running_app, test_platform
 
 pytestmark = pytest.mark.security
@@ -273,3 +278,21 @@ def test_the_registry_and_the_monitor_refuse_at_the_edge_too(tmp_path: Path, red
 ])
 def test_the_json_scan_reads_structure_not_text(body: bytes, depth_refused: bool) -> None:
     assert (check_json_shape(body, JsonLimits()) is not None) == depth_refused
+
+
+def test_a_service_with_its_own_error_shape_gets_its_refusals_in_it(tmp_path: Path) -> None:
+    # Serving's OIP v2 answers {"error": "message"}: the edge takes a function that shapes the body.
+    app = FastAPI()
+    settings = ServiceSettings(platform=test_platform(tmp_path), max_body_bytes=1024)
+    install_common(app, service="shaped", platform=settings.platform)
+
+    def v2_shape(scope: Any, error: ShipyardError) -> bytes:
+        return json.dumps({"error": error.message}).encode()
+
+    install_edge(app, settings, service="shaped", error_body=v2_shape)
+    with running_app(app) as base:
+        too_large = httpx.post(f"{base}/v2/models/m/infer", content=b"x" * 2048)
+        assert too_large.status_code == 413
+        assert too_large.json() == {"error": "the request body is 2048 bytes, over the limit of 1024 bytes"}
+        host = httpx.get(f"{base}/healthz", headers={"Host": "evil.example"})
+        assert host.status_code == 400 and isinstance(host.json()["error"], str)
