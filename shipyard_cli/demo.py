@@ -90,7 +90,7 @@ class Demo:
         stormy = self.shifted_traffic(features)
         retrained = self.retraining(after=int(last[0]["id"]) if last else 0)
         self.console.print(
-            f"[bold]demo done[/bold]: v{version} requested by dev-trainer, approved by dev-approver, served; "
+            f"[bold]demo done[/bold]: v{version} requested by alice, approved by bob, served; "
             f"drift unchanged={calm['dataset_drift']}, shifted={stormy['dataset_drift']}; live accuracy "
             f"{live['accuracy']:.3f}; the drift retrained {DEMO_MODEL} by itself: {_made(retrained)}"
         )
@@ -100,7 +100,7 @@ class Demo:
     def train(self) -> dict[str, Any]:
         from pipelines.flows import train_and_deploy
 
-        self.console.rule("[bold]2. train_and_deploy as dev-trainer: DVC → trainer → registry → request")
+        self.console.rule("[bold]2. train_and_deploy as alice: DVC → trainer → registry → request")
         result = train_and_deploy(
             dataset_name="breast_cancer", frame=self.frame, model_name=DEMO_MODEL, platform=self.platform,
             token=DEV_TRAINER_TOKEN, promotion="request", reason=REQUEST_REASON,
@@ -115,7 +115,7 @@ class Demo:
         return dict(result)
 
     def request(self, result: dict[str, Any]) -> dict[str, Any]:
-        self.console.rule("[bold]3. dev-admin sets the gate; the request and its verdict")
+        self.console.rule("[bold]3. carol (admin) sets the gate; the request and its verdict")
         gate_rules = self.client.set_gate(DEMO_MODEL, DEMO_GATE, [PRODUCTION])
         self.console.print(f"  gate on {DEMO_MODEL}'s production: " + "; ".join(gate_rules["rules"]))
         request = self.client.get_request(result["request"]["id"])  # the gate's verdict now
@@ -127,10 +127,10 @@ class Demo:
         return request
 
     def approve(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.console.rule("[bold]4. dev-approver approves it (not the requester)")
+        self.console.rule("[bold]4. bob (approver) approves it (not the requester)")
         moved = self.approver.approve(request["id"], APPROVE_REASON)
         was = f"v{moved['previous_version']}" if moved.get("previous_version") else "none"
-        self.console.print(f"  request #{request['id']} approved by dev-approver: {DEMO_MODEL} "
+        self.console.print(f"  request #{request['id']} approved by bob: {DEMO_MODEL} "
                            f"{moved['alias']} → v{moved['version']} (was {was})")
         return moved
 
@@ -154,7 +154,7 @@ class Demo:
         labels = [{"request_id": request_id, "row": row, "label": int(label)}
                   for (request_id, row), label in zip(ids, sample["target"], strict=True)]
         sent = self.client.send_feedback(labels)
-        self.console.print(f"  {len(labels)} true labels sent as dev-admin (POST /feedback): {sent}")
+        self.console.print(f"  {len(labels)} true labels sent as carol (POST /feedback): {sent}")
         live = wait_for_live(self.client, DEMO_MODEL, window_id=int(calm["window_id"]))
         window = live["performance_window_id"]
         self.console.print(f"  live accuracy of v{live['version']} on window #{window}:"
@@ -163,7 +163,7 @@ class Demo:
         return calm, live
 
     def set_policy(self) -> dict[str, Any]:
-        self.console.rule("[bold]7. dev-approver sets a retraining policy: drift in 2 windows in a row")
+        self.console.rule("[bold]7. bob sets a retraining policy: drift in 2 windows in a row")
         policy = self.approver.put_policy(DEMO_MODEL, DEMO_POLICY)
         self.console.print(f"  {DEMO_MODEL} retrains by itself when more than "
                            f"{policy['drift_share_above']:.0%} of its features drift in "

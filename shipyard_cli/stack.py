@@ -128,7 +128,8 @@ class Stack:
         self.worker_concurrency = worker_concurrency
         self.extra_env = extra_env or {}
         # The token the deployed flows act with: SHIPYARD_PIPELINES_TOKEN, else SHIPYARD_API_TOKEN,
-        # else (development) dev-trainer's, so that their promotion requests need another's approval.
+        # else (development) dev-trainer-token (alice's), so that their promotion requests need another's
+        # approval.
         self.pipelines_token = (
             pipelines_token
             or os.environ.get("SHIPYARD_PIPELINES_TOKEN")

@@ -1,7 +1,10 @@
 """API tokens, the people they name, and roles.
 
-A token maps to one :class:`Grant`: a role and the name audit rows and approvals record (a
-token configured with a bare role is named after its role and a digest, never its characters).
+A token maps to one :class:`Grant`: a role and the name audit rows and approvals record. What every
+viewer sees of a caller is that name, so it shows no part of any token: a configured name that shares
+characters with its token is refused (:func:`reveals_token`, checked by the platform settings), and a
+token configured with a bare role is named ``role:<role>#<8 hex of its SHA-256>``, never by its
+characters.
 Roles are not a ladder: a trainer may submit jobs but not promote, an approver may promote but not
 train; admin may do everything, and every role may read.
 """
@@ -34,12 +37,24 @@ class Grant(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.@+-]+$")
 
 
+# Consecutive characters a principal's name may share with its token: fewer say nothing about it.
+REVEALING_RUN = 4
+
+
 def principal_name(token: str, grant: Role | Grant) -> str:
-    """The grant's name, else ``<role>-<6 hex of the token's SHA-256>``: stable, and no part of the token."""
+    """The grant's name, else ``role:<role>#<8 hex of the token's SHA-256>``: stable, no part of the
+    token, and never a configured name (those take no ``:`` or ``#``)."""
     if isinstance(grant, Grant) and grant.name:
         return grant.name
     role = grant.role if isinstance(grant, Grant) else grant
-    return f"{role.value}-{hashlib.sha256(token.encode()).hexdigest()[:6]}"
+    return f"role:{role.value}#{hashlib.sha256(token.encode()).hexdigest()[:8]}"
+
+
+def reveals_token(name: str, token: str) -> bool:
+    """Whether ``name`` shows part of ``token``: ``REVEALING_RUN`` consecutive characters of both, in
+    any case (a name ``dev-admin`` for the token ``dev-admin-token`` shows its first nine)."""
+    name, token = name.casefold(), token.casefold()
+    return any(name[i : i + REVEALING_RUN] in token for i in range(len(name) - REVEALING_RUN + 1))
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,17 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shipyard_common.auth import Grant, Role
+from shipyard_common.auth import REVEALING_RUN, Grant, Role, reveals_token
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 # Two more people for trying governed promotion on a laptop: one asks, the other approves.
 DEV_TRAINER_TOKEN = "dev-trainer-token"
 DEV_APPROVER_TOKEN = "dev-approver-token"
+# Their holders' names show no part of the tokens (every viewer reads them in the audit).
 DEFAULT_DEV_TOKENS: dict[str, Role | Grant] = {
-    DEV_ADMIN_TOKEN: Grant(role=Role.ADMIN, name="dev-admin"),
-    DEV_TRAINER_TOKEN: Grant(role=Role.TRAINER, name="dev-trainer"),
-    DEV_APPROVER_TOKEN: Grant(role=Role.APPROVER, name="dev-approver"),
+    DEV_ADMIN_TOKEN: Grant(role=Role.ADMIN, name="carol"),
+    DEV_TRAINER_TOKEN: Grant(role=Role.TRAINER, name="alice"),
+    DEV_APPROVER_TOKEN: Grant(role=Role.APPROVER, name="bob"),
 }
 
 # Nothing in Shipyard may phone home; every process we start inherits these.
@@ -83,6 +84,19 @@ class PlatformSettings(BaseSettings):
                 "the built-in development token is only allowed with SHIPYARD_ENV=dev; "
                 "set SHIPYARD_TOKENS to your own tokens"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_names_that_show_their_token(self) -> PlatformSettings:
+        # Every viewer reads a principal's name in the audit; neither the name nor the token is
+        # repeated here, where the error is logged.
+        for token, grant in self.tokens.items():
+            if isinstance(grant, Grant) and grant.name and reveals_token(grant.name, token):
+                raise ValueError(
+                    f"the name of a {grant.role.value} token in SHIPYARD_TOKENS shares {REVEALING_RUN} or "
+                    "more consecutive characters with the token: audit rows show it to every viewer, so "
+                    "choose a name that shows no part of the token"
+                )
         return self
 
     @property

@@ -136,7 +136,8 @@ def test_shifted_traffic_starts_one_retraining_that_asks_for_production_and_calm
     assert request["state"] == "pending" and request["version"] == outcome["version"]
     assert request["model"] == MODEL and request["alias"] == "production"
     assert request["reason"].startswith(f"retrain from v{served}: drift share above 0.2")
-    assert request["requested_by"].startswith("trainer-")  # the pipelines' token: another person approves
+    # The pipelines' token: another person approves.
+    assert request["requested_by"].startswith("role:trainer#")
     job = client.get_job(outcome["job_id"])
     assert job["spec"]["init_from"] == {"model_name": MODEL, "version": served}
     assert job["spec"]["training"]["epochs"] == 2  # the policy's parameters reached the flow

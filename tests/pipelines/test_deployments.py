@@ -80,7 +80,7 @@ def test_train_and_deploy_through_the_server_asks_for_production_and_a_rerun_tra
     [request] = requests_of(stack_platform, MODEL)
     assert request["state"] == "pending" and request["alias"] == "production"
     assert request["version"] == str(job["model_version"])
-    assert request["requested_by"].startswith("trainer-")  # the deployments process's token
+    assert request["requested_by"].startswith("role:trainer#")  # the deployments process's token
     assert "holdout 114 rows" in request["reason"] and "(no production version)" in request["reason"]
     names = {t.name.rsplit("-", 1)[0]: t.state_name for t in task_runs(stack_platform, first)}
     assert names["train_model"] == "Completed" and names["evaluate"] == "Completed"

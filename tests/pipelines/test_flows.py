@@ -105,7 +105,8 @@ def test_request_promotion_asks_and_promote_is_the_admins(tmp_path, redis_url, m
         audit = httpx.get(f"{base}/audit", params={"model": name}, headers=headers).json()
 
     assert request["state"] == "pending" and request["version"] == "2" and request["alias"] == "production"
-    assert request["reason"] == "retrained on fresh data" and request["requested_by"].startswith("trainer-")
+    assert request["reason"] == "retrained on fresh data"
+    assert request["requested_by"].startswith("role:trainer#")
     assert request["gate"] is None  # no gate covers production
     assert again["id"] == request["id"]  # asking again finds the pending request
     assert refused.value.status == 403

@@ -27,7 +27,8 @@ from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, tiny_classifier, unique_name
 from tests.support import running_app
 
-ALICE, BOB, CAROL, ROOT, VIEWER = "tok-alice", "tok-bob", "tok-carol", "tok-root", "tok-viewer"
+# Tokens that share no run of four characters with their holders' names (the settings refuse those).
+ALICE, BOB, CAROL, ROOT, VIEWER = "s3cr3t-1", "s3cr3t-2", "s3cr3t-3", "s3cr3t-4", "s3cr3t-5"
 NAMED_TOKENS: dict[str, Role | Grant] = {
     ALICE: Grant(role=Role.TRAINER, name="alice"),
     BOB: Grant(role=Role.APPROVER, name="bob"),

@@ -33,12 +33,12 @@ from services.monitor.loop import run_pass
 from services.monitor.settings import MAX_WINDOW, MonitorSettings, WindowSpec
 from services.monitor.tables import FeedbackRecord, WindowRecord
 from shipyard_cli.main import app as cli
-from shipyard_common.auth import Role
+from shipyard_common.auth import Role, principal_name
 from shipyard_common.db import Database, utcnow
 from shipyard_common.lineage import SHADOW, TAG_SIGNATURE, TAG_TASK
 from shipyard_common.records import PredictionRecord
 from shipyard_common.settings import PlatformSettings
-from tests.support import TOKENS, auth, running_app, wait_for
+from tests.support import TOKENS, auth, running_app, token_of, wait_for
 
 CLASSES = ["cat", "dog", "fish"]
 BATCH = 5
@@ -360,7 +360,7 @@ def test_what_a_post_accepts_and_who_may_send(platform: PlatformSettings) -> Non
     with app.state.monitor.database.session() as session:
         stored = session.scalars(select(FeedbackRecord)).all()
     assert [(r.request_id, r.label) for r in stored] == [("r-1", "cat")]
-    assert (stored[0].created_by or "").startswith("admin-")
+    assert stored[0].created_by == principal_name(token_of("admin"), Role.ADMIN)
     app.state.monitor.close()
     app.state.monitor.database.dispose()
 

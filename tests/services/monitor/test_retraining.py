@@ -34,7 +34,7 @@ from services.monitor.tables import PolicyRecord, TriggerRecord, WindowRecord
 from shipyard_common.db import Database, utcnow
 from shipyard_common.lineage import PRODUCTION
 from shipyard_common.settings import PlatformSettings
-from tests.support import auth, free_port, running_app, wait_for
+from tests.support import auth, free_port, name_of, running_app, wait_for
 
 DRIFT_POLICY: dict[str, Any] = {"drift_share_above": 0.3, "consecutive_windows": 3, "cooldown_s": 3600}
 
@@ -254,7 +254,7 @@ def test_policies_are_validated_and_set_by_approvers_only(platform, trainer, tmp
         created = put(model, body)
         assert created.status_code == 200, created.text
         policy = created.json()
-        assert policy["model"] == model and policy["updated_by"] == "approver-" + policy["updated_by"][-6:]
+        assert policy["model"] == model and policy["updated_by"] == name_of("approver")
         assert policy["parameters"] == {"spec_overrides": {"training": {"epochs": 2}}}
         assert put(model, {**body, "cooldown_s": 60}, role="admin").json()["cooldown_s"] == 60
         read = httpx.get(f"{base}/policies/{model}", headers=auth("viewer"), timeout=30).json()
@@ -602,7 +602,7 @@ def test_a_manual_retraining_is_one_at_a_time_and_lists_page_by_page(platform, t
         assert first.status_code == 202, first.text
         trigger = first.json()
         assert trigger["state"] == "started" and trigger["cause"] == "manual"
-        assert trigger["created_by"] == "trainer-" + trigger["created_by"][-6:]
+        assert trigger["created_by"] == name_of("trainer")
         assert trigger["parameters"] == {
             "dataset_rev": "v2",
             "model_name": model,

@@ -4,6 +4,7 @@ archive, history, and exactly one move when two people or two processes act at o
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -18,11 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from services.registry.app import create_app
+from services.registry.core.tables import AuditRecord, GateRecord, PromotionRequestRecord
 from services.registry.settings import RegistrySettings
 from shipyard_cli.stack import Stack
 from shipyard_common.auth import Role, principal_name
+from shipyard_common.db import Database
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.support import auth, free_port, running_app, wait_for
@@ -460,3 +464,59 @@ def test_two_processes_racing_give_one_move_per_decision_and_a_history_matching_
     for before, after in itertools.pairwise(moves):
         assert after["previous_version"] == before["version"], moves
     assert model_factory.client.get_registered_model(name).aliases == {"production": moves[-1]["version"]}
+
+
+# Tokens that share no run of four characters with a role's name, a hex digest or each other's holders,
+# so that any such run found in an answer or an audit row came from the token itself.
+NAMED_TRAINER_TOKEN = "Zq8vK3xWm7pLr2tYs9Q"
+BARE_APPROVER_TOKEN = "Hn4JuX6kV8wGy3RzTb5"
+BARE_ADMIN_TOKEN = "Pk7NqW2mXy9VzLs4Jh6"
+
+
+def _runs_of(token: str, length: int = 4) -> set[str]:
+    return {token[i : i + length].casefold() for i in range(len(token) - length + 1)}
+
+
+def test_no_audit_row_or_answer_shows_any_part_of_a_token(
+    isolated_platform: PlatformSettings, model_factory: ModelFactory
+) -> None:
+    # The actor was the holder's name, and a bare role's was '<role>-<6 hex>', which reads as the
+    # start of a token; the dev tokens' names were their tokens' first characters. Now: the configured
+    # name, or 'role:<role>#<8 hex of the token's SHA-256>', and no part of any token anywhere.
+    tokens = {
+        NAMED_TRAINER_TOKEN: {"role": "trainer", "name": "alice"},
+        BARE_APPROVER_TOKEN: "approver",
+        BARE_ADMIN_TOKEN: "admin",
+    }
+    platform = PlatformSettings(**{**isolated_platform.model_dump(), "tokens": tokens})
+    trainer, approver, admin = ({"Authorization": f"Bearer {t}"} for t in tokens)
+    name = _trained(model_factory, [0.9, 0.95])
+    answers = []
+    with running_app(create_app(RegistrySettings(platform=platform))) as base:
+        answers.append(_ok(httpx.put(f"{base}/models/{name}/gate", json={"rules": ["val_accuracy >= 0.5"]},
+                                     headers=admin)))
+        answers.append(_ok(httpx.post(f"{base}/models/{name}/versions/1/promote", json={"reason": "r"},
+                                      headers=admin)))
+        request = _request(base, name, "2", headers=trainer)
+        answers.append(request)
+        answers.append(_ok(httpx.post(f"{base}/requests/{request['id']}/approve", json={"reason": "ok"},
+                                      headers=approver)))
+        for path in (f"/requests/{request['id']}", f"/models/{name}/history", f"/models/{name}/gate",
+                     f"/audit?model={name}", f"/requests?model={name}", f"/models/{name}"):
+            answers.append(_ok(httpx.get(f"{base}{path}", headers=trainer)))
+        audit = answers[-3]
+    approver_name = principal_name(BARE_APPROVER_TOKEN, Role.APPROVER)
+    admin_name = principal_name(BARE_ADMIN_TOKEN, Role.ADMIN)
+    assert approver_name.startswith("role:approver#") and len(approver_name) == len("role:approver#") + 8
+    assert [(row["actor"], row["request_id"] is None) for row in audit] == [
+        (approver_name, False), (admin_name, True)
+    ]
+    assert request["requested_by"] == "alice"
+    assert answers[4]["decided_by"] == approver_name
+    with Database(platform.database_url).session() as session:
+        stored = [str(tuple(row)) for table in (AuditRecord, PromotionRequestRecord, GateRecord)
+                  for row in session.execute(select(*table.__table__.columns)).all()]
+    text = " ".join([json.dumps(a) for a in answers] + stored).casefold()
+    for token in tokens:
+        shown = sorted(run for run in _runs_of(token) if run in text)
+        assert not shown, f"a token's characters {shown} are in an answer or an audit row"
