@@ -236,7 +236,7 @@ def test_normal_requests_pass_the_edge_unchanged(trainer: str) -> None:
 
 def test_a_burst_over_the_rate_limit_is_a_429_with_retry_after(limited: str) -> None:
     viewer = auth(Role.VIEWER)
-    answers = [httpx.get(f"{limited}/jobs", headers=viewer) for _ in range(5)]
+    answers = [httpx.get(f"{limited}/jobs", headers=viewer) for _ in range(8)]
     statuses = [a.status_code for a in answers]
     assert statuses[:3] == [200, 200, 200] and 429 in statuses[3:], statuses
     refused = next(a for a in answers if a.status_code == 429)
@@ -251,9 +251,12 @@ def test_a_burst_over_the_rate_limit_is_a_429_with_retry_after(limited: str) -> 
 
 
 def test_invented_tokens_share_their_address_bucket(limited: str) -> None:
+    # Each a token of its own, yet all take from this address's bucket (3 at most, 1 more a second;
+    # the bucket may be partly spent by the module's other requests without a token).
     statuses = [httpx.get(f"{limited}/jobs", headers={"Authorization": f"Bearer made-up-{i}"}).status_code
-                for i in range(5)]
-    assert statuses[:3] == [401, 401, 401] and 429 in statuses[3:], statuses
+                for i in range(8)]
+    first = statuses.index(429)
+    assert set(statuses[:first]) <= {401} and first <= 3, statuses
 
 
 def test_the_registry_and_the_monitor_refuse_at_the_edge_too(tmp_path: Path, redis_url: str) -> None:
