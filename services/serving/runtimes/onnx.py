@@ -135,12 +135,13 @@ def _open(path: Path, *, intra_op_threads: int, graph_optimization: str) -> Onnx
 
 
 def _seconds_per_row(
-    runtimes: tuple[OnnxRuntime, ...], arrays: dict[str, np.ndarray], *, runs: int = 30, rounds: int = 5
+    runtimes: tuple[OnnxRuntime, ...], arrays: dict[str, np.ndarray], *, runs: int = 10, rounds: int = 5
 ) -> list[float]:
     """Each runtime's best timing of ``runs`` one-row calls, the runtimes taking turns round by round.
 
     Taking turns, so that a busy moment of the machine slows both rather than one; the best round
-    of each, the one least disturbed by other work.
+    of each, the one least disturbed by other work. 50 calls each in all, so that a load (serving
+    loads every served version at its start) stays short even when the pool waits for busy cores.
     """
     best = [float("inf")] * len(runtimes)
     for _ in range(rounds):
