@@ -8,11 +8,14 @@ need a token; errors are ``{"error": "..."}``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from services.serving.api.http import authorize, get_dataplane, respond
+from services.serving.api.http import ProtocolResponse, authorize, get_dataplane, respond
+from services.serving.core.dataplane import DataPlane
 from services.serving.protocols import tfserving
 from shipyard_common.errors import ShipyardError
 
@@ -47,76 +50,63 @@ async def tfserving_predict_label(request: Request, name: str, label: str) -> Re
     return await _predict(request, name, None, label)
 
 
-def _status(request: Request, name: str, version: str | None, label: str | None) -> Response:
+def _answer(request: Request, answer: Callable[[DataPlane], ProtocolResponse]) -> Response:
+    """``answer``'s response once the token is checked (refused: in TF's error shape)."""
     try:
         authorize(request)
     except ShipyardError as exc:
         return respond(tfserving.error_response(exc))
-    return respond(tfserving.model_status(dataplane=get_dataplane(request), name=name, version=version,
-                                          label=label))
+    return respond(answer(get_dataplane(request)))
 
 
 @router.get("/{name}/versions/{version}")
 def tfserving_version_status(request: Request, name: str, version: str) -> Response:
-    return _status(request, name, version, None)
+    return _answer(request, lambda plane: tfserving.model_status(dataplane=plane, name=name, version=version))
 
 
 @router.get("/{name}/labels/{label}")
 def tfserving_label_status(request: Request, name: str, label: str) -> Response:
-    return _status(request, name, None, label)
-
-
-def _metadata(request: Request, name: str, version: str | None, label: str | None) -> Response:
-    try:
-        authorize(request)
-    except ShipyardError as exc:
-        return respond(tfserving.error_response(exc))
-    return respond(tfserving.model_metadata(dataplane=get_dataplane(request), name=name, version=version,
-                                            label=label))
+    return _answer(request, lambda plane: tfserving.model_status(dataplane=plane, name=name, label=label))
 
 
 @router.get("/{name}/metadata")
 def tfserving_metadata(request: Request, name: str) -> Response:
-    return _metadata(request, name, None, None)
+    return _answer(request, lambda plane: tfserving.model_metadata(dataplane=plane, name=name))
 
 
 @router.get("/{name}/versions/{version}/metadata")
 def tfserving_version_metadata(request: Request, name: str, version: str) -> Response:
-    return _metadata(request, name, version, None)
+    return _answer(request, lambda plane: tfserving.model_metadata(
+        dataplane=plane, name=name, version=version))
 
 
 @router.get("/{name}/labels/{label}/metadata")
 def tfserving_label_metadata(request: Request, name: str, label: str) -> Response:
-    return _metadata(request, name, None, label)
-
-
-def _unsupported(
-    request: Request, name: str, method: str, version: str | None, label: str | None
-) -> Response:
-    try:
-        authorize(request)
-    except ShipyardError as exc:
-        return respond(tfserving.error_response(exc))
-    return respond(tfserving.unsupported_method(dataplane=get_dataplane(request), name=name, method=method,
-                                                version=version, label=label))
+    return _answer(request, lambda plane: tfserving.model_metadata(dataplane=plane, name=name, label=label))
 
 
 @router.post("/{name}:classify")
 @router.post("/{name}:regress")
 def tfserving_classify_or_regress(request: Request, name: str) -> Response:
-    return _unsupported(request, name, _method(request), None, None)
+    method = _method(request)
+    return _answer(request, lambda plane: tfserving.unsupported_method(
+        dataplane=plane, name=name, method=method))
 
 
 @router.post("/{name}/versions/{version}:classify")
 @router.post("/{name}/versions/{version}:regress")
 def tfserving_version_classify_or_regress(request: Request, name: str, version: str) -> Response:
-    return _unsupported(request, name, _method(request), version, None)
+    method = _method(request)
+    return _answer(request, lambda plane: tfserving.unsupported_method(
+        dataplane=plane, name=name, method=method, version=version))
 
 
 @router.post("/{name}/labels/{label}:classify")
 @router.post("/{name}/labels/{label}:regress")
 def tfserving_label_classify_or_regress(request: Request, name: str, label: str) -> Response:
-    return _unsupported(request, name, _method(request), None, label)
+    method = _method(request)
+    return _answer(request, lambda plane: tfserving.unsupported_method(
+        dataplane=plane, name=name, method=method, label=label))
 
 
 def _method(request: Request) -> str:
