@@ -7,6 +7,7 @@ torchscript); one model is served with ONNX Runtime, the other with TorchScript.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,27 +17,30 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.services.serving.model_folder import FolderVersion, expected, register_folder
 from tests.services.serving.support import serving
-from tests.support import auth
+from tests.support import auth, test_platform
 
 ROWS = np.asarray([[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
 VIEWER = auth("viewer")
 # tritonclient writes Inference-Header-Content-Length into the headers dict it is given: a copy each call.
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def served(
-    isolated_platform: PlatformSettings, model_factory: ModelFactory
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, mlflow_server: str, model_factory: ModelFactory
 ) -> Iterator[tuple[str, FolderVersion, FolderVersion]]:
-    """A running serving app with an ONNX-served and a TorchScript-served model."""
+    """A running serving app with an ONNX-served and a TorchScript-served model, shared by the module's
+    tests (they only read: one start and two registrations instead of one per test)."""
+    platform = test_platform(tmp_path_factory.mktemp("protocols") / "state", redis_url=redis_url,
+                             mlflow_tracking_uri=mlflow_server)
+    platform = platform.model_copy(update={"events_channel": f"test-events-{uuid.uuid4().hex[:10]}"})
     onnx = register_folder(model_factory, unique_name("v2-onnx"), seed=5, serve="onnx")
     script = register_folder(model_factory, unique_name("v2-ts"), seed=6, serve="torchscript")
     for version in (onnx, script):
         model_factory.set_production(version.name, version.version)
-    with serving(isolated_platform, max_batch_rows=8, max_body_bytes=4096) as base:
+    with serving(platform, max_batch_rows=8, max_body_bytes=4096) as base:
         yield base, onnx, script
 
 
