@@ -88,27 +88,25 @@ def tfserving_label_metadata(request: Request, name: str, label: str) -> Respons
 @router.post("/{name}:classify")
 @router.post("/{name}:regress")
 def tfserving_classify_or_regress(request: Request, name: str) -> Response:
-    method = _method(request)
-    return _answer(request, lambda plane: tfserving.unsupported_method(
-        dataplane=plane, name=name, method=method))
+    return _unsupported(request, name)
 
 
 @router.post("/{name}/versions/{version}:classify")
 @router.post("/{name}/versions/{version}:regress")
 def tfserving_version_classify_or_regress(request: Request, name: str, version: str) -> Response:
-    method = _method(request)
-    return _answer(request, lambda plane: tfserving.unsupported_method(
-        dataplane=plane, name=name, method=method, version=version))
+    return _unsupported(request, name, version=version)
 
 
 @router.post("/{name}/labels/{label}:classify")
 @router.post("/{name}/labels/{label}:regress")
 def tfserving_label_classify_or_regress(request: Request, name: str, label: str) -> Response:
-    method = _method(request)
+    return _unsupported(request, name, label=label)
+
+
+def _unsupported(
+    request: Request, name: str, *, version: str | None = None, label: str | None = None
+) -> Response:
+    """``:classify`` or ``:regress`` (read from the path the request came by): refused in TF's shape."""
+    method = "classify" if request.url.path.endswith(":classify") else "regress"
     return _answer(request, lambda plane: tfserving.unsupported_method(
-        dataplane=plane, name=name, method=method, label=label))
-
-
-def _method(request: Request) -> str:
-    """``classify`` or ``regress``, from the path the request came by."""
-    return "classify" if request.url.path.endswith(":classify") else "regress"
+        dataplane=plane, name=name, method=method, version=version, label=label))
