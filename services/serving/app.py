@@ -74,7 +74,7 @@ async def _start_grpc(app: FastAPI, settings: ServingSettings) -> Any:
         return bool(app.state.ready) and dataplane.models.reconciled.is_set()
 
     return await start_server(settings, dataplane=dataplane, authenticator=app.state.authenticator,
-                              executor=app.state.predict_executor, ready=ready, version=app.version)
+                              ready=ready, version=app.version)
 
 
 def create_app(settings: ServingSettings) -> FastAPI:
@@ -116,9 +116,8 @@ def create_app(settings: ServingSettings) -> FastAPI:
     app = ServingApp(title="Shipyard serving", version="0.1.0", lifespan=lifespan,
                      telemetry={"tracing": False, "metrics": False, "logs": False})
     app.fast_lane_body_limit = settings.max_body_bytes if settings.fast_lane else None
-    # Model calls too costly for the event loop (fastlane.py); its threads end with the lifespan.
+    # Model calls too costly for the event loop (batching/adaptive.py); its threads end with the lifespan.
     executor = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="predict")
-    app.state.predict_executor = executor
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     models = LoadedModels(metrics)
@@ -144,7 +143,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     metrics.prediction_log_pending.set_function(prediction_log.pending)
     app.state.dataplane = DataPlane(
         settings=settings, models=models, prediction_log=prediction_log, metrics=metrics,
-        shadow=ShadowMirror(registry),
+        shadow=ShadowMirror(registry), executor=executor,
     )
     app.state.follower = ModelFollower(settings=settings, models=models, metrics=metrics)
     # TF Serving's ":predict" routes before ours, although no path matches both.

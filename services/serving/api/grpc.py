@@ -2,10 +2,10 @@
 
 Thin, like the HTTP routers: every call checks the token (metadata ``authorization: Bearer
 <token>`` or ``x-api-token``; any valid token, health calls included), then calls the codec
-(:mod:`services.serving.protocols.v2_grpc`) and the data plane. ModelInfer runs in the app's
-``predict`` thread pool, as the fast lane runs model calls too costly for the event loop: the
-model call, the prediction log's append (which waits when the log is full) and merged batches
-never block the loop. Errors become gRPC status codes in one place,
+(:mod:`services.serving.protocols.v2_grpc`) and the data plane. ModelInfer awaits the data plane's
+:func:`~services.serving.core.dataplane.infer`, as every protocol's route does: its requests are
+merged with the other protocols' by the version's batcher, which runs calls too costly for the
+event loop in the predict pool. Errors become gRPC status codes in one place,
 :func:`services.serving.protocols.v2_grpc.error_status`.
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer;
@@ -14,22 +14,26 @@ every other method of the service answers UNIMPLEMENTED saying so.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from services.serving.core.dataplane import DataPlane, resolve
+from services.serving.core.dataplane import (
+    DataPlane,
+    count_error,
+    infer,
+    new_request_id,
+    resolve,
+    served_model,
+)
 from services.serving.protocols import v2_grpc
 from services.serving.settings import ServingSettings
 from shipyard_common.auth import Role, TokenAuthenticator
-from shipyard_common.errors import ShipyardError
+from shipyard_common.errors import InvalidInput, ShipyardError
 
 log = logging.getLogger("shipyard.serving")
 
@@ -44,12 +48,11 @@ class InferenceServicer:
     """The implemented methods of ``inference.GRPCInferenceService``; see the module docstring."""
 
     def __init__(
-        self, *, dataplane: DataPlane, authenticator: TokenAuthenticator, executor: Executor,
-        ready: Callable[[], bool], version: str,
+        self, *, dataplane: DataPlane, authenticator: TokenAuthenticator, ready: Callable[[], bool],
+        version: str,
     ) -> None:
         self.dataplane = dataplane
         self.authenticator = authenticator
-        self.executor = executor
         self.ready = ready
         self.version = version
 
@@ -103,12 +106,21 @@ class InferenceServicer:
         return v2_grpc.model_metadata(resolve(self.dataplane, request.name, version=request.version or None))
 
     async def model_infer(self, request: Any, context: Any) -> Any:
+        """One ``ModelInfer``: find the version (canary split when none is named), decode, run, encode."""
         started = time.perf_counter()
-        request_id = dict(context.invocation_metadata() or ()).get("x-request-id")
-        call = functools.partial(v2_grpc.infer, dataplane=self.dataplane, request=request,
-                                 request_id=request_id, started=started)
-        # In the predict pool: ONNX Runtime releases the GIL, and the prediction log may block when full.
-        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+        name = request.model_name
+        served = served_model(self.dataplane, name, version=request.model_version or None)
+        try:
+            arrays = v2_grpc.decode_inputs(request)
+            requested = v2_grpc.requested_outputs(request, served)
+        except InvalidInput:
+            count_error(self.dataplane, name, "invalid_input")
+            raise
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = request.id or metadata.get("x-request-id") or new_request_id()
+        inference = await infer(self.dataplane, served=served, inputs=dict(arrays), request_id=request_id,
+                                started=started)
+        return v2_grpc.encode_infer_response(inference, requested, request_id)
 
 
 def _unimplemented(name: str) -> Handler:
@@ -148,7 +160,7 @@ def service_handler(servicer: InferenceServicer) -> Any:
 
 
 async def start_server(
-    settings: ServingSettings, *, dataplane: DataPlane, authenticator: TokenAuthenticator, executor: Executor,
+    settings: ServingSettings, *, dataplane: DataPlane, authenticator: TokenAuthenticator,
     ready: Callable[[], bool], version: str,
 ) -> Any:
     """A started ``grpc.aio`` server on ``settings.host``:``settings.grpc_port``, on the running loop.
@@ -161,7 +173,7 @@ async def start_server(
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ])
-    servicer = InferenceServicer(dataplane=dataplane, authenticator=authenticator, executor=executor,
+    servicer = InferenceServicer(dataplane=dataplane, authenticator=authenticator,
                                  ready=ready, version=version)
     server.add_generic_rpc_handlers((service_handler(servicer),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

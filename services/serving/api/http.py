@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -12,15 +14,36 @@ from fastapi.responses import Response
 from services.serving.core.dataplane import DataPlane
 from services.serving.core.validation import check_body_size
 from shipyard_common.auth import Role, TokenAuthenticator
-from shipyard_common.errors import PayloadTooLarge
+from shipyard_common.errors import PayloadTooLarge, ShipyardError
+
+log = logging.getLogger("shipyard.web")
 
 ProtocolResponse = tuple[int, bytes, dict[str, str]]
+#: Where a protocol handler sends its answer: the HTTP protocol's write, or a future's result.
+Respond = Callable[[ProtocolResponse], None]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def failure(result: BaseException) -> ShipyardError:
+    """A refusal as it is; anything else as the 500 every protocol answers, logged here once."""
+    if isinstance(result, ShipyardError):
+        if result.status_code >= 500:
+            log.error("request failed: %s", result.message)  # as shipyard_common.web's handler
+        return result
+    log.error("unhandled error", exc_info=result)
+    return ShipyardError(f"internal error: {type(result).__name__}")
+
+
+async def answered(start: Callable[..., None]) -> ProtocolResponse:
+    """What a protocol handler answers, for a caller that awaits: ``start(reply=...)`` on the loop."""
+    future: asyncio.Future[ProtocolResponse] = asyncio.get_running_loop().create_future()
+    start(reply=future.set_result)
+    return await future
 
 
 def get_dataplane(request: Request) -> DataPlane:

@@ -1,45 +1,82 @@
-"""Our protocol's routes: ``POST /v1/models/{name}/predict`` and the model status routes.
+"""Our protocol: ``POST /v1/models/{name}/predict`` and the model status routes.
 
-Thin: the rows codec is :mod:`services.serving.protocols.ours`, the status :mod:`services.serving.api.status`.
+Thin: :func:`predict` (the handler the route and the fast lane share) decodes with the rows codec
+(:mod:`services.serving.protocols.ours`) and hands the request to the data plane; the status is
+:mod:`services.serving.api.status`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import time
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Header, Request, Response
 
 from services.serving.api import status
+from services.serving.api.http import ProtocolResponse, Respond, answered, failure, respond
 from services.serving.api.schemas import ModelStatusPublic, PredictRequest, PredictResponse
-from services.serving.core.dataplane import VERSION_HEADER, DataPlane
-from services.serving.protocols.ours import predict_body, predict_inference
+from services.serving.core.dataplane import VERSION_HEADER, DataPlane, count_error, served_model, submit
+from services.serving.core.requests import Inference, InferenceRequest
+from services.serving.protocols import ours
 from shipyard_common.auth import Principal, Role, role_checker
+from shipyard_common.errors import ShipyardError
 
 router = APIRouter(prefix="/v1/models", tags=["serving"])
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
+
+_JSON = "application/json"
 
 
 def _dataplane(request: Request) -> DataPlane:
     return request.app.state.dataplane  # type: ignore[no-any-return]
 
 
-# Plain defs: ONNX Runtime releases the GIL while it runs, and the prediction log may block when
-# full, so these belong in the thread pool rather than on the event loop.
-@router.post("/{name}/predict", response_model=PredictResponse)
 def predict(
+    dataplane: DataPlane, *, name: str, inputs: Any, request_id: str | None, started: float, reply: Respond,
+) -> None:
+    """One predict request with the body's ``inputs``: its answer (or refusal) goes to ``reply``."""
+    try:
+        served = served_model(dataplane, name)
+        try:
+            decoded = ours.decode(inputs, served.signature)
+        except ShipyardError:
+            count_error(dataplane, name, "invalid_input")
+            raise
+    except ShipyardError as exc:
+        reply(error_response(exc))
+        return
+
+    def answer(result: Any) -> None:
+        if type(result) is Inference:
+            reply((200, orjson.dumps(ours.predict_body(result)),
+                   {"content-type": _JSON, VERSION_HEADER: result.version}))
+        else:
+            reply(error_response(result))
+
+    submit(dataplane, InferenceRequest(served=served, inputs=decoded, reply=answer, request_id=request_id,
+                                       started=started))
+
+
+def error_response(exc: BaseException) -> ProtocolResponse:
+    """The platform's error body, bad inputs as 422 (:func:`services.serving.protocols.ours.refusal`)."""
+    refused = ours.refusal(failure(exc))
+    return refused.status_code, orjson.dumps(refused.to_body()), {"content-type": _JSON}
+
+
+@router.post("/{name}/predict", response_model=PredictResponse)
+async def predict_route(
     request: Request,
-    response: Response,
     name: str,
     body: PredictRequest,
     _: Viewer,
     x_request_id: Annotated[str | None, Header(max_length=64)] = None,
-) -> PredictResponse:
-    inference = predict_inference(
-        dataplane=_dataplane(request), name=name, inputs=body.inputs, request_id=x_request_id
-    )
-    response.headers[VERSION_HEADER] = inference.version
-    return PredictResponse(**predict_body(inference))
+) -> Response:
+    return respond(await answered(functools.partial(
+        predict, _dataplane(request), name=name, inputs=body.inputs, request_id=x_request_id,
+        started=time.perf_counter())))
 
 
 @router.get("", response_model=list[ModelStatusPublic])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from services.serving.api.schemas import ModelStatusPublic
-from services.serving.batching.adaptive import BatchingRuntime
 from services.serving.core.dataplane import DataPlane, model_state
 from services.serving.core.loaded import ModelState
 from services.serving.core.routing import (
@@ -14,8 +13,7 @@ from services.serving.runtimes.base import Runtime
 
 
 def _runtime_threads(runtime: Runtime) -> int | None:
-    inner = runtime.runtime if isinstance(runtime, BatchingRuntime) else runtime
-    threads = getattr(inner, "threads", None)
+    threads = getattr(runtime, "threads", None)
     return threads if isinstance(threads, int) else None
 
 

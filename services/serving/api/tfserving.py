@@ -8,31 +8,69 @@ need a token; errors are ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
-from services.serving.api.http import ProtocolResponse, authorize, get_dataplane, respond
-from services.serving.core.dataplane import DataPlane
+from services.serving.api.http import (
+    ProtocolResponse,
+    Respond,
+    answered,
+    authorize,
+    failure,
+    get_dataplane,
+    respond,
+)
+from services.serving.core.dataplane import VERSION_HEADER, DataPlane, count_error, served_model, submit
+from services.serving.core.requests import Inference, InferenceRequest
 from services.serving.protocols import tfserving
-from shipyard_common.errors import ShipyardError
+from shipyard_common.errors import InvalidInput, ShipyardError
 
 router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"])
 
 
+def predict(
+    dataplane: DataPlane, *, name: str, version: str | None, label: str | None, body: bytes,
+    request_id: str | None, started: float, reply: Respond,
+) -> None:
+    """One ``:predict`` request: its answer (or refusal, in TF's shape) goes to ``reply``."""
+    try:
+        served = served_model(dataplane, name, version=version, label=label)
+        try:
+            inputs, row_format = tfserving.decode_predict(body, served.signature)
+        except InvalidInput:
+            count_error(dataplane, name, "invalid_input")
+            raise
+    except ShipyardError as exc:
+        reply(tfserving.error_response(exc))
+        return
+
+    def answer(result: Any) -> None:
+        if type(result) is not Inference:
+            reply(tfserving.error_response(failure(result)))
+            return
+        status, content, headers = tfserving.json_response(tfserving.encode_predict(result, row_format))
+        headers[VERSION_HEADER] = result.version  # the body has no field for it
+        reply((status, content, headers))
+
+    submit(dataplane, InferenceRequest(served=served, inputs=inputs, reply=answer, request_id=request_id,
+                                       started=started))
+
+
 async def _predict(request: Request, name: str, version: str | None, label: str | None) -> Response:
+    started = time.perf_counter()
     try:
         authorize(request)
     except ShipyardError as exc:
         return respond(tfserving.error_response(exc))
     body = await request.body()
-    answer = await run_in_threadpool(
-        tfserving.predict, dataplane=get_dataplane(request), name=name, version=version, label=label,
-        body=body, request_id=request.headers.get("x-request-id"),
-    )
-    return respond(answer)
+    return respond(await answered(functools.partial(
+        predict, get_dataplane(request), name=name, version=version, label=label, body=body,
+        request_id=request.headers.get("x-request-id"), started=started)))
 
 
 @router.post("/{name}:predict")

@@ -6,19 +6,37 @@ a token. Every error, auth included, is answered in the protocol's ``{"error": "
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.serving.api.http import authorize, get_dataplane, lower_headers, respond
-from services.serving.core.dataplane import resolve
+from services.serving.api.http import (
+    Respond,
+    answered,
+    authorize,
+    failure,
+    get_dataplane,
+    lower_headers,
+    respond,
+)
+from services.serving.core.dataplane import (
+    VERSION_HEADER,
+    DataPlane,
+    count_error,
+    new_request_id,
+    resolve,
+    served_model,
+    submit,
+)
 from services.serving.core.loaded import ServedModel
+from services.serving.core.requests import Inference, InferenceRequest
 from services.serving.protocols import v2
-from shipyard_common.errors import BadRequest, ShipyardError
+from shipyard_common.errors import BadRequest, InvalidInput, ShipyardError
 from shipyard_common.web import http_error
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -78,7 +96,38 @@ def model_version_metadata(request: Request, name: str, version: str) -> Respons
     return _about(request, name, version, v2.model_metadata, token=True)
 
 
+def infer(
+    dataplane: DataPlane, *, name: str, version: str | None, body: bytes, headers: dict[str, str],
+    started: float, reply: Respond,
+) -> None:
+    """One ``POST /v2/models/{name}[/versions/{version}]/infer``: its answer or refusal goes to ``reply``."""
+    try:
+        served = served_model(dataplane, name, version=version)
+        try:
+            decoded = v2.decode_infer_request(body, headers.get(v2.HEADER_LENGTH))
+            requested = v2.requested_outputs(decoded, served.signature)
+        except InvalidInput:
+            count_error(dataplane, name, "invalid_input")
+            raise
+    except ShipyardError as exc:
+        reply(v2.error_response(exc))
+        return
+    request_id = decoded.id or headers.get("x-request-id") or new_request_id()
+
+    def answer(result: Any) -> None:
+        if type(result) is not Inference:
+            reply(v2.error_response(failure(result)))
+            return
+        status, content, answer_headers = v2.encode_infer_response(result, requested, request_id)
+        answer_headers[VERSION_HEADER] = result.version  # which version answered (canary split)
+        reply((status, content, answer_headers))
+
+    submit(dataplane, InferenceRequest(served=served, inputs=decoded.inputs, reply=answer,
+                                       request_id=request_id, started=started))
+
+
 async def _infer(request: Request, name: str, version: str | None) -> Response:
+    started = time.perf_counter()
     try:
         authorize(request)
         if request.headers.get("content-encoding", "identity") != "identity":
@@ -86,16 +135,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     except ShipyardError as exc:
         return respond(v2.error_response(exc))
     body = await request.body()
-    # In the thread pool: ONNX Runtime releases the GIL, and the prediction log may block when full.
-    answer = await run_in_threadpool(
-        v2.infer, dataplane=get_dataplane(request), name=name, version=version, body=body,
-        headers=lower_headers(request),
-    )
-    return respond(answer)
+    return respond(await answered(functools.partial(
+        infer, get_dataplane(request), name=name, version=version, body=body,
+        headers=lower_headers(request), started=started)))
 
 
 @router.post("/models/{name}/infer")
-async def infer(request: Request, name: str) -> Response:
+async def infer_route(request: Request, name: str) -> Response:
     return await _infer(request, name, None)
 
 

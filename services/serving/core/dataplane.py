@@ -1,22 +1,34 @@
 """Answering predictions, whatever the protocol: find the version, check the inputs, run, log.
 
-Every protocol (ours, the Open Inference Protocol v2, TF Serving's REST API) decodes its
-request to named arrays and calls :func:`infer`; what differs between them is only the codec.
+Every protocol (ours, the Open Inference Protocol v2 over HTTP and gRPC, TF Serving's REST API)
+decodes its request to an :class:`~services.serving.core.requests.InferenceRequest` and calls
+:func:`submit` (or awaits :func:`infer`); what differs between them is only the codec. The
+version's :class:`~services.serving.batching.adaptive.Batcher` gathers the requests that can share
+a runtime call, and :meth:`DataPlane.run_group` answers each group: one lease, the inputs converted
+and checked (once for the group where it can, else request by request, so that a refusal is each
+request's own), one runtime call, one log append and one metrics update, each request still
+logged and counted on its own and given exactly its own rows. A merged call that fails is run
+again request by request, so that a failure stays with the request that caused it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import os
 import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from services.serving.batching.adaptive import BatchingRuntime
+from services.serving.core.convert import merge_json, to_array
 from services.serving.core.loaded import LoadedModels, ModelState, ServedModel
 from services.serving.core.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics, VersionMetrics
+from services.serving.core.requests import Inference, InferenceRequest, Input, JsonTensor
 from services.serving.core.routing import (
     Router,
     ShadowMirror,
@@ -25,15 +37,15 @@ from services.serving.core.routing import (
 )
 from services.serving.core.validation import validate_inputs
 from services.serving.predlog.log import PredictionLog
-from services.serving.runtimes.base import Signature
 from services.serving.settings import ServingSettings
 from shipyard_common.errors import (
-    InvalidInput,
     NotFound,
     ShipyardError,
     UpstreamError,
 )
 from shipyard_common.lineage import PRODUCTION
+
+log = logging.getLogger("shipyard.serving.dataplane")
 
 #: Response header naming the version that answered, on every protocol's predict route.
 VERSION_HEADER = "X-Model-Version"
@@ -61,14 +73,6 @@ new_request_id = _RequestIds()
 os.register_at_fork(after_in_child=new_request_id.reseed)
 
 
-class Offload(Exception):
-    """An inline (event-loop) call found it would have to block: run the request in a thread instead.
-
-    Raised before the model ran and before anything was counted or logged, so the request can
-    simply be run again.
-    """
-
-
 @dataclass
 class DataPlane:
     settings: ServingSettings
@@ -78,15 +82,12 @@ class DataPlane:
     #: Which loaded version answers (canary split, labels, versions); copies to the shadow.
     router: Router = field(default_factory=Router)
     shadow: ShadowMirror = field(default_factory=ShadowMirror)
+    #: Where groups too costly for the event loop run (the app's predict pool).
+    executor: Executor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="predict"))
 
-
-@dataclass(frozen=True)
-class Inference:
-    model: str
-    version: str
-    signature: Signature
-    #: Every output the model answered, in the signature's order.
-    outputs: dict[str, np.ndarray]
+    def run_group(self, jobs: Sequence[InferenceRequest], *, inline: bool) -> list[Any] | None:
+        """The batcher's call (:class:`~services.serving.batching.adaptive.GroupRunner`)."""
+        return answer_group(self, list(jobs), inline=inline)
 
 
 def resolve(
@@ -98,16 +99,6 @@ def resolve(
     ``split``: a request naming neither goes to the canary with the model's canary weight.
     """
     return dataplane.router.resolve(dataplane.models, name, version=version, label=label, split=split)
-
-
-def _mirror(
-    dataplane: DataPlane, answered: ServedModel, arrays: dict[str, np.ndarray], request_id: str
-) -> None:
-    """A copy of the request for the model's shadow version, if it has one: never waited for."""
-    shadow = shadow_of(dataplane.models, answered)
-    if shadow is not None:
-        dataplane.shadow.submit(shadow, lambda target: infer(
-            dataplane=dataplane, served=target, arrays=arrays, request_id=request_id))
 
 
 def count_error(dataplane: DataPlane, name: str, reason: str, *, version: str | None = None) -> None:
@@ -147,122 +138,6 @@ def loggable(value: np.ndarray) -> Any:
     return value.tolist()
 
 
-def infer(
-    *,
-    dataplane: DataPlane,
-    served: ServedModel,
-    arrays: dict[str, np.ndarray],
-    request_id: str | None = None,
-    started: float | None = None,
-    inline: bool = False,
-    validated: bool = False,
-) -> Inference:
-    """Check ``arrays`` against ``served``'s signature, run it, log the exchange.
-
-    Runs holding the version's lease (:func:`~services.serving.routing.hold`: a version retired
-    meanwhile is replaced by its successor), counted in its model's in-flight gauge.
-
-    ``inline``: the caller is the event loop, which must not block: the model call is never
-    queued for a merged call, and room in the prediction log is reserved before the model runs:
-    a full log raises :class:`Offload` (nothing run, logged or counted yet) so that the caller runs
-    the request again in a thread, where it may wait.
-
-    ``validated``: the protocol's parser already checked ``arrays`` against ``served``'s signature
-    (:func:`parse_rows`), so they are not checked twice, unless another version ends up answering.
-    """
-    started = time.perf_counter() if started is None else started
-    chosen = served
-    served = hold(dataplane.models, dataplane.router, served)
-    try:
-        counted = dataplane.metrics.version(served.name, served.version)  # cached: no .labels() here
-        in_flight = counted.in_flight
-        in_flight.inc()
-        try:
-            return _infer_held(dataplane, served, counted, arrays, request_id=request_id, started=started,
-                               inline=inline, validated=validated and served is chosen)
-        finally:
-            in_flight.dec()
-    finally:
-        served.lease.release()
-
-
-def _infer_held(
-    dataplane: DataPlane, served: ServedModel, counted: VersionMetrics, arrays: dict[str, np.ndarray], *,
-    request_id: str | None, started: float, inline: bool, validated: bool,
-) -> Inference:
-    name = served.name
-    settings = dataplane.settings
-    if validated:
-        checked = arrays
-    else:
-        try:
-            checked = validate_inputs(
-                arrays, served.signature, max_batch_rows=settings.max_batch_rows,
-                allow_non_finite=settings.allow_non_finite,
-            )
-        except InvalidInput:
-            count_error(dataplane, name, "invalid_input", version=served.version)
-            raise
-    outputs, record = run_logged(dataplane, served, counted, checked, request_id=request_id, started=started,
-                                  inline=inline)
-    _mirror(dataplane, served, checked, record["request_id"])
-    return Inference(model=name, version=served.version, signature=served.signature, outputs=outputs)
-
-
-def run_logged(
-    dataplane: DataPlane, served: ServedModel, counted: VersionMetrics, checked: dict[str, np.ndarray], *,
-    request_id: str | None, started: float, inline: bool,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run checked inputs on ``served``, log and count the exchange: its outputs and log record.
-
-    ``inline`` (the event loop): room in the log is reserved before the model runs; a full log
-    raises :class:`Offload` with nothing run, logged or counted.
-    """
-    prediction_log = dataplane.prediction_log
-    if inline and not prediction_log.try_reserve():
-        raise Offload
-    try:
-        outputs, record = _run(dataplane, served, checked, request_id=request_id, started=started,
-                               inline=inline)
-    except BaseException:
-        if inline:
-            prediction_log.release()  # the record never took its place
-        raise
-    # Waits while the log is full (not inline: room is already held): nothing answered is dropped.
-    prediction_log.append(record, reserved=inline)
-    counted.requests.inc()
-    counted.rows.inc(int(next(iter(checked.values())).shape[0]) if checked else 0)
-    counted.latency.observe(record["latency_ms"] / 1000)
-    return outputs, record
-
-
-def _run(
-    dataplane: DataPlane, served: ServedModel, checked: dict[str, np.ndarray], *,
-    request_id: str | None, started: float, inline: bool,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run ``checked`` through ``served``: its outputs, and the prediction log's record of the exchange."""
-    name = served.name
-    try:
-        runtime = served.runtime
-        if isinstance(runtime, BatchingRuntime):  # measures its own calls' cost
-            answered = runtime.predict_now(checked) if inline else runtime.predict(checked)
-        else:
-            answered = served.own_cost.timed(runtime.predict, checked)
-        outputs = {spec.name: np.asarray(answered[spec.name]) for spec in served.signature.outputs}
-    except Exception as exc:  # inputs passed the checks, so this is the model's own failure
-        count_error(dataplane, name, "runtime_error", version=served.version)
-        raise UpstreamError(f"model {name!r} version {served.version} failed on this input: {exc}") from exc
-    latency_ms = (time.perf_counter() - started) * 1000
-    inputs_logged: Any
-    if len(checked) == 1:
-        inputs_logged = loggable(next(iter(checked.values())))
-    else:
-        inputs_logged = {key: loggable(value) for key, value in checked.items()}
-    record = log_record(served, request_id, inputs_logged, loggable(next(iter(outputs.values()))), latency_ms,
-                     time.time())
-    return outputs, record
-
-
 def log_record(
     served: ServedModel, request_id: str | None, inputs: Any, outputs: Any, latency_ms: float, created: float
 ) -> dict[str, Any]:
@@ -287,3 +162,328 @@ def model_state(dataplane: DataPlane, name: str) -> ModelState:
             f"model {name!r} is not served: no registered model of that name has a '{PRODUCTION}' alias"
         )
     return state
+
+
+# -- taking requests ------------------------------------------------------------------------------
+
+
+def submit(dataplane: DataPlane, request: InferenceRequest) -> None:
+    """Answer ``request`` through ``request.reply``: now, or with the requests merged with it.
+
+    On the event loop the version's batcher decides (loop or pool, alone or merged); called from
+    any other thread, the request runs at once, alone, in that thread.
+    """
+    found = merge_key(request.inputs, dataplane.settings.max_batch_rows)
+    if found is not None:
+        request.key, request.rows = found
+    served = request.served
+    dataplane.metrics.version(served.name, served.version).in_flight.inc()
+    served.batcher.submit(request, dataplane)
+
+
+async def infer(
+    dataplane: DataPlane, *, served: ServedModel, inputs: dict[str, Input], request_id: str | None = None,
+    started: float | None = None,
+) -> Inference:
+    """:func:`submit` for callers that await: the answer, or the error raised."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    submit(dataplane, InferenceRequest(served=served, inputs=inputs, reply=future.set_result,
+                                       request_id=request_id, started=started))
+    result = await future
+    if isinstance(result, BaseException):
+        raise result
+    return result  # type: ignore[no-any-return]
+
+
+def merge_key(inputs: dict[str, Input], max_rows: int) -> tuple[Hashable, int] | None:
+    """What a request must share with another to be merged with it (its input names), and its rows;
+    None: never merged. Layouts and shapes are compared once the group's inputs are converted."""
+    rows = -1
+    for value in inputs.values():
+        if type(value) is JsonTensor:
+            count = value.batch
+        elif isinstance(value, np.ndarray) and value.ndim:
+            count = value.shape[0]
+        else:
+            return None
+        if count != rows and rows >= 0:
+            return None
+        rows = count
+    if not 0 < rows <= max_rows:
+        return None
+    return tuple(inputs), rows
+
+
+# -- answering a group ----------------------------------------------------------------------------
+
+
+def answer_group(dataplane: DataPlane, jobs: list[InferenceRequest], *, inline: bool) -> list[Any] | None:
+    """Each job's :class:`Inference` or refusal, in order; all are requests for one version.
+
+    Holds the version's lease (or its successor's, :func:`~services.serving.core.routing.hold`)
+    for the whole group. ``inline`` (the event loop, which must not block): room in the prediction
+    log is reserved first; a full log returns None with nothing run, logged or counted, and the
+    batcher runs the group in the pool, where the append may wait.
+    """
+    log_ = dataplane.prediction_log
+    if inline and not log_.try_reserve(len(jobs)):
+        return None
+    first = jobs[0].served
+    results: list[Any] = [None] * len(jobs)
+    logged = 0
+    try:
+        served = hold(dataplane.models, dataplane.router, first)
+        try:
+            counted = dataplane.metrics.version(served.name, served.version)
+            for part in _checked_parts(dataplane, served, jobs, results):
+                logged += _run_part(dataplane, served, counted, jobs, part, results, reserved=inline)
+        finally:
+            served.lease.release()
+    except Exception as exc:  # the version is gone (hold), or a bug: every job still gets an answer
+        results = [exc if result is None else result for result in results]
+    finally:
+        # Counted in flight since they were submitted; no longer once answered.
+        dataplane.metrics.version(first.name, first.version).in_flight.dec(len(jobs))
+        if inline and logged < len(jobs):
+            log_.release(len(jobs) - logged)
+    return results
+
+
+Block = tuple[list[int], list[int], dict[str, np.ndarray]]
+
+
+def _checked_parts(
+    dataplane: DataPlane, served: ServedModel, jobs: list[InferenceRequest], results: list[Any]
+) -> list[Block]:
+    """The jobs' inputs converted and checked, as parts that can share a call: (indexes, rows, arrays).
+
+    JSON values of a one-input version are converted once per layout (:func:`merge_json`), the
+    rest (and any layout whose values fail a check) job by job, each refusal put in ``results``;
+    then the blocks of equal dtype and shape are merged, in arrival order.
+    """
+    blocks: list[Block] = []
+    alone = list(range(len(jobs)))
+    if len(served.signature.inputs) == 1 and len(jobs) == 1:  # the lone request: no layouts to sort
+        spec, job = served.signature.inputs[0], jobs[0]
+        value = job.inputs.get(spec.name)
+        if type(value) is JsonTensor and job.rows and len(job.inputs) == 1:
+            merged = merge_json([value], spec, max_rows=dataplane.settings.max_batch_rows,
+                                allow_non_finite=dataplane.settings.allow_non_finite)
+            if merged is not None:
+                return [([0], [job.rows], {spec.name: merged})]
+    elif len(served.signature.inputs) == 1 and served.batcher.merges:
+        blocks, alone = _json_blocks(dataplane, served, jobs)
+    for index in alone:
+        try:
+            arrays = _check_alone(dataplane, served, jobs[index])
+        except ShipyardError as exc:
+            count_error(dataplane, served.name, "invalid_input", version=served.version)
+            results[index] = exc
+            continue
+        blocks.append(([index], [_rows(arrays)], arrays))
+    if len(blocks) < 2 or not served.batcher.merges:
+        return blocks
+    parts: dict[Hashable, list[Block]] = {}
+    for block in blocks:
+        key = tuple((name, value.dtype.str, value.shape[1:]) for name, value in block[2].items())
+        parts.setdefault(key, []).append(block)
+    return [_merged(found) for found in parts.values()]
+
+
+def _json_blocks(
+    dataplane: DataPlane, served: ServedModel, jobs: list[InferenceRequest]
+) -> tuple[list[Block], list[int]]:
+    """Blocks of jobs whose one input's JSON converted together (one per layout), and the other jobs."""
+    spec = served.signature.inputs[0]
+    layouts: dict[Hashable, list[int]] = {}
+    alone: list[int] = []
+    for index, job in enumerate(jobs):
+        value = job.inputs.get(spec.name)
+        if type(value) is JsonTensor and job.rows and len(job.inputs) == 1:
+            layout = None if value.shape is None else (value.shape[1:], value.dtype)
+            found = layouts.get(layout)
+            if found is None:
+                layouts[layout] = [index]
+            else:
+                found.append(index)
+        else:
+            alone.append(index)
+    blocks: list[Block] = []
+    settings = dataplane.settings
+    for indexes in layouts.values():
+        tensors: list[Any] = [jobs[i].inputs[spec.name] for i in indexes]
+        merged = merge_json(tensors, spec, max_rows=settings.max_batch_rows,
+                            allow_non_finite=settings.allow_non_finite)
+        if merged is None:
+            alone += indexes
+        else:
+            blocks.append((indexes, [tensor.batch for tensor in tensors], {spec.name: merged}))
+    return blocks, alone
+
+
+def _rows(arrays: dict[str, np.ndarray]) -> int:
+    first = next(iter(arrays.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 0
+
+
+def _merged(blocks: list[Block]) -> Block:
+    if len(blocks) == 1:
+        return blocks[0]
+    names = list(blocks[0][2])
+    return ([i for block in blocks for i in block[0]], [r for block in blocks for r in block[1]],
+            {name: np.concatenate([block[2][name] for block in blocks]) for name in names})
+
+
+def _check_alone(dataplane: DataPlane, served: ServedModel, job: InferenceRequest) -> dict[str, np.ndarray]:
+    """One job's inputs as checked arrays for ``served``, or the refusal that names what is wrong."""
+    settings = dataplane.settings
+    specs = {spec.name: spec for spec in served.signature.inputs}
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in job.inputs.items():
+        if type(value) is JsonTensor:
+            spec = specs.get(name)
+            # An input the version does not take: validate_inputs names it with the others.
+            arrays[name] = np.zeros(0) if spec is None else to_array(
+                value, spec, max_rows=settings.max_batch_rows, allow_non_finite=settings.allow_non_finite)
+        else:
+            arrays[name] = value  # type: ignore[assignment]
+    return validate_inputs(arrays, served.signature, max_batch_rows=settings.max_batch_rows,
+                           allow_non_finite=settings.allow_non_finite)
+
+
+def _slices(arrays: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
+    """Each job's rows of the merged ``arrays``."""
+    found = []
+    start = 0
+    for count in rows:
+        end = start + count
+        found.append({name: value[start:end] for name, value in arrays.items()})
+        start = end
+    return found
+
+
+def _run_part(
+    dataplane: DataPlane, served: ServedModel, counted: VersionMetrics, jobs: list[InferenceRequest],
+    part: tuple[list[int], list[int], dict[str, np.ndarray]], results: list[Any], *, reserved: bool,
+) -> int:
+    """One runtime call for the jobs of ``part`` (their inputs merged), the count answered and logged;
+    a merged call that fails, or whose outputs do not follow the batch, is run again job by job."""
+    indexes, rows, arrays = part
+    try:
+        outputs = _call(served, counted, arrays, len(indexes))
+        pieces = _split(outputs, rows) if len(indexes) > 1 else [outputs]
+    except Exception as exc:
+        if len(indexes) > 1:
+            if isinstance(exc, UnsplittableOutput):
+                served.batcher.merges = False
+                log.warning("%s; requests for %s version %s are no longer merged", exc, served.name,
+                            served.version)
+            else:
+                log.info("a merged call of %d requests failed (%s); running each alone", len(indexes), exc)
+            return sum(
+                _run_part(dataplane, served, counted, jobs, ([index], [count], alone), results,
+                          reserved=reserved)
+                for index, count, alone in zip(indexes, rows, _slices(arrays, rows), strict=True))
+        count_error(dataplane, served.name, "runtime_error", version=served.version)
+        results[indexes[0]] = UpstreamError(
+            f"model {served.name!r} version {served.version} failed on this input: {exc}")
+        return 0
+    return _answer(dataplane, served, counted, jobs, part, pieces, results, reserved=reserved)
+
+
+def _call(served: ServedModel, counted: VersionMetrics, arrays: dict[str, np.ndarray],
+          requests: int) -> dict[str, np.ndarray]:
+    """One runtime call, its cost measured (loop or pool) and its batch counted."""
+    counted.batch_requests.observe(requests)
+    counted.batch_rows.observe(_rows(arrays))
+    answered = served.cost.timed(served.runtime.predict, arrays)
+    return {spec.name: np.asarray(answered[spec.name]) for spec in served.signature.outputs}
+
+
+class UnsplittableOutput(Exception):
+    """A merged call answered an output whose first dimension is not the batch."""
+
+
+def _split(outputs: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
+    total = sum(rows)
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != total:
+            raise UnsplittableOutput(
+                f"output {name!r} has shape {list(value.shape)} for a merged call of {total} rows")
+    return _slices(outputs, rows)
+
+
+def _answer(
+    dataplane: DataPlane, served: ServedModel, counted: VersionMetrics, jobs: list[InferenceRequest],
+    part: tuple[list[int], list[int], dict[str, np.ndarray]], pieces: list[dict[str, np.ndarray]],
+    results: list[Any], *, reserved: bool,
+) -> int:
+    """Log, count and answer a part's jobs (one record each), copy them to the shadow: the count answered."""
+    indexes, rows, arrays = part
+    answered, created = time.perf_counter(), time.time()
+    first_output = served.signature.outputs[0].name
+    single = next(iter(arrays.values())) if len(arrays) == 1 else None
+    shadow = shadow_of(dataplane.models, served)
+    records: list[dict[str, Any]] = []
+    latencies: list[float] = []
+    copies: list[tuple[str, dict[str, np.ndarray]]] = []
+    start = 0
+    for position, index in enumerate(indexes):
+        job, end = jobs[index], start + rows[position]
+        request_id = job.request_id or new_request_id()  # the shadow's row shares it
+        if single is not None:
+            logged: Any = loggable(single[start:end])
+        else:
+            logged = {name: loggable(value[start:end]) for name, value in arrays.items()}
+        latency_s = answered - job.started
+        latencies.append(latency_s)
+        records.append(log_record(served, request_id, logged, loggable(pieces[position][first_output]),
+                                  latency_s * 1000, created))
+        if shadow is not None:
+            copies.append((request_id, {name: value[start:end] for name, value in arrays.items()}))
+        start = end
+    try:
+        _append(dataplane.prediction_log, records, reserved=reserved)
+    except ShipyardError as exc:  # shutting down: refused, so nothing answered goes unlogged
+        for index in indexes:
+            results[index] = exc
+        return 0
+    counted.requests.inc(len(indexes))
+    counted.rows.inc(start)
+    observe = counted.latency.observe
+    for latency_s in latencies:
+        observe(latency_s)
+    name, version, signature = served.name, served.version, served.signature
+    for position, index in enumerate(indexes):
+        results[index] = Inference(name, version, signature, pieces[position])
+    if shadow is not None:
+        _mirror(dataplane, shadow, copies)
+    return len(indexes)
+
+
+def _append(prediction_log: PredictionLog, records: list[dict[str, Any]], *, reserved: bool) -> None:
+    if reserved:
+        prediction_log.append_reserved(records)
+        return
+    for record in records:  # waits for room while the log is full
+        prediction_log.append(record)
+
+
+def _mirror(
+    dataplane: DataPlane, shadow: ServedModel, copies: list[tuple[str, dict[str, np.ndarray]]]
+) -> None:
+    """Copies of the answered requests for the model's shadow version: run in its pool, never waited for."""
+
+    def run(target: ServedModel) -> None:
+        jobs = [InferenceRequest(served=target, inputs=dict(inputs), reply=_ignore, request_id=request_id)
+                for request_id, inputs in copies]
+        dataplane.metrics.version(target.name, target.version).in_flight.inc(len(jobs))
+        for result in answer_group(dataplane, jobs, inline=False) or []:
+            if isinstance(result, Exception):
+                raise result
+
+    dataplane.shadow.submit(shadow, run, count=len(copies))
+
+
+def _ignore(result: Any) -> None:
+    """A shadow copy's answer: never returned (its row is in the prediction log)."""

@@ -28,7 +28,6 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from services.serving.batching.adaptive import BatchingRuntime, batchable
 from services.serving.core.loaded import (
     SIDE_ALIASES,
     AliasSlot,
@@ -40,7 +39,7 @@ from services.serving.core.loaded import (
 from services.serving.core.metrics import ServingMetrics
 from services.serving.runtimes.base import ModelLoadError
 from services.serving.runtimes.loader import LoadedRuntime, load_runtime
-from services.serving.settings import BatchingPolicy, ServingSettings
+from services.serving.settings import ServingSettings
 from shipyard_common.events import EventBus
 from shipyard_common.lineage import (
     DEFAULT_CANARY_WEIGHT,
@@ -202,7 +201,7 @@ class ModelFollower:
         previous = state.served.version if state.served else None
         self.models.install(
             ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
-                        loaded_at=datetime.now(UTC))
+                        loaded_at=datetime.now(UTC), batching=self.settings.batching_for(name))
         )
         log.info(
             "serving %s version %s as %s (was %s), loaded in %.2fs", name, version, loaded.runtime.format,
@@ -238,9 +237,7 @@ class ModelFollower:
         folder = self.download(name, version)
         loaded = load_runtime(folder, name=name, version=version, tags=tags, settings=self.settings)
         self.metrics.observe_load(name, version, time.perf_counter() - started)
-        # Concurrent requests for this version are merged into one runtime call (batching.py).
-        return with_batching(loaded, name=name, version=version, policy=self.settings.batching_for(name),
-                             metrics=self.metrics)
+        return loaded
 
     def download(self, name: str, version: str) -> Path:
         """The version's artifacts under the state folder, downloaded once."""
@@ -344,7 +341,8 @@ def ensure_alias(follower: ModelFollower, name: str, alias: str, version: str | 
         follower.metrics.load_failures.labels(name).inc()
         return
     served = ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
-                         loaded_at=datetime.now(UTC), alias=alias)
+                         loaded_at=datetime.now(UTC), alias=alias,
+                         batching=follower.settings.batching_for(name))
     previous = _update_slot(models, name, alias, served=served, error=None, failed_version=None,
                             failed_at=None)
     log.info("serving %s version %s as its %s (was %s), loaded in %.2fs", name, version, alias,
@@ -366,17 +364,3 @@ def _update_slot(models: LoadedModels, name: str, alias: str, **changes: Any) ->
         return before
 
 
-def with_batching(
-    loaded: LoadedRuntime, *, name: str, version: str, policy: BatchingPolicy, metrics: ServingMetrics
-) -> LoadedRuntime:
-    """``loaded`` with its runtime wrapped in a :class:`BatchingRuntime`, when the policy and model allow."""
-    if not policy.enabled or policy.max_batch_size < 2:
-        return loaded
-    if not batchable(loaded.signature, loaded.runtime.signature):
-        log.info("%s version %s has no free batch dimension; its requests are not merged", name, version)
-        return loaded
-    runtime = BatchingRuntime(
-        loaded.runtime, max_batch_size=policy.max_batch_size, max_wait_s=policy.max_wait_s,
-        name=f"{name}-{version}", metrics=metrics.version(name, version),
-    )
-    return replace(loaded, runtime=runtime)

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, cast
 
+from services.serving.batching.adaptive import Batcher, batchable, concurrency_for
 from services.serving.batching.callcost import REMOTE_FORMATS, CallCost
 from services.serving.core.leases import Lease, retire_runtime
 from services.serving.core.metrics import ServingMetrics
-from services.serving.runtimes.base import Runtime, Signature, TensorSpec
+from services.serving.runtimes.base import Runtime, Signature
+from services.serving.settings import BatchingPolicy
 from shipyard_common.errors import NotFound, Unavailable
 from shipyard_common.lineage import (
     CANARY,
@@ -97,28 +99,26 @@ class ServedModel:
     alias: str = PRODUCTION
     #: Held by each request running on it; a replaced version is closed once they are done.
     lease: Lease = field(default_factory=Lease, compare=False, repr=False)
-    #: CPU per runtime call, for runtimes that do not measure their own (batching.py does).
-    own_cost: CallCost = field(default_factory=CallCost, compare=False, repr=False)
+    #: How its concurrent requests are merged; None: never (each runs alone).
+    batching: BatchingPolicy | None = field(default=None, compare=False, repr=False)
+    #: CPU per runtime call: cheap versions run on the event loop (batching/callcost.py).
+    cost: CallCost = field(default_factory=CallCost, compare=False, repr=False)
 
-    #: What one runtime call of this version costs (the fast lane runs cheap ones inline): the
-    #: runtime's own measure (batching.py) or ``own_cost``. Set at creation.
-    cost: CallCost = field(init=False, compare=False, repr=False)
-    #: The input of a version that takes rows of fractional numbers (one 2-D floating-point input
-    #: with a free batch dimension), which our protocol's rows fill directly; None otherwise.
-    rows_input: TensorSpec | None = field(init=False, compare=False, repr=False)
+    #: Gathers the version's concurrent requests into groups (batching/adaptive.py). Set at creation.
+    batcher: Batcher = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.own_cost.remote = self.runtime.format in REMOTE_FORMATS
-        measured = getattr(self.runtime, "cost", None)
-        # A frozen dataclass: derived fields are set once, here.
-        object.__setattr__(self, "cost", measured if isinstance(measured, CallCost) else self.own_cost)
-        inputs = self.signature.inputs
-        rows_input = inputs[0] if len(inputs) == 1 else None
-        if rows_input is not None and (
-            len(rows_input.shape) != 2 or rows_input.shape[0] is not None or rows_input.dtype.kind != "f"
-        ):
-            rows_input = None
-        object.__setattr__(self, "rows_input", rows_input)
+        remote = self.runtime.format in REMOTE_FORMATS
+        self.cost.remote = remote
+        policy = self.batching
+        merges = (policy is not None and policy.enabled and policy.max_batch_size > 1
+                  and batchable(self.signature, self.runtime.signature))
+        # A frozen dataclass: the derived field is set once, here.
+        object.__setattr__(self, "batcher", Batcher(
+            cost=self.cost, max_batch_size=policy.max_batch_size if policy and merges else 1,
+            max_wait_s=policy.max_wait_s if policy else 0.0, merges=merges,
+            concurrency=concurrency_for(remote),
+        ))
 
 
 @dataclass(frozen=True)

@@ -202,23 +202,23 @@ class ShadowMirror:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="shadow")
             return self._pool
 
-    def submit(self, shadow: ServedModel, run: Callable[[ServedModel], object]) -> bool:
-        """Run ``run(shadow)`` in the pool; False (and counted) when the pool is full."""
+    def submit(self, shadow: ServedModel, run: Callable[[ServedModel], object], *, count: int = 1) -> bool:
+        """Run ``run(shadow)`` (``count`` copied requests) in the pool; False (counted) when it is full."""
         if not self._slots.acquire(blocking=False):
-            self.skipped.labels(shadow.name).inc()
+            self.skipped.labels(shadow.name).inc(count)
             return False
         pool = self._executor()
         if pool is None:
             self._slots.release()
-            self.skipped.labels(shadow.name).inc()
+            self.skipped.labels(shadow.name).inc(count)
             return False
 
         def task() -> None:
             try:
                 run(shadow)
-                self.mirrored.labels(shadow.name, shadow.version).inc()
+                self.mirrored.labels(shadow.name, shadow.version).inc(count)
             except Exception as exc:  # the caller has its answer; the shadow's failure is only counted
-                self.failed.labels(shadow.name, shadow.version).inc()
+                self.failed.labels(shadow.name, shadow.version).inc(count)
                 log.info("the shadow %s version %s failed on a copied request: %s",
                          shadow.name, shadow.version, exc)
             finally:
@@ -228,7 +228,7 @@ class ShadowMirror:
             pool.submit(task)
         except RuntimeError:  # shut down meanwhile
             self._slots.release()
-            self.skipped.labels(shadow.name).inc()
+            self.skipped.labels(shadow.name).inc(count)
             return False
         return True
 

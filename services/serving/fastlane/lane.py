@@ -15,61 +15,49 @@ over the size limit, to the app's body limit (which reads chunked bodies and ans
 
 It reads the body, checks the token with the app's
 :class:`~shipyard_common.auth.TokenAuthenticator` (any valid token may predict), and calls the
-same codecs and data plane as the routes (:mod:`services.serving.protocols`,
-:func:`services.serving.dataplane.predict_inference`): parsing, validation, canary and shadow
+same protocol handlers as the routes (``api/ours.py``, ``api/v2.py``, ``api/tfserving.py``), which
+decode and hand the request to the data plane: parsing, validation, merging, canary and shadow
 routing, the prediction log and the metrics are theirs, not a second copy. Status codes, headers
 and error bodies are the routes'.
 
-Where the model call runs: inline on the event loop when the version's runtime calls are cheap
-(:class:`~services.serving.callcost.CallCost`: a mean of at most 1 ms of CPU, and a body of at
-most :data:`INLINE_MAX_BODY` bytes), since a thread hop costs more than such a call and merging
-cannot help a call that runs at once; otherwise in a thread of a dedicated pool, so the loop keeps
-accepting and concurrent requests of one version can be merged (``batching.py``). An inline call
-never blocks: it is never queued for a merged call, and when the prediction log is full it raises
-:class:`~services.serving.dataplane.Offload` before running the model (it reserves its record's
-place first), and the request runs again in a thread, where the append waits for room (nothing
-answered goes unlogged, and no model call is made twice).
+Handled in continuation style (:meth:`FastLane.start`: the answer goes to a callback), so that the
+HTTP protocol in front of uvicorn's (:mod:`services.serving.fastlane.uvicorn_protocol`) answers
+without an ASGI task or a coroutine per request; the ASGI path here awaits a future instead.
 
 Handed back to FastAPI (after replaying the body): our protocol's bodies that its request model
 refuses (not a JSON object with ``inputs``, a content type other than ``application/json``,
 an ``X-Request-ID`` over 64 characters), so that those 422s keep FastAPI's exact shape.
-
-Its parts (:meth:`FastLane.match`, :meth:`FastLane.prepare`, :meth:`FastLane.answer_inline`,
-:meth:`FastLane.count`) also serve :mod:`services.serving.fastlane.uvicorn_protocol`, which answers
-cheap requests inside uvicorn's HTTP protocol without an ASGI task. There, our protocol's requests (as
-:class:`Mergeable`) go to the :class:`Merger`, which answers those that arrived in the same
-event-loop iteration for the same model with one runtime call
-(:func:`services.serving.dataplane.predict_rows_merged`); a request that cannot share a call is
-answered alone, in one pass for the commonest case (rows of floats for a production version alone:
-:func:`services.serving.dataplane.predict_rows_now`), else by the general path.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
-import orjson
-
-from services.serving.api.http import ASGIApp, Message, ProtocolResponse, Receive, Scope, Send
-from services.serving.core.dataplane import VERSION_HEADER, DataPlane, Offload
-from services.serving.fastlane.rows import RowsRequest, predict_rows_merged, predict_rows_now
+from services.serving.api import ours as ours_api
+from services.serving.api import tfserving as tfserving_api
+from services.serving.api import v2 as v2_api
+from services.serving.api.http import (
+    ASGIApp,
+    Message,
+    ProtocolResponse,
+    Receive,
+    Respond,
+    Scope,
+    Send,
+    failure,
+)
+from services.serving.core.dataplane import DataPlane
 from services.serving.protocols import NestedTooDeeply, loads, tfserving, v2
-from services.serving.protocols.ours import plain_numbers, predict_body, predict_inference
 from shipyard_common.auth import Role, TokenAuthenticator
 from shipyard_common.errors import BadRequest, InvalidInput, ShipyardError, ValidationFailed
 from shipyard_common.metrics import HttpMetrics
 
 log = logging.getLogger("shipyard.web")
 
-#: Bodies larger than this are parsed and run in a thread whatever the model costs.
-INLINE_MAX_BODY = 64 * 1024
 _REQUEST_ID_MAX = 64  # our route's X-Request-ID limit (a longer one is FastAPI's 422)
 
 _JSON = b"application/json"
@@ -105,7 +93,7 @@ class HandBack(Exception):
 
 
 class FastLane:
-    """See the module docstring. ``state`` is the app's ``state``: dataplane, authenticator, executor."""
+    """See the module docstring. ``state`` is the app's ``state``: dataplane, authenticator, metrics."""
 
     def __init__(self, app: ASGIApp, *, state: Any, body_limit: int) -> None:
         self.app = app
@@ -113,12 +101,9 @@ class FastLane:
         self.body_limit = body_limit
         self._plane: DataPlane | None = None
         self._authenticator: TokenAuthenticator | None = None
-        self._executor: Executor | None = None
         self._http_metrics: HttpMetrics | None = None
-        #: Requests answered inside the HTTP protocol (httpfast.py) rather than through ASGI.
+        #: Requests answered inside the HTTP protocol (uvicorn_protocol.py) rather than through ASGI.
         self.protocol_answers = 0
-        #: Where the HTTP protocol puts mergeable requests (one event loop per app).
-        self.merger = Merger(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,27 +121,20 @@ class FastLane:
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
+        future: asyncio.Future[ProtocolResponse] = asyncio.get_running_loop().create_future()
         try:
-            prepared = self.prepare(request, body)
-            if isinstance(prepared, Mergeable):
-                answer = self.answer_alone(prepared) or await self._run(prepared.fallback)
-            elif isinstance(prepared, Deferred):
-                answer = await self._run(prepared)
-            else:
-                answer = prepared
+            self.start(request, body, future.set_result)
         except HandBack:
             await self.app(scope, _replay(body, receive), send)  # counted by the app's request metrics
             return
-        except Exception as exc:
-            answer = internal_error(exc)
-        status, content, raw = self.encode(answer)
+        status, content, raw = self.encode(await future)
         try:
             await send({"type": "http.response.start", "status": status, "headers": raw})
             await send({"type": "http.response.body", "body": content})
         finally:
             self.count(request, status)
 
-    # -- the parts, also used by the HTTP protocol in front of uvicorn's (httpfast.py) -------------
+    # -- the parts, also used by the HTTP protocol in front of uvicorn's (uvicorn_protocol.py) -----
     def match(self, scope: Scope) -> LaneRequest | None:
         """The request, if the fast lane answers it: a predict POST with a body of known, allowed size."""
         if scope["method"] != "POST" or scope.get("root_path"):
@@ -186,41 +164,23 @@ class FastLane:
         protocol, route, params = found
         return LaneRequest(protocol, route, params, headers, int(length), time.perf_counter())
 
-    def prepare(self, request: LaneRequest, body: bytes) -> ProtocolResponse | Deferred | Mergeable:
-        """The answer when it needs no model call (an error), else the model call to make.
+    def start(self, request: LaneRequest, body: bytes, reply: Respond) -> None:
+        """Answer ``request`` through ``reply`` (at once, or when its group has run).
 
-        A :class:`Mergeable` call may share a runtime call with others (:class:`Merger`), or be
-        answered alone (:meth:`answer_alone`).
-
-        Raises :class:`HandBack` for requests FastAPI must answer.
+        Raises :class:`HandBack` (before anything was run or counted) for requests FastAPI must answer.
         """
         params = request.params
-        if request.protocol == "ours":
-            return self._ours(params["name"], body, request.headers, request.started)
-        if request.protocol == "v2":
-            return self._v2(params["name"], params.get("version"), body, request.headers)
-        return self._tf(params["name"], params.get("version"), params.get("label"), body, request.headers)
-
-    def answer_alone(self, mergeable: Mergeable) -> ProtocolResponse | None:
-        """A mergeable request answered alone, on the event loop; None: run its general call in a thread."""
-        rows = mergeable.rows
         try:
-            answered = predict_rows_now(dataplane=self.plane, name=mergeable.name, inputs=rows.inputs,
-                                           request_id=rows.request_id, started=rows.started, dots=rows.dots)
-        except ShipyardError as exc:  # the model failed: counted and worded as by the general path
-            return _error(exc)
-        if answered is not None:
-            return _rows_answer(answered)
-        return self.answer_inline(mergeable.fallback)
-
-    def answer_inline(self, deferred: Deferred) -> ProtocolResponse | None:
-        """The call's answer, made on the event loop when that is cheap; None: run it in a thread."""
-        if deferred.body_size <= INLINE_MAX_BODY and self._cheap(deferred.name):
-            try:
-                return deferred.call(inline=True)
-            except Offload:
-                pass
-        return None
+            if request.protocol == "ours":
+                self._ours(params["name"], body, request, reply)
+            elif request.protocol == "v2":
+                self._v2(params["name"], params.get("version"), body, request, reply)
+            else:
+                self._tf(params["name"], params.get("version"), params.get("label"), body, request, reply)
+        except HandBack:
+            raise
+        except Exception as exc:
+            reply(internal_error(exc))
 
     @staticmethod
     def encode(answer: ProtocolResponse) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -257,92 +217,60 @@ class FastLane:
             Role.VIEWER,
         )
 
-    async def _run(self, deferred: Deferred) -> ProtocolResponse:
-        """``call(inline=True)`` on the loop when cheap, else (or if it must wait) ``call()`` in a thread."""
-        answer = self.answer_inline(deferred)
-        if answer is not None:
-            return answer
-        if self._executor is None:
-            self._executor = self.state.predict_executor
-        return await asyncio.get_running_loop().run_in_executor(self._executor, deferred.call)
-
-    def _cheap(self, name: str) -> bool:
-        """Whether every version that may answer ``name`` has cheap runtime calls."""
-        plane = self.plane
-        state = plane.models.state(name)
-        if state is None or state.served is None:
-            return True  # answered with an error at once
-        if not state.served.cost.cheap:
-            return False
-        for slot in (state.canary, state.shadow):
-            if slot.served is not None and not slot.served.cost.cheap:
-                return False
-        return True
-
     # -- the protocols ---------------------------------------------------------------------------
-    def _ours(
-        self, name: str, body: bytes, headers: dict[bytes, bytes], started: float
-    ) -> ProtocolResponse | Mergeable:
+    def _ours(self, name: str, body: bytes, request: LaneRequest, reply: Respond) -> None:
         # In FastAPI's order: a JSON body is parsed first (invalid: its 422), then the token is
         # checked, then the body's model and the headers (refused: its 422).
+        headers = request.headers
         if headers.get(b"content-type") != _JSON:  # FastAPI reads a body without one as bytes, not JSON
             raise HandBack
         try:
             parsed = loads(body)
         except NestedTooDeeply as exc:  # FastAPI's parser would recurse until it failed (a 500)
-            return _error(ValidationFailed(exc.message))
+            reply(ours_api.error_response(ValidationFailed(exc.message)))
+            return
         except InvalidInput:
             raise HandBack from None
         try:
             self._authorize(headers)
         except ShipyardError as exc:
-            return _error(exc)
+            reply(ours_api.error_response(exc))
+            return
         raw_id = headers.get(b"x-request-id")
         if type(parsed) is not dict or "inputs" not in parsed or (
             raw_id is not None and len(raw_id) > _REQUEST_ID_MAX
         ):
             raise HandBack
-        request_id = None if raw_id is None else raw_id.decode("latin-1")
-        inputs = parsed["inputs"]
-        plane = self.plane
+        ours_api.predict(self.plane, name=name, inputs=parsed["inputs"],
+                         request_id=None if raw_id is None else raw_id.decode("latin-1"),
+                         started=request.started, reply=reply)
 
-        def call(inline: bool = False) -> ProtocolResponse:
-            try:
-                inference = predict_inference(dataplane=plane, name=name, inputs=inputs,
-                                                 request_id=request_id, started=started, inline=inline)
-            except ShipyardError as exc:
-                return _error(exc)
-            return 200, orjson.dumps(predict_body(inference)), {
-                "content-type": "application/json", VERSION_HEADER: inference.version}
-
-        return Mergeable(name, RowsRequest(inputs, request_id, started, plain_numbers(body)),
-                         Deferred(call, name, len(body)))
-
-    def _v2(self, name: str, version: str | None, body: bytes,
-            headers: dict[bytes, bytes]) -> ProtocolResponse | Deferred:
+    def _v2(self, name: str, version: str | None, body: bytes, request: LaneRequest, reply: Respond) -> None:
+        headers = request.headers
         try:
             self._authorize(headers)
             encoding = headers.get(b"content-encoding", b"identity")
             if encoding != b"identity":
                 raise BadRequest("compressed request bodies are not accepted; send them uncompressed")
         except ShipyardError as exc:
-            return v2.error_response(exc)
+            reply(v2.error_response(exc))
+            return
         codec_headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in headers.items()}
-        call = functools.partial(v2.infer, dataplane=self.plane, name=name, version=version, body=body,
-                                 headers=codec_headers)
-        return Deferred(call, name, len(body))
+        v2_api.infer(self.plane, name=name, version=version, body=body, headers=codec_headers,
+                     started=request.started, reply=reply)
 
-    def _tf(self, name: str, version: str | None, label: str | None, body: bytes,
-            headers: dict[bytes, bytes]) -> ProtocolResponse | Deferred:
+    def _tf(self, name: str, version: str | None, label: str | None, body: bytes, request: LaneRequest,
+            reply: Respond) -> None:
+        headers = request.headers
         try:
             self._authorize(headers)
         except ShipyardError as exc:
-            return tfserving.error_response(exc)
+            reply(tfserving.error_response(exc))
+            return
         raw_id = headers.get(b"x-request-id")
-        call = functools.partial(tfserving.predict, dataplane=self.plane, name=name, version=version,
-                                 label=label, body=body,
-                                 request_id=None if raw_id is None else raw_id.decode("latin-1"))
-        return Deferred(call, name, len(body))
+        tfserving_api.predict(self.plane, name=name, version=version, label=label, body=body,
+                              request_id=None if raw_id is None else raw_id.decode("latin-1"),
+                              started=request.started, reply=reply)
 
 
 class LaneRequest(NamedTuple):
@@ -356,145 +284,9 @@ class LaneRequest(NamedTuple):
     started: float
 
 
-class Deferred(NamedTuple):
-    """A model call to make: ``call(inline=True)`` on the event loop, or ``call()`` in a thread."""
-
-    call: Callable[..., ProtocolResponse]
-    name: str
-    body_size: int
-
-
-class Mergeable(NamedTuple):
-    """Our protocol's request, which may share a runtime call with requests that came with it."""
-
-    name: str
-    rows: RowsRequest
-    #: The general path's call, for when neither a merged nor a one-pass answer is possible.
-    fallback: Deferred
-
-
-class MergeClient(Protocol):
-    """Who waits for a merged answer: the HTTP protocol (httpfast.py), ``context`` its request."""
-
-    def merge_ready(self, context: Any) -> bool:
-        """Whether the request still wants its answer here; False: it was dealt with otherwise."""
-
-    def merge_done(self, context: Any, answer: ProtocolResponse) -> None:
-        """Send ``answer``."""
-
-
-class Merger:
-    """Mergeable requests that arrived in one event-loop iteration, answered by one runtime call per model.
-
-    Under load, the event loop reads many connections' requests per iteration (uvloop hands it
-    every socket that became readable together). Answering each at once costs a runtime call per
-    request; held until the iteration's reads are done (a callback the loop runs next: no timer,
-    only the rest of the iteration), requests for the same model share one call
-    (:func:`~services.serving.dataplane.predict_rows_merged`: each still checked, logged and
-    counted on its own). Requests that cannot share one are answered alone, as they would have
-    been. While requests come one per iteration (light load), the first of an iteration is
-    answered at once, without waiting for the iteration's end.
-    """
-
-    def __init__(self, lane: FastLane) -> None:
-        self._lane = lane
-        self._pending: list[tuple[Mergeable, MergeClient, Any]] = []
-        self._scheduled = False
-        # Whether the last loop iteration read several requests; one answered at once in this one.
-        self._busy = False
-        self._answered_now = 0
-        #: Requests answered from merged runtime calls (for tests and diagnostics).
-        self.merged = 0
-
-    def add(self, loop: asyncio.AbstractEventLoop, mergeable: Mergeable, client: MergeClient,
-            context: Any) -> None:
-        if self._scheduled or self._busy:
-            self._pending.append((mergeable, client, context))
-            if not self._scheduled:
-                self._scheduled = True
-                loop.call_soon(self._flush)
-            return
-        # Requests have come one per loop iteration lately: the first of this one is answered at
-        # once, so that a lone request waits for nothing; any read after it in the same iteration
-        # waits for its end (and, from the next iteration on, every request does, while they come
-        # several at a time).
-        self._scheduled = True
-        self._answered_now = 1
-        loop.call_soon(self._flush)
-        _send((mergeable, client, context), self._alone(mergeable))
-
-    def _alone(self, mergeable: Mergeable) -> ProtocolResponse:
-        try:
-            return self._lane.answer_alone(mergeable) or _IN_THREAD
-        except Exception as exc:
-            return internal_error(exc)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        self._busy = self._answered_now + len(self._pending) > 1
-        self._answered_now = 0
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        groups: dict[str, list[tuple[Mergeable, MergeClient, Any]]] = {}
-        for entry in pending:
-            try:
-                ready = entry[1].merge_ready(entry[2])
-            except Exception as exc:
-                _send(entry, internal_error(exc))
-                continue
-            if ready:
-                groups.setdefault(entry[0].name, []).append(entry)
-        for name, entries in groups.items():
-            merged: list[tuple[bytes, str] | None] | None = None
-            if len(entries) > 1:
-                try:
-                    merged = predict_rows_merged(dataplane=self._lane.plane, name=name,
-                                                    requests=[entry[0].rows for entry in entries])
-                except Exception:
-                    log.exception("merging %d requests for %r failed; answering each alone",
-                                  len(entries), name)
-            for index, entry in enumerate(entries):
-                answered = None if merged is None else merged[index]
-                if answered is not None:
-                    self.merged += 1
-                    _send(entry, _rows_answer(answered))
-                else:
-                    _send(entry, self._alone(entry[0]))
-
-
-def _send(entry: tuple[Mergeable, MergeClient, Any], answer: ProtocolResponse) -> None:
-    try:
-        entry[1].merge_done(entry[2], answer)
-    except Exception:
-        log.exception("could not send a prediction's answer")
-
-
-#: :meth:`MergeClient.merge_done`'s answer for a request to run in a thread (the ASGI path).
-_IN_THREAD: ProtocolResponse = (0, b"", {})
-
-
-def in_thread(answer: ProtocolResponse) -> bool:
-    """Whether a merged request's ``answer`` is to run its general call in a thread instead."""
-    return answer is _IN_THREAD
-
-
-def _rows_answer(answered: tuple[bytes, str]) -> ProtocolResponse:
-    content, version = answered
-    return 200, content, {"content-type": "application/json", VERSION_HEADER: version}
-
-
-def _error(exc: ShipyardError) -> ProtocolResponse:
-    if exc.status_code >= 500:
-        log.error("request failed: %s", exc.message)  # as shipyard_common.web's handler
-    return exc.status_code, orjson.dumps(exc.to_body()), {"content-type": "application/json"}
-
-
 def internal_error(exc: Exception) -> ProtocolResponse:
     """What FastAPI's catch-all handler (shipyard_common.web) answers to an unexpected exception."""
-    log.exception("unhandled error", exc_info=exc)
-    return 500, orjson.dumps({"error": {"code": "internal_error",
-                                        "message": f"internal error: {type(exc).__name__}"}}), {}
+    return ours_api.error_response(failure(exc))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

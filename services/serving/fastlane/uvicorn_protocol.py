@@ -4,22 +4,21 @@ For every request, uvicorn's ``httptools`` protocol builds a request/response cy
 asyncio task running the ASGI app (uvicorn's proxy-headers layer, FastAPI, the fast lane), and
 turns the app's two ``send`` messages back into bytes. For a small model that machinery costs
 more than the model call. :class:`FastLaneHttpProtocol` keeps all of it for every other request,
-and for a predict POST that the fast lane (:mod:`services.serving.fastlane.lane`) would answer inline
-it does the same work synchronously, as the body completes:
+and for a predict POST the fast lane (:mod:`services.serving.fastlane.lane`) takes it hands the
+request to the lane with a callback instead:
 
 * when the headers are complete, a request the lane takes (:meth:`FastLane.match`: a predict
-  route, a ``Content-Length`` of at most :data:`~services.serving.fastlane.INLINE_MAX_BODY`, no
-  ``Expect: 100-continue``) is held instead of starting its task;
-* when its body is complete, the lane prepares it (token, parsing) and, if every version that may
-  answer is cheap, runs it inline (:meth:`FastLane.answer_inline`) and writes the response bytes
-  itself, with uvicorn's default headers (``date``, ``server``) and keep-alive handling, then
-  tells the connection the response is complete, as uvicorn's own ``send`` would; our protocol's
-  requests go to the lane's :class:`~services.serving.fastlane.Merger` instead, which answers
-  them (through :meth:`FastLaneHttpProtocol.merge_done`) once the loop iteration's reads are done,
-  with one runtime call for the requests of one model;
-* anything else (an expensive model, a full prediction log, a body FastAPI must refuse, a
-  pipelined request, a client not reading its responses) starts the ordinary ASGI task with the
-  body already read: the answer is the same either way, only the path differs.
+  route, a ``Content-Length`` of at most :data:`HELD_MAX_BODY`, no ``Expect: 100-continue``) is
+  held instead of starting its task;
+* when its body is complete, :meth:`FastLane.start` decodes it and hands it to the data plane,
+  whose batcher merges it with the requests of any protocol read in the same loop iteration (or
+  runs it in the predict pool when the model is costly); the answer comes back to :meth:`_respond`,
+  which writes the response bytes itself, with uvicorn's default headers (``date``, ``server``)
+  and keep-alive handling, then tells the connection the response is complete, as uvicorn's own
+  ``send`` would;
+* anything else (a body FastAPI must refuse, a pipelined request, a client not reading its
+  responses) starts the ordinary ASGI task with the body already read: the answer is the same
+  either way, only the path differs.
 
 Requests are counted in the same request metrics as the app's. Access logging is off in Shipyard's
 runner (``access_log=False``), so nothing is skipped there. Bound to uvicorn's ``httptools``
@@ -35,19 +34,13 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from services.serving.api.http import ProtocolResponse
-from services.serving.fastlane.lane import (
-    INLINE_MAX_BODY,
-    Deferred,
-    FastLane,
-    HandBack,
-    LaneRequest,
-    Mergeable,
-    in_thread,
-    internal_error,
-)
+from services.serving.fastlane.lane import FastLane, HandBack, LaneRequest
 from shipyard_common.runner import UVICORN_VERSION, bound_uvicorn
 
 __all__ = ["UVICORN_VERSION", "FastLaneHttpProtocol", "bound_uvicorn", "find_fast_lane"]
+
+#: Bodies larger than this go the ASGI way (the lane reads them there).
+HELD_MAX_BODY = 64 * 1024
 
 # Response header lines as bytes, by (name, value): the same few (content type, version) recur.
 _HEADER_LINES: dict[tuple[str, str], bytes] = {}
@@ -98,7 +91,7 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
             and not cycle.waiting_for_100_continue
         ):
             request = lane.match(cycle.scope)  # type: ignore[arg-type]  # an ASGI HTTP scope
-            if request is not None and request.body_size <= INLINE_MAX_BODY:
+            if request is not None and request.body_size <= HELD_MAX_BODY:
                 self._held = (cycle, app, request)
                 return
         super()._start_asgi_task(cycle, app)
@@ -120,52 +113,24 @@ class FastLaneHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _answer(self, cycle: RequestResponseCycle, app: Any, request: LaneRequest) -> bool:
-        """Answer ``cycle`` here (now, or with the requests merged in this loop iteration); False when
-        the ASGI path must (nothing was run or counted then)."""
+        """Hand ``cycle`` to the lane, its answer written by :meth:`_respond`; False when the ASGI path
+        must answer it (nothing was run or counted then)."""
         lane = self._lane
-        if lane is None or self.flow.write_paused:
+        if lane is None or self.flow.write_paused:  # a client not reading its answers: ASGI waits for it
             return False
         try:
-            prepared = lane.prepare(request, bytes(cycle.body))
-            if isinstance(prepared, Mergeable):
-                lane.merger.add(self.loop, prepared, self, (cycle, app, request))
-                return True
-            if isinstance(prepared, Deferred):
-                answer = lane.answer_inline(prepared)
-                if answer is None:
-                    return False
-            else:
-                answer = prepared
+            lane.start(request, bytes(cycle.body), lambda answer: self._respond(cycle, request, answer))
         except HandBack:
             return False
-        except Exception as exc:
-            answer = internal_error(exc)
-        self._respond(cycle, request, answer)
         return True
-
-    # -- MergeClient: a merged request's end (fastlane.Merger) ------------------------------------
-    def merge_ready(self, context: tuple[RequestResponseCycle, Any, LaneRequest]) -> bool:
-        cycle, app, _ = context
-        if cycle.response_complete or cycle.disconnected:
-            return False
-        if self.flow.write_paused:  # a client not reading its answers: the ASGI path waits for it
-            super()._start_asgi_task(cycle, app)
-            return False
-        return True
-
-    def merge_done(
-        self, context: tuple[RequestResponseCycle, Any, LaneRequest], answer: ProtocolResponse
-    ) -> None:
-        cycle, app, request = context
-        if in_thread(answer):
-            super()._start_asgi_task(cycle, app)  # the ASGI path, with the body already read
-        elif not cycle.disconnected:
-            self._respond(cycle, request, answer)
 
     def _respond(self, cycle: RequestResponseCycle, request: LaneRequest, answer: ProtocolResponse) -> None:
         """Write ``answer`` as uvicorn's ``send`` would, and end the request's cycle."""
         lane = self._lane
         assert lane is not None
+        if cycle.disconnected or cycle.response_complete:  # the client left while it was answered
+            lane.count(request, answer[0])
+            return
         status, content, headers = answer
         parts = [STATUS_LINE[status], self._default_headers(), b"content-length: %d\r\n" % len(content)]
         if "content-type" not in headers:

@@ -9,23 +9,11 @@ Errors: ``{"error": "message"}`` with the error's status.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import numpy as np
-
-from services.serving.core.dataplane import (
-    VERSION_HEADER,
-    DataPlane,
-    Inference,
-    count_error,
-    infer,
-    model_state,
-    resolve,
-    served_model,
-)
+from services.serving.core.dataplane import DataPlane, model_state, resolve
+from services.serving.core.requests import Inference, Input, JsonTensor
 from services.serving.core.routing import version_status
-from services.serving.core.validation import array_from_json
 from services.serving.protocols import dumps, loads
 from services.serving.runtimes.base import Signature, TensorSpec
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError
@@ -46,14 +34,12 @@ def json_response(value: Any, status: int = 200) -> Response:
     return status, dumps(value), {"content-type": JSON_TYPE}
 
 
-def _rows(instances: Any, signature: Signature) -> dict[str, np.ndarray]:
+def _rows(instances: Any, signature: Signature) -> dict[str, Input]:
     if not isinstance(instances, list) or not instances:
         raise InvalidInput("'instances' must be a non-empty list, one entry per row")
     names = signature.input_names
-    specs = {spec.name: spec for spec in signature.inputs}
     if len(names) == 1 and not all(isinstance(row, dict) for row in instances):
-        (name,) = names
-        return {name: array_from_json(instances, specs[name].dtype, what=f"input {name!r}")}
+        return {names[0]: JsonTensor(instances)}
     columns: dict[str, list[Any]] = {}
     for index, row in enumerate(instances):
         if not isinstance(row, dict):
@@ -67,31 +53,22 @@ def _rows(instances: Any, signature: Signature) -> dict[str, np.ndarray]:
             )
         for key, value in row.items():
             columns.setdefault(key, []).append(value)
-    return {
-        key: array_from_json(values, specs[key].dtype, what=f"input {key!r}") if key in specs
-        else np.asarray(values)
-        for key, values in columns.items()
-    }
+    return {key: JsonTensor(values) for key, values in columns.items()}
 
 
-def _columns(inputs: Any, signature: Signature) -> dict[str, np.ndarray]:
-    specs = {spec.name: spec for spec in signature.inputs}
+def _columns(inputs: Any, signature: Signature) -> dict[str, Input]:
     if isinstance(inputs, dict):
-        return {
-            key: array_from_json(value, specs[key].dtype, what=f"input {key!r}") if key in specs
-            else np.asarray(0)
-            for key, value in inputs.items()
-        }
-    if len(specs) != 1:
+        return {key: JsonTensor(value) for key, value in inputs.items()}
+    names = signature.input_names
+    if len(names) != 1:
         raise InvalidInput(
-            f"this model takes named inputs {list(specs)}: send {{\"inputs\": {{name: tensor}}}}"
+            f"this model takes named inputs {list(names)}: send {{\"inputs\": {{name: tensor}}}}"
         )
-    (name,) = specs
-    return {name: array_from_json(inputs, specs[name].dtype, what=f"input {name!r}")}
+    return {names[0]: JsonTensor(inputs)}
 
 
-def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, np.ndarray], bool]:
-    """Named arrays, and whether the request was in row form."""
+def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Input], bool]:
+    """Named inputs (JSON, converted by the data plane), and whether the request was in row form."""
     request = loads(body)
     if not isinstance(request, dict):
         raise InvalidInput("the request body must be a JSON object with 'instances' or 'inputs'")
@@ -117,32 +94,6 @@ def encode_predict(inference: Inference, row_format: bool) -> dict[str, Any]:
     if len(outputs) == 1:
         return {"outputs": next(iter(outputs.values())).tolist()}
     return {"outputs": {key: value.tolist() for key, value in outputs.items()}}
-
-
-def predict(
-    *, dataplane: DataPlane, name: str, version: str | None, label: str | None, body: bytes,
-    request_id: str | None = None, inline: bool = False,
-) -> Response:
-    """One ``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict``.
-
-    ``inline``: called on the event loop (the fast lane); see :func:`dataplane.infer`, whose
-    :class:`~services.serving.dataplane.Offload` passes through.
-    """
-    started = time.perf_counter()
-    try:
-        served = served_model(dataplane, name, version=version, label=label)
-        try:
-            arrays, row_format = decode_predict(body, served.signature)
-        except InvalidInput:
-            count_error(dataplane, name, "invalid_input")
-            raise
-        inference = infer(dataplane=dataplane, served=served, arrays=arrays, request_id=request_id,
-                             started=started, inline=inline)
-        status, content, answer_headers = json_response(encode_predict(inference, row_format))
-        answer_headers[VERSION_HEADER] = inference.version  # the body has no field for it
-        return status, content, answer_headers
-    except ShipyardError as exc:
-        return error_response(exc)
 
 
 def model_status(

@@ -12,27 +12,15 @@ Errors: ``{"error": "message"}`` with the error's 4xx/5xx status.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from services.serving.core.dataplane import (
-    VERSION_HEADER,
-    DataPlane,
-    Inference,
-    count_error,
-    new_request_id,
-    served_model,
-)
-from services.serving.core.dataplane import (
-    infer as run_inference,
-)
 from services.serving.core.loaded import ServedModel
-from services.serving.core.validation import array_from_json
+from services.serving.core.requests import Inference, Input, JsonTensor
 from services.serving.protocols import dumps, loads
-from services.serving.runtimes.base import TensorSpec
+from services.serving.runtimes.base import Signature, TensorSpec
 from shipyard_common.errors import InvalidInput, ShipyardError
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -107,7 +95,8 @@ class RequestedOutput:
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
-    arrays: dict[str, np.ndarray]
+    #: Binary tensors as arrays; JSON ones as they came (the data plane converts them).
+    inputs: dict[str, Input]
     #: None: every output the model has, binary when ``binary_default``.
     outputs: list[RequestedOutput] | None
     binary_default: bool
@@ -144,7 +133,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("the inference request needs 'inputs': a list of tensors")
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Input] = {}
     offset = 0
     for index, raw in enumerate(inputs):
         item = _object(raw, f"inputs[{index}]")
@@ -186,12 +175,8 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
         else:
             if "data" not in item:
                 raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-            flat = array_from_json(item["data"], dtype, what=f"input {name!r}")
-            if flat.size != count:
-                raise InvalidInput(
-                    f"input {name!r} has {flat.size} values; shape {shape} needs {count}"
-                )
-            array = flat.reshape(shape)
+            arrays[name] = JsonTensor(item["data"], shape=tuple(shape), dtype=dtype)
+            continue
         arrays[name] = array
     if offset != len(binary):
         raise InvalidInput(
@@ -214,7 +199,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
             outputs.append(RequestedOutput(name=name, binary=bool(binary_flag)))
     request_id = request.get("id")
     return InferRequest(
-        id=str(request_id) if request_id is not None else None, arrays=arrays, outputs=outputs,
+        id=str(request_id) if request_id is not None else None, inputs=arrays, outputs=outputs,
         binary_default=binary_default,
     )
 
@@ -245,36 +230,12 @@ def encode_infer_response(
     }
 
 
-def infer(
-    *, dataplane: DataPlane, name: str, version: str | None, body: bytes, headers: dict[str, str],
-    inline: bool = False,
-) -> Response:
-    """One ``POST /v2/models/{name}[/versions/{version}]/infer``: parse, run, encode (or the error).
-
-    ``inline``: called on the event loop (the fast lane); see :func:`dataplane.infer`, whose
-    :class:`~services.serving.dataplane.Offload` passes through.
-    """
-    started = time.perf_counter()
-    try:
-        served = served_model(dataplane, name, version=version)
-        try:
-            request = decode_infer_request(body, headers.get(HEADER_LENGTH))
-            known = served.signature.output_names
-            if request.outputs is None:
-                requested = [RequestedOutput(n, request.binary_default) for n in known]
-            else:
-                unknown = [o.name for o in request.outputs if o.name not in known]
-                if unknown:
-                    raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
-                requested = request.outputs
-        except InvalidInput:
-            count_error(dataplane, name, "invalid_input")
-            raise
-        request_id = request.id or headers.get("x-request-id") or new_request_id()
-        inference = run_inference(dataplane=dataplane, served=served, arrays=request.arrays,
-                             request_id=request_id, started=started, inline=inline)
-        status, content, answer_headers = encode_infer_response(inference, requested, request_id)
-        answer_headers[VERSION_HEADER] = inference.version  # which version answered (canary split)
-        return status, content, answer_headers
-    except ShipyardError as exc:
-        return error_response(exc)
+def requested_outputs(request: InferRequest, signature: Signature) -> list[RequestedOutput]:
+    """The outputs to answer, in the order asked; none asked: every output, in the signature's order."""
+    known = signature.output_names
+    if request.outputs is None:
+        return [RequestedOutput(name, request.binary_default) for name in known]
+    unknown = [output.name for output in request.outputs if output.name not in known]
+    if unknown:
+        raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
+    return request.outputs

@@ -2,8 +2,8 @@
 
 The messages are the stubs tritonclient ships (``tritonclient.grpc.service_pb2``), so that
 ``tritonclient.grpc`` talks to serving as to Triton. This module is the codec: protobuf messages
-in, named arrays to the data plane (:func:`services.serving.core.dataplane.infer`, as the HTTP v2
-route's :func:`services.serving.protocols.v2.infer`), protobuf messages out; the datatype names
+in, named arrays to the data plane (:func:`services.serving.core.dataplane.infer`, as every
+protocol's route), protobuf messages out; the datatype names
 and metadata are :mod:`services.serving.protocols.v2`'s.
 
 Inputs come as ``raw_input_contents`` (one little-endian buffer per input, in input order, as
@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import math
 import struct
-import time
 from typing import Any
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from services.serving.core.dataplane import DataPlane, Inference, count_error, new_request_id, served_model
-from services.serving.core.dataplane import infer as run_inference
 from services.serving.core.loaded import ServedModel
+from services.serving.core.requests import Inference
 from services.serving.core.validation import array_from_json
 from services.serving.protocols import v2
 from shipyard_common.errors import InvalidInput, ShipyardError
@@ -208,27 +206,3 @@ def encode_infer_response(
         response.outputs.add(name=name, datatype=type_name, shape=list(value.shape))
         response.raw_output_contents.append(_raw(value, type_name))
     return response
-
-
-def infer(
-    *, dataplane: DataPlane, request: Any, request_id: str | None = None, started: float | None = None,
-) -> pb.ModelInferResponse:
-    """One ``ModelInfer``: find the version (canary split when none is named), decode, run, encode.
-
-    The same data-plane calls as :func:`services.serving.protocols.v2.infer`: refusals are counted
-    and raised (:class:`~shipyard_common.errors.ShipyardError`, for :func:`error_status`).
-    ``request_id``: used when the request's ``id`` is empty (a ``x-request-id`` metadata value).
-    """
-    started = time.perf_counter() if started is None else started
-    name = request.model_name
-    served = served_model(dataplane, name, version=request.model_version or None)
-    try:
-        arrays = decode_inputs(request)
-        requested = requested_outputs(request, served)
-    except InvalidInput:
-        count_error(dataplane, name, "invalid_input")
-        raise
-    answer_id = request.id or request_id or new_request_id()
-    inference = run_inference(dataplane=dataplane, served=served, arrays=arrays, request_id=answer_id,
-                              started=started)
-    return encode_infer_response(inference, requested, answer_id)

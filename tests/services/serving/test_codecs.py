@@ -1,12 +1,14 @@
-"""The protocol codecs as plain functions (bytes and headers in and out), on a two-input model.
+"""The protocol handlers as plain functions (bytes and headers in, an answer out), on a two-input model.
 
-No web framework and no MLflow: what a leaner ASGI path would call. The model takes ``ids``
-(int64 [batch, 3]) and ``weights`` (float32 [batch, 3]) and answers ``total`` and ``first``.
+No web framework, no event loop and no MLflow: called from a plain thread, a handler's request runs
+at once, alone, and its answer comes back through its callback. The model takes ``ids`` (int64
+[batch, 3]) and ``weights`` (float32 [batch, 3]) and answers ``total`` and ``first``.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,10 +16,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from services.serving.api import tfserving as tfserving_api
+from services.serving.api import v2 as v2_api
+from services.serving.api.http import ProtocolResponse
 from services.serving.core.dataplane import DataPlane
 from services.serving.core.loaded import LoadedModels, ServedModel
 from services.serving.core.metrics import ServingMetrics
-from services.serving.protocols import tfserving, v2
 from services.serving.runtimes.base import Signature
 from services.serving.settings import ServingSettings
 
@@ -57,10 +61,13 @@ class MemoryLog:
     def append(self, record: dict[str, Any], *, reserved: bool = False) -> None:
         self.records.append(record)
 
-    def try_reserve(self) -> bool:
+    def append_reserved(self, records: list[dict[str, Any]]) -> None:
+        self.records += records
+
+    def try_reserve(self, count: int = 1) -> bool:
         return True
 
-    def release(self) -> None:
+    def release(self, count: int = 1) -> None:
         pass
 
 
@@ -79,6 +86,21 @@ def plane() -> DataPlane:
     return DataPlane(
         settings=ServingSettings(max_batch_rows=4), models=models, prediction_log=log, metrics=metrics
     )
+
+
+def v2_infer(*, dataplane: DataPlane, **request: Any) -> ProtocolResponse:
+    answers: list[ProtocolResponse] = []
+    v2_api.infer(dataplane, started=time.perf_counter(), reply=answers.append, **request)
+    (answer,) = answers  # answered at once: no event loop here
+    return answer
+
+
+def tf_predict(*, dataplane: DataPlane, request_id: str | None = None, **request: Any) -> ProtocolResponse:
+    answers: list[ProtocolResponse] = []
+    tfserving_api.predict(dataplane, request_id=request_id, started=time.perf_counter(),
+                          reply=answers.append, **request)
+    (answer,) = answers
+    return answer
 
 
 IDS = np.asarray([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
@@ -101,7 +123,7 @@ def test_v2_mixed_binary_and_json_inputs_and_outputs(plane: DataPlane) -> None:
             "outputs": [{"name": "first", "parameters": {"binary_data": True}}, {"name": "total"}],
         }
     ).encode()
-    status, body, headers = v2.infer(
+    status, body, headers = v2_infer(
         dataplane=plane,
         name="sum",
         version="4",
@@ -123,7 +145,7 @@ def test_v2_mixed_binary_and_json_inputs_and_outputs(plane: DataPlane) -> None:
     assert total["datatype"] == "FP32" and total["data"] == [8.5, -2.0]
     np.testing.assert_array_equal(plane.prediction_log.records[0]["inputs"]["ids"], IDS)  # type: ignore[attr-defined]
 
-    status, body, _ = v2.infer(dataplane=plane, name="sum", version=None, body=header, headers={})
+    status, body, _ = v2_infer(dataplane=plane, name="sum", version=None, body=header, headers={})
     assert status == 400 and "neither 'data' nor" not in json.loads(body)["error"]
     assert "binary data" in json.loads(body)["error"]
 
@@ -132,14 +154,14 @@ def test_tf_serving_rest_named_inputs_and_several_outputs(plane: DataPlane) -> N
     rows = {
         "instances": [{"ids": i, "weights": w} for i, w in zip(IDS.tolist(), WEIGHTS.tolist(), strict=True)]
     }
-    status, body, _ = tfserving.predict(
+    status, body, _ = tf_predict(
         dataplane=plane, name="sum", version=None, label=None, body=json.dumps(rows).encode()
     )
     assert status == 200, body
     assert json.loads(body) == {"predictions": [{"total": 8.5, "first": 1}, {"total": -2.0, "first": 4}]}
 
     columns = {"inputs": {"ids": IDS.tolist(), "weights": WEIGHTS.tolist()}}
-    status, body, _ = tfserving.predict(
+    status, body, _ = tf_predict(
         dataplane=plane, name="sum", version="4", label=None, body=json.dumps(columns).encode()
     )
     assert json.loads(body) == {"outputs": {"total": [8.5, -2.0], "first": [1, 4]}}
@@ -150,7 +172,7 @@ def test_tf_serving_rest_named_inputs_and_several_outputs(plane: DataPlane) -> N
         ({"inputs": {"ids": [[1.5, 2, 3], [1, 2, 3]], "weights": WEIGHTS.tolist()}}, "fractional"),
         ({"inputs": {"ids": IDS.tolist(), "weights": WEIGHTS[:1].tolist()}}, "disagree on the batch size"),
     ):
-        status, body, _ = tfserving.predict(
+        status, body, _ = tf_predict(
             dataplane=plane, name="sum", version=None, label=None, body=json.dumps(request).encode()
         )
         assert status == 400 and message in json.loads(body)["error"], (request, body)

@@ -169,7 +169,8 @@ def test_requests_arriving_together_share_a_runtime_call_and_each_gets_its_own_r
     lane = find_fast_lane(app)
     assert lane is not None
     plane = app.state.dataplane
-    merged_before = lane.merger.merged
+    batcher = plane.models.state(name).served.batcher
+    merged_before = batcher.merged
     requests_before = plane.metrics.version(name, "1").requests.get()
     rng = np.random.default_rng(11)
     sent: dict[str, list[list[float]]] = {}
@@ -178,7 +179,7 @@ def test_requests_arriving_together_share_a_runtime_call_and_each_gets_its_own_r
     # Whether requests are read in one loop iteration is up to the kernel and the scheduler: bursts
     # until some were merged (the first burst nearly always is; on two cores busy with another test
     # worker, it can take dozens).
-    while rounds < 3 or (lane.merger.merged == merged_before and rounds < 200):
+    while rounds < 3 or (batcher.merged == merged_before and rounds < 200):
         bodies: list[tuple[str, bytes]] = []
         for index in range(12):
             rows = rng.normal(size=(1 + index % 3, 4)).round(4).tolist()
@@ -198,7 +199,7 @@ def test_requests_arriving_together_share_a_runtime_call_and_each_gets_its_own_r
                 assert status == 200 and headers["x-model-version"] == "1", body
                 answered[request_id] = json.loads(body)["outputs"]
         rounds += 1
-    assert lane.merger.merged > merged_before, "no two requests arrived in one loop iteration in 200 bursts"
+    assert batcher.merged > merged_before, "no two requests arrived in one loop iteration in 200 bursts"
 
     # Every answer is the one the plain app gives that request's rows alone.
     with httpx.Client(headers=VIEWER) as client:
