@@ -1,0 +1,119 @@
+"""Fixtures of the security tests: the four services built in process, on the machine's PostgreSQL
+and Redis, each behind FastAPI's TestClient (lifespan run), with MLflow a stub that knows nothing.
+
+The stub answers every call with MLflow's own "does not exist" error at once, so a route that gets
+past its checks ends in a 404 instead of waiting for an MLflow server; the tests here are about
+what is refused before that.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from services.monitor.app import create_app as create_monitor
+from services.monitor.settings import MonitorSettings
+from services.registry.app import create_app as create_registry
+from services.registry.settings import RegistrySettings
+from services.serving.app import create_app as create_serving
+from services.serving.settings import ServingSettings
+from services.trainer.app import create_app as create_trainer
+from services.trainer.settings import TrainerSettings
+from shipyard_common.settings import PlatformSettings
+from tests.support import free_port, running_app, test_platform
+
+# The Host every client sends: the edge refuses TestClient's default "testserver".
+BASE_URL = "http://127.0.0.1"
+
+
+def empty_mlflow() -> FastAPI:
+    """An MLflow that holds nothing: every call is MLflow's 404 RESOURCE_DOES_NOT_EXIST."""
+    app = FastAPI()
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PATCH", "DELETE", "PUT"])
+    async def nothing(request: Request, path: str) -> JSONResponse:
+        return JSONResponse(
+            {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"the stub holds no {path}"},
+            status_code=404,
+        )
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def stub_mlflow() -> Iterator[str]:
+    with running_app(empty_mlflow()) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def security_platform(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, stub_mlflow: str
+) -> PlatformSettings:
+    """One platform for the four services: a state folder of this module's, the session's
+    PostgreSQL database, the test tokens; peers on closed ports (nothing here reaches them)."""
+    root = tmp_path_factory.mktemp("security")
+    closed = {f"{name}_url": f"http://127.0.0.1:{free_port()}"
+              for name in ("trainer", "registry", "serving", "monitor")}
+    return test_platform(root / "state", db_url=postgres_url, redis_url=redis_url,
+                         mlflow_tracking_uri=stub_mlflow, **closed)
+
+
+def build_apps(platform: PlatformSettings) -> dict[str, FastAPI]:
+    """The four services' apps, as their ``create_app`` builds them."""
+    queue_prefix = f"security-{uuid.uuid4().hex[:8]}-"
+    return {
+        "trainer": create_trainer(TrainerSettings(platform=platform, queue_prefix=queue_prefix)),
+        "registry": create_registry(RegistrySettings(platform=platform)),
+        "monitor": create_monitor(MonitorSettings(platform=platform)),
+        "serving": create_serving(ServingSettings(platform=platform, reconcile_interval_s=3600)),
+    }
+
+
+@pytest.fixture(scope="module")
+def apps(security_platform: PlatformSettings) -> dict[str, FastAPI]:
+    return build_apps(security_platform)
+
+
+@pytest.fixture(scope="module")
+def clients(apps: dict[str, FastAPI]) -> Iterator[dict[str, TestClient]]:
+    """A TestClient per service, its lifespan started (tables created, background loops running)."""
+    opened: dict[str, TestClient] = {}
+    try:
+        for name, app in apps.items():
+            client = TestClient(app, base_url=BASE_URL, raise_server_exceptions=False)
+            client.__enter__()
+            opened[name] = client
+        yield opened
+    finally:
+        for client in opened.values():
+            client.__exit__(None, None, None)
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """``template`` with each ``{param}`` replaced by ``values[param]``."""
+    path = template
+    for name, value in values.items():
+        path = path.replace("{" + name + "}", value)
+    return path
+
+
+def message_of(response: Any) -> str:
+    """The error's text in any of the platform's shapes (ours, OIP v2, TF Serving), else the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return str(response.text)
+    if isinstance(body, dict):
+        error = body.get("error", body.get("detail", body))
+        if isinstance(error, dict):
+            return str(error.get("message", error))
+        return str(error)
+    return str(body)
