@@ -34,11 +34,14 @@ BASE_URL = "http://127.0.0.1"
 
 
 def empty_mlflow() -> FastAPI:
-    """An MLflow that holds nothing: every call is MLflow's 404 RESOURCE_DOES_NOT_EXIST."""
+    """An MLflow that holds nothing: a search finds nothing, every other call is MLflow's 404
+    RESOURCE_DOES_NOT_EXIST."""
     app = FastAPI()
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PATCH", "DELETE", "PUT"])
     async def nothing(request: Request, path: str) -> JSONResponse:
+        if path.endswith("/search"):
+            return JSONResponse({})
         return JSONResponse(
             {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"the stub holds no {path}"},
             status_code=404,

@@ -16,9 +16,12 @@ from pydantic import BaseModel, Field
 
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError, Unavailable
+from shipyard_common.paths import check_flow_parameters, plain_names
 from shipyard_common.settings import PlatformSettings
 
-router = APIRouter(prefix="/pipelines", tags=["pipelines"])
+# A pipeline named in a path is one plain name, refused (400) before any lookup.
+router = APIRouter(prefix="/pipelines", tags=["pipelines"],
+                   dependencies=[Depends(plain_names(name="pipeline"))])
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
@@ -63,8 +66,10 @@ async def start_run(request: Request, name: str, body: PipelineRunCreate, _: Tra
     if name not in PIPELINES:
         raise NotFound(f"no pipeline {name!r}; the pipelines are {', '.join(PIPELINES)}")
     platform = _platform(request)
+    # Names, the file to ingest and no config of the caller's: the flow runs as the platform.
+    parameters = check_flow_parameters(body.parameters, state_dir=platform.state_dir)
     try:
-        run_id = await asyncio.wait_for(astart_pipeline(name, body.parameters, platform), START_TIMEOUT_S)
+        run_id = await asyncio.wait_for(astart_pipeline(name, parameters, platform), START_TIMEOUT_S)
     except ShipyardError:
         raise
     except Exception as exc:
