@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -217,3 +218,28 @@ def test_no_code_unpickles_what_it_loads() -> None:
               for path in sorted((ROOT / folder).rglob("*.py"))
               for line, call, safe in loads_in(path) if not safe]
     assert not unsafe, f"loads that may unpickle: {unsafe}"
+
+
+def eye_model_files() -> dict[str, bytes]:
+    """An ONNX model (``y = x @ I``) with its weights beside it."""
+    return {"onnx/model.onnx": onnx_with_external_weights("weights.bin"),
+            "onnx/weights.bin": np.eye(2, dtype=np.float32).tobytes()}
+
+
+@pytest.mark.parametrize("link", ["onnx/model.onnx", "signature.json", "onnx"])
+def test_serving_refuses_a_symbolic_link_out_of_the_version(
+    tmp_path: Path, serving_settings: ServingSettings, link: str
+) -> None:
+    """A model file, the signature or the format's folder as a symbolic link to elsewhere on the
+    host: refused before it is opened. The control: the files it points at load where they are."""
+    elsewhere = version_folder(tmp_path / "elsewhere", eye_model_files())
+    serve(elsewhere, serving_settings)
+    folder = version_folder(tmp_path / "version", eye_model_files())
+    target = folder / link
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    target.symlink_to(elsewhere / link)
+    with pytest.raises(ModelLoadError, match="outside the version's files"):
+        serve(folder, serving_settings)
