@@ -35,6 +35,7 @@ from shipyard_common.lineage import (
     WEIGHTS_FILE,
     lineage_tags,
 )
+from shipyard_common.mlflow_client import Patience, Wait
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -167,7 +168,7 @@ class _ProgressWriter:
             if self.continuing and epoch > 1:
                 self.resumed_from_epoch = epoch
                 log.info("resuming at epoch %d from the lost worker's checkpoint", epoch)
-                self.tracking.client.set_tag(self.run_id, "shipyard.resumed_from_epoch", str(epoch))
+                self.tracking.set_tag(self.run_id, "shipyard.resumed_from_epoch", str(epoch))
         if metrics is None and now - self.last_write < PROGRESS_INTERVAL_S:
             return
         self.last_write = now
@@ -226,7 +227,7 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
     spec, previous_run_id = _read_job(database, job_id)
     frame = DataRepo.from_settings(platform).read(spec.data.dataset, spec.data.rev)
     device = engine.pick_device(spec.resources.queue.value)
-    tracking = Tracking(platform.mlflow_tracking_uri)
+    tracking = Tracking(platform.mlflow_tracking_uri, patience=_patience(settings, database, job_id))
     lineage = lineage_tags(
         job_id=job_id, dataset=spec.data.dataset, dataset_rev=spec.data.rev,
         git_commit=settings.git_commit or git_commit(), framework=spec.framework.value,
@@ -254,6 +255,25 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
         state=JobState.SUCCEEDED, model_version=version, metrics=metrics,
         progress=writer.final().model_dump(), error=None,
+    )
+
+
+def _patience(settings: TrainerSettings, database: Database, job_id: str) -> Patience:
+    """How this job waits for an MLflow that is down: bounded backoff from the settings, each wait
+    shown in the job's ``detail`` (and its log), cleared when MLflow answers again."""
+
+    def on_wait(wait: Wait) -> None:
+        if not store.set_detail(database=database, job_id=job_id, detail=wait.describe()):
+            raise JobAborted(job_id)  # cancelled (or taken over) while it waited
+
+    def on_back() -> None:
+        log.info("MLflow at %s answers again; job %s goes on", settings.platform.mlflow_tracking_uri, job_id)
+        store.set_detail(database=database, job_id=job_id, detail=None)
+
+    return Patience(
+        tracking_uri=settings.platform.mlflow_tracking_uri, retries=settings.mlflow_wait_retries,
+        backoff_s=settings.mlflow_wait_backoff_s, max_backoff_s=settings.mlflow_wait_max_backoff_s,
+        on_wait=on_wait, on_back=on_back,
     )
 
 
