@@ -73,13 +73,14 @@ def trainers(
             worker.stop()
 
 
-def submit(trainer: Trainer, rev: str) -> str:
+def submit(trainer: Trainer, rev: str, *, epochs: int = 2, batch_size: int = 64) -> str:
     spec = {
         "model_name": f"down-{uuid.uuid4().hex[:8]}", "framework": "pytorch",
         "model": {"type": "mlp", "hidden": [16]},
         "data": {"dataset": "breast_cancer", "rev": rev, "task": "classification", "target": "target",
                  "features": None, "validation_split": 0.2},
-        "training": {"epochs": 2, "batch_size": 64, "learning_rate": 0.01, "optimizer": "adam", "seed": 0},
+        "training": {"epochs": epochs, "batch_size": batch_size, "learning_rate": 0.01, "optimizer": "adam",
+                     "seed": 0},
         "resources": {"queue": "cpu"}, "exports": ["onnx"],
     }
     created = httpx.post(f"{trainer.base}/jobs", json=spec, headers=auth("trainer"), timeout=30)
@@ -135,6 +136,27 @@ def test_a_job_waits_for_mlflow_says_so_and_trains_once_it_is_back(trainers, kil
     first_wait = f"waiting for MLflow at {killable_mlflow.uri}: retry 1 of 8"
     assert any(line.startswith(first_wait) for line in lines), lines
     assert any("answers again" in line for line in lines), lines
+
+
+def test_a_job_that_loses_mlflow_mid_training_waits_with_its_progress_and_finishes(trainers, killable_mlflow):
+    trainer: Trainer = trainers["patient"]
+    killable_mlflow.start()
+    seen: list[dict[str, Any]] = []
+    job_id = submit(trainer, trainers["rev"], epochs=30, batch_size=4)
+    follow(trainer, job_id, lambda job: job["progress"]["epoch"] >= 2, timeout=90, seen=seen)
+    killable_mlflow.kill()
+    # The next epoch's metrics (or, had training ended, the model's upload or its registration) wait.
+    waiting = follow(trainer, job_id, lambda job: job["detail"], timeout=BOUND_S, seen=seen)
+    killable_mlflow.start()
+
+    assert waiting["state"] == "running" and waiting["progress"]["epoch"] >= 2, waiting
+    assert waiting["detail"].startswith(f"waiting for MLflow at {killable_mlflow.uri}: retry "), waiting
+    job = follow(trainer, job_id, lambda job: job["state"] in TERMINAL, timeout=180, seen=seen)
+    assert job["state"] == "succeeded" and job["detail"] is None and job["progress"]["epoch"] == 30, job
+    client = MlflowClient(tracking_uri=killable_mlflow.uri)
+    assert [v.version for v in client.search_model_versions(f"name = '{job['model_name']}'")] == ["1"]
+    # Every epoch's metrics reached the run, the one logged across the outage too.
+    assert len(client.get_metric_history(job["mlflow_run_id"], "val_accuracy")) == 30
 
 
 def test_a_job_whose_mlflow_does_not_come_back_fails_saying_why(trainers, killable_mlflow):

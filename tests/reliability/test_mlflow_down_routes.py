@@ -164,6 +164,8 @@ def test_drift_answers_its_stored_result_with_its_age_and_why_it_is_stale(mlflow
                      timeout=BOUND_S, what="the drift to be marked stale")
     assert stale["age_s"] > 0 and stale["window_id"] == before["window_id"]
     assert f"MLflow at {stack.mlflow.uri}) is not answering" in stale["stale_reason"], stale
+    summary = {entry["model"]: entry for entry in get(stack.monitor, "/drift").json()}[stack.model]
+    assert summary["stale"] and summary["age_s"] > 0 and summary["stale_reason"] == stale["stale_reason"]
 
     # Only a model the monitor never saw needs MLflow: a prompt 503, not a guess.
     unknown, elapsed = timed(lambda: get(stack.monitor, f"/drift/never-seen-{uuid.uuid4().hex[:6]}"))
@@ -177,3 +179,5 @@ def test_drift_answers_its_stored_result_with_its_age_and_why_it_is_stale(mlflow
     fresh = wait_for(lambda: not (d := get(stack.monitor, f"/drift/{stack.model}").json())["stale"] and d,
                      timeout=60, what="the drift to be up to date again")
     assert fresh["window_id"] == before["window_id"] and fresh["stale_reason"] is None
+    summary = {entry["model"]: entry for entry in get(stack.monitor, "/drift").json()}[stack.model]
+    assert summary["window_id"] == before["window_id"] and not summary["stale"]

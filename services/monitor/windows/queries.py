@@ -150,12 +150,14 @@ def list_latest(*, monitor: Monitor) -> list[DriftSummary]:
     for name, found in ids.items():
         for window_id in found:
             by_model.setdefault(rows[window_id].model, {})[name] = rows[window_id]
-    return [_summary(model, picked) for model, picked in sorted(by_model.items())]
+    return [_summary(monitor, model, picked) for model, picked in sorted(by_model.items())]
 
 
-def _summary(model: str, picked: dict[str, WindowRecord]) -> DriftSummary:
+def _summary(monitor: Monitor, model: str, picked: dict[str, WindowRecord]) -> DriftSummary:
     ok, latest, labelled = picked.get("ok"), picked["latest"], picked.get("labelled")
+    stale = stale_reason(monitor, ok, latest) if ok else None
     return DriftSummary(
+        age_s=age_s(ok.computed_at) if ok else None, stale=stale is not None, stale_reason=stale,
         model=model, version=ok.version if ok else None, dataset_drift=ok.dataset_drift if ok else None,
         drift_share=ok.drift_share if ok else None,
         current_rows=int((ok.quality or {}).get("checked_rows", ok.rows)) if ok else None,

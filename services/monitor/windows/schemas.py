@@ -124,6 +124,9 @@ class DriftSummary(BaseModel):
     mae: float | None = None
     rmse: float | None = None
     performance_window_id: int | None = None
+    age_s: float | None = Field(default=None, description="Seconds since the drift verdict was computed.")
+    stale: bool = Field(default=False, description="Whether the monitor cannot bring it up to date now.")
+    stale_reason: str | None = Field(default=None, description="Why it is stale (see DriftPublic).")
 
 
 class ReportPublic(BaseModel):
