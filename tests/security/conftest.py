@@ -8,12 +8,14 @@ what is refused before that.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -26,11 +28,13 @@ from services.serving.app import create_app as create_serving
 from services.serving.settings import ServingSettings
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
+from shipyard_common.auth import Role
 from shipyard_common.settings import PlatformSettings
-from tests.support import free_port, running_app, test_platform
+from tests.support import free_port, running_app, test_platform, token_of
 
 # The Host every client sends: the edge refuses TestClient's default "testserver".
 BASE_URL = "http://127.0.0.1"
+CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
 
 
 def empty_mlflow() -> FastAPI:
@@ -50,17 +54,18 @@ def empty_mlflow() -> FastAPI:
     return app
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stub_mlflow() -> Iterator[str]:
     with running_app(empty_mlflow()) as base:
         yield base
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def security_platform(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, stub_mlflow: str
 ) -> PlatformSettings:
-    """One platform for the four services: a state folder of this module's, the session's
+    """One platform for the four services (one set per session, shared by the security modules: they
+    only read, or write what they name themselves): a state folder of its own, the session's
     PostgreSQL database, the test tokens; peers on closed ports (nothing here reaches them)."""
     root = tmp_path_factory.mktemp("security")
     closed = {f"{name}_url": f"http://127.0.0.1:{free_port()}"
@@ -80,12 +85,12 @@ def build_apps(platform: PlatformSettings) -> dict[str, FastAPI]:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def apps(security_platform: PlatformSettings) -> dict[str, FastAPI]:
     return build_apps(security_platform)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clients(apps: dict[str, FastAPI]) -> Iterator[dict[str, TestClient]]:
     """A TestClient per service, its lifespan started (tables created, background loops running)."""
     opened: dict[str, TestClient] = {}
@@ -120,3 +125,29 @@ def message_of(response: Any) -> str:
             return str(error.get("message", error))
         return str(error)
     return str(body)
+
+
+def signed_in(app: FastAPI, role: Role) -> tuple[TestClient, str]:
+    """A browser signed in to the registry's UI with ``role``'s token, and its form token."""
+    browser = TestClient(app, base_url=BASE_URL, follow_redirects=False)
+    form = browser.get("/ui/login")
+    csrf = CSRF_FIELD.search(form.text)
+    assert csrf, form.text
+    answer = browser.post("/ui/login", data={"token": token_of(role), "csrf": csrf.group(1)})
+    assert answer.status_code == 303, answer.text
+    page = browser.get("/ui/requests")
+    found = CSRF_FIELD.search(page.text)
+    assert page.status_code == 200 and found, page.text
+    return browser, found.group(1)
+
+
+def every_route(app: FastAPI) -> set[tuple[str, str]]:
+    """(method, path) of every route ``app`` answers, in its OpenAPI or not (HEAD left out;
+    ``MOUNT`` for a mounted app)."""
+    found = set()
+    for route in iter_route_contexts(app.routes):
+        methods = getattr(route, "methods", None)
+        if methods is None:
+            found.add(("MOUNT", route.path))
+        found |= {(method, route.path) for method in methods or () if method != "HEAD"}
+    return found

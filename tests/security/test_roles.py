@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from shipyard_common.auth import Role
-from tests.security.conftest import fill, message_of
+from tests.security.conftest import BASE_URL, every_route, fill, message_of, signed_in
 from tests.support import TOKENS, auth, token_of
 
 pytestmark = pytest.mark.security
@@ -197,3 +197,105 @@ def test_the_token_header_spellings_agree(clients: dict[str, TestClient]) -> Non
     assert as_header.status_code == 403, as_header.text
     basic = client.get("/models", headers={"Authorization": f"Basic {token_of('admin')}"})
     assert basic.status_code == 401 and "Bearer" in message_of(basic), basic.text
+
+
+# Routes outside the OpenAPI: FastAPI's docs in every service, and the registry's web UI, which
+# signs people in with a session cookie (a form takes the token once) instead of a token per request.
+DOCS = Open("FastAPI's API docs and the OpenAPI document they read: the API's shape, no data; every "
+            "route they describe checks its own token")
+HIDDEN_DOCS: dict[tuple[str, str], Need] = {
+    ("GET", "/openapi.json"): DOCS, ("GET", "/docs"): DOCS, ("GET", "/docs/oauth2-redirect"): DOCS,
+    ("GET", "/redoc"): DOCS,
+}
+UI_ROUTES: dict[tuple[str, str], Need] = {
+    ("GET", "/ui/login"): Open("the sign-in form"),
+    ("POST", "/ui/login"): Open("signing in: it checks the token the form sends"),
+    ("GET", "/ui"): Open("a redirect to /ui/models, which needs a session"),
+    ("GET", "/ui/"): Open("a redirect to /ui/models, which needs a session"),
+    ("GET", "/ui/{path:path}"): Open("the 'no page here' answer for an unknown address"),
+    ("MOUNT", "/ui/static"): Open("the pages' CSS and JavaScript"),
+    ("POST", "/ui/logout"): roles(V),
+    **{("GET", f"/ui{path}"): roles(V) for path in (
+        "/models", "/models/{name}", "/models/{name}/versions/{version}",
+        "/models/{name}/versions/{version}/reports/{file:path}", "/models/{name}/compare", "/requests",
+        "/models/{name}/history", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/logs")},
+    # The rollback form's confirmation page: shown only to who may send it.
+    ("GET", "/ui/models/{name}/rollback"): roles(P),
+    ("POST", "/ui/models/{name}/versions/{version}/request"): roles(T, P),
+    ("POST", "/ui/models/{name}/versions/{version}/promote"): roles(A),
+    ("POST", "/ui/models/{name}/versions/{version}/archive"): roles(P),
+    ("POST", "/ui/models/{name}/versions/{version}/restore"): roles(P),
+    ("POST", "/ui/models/{name}/aliases/{alias}/remove"): roles(P),
+    ("POST", "/ui/requests/{request_id}/approve"): roles(P),
+    ("POST", "/ui/requests/{request_id}/reject"): roles(P),
+    ("POST", "/ui/requests/{request_id}/cancel"): roles(T, P),
+    ("POST", "/ui/models/{name}/rollback"): roles(P),
+    ("POST", "/ui/models/{name}/gate"): roles(A),
+}
+HIDDEN: dict[str, dict[tuple[str, str], Need]] = {
+    "trainer": HIDDEN_DOCS, "registry": {**HIDDEN_DOCS, **UI_ROUTES}, "monitor": HIDDEN_DOCS,
+    "serving": HIDDEN_DOCS,
+}
+UI_PATH_VALUES = {**PATH_VALUES, "file": "curve.png", "path": "nowhere"}
+
+
+@pytest.mark.parametrize("service", sorted(ROUTES))
+def test_every_route_outside_the_openapi_is_classified(apps: dict[str, FastAPI], service: str) -> None:
+    """Routes hidden from the OpenAPI (include_in_schema=False, mounts) are classified too."""
+    found, listed = every_route(apps[service]), set(ROUTES[service]) | set(HIDDEN[service])
+    assert not found - listed, f"{service}: routes in neither ROUTES nor HIDDEN: {sorted(found - listed)}"
+    assert not listed - found, f"{service}: entries for routes it lacks: {sorted(listed - found)}"
+
+
+@pytest.fixture(scope="module")
+def browsers(apps: dict[str, FastAPI], clients: dict[str, TestClient]) -> dict[Role, tuple[TestClient, str]]:
+    """A signed-in browser per role (``clients`` first: the registry's lifespan made its tables)."""
+    return {role: signed_in(apps["registry"], role) for role in sorted({Role(r) for r in TOKENS.values()})}
+
+
+def ui_call(browser: TestClient, method: str, path: str, csrf: str | None) -> Any:
+    data = {"csrf": csrf} if csrf is not None else {}
+    return browser.request(method, fill(path, UI_PATH_VALUES), data=data if method == "POST" else None)
+
+
+def to_sign_in(response: Any) -> bool:
+    return response.status_code == 303 and response.headers["location"].startswith("/ui/login")
+
+
+UI_CASES = [(method, path) for (method, path), need in UI_ROUTES.items() if not isinstance(need, Open)]
+
+
+@pytest.mark.parametrize(("method", "path"), UI_CASES)
+def test_ui_route_needs_a_session_and_its_role(
+    apps: dict[str, FastAPI], browsers: dict[Role, tuple[TestClient, str]], method: str, path: str
+) -> None:
+    """No session or a forged cookie: sent to sign in. A form without the session's CSRF token: 403.
+    Signed in with a role the route does not grant: 403 naming the role; with one it grants: through."""
+    need = UI_ROUTES[(method, path)]
+    assert not isinstance(need, Open)
+    stranger = TestClient(apps["registry"], base_url=BASE_URL, follow_redirects=False)
+    assert to_sign_in(ui_call(stranger, method, path, "x")), f"{method} {path} without a session"
+    stranger.cookies.set("shipyard_session", "A" * 43, domain="127.0.0.1", path="/ui")
+    assert to_sign_in(ui_call(stranger, method, path, "x")), f"{method} {path} with a forged session"
+    if method == "POST":
+        browser, _ = browsers[Role.ADMIN]
+        forged = ui_call(browser, method, path, "not-the-token")
+        assert forged.status_code == 403 and "security token" in forged.text, f"{method} {path}"
+    for role, (browser, csrf) in browsers.items():
+        if path == "/ui/logout":  # signing out ends the session: a browser of its own
+            browser, csrf = signed_in(apps["registry"], role)
+        response = ui_call(browser, method, path, csrf)
+        where = f"{method} {path} as {role}: {response.status_code}"
+        if path == "/ui/logout":
+            assert to_sign_in(response) and "shipyard_flash" in response.headers["set-cookie"], where
+            assert to_sign_in(browser.get("/ui/requests")), f"{where}: still signed in"
+        elif role == Role.ADMIN or role in need or Role.VIEWER in need:
+            assert response.status_code not in (401, 403, 500) and not to_sign_in(response), where
+        else:
+            assert response.status_code == 403 and "role" in response.text, where
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(HIDDEN_DOCS))
+def test_the_api_docs_are_open(clients: dict[str, TestClient], method: str, path: str) -> None:
+    for client in clients.values():
+        assert client.request(method, path).status_code == 200, path

@@ -23,8 +23,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from shipyard_common.auth import Role
 from shipyard_common.paths import inputs_folder
-from tests.security.conftest import fill, message_of
+from tests.security.conftest import every_route, fill, message_of, signed_in
 from tests.support import auth
 
 pytestmark = pytest.mark.security
@@ -268,3 +269,20 @@ def test_flow_parameters_take_a_file_in_the_inputs_folder_and_no_config(
     policy = monitor.put("/policies/sec", headers=admin,
                          json={"drift_share_above": 0.5, "parameters": {"config": config}})
     assert policy.status_code == 422 and "config" in message_of(policy), policy.text
+
+
+def test_ui_pages_refuse_a_model_name_that_is_not_a_name(
+    apps: dict[str, FastAPI], clients: dict[str, TestClient]
+) -> None:
+    """The registry's pages and forms name models in their addresses too: every UI route with a
+    {name}, signed in as admin, answers a hostile name with a 400 page saying it is not allowed."""
+    browser, csrf = signed_in(apps["registry"], Role.ADMIN)
+    routes = [(m, p) for m, p in every_route(apps["registry"]) if "{name}" in p]
+    assert len(routes) > 10, routes
+    values = {**VALID, "file": "curve.png"}
+    for method, path in routes:
+        for label in ("backslash", "double-encoded"):
+            hostile = quote(quote(HOSTILE[label], safe=""), safe="")
+            address = fill(path, {**{k: quote(v, safe="") for k, v in values.items()}, "name": hostile})
+            page = browser.request(method, address, data={"csrf": csrf} if method == "POST" else None)
+            assert page.status_code == 400 and "is not allowed" in page.text, f"{method} {path} {label}"
