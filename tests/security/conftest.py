@@ -1,13 +1,15 @@
 """Fixtures of the security tests: the four services built in process, on the machine's PostgreSQL
-and Redis, each behind FastAPI's TestClient (lifespan run), with MLflow a stub that knows nothing.
+(a database of their own) and Redis, each behind FastAPI's TestClient (lifespan run), with MLflow a
+stub that holds nothing; helpers to sign in to the registry's UI and to list every route of an app.
 
-The stub answers every call with MLflow's own "does not exist" error at once, so a route that gets
-past its checks ends in a 404 instead of waiting for an MLflow server; the tests here are about
-what is refused before that.
+The stub finds nothing in a search and answers every other call with MLflow's own "does not
+exist" error at once, so a route that gets past its checks ends in a 404 instead of waiting for an
+MLflow server; the tests here are about what is refused before that.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -61,16 +63,35 @@ def stub_mlflow() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def security_database() -> Iterator[str]:
+    """A PostgreSQL database of the security apps' own, dropped afterwards: their background loops
+    (the trainer's reconciler, the monitor's loop) must never see another test's jobs or windows."""
+    import psycopg2
+
+    admin_url = os.environ.get("SHIPYARD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"shipyard_security_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(admin_url)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    yield f"{admin_url.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg2://", 1)
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
 def security_platform(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, stub_mlflow: str
+    tmp_path_factory: pytest.TempPathFactory, security_database: str, redis_url: str, stub_mlflow: str
 ) -> PlatformSettings:
     """One platform for the four services (one set per session, shared by the security modules: they
-    only read, or write what they name themselves): a state folder of its own, the session's
-    PostgreSQL database, the test tokens; peers on closed ports (nothing here reaches them)."""
+    only read, or write what they name themselves): a state folder and a PostgreSQL database of its
+    own, the test tokens; peers on closed ports (nothing here reaches them)."""
     root = tmp_path_factory.mktemp("security")
     closed = {f"{name}_url": f"http://127.0.0.1:{free_port()}"
               for name in ("trainer", "registry", "serving", "monitor")}
-    return test_platform(root / "state", db_url=postgres_url, redis_url=redis_url,
+    return test_platform(root / "state", db_url=security_database, redis_url=redis_url,
                          mlflow_tracking_uri=stub_mlflow, **closed)
 
 
