@@ -75,14 +75,16 @@ def why_unreachable(exc: BaseException) -> str:
         return "timed out"
     status = re.search(r"too many (5\d\d) error responses|failed with error code (5\d\d)", text)
     if status:
-        return f"it answers {status.group(1) or status.group(2)}"
+        return f"it fails with HTTP {status.group(1) or status.group(2)}"
     return text[:200]
 
 
-def mlflow_unavailable(tracking_uri: str, exc: BaseException, *, then: str = "") -> Unavailable:
-    """The platform's error for an MLflow server that is not answering (503); ``then``: what came of it."""
+def mlflow_unavailable(tracking_uri: str, why: BaseException | str, *, then: str = "") -> Unavailable:
+    """The platform's error for an MLflow server that is not answering (503): ``why`` is the failure
+    (or its reason, said already), ``then`` what came of it."""
+    reason = why if isinstance(why, str) else why_unreachable(why)
     return Unavailable(
-        f"the model registry (MLflow at {tracking_uri}) is not answering: {why_unreachable(exc)}{then}",
+        f"the model registry (MLflow at {tracking_uri}) is not answering: {reason}{then}",
         details={"component": "mlflow", "tracking_uri": tracking_uri},
     )
 

@@ -41,7 +41,7 @@ class TrainerSettings(ServiceSettings):
 
     # A job whose MLflow calls find it down waits for it rather than failing at once: this many
     # waits, the first this long, each twice the last up to the cap; its progress says so meanwhile.
-    # Each wait is shorter than stale_after_s, so that a waiting job is never taken for a lost one.
+    # Each wait is at most half of stale_after_s, so that a waiting job is never taken for a lost one.
     mlflow_wait_retries: int = Field(default=5, ge=0, le=100)
     mlflow_wait_backoff_s: float = Field(default=5.0, gt=0)
     mlflow_wait_max_backoff_s: float = Field(default=60.0, gt=0)

@@ -225,7 +225,7 @@ class Store:
         if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
             raise InvalidInput(f"the MLflow registry refused the request: {message}")
         if response.status_code >= 500:
-            raise mlflow_unavailable(self.tracking_uri, UpstreamError(f"it answers {response.status_code}"))
+            raise mlflow_unavailable(self.tracking_uri, f"it fails with HTTP {response.status_code}")
         raise UpstreamError(f"the MLflow registry answered {response.status_code}: {message}")
 
     # reads

@@ -270,9 +270,11 @@ def _patience(settings: TrainerSettings, database: Database, job_id: str) -> Pat
         log.info("MLflow at %s answers again; job %s goes on", settings.platform.mlflow_tracking_uri, job_id)
         store.set_detail(database=database, job_id=job_id, detail=None)
 
+    # The row is written before each wait: a wait as long as stale_after_s would make it look lost.
+    longest = min(settings.mlflow_wait_max_backoff_s, settings.stale_after_s / 2)
     return Patience(
         tracking_uri=settings.platform.mlflow_tracking_uri, retries=settings.mlflow_wait_retries,
-        backoff_s=settings.mlflow_wait_backoff_s, max_backoff_s=settings.mlflow_wait_max_backoff_s,
+        backoff_s=min(settings.mlflow_wait_backoff_s, longest), max_backoff_s=longest,
         on_wait=on_wait, on_back=on_back,
     )
 
