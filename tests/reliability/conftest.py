@@ -56,12 +56,22 @@ class KillableMlflow:
         self.record = self.stack.start_component(self.stack.mlflow_component())
         self.stack.wait_ready(self.record, timeout=120)
 
+    def freeze(self) -> None:
+        """SIGSTOP the server: connections are still accepted (by the kernel) but never answered."""
+        assert self.record is not None
+        os.killpg(self.record.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.record is not None:
+            os.killpg(self.record.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the server's whole process group, as a crash would; return once its port refuses."""
         if self.record is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.record.pid, signal.SIGKILL)
+            os.killpg(self.record.pid, signal.SIGCONT)  # a frozen one too
         stop_process_group(self.record.pid, timeout=5)  # reaps it
         self.record = None
         wait_for(lambda: refuses(self.uri), timeout=15, what=f"MLflow at {self.uri} to stop listening")

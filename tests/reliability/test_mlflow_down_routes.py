@@ -88,15 +88,18 @@ def stack(
 ) -> Iterator[Stack]:
     """The registry and the monitor on this module's MLflow, and one model with a stored drift."""
     state = tmp_path_factory.mktemp("mlflow-down")
+    # Short MLflow timeouts, so that a hung MLflow's 503 comes within this module's bound too (the
+    # defaults, 10 s and 2 retries, answer a hung MLflow in about 33 s, a refused one in about 3 s).
     platform = test_platform(state, redis_url=redis_url, db_url=postgres_url,
-                             mlflow_tracking_uri=killable_mlflow.uri)
+                             mlflow_tracking_uri=killable_mlflow.uri, mlflow_request_timeout_s=3,
+                             mlflow_request_retries=1)
     frame = load_breast_cancer(as_frame=True).frame
     features = [c for c in frame.columns if c != "target"]
     rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("breast_cancer", frame).rev
     model = register(killable_mlflow.uri, rev, features)
     monitor_settings = MonitorSettings(platform=platform, loop_interval_s=0.5, window={"rows": 100},
                                        window_grace_s=0)
-    with running_app(create_registry(RegistrySettings(platform=platform))) as registry, \
+    with running_app(create_registry(RegistrySettings(platform=platform, mlflow_timeout_s=3))) as registry, \
             running_app(create_monitor(monitor_settings)) as monitor:
         log_predictions(postgres_url, model, frame[features].sample(100, random_state=0).to_numpy().tolist())
         wait_for(lambda: get(monitor, f"/drift/{model}").status_code == 200, timeout=120,
@@ -181,3 +184,18 @@ def test_drift_answers_its_stored_result_with_its_age_and_why_it_is_stale(mlflow
     assert fresh["window_id"] == before["window_id"] and fresh["stale_reason"] is None
     summary = {entry["model"]: entry for entry in get(stack.monitor, "/drift").json()}[stack.model]
     assert summary["window_id"] == before["window_id"] and not summary["stale"]
+
+
+def test_a_hung_mlflow_is_a_503_within_the_timeout_and_drift_still_answers(stack):
+    stack.mlflow.freeze()  # accepts connections, answers nothing: each call runs into its timeout
+    try:
+        for what, path, base in (("a registry read", f"/models/{stack.model}", stack.registry),
+                                 ("an unknown model's drift", "/drift/never-seen-x", stack.monitor)):
+            response, elapsed = timed(lambda path=path, base=base: get(base, path))
+            assert_prompt_503(response, elapsed, stack.mlflow.uri, what)
+            assert "timed out" in response.json()["error"]["message"], response.text
+        drift, elapsed = timed(lambda: get(stack.monitor, f"/drift/{stack.model}"))
+        assert drift.status_code == 200 and elapsed < 2, (elapsed, drift.text)
+    finally:
+        stack.mlflow.thaw()
+    assert get(stack.registry, f"/models/{stack.model}").status_code == 200
