@@ -31,6 +31,9 @@ pytestmark = pytest.mark.reliability
 TERMINAL = ("succeeded", "failed", "cancelled")
 # A job says that it waits within seconds of finding MLflow down.
 BOUND_S = 15.0
+# From the submit: a worker's first job imports torch and reads its data before it touches MLflow,
+# which on a loaded machine takes up to half a minute of its own.
+JOB_BOUND_S = BOUND_S + 30
 
 
 @dataclass
@@ -122,7 +125,7 @@ def test_a_job_waits_for_mlflow_says_so_and_trains_once_it_is_back(trainers, kil
     assert waiting["detail"].startswith(f"waiting for MLflow at {killable_mlflow.uri}: retry "), waiting
     assert " of 8 in " in waiting["detail"] and "(connection refused)" in waiting["detail"], waiting
     # The first wait is shown within seconds of the job's start (importing torch, reading the data).
-    assert said_so < BOUND_S + 30, f"the job said it waits only after {said_so:.1f} s"
+    assert said_so < JOB_BOUND_S, f"the job said it waits only after {said_so:.1f} s"
 
     job = follow(trainer, job_id, lambda job: job["state"] in TERMINAL, timeout=180, seen=seen)
     assert job["state"] == "succeeded" and job["detail"] is None and job["error"] is None, job
@@ -174,6 +177,6 @@ def test_a_job_whose_mlflow_does_not_come_back_fails_saying_why(trainers, killab
         "gave up after 2 retries over "
     ), job["error"]
     # Two waits of 1 s, after the job's start (torch imported, the data read): seconds, not minutes.
-    assert elapsed < BOUND_S + 30, f"the job failed only after {elapsed:.1f} s"
+    assert elapsed < JOB_BOUND_S, f"the job failed only after {elapsed:.1f} s"
     details = {j["detail"] for j in seen if j["detail"]}
     assert any("retry 1 of 2 in 1 s (connection refused)" in d for d in details), details
