@@ -91,8 +91,9 @@ def security_platform(
     root = tmp_path_factory.mktemp("security")
     closed = {f"{name}_url": f"http://127.0.0.1:{free_port()}"
               for name in ("trainer", "registry", "serving", "monitor")}
+    # Prefect's API is the stub too: its 404s answer at once, where a closed port has the client retry.
     return test_platform(root / "state", db_url=security_database, redis_url=redis_url,
-                         mlflow_tracking_uri=stub_mlflow, **closed)
+                         mlflow_tracking_uri=stub_mlflow, prefect_api_url=f"{stub_mlflow}/api", **closed)
 
 
 def build_apps(platform: PlatformSettings) -> dict[str, FastAPI]:
