@@ -109,7 +109,9 @@ def _prefect_error(exc: Exception, what: str) -> ShipyardError:
     """Prefect's answer as the platform's error: its 4xx are the caller's, the rest unavailability."""
     response = getattr(exc, "response", None)
     code = getattr(response, "status_code", None)
-    if code == 404:
+    # Prefect's client raises ObjectNotFound for its API's 404 (no deployment, no run): not a
+    # server that cannot be reached. By name, so that this module never imports Prefect.
+    if code == 404 or type(exc).__name__ == "ObjectNotFound":
         return NotFound(f"{what} is not known to the Prefect server (is the deployments process up?)")
     if code in (409, 422):
         detail = response.text[:500] if response is not None else str(exc)
