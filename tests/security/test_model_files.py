@@ -30,7 +30,9 @@ from services.serving.runtimes.base import ModelLoadError
 from services.serving.runtimes.loader import load_runtime
 from services.serving.settings import ServingSettings
 from services.trainer.engines.checkpoints import load_checkpoint
+from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
 from services.trainer.worker.runner import _parent_weights
+from shipyard_common.errors import InvalidInput
 from tests.support import test_platform
 
 pytestmark = pytest.mark.security
@@ -157,21 +159,23 @@ def test_serving_keeps_onnx_external_data_inside_the_model_folder(
 
 def test_fine_tuning_refuses_weights_with_a_pickle_payload(tmp_path: Path, marker: Path) -> None:
     """init_from's weights, as MLflow hands them to the worker: torch.load(weights_only=True)
-    refuses the payload; nothing ran."""
+    refuses the payload, and the job's error says why; nothing ran."""
     weights = tmp_path / "weights.pt"
     weights.write_bytes(evil_pt(tmp_path, marker))
     tracking = SimpleNamespace(download_weights=lambda **_: weights)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(InvalidInput, match="hold Python objects besides tensors, which the trainer never"):
         _parent_weights(tracking, "evil", "1", tmp_path)  # type: ignore[arg-type]
     assert not marker.exists()
 
 
 def test_resuming_refuses_a_checkpoint_with_a_pickle_payload(tmp_path: Path, marker: Path) -> None:
-    """A lost worker's checkpoint, read back from MLflow to resume: refused; nothing ran."""
-    checkpoint = tmp_path / "last.pt"
+    """A lost worker's checkpoint, read back from MLflow to resume: refused (the job trains from
+    epoch 1 instead); nothing ran."""
+    checkpoint = tmp_path / CHECKPOINT_FILE
     checkpoint.write_bytes(evil_pt(tmp_path, marker))
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(checkpoint)
+    assert load_resume(SimpleNamespace(resume_dir=tmp_path)) is None  # type: ignore[arg-type]
     assert not marker.exists()
 
 

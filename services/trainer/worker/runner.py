@@ -395,10 +395,20 @@ def _register(run: _Run, *, outcome: FitOutcome, source: str, primary: Export) -
 
 
 def _parent_weights(tracking: Tracking, model_name: str, version: str, folder: Path) -> dict[str, Any]:
+    """The registered version's trained weights, read as tensors only: a file that holds other Python
+    objects (a pickle payload, say) is refused, never unpickled."""
+    import pickle
+
     import torch
 
     path = tracking.download_weights(model_name=model_name, version=version, folder=folder)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InvalidInput(
+            f"init_from: the weights of {model_name!r} v{version} hold Python objects besides tensors, "
+            f"which the trainer never unpickles ({str(exc).splitlines()[0][:200]})"
+        ) from None
     if not isinstance(state, dict):
         raise InvalidInput(f"init_from: the weights of {model_name!r} v{version} are not a state dict")
     log.info("fine-tuning from %s v%s", model_name, version)
