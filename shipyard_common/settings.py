@@ -52,6 +52,19 @@ class PlatformSettings(BaseSettings):
     db_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite under state_dir when unset.")
     redis_url: str = "redis://127.0.0.1:6379/0"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    # Every MLflow client in the platform (shipyard_common.mlflow_client.apply_mlflow_client_limits):
+    # a call that MLflow does not answer fails within about (retries + 1) × timeout, not minutes.
+    mlflow_request_timeout_s: int = Field(
+        default=10, ge=1, le=600,
+        description="Seconds one MLflow request waits to connect, then for an answer.",
+    )
+    mlflow_request_retries: int = Field(
+        default=2, ge=0, le=10,
+        description="Retries of an MLflow request refused, timed out or answered 5xx.",
+    )
+    mlflow_request_backoff_s: int = Field(
+        default=1, ge=0, le=120, description="MLflow's backoff factor between those retries (seconds).",
+    )
     tokens: dict[str, Role | Grant] = Field(
         default_factory=lambda: dict(DEFAULT_DEV_TOKENS),
         description='Token → role ("approver") or {"role": "approver", "name": "bob"}.',
@@ -123,6 +136,9 @@ class PlatformSettings(BaseSettings):
             "SHIPYARD_DB_URL": self.database_url,
             "SHIPYARD_REDIS_URL": self.redis_url,
             "SHIPYARD_MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "SHIPYARD_MLFLOW_REQUEST_TIMEOUT_S": str(self.mlflow_request_timeout_s),
+            "SHIPYARD_MLFLOW_REQUEST_RETRIES": str(self.mlflow_request_retries),
+            "SHIPYARD_MLFLOW_REQUEST_BACKOFF_S": str(self.mlflow_request_backoff_s),
             "SHIPYARD_TOKENS": json.dumps({
                 token: grant.model_dump(mode="json") if isinstance(grant, Grant) else grant.value
                 for token, grant in self.tokens.items()

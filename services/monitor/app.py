@@ -14,6 +14,7 @@ from services.monitor.settings import MonitorSettings
 from services.monitor.windows.router import router as windows_router
 from shipyard_common.db import Database
 from shipyard_common.edge import install_edge
+from shipyard_common.mlflow_client import apply_mlflow_client_limits
 from shipyard_common.settings import disable_telemetry
 from shipyard_common.web import install_common, mlflow_health_check
 
@@ -22,6 +23,8 @@ def create_app(settings: MonitorSettings) -> FastAPI:
     # Evidently ships a telemetry client that stays quiet only when DO_NOT_TRACK is set.
     disable_telemetry()
     platform = settings.platform
+    # A call to MLflow fails within seconds when it is down, not after minutes of retries.
+    apply_mlflow_client_limits(platform)
     database = Database(platform.database_url)
 
     @asynccontextmanager

@@ -14,11 +14,14 @@ from services.registry.settings import RegistrySettings
 from services.registry.ui.router import STATIC_DIR, ui_router
 from shipyard_common.db import Database
 from shipyard_common.edge import install_edge
+from shipyard_common.mlflow_client import apply_mlflow_client_limits
 from shipyard_common.web import install_common, mlflow_health_check
 
 
 def create_app(settings: RegistrySettings) -> FastAPI:
     platform = settings.platform
+    # A call to MLflow fails within seconds when it is down, not after minutes of retries.
+    apply_mlflow_client_limits(platform)
     database = Database(platform.database_url)
     registry = create_registry(settings=settings, database=database)
 

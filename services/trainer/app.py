@@ -19,6 +19,7 @@ from services.trainer.worker.reconciler import reconcile_until
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
 from shipyard_common.edge import BodyRoute, install_edge
+from shipyard_common.mlflow_client import apply_mlflow_client_limits
 from shipyard_common.web import install_common
 
 log = logging.getLogger("shipyard.trainer")
@@ -26,6 +27,8 @@ log = logging.getLogger("shipyard.trainer")
 
 def create_app(settings: TrainerSettings) -> FastAPI:
     platform = settings.platform
+    # A call to MLflow fails within seconds when it is down, not after minutes of retries.
+    apply_mlflow_client_limits(platform)
     database = Database(platform.database_url)
     celery = make_celery(settings)
 

@@ -39,6 +39,13 @@ class TrainerSettings(ServiceSettings):
     # Only every n-th of those looks scans Redis (kombu's ``unacked_restore_throttle``).
     unacked_restore_throttle: int = Field(default=10, ge=1)
 
+    # A job whose MLflow calls find it down waits for it rather than failing at once: this many
+    # waits, the first this long, each twice the last up to the cap; its progress says so meanwhile.
+    # Each wait is at most half of stale_after_s, so that a waiting job is never taken for a lost one.
+    mlflow_wait_retries: int = Field(default=5, ge=0, le=100)
+    mlflow_wait_backoff_s: float = Field(default=5.0, gt=0)
+    mlflow_wait_max_backoff_s: float = Field(default=60.0, gt=0)
+
     # The largest dataset file ``POST /datasets/{name}`` accepts (413 above it).
     dataset_max_bytes: int = Field(default=1 << 30, ge=1)
 

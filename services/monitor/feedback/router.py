@@ -9,8 +9,10 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from services.monitor.feedback import service
 from services.monitor.feedback.schemas import MAX_LABELS, FeedbackAccepted, FeedbackItem, FeedbackSummary
 from shipyard_common.auth import Principal, Role, role_checker
+from shipyard_common.paths import plain_names
 
-router = APIRouter(tags=["feedback"])
+# A model named in a path or a filter is one plain name, refused (400) before any lookup.
+router = APIRouter(tags=["feedback"], dependencies=[Depends(plain_names(model="model"))])
 
 # The least role that may change anything: a client application labels what it was answered, it
 # neither promotes nor administers. Admin may too; a viewer token may not write.

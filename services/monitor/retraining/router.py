@@ -14,15 +14,19 @@ from services.monitor.retraining import service
 from services.monitor.retraining.schemas import (
     PolicyCreate,
     PolicyPublic,
+    RetrainParameters,
     TriggerCreate,
     TriggerPage,
     TriggerPublic,
     TriggerState,
 )
 from shipyard_common.auth import Principal, Role, role_checker
+from shipyard_common.datasets import validate_name
 from shipyard_common.orm import MAX_BIGINT
+from shipyard_common.paths import check_flow_parameters, plain_names
 
-router = APIRouter(tags=["retraining"])
+# A model named in a path or a filter is one plain name, refused (400) before any lookup.
+router = APIRouter(tags=["retraining"], dependencies=[Depends(plain_names(model="model"))])
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 # Who decides when the platform retrains by itself decides what may reach production: approvers.
@@ -36,9 +40,18 @@ def _monitor(request: Request) -> Monitor:
     return request.app.state.monitor  # type: ignore[no-any-return]
 
 
+def _check_parameters(request: Request, parameters: RetrainParameters | None) -> None:
+    """The retrain flow's parameters checked as the trainer will (names, ``csv_path`` a file in the
+    platform's inputs folder), so that a bad one is refused now, not when a retraining starts."""
+    if parameters is not None:
+        state_dir = _monitor(request).settings.platform.state_dir
+        check_flow_parameters(parameters.as_flow_parameters(), state_dir=state_dir)
+
+
 @router.put("/policies/{model}", response_model=PolicyPublic)
 def put_policy(request: Request, model: str, body: PolicyCreate, who: Approver) -> PolicyPublic:
     """Create or replace the model's policy (it must have a production version)."""
+    _check_parameters(request, body.parameters)
     return service.put_policy(monitor=_monitor(request), model=model, body=body, by=who.name)
 
 
@@ -82,4 +95,6 @@ def get_trigger(request: Request, trigger_id: TriggerId, _: Viewer) -> TriggerPu
 def trigger(request: Request, body: TriggerCreate, who: Trainer) -> TriggerPublic:
     """Retrain the production version now (cause ``manual``). 202 with the trigger: ``started`` with its
     flow run, or ``failed`` with why (the trainer down); 409 while a retraining of the model runs."""
+    validate_name(body.model, kind="model")
+    _check_parameters(request, body.parameters)
     return service.trigger_manually(monitor=_monitor(request), body=body, by=who.name)

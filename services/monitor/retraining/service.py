@@ -46,6 +46,7 @@ from services.monitor.tables import PolicyRecord, TriggerRecord, WindowRecord
 from shipyard_common.db import Database, utcnow
 from shipyard_common.errors import Conflict, NotFound, Unavailable
 from shipyard_common.lineage import PRODUCTION
+from shipyard_common.mlflow_client import mlflow_calls
 from shipyard_common.orm import MAX_BIGINT
 
 log = logging.getLogger("shipyard.monitor.retraining")
@@ -73,12 +74,15 @@ class Decision:
 def production_version(*, monitor: Monitor, model: str) -> str:
     """The version ``production`` points at; 404 for an unknown model, 409 without production."""
     try:
-        registered = monitor.mlflow.get_registered_model(model)
+        with mlflow_calls(monitor.mlflow.tracking_uri):  # not answering: the platform's 503 for it
+            registered = monitor.mlflow.get_registered_model(model)
     except MlflowException as exc:
         if exc.error_code in _MLFLOW_MISSING:
             raise NotFound(f"there is no registered model {model!r}") from None
         raise Unavailable(f"the registry (MLflow) cannot be read: {exc.message}") from exc
-    except Exception as exc:  # connection errors surface unwrapped from MLflow's client
+    except Unavailable:
+        raise
+    except Exception as exc:  # an error of MLflow's client itself
         raise Unavailable(f"the registry (MLflow) cannot be reached: {exc}") from exc
     version = (registered.aliases or {}).get(PRODUCTION)
     if version is None:

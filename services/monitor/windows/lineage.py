@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from shipyard_common.errors import Conflict, NotFound, Unavailable
 from shipyard_common.lineage import TAG_DATASET, TAG_DATASET_REV, TAG_FEATURES, TAG_TARGET, TAG_TASK
+from shipyard_common.mlflow_client import mlflow_unavailable, mlflow_unreachable
 
 # MLflow answers these when the model or version does not exist.
 _MLFLOW_MISSING = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
@@ -29,12 +30,14 @@ class Lineage:
     task: str | None
 
 
-def _mlflow_error(exc: Exception, what: str) -> Exception:
-    if isinstance(exc, MlflowException):
-        if exc.error_code in _MLFLOW_MISSING:
-            return NotFound(f"{what} is not in the registry")
-        return Unavailable(f"the MLflow registry did not answer for {what}: {exc.message}")
-    return Unavailable(f"the MLflow registry cannot be reached: {exc}")
+def _mlflow_error(exc: Exception, what: str, tracking_uri: str) -> Exception:
+    """NotFound for a missing model or version; otherwise Unavailable, the platform's one error for
+    an MLflow that does not answer when it does not (:mod:`shipyard_common.mlflow_client`)."""
+    if mlflow_unreachable(exc) or not isinstance(exc, MlflowException):
+        return mlflow_unavailable(tracking_uri, exc)
+    if exc.error_code in _MLFLOW_MISSING:
+        return NotFound(f"{what} is not in the registry")
+    return Unavailable(f"the MLflow registry did not answer for {what}: {exc.message}")
 
 
 def read_lineage(*, mlflow: MlflowClient, model: str, version: str) -> Lineage:
@@ -42,7 +45,7 @@ def read_lineage(*, mlflow: MlflowClient, model: str, version: str) -> Lineage:
     try:
         found = mlflow.get_model_version(model, version)
     except Exception as exc:  # requests/connection errors surface unwrapped from the client
-        raise _mlflow_error(exc, f"version {version} of {model!r}") from exc
+        raise _mlflow_error(exc, f"version {version} of {model!r}", mlflow.tracking_uri) from exc
     tags: dict[str, str] = dict(found.tags or {})
     missing = [tag for tag in (TAG_DATASET, TAG_DATASET_REV, TAG_FEATURES) if not tags.get(tag)]
     if missing:
@@ -64,28 +67,11 @@ def read_aliases(*, mlflow: MlflowClient, model: str) -> dict[str, str] | None:
     try:
         registered = mlflow.get_registered_model(model)
     except Exception as exc:
-        error = _mlflow_error(exc, f"model {model!r}")
+        error = _mlflow_error(exc, f"model {model!r}", mlflow.tracking_uri)
         if isinstance(error, NotFound):
             return None
         raise error from exc
     return {str(alias): str(version) for alias, version in (registered.aliases or {}).items()}
-
-
-def served_versions(*, mlflow: MlflowClient, model: str) -> set[str] | None:
-    """The versions of ``model`` that hold an alias (none if it is gone); None if MLflow cannot tell."""
-    try:
-        aliases = read_aliases(mlflow=mlflow, model=model)
-    except Unavailable:
-        return None
-    return set((aliases or {}).values())
-
-
-def is_registered(*, mlflow: MlflowClient, model: str) -> bool | None:
-    """Whether ``model`` is in the registry; None if MLflow cannot tell now."""
-    try:
-        return read_aliases(mlflow=mlflow, model=model) is not None
-    except Unavailable:
-        return None
 
 
 class LineageCache:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -10,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from services.monitor.context import Monitor
 from services.monitor.tables import WindowRecord
-from services.monitor.windows.lineage import is_registered
-from services.monitor.windows.quality import OK
+from services.monitor.windows.lineage import read_aliases
+from services.monitor.windows.quality import ERROR, OK
 from services.monitor.windows.reports import read_snapshot, render_html
 from services.monitor.windows.schemas import (
     DriftPublic,
@@ -25,6 +26,7 @@ from services.monitor.windows.schemas import (
     WindowPublic,
 )
 from shipyard_common.errors import NotFound
+from shipyard_common.orm import utcnow
 from shipyard_common.records import PredictionRecord
 
 
@@ -33,11 +35,15 @@ def report_url(record: WindowRecord) -> str | None:
 
 
 def require_model(session: Session, *, monitor: Monitor, model: str) -> None:
-    """NotFound unless ``model`` has windows, logged predictions, or is in the registry."""
+    """NotFound unless ``model`` has windows, logged predictions, or is in the registry.
+
+    Only a model the monitor has never seen needs MLflow: while it is down, that is a 503 within
+    MLflow's client limits (shipyard_common.mlflow_client), never a guess.
+    """
     for table in (WindowRecord, PredictionRecord):
         if session.scalar(select(table.id).where(table.model == model).limit(1)) is not None:
             return
-    if is_registered(mlflow=monitor.mlflow, model=model) is False:
+    if read_aliases(mlflow=monitor.mlflow, model=model) is None:
         raise NotFound(f"model {model!r} is not in the registry and has no logged predictions")
 
 
@@ -73,23 +79,39 @@ def window_public(record: WindowRecord) -> WindowPublic:
 
 
 def get_drift(*, monitor: Monitor, model: str, version: str | None) -> DriftPublic:
-    """The newest ``ok`` window's drift; NotFound, saying why, when there is none yet."""
-    newest: WindowRecord | None = None
+    """The newest ``ok`` window's drift, with its age and whether it is stale (and why); NotFound,
+    saying why, when there is none yet. Read from the database alone: it answers while MLflow is down."""
     with monitor.database.session() as session:
         ok = _newest(model, version, None).where(WindowRecord.status == OK)
         record = session.scalars(ok.limit(1)).first()
+        newest = session.scalars(_newest(model, version, None).limit(1)).first()
         if record is None:
             require_model(session, monitor=monitor, model=model)
-            newest = session.scalars(_newest(model, version, None).limit(1)).first()
     if record is None:
         which = f"{model!r}" + (f" v{version}" if version else "")
         seen = (f"its newest window (#{newest.id}) is {newest.status}: {newest.message}" if newest
                 else "no window has closed yet")
         raise NotFound(f"no drift computed for {which} yet: {seen}")
-    return drift_public(record)
+    return drift_public(record, stale_reason=stale_reason(monitor, record, newest))
 
 
-def drift_public(record: WindowRecord) -> DriftPublic:
+def stale_reason(monitor: Monitor, record: WindowRecord, newest: WindowRecord | None) -> str | None:
+    """Why ``record`` may no longer be the model's drift: the loop's last pass over the model failed
+    for want of a component (MLflow, the database), or its newest window could not be computed
+    (the reference data unreadable …). None while the loop keeps it up to date."""
+    trouble = monitor.windows.trouble(record.model)
+    if trouble is not None:
+        return f"the monitor cannot bring it up to date: {trouble.reason}"
+    if newest is not None and newest.id > record.id and newest.status == ERROR:
+        return f"the newest window (#{newest.id}) could not be computed: {newest.message}"
+    return None
+
+
+def age_s(computed_at: datetime) -> float:
+    return round(max(0.0, (utcnow() - computed_at).total_seconds()), 3)
+
+
+def drift_public(record: WindowRecord, *, stale_reason: str | None = None) -> DriftPublic:
     quality = dict(record.quality or {})
     return DriftPublic(
         model=record.model, version=record.version, window_id=record.id, kind=record.kind,
@@ -100,7 +122,8 @@ def drift_public(record: WindowRecord) -> DriftPublic:
         drift_share=float(record.drift_share or 0.0), drifted_count=record.drifted_count,
         features=[FeatureDriftPublic.model_validate(f) for f in record.features or []],
         prediction=_prediction(record, quality), quality=quality, report_url=report_url(record),
-        computed_at=record.computed_at,
+        computed_at=record.computed_at, age_s=age_s(record.computed_at),
+        stale=stale_reason is not None, stale_reason=stale_reason,
     )
 
 
@@ -127,12 +150,14 @@ def list_latest(*, monitor: Monitor) -> list[DriftSummary]:
     for name, found in ids.items():
         for window_id in found:
             by_model.setdefault(rows[window_id].model, {})[name] = rows[window_id]
-    return [_summary(model, picked) for model, picked in sorted(by_model.items())]
+    return [_summary(monitor, model, picked) for model, picked in sorted(by_model.items())]
 
 
-def _summary(model: str, picked: dict[str, WindowRecord]) -> DriftSummary:
+def _summary(monitor: Monitor, model: str, picked: dict[str, WindowRecord]) -> DriftSummary:
     ok, latest, labelled = picked.get("ok"), picked["latest"], picked.get("labelled")
+    stale = stale_reason(monitor, ok, latest) if ok else None
     return DriftSummary(
+        age_s=age_s(ok.computed_at) if ok else None, stale=stale is not None, stale_reason=stale,
         model=model, version=ok.version if ok else None, dataset_drift=ok.dataset_drift if ok else None,
         drift_share=ok.drift_share if ok else None,
         current_rows=int((ok.quality or {}).get("checked_rows", ok.rows)) if ok else None,

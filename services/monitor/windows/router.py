@@ -13,8 +13,10 @@ from services.monitor.windows.schemas import DriftPublic, DriftSummary, ReportPa
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import InvalidInput
 from shipyard_common.orm import MAX_BIGINT
+from shipyard_common.paths import plain_names
 
-router = APIRouter(tags=["drift"])
+# A model named in a path or a filter is one plain name, refused (400) before any lookup.
+router = APIRouter(tags=["drift"], dependencies=[Depends(plain_names(model="model"))])
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
 Before = Annotated[

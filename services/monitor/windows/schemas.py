@@ -92,6 +92,13 @@ class DriftPublic(BaseModel):
     quality: dict[str, Any]
     report_url: str | None
     computed_at: UtcDatetime
+    age_s: float = Field(description="Seconds since this drift was computed.")
+    stale: bool = Field(
+        default=False, description="Whether the monitor cannot bring it up to date now (see stale_reason).",
+    )
+    stale_reason: str | None = Field(
+        default=None, description="Why it is stale: MLflow, the reference data or the database away.",
+    )
 
 
 class DriftSummary(BaseModel):
@@ -117,6 +124,9 @@ class DriftSummary(BaseModel):
     mae: float | None = None
     rmse: float | None = None
     performance_window_id: int | None = None
+    age_s: float | None = Field(default=None, description="Seconds since the drift verdict was computed.")
+    stale: bool = Field(default=False, description="Whether the monitor cannot bring it up to date now.")
+    stale_reason: str | None = Field(default=None, description="Why it is stale (see DriftPublic).")
 
 
 class ReportPublic(BaseModel):

@@ -21,7 +21,7 @@ from services.monitor.windows.compute import Outcome, assess
 from services.monitor.windows.cutting import Due, Plan
 from services.monitor.windows.drift import DriftOptions
 from services.monitor.windows.frames import read_rows
-from services.monitor.windows.lineage import Lineage, served_versions
+from services.monitor.windows.lineage import Lineage, read_aliases
 from services.monitor.windows.reports import prune_reports, write_report
 from shipyard_common.db import utcnow
 from shipyard_common.errors import ShipyardError, Unavailable
@@ -38,16 +38,33 @@ def close_due_windows(*, monitor: Monitor) -> int:
         by_model[model].append(version)
     closed = 0
     for model, versions in by_model.items():
-        served = served_versions(mlflow=monitor.mlflow, model=model)
-        for version in versions:
-            if monitor.stop.is_set():
-                return closed
-            try:
-                closed += close_version(monitor=monitor, model=model, version=version, served=served)
-            except Exception as exc:  # one version's trouble must not stop the others
-                monitor.metrics.window_errors.labels(model).inc()
-                log.warning("windows of %s v%s not closed this pass: %s", model, version, exc,
-                            exc_info=not isinstance(exc, ShipyardError))
+        if monitor.stop.is_set():
+            break
+        closed += close_model(monitor=monitor, model=model, versions=versions)
+    return closed
+
+
+def close_model(*, monitor: Monitor, model: str, versions: list[str]) -> int:
+    """Close the due windows of ``model``'s versions; note in the book whether a component was away."""
+    trouble: str | None = None
+    try:
+        aliases = read_aliases(mlflow=monitor.mlflow, model=model)
+        served: set[str] | None = set((aliases or {}).values())
+    except Unavailable as exc:  # the versions are still closed; which are served is unknown
+        served, trouble = None, exc.message
+    closed = 0
+    for version in versions:
+        if monitor.stop.is_set():
+            break
+        try:
+            closed += close_version(monitor=monitor, model=model, version=version, served=served)
+        except Exception as exc:  # one version's trouble must not stop the others
+            monitor.metrics.window_errors.labels(model).inc()
+            log.warning("windows of %s v%s not closed this pass: %s", model, version, exc,
+                        exc_info=not isinstance(exc, ShipyardError))
+            if isinstance(exc, Unavailable | DBAPIError):
+                trouble = trouble or (exc.message if isinstance(exc, Unavailable) else "the database is away")
+    monitor.windows.note_pass(model, trouble)
     return closed
 
 

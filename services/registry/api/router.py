@@ -37,8 +37,10 @@ from services.registry.core.schemas import (
 )
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.orm import MAX_BIGINT
+from shipyard_common.paths import plain_names
 
-router = APIRouter()
+# A model named in a path or a filter is one plain name, refused (400) before any lookup.
+router = APIRouter(dependencies=[Depends(plain_names(name="model", model="model"))])
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Requester = Annotated[Principal, Depends(role_checker(Role.TRAINER, Role.APPROVER))]

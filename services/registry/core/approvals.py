@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from services.registry.core import promotion
 from services.registry.core.registry import Registry
 from services.registry.core.schemas import PromotePublic, PromotionRequestPublic
+from services.registry.core.sources import check_source
 from services.registry.core.tables import PromotionRequestRecord
 from shipyard_common.db import utcnow
 from shipyard_common.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -40,6 +41,7 @@ def create_request(
     version = str(target.version)
     if (target.tags or {}).get(TAG_ARCHIVED) == "true":
         raise Conflict(f"{name} v{version} is archived and can no longer be given an alias")
+    check_source(registry.store, target)
     if str((model.aliases or {}).get(alias)) == version:
         raise Conflict(f"{name} v{version} already is {alias}")
     with registry.database.session() as session:

@@ -21,6 +21,7 @@ from services.registry.core.schemas import (
     GateVerdict,
     PromotePublic,
 )
+from services.registry.core.sources import check_source
 from services.registry.core.tables import AuditRecord, GateRecord
 from shipyard_common.db import utcnow
 from shipyard_common.errors import Conflict, InvalidInput, NotFound
@@ -94,6 +95,7 @@ def apply(registry: Registry, session: Session, move: Move) -> tuple[AuditRecord
         target = registry.store.version(move.model, move.version)
         if (target.tags or {}).get(TAG_ARCHIVED) == "true":
             raise Conflict(f"{move.model} v{target.version} is archived and can no longer be given an alias")
+        check_source(registry.store, target)
         if move.alias == CANARY and weight is None:
             weight = canary_weight(model.tags) or DEFAULT_CANARY_WEIGHT
         record = AuditRecord(

@@ -25,7 +25,8 @@ import orjson
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from shipyard_common.errors import InvalidInput, NotFound, ShipyardError, Unavailable, UpstreamError
+from shipyard_common.errors import InvalidInput, NotFound, ShipyardError, UpstreamError
+from shipyard_common.mlflow_client import mlflow_unavailable, mlflow_unreachable
 
 log = logging.getLogger("shipyard.registry.store")
 
@@ -34,22 +35,26 @@ MAX_PAGE = 1000
 
 
 @contextmanager
-def mlflow_errors(missing: str) -> Iterator[None]:
-    """Translate MLflow's failures into the platform's errors; ``missing`` explains a 404."""
+def mlflow_errors(missing: str, tracking_uri: str) -> Iterator[None]:
+    """Translate MLflow's failures into the platform's errors; ``missing`` explains a 404.
+
+    A server that does not answer (refused, timed out, 5xx) is the platform's one 503 for it
+    (:func:`shipyard_common.mlflow_client.mlflow_unavailable`).
+    """
     try:
         yield
     except ShipyardError:
         raise
-    except MlflowException as exc:
+    except Exception as exc:
+        if mlflow_unreachable(exc):
+            raise mlflow_unavailable(tracking_uri, exc) from exc
+        if not isinstance(exc, MlflowException):  # an error of the client itself
+            raise mlflow_unavailable(tracking_uri, exc) from exc
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise NotFound(missing) from exc
         if exc.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
             raise InvalidInput(f"the MLflow registry refused the request: {exc.message}") from exc
-        if "API request to" in exc.message:  # the client gave up reaching the server
-            raise Unavailable(f"the MLflow registry cannot be reached: {exc.message}") from exc
         raise UpstreamError(f"the MLflow registry answered with an error: {exc.message}") from exc
-    except Exception as exc:  # requests' connection errors surface unwrapped from the client
-        raise Unavailable(f"the MLflow registry cannot be reached: {exc}") from exc
 
 
 def checked_version(name: str, version: str) -> str:
@@ -181,6 +186,7 @@ class Store:
 
     client: MlflowClient
     rest: httpx.Client
+    tracking_uri: str
     artifact_cache_size: int = 256
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(16, "mlflow-read"))
     _artifacts: OrderedDict[tuple[str, str], bytes | None] = field(default_factory=OrderedDict)
@@ -189,7 +195,7 @@ class Store:
     @classmethod
     def connect(cls, tracking_uri: str, *, timeout_s: float = 30.0) -> Store:
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        return cls(client=client, rest=_rest_client(tracking_uri, timeout_s))
+        return cls(client=client, rest=_rest_client(tracking_uri, timeout_s), tracking_uri=tracking_uri)
 
     def close(self) -> None:
         self.rest.close()
@@ -206,7 +212,7 @@ class Store:
         try:
             response = self.rest.get(path, params=params)
         except httpx.HTTPError as exc:
-            raise Unavailable(f"the MLflow registry cannot be reached: {exc}") from exc
+            raise mlflow_unavailable(self.tracking_uri, exc) from exc
         if response.status_code == 200:
             return orjson.loads(response.content)  # type: ignore[no-any-return]
         try:
@@ -218,6 +224,8 @@ class Store:
             raise NotFound(missing)
         if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
             raise InvalidInput(f"the MLflow registry refused the request: {message}")
+        if response.status_code >= 500:
+            raise mlflow_unavailable(self.tracking_uri, f"it fails with HTTP {response.status_code}")
         raise UpstreamError(f"the MLflow registry answered {response.status_code}: {message}")
 
     # reads
@@ -312,21 +320,21 @@ class Store:
 
     # writes
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        with mlflow_errors(f"model {name!r} has no version {version}"):
+        with mlflow_errors(f"model {name!r} has no version {version}", self.tracking_uri):
             self.client.set_registered_model_alias(name, alias, version)
 
     def delete_alias(self, name: str, alias: str) -> None:
-        with mlflow_errors(f"model {name!r} has no alias {alias!r}"):
+        with mlflow_errors(f"model {name!r} has no alias {alias!r}", self.tracking_uri):
             self.client.delete_registered_model_alias(name, alias)
 
     def set_model_tag(self, name: str, key: str, value: str) -> None:
-        with mlflow_errors(f"model {name!r} is not in the registry"):
+        with mlflow_errors(f"model {name!r} is not in the registry", self.tracking_uri):
             self.client.set_registered_model_tag(name, key, value)
 
     def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
-        with mlflow_errors(f"model {name!r} has no version {version}"):
+        with mlflow_errors(f"model {name!r} has no version {version}", self.tracking_uri):
             self.client.set_model_version_tag(name, version, key, value)
 
     def delete_version_tag(self, name: str, version: str, key: str) -> None:
-        with mlflow_errors(f"model {name!r} has no version {version}"):
+        with mlflow_errors(f"model {name!r} has no version {version}", self.tracking_uri):
             self.client.delete_model_version_tag(name, version, key)

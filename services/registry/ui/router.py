@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from services.registry.ui import actions, jobs, pages, promotions
@@ -25,6 +25,7 @@ from services.registry.ui.sessions import (
 )
 from services.registry.ui.web import STATIC_DIR, Posted, UiRoute, redirect, registry_of, render
 from shipyard_common.errors import NotFound, Unauthorized
+from shipyard_common.paths import plain_names
 
 __all__ = ["STATIC_DIR", "ui_router"]
 
@@ -103,6 +104,8 @@ def not_found(path: str) -> Response:
     raise NotFound(f"There is no page at /ui/{path}.")
 
 
-ui_router = APIRouter(include_in_schema=False)
+# A model named in a page's address or filter is one plain name, refused (a 400 page) before any lookup.
+ui_router = APIRouter(include_in_schema=False,
+                      dependencies=[Depends(plain_names(name="model", model="model"))])
 for part in (auth_router, pages.router, promotions.router, actions.router, jobs.router, fallback_router):
     ui_router.include_router(part, prefix="/ui")

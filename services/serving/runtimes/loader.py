@@ -121,13 +121,27 @@ def _check_names(stored: Signature, own: Signature) -> None:
         )
 
 
+def inside(folder: Path, path: Path) -> Path:
+    """``path`` if it resolves inside ``folder``: a symbolic link in a version's files that leads
+    elsewhere on the host (a model, a signature or a whole folder) is refused, never read."""
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ModelLoadError(
+            f"{path.relative_to(folder)} resolves outside the version's files (a symbolic link to "
+            f"{path.resolve()}); refused"
+        )
+    return path
+
+
 def load_runtime(
     folder: Path, *, name: str, version: str, tags: Mapping[str, str], settings: ServingSettings
 ) -> LoadedRuntime:
-    """Open the version in ``folder`` with the runtime its format needs; warm it up."""
-    root = model_root(folder)
+    """Open the version in ``folder`` with the runtime its format needs; warm it up. Every file it
+    reads must lie inside ``folder`` (:func:`inside`)."""
+    root = inside(folder, model_root(folder))
     available = format_files(root)
     fmt = choose_format(tags, available, tf_serving=settings.tf_serving_address is not None)
+    inside(folder, available[fmt])
+    inside(folder, root / SIGNATURE_FILE)
     stored = stored_signature(root, tags, fmt)
     runtime: Runtime
     if fmt == FORMAT_ONNX:

@@ -16,11 +16,13 @@ from starlette.concurrency import run_in_threadpool
 
 from services.trainer.api import service
 from shipyard_common.auth import Principal, Role, role_checker
-from shipyard_common.datasets import LATEST, DataRepo, validate_dataset_name
+from shipyard_common.datasets import LATEST, DataRepo, validate_dataset_name, validate_ref
 from shipyard_common.db import Database
 from shipyard_common.errors import InvalidInput, PayloadTooLarge
+from shipyard_common.paths import plain_names
 
-router = APIRouter(tags=["datasets"])
+# A dataset named in a path is one plain name, refused (400) before any lookup.
+router = APIRouter(tags=["datasets"], dependencies=[Depends(plain_names(name="dataset"))])
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
@@ -117,4 +119,7 @@ def show_version(
 
 @router.get("/datasets/{name}/diff")
 def diff_versions(name: str, a: str, b: str, repo: RepoDep, _: Viewer) -> dict[str, Any]:
+    # Both revisions checked before either is looked up: a bad ``b`` is named even when ``a`` is missing.
+    validate_ref(a)
+    validate_ref(b)
     return repo.diff(name, a, b)

@@ -17,8 +17,10 @@ from shipyard_common.datasets import DataRepo, DatasetNotFound
 from shipyard_common.db import Database
 from shipyard_common.errors import ValidationFailed
 from shipyard_common.orm import MAX_BIGINT
+from shipyard_common.paths import plain_names
 
-router = APIRouter(tags=["jobs"])
+# A model named in a filter is one plain name, refused (400) before any lookup.
+router = APIRouter(tags=["jobs"], dependencies=[Depends(plain_names(model_name="model"))])
 
 
 def get_database(request: Request) -> Database:

@@ -16,9 +16,12 @@ from pydantic import BaseModel, Field
 
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError, Unavailable
+from shipyard_common.paths import check_flow_parameters, plain_names
 from shipyard_common.settings import PlatformSettings
 
-router = APIRouter(prefix="/pipelines", tags=["pipelines"])
+# A pipeline named in a path is one plain name, refused (400) before any lookup.
+router = APIRouter(prefix="/pipelines", tags=["pipelines"],
+                   dependencies=[Depends(plain_names(name="pipeline"))])
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
@@ -63,8 +66,10 @@ async def start_run(request: Request, name: str, body: PipelineRunCreate, _: Tra
     if name not in PIPELINES:
         raise NotFound(f"no pipeline {name!r}; the pipelines are {', '.join(PIPELINES)}")
     platform = _platform(request)
+    # Names, the file to ingest and no config of the caller's: the flow runs as the platform.
+    parameters = check_flow_parameters(body.parameters, state_dir=platform.state_dir)
     try:
-        run_id = await asyncio.wait_for(astart_pipeline(name, body.parameters, platform), START_TIMEOUT_S)
+        run_id = await asyncio.wait_for(astart_pipeline(name, parameters, platform), START_TIMEOUT_S)
     except ShipyardError:
         raise
     except Exception as exc:
@@ -104,7 +109,9 @@ def _prefect_error(exc: Exception, what: str) -> ShipyardError:
     """Prefect's answer as the platform's error: its 4xx are the caller's, the rest unavailability."""
     response = getattr(exc, "response", None)
     code = getattr(response, "status_code", None)
-    if code == 404:
+    # Prefect's client raises ObjectNotFound for its API's 404 (no deployment, no run): not a
+    # server that cannot be reached. By name, so that this module never imports Prefect.
+    if code == 404 or type(exc).__name__ == "ObjectNotFound":
         return NotFound(f"{what} is not known to the Prefect server (is the deployments process up?)")
     if code in (409, 422):
         detail = response.text[:500] if response is not None else str(exc)

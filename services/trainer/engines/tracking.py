@@ -2,6 +2,8 @@
 
 Everything goes through one :class:`MlflowClient` bound to the platform's tracking URI rather
 than mlflow's process-global fluent API, so that nothing depends on what else the worker did.
+Given a :class:`~shipyard_common.mlflow_client.Patience`, every call waits for an MLflow that is
+down (bounded, with backoff, each wait reported) instead of failing the job at once.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
@@ -27,6 +29,7 @@ from shipyard_common.lineage import (
     WEIGHTS_ARTIFACT_PATH,
     WEIGHTS_FILE,
 )
+from shipyard_common.mlflow_client import Patience, patiently
 
 log = logging.getLogger("shipyard.trainer.tracking")
 
@@ -62,11 +65,27 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _patient(method: Callable[Concatenate[Tracking, P], T]) -> Callable[Concatenate[Tracking, P], T]:
+    """The method, retried as a whole while MLflow is unreachable, if the Tracking has patience."""
+
+    def call(self: Tracking, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self.patience is None:
+            return method(self, *args, **kwargs)
+        return patiently(lambda: method(self, *args, **kwargs), self.patience)
+
+    return call
+
+
 class Tracking:
     """One job's run in MLflow, from creation to the registered version."""
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, *, patience: Patience | None = None) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.patience = patience
 
     def experiment_id(self, name: str) -> str:
         """The experiment called ``name``, created on first use (and restored if deleted)."""
@@ -84,48 +103,58 @@ class Tracking:
                 # Another worker created it between our lookup and create; look again.
         raise Unavailable(f"MLflow experiment {name!r} can be neither found nor created")
 
+    @_patient
     def start_run(self, *, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
         run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=dict(tags))
         return str(run.info.run_id)
 
+    @_patient
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(key, str(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run_id, params=items[start : start + 100])
 
+    @_patient
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(
             run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]
         )
 
+    @_patient
     def log_model_folder(self, run_id: str, folder: Path) -> str:
         """Upload ``folder`` as the run's ``model/`` (see :mod:`shipyard_common.lineage`); its URI."""
         self.client.log_artifacts(run_id, str(folder), artifact_path=MODEL_ARTIFACT_PATH)
         return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
 
+    @_patient
     def log_reports(self, run_id: str, paths: list[Path], *, artifact_path: str = "reports") -> None:
         """Upload report files (see :mod:`services.trainer.engines.reports`) under the run's ``reports/``."""
         for path in paths:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
+    @_patient
     def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> None:
         if folder.is_dir() and any(folder.iterdir()):
             self.client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
 
+    @_patient
     def log_checkpoint(self, run_id: str, folder: Path) -> None:
         """Upload the checkpoint files in ``folder`` as the run's ``checkpoints/``, replacing the last."""
         self.client.log_artifacts(run_id, str(folder), artifact_path=CHECKPOINT_ARTIFACT_PATH)
 
+    @_patient
     def download_checkpoint(self, run_id: str, folder: Path) -> Path | None:
         """The run's ``checkpoints/`` files copied into ``folder``; None if it has none."""
         if not self.client.list_artifacts(run_id, CHECKPOINT_ARTIFACT_PATH):
             return None
         return Path(self.client.download_artifacts(run_id, CHECKPOINT_ARTIFACT_PATH, str(folder)))
 
+    @_patient
     def log_weights(self, run_id: str, path: Path) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path=WEIGHTS_ARTIFACT_PATH)
 
+    @_patient
     def download_weights(self, *, model_name: str, version: str, folder: Path) -> Path:
         """The trained weights of registered version ``model_name`` v``version``, for fine-tuning.
 
@@ -148,10 +177,20 @@ class Tracking:
             )
         return Path(self.client.download_artifacts(found.run_id, wanted, str(folder)))
 
-    def end_run(self, run_id: str, *, ok: bool) -> None:
-        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-        self.client.set_terminated(run_id, status=status)
+    @_patient
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
 
+    def end_run(self, run_id: str, *, ok: bool) -> None:
+        """Mark the run finished (waiting for MLflow, as every call does) or failed (at once: a job
+        that failed, perhaps because MLflow is away, must not wait again to say so)."""
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        if ok and self.patience is not None:
+            patiently(lambda: self.client.set_terminated(run_id, status=status), self.patience)
+        else:
+            self.client.set_terminated(run_id, status=status)
+
+    @_patient
     def find_version(self, *, model_name: str, job_id: str) -> str | None:
         """The registered version of ``model_name`` that job ``job_id`` made, if any."""
         try:
@@ -165,6 +204,7 @@ class Tracking:
         versions = sorted(int(v.version) for v in found)
         return str(versions[0]) if versions else None
 
+    @_patient
     def register(
         self, *, model_name: str, job_id: str, run_id: str, source: str, tags: Mapping[str, str],
         description: str | None = None,

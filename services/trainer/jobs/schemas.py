@@ -394,6 +394,10 @@ class Progress(BaseModel):
     resumed_from_epoch: int | None = None
 
 
+# The key of the job's progress JSON that holds JobPublic.detail.
+DETAIL_KEY = "detail"
+
+
 class JobPublic(BaseModel):
     id: str
     state: JobState
@@ -404,6 +408,11 @@ class JobPublic(BaseModel):
     mlflow_run_id: str | None
     device: str | None
     error: str | None
+    # Kept in the row's progress JSON (DETAIL_KEY); cleared once the job goes on.
+    detail: str | None = Field(
+        default=None, description="What a running job waits for, while it waits "
+        "(e.g. 'waiting for MLflow at http://…: retry 2 of 5 in 10 s (connection refused)').",
+    )
     created_at: UtcDatetime
     updated_at: UtcDatetime
     spec: JobCreate

@@ -15,7 +15,14 @@ from typing import Any
 
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 
-from services.trainer.jobs.schemas import TERMINAL_STATES, JobCreate, JobPublic, JobState, Progress
+from services.trainer.jobs.schemas import (
+    DETAIL_KEY,
+    TERMINAL_STATES,
+    JobCreate,
+    JobPublic,
+    JobState,
+    Progress,
+)
 from services.trainer.jobs.tables import JobLogRecord, JobRecord
 from shipyard_common.db import Database, utcnow
 from shipyard_common.errors import NotFound
@@ -37,6 +44,8 @@ def to_public(record: JobRecord) -> JobPublic:
         mlflow_run_id=record.mlflow_run_id,
         device=record.device,
         error=record.error,
+        # What it waited for is shown only while it runs (a job that gave up says why in ``error``).
+        detail=(record.progress or {}).get(DETAIL_KEY) if record.state == JobState.RUNNING.value else None,
         created_at=record.created_at,
         updated_at=record.updated_at,
         spec=JobCreate.model_validate(record.spec),
@@ -68,6 +77,21 @@ def update_job(
     with database.session() as session:
         result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
         return bool(result.rowcount)
+
+
+def set_detail(*, database: Database, job_id: str, detail: str | None) -> bool:
+    """Show (or, with None, clear) what the running job waits for; False if it is no longer running.
+
+    Only the job's worker writes its progress, so reading and writing it back loses nothing.
+    """
+    with database.session() as session:
+        record = session.get(JobRecord, job_id)
+        progress = dict(record.progress or {}) if record is not None else {}
+    if detail is None:
+        progress.pop(DETAIL_KEY, None)
+    else:
+        progress[DETAIL_KEY] = detail
+    return update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING, progress=progress)
 
 
 def send(*, database: Database, enqueue: Enqueue, job_id: str, queue: str) -> bool:

@@ -86,6 +86,7 @@ def worker_argv(*, queues: Sequence[str], concurrency: int, pool: str, loglevel:
 def main(argv: Sequence[str] | None = None) -> None:
     from services.trainer.worker.metrics import WorkerMetricsSettings, serve_worker_metrics
     from shipyard_common.logging import configure_logging
+    from shipyard_common.mlflow_client import apply_mlflow_client_limits
     from shipyard_common.settings import disable_telemetry
 
     parser = argparse.ArgumentParser(prog="python -m services.trainer.worker", description=__doc__)
@@ -99,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     settings = TrainerSettings()
     platform = settings.platform
+    # Each MLflow call fails within seconds while MLflow is down; the job then waits with its own
+    # backoff, and says so (services.trainer.worker.runner), instead of hanging in MLflow's retries.
+    apply_mlflow_client_limits(platform)
     configure_logging("trainer-worker", level=platform.log_level, json_lines=platform.log_json)
     known = {q.value for q in QueueName}
     wanted = [q.strip() for q in args.queues.split(",") if q.strip()]

@@ -35,6 +35,7 @@ from shipyard_common.lineage import (
     WEIGHTS_FILE,
     lineage_tags,
 )
+from shipyard_common.mlflow_client import Patience, Wait
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -167,7 +168,7 @@ class _ProgressWriter:
             if self.continuing and epoch > 1:
                 self.resumed_from_epoch = epoch
                 log.info("resuming at epoch %d from the lost worker's checkpoint", epoch)
-                self.tracking.client.set_tag(self.run_id, "shipyard.resumed_from_epoch", str(epoch))
+                self.tracking.set_tag(self.run_id, "shipyard.resumed_from_epoch", str(epoch))
         if metrics is None and now - self.last_write < PROGRESS_INTERVAL_S:
             return
         self.last_write = now
@@ -226,7 +227,7 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
     spec, previous_run_id = _read_job(database, job_id)
     frame = DataRepo.from_settings(platform).read(spec.data.dataset, spec.data.rev)
     device = engine.pick_device(spec.resources.queue.value)
-    tracking = Tracking(platform.mlflow_tracking_uri)
+    tracking = Tracking(platform.mlflow_tracking_uri, patience=_patience(settings, database, job_id))
     lineage = lineage_tags(
         job_id=job_id, dataset=spec.data.dataset, dataset_rev=spec.data.rev,
         git_commit=settings.git_commit or git_commit(), framework=spec.framework.value,
@@ -254,6 +255,27 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
         state=JobState.SUCCEEDED, model_version=version, metrics=metrics,
         progress=writer.final().model_dump(), error=None,
+    )
+
+
+def _patience(settings: TrainerSettings, database: Database, job_id: str) -> Patience:
+    """How this job waits for an MLflow that is down: bounded backoff from the settings, each wait
+    shown in the job's ``detail`` (and its log), cleared when MLflow answers again."""
+
+    def on_wait(wait: Wait) -> None:
+        if not store.set_detail(database=database, job_id=job_id, detail=wait.describe()):
+            raise JobAborted(job_id)  # cancelled (or taken over) while it waited
+
+    def on_back() -> None:
+        log.info("MLflow at %s answers again; job %s goes on", settings.platform.mlflow_tracking_uri, job_id)
+        store.set_detail(database=database, job_id=job_id, detail=None)
+
+    # The row is written before each wait: a wait as long as stale_after_s would make it look lost.
+    longest = min(settings.mlflow_wait_max_backoff_s, settings.stale_after_s / 2)
+    return Patience(
+        tracking_uri=settings.platform.mlflow_tracking_uri, retries=settings.mlflow_wait_retries,
+        backoff_s=min(settings.mlflow_wait_backoff_s, longest), max_backoff_s=longest,
+        on_wait=on_wait, on_back=on_back,
     )
 
 
@@ -373,10 +395,20 @@ def _register(run: _Run, *, outcome: FitOutcome, source: str, primary: Export) -
 
 
 def _parent_weights(tracking: Tracking, model_name: str, version: str, folder: Path) -> dict[str, Any]:
+    """The registered version's trained weights, read as tensors only: a file that holds other Python
+    objects (a pickle payload, say) is refused, never unpickled."""
+    import pickle
+
     import torch
 
     path = tracking.download_weights(model_name=model_name, version=version, folder=folder)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InvalidInput(
+            f"init_from: the weights of {model_name!r} v{version} hold Python objects besides tensors, "
+            f"which the trainer never unpickles ({str(exc).splitlines()[0][:200]})"
+        ) from None
     if not isinstance(state, dict):
         raise InvalidInput(f"init_from: the weights of {model_name!r} v{version} are not a state dict")
     log.info("fine-tuning from %s v%s", model_name, version)
