@@ -12,14 +12,15 @@ merges them):
 
 - ``bare``: ``bench/serving_reference.py`` (orjson, one ONNX Runtime session) under uvicorn's
   own ``httptools`` protocol, what ``bench/serving.py`` calls the bare reference;
-- ``shipyard``: serving's :class:`~services.serving.httpfast.FastLaneHttpProtocol` with the fast
-  lane and the real parts behind it: token check, the version's signature check, the batching
-  wrapper, metrics, and the prediction log (journal, shipper process, SQLite) — as
+- ``shipyard``: serving's :class:`~services.serving.fastlane.uvicorn_protocol.FastLaneHttpProtocol` with the fast
+  lane and the real parts behind it: token check, the version's signature check, its batcher,
+  metrics, and the prediction log (journal, shipper process, SQLite) — as
   ``python -m services.serving`` sets them up by default.
 
 It prints microseconds per request for each and their ratio: the CPU the request path costs in
 Python, with the kernel's share (the same for both, and the noisiest part of a wrk run on a
-shared machine) left out. ``--profile`` prints a cProfile of the Shipyard loop.
+shared machine) left out. ``--profile`` prints a cProfile of the Shipyard loop; ``--clock cpu`` reads
+this thread's CPU time instead of the wall clock, which other work on a busy machine inflates far less.
 """
 
 from __future__ import annotations

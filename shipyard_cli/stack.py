@@ -115,6 +115,13 @@ class Stack:
         # Where the worker serves /metrics (any free port unless given); Prometheus and Grafana run
         # beside the stack only on a port given (``shipyard up --with-prometheus --with-grafana``).
         self.worker_metrics_port = worker_metrics_port or free_port()
+        # Serving's Open Inference Protocol over gRPC: SHIPYARD_SERVING_GRPC_PORT (the extra environment's,
+        # else the process's), else 8013 beside
+        # the default 8003 (Triton's and KServe's convention), else any free port.
+        grpc_env = "SHIPYARD_SERVING_GRPC_PORT"
+        grpc_port = (extra_env or {}).get(grpc_env) or os.environ.get(grpc_env)
+        self.serving_grpc_port = int(grpc_port) if grpc_port else (
+            8013 if url_port(platform.serving_url) == 8003 else free_port())
         self.prometheus_port = prometheus_port
         self.grafana_port = grafana_port
         self.state_dir = platform.state_dir.resolve()
@@ -226,6 +233,8 @@ class Stack:
         if name == "monitor":
             # Retrain runs start with the pipelines' token: their requests need another's approval.
             env["SHIPYARD_MONITOR_TRAINER_TOKEN"] = self.pipelines_token
+        if name == "serving":
+            env["SHIPYARD_SERVING_GRPC_PORT"] = str(self.serving_grpc_port)
         return Component(
             name,
             [sys.executable, "-m", f"services.{name}"],

@@ -30,6 +30,7 @@ from services.serving.predlog.log import PredictionLog
 from services.serving.settings import ServingSettings
 from shipyard_common.db import Database
 from shipyard_common.errors import Unavailable
+from shipyard_common.mlflow_client import apply_mlflow_client_limits
 from shipyard_common.web import install_common
 
 log = logging.getLogger("shipyard.serving")
@@ -79,6 +80,8 @@ async def _start_grpc(app: FastAPI, settings: ServingSettings) -> Any:
 
 def create_app(settings: ServingSettings) -> FastAPI:
     platform = settings.platform
+    # MLflow's client retries for minutes by default; the follower retries on its own timer.
+    apply_mlflow_client_limits(platform)
     database = Database(platform.database_url)
 
     @asynccontextmanager

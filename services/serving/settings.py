@@ -94,9 +94,9 @@ class ServingSettings(ServiceSettings):
     )
     fast_lane: bool = Field(
         default=True,
-        description="Answer predict requests in the lean layer (fastlane.py) in front of FastAPI, "
-        "cheap models' requests inside uvicorn's HTTP protocol (httpfast.py); false: FastAPI's routes "
-        "answer them (same answers, several times the CPU per request).",
+        description="Take predict requests in the lean layer (fastlane/lane.py) in front of FastAPI, "
+        "handed over by uvicorn's HTTP protocol without a task (fastlane/uvicorn_protocol.py); false: "
+        "FastAPI's routes take them (same handlers and answers, more CPU per request).",
     )
     # -- processes and threads -----------------------------------------------------------------
     workers: int = Field(

@@ -18,6 +18,8 @@ from shipyard_common.settings import PlatformSettings
 from tests.support import TOKENS, auth, events_channel, free_port, redis_db
 
 E2E_REDIS_DB = redis_db(14)
+#: Serving's Open Inference Protocol over gRPC in the stack (``shipyard up`` starts it beside HTTP).
+SERVING_GRPC_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +44,7 @@ def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
     )
     redis.Redis.from_url(platform.redis_url).flushdb()
     extra_env = {
+        "SHIPYARD_SERVING_GRPC_PORT": str(SERVING_GRPC_PORT),
         "SHIPYARD_SERVING_RECONCILE_INTERVAL_S": "2",
         # Windows close a second or two after their 200th row is logged, so tests wait for seconds.
         "SHIPYARD_MONITOR_LOOP_INTERVAL_S": "1",

@@ -21,6 +21,7 @@ from shipyard_cli.demo import newest_window_id, send_rows, wait_for_window, wait
 from shipyard_cli.stack import Stack
 from shipyard_common.lineage import TAG_DATASET_REV, TAG_FEATURES, TAG_JOB_ID
 from shipyard_common.settings import PlatformSettings
+from tests.e2e.conftest import SERVING_GRPC_PORT
 from tests.support import auth, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -59,6 +60,19 @@ def test_promoted_version_answers_predictions(deployed, client):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     # The model is good: it gets the first rows of its own dataset right.
     assert (probabilities.argmax(axis=1) == frame["target"].iloc[:5].to_numpy()).mean() >= 0.8
+    # The stack serves the Open Inference Protocol over gRPC too, with the same answer.
+    import tritonclient.grpc as grpcclient
+
+    rows = frame.drop(columns="target").iloc[:5].to_numpy().astype(np.float32)
+    metadata = {key.lower(): value for key, value in auth("viewer").items()}  # gRPC keys are lower case
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{SERVING_GRPC_PORT}") as triton:
+        name = triton.get_model_metadata("breast_cancer", headers=metadata).inputs[0].name
+        tensor = grpcclient.InferInput(name, list(rows.shape), "FP32")
+        tensor.set_data_from_numpy(rows)
+        result = triton.infer("breast_cancer", [tensor], headers=metadata)
+    assert result.get_response().model_version == version
+    np.testing.assert_allclose(result.as_numpy(result.get_response().outputs[0].name), probabilities,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_drift_flagged_on_shifted_data_only(deployed, client, stack_platform):

@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 routes: thin; the codec is :mod:`services.serving.protocols.v2`.
 
-Health routes (server live/ready, model ready) are open, like /healthz; metadata and infer need
-a token. Every error, auth included, is answered in the protocol's ``{"error": "..."}`` shape.
+Health routes (server live/ready, model ready) and the server's metadata (its name, version and
+extensions) are open, like /healthz and as Triton serves them; model metadata and infer need a
+token. Every error, auth included, is answered in the protocol's ``{"error": "..."}`` shape.
 """
 
 from __future__ import annotations

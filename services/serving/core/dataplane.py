@@ -293,32 +293,52 @@ def _checked_parts(
 def _json_blocks(
     dataplane: DataPlane, served: ServedModel, jobs: list[InferenceRequest]
 ) -> tuple[list[Block], list[int]]:
-    """Blocks of jobs whose one input's JSON converted together (one per layout), and the other jobs."""
+    """Blocks of jobs whose one input was converted and checked together (one per layout: JSON rows,
+    flat JSON of one shape, arrays of one dtype and shape), and the other jobs."""
     spec = served.signature.inputs[0]
     layouts: dict[Hashable, list[int]] = {}
     alone: list[int] = []
     for index, job in enumerate(jobs):
         value = job.inputs.get(spec.name)
-        if type(value) is JsonTensor and job.rows and len(job.inputs) == 1:
-            layout = None if value.shape is None else (value.shape[1:], value.dtype)
-            found = layouts.get(layout)
-            if found is None:
-                layouts[layout] = [index]
-            else:
-                found.append(index)
-        else:
+        if not job.rows or len(job.inputs) != 1:
             alone.append(index)
+            continue
+        if type(value) is JsonTensor:
+            layout: Hashable = None if value.shape is None else (value.shape[1:], value.dtype)
+        else:
+            layout = ("array", value.dtype.str, value.shape[1:])  # type: ignore[union-attr,index]
+        found = layouts.get(layout)
+        if found is None:
+            layouts[layout] = [index]
+        else:
+            found.append(index)
     blocks: list[Block] = []
-    settings = dataplane.settings
-    for indexes in layouts.values():
-        tensors: list[Any] = [jobs[i].inputs[spec.name] for i in indexes]
-        merged = merge_json(tensors, spec, max_rows=settings.max_batch_rows,
-                            allow_non_finite=settings.allow_non_finite)
+    for layout, indexes in layouts.items():
+        values: list[Any] = [jobs[i].inputs[spec.name] for i in indexes]
+        is_array = type(layout) is tuple and layout[0] == "array"
+        merged = _merge_layout(dataplane, served, values, arrays=is_array)
         if merged is None:
             alone += indexes
         else:
-            blocks.append((indexes, [tensor.batch for tensor in tensors], {spec.name: merged}))
+            blocks.append((indexes, [jobs[i].rows for i in indexes], {spec.name: merged}))
     return blocks, alone
+
+
+def _merge_layout(
+    dataplane: DataPlane, served: ServedModel, values: list[Any], *, arrays: bool
+) -> np.ndarray | None:
+    """One layout's values of the version's one input as one checked array; None: check each alone."""
+    settings = dataplane.settings
+    spec = served.signature.inputs[0]
+    if not arrays:
+        return merge_json(values, spec, max_rows=settings.max_batch_rows,
+                          allow_non_finite=settings.allow_non_finite)
+    merged = values[0] if len(values) == 1 else np.concatenate(values)
+    try:  # the rows limit is each request's, checked when it was taken (merge_key)
+        return validate_inputs({spec.name: merged}, served.signature, max_batch_rows=max(
+            settings.max_batch_rows, len(merged)), allow_non_finite=settings.allow_non_finite)[spec.name]
+    except ShipyardError:
+        return None
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:
