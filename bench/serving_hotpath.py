@@ -12,8 +12,8 @@ merges them):
 
 - ``bare``: ``bench/serving_reference.py`` (orjson, one ONNX Runtime session) under uvicorn's
   own ``httptools`` protocol, what ``bench/serving.py`` calls the bare reference;
-- ``shipyard``: serving's :class:`~services.serving.fastlane.uvicorn_protocol.FastLaneHttpProtocol` with the fast
-  lane and the real parts behind it: token check, the version's signature check, its batcher,
+- ``shipyard``: serving's HTTP protocol (``fastlane/uvicorn_protocol.py``) with the fast lane and
+  the real parts behind it: token check, the version's signature check, its batcher,
   metrics, and the prediction log (journal, shipper process, SQLite) — as
   ``python -m services.serving`` sets them up by default.
 
