@@ -58,10 +58,6 @@ def authorize(request: Request) -> None:
     )
 
 
-def lower_headers(request: Request) -> dict[str, str]:
-    return {key.lower(): value for key, value in request.headers.items()}
-
-
 def respond(answer: ProtocolResponse) -> Response:
     status, body, headers = answer
     media_type = headers.pop("content-type", None)

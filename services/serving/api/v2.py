@@ -22,7 +22,6 @@ from services.serving.api.http import (
     authorize,
     failure,
     get_dataplane,
-    lower_headers,
     respond,
 )
 from services.serving.core.dataplane import (
@@ -98,14 +97,14 @@ def model_version_metadata(request: Request, name: str, version: str) -> Respons
 
 
 def infer(
-    dataplane: DataPlane, *, name: str, version: str | None, body: bytes, headers: dict[str, str],
-    started: float, reply: Respond,
+    dataplane: DataPlane, *, name: str, version: str | None, body: bytes, header_length: str | None,
+    request_id: str | None, started: float, reply: Respond,
 ) -> None:
     """One ``POST /v2/models/{name}[/versions/{version}]/infer``: its answer or refusal goes to ``reply``."""
     try:
         served = served_model(dataplane, name, version=version)
         try:
-            decoded = v2.decode_infer_request(body, headers.get(v2.HEADER_LENGTH))
+            decoded = v2.decode_infer_request(body, header_length)
             requested = v2.requested_outputs(decoded, served.signature)
         except InvalidInput:
             count_error(dataplane, name, "invalid_input")
@@ -113,18 +112,18 @@ def infer(
     except ShipyardError as exc:
         reply(v2.error_response(exc))
         return
-    request_id = decoded.id or headers.get("x-request-id") or new_request_id()
+    answer_id = decoded.id or request_id or new_request_id()
 
     def answer(result: Any) -> None:
         if type(result) is not Inference:
             reply(v2.error_response(failure(result)))
             return
-        status, content, answer_headers = v2.encode_infer_response(result, requested, request_id)
+        status, content, answer_headers = v2.encode_infer_response(result, requested, answer_id)
         answer_headers[VERSION_HEADER] = result.version  # which version answered (canary split)
         reply((status, content, answer_headers))
 
     submit(dataplane, InferenceRequest(served=served, inputs=decoded.inputs, reply=answer,
-                                       request_id=request_id, started=started))
+                                       request_id=answer_id, started=started))
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
@@ -138,7 +137,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     body = await request.body()
     return respond(await answered(functools.partial(
         infer, get_dataplane(request), name=name, version=version, body=body,
-        headers=lower_headers(request), started=started)))
+        header_length=request.headers.get(v2.HEADER_LENGTH), request_id=request.headers.get("x-request-id"),
+        started=started)))
 
 
 @router.post("/models/{name}/infer")

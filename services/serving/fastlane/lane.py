@@ -61,6 +61,7 @@ log = logging.getLogger("shipyard.web")
 _REQUEST_ID_MAX = 64  # our route's X-Request-ID limit (a longer one is FastAPI's 422)
 
 _JSON = b"application/json"
+_HEADER_LENGTH = v2.HEADER_LENGTH.encode()
 
 
 class _Route:
@@ -255,8 +256,10 @@ class FastLane:
         except ShipyardError as exc:
             reply(v2.error_response(exc))
             return
-        codec_headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in headers.items()}
-        v2_api.infer(self.plane, name=name, version=version, body=body, headers=codec_headers,
+        length, raw_id = headers.get(_HEADER_LENGTH), headers.get(b"x-request-id")
+        v2_api.infer(self.plane, name=name, version=version, body=body,
+                     header_length=None if length is None else length.decode("latin-1"),
+                     request_id=None if raw_id is None else raw_id.decode("latin-1"),
                      started=request.started, reply=reply)
 
     def _tf(self, name: str, version: str | None, label: str | None, body: bytes, request: LaneRequest,

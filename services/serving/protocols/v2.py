@@ -108,8 +108,15 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def _parameters(item: dict[str, Any], what: str) -> dict[str, Any]:
-    return _object(item.get("parameters") or {}, f"{what}.parameters")
+def _parameters(item: dict[str, Any], what: str, name: str | None = None) -> dict[str, Any]:
+    """``item``'s parameters (none: empty); ``what`` and ``name`` word the refusal, made only then."""
+    parameters = item.get("parameters")
+    if not parameters:
+        return _NO_PARAMETERS
+    return _object(parameters, f"{what} {name!r}.parameters" if name is not None else f"{what}.parameters")
+
+
+_NO_PARAMETERS: dict[str, Any] = {}
 
 
 def _header_length(value: str | None, body_size: int) -> int | None:
@@ -154,7 +161,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
                 f"input {name!r}: datatype {type_name!r} is not one serving takes ({', '.join(DATATYPES)})"
             )
         count = math.prod(shape)
-        binary_size = _parameters(item, f"input {name!r}").get("binary_data_size")
+        binary_size = _parameters(item, "input", name).get("binary_data_size")
         if binary_size is not None:
             if type(binary_size) is not int or binary_size < 0:
                 raise InvalidInput(f"input {name!r}: binary_data_size must be a byte count")
@@ -195,7 +202,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
             name = item.get("name")
             if not isinstance(name, str):
                 raise InvalidInput(f"outputs[{index}] needs a 'name'")
-            binary_flag = _parameters(item, f"output {name!r}").get("binary_data", binary_default)
+            binary_flag = _parameters(item, "output", name).get("binary_data", binary_default)
             outputs.append(RequestedOutput(name=name, binary=bool(binary_flag)))
     request_id = request.get("id")
     return InferRequest(

@@ -324,11 +324,12 @@ def test_every_protocols_requests_share_one_call() -> None:
         for _ in range(2):
             ours_api.predict(plane, name="m", inputs=rows, request_id=None, started=started,
                              reply=answers.append)
-            v2_api.infer(plane, name="m", version=None, started=started, reply=answers.append, headers={},
+            v2_api.infer(plane, name="m", version=None, started=started, reply=answers.append,
+                         header_length=None, request_id=None,
                          body=json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32",
                                                       "data": rows[0]}]}).encode())
             v2_api.infer(plane, name="m", version=None, body=binary + raw, started=started,
-                         headers={"inference-header-content-length": str(len(binary))}, reply=answers.append)
+                         header_length=str(len(binary)), request_id=None, reply=answers.append)
             tfserving_api.predict(plane, name="m", version=None, label=None, request_id=None, started=started,
                                   body=json.dumps({"instances": rows}).encode(), reply=answers.append)
 

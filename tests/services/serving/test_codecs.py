@@ -88,9 +88,11 @@ def plane() -> DataPlane:
     )
 
 
-def v2_infer(*, dataplane: DataPlane, **request: Any) -> ProtocolResponse:
+def v2_infer(*, dataplane: DataPlane, headers: dict[str, str], **request: Any) -> ProtocolResponse:
     answers: list[ProtocolResponse] = []
-    v2_api.infer(dataplane, started=time.perf_counter(), reply=answers.append, **request)
+    v2_api.infer(dataplane, header_length=headers.get("inference-header-content-length"),
+                 request_id=headers.get("x-request-id"), started=time.perf_counter(), reply=answers.append,
+                 **request)
     (answer,) = answers  # answered at once: no event loop here
     return answer
 
