@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -24,12 +25,20 @@ import redis
 
 from shipyard_cli import observability
 from shipyard_common.processes import free_port, stop_process_group
-from shipyard_common.settings import DEV_TRAINER_TOKEN, NO_TELEMETRY_ENV, PlatformSettings
+from shipyard_common.settings import (
+    DEV_TRAINER_TOKEN,
+    MLFLOW_AUTH_DIR,
+    NO_TELEMETRY_ENV,
+    PlatformSettings,
+    generated_mlflow_password_path,
+)
 
 SERVICES = ("trainer", "registry", "serving", "monitor")
 # Start order; stopped in reverse.
 ORDER = ("redis", "mlflow", "prefect", "worker", *SERVICES, "pipelines", "prometheus", "grafana")
 PREFECT_SCHEMA = "prefect"
+# MLflow's basic-auth app refuses a shorter password (mlflow.utils.validation._validate_password).
+MLFLOW_MIN_PASSWORD = 12
 
 
 class StackError(RuntimeError):
@@ -191,6 +200,9 @@ class Stack:
         return Component("redis", argv, port=port)
 
     def mlflow_component(self) -> Component:
+        """MLflow's tracking and registry server on the platform's port, with its basic-auth app
+        when ``platform.mlflow_auth_enabled`` (:meth:`mlflow_auth_env`): then only the platform's
+        processes, which hold the credentials, can read or move anything in it."""
         port = url_port(self.platform.mlflow_tracking_uri)
         artifacts = self.state_dir / "mlartifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
@@ -210,7 +222,48 @@ class Stack:
             "--workers",
             "1",
         ]
-        return Component("mlflow", argv, health_url=f"{self.platform.mlflow_tracking_uri}/health", port=port)
+        env: dict[str, str] = {}
+        if self.platform.mlflow_auth_enabled:
+            argv += ["--app-name", "basic-auth"]
+            env = self.mlflow_auth_env()
+        health = f"{self.platform.mlflow_tracking_uri}/health"  # open in the basic-auth app too
+        return Component("mlflow", argv, env=env, health_url=health, port=port)
+
+    def mlflow_auth_env(self) -> dict[str, str]:
+        """The environment of MLflow's basic-auth app: its configuration file under
+        ``<state_dir>/mlflow-auth`` (users in SQLite beside it, ``default_permission =
+        NO_PERMISSIONS``), the platform's user as MLflow's admin, and the Flask secret.
+
+        The password is the platform's (``SHIPYARD_MLFLOW_PASSWORD`` or ``_PASSWORD_FILE``), else one
+        generated once for this state directory; MLflow creates its admin from it on first start
+        only, so a password changed later must be changed in MLflow too (its update-password API).
+        """
+        folder = self.state_dir / MLFLOW_AUTH_DIR
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        credentials = self.platform.mlflow_credentials()
+        if credentials is None:
+            _secret_file(generated_mlflow_password_path(self.state_dir))
+            credentials = self.platform.mlflow_credentials()
+        if credentials is None or len(credentials[1]) < MLFLOW_MIN_PASSWORD:
+            raise StackError(
+                f"the MLflow password (SHIPYARD_MLFLOW_PASSWORD or SHIPYARD_MLFLOW_PASSWORD_FILE) must be "
+                f"at least {MLFLOW_MIN_PASSWORD} characters: MLflow's basic-auth app refuses a shorter one"
+            )
+        config = folder / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+            f"admin_username = {credentials[0]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "grant_default_workspace_access = false\n"
+        )
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_USERNAME": credentials[0],
+            "MLFLOW_AUTH_ADMIN_PASSWORD": credentials[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret_file(folder / "flask-secret-key"),
+        }
 
     def worker_component(self) -> Component:
         argv = [
@@ -449,6 +502,19 @@ class Stack:
                 }
             )
         return rows
+
+
+def _secret_file(path: Path) -> str:
+    """The secret in ``path``, made (random, readable by its owner alone) if it does not exist."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return path.read_text().strip()
+        with os.fdopen(descriptor, "w") as out:
+            out.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
 
 
 def deployments_served(platform: PlatformSettings) -> bool:

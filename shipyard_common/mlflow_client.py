@@ -37,7 +37,7 @@ _UNAVAILABLE_CODES = frozenset({"TEMPORARILY_UNAVAILABLE"})
 
 
 def apply_mlflow_client_limits(platform: PlatformSettings) -> None:
-    """Set MLflow's client timeout, retries and backoff for this process from ``platform``.
+    """Set MLflow's client timeout, retries, backoff and credentials for this process from ``platform``.
 
     MLflow reads them from the environment at every call, so this takes effect at once; the
     platform's settings win over values already in the environment, so that every service agrees.
@@ -47,6 +47,11 @@ def apply_mlflow_client_limits(platform: PlatformSettings) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(platform.mlflow_request_backoff_s)
     # MLflow adds up to this much random delay to each backoff (1 s by default).
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = str(min(1.0, platform.mlflow_request_backoff_s / 2))
+    # MLflow's basic-auth app: its client signs in with these (a service deployed with only
+    # SHIPYARD_MLFLOW_PASSWORD or _PASSWORD_FILE, not started by the local stack, too).
+    credentials = platform.mlflow_credentials()
+    if credentials is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = credentials
 
 
 def mlflow_unreachable(exc: BaseException) -> bool:

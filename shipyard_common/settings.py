@@ -27,6 +27,9 @@ DEFAULT_DEV_TOKENS: dict[str, Role | Grant] = {
     DEV_APPROVER_TOKEN: Grant(role=Role.APPROVER, name="bob"),
 }
 
+# Under the state directory: MLflow's auth configuration, its users' database and generated secrets.
+MLFLOW_AUTH_DIR = "mlflow-auth"
+
 # Nothing in Shipyard may phone home; every process we start inherits these.
 NO_TELEMETRY_ENV = {
     "DO_NOT_TRACK": "1",
@@ -64,6 +67,22 @@ class PlatformSettings(BaseSettings):
     )
     mlflow_request_backoff_s: int = Field(
         default=1, ge=0, le=120, description="MLflow's backoff factor between those retries (seconds).",
+    )
+    # MLflow's own authentication (its basic-auth app): every platform process signs in with these;
+    # nobody else holds an MLflow account, so an alias cannot be moved behind the registry's back.
+    mlflow_auth: bool | None = Field(
+        default=None,
+        description="Run MLflow with its basic-auth app (shipyard up); unset: on, except SHIPYARD_ENV=test.",
+    )
+    mlflow_username: str = Field(
+        default="shipyard", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The MLflow user the platform's services sign in as (MLflow's admin).",
+    )
+    mlflow_password: SecretStr | None = Field(
+        default=None, description="Its password (at least 12 characters); or mlflow_password_file.",
+    )
+    mlflow_password_file: Path | None = Field(
+        default=None, description="A file holding the password (a mounted secret), read when used.",
     )
     tokens: dict[str, Role | Grant] = Field(
         default_factory=lambda: dict(DEFAULT_DEV_TOKENS),
@@ -119,6 +138,26 @@ class PlatformSettings(BaseSettings):
         return f"sqlite:///{self.state_dir.resolve() / 'shipyard.db'}"
 
     @property
+    def mlflow_auth_enabled(self) -> bool:
+        """Whether MLflow runs with its basic-auth app: ``mlflow_auth``, else on outside tests."""
+        return self.mlflow_auth if self.mlflow_auth is not None else self.env != "test"
+
+    def mlflow_credentials(self) -> tuple[str, str] | None:
+        """(username, password) for MLflow, or None when none is configured.
+
+        The password comes from ``mlflow_password``, else ``mlflow_password_file``, else the one
+        ``shipyard up`` generated for this state directory (:func:`generated_mlflow_password_path`),
+        so that a service or command started by hand on the same state directory signs in too.
+        """
+        if self.mlflow_password is not None:
+            return self.mlflow_username, self.mlflow_password.get_secret_value()
+        generated = generated_mlflow_password_path(self.state_dir)
+        for path in (self.mlflow_password_file, generated):
+            if path is not None and path.is_file():
+                return self.mlflow_username, path.read_text().strip()
+        return None
+
+    @property
     def data_repo_path(self) -> Path:
         return (self.data_repo or self.state_dir / "data").resolve()
 
@@ -167,8 +206,25 @@ class PlatformSettings(BaseSettings):
             "SHIPYARD_DVC_S3_REGION": self.dvc_s3_region,
         }
         env.update({key: value for key, value in s3.items() if value})
+        env.update(self._mlflow_auth_env())
         env.update(NO_TELEMETRY_ENV)
         return env
+
+    def _mlflow_auth_env(self) -> dict[str, str]:
+        """MLflow's credentials as the platform's settings and as MLflow's client reads them."""
+        env = {"SHIPYARD_MLFLOW_USERNAME": self.mlflow_username}
+        if self.mlflow_auth is not None:
+            env["SHIPYARD_MLFLOW_AUTH"] = "true" if self.mlflow_auth else "false"
+        credentials = self.mlflow_credentials()
+        if credentials is not None:
+            env["SHIPYARD_MLFLOW_PASSWORD"] = credentials[1]
+            env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = credentials
+        return env
+
+
+def generated_mlflow_password_path(state_dir: Path) -> Path:
+    """Where ``shipyard up`` keeps the MLflow password it generated for ``state_dir`` (mode 0600)."""
+    return state_dir.resolve() / MLFLOW_AUTH_DIR / "password"
 
 
 class ServiceSettings(BaseSettings):

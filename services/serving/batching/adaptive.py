@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
@@ -82,7 +81,6 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self._runner: GroupRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = -1
         #: Groups run, those run in the pool, and requests answered in groups of several (for tests
         #: and diagnostics).
         self.groups = 0
@@ -94,13 +92,11 @@ class Batcher:
 
         Off the event loop (a thread with no running loop, or tests), the job runs at once, alone.
         """
-        if threading.get_ident() != self._loop_thread:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._reply_all([job], _run_blocking(runner, [job]))
-                return
-            self._loop_thread = threading.get_ident()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._reply_all([job], _run_blocking(runner, [job]))
+            return
         self._runner = runner
         if self._scheduled:
             self._pending.append((job, time.monotonic()))
