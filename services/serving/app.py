@@ -75,7 +75,7 @@ async def _start_grpc(app: FastAPI, settings: ServingSettings) -> Any:
         return bool(app.state.ready) and dataplane.models.reconciled.is_set()
 
     return await start_server(settings, dataplane=dataplane, authenticator=app.state.authenticator,
-                              ready=ready, version=app.version)
+                              ready=ready, version=app.version, http_metrics=app.state.http_metrics)
 
 
 def create_app(settings: ServingSettings) -> FastAPI:

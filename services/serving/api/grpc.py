@@ -34,6 +34,7 @@ from services.serving.protocols import v2_grpc
 from services.serving.settings import ServingSettings
 from shipyard_common.auth import Role, TokenAuthenticator
 from shipyard_common.errors import InvalidInput, ShipyardError
+from shipyard_common.metrics import HttpMetrics
 
 log = logging.getLogger("shipyard.serving")
 
@@ -49,12 +50,15 @@ class InferenceServicer:
 
     def __init__(
         self, *, dataplane: DataPlane, authenticator: TokenAuthenticator, ready: Callable[[], bool],
-        version: str,
+        version: str, http_metrics: HttpMetrics | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.authenticator = authenticator
         self.ready = ready
         self.version = version
+        #: The service's request metrics: each call counts as ``POST /<service>/<method>`` (gRPC's
+        #: HTTP/2 request) with the status an HTTP route would answer, so dashboards see it too.
+        self.http_metrics = http_metrics
 
     def methods(self) -> dict[str, Handler]:
         """The implemented RPCs by name, each behind the token check and the error mapping."""
@@ -63,14 +67,20 @@ class InferenceServicer:
             "ModelReady": self.model_ready, "ServerMetadata": self.server_metadata,
             "ModelMetadata": self.model_metadata, "ModelInfer": self.model_infer,
         }
-        return {name: self._guarded(method) for name, method in own.items()}
+        return {name: self._guarded(name, method) for name, method in own.items()}
 
-    def _guarded(self, method: Handler) -> Handler:
+    def _guarded(self, name: str, method: Handler) -> Handler:
+        route = f"/{SERVICE}/{name}"
+
         async def call(request: Any, context: Any) -> Any:
+            started, status = time.perf_counter(), 500
             try:
                 self._authorize(context)
-                return await method(request, context)
+                answer = await method(request, context)
+                status = 200
+                return answer
             except ShipyardError as exc:
+                status = exc.status_code
                 code, details = v2_grpc.error_status(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     log.error("gRPC request failed: %s", details)
@@ -78,6 +88,9 @@ class InferenceServicer:
             except Exception as exc:
                 log.exception("unhandled error in a gRPC call", exc_info=exc)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            finally:
+                if self.http_metrics is not None:
+                    self.http_metrics.observe("POST", route, status, time.perf_counter() - started)
 
         return call
 
@@ -161,7 +174,7 @@ def service_handler(servicer: InferenceServicer) -> Any:
 
 async def start_server(
     settings: ServingSettings, *, dataplane: DataPlane, authenticator: TokenAuthenticator,
-    ready: Callable[[], bool], version: str,
+    ready: Callable[[], bool], version: str, http_metrics: HttpMetrics | None = None,
 ) -> Any:
     """A started ``grpc.aio`` server on ``settings.host``:``settings.grpc_port``, on the running loop.
 
@@ -174,7 +187,7 @@ async def start_server(
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ])
     servicer = InferenceServicer(dataplane=dataplane, authenticator=authenticator,
-                                 ready=ready, version=version)
+                                 ready=ready, version=version, http_metrics=http_metrics)
     server.add_generic_rpc_handlers((service_handler(servicer),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:

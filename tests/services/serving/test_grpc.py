@@ -242,3 +242,8 @@ def test_refusals_map_to_grpc_status_codes(served: Served) -> None:
 
     # Still serving after every refusal.
     assert grpc_infer(served, ROWS).get_response().model_version == served.canary.version
+    # Counted in the service's request metrics, as the HTTP protocols' requests are.
+    route = {"method": "POST", "route": "/inference.GRPCInferenceService/ModelInfer", "service": "serving"}
+    assert (metric(served.base, "shipyard_http_requests_total", {**route, "status": "200"}) or 0) >= 1
+    assert (metric(served.base, "shipyard_http_requests_total", {**route, "status": "400"}) or 0) >= 4
+    assert (metric(served.base, "shipyard_http_requests_total", {**route, "status": "401"}) or 0) >= 3
