@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 
@@ -18,8 +21,29 @@ TokenOption = Annotated[str, typer.Option(envvar="SHIPYARD_API_TOKEN", help="API
 
 
 def platform_settings() -> PlatformSettings:
+    """The platform settings from the environment; a bad one exits 1 naming each setting and what is
+    wrong with it (never a traceback: ``SHIPYARD_ENV=prod`` with the development tokens, say)."""
     disable_telemetry()
-    return PlatformSettings()
+    try:
+        return PlatformSettings()
+    except ValidationError as exc:
+        fail(settings_problem(exc))
+    except SettingsError as exc:  # a value that is not even JSON (SHIPYARD_TOKENS=abc)
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = f"SHIPYARD_{found.group(1).upper()}" if found else "a SHIPYARD_ variable"
+        fail(f"bad configuration in the environment: {name} cannot be read (it must be JSON): {exc}")
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """A pydantic ``ValidationError`` on the platform settings as sentences: which environment
+    variable, and what is wrong with it (the offending value is not repeated: it may be a token)."""
+    lines = []
+    for error in exc.errors():
+        where = "_".join(str(part) for part in error["loc"]).upper()
+        name = f"SHIPYARD_{where}" if where else "the settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{name}: {message}")
+    return "bad configuration in the environment:\n  " + "\n  ".join(lines)
 
 
 def client_for(token: str) -> ShipyardClient:

@@ -11,6 +11,7 @@ import os
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shipyard_cli import observability
@@ -43,11 +44,20 @@ def up(
         "--with-grafana", help="Also start grafana-server (from PATH) with Shipyard's dashboards "
         "(and Prometheus, which it reads).",
     )] = False,
+    supervise: Annotated[bool, typer.Option(
+        "--supervise/--no-supervise", help="Leave a supervisor running that starts again a component "
+        "whose process dies (with a backoff; 'shipyard status' shows the restarts).",
+    )] = True,
 ) -> None:
-    """Start Redis (if none answers), MLflow, Prefect, a worker, the four services and the flows."""
+    """Start Redis (if none answers), MLflow, Prefect, a worker, the four services and the flows, and a
+    supervisor; what already runs is left running, what died is started again."""
     stack = _stack_for_up(with_prometheus=with_prometheus or with_grafana, with_grafana=with_grafana)
     try:
-        stack.up(on_started=lambda r: console.print(f"  [green]✓[/green] {r.name:<9} pid {r.pid}"))
+        stack.up(
+            on_started=lambda r: console.print(f"  [green]✓[/green] {r.name:<10} pid {r.pid}"),
+            on_running=lambda r: console.print(f"  [dim]·[/dim] {r.name:<10} pid {r.pid} (already running)"),
+            supervise=supervise,
+        )
     except StackError as exc:
         fail(str(exc))
     console.print(f"stack is up; logs in {stack.log_dir}")
@@ -94,21 +104,36 @@ def down() -> None:
 
 
 @app.command()
+def restart(
+    component: Annotated[str, typer.Argument(help="A component that 'shipyard status' lists: worker …")],
+) -> None:
+    """Stop one component of the local stack (its children too) and start it again; the rest runs on."""
+    try:
+        record = Stack(platform_settings()).restart(component)
+    except StackError as exc:
+        fail(str(exc))
+    console.print(f"  [green]✓[/green] {record.name} restarted: pid {record.pid} (restart {record.restarts})")
+
+
+@app.command()
 def status() -> None:
-    """Show which processes of the local stack run and answer."""
+    """Show which processes of the local stack run and answer, and how often each was restarted."""
     platform = platform_settings()
     rows = Stack(platform).status()
     if not rows:
         console.print("no stack is running from this state directory ('shipyard up' starts one)")
         raise typer.Exit(code=1)
-    table = Table("component", "pid", "alive", "healthy", "log")
+    table = Table("component", "pid", "alive", "healthy", "restarts", "last exit", "log")
     for row in rows:
         healthy = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[row["healthy"]]  # type: ignore[index]
+        last_exit = " ".join(str(row[key]) for key in ("last_exit", "note") if row[key]) or "-"
         table.add_row(
             str(row["name"]),
             str(row["pid"]),
             "yes" if row["alive"] else "[red]no[/red]",
             healthy,
+            str(row["restarts"]),
+            escape(last_exit),
             str(row["log"]),
         )
     console.print(table)

@@ -2,20 +2,27 @@
 services and the process that serves Shipyard's flows as Prefect deployments.
 
 Each process runs in its own process group, so that stopping it also stops its children,
-and is recorded in ``<state_dir>/run/<name>.json``; logs go to ``<state_dir>/logs/<name>.log``.
-Tests start the same stack on free ports through :class:`Stack`.
+and is recorded in ``<state_dir>/run/<name>.json`` (with what it takes to start it again: its command,
+environment, health URL, and how often it was restarted); logs go to ``<state_dir>/logs/<name>.log``.
+``up`` starts what is not running and leaves what runs; ``restart`` stops and starts one component; the
+supervisor (:mod:`shipyard_cli.supervisor`, which ``shipyard up`` leaves running) starts again a
+component whose process died. Tests start the same stack on free ports through :class:`Stack`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,8 +41,10 @@ from shipyard_common.settings import (
 )
 
 SERVICES = ("trainer", "registry", "serving", "monitor")
-# Start order; stopped in reverse.
-ORDER = ("redis", "mlflow", "prefect", "worker", *SERVICES, "pipelines", "prometheus", "grafana")
+# Start order; stopped in reverse (the supervisor first, so that it starts nothing again meanwhile).
+ORDER = ("redis", "mlflow", "prefect", "worker", *SERVICES, "pipelines", "prometheus", "grafana",
+         "supervisor")
+SUPERVISOR = "supervisor"
 PREFECT_SCHEMA = "prefect"
 # MLflow's basic-auth app refuses a shorter password (mlflow.utils.validation._validate_password).
 MLFLOW_MIN_PASSWORD = 12
@@ -87,11 +96,27 @@ class Component:
 
 @dataclass
 class ProcessRecord:
+    """One running component, as ``<state_dir>/run/<name>.json`` holds it: enough to start it again."""
+
     name: str
     pid: int
     argv: list[str]
     log: str
     health_url: str | None
+    # The component's own environment (on top of the stack's) and port: what a restart needs.
+    env: dict[str, str] = field(default_factory=dict)
+    port: int | None = None
+    # How often it was started again since the stack came up, and why the last process ended.
+    restarts: int = 0
+    last_exit: str | None = None
+    started_at: float = 0.0
+    # What the supervisor is doing about it ("restarting in 4 s"), shown by ``shipyard status``.
+    note: str | None = None
+
+    def component(self) -> Component:
+        """The component this record started, to start it again."""
+        return Component(self.name, list(self.argv), env=dict(self.env), health_url=self.health_url,
+                         port=self.port)
 
     def alive(self) -> bool:
         try:
@@ -142,6 +167,8 @@ class Stack:
         )
         self.worker_queues = worker_queues
         self.worker_concurrency = worker_concurrency
+        # The processes this object started, by component: their exit status is ours to read.
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.extra_env = extra_env or {}
         # The token the deployed flows act with: SHIPYARD_PIPELINES_TOKEN, else SHIPYARD_API_TOKEN,
         # else (development) dev-trainer-token (alice's), so that their promotion requests need another's
@@ -389,7 +416,39 @@ class Stack:
                 continue
         return found
 
-    def start_component(self, component: Component) -> ProcessRecord:
+    def record(self, name: str) -> ProcessRecord | None:
+        """The record of component ``name`` as it is on disk now, or None."""
+        try:
+            return ProcessRecord(**json.loads(self._record_path(name).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write_record(self, record: ProcessRecord) -> None:
+        """Write ``record`` readable by this user alone: a component's environment may hold a token."""
+        path = self._record_path(record.name)
+        temporary = path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(record.__dict__))
+        temporary.replace(path)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold component ``name``'s lock: ``up``, ``restart`` and the supervisor start a component only
+        while they hold it, so that two of them never start it twice."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / f"{name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def start_component(
+        self, component: Component, *, restarts: int = 0, last_exit: str | None = None
+    ) -> ProcessRecord:
+        """Start ``component`` in a process group of its own, its output appended to its log, and
+        record it (with ``restarts`` and ``last_exit`` carried over from the process it replaces)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if component.port is not None and not _port_free(component.port):
@@ -410,15 +469,35 @@ class Stack:
                 start_new_session=True,
                 cwd=str(Path(__file__).resolve().parent.parent),
             )
+        self.processes[component.name] = process
         record = ProcessRecord(
             name=component.name,
             pid=process.pid,
             argv=component.argv,
             log=str(log_path),
             health_url=component.health_url,
+            env=dict(component.env),
+            port=component.port,
+            restarts=restarts,
+            last_exit=last_exit,
+            started_at=time.time(),
         )
-        self._record_path(component.name).write_text(json.dumps(record.__dict__))
+        self.write_record(record)
         return record
+
+    def exit_of(self, record: ProcessRecord) -> str:
+        """How ``record``'s process ended, in words: its exit status where this process started it
+        (and so can reap it), else only that it is gone."""
+        process = self.processes.get(record.name)
+        code = process.poll() if process is not None and process.pid == record.pid else None
+        if code is None:
+            return "its process is gone"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code}"
 
     def wait_ready(self, record: ProcessRecord, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -444,32 +523,87 @@ class Stack:
             time.sleep(0.3)
         raise StackError(f"{record.name} did not become healthy in {timeout:.0f}s; see {record.log}")
 
-    def up(self, *, on_started=None) -> list[ProcessRecord]:  # type: ignore[no-untyped-def]
-        running = [r for r in self.records() if r.alive()]
-        if running:
-            raise StackError(
-                "a stack is already running from this state directory ("
-                + ", ".join(r.name for r in running)
-                + "); run 'shipyard down' first"
-            )
-        for stale in self.run_dir.glob("*.json") if self.run_dir.exists() else []:
-            stale.unlink()
+    def up(
+        self,
+        *,
+        on_started: Callable[[ProcessRecord], object] | None = None,
+        on_running: Callable[[ProcessRecord], object] | None = None,
+        supervise: bool = False,
+    ) -> list[ProcessRecord]:
+        """Start, in order, each component that is not running (each healthy before the next), leave
+        those that run, and with ``supervise`` the supervisor too; return what was started.
+
+        A component that died is started again (its record counts the restart), so that ``shipyard
+        up`` mends a stack without a full down and up. If a start fails, what this call started is
+        stopped again and what ran before is left running.
+        """
         started: list[ProcessRecord] = []
         try:
             for component in self.components():
-                record = self.start_component(component)
+                record = self._ensure(component)
+                if record is None:
+                    if on_running and (running := self.record(component.name)):
+                        on_running(running)
+                    continue
                 started.append(record)
                 self.wait_ready(record)
                 if on_started:
                     on_started(record)
+            if supervise and (record := self._ensure(self.supervisor_component())) is not None:
+                started.append(record)
+                self.wait_ready(record, timeout=15)
+                if on_started:
+                    on_started(record)
         except BaseException:
-            self.down()
+            for record in reversed(started):
+                stop_process_group(record.pid, 15.0)
+                self._record_path(record.name).unlink(missing_ok=True)
             raise
         return started
 
+    def _ensure(self, component: Component) -> ProcessRecord | None:
+        """Start ``component`` unless its recorded process runs; the new record, or None if it ran."""
+        with self.lock(component.name):
+            before = self.record(component.name)
+            if before is not None and before.alive():
+                return None
+            if before is None:
+                return self.start_component(component)
+            ended = self.exit_of(before)  # before stopping the group, which would reap it unread
+            stop_leftovers(before.pid)
+            return self.start_component(component, restarts=before.restarts + 1,
+                                        last_exit=f"{ended}; started again by up")
+
+    def supervisor_component(self) -> Component:
+        """The supervisor (:mod:`shipyard_cli.supervisor`), which starts again what dies."""
+        return Component(SUPERVISOR, [sys.executable, "-m", "shipyard_cli.supervisor"])
+
+    def restart(self, name: str, *, timeout: float = 120.0) -> ProcessRecord:
+        """Stop component ``name`` (its whole process group) and start it again from its record; return
+        the new record once it is healthy."""
+        with self.lock(name):
+            before = self.record(name)
+            if before is None:
+                known = ", ".join(r.name for r in self.records()) or "nothing"
+                raise StackError(f"no component {name!r} in the stack of {self.state_dir} (it has: {known})")
+            if before.alive():
+                stop_process_group(before.pid, 15.0)
+            stop_leftovers(before.pid)
+            record = self.start_component(before.component(), restarts=before.restarts + 1,
+                                          last_exit="stopped by shipyard restart")
+        self.wait_ready(record, timeout=timeout)
+        return record
+
     def down(self, timeout: float = 15.0) -> list[str]:
+        """Stop the supervisor, then every component in reverse start order; return their names."""
         stopped = []
-        # Stop in reverse start order: services first, Redis last.
+        supervisor = self.record(SUPERVISOR)
+        if supervisor is not None:
+            if supervisor.alive():
+                stop_process_group(supervisor.pid, timeout)
+                stopped.append(SUPERVISOR)
+            self._record_path(SUPERVISOR).unlink(missing_ok=True)
+        # Read after the supervisor stopped: a restart it made meanwhile has its record written.
         order = {name: i for i, name in enumerate(ORDER)}
         for record in sorted(self.records(), key=lambda r: -order.get(r.name, 0)):
             if record.alive():
@@ -499,9 +633,33 @@ class Stack:
                     "alive": alive,
                     "healthy": healthy,
                     "log": record.log,
+                    "restarts": record.restarts,
+                    "last_exit": record.last_exit,
+                    "note": record.note,
                 }
             )
         return rows
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``, from ``/proc``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def stop_leftovers(pgid: int) -> None:
+    """Stop what is left of a dead component's process group (a child that outlived its leader and
+    holds its port, say) before it is started again; nothing to do when the group is gone (a zombie
+    leader, which only its parent can reap, is not waited for)."""
+    if group_members(pgid):
+        stop_process_group(pgid, 5.0)
 
 
 def _secret_file(path: Path) -> str:
