@@ -26,6 +26,7 @@ from shipyard_cli.pipelines import pipelines_app
 from shipyard_cli.retraining import retraining_app
 from shipyard_cli.serving import predict
 from shipyard_cli.stack import Stack, StackError, prefect_ui_url
+from shipyard_cli.tokens import tokens_app
 
 app = typer.Typer(help="Shipyard: train, register, promote, serve and watch models.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -33,6 +34,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(retraining_app, name="retraining")
+app.add_typer(tokens_app, name="tokens")
 
 
 @app.command()

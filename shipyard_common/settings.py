@@ -7,6 +7,7 @@ database, Redis and MLflow are, and which tokens exist.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shipyard_common.auth import REVEALING_RUN, Grant, Role, reveals_token
+from shipyard_common.auth import Grant, Role, TokenTable, token_key
+from shipyard_common.oidc import OidcSettings
+
+log = logging.getLogger("shipyard.settings")
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 # Two more people for trying governed promotion on a laptop: one asks, the other approves.
@@ -48,7 +52,8 @@ def disable_telemetry() -> None:
 class PlatformSettings(BaseSettings):
     """What every Shipyard process must agree on."""
 
-    model_config = SettingsConfigDict(env_prefix="SHIPYARD_", extra="ignore")
+    # Errors never echo their input: SHIPYARD_TOKENS may hold tokens in clear.
+    model_config = SettingsConfigDict(env_prefix="SHIPYARD_", extra="ignore", hide_input_in_errors=True)
 
     env: Literal["dev", "test", "prod"] = "dev"
     state_dir: Path = Path(".shipyard")
@@ -84,9 +89,17 @@ class PlatformSettings(BaseSettings):
     mlflow_password_file: Path | None = Field(
         default=None, description="A file holding the password (a mounted secret), read when used.",
     )
-    tokens: dict[str, Role | Grant] = Field(
-        default_factory=lambda: dict(DEFAULT_DEV_TOKENS),
-        description='Token → role ("approver") or {"role": "approver", "name": "bob"}.',
+    # Held hashed (shipyard_common.auth.TokenTable): no process keeps a clear token after it starts.
+    tokens: TokenTable = Field(
+        default_factory=lambda: TokenTable.from_config(DEFAULT_DEV_TOKENS),
+        description='JSON object. Key: the token\'s hash "sha256:<64 hex>" (shipyard tokens hash), or the '
+        'token in clear (hashed as it is read); value: a role ("approver") or {"role": "approver", '
+        '"name": "bob"}. Or key: a name, value: {"role": "approver", "file": "/run/secrets/bob"} or '
+        '{"role": "approver", "env": "BOB_TOKEN"}, a token read at start.',
+    )
+    oidc: OidcSettings = Field(
+        default_factory=OidcSettings,
+        description="Optional: JWTs an identity provider signs, as bearer tokens (SHIPYARD_OIDC_*).",
     )
     events_channel: str = "shipyard.events"
     log_level: str = "INFO"
@@ -111,7 +124,7 @@ class PlatformSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secrets_outside_dev(self) -> PlatformSettings:
-        if self.env != "dev" and set(DEFAULT_DEV_TOKENS) & set(self.tokens):
+        if self.env != "dev" and any(token_key(token) in self.tokens for token in DEFAULT_DEV_TOKENS):
             raise ValueError(
                 "the built-in development token is only allowed with SHIPYARD_ENV=dev; "
                 "set SHIPYARD_TOKENS to your own tokens"
@@ -119,16 +132,15 @@ class PlatformSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _refuse_names_that_show_their_token(self) -> PlatformSettings:
-        # Every viewer reads a principal's name in the audit; neither the name nor the token is
-        # repeated here, where the error is logged.
-        for token, grant in self.tokens.items():
-            if isinstance(grant, Grant) and grant.name and reveals_token(grant.name, token):
-                raise ValueError(
-                    f"the name of a {grant.role.value} token in SHIPYARD_TOKENS shares {REVEALING_RUN} or "
-                    "more consecutive characters with the token: audit rows show it to every viewer, so "
-                    "choose a name that shows no part of the token"
-                )
+    def _warn_of_clear_tokens_in_production(self) -> PlatformSettings:
+        # Names only (a bare role's is role:<role>#<8 hex of its hash>), never a token.
+        if self.env == "prod" and self.tokens.clear:
+            log.warning(
+                "SHIPYARD_TOKENS holds %d token(s) in clear (%s): give their hashes instead "
+                "('shipyard tokens hash' prints one) or read them from a secret "
+                '({"role": ..., "file": "/run/secrets/..."} or {"role": ..., "env": "VAR"})',
+                len(self.tokens.clear), ", ".join(self.tokens.clear),
+            )
         return self
 
     @property
@@ -178,10 +190,8 @@ class PlatformSettings(BaseSettings):
             "SHIPYARD_MLFLOW_REQUEST_TIMEOUT_S": str(self.mlflow_request_timeout_s),
             "SHIPYARD_MLFLOW_REQUEST_RETRIES": str(self.mlflow_request_retries),
             "SHIPYARD_MLFLOW_REQUEST_BACKOFF_S": str(self.mlflow_request_backoff_s),
-            "SHIPYARD_TOKENS": json.dumps({
-                token: grant.model_dump(mode="json") if isinstance(grant, Grant) else grant.value
-                for token, grant in self.tokens.items()
-            }),
+            # By hash: a child never sees a token in clear.
+            "SHIPYARD_TOKENS": json.dumps(self.tokens.as_config()),
             "SHIPYARD_EVENTS_CHANNEL": self.events_channel,
             "SHIPYARD_LOG_LEVEL": self.log_level,
             "SHIPYARD_LOG_JSON": "true" if self.log_json else "false",
@@ -206,6 +216,7 @@ class PlatformSettings(BaseSettings):
             "SHIPYARD_DVC_S3_REGION": self.dvc_s3_region,
         }
         env.update({key: value for key, value in s3.items() if value})
+        env.update(self.oidc.as_env())
         env.update(self._mlflow_auth_env())
         env.update(NO_TELEMETRY_ENV)
         return env

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shipyard_common import oidc
 from shipyard_common.auth import TokenAuthenticator
 from shipyard_common.errors import ShipyardError
 from shipyard_common.metrics import HttpMetrics
@@ -133,7 +134,7 @@ def install_common(
     http_metrics = HttpMetrics(registry, service)
     app.state.metrics_registry = registry
     app.state.http_metrics = http_metrics  # for ASGI layers in front of the middleware (serving's fast lane)
-    app.state.authenticator = TokenAuthenticator(platform.tokens)
+    app.state.authenticator = TokenAuthenticator(platform.tokens, jwt=oidc.validator(platform.oidc))
     app.state.ready = True
     checks = dict(readiness_checks or {})
     install_error_handlers(app)

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Mapping
 
-from shipyard_common.auth import Grant, Role, principal_name
+from shipyard_common.auth import Grant, Role, key_digest, principal_name
 from shipyard_common.edge.asgi import (
     ASGIApp,
     ErrorBody,
@@ -57,7 +57,8 @@ class RateLimit:
         self.rate = rate
         self.burst = float(burst)
         # Looked up by the token's digest: a dict lookup then reveals nothing of a token by its timing.
-        self.principals = {_digest(token): principal_name(token, grant) for token, grant in tokens.items()}
+        # Keys are clear tokens or their sha256: hashes (the settings' TokenTable): both by digest.
+        self.principals = {key_digest(key): principal_name(key, grant) for key, grant in tokens.items()}
         self.buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens left, when counted)
         self.metrics = metrics
 
