@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -503,9 +504,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not record.alive():
-                raise StackError(
-                    f"{record.name} exited while starting; last lines of {record.log}:\n" + _tail(record.log)
-                )
+                raise StackError(_startup_failure(record))
             if record.name == "redis":
                 if redis_answers(self.platform.redis_url):
                     return
@@ -713,6 +712,20 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _startup_failure(record: ProcessRecord) -> str:
+    """Why ``record``'s process exited while starting: its settings' validation errors alone when that
+    was it (a bad ``SHIPYARD_<SERVICE>_*`` value: the sentence, not the traceback), else its log's tail."""
+    lines = _tail(record.log).splitlines()
+    found = [i for i, line in enumerate(lines) if re.search(r"\d+ validation errors? for \w*Settings", line)]
+    if found:
+        # Neither the input (it may be a token) nor pydantic's links and exception class name.
+        kept = [re.sub(r"\s*\[type=.*$", "", line.strip()).removeprefix("pydantic_core._pydantic_core.")
+                for line in lines[found[-1]:] if "errors.pydantic.dev" not in line]
+        problem = "\n  ".join(line for line in kept if line)
+        return f"{record.name} refused its configuration (see {record.log}):\n  {problem}"
+    return f"{record.name} exited while starting; last lines of {record.log}:\n" + "\n".join(lines)
 
 
 def _tail(path: str, lines: int = 30) -> str:

@@ -17,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from shipyard_cli.main import app as cli
-from shipyard_cli.stack import SUPERVISOR, Component, ProcessRecord, Stack
+from shipyard_cli.stack import SUPERVISOR, Component, ProcessRecord, Stack, StackError
 from shipyard_common.settings import PlatformSettings
-from tests.support import test_platform, wait_for
+from tests.support import free_port, test_platform, wait_for
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -142,3 +142,22 @@ def test_a_bad_configuration_is_a_sentence_not_a_traceback(
     assert result.exit_code == 1
     assert result.output.startswith("error: bad configuration in the environment") and says in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_a_service_that_refuses_its_configuration_says_which_setting_not_a_traceback(tmp_path: Path):
+    """``shipyard up`` reports a service's bad setting (here ``SHIPYARD_TRAINER_PORT=abc``) as the
+    setting and what is wrong with it, without the traceback or the value (it might be a token)."""
+    stack = Stack(test_platform(tmp_path / "state"))
+    component = Component("trainer", [sys.executable, "-m", "services.trainer"],
+                          env={"SHIPYARD_TRAINER_PORT": "abc"}, health_url=f"http://127.0.0.1:{free_port()}/")
+    record = stack.start_component(component)
+    try:
+        with pytest.raises(StackError) as refused:
+            stack.wait_ready(record, timeout=60)
+    finally:
+        stack.down(timeout=5)
+    message = str(refused.value)
+    assert message.startswith("trainer refused its configuration (see ")
+    assert message.endswith("ValidationError: 1 validation error for TrainerSettings\n  port\n  Input "
+                            "should be a valid integer, unable to parse string as an integer"), message
+    assert "Traceback" not in message and "abc" not in message
