@@ -136,10 +136,28 @@ async def _drive_many(
     return elapsed / (rounds * connections)
 
 
-def _request(path: str, body: bytes) -> bytes:
+def _request(path: str, body: bytes, extra: str = "") -> bytes:
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n")
+            f"Authorization: Bearer {TOKEN}\r\n{extra}Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
+
+
+def _shipyard_request(protocol: str, row: list[float]) -> bytes:
+    """One single-row MLP request in ``protocol``: ours, OIP v2 JSON or binary, or TF Serving REST."""
+    import numpy as np
+    import orjson
+
+    if protocol == "ours":
+        return _request("/v1/models/mlp/predict", orjson.dumps({"inputs": [row]}))
+    if protocol == "tf":
+        return _request("/v1/models/mlp:predict", orjson.dumps({"instances": [row]}))
+    tensor: dict[str, Any] = {"name": "input", "shape": [1, len(row)], "datatype": "FP32"}
+    if protocol == "v2":
+        return _request("/v2/models/mlp/infer", orjson.dumps({"inputs": [{**tensor, "data": row}]}))
+    raw = np.asarray([row], dtype="<f4").tobytes()
+    header = orjson.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]})
+    length = f"Inference-Header-Content-Length: {len(header)}\r\n"
+    return _request("/v2/models/mlp/infer", header + raw, length)
 
 
 class _LaneApp:
@@ -222,6 +240,8 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=30, help="the profile's length")
     parser.add_argument("--connections", type=int, default=1,
                         help="connections whose requests arrive in the same loop iteration")
+    parser.add_argument("--protocol", choices=("ours", "v2", "v2bin", "tf"), default="ours",
+                        help="Shipyard's request: ours, OIP v2 JSON or binary, TF Serving REST")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: this thread's CPU time (steadier on a busy machine)")
     args = parser.parse_args()
@@ -243,7 +263,7 @@ def main() -> None:
 
         ours_app, ours_protocol = _LaneApp(lane), FastLaneHttpProtocol
         bare_protocol = "httptools"
-        ours_request = _request("/v1/models/mlp/predict", body)
+        ours_request = _shipyard_request(args.protocol, row)
         bare_request = _request("/predict", body)
         import uvloop  # uvicorn's loop wherever it is installed, as it is with Shipyard
 

@@ -85,8 +85,19 @@ _ROUTES: list[tuple[re.Pattern[str], str, _Route]] = [
     (re.compile(r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer"), "v2",
      _Route("/v2/models/{name}/versions/{version}/infer")),
 ]
-_OURS_ROUTE = _ROUTES[3][2]
-_OURS_PREFIX, _OURS_SUFFIX = len("/v1/models/"), -len("/predict")
+# The commonest routes (no version or label), found without a pattern: (prefix, suffix, protocol, route).
+_PLAIN_ROUTES = (("/v1/models/", "/predict", "ours", _ROUTES[3][2]),
+                 ("/v2/models/", "/infer", "v2", _ROUTES[4][2]),
+                 ("/v1/models/", ":predict", "tf", _ROUTES[0][2]))
+
+
+def _plain_route(path: str) -> tuple[str, _Route, dict[str, str]] | None:
+    for prefix, suffix, protocol, route in _PLAIN_ROUTES:
+        if path.startswith(prefix) and path.endswith(suffix):
+            name = path[len(prefix):-len(suffix)]
+            if name and "/" not in name and ":" not in name:
+                return protocol, route, {"name": name}
+    return None
 
 
 class HandBack(Exception):
@@ -141,11 +152,7 @@ class FastLane:
         if scope["method"] != "POST" or scope.get("root_path"):
             return None
         path: str = scope["path"]
-        found = None
-        if path.startswith("/v1/models/") and path.endswith("/predict"):
-            name = path[_OURS_PREFIX:_OURS_SUFFIX]  # ours, the commonest: no pattern to try
-            if name and "/" not in name and ":" not in name:
-                found = ("ours", _OURS_ROUTE, {"name": name})
+        found = _plain_route(path)  # a model's route without a version or label: no pattern to try
         if found is None:
             if not path.startswith(("/v1/models/", "/v2/models/")):
                 return None

@@ -12,8 +12,7 @@ Errors: ``{"error": "message"}`` with the error's 4xx/5xx status.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -86,14 +85,12 @@ def model_ready(served: ServedModel) -> dict[str, Any]:
 # -- inference --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RequestedOutput:
+class RequestedOutput(NamedTuple):
     name: str
     binary: bool
 
 
-@dataclass(frozen=True)
-class InferRequest:
+class InferRequest(NamedTuple):
     id: str | None
     #: Binary tensors as arrays; JSON ones as they came (the data plane converts them).
     inputs: dict[str, Input]
@@ -134,81 +131,88 @@ def _header_length(value: str | None, body_size: int) -> int | None:
 
 
 def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """An inference request's header (and its binary tensors' bytes), or the refusal naming what is wrong."""
     length = _header_length(header_length, len(body))
     header_bytes, binary = (body, b"") if length is None else (body[:length], body[length:])
     request = _object(loads(header_bytes, what="the inference request"), "the inference request")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("the inference request needs 'inputs': a list of tensors")
-    arrays: dict[str, Input] = {}
+    decoded: dict[str, Input] = {}
     offset = 0
-    for index, raw in enumerate(inputs):
-        item = _object(raw, f"inputs[{index}]")
-        name = item.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput(f"inputs[{index}] needs a 'name'")
-        if name in arrays:
+    for index, item in enumerate(inputs):
+        checked = item if type(item) is dict else _object(item, f"inputs[{index}]")
+        name, value, offset = _decode_input(checked, index, binary, offset)
+        if name in decoded:
             raise InvalidInput(f"input {name!r} is given twice")
-        shape = item.get("shape")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise InvalidInput(
-                f"input {name!r}: 'shape' must be a list of non-negative integers, not {shape!r}"
-            )
-        type_name = item.get("datatype")
-        dtype = DATATYPES.get(type_name) if isinstance(type_name, str) else None
-        if dtype is None:
-            raise InvalidInput(
-                f"input {name!r}: datatype {type_name!r} is not one serving takes ({', '.join(DATATYPES)})"
-            )
-        count = math.prod(shape)
-        binary_size = _parameters(item, "input", name).get("binary_data_size")
-        if binary_size is not None:
-            if type(binary_size) is not int or binary_size < 0:
-                raise InvalidInput(f"input {name!r}: binary_data_size must be a byte count")
-            if binary_size != count * dtype.itemsize:
-                raise InvalidInput(
-                    f"input {name!r}: binary_data_size is {binary_size} bytes; shape {shape} of {type_name} "
-                    f"needs {count * dtype.itemsize}"
-                )
-            if offset + binary_size > len(binary):
-                raise InvalidInput(
-                    f"input {name!r}: the body holds {len(binary) - offset} bytes of binary data for it, "
-                    f"not {binary_size}"
-                )
-            chunk = binary[offset:offset + binary_size]
-            offset += binary_size
-            # Little-endian on the wire; a copy, so the array owns aligned memory.
-            array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
-        else:
-            if "data" not in item:
-                raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-            arrays[name] = JsonTensor(item["data"], shape=tuple(shape), dtype=dtype)
-            continue
-        arrays[name] = array
+        decoded[name] = value
     if offset != len(binary):
         raise InvalidInput(
             f"the body holds {len(binary) - offset} bytes after the inputs' binary data"
         )
-    parameters = _parameters(request, "the inference request")
-    binary_default = bool(parameters.get("binary_data_output", False))
-    outputs: list[RequestedOutput] | None = None
-    if request.get("outputs") is not None:
-        raw_outputs = request["outputs"]
-        if not isinstance(raw_outputs, list):
-            raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
-        outputs = []
-        for index, raw in enumerate(raw_outputs):
-            item = _object(raw, f"outputs[{index}]")
-            name = item.get("name")
-            if not isinstance(name, str):
-                raise InvalidInput(f"outputs[{index}] needs a 'name'")
-            binary_flag = _parameters(item, "output", name).get("binary_data", binary_default)
-            outputs.append(RequestedOutput(name=name, binary=bool(binary_flag)))
+    binary_default = bool(_parameters(request, "the inference request").get("binary_data_output", False))
     request_id = request.get("id")
-    return InferRequest(
-        id=str(request_id) if request_id is not None else None, inputs=arrays, outputs=outputs,
-        binary_default=binary_default,
-    )
+    return InferRequest(str(request_id) if request_id is not None else None, decoded,
+                        _decode_outputs(request, binary_default), binary_default)
+
+
+def _decode_input(item: dict[str, Any], index: int, binary: bytes, offset: int) -> tuple[str, Input, int]:
+    """One input tensor: its name, its value (an array, or its JSON), and where the next binary one starts."""
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"inputs[{index}] needs a 'name'")
+    shape = item.get("shape")
+    if type(shape) is not list or not _SIZES.issuperset(map(type, shape)) or any(d < 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers, not {shape!r}")
+    type_name = item.get("datatype")
+    dtype = DATATYPES.get(type_name) if isinstance(type_name, str) else None
+    if dtype is None:
+        raise InvalidInput(
+            f"input {name!r}: datatype {type_name!r} is not one serving takes ({', '.join(DATATYPES)})"
+        )
+    binary_size = _parameters(item, "input", name).get("binary_data_size")
+    if binary_size is None:
+        if "data" not in item:
+            raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        return name, JsonTensor(item["data"], tuple(shape), dtype), offset
+    needed = math.prod(shape) * dtype.itemsize
+    if type(binary_size) is not int or binary_size < 0:
+        raise InvalidInput(f"input {name!r}: binary_data_size must be a byte count")
+    if binary_size != needed:
+        raise InvalidInput(
+            f"input {name!r}: binary_data_size is {binary_size} bytes; shape {shape} of {type_name} "
+            f"needs {needed}"
+        )
+    if offset + binary_size > len(binary):
+        raise InvalidInput(
+            f"input {name!r}: the body holds {len(binary) - offset} bytes of binary data for it, "
+            f"not {binary_size}"
+        )
+    chunk = binary[offset:offset + binary_size]
+    # Little-endian on the wire; a copy, so the array owns aligned memory.
+    array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    return name, array, offset + binary_size
+
+
+_SIZES = frozenset({int})
+
+
+def _decode_outputs(request: dict[str, Any], binary_default: bool) -> list[RequestedOutput] | None:
+    """The outputs asked for, in order (each binary or not); None: every output."""
+    raw_outputs = request.get("outputs")
+    if raw_outputs is None:
+        return None
+    if not isinstance(raw_outputs, list):
+        raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
+    outputs = []
+    for index, raw in enumerate(raw_outputs):
+        item = _object(raw, f"outputs[{index}]")
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise InvalidInput(f"outputs[{index}] needs a 'name'")
+        binary_flag = _parameters(item, "output", name).get("binary_data", binary_default)
+        outputs.append(RequestedOutput(name, bool(binary_flag)))
+    return outputs
 
 
 def encode_infer_response(
