@@ -139,7 +139,7 @@ def principal_name(token: str, grant: Role | Grant) -> str:
     if isinstance(grant, Grant) and grant.name:
         return grant.name
     role = grant.role if isinstance(grant, Grant) else grant
-    return f"role:{role.value}#{token_key(token)[len(HASH_PREFIX):][:8]}"
+    return f"role:{Role(role).value}#{token_key(token)[len(HASH_PREFIX):][:8]}"
 
 
 def reveals_token(name: str, token: str) -> bool:
@@ -237,7 +237,7 @@ class TokenTable(Mapping[str, Role | Grant]):
 
     def as_config(self) -> dict[str, Any]:
         """The table as ``SHIPYARD_TOKENS`` takes it, by hash: what a child process is handed."""
-        return {key: grant.model_dump(mode="json") if isinstance(grant, Grant) else grant.value
+        return {key: grant.model_dump(mode="json") if isinstance(grant, Grant) else Role(grant).value
                 for key, grant in self._grants.items()}
 
     def __getitem__(self, token: str) -> Role | Grant:
@@ -308,7 +308,7 @@ class TokenAuthenticator:
         self._principals: dict[bytes, tuple[bytes, Principal]] = {}
         for key, grant in tokens.items():
             digest = key_digest(key)
-            role = grant.role if isinstance(grant, Grant) else grant
+            role = grant.role if isinstance(grant, Grant) else Role(grant)
             self._principals[digest] = (digest, Principal(name=principal_name(key, grant), role=role))
         self._jwt = jwt
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -59,6 +60,7 @@ MAX_JWKS_BYTES = 1024 * 1024
 MIN_RSA_BITS = 2048
 MAX_NAME_CHARS = 128  # the audit's actor column
 VERIFIED_CACHE = 4096
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
@@ -130,6 +132,9 @@ def _refused(why: str) -> Unauthorized:
 
 
 def _b64(part: str, what: str) -> bytes:
+    # Strictly the base64url alphabet: the decoder would otherwise skip what it does not know.
+    if _BASE64URL.fullmatch(part) is None:
+        raise _refused(f"malformed: its {what} is not base64url")
     try:
         return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError):
@@ -402,7 +407,8 @@ class JwtValidator:
             raise _refused(f"its key id {_shown(kid)} is unknown: the identity provider's keys "
                            f"({self.keys.source}) have no {alg} key by that id")
         if not verify_signature(key, alg, jws.signed, jws.signature):
-            raise _refused(f"its signature does not verify with the identity provider's key {_shown(kid)}")
+            which = f"key {_shown(kid)}" if kid is not None else f"{alg} key"
+            raise _refused(f"its signature does not verify with the identity provider's {which}")
 
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
         """Issuer, audience, expiry, not-before and issued-at; the expiry, when all hold."""

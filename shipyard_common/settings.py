@@ -190,8 +190,8 @@ class PlatformSettings(BaseSettings):
             "SHIPYARD_MLFLOW_REQUEST_TIMEOUT_S": str(self.mlflow_request_timeout_s),
             "SHIPYARD_MLFLOW_REQUEST_RETRIES": str(self.mlflow_request_retries),
             "SHIPYARD_MLFLOW_REQUEST_BACKOFF_S": str(self.mlflow_request_backoff_s),
-            # By hash: a child never sees a token in clear.
-            "SHIPYARD_TOKENS": json.dumps(self.tokens.as_config()),
+            # By hash: a child never sees a token in clear (a model_copy may have put a plain dict here).
+            "SHIPYARD_TOKENS": json.dumps(TokenTable(self.tokens).as_config()),
             "SHIPYARD_EVENTS_CHANNEL": self.events_channel,
             "SHIPYARD_LOG_LEVEL": self.log_level,
             "SHIPYARD_LOG_JSON": "true" if self.log_json else "false",

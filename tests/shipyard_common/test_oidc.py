@@ -89,6 +89,8 @@ def test_each_refusal_says_what_is_wrong(jwks_file: Path, idp: IdentityProvider)
         "critical header extensions": idp.token(header={"crit": ["b64"], "b64": False}),
         "its 'exp' is not a number": idp.token(exp="tomorrow"),
         "malformed: its payload is not a JSON object": "eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.c2ln",
+        "malformed: its signature is not base64url": "eyJhbGciOiJSUzI1NiJ9.e30.c2ln!",
+        "malformed: a JWT is three base64url parts": "eyJhbGciOiJSUzI1NiJ9.e30.c2ln.x",
     }
     for expected, token in cases.items():
         message = refusal(check, token)
