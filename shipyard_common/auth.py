@@ -73,6 +73,7 @@ class TokenSecret(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenSecret:
+        """One place to read the token from, so that which one is used is never a guess."""
         if (self.file is None) == (self.env is None):
             raise ValueError('a token read from a secret names exactly one of "file" or "env"')
         return self
@@ -167,6 +168,7 @@ TokenEntry = Annotated[
 
 
 def _refuse_revealing(name: str, token: str, role: Role) -> None:
+    """Refuse a holder's name that shows part of their token: every viewer reads names."""
     # Every viewer reads a principal's name in the audit; neither the name nor the token is repeated
     # here, where the error is logged.
     if reveals_token(name, token):
@@ -336,6 +338,8 @@ class TokenAuthenticator:
         return found is not None and _compare_digest(found[0], digest)
 
     def authenticate(self, authorization: str | None, api_token: str | None = None) -> Principal:
+        """The holder of the token sent (``Authorization: Bearer`` or ``X-API-Token``): a configured
+        token, else a JWT when one is accepted; Unauthorized saying what is missing or wrong."""
         token = api_token
         if authorization:
             scheme, _, value = authorization.partition(" ")

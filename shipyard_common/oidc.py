@@ -95,6 +95,7 @@ class OidcSettings(BaseSettings):
 
     @property
     def enabled(self) -> bool:
+        """Whether JWTs are taken: an issuer is set."""
         return self.issuer is not None
 
     @model_validator(mode="after")
@@ -128,10 +129,12 @@ def validator(settings: OidcSettings) -> JwtValidator | None:
 
 
 def _refused(why: str) -> Unauthorized:
+    """A 401 for a JWT, saying why: the caller can tell a clock problem from a wrong audience."""
     return Unauthorized(f"JWT refused: {why}")
 
 
 def _b64(part: str, what: str) -> bytes:
+    """One base64url part of a JWT, decoded; Unauthorized naming ``what`` when it is not one."""
     # Strictly the base64url alphabet: the decoder would otherwise skip what it does not know.
     if _BASE64URL.fullmatch(part) is None:
         raise _refused(f"malformed: its {what} is not base64url")
@@ -142,6 +145,7 @@ def _b64(part: str, what: str) -> bytes:
 
 
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A JWT's header or payload as a JSON object; Unauthorized otherwise."""
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -174,6 +178,7 @@ def parse_jws(token: str) -> Jws:
 
 
 def _b64_int(value: Any) -> int:
+    """A JWK's big-endian base64url integer (an RSA modulus, an EC coordinate)."""
     if not isinstance(value, str):
         raise ValueError("not a base64url string")
     return int.from_bytes(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)), "big")
@@ -266,15 +271,18 @@ class JwksCache:
             return found
 
     def _due(self, now: float) -> bool:
+        """Whether a read may happen now: the last one (or its failure) is ``refresh_min_s`` old."""
         return now - self._tried_at >= self._refresh_min_s
 
     def _pick(self, kid: str | None, alg: str) -> PublicKey | None:
+        """The key for ``kid`` and ``alg`` among those read; without a kid, only an unambiguous one."""
         fitting = [key for key in self._keys or () if fits(key.key, key.alg, alg)]
         if kid is not None:
             return next((key.key for key in fitting if key.kid == kid), None)
         return fitting[0].key if len(fitting) == 1 else None
 
     def _reload(self, now: float) -> None:
+        """Read the JWKS again; a failure is logged and keeps the keys already held."""
         self._tried_at = now
         self.reads += 1
         try:
@@ -287,6 +295,8 @@ class JwksCache:
         self._keys, self._loaded_at = keys, now
 
     def _read(self) -> list[SigningKey]:
+        """The JWKS's usable signing keys, from the URL or the file; a key that cannot be used is
+        skipped with a warning, a document that is no JWKS raises ValueError."""
         if self._url is not None:
             response = httpx.get(self._url, timeout=self._timeout_s, headers={"Accept": "application/json"})
             response.raise_for_status()
@@ -320,6 +330,7 @@ def _shown(value: Any) -> str:
 
 
 def _when(seconds: float) -> str:
+    """A token's time (seconds since the epoch) as ISO 8601 UTC, for messages."""
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -337,12 +348,14 @@ def claim(claims: Mapping[str, Any], path: str) -> Any:
 
 
 def _strings(value: Any) -> list[str]:
+    """A claim as a list of strings: one string, or the strings of a list (roles, groups)."""
     if isinstance(value, str):
         return [value]
     return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
+    """A time claim (``exp``, ``nbf``, ``iat``) in seconds, None if absent; Unauthorized if not a number."""
     value = claims.get(name)
     if value is None:
         return None
@@ -388,6 +401,7 @@ class JwtValidator:
         return principal
 
     def _check_signature(self, jws: Jws) -> None:
+        """Refuse an unsigned or wrongly signed token, naming the algorithm, key id or signature at fault."""
         taken = ", ".join(self.settings.algorithms)
         alg = jws.header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none":
@@ -431,6 +445,7 @@ class JwtValidator:
         return expires
 
     def _name(self, claims: Mapping[str, Any]) -> str:
+        """The holder's name from the name claim: what the audit and self-approval checks record."""
         name = claim(claims, self.settings.name_claim)
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS \
                 or not name.isprintable():
@@ -456,6 +471,7 @@ class JwtValidator:
         return role
 
     def _remember(self, digest: bytes, until: float, now: float, principal: Principal) -> None:
+        """Keep a verified token's principal until it expires; bounded, expired entries dropped first."""
         with self._lock:
             if len(self._verified) >= VERIFIED_CACHE:
                 self._verified = {key: seen for key, seen in self._verified.items() if seen[0] >= now}
