@@ -73,20 +73,22 @@ class Supervisor:
         return restarted
 
     def _noticed(self, record: ProcessRecord, now: float) -> None:
-        """Record a death just seen: when the component starts again, in its record and the log."""
-        crashes = self.crashes.setdefault(record.name, Crashes())
-        if time.time() - record.started_at >= STABLE_AFTER_S:
-            crashes.count = 0
-        crashes.count += 1
-        wait = self.backoff(crashes.count)
-        crashes.due, crashes.exit = now + wait, self.stack.exit_of(record)
-        log.warning("%s (pid %d) died: %s; starting it again in %.0f s (restart %d)",
-                    record.name, record.pid, crashes.exit, wait, record.restarts + 1)
+        """Record a death just seen (unless ``restart`` or ``up`` is replacing the process): when the
+        component starts again, in its record and the log."""
         with self.stack.lock(record.name):
             current = self.stack.record(record.name)
-            if current is not None and current.pid == record.pid:
-                current.note = f"died ({crashes.exit}); starting again in {wait:.0f} s"
-                self.stack.write_record(current)
+            if current is None or current.pid != record.pid:
+                return  # stopped by down, or replaced meanwhile
+            crashes = self.crashes.setdefault(record.name, Crashes())
+            if time.time() - record.started_at >= STABLE_AFTER_S:
+                crashes.count = 0
+            crashes.count += 1
+            wait = self.backoff(crashes.count)
+            crashes.due, crashes.exit = now + wait, self.stack.exit_of(record)
+            log.warning("%s (pid %d) died: %s; starting it again in %.0f s (restart %d)",
+                        record.name, record.pid, crashes.exit, wait, record.restarts + 1)
+            current.note = f"died ({crashes.exit}); starting again in {wait:.0f} s"
+            self.stack.write_record(current)
 
     def _start_again(self, name: str) -> bool:
         """Start component ``name`` from its record unless someone else did meanwhile (``up``,
