@@ -91,8 +91,11 @@ class Router:
         self, models: LoadedModels, name: str, *, version: str | None = None, label: str | None = None,
         split: bool = False,
     ) -> ServedModel:
-        served = models.served(name)  # raises when nothing serves the model
         state = models.state(name)
+        if (state is not None and state.served is not None and version is None and label is None
+                and (not split or state.canary.served is None)):
+            return state.served  # the commonest case: production, no canary to draw
+        served = models.served(name)  # raises when nothing serves the model
         if label is not None and label != PRODUCTION:
             found = slot(state, label).served if state is not None and label in SIDE_ALIASES else None
             if found is None:
