@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=30, help="the profile's length")
     parser.add_argument("--connections", type=int, default=1,
                         help="connections whose requests arrive in the same loop iteration")
+    parser.add_argument("--asgi", action="store_true",
+                        help="Shipyard under uvicorn's own HTTP protocol (the ASGI lane), not serving's")
     parser.add_argument("--protocol", choices=("ours", "v2", "v2bin", "tf"), default="ours",
                         help="Shipyard's request: ours, OIP v2 JSON or binary, TF Serving REST")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -261,7 +263,8 @@ def main() -> None:
         lane, close = shipyard_lane(folder, onnx_path)
         from services.serving.fastlane.uvicorn_protocol import FastLaneHttpProtocol
 
-        ours_app, ours_protocol = _LaneApp(lane), FastLaneHttpProtocol
+        # --asgi: the fast lane as a plain ASGI app under uvicorn's own protocol (a task per request).
+        ours_app, ours_protocol = _LaneApp(lane), ("httptools" if args.asgi else FastLaneHttpProtocol)
         bare_protocol = "httptools"
         ours_request = _shipyard_request(args.protocol, row)
         bare_request = _request("/predict", body)
