@@ -21,6 +21,10 @@ from shipyard_common.settings import PlatformSettings
 from tests.services.trainer.conftest import job_spec, trainer_settings
 from tests.support import auth, running_app, wait_for
 
+# Enough epochs that the kill, made once epoch 3 is reported, lands mid-training: at batch size 4 an
+# epoch is over a hundred steps, so the nine left take far longer than the 0.1 s poll and the kill.
+EPOCHS = 12
+
 
 def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(
     platform: PlatformSettings, start_worker: Any, tmp_path: Path
@@ -33,7 +37,7 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(
     frame = load_breast_cancer(as_frame=True).frame
     rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("breast_cancer", frame).rev
     model_name = f"durable-{uuid.uuid4().hex[:8]}"
-    spec = job_spec(rev=rev, model_name=model_name, training__epochs=40, training__batch_size=4)
+    spec = job_spec(rev=rev, model_name=model_name, training__epochs=EPOCHS, training__batch_size=4)
     first = start_worker(settings)
     with running_app(create_app(settings)) as base:
         created = httpx.post(f"{base}/jobs", json=spec, headers=auth(Role.TRAINER))
@@ -48,7 +52,7 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(
                                interval=0.1, what="epoch 3")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{first.log_tail()}") from None
-        assert running["state"] == "running" and running["progress"]["epoch"] < 40, running
+        assert running["state"] == "running" and running["progress"]["epoch"] < EPOCHS, running
         os.killpg(first.process.pid, signal.SIGKILL)
         first.process.wait(timeout=10)
         killed_at = get()["progress"]["epoch"]
@@ -64,9 +68,9 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(
     assert job["state"] == "succeeded", (job["error"], second.log_tail())
     resumed = job["progress"]["resumed_from_epoch"]
     # The checkpoint is saved before an epoch is reported, so the reported epochs all survive.
-    assert resumed is not None and killed_at + 1 <= resumed <= 40, job["progress"]
+    assert resumed is not None and killed_at + 1 <= resumed <= EPOCHS, job["progress"]
     assert resumed >= 4
-    assert job["progress"]["epoch"] == 40 and job["metrics"]["val_accuracy"] >= 0.9
+    assert job["progress"]["epoch"] == EPOCHS and job["metrics"]["val_accuracy"] >= 0.9
     assert job["mlflow_run_id"] == running["mlflow_run_id"]  # the same run, continued
     assert f"resuming at epoch {resumed}" in second.log_tail(400)
 
@@ -77,7 +81,7 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(
     run = client.get_run(job["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["shipyard.resumed_from_epoch"] == str(resumed)
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
-    assert steps == set(range(1, 41))
+    assert steps == set(range(1, EPOCHS + 1))
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/last.pt"}
 
 
