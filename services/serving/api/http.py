@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from services.serving.core.dataplane import DataPlane
+from services.serving.core.requests import settle
 from services.serving.core.validation import check_body_size
 from shipyard_common.auth import Role, TokenAuthenticator
 from shipyard_common.errors import PayloadTooLarge, ShipyardError
@@ -42,7 +43,7 @@ def failure(result: BaseException) -> ShipyardError:
 async def answered(start: Callable[..., None]) -> ProtocolResponse:
     """What a protocol handler answers, for a caller that awaits: ``start(reply=...)`` on the loop."""
     future: asyncio.Future[ProtocolResponse] = asyncio.get_running_loop().create_future()
-    start(reply=future.set_result)
+    start(reply=settle(future))
     return await future
 
 

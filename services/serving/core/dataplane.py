@@ -28,7 +28,7 @@ import numpy as np
 from services.serving.core.convert import merge_json, to_array
 from services.serving.core.loaded import LoadedModels, ModelState, ServedModel
 from services.serving.core.metrics import NO_VERSION, UNKNOWN_MODEL, ServingMetrics, VersionMetrics
-from services.serving.core.requests import Inference, InferenceRequest, Input, JsonTensor
+from services.serving.core.requests import Inference, InferenceRequest, Input, JsonTensor, settle
 from services.serving.core.routing import (
     Router,
     ShadowMirror,
@@ -187,7 +187,7 @@ async def infer(
 ) -> Inference:
     """:func:`submit` for callers that await: the answer, or the error raised."""
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    submit(dataplane, InferenceRequest(served=served, inputs=inputs, reply=future.set_result,
+    submit(dataplane, InferenceRequest(served=served, inputs=inputs, reply=settle(future),
                                        request_id=request_id, started=started))
     result = await future
     if isinstance(result, BaseException):

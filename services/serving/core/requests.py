@@ -9,6 +9,7 @@ requests costs little more than converting one request's.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -57,6 +58,16 @@ class Inference(NamedTuple):
 #: What a request's continuation receives: its answer, or the error that refused it.
 Result = "Inference | ShipyardError"
 Reply = Callable[[Any], None]
+
+
+def settle(future: asyncio.Future[Any]) -> Reply:
+    """A continuation that gives ``future`` its result, unless its caller has gone (cancelled)."""
+
+    def reply(result: Any) -> None:
+        if not future.done():
+            future.set_result(result)
+
+    return reply
 
 
 class InferenceRequest:

@@ -51,6 +51,7 @@ from services.serving.api.http import (
     failure,
 )
 from services.serving.core.dataplane import DataPlane
+from services.serving.core.requests import settle
 from services.serving.protocols import NestedTooDeeply, loads, tfserving, v2
 from shipyard_common.auth import Role, TokenAuthenticator
 from shipyard_common.errors import BadRequest, InvalidInput, ShipyardError, ValidationFailed
@@ -135,7 +136,7 @@ class FastLane:
                 break
         future: asyncio.Future[ProtocolResponse] = asyncio.get_running_loop().create_future()
         try:
-            self.start(request, body, future.set_result)
+            self.start(request, body, settle(future))
         except HandBack:
             await self.app(scope, _replay(body, receive), send)  # counted by the app's request metrics
             return

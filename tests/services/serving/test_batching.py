@@ -26,7 +26,7 @@ from services.serving.api import ours as ours_api
 from services.serving.api import tfserving as tfserving_api
 from services.serving.api import v2 as v2_api
 from services.serving.api.http import ProtocolResponse
-from services.serving.core.dataplane import DataPlane, submit
+from services.serving.core.dataplane import DataPlane, infer, submit
 from services.serving.core.leases import retire_runtime
 from services.serving.core.loaded import LoadedModels, ServedModel
 from services.serving.core.metrics import ServingMetrics
@@ -406,3 +406,31 @@ def test_serving_with_batching_answers_concurrent_requests_each_with_its_own_row
         assert calls is not None and 1 <= calls <= answered
         rows = sum(1 + index % 3 for index in range(per_caller)) * callers
         assert metric(base, "shipyard_batch_rows_sum", labels) == rows
+
+
+def test_a_caller_that_left_is_not_answered_and_the_others_are(caplog: pytest.LogCaptureFixture) -> None:
+    inner = RecordingRuntime()
+    served = served_model(inner, max_batch_size=64)
+    plane = plane_for(served)
+
+    async def main() -> list[Any]:
+        inner.gate.clear()
+        calls = [asyncio.ensure_future(infer(plane, served=served, inputs={"x": rows_for(caller, 1)}))
+                 for caller in range(4)]
+        await until(lambda: inner.entered == 1, "the first request running")
+        calls[1].cancel()  # a client that went away while its request waited
+        await asyncio.sleep(0.05)
+        inner.gate.set()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    with caplog.at_level("WARNING", logger="shipyard.serving.batching"):
+        results = asyncio.run(main())
+    assert isinstance(results[1], asyncio.CancelledError)
+    for caller in (0, 2, 3):
+        check_own_rows(rows_for(caller, 1), results[caller])
+    assert not [r for r in caller_records(caplog) if "could not deliver" in r]
+    assert len(plane.prediction_log.records) == 4  # type: ignore[attr-defined]  # it ran, and was logged
+
+
+def caller_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records]
