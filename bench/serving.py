@@ -547,7 +547,7 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
     check_prediction_logs(answered)
 
 
-def check_prediction_logs(answered: dict[str, int]) -> None:
+def check_prediction_logs(answered: dict[str, int]) -> bool:
     """Every answered request must be in its instance's prediction log: print rows against answers.
 
     wrk counts the requests answered before its run ended; the server also answered those in flight
@@ -558,6 +558,7 @@ def check_prediction_logs(answered: dict[str, int]) -> None:
     from shipyard_common.db import Database
     from shipyard_common.records import PredictionRecord
 
+    complete = True
     for url, count in answered.items():
         if not count:
             continue
@@ -573,8 +574,10 @@ def check_prediction_logs(answered: dict[str, int]) -> None:
         finally:
             database.dispose()
         verdict = "every answered request logged" if rows >= count else f"**{count - rows:,} MISSING**"
+        complete = complete and rows >= count
         print(f"- prediction log ({url.rsplit('/', 1)[-1]}): {rows:,} rows for {count:,} requests "
               f"wrk counted answered: {verdict}")
+    return complete
 
 
 def print_table(results: dict[tuple[str, str, int], Any], models: list[str], connections: list[int],
