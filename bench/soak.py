@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
@@ -191,11 +193,17 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt install wrk)")
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # so that the servers it started are stopped too
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="shipyard-bench-soak-"))
     procs = Processes(tmp / "logs", tmp / "state" / "logs")
     ok = False
     try:
         ok = soak(args, tmp, procs)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
