@@ -285,6 +285,9 @@ class Stack:
             f"admin_username = {credentials[0]}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             "grant_default_workspace_access = false\n"
+            # A password check costs MLflow tens of milliseconds (a salted hash) on every request;
+            # a check that succeeded is kept this long (one worker: a password change ends it at once).
+            "auth_cache_ttl_seconds = 60\n"
         )
         return {
             "MLFLOW_AUTH_CONFIG_PATH": str(config),

@@ -75,6 +75,24 @@ def test_platform(state_dir: Any, **overrides: Any) -> PlatformSettings:
 test_platform.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
+@contextmanager
+def running_mlflow(state_dir: Any, *, auth: bool = False, **overrides: Any) -> Iterator[PlatformSettings]:
+    """An MLflow server process as the stack starts it (SQLite store under ``state_dir``) on a free
+    port; yield the test platform settings that reach it. ``auth``: with MLflow's basic-auth app, the
+    platform's credentials generated under ``state_dir`` (``platform.mlflow_credentials()``)."""
+    from shipyard_cli.stack import Stack
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    platform = test_platform(state_dir, mlflow_tracking_uri=uri, mlflow_auth=auth, **overrides)
+    stack = Stack(platform)
+    record = stack.start_component(stack.mlflow_component())
+    try:
+        stack.wait_ready(record, timeout=120)
+        yield platform
+    finally:
+        stop_process_group(record.pid)
+
+
 def token_of(role: Role | str) -> str:
     """The (first) test token for ``role``."""
     role = Role(role)

@@ -19,3 +19,6 @@ class RegistrySettings(ServiceSettings):
     # Web UI sessions: how long a sign-in lasts, and whether the cookie needs HTTPS (behind TLS).
     session_hours: float = Field(default=12, gt=0, le=24 * 30)
     secure_cookies: bool = False
+    # How often MLflow's aliases are compared with the audit, so that an alias moved in MLflow directly
+    # is recorded and alerted (services.registry.core.reconcile); 0: only on demand (POST /aliases/reconcile).
+    alias_reconcile_interval_s: float = Field(default=60.0, ge=0, le=86_400)

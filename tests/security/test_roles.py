@@ -78,6 +78,8 @@ REGISTRY_ROUTES: dict[tuple[str, str], Need] = {
     ("GET", "/requests"): roles(V),
     ("GET", "/requests/{request_id}"): roles(V),
     ("GET", "/audit"): roles(V),
+    ("GET", "/aliases/unaudited"): roles(V),
+    ("POST", "/aliases/reconcile"): roles(A),
     ("POST", "/models/{name}/versions/{version}/promote"): roles(A),
     ("PUT", "/models/{name}/gate"): roles(A),
     ("DELETE", "/models/{name}/aliases/{alias}"): roles(P),

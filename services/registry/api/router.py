@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 
 from services.registry.core import approvals, catalog, history, promotion
+from services.registry.core.reconcile import AliasReconciler
 from services.registry.core.registry import Registry
 from services.registry.core.schemas import (
     AliasName,
@@ -30,8 +31,10 @@ from services.registry.core.schemas import (
     PromotePublic,
     PromotionRequestCreate,
     PromotionRequestPublic,
+    ReconcilePublic,
     RequestState,
     RollbackCreate,
+    UnauditedPublic,
     VersionDetail,
     VersionPage,
 )
@@ -60,6 +63,13 @@ def get_registry(request: Request) -> Registry:
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+
+def get_reconciler(request: Request) -> AliasReconciler:
+    return request.app.state.alias_reconciler  # type: ignore[no-any-return]
+
+
+ReconcilerDep = Annotated[AliasReconciler, Depends(get_reconciler)]
 
 
 def caller_authorization(request: Request) -> str:
@@ -267,3 +277,21 @@ def list_audit(
     return history.list_audit(
         registry=registry, model=model, limit=min(limit, registry.settings.audit_page_max)
     )
+
+
+@router.get("/aliases/unaudited", response_model=UnauditedPublic, tags=["audit"])
+def list_unaudited(
+    reconciler: ReconcilerDep,
+    _: Viewer,
+    model: Annotated[str | None, Query(description="Only the aliases of this model.")] = None,
+) -> UnauditedPublic:
+    """Aliases that name a version no registry move set (changed in MLflow directly), as the
+    reconcile found them; each stays here until the registry moves that alias again."""
+    return reconciler.unaudited(model)
+
+
+@router.post("/aliases/reconcile", response_model=ReconcilePublic, tags=["audit"])
+def reconcile_aliases(reconciler: ReconcilerDep, _: Admin) -> ReconcilePublic:
+    """Compare every model's aliases in MLflow with the audit now (it also runs every
+    ``alias_reconcile_interval_s``): each difference gets an audit row, a WARNING and a count."""
+    return reconciler.run()

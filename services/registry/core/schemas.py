@@ -288,13 +288,38 @@ class AuditPublic(BaseModel):
     version: str
     alias: str
     previous_version: str | None
-    action: str = Field(default="promote", description="promote, rollback, remove, archive or restore.")
+    action: str = Field(default="promote", description="promote, rollback, remove, archive or restore; "
+                        "moved_outside or removed_outside: an alias changed in MLflow without the registry, "
+                        "as its reconcile found it.")
     weight: float | None = Field(default=None, description="The canary weight set by this move.")
     actor: str
     reason: str | None
     request_id: int | None = None
     direct: bool = Field(default=False, description="An admin's move without an approved request.")
     at: UtcDatetime
+
+
+class UnauditedAlias(BaseModel):
+    """An alias that names a version no registry move set: it was changed in MLflow directly."""
+
+    model: str
+    alias: str
+    version: str | None = Field(description="What MLflow's alias names, as the reconcile found it "
+                                "(null: it was deleted there).")
+    recorded_version: str | None = Field(description="What the registry's last move of it left it naming.")
+    audit_id: int = Field(description="The audit row the reconcile wrote (action moved_outside or "
+                          "removed_outside).")
+    detected_at: UtcDatetime
+
+
+class UnauditedPublic(BaseModel):
+    unaudited: list[UnauditedAlias] = Field(description="Aliases naming what no registry move set, until "
+                                            "the registry moves them again.")
+
+
+class ReconcilePublic(UnauditedPublic):
+    checked_models: int = Field(description="Models whose aliases this run compared with the audit.")
+    recorded: list[AuditPublic] = Field(description="The audit rows this run wrote: the changes it found.")
 
 
 class HistoryPublic(BaseModel):

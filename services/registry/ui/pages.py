@@ -83,6 +83,7 @@ def model_page(request: Request, name: str, session: Signed, metric: MetricName 
     pool = registry.store.pool
     pending = pool.submit(approvals.list_requests, registry=registry, model=name, state="pending", limit=50)
     gate = pool.submit(promotion.get_gate, registry=registry, name=name)
+    unaudited = pool.submit(request.app.state.alias_reconciler.unaudited, name)
     model, page = catalog.model_and_versions(store=registry.store, name=name, page_token=page_token,
                                              max_results=registry.settings.page_size)
     status, monitoring = serving.result().get(name), watched.result()
@@ -96,6 +97,7 @@ def model_page(request: Request, name: str, session: Signed, metric: MetricName 
                   drift=monitoring.drift, monitoring=monitoring,
                   live=headline_live(monitoring, model.aliases.get(PRODUCTION)),
                   pending=pending.result(), gate=gate.result(), aliases=ALIASES,
+                  unaudited=unaudited.result().unaudited,
                   canary_weight=promotion.canary_weight(model.tags))
 
 
