@@ -75,6 +75,11 @@ class PayloadTooLarge(ShipyardError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(ShipyardError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class ValidationFailed(ShipyardError):
     status_code = 422
     code = "validation_error"

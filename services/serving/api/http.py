@@ -15,7 +15,7 @@ from services.serving.core.dataplane import DataPlane
 from services.serving.core.requests import settle
 from services.serving.core.validation import check_body_size
 from shipyard_common.auth import Role, TokenAuthenticator
-from shipyard_common.errors import PayloadTooLarge, ShipyardError
+from shipyard_common.errors import PayloadTooLarge, ShipyardError, UnsupportedMediaType
 
 log = logging.getLogger("shipyard.web")
 
@@ -45,6 +45,25 @@ async def answered(start: Callable[..., None]) -> ProtocolResponse:
     future: asyncio.Future[ProtocolResponse] = asyncio.get_running_loop().create_future()
     start(reply=settle(future))
     return await future
+
+
+#: Media types a JSON request body may be sent as: JSON's own, and what curl -d and plain-text clients send
+#: (TF Serving's own examples post JSON with curl -d), besides none at all.
+JSON_MEDIA_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded", "text/plain"})
+#: OIP v2's binary tensor data (with Inference-Header-Content-Length).
+BINARY_MEDIA_TYPE = "application/octet-stream"
+
+
+def check_media_type(content_type: str | None, *, binary: bool = False) -> None:
+    """Refuse (415) a body declared as another format (XML, a form upload, an image...); ``binary``:
+    OIP v2's binary tensor extension, which may also come as ``application/octet-stream``."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in JSON_MEDIA_TYPES or media.endswith("+json") or (binary and media == BINARY_MEDIA_TYPE):
+        return
+    accepted = "application/json" + (" or application/octet-stream (binary tensors)" if binary else "")
+    raise UnsupportedMediaType(f"Content-Type {media or content_type!r} is not accepted; send {accepted}")
 
 
 def get_dataplane(request: Request) -> DataPlane:

@@ -21,6 +21,7 @@ from services.serving.api.http import (
     Respond,
     answered,
     authorize,
+    check_media_type,
     failure,
     get_dataplane,
     respond,
@@ -35,10 +36,11 @@ router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"])
 
 def predict(
     dataplane: DataPlane, *, name: str, version: str | None, label: str | None, body: bytes,
-    request_id: str | None, started: float, reply: Respond,
+    request_id: str | None, started: float, reply: Respond, content_type: str | None = None,
 ) -> None:
     """One ``:predict`` request: its answer (or refusal, in TF's shape) goes to ``reply``."""
     try:
+        check_media_type(content_type)
         served = served_model(dataplane, name, version=version, label=label)
         try:
             inputs, row_format = tfserving.decode_predict(body, served.signature)
@@ -70,7 +72,8 @@ async def _predict(request: Request, name: str, version: str | None, label: str 
     body = await request.body()
     return respond(await answered(functools.partial(
         predict, get_dataplane(request), name=name, version=version, label=label, body=body,
-        request_id=request.headers.get("x-request-id"), started=started)))
+        request_id=request.headers.get("x-request-id"), content_type=request.headers.get("content-type"),
+        started=started)))
 
 
 @router.post("/{name}:predict")

@@ -20,6 +20,7 @@ from services.serving.api.http import (
     Respond,
     answered,
     authorize,
+    check_media_type,
     failure,
     get_dataplane,
     respond,
@@ -98,10 +99,11 @@ def model_version_metadata(request: Request, name: str, version: str) -> Respons
 
 def infer(
     dataplane: DataPlane, *, name: str, version: str | None, body: bytes, header_length: str | None,
-    request_id: str | None, started: float, reply: Respond,
+    request_id: str | None, started: float, reply: Respond, content_type: str | None = None,
 ) -> None:
     """One ``POST /v2/models/{name}[/versions/{version}]/infer``: its answer or refusal goes to ``reply``."""
     try:
+        check_media_type(content_type, binary=header_length is not None)
         served = served_model(dataplane, name, version=version)
         try:
             decoded = v2.decode_infer_request(body, header_length)
@@ -138,7 +140,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return respond(await answered(functools.partial(
         infer, get_dataplane(request), name=name, version=version, body=body,
         header_length=request.headers.get(v2.HEADER_LENGTH), request_id=request.headers.get("x-request-id"),
-        started=started)))
+        content_type=request.headers.get("content-type"), started=started)))
 
 
 @router.post("/models/{name}/infer")

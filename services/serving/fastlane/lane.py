@@ -268,7 +268,7 @@ class FastLane:
         v2_api.infer(self.plane, name=name, version=version, body=body,
                      header_length=None if length is None else length.decode("latin-1"),
                      request_id=None if raw_id is None else raw_id.decode("latin-1"),
-                     started=request.started, reply=reply)
+                     content_type=_text(headers.get(b"content-type")), started=request.started, reply=reply)
 
     def _tf(self, name: str, version: str | None, label: str | None, body: bytes, request: LaneRequest,
             reply: Respond) -> None:
@@ -280,7 +280,7 @@ class FastLane:
             return
         raw_id = headers.get(b"x-request-id")
         tfserving_api.predict(self.plane, name=name, version=version, label=label, body=body,
-                              request_id=None if raw_id is None else raw_id.decode("latin-1"),
+                              request_id=_text(raw_id), content_type=_text(headers.get(b"content-type")),
                               started=request.started, reply=reply)
 
 
@@ -293,6 +293,10 @@ class LaneRequest(NamedTuple):
     headers: dict[bytes, bytes]
     body_size: int
     started: float
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 def internal_error(exc: Exception) -> ProtocolResponse:

@@ -408,3 +408,31 @@ def test_unknown_v2_routes_and_wrong_methods_answer_in_each_protocols_shape(serv
     ours = httpx.get(f"{base}/v1/models/{onnx.name}/predict", headers=VIEWER)
     assert ours.status_code == 405 and ours.headers["allow"] == "POST"
     assert ours.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_body_declared_as_another_format_is_a_415_in_each_protocols_shape(served: tuple) -> None:
+    base, onnx, _ = served
+    v2_url, tf_url = f"{base}/v2/models/{onnx.name}/infer", f"{base}/v1/models/{onnx.name}:predict"
+    v2_body, tf_body = json.dumps(good_v2(ROWS.tolist())), json.dumps({"instances": ROWS.tolist()})
+    for url, body in ((v2_url, v2_body), (tf_url, tf_body)):
+        for media in ("application/xml", "multipart/form-data; boundary=x", "image/png"):
+            refused = httpx.post(url, content=body, headers={**VIEWER, "Content-Type": media})
+            assert refused.status_code == 415, (url, media, refused.text)
+            message = refused.json()["error"]  # the protocol's {"error": "..."}
+            assert isinstance(message, str) and media.split(";")[0] in message
+            assert "application/json" in message
+        # JSON, with or without a charset; curl -d's form type and none at all, as TF Serving's examples send.
+        for media in ("application/json", "application/json; charset=utf-8",
+                      "application/x-www-form-urlencoded", None):
+            headers = {**VIEWER, **({"Content-Type": media} if media else {})}
+            assert httpx.post(url, content=body, headers=headers).status_code == 200, (url, media)
+    # Binary tensors may say what they are; JSON may not claim to be bytes.
+    raw = ROWS.astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(ROWS.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    binary = {**VIEWER, "Inference-Header-Content-Length": str(len(header))}
+    answer = httpx.post(v2_url, content=header + raw,
+                        headers={**binary, "Content-Type": "application/octet-stream"})
+    assert answer.status_code == 200, answer.text
+    assert httpx.post(v2_url, content=v2_body,
+                      headers={**VIEWER, "Content-Type": "application/octet-stream"}).status_code == 415
