@@ -314,6 +314,13 @@ class TokenAuthenticator:
             self._principals[digest] = (digest, Principal(name=principal_name(key, grant), role=role))
         self._jwt = jwt
 
+    def prefetch(self) -> None:
+        """Read the identity provider's keys now, if JWTs are accepted: for a service that checks
+        tokens on its event loop (serving's fast lane), so the first JWT does not wait for the read."""
+        prefetch = getattr(self._jwt, "prefetch", None)
+        if prefetch is not None:
+            prefetch()
+
     def _known(self, token: bytes) -> Principal | None:
         """The principal of a configured token, by its digest. The dict lookup is on the SHA-256 of
         what was sent, which a caller cannot steer byte by byte, so its timing reveals nothing of a

@@ -270,6 +270,13 @@ class JwksCache:
                 found = self._pick(kid, alg)
             return found
 
+    def prefetch(self) -> None:
+        """Read the keys now (a failure is logged and retried at the first token, as ever)."""
+        with self._lock:
+            if self._keys is None:
+                self._reload(self._clock())
+                self._tried_at = -math.inf  # the first token may still try again at once
+
     def _due(self, now: float) -> bool:
         """Whether a read may happen now: the last one (or its failure) is ``refresh_min_s`` old."""
         return now - self._tried_at >= self._refresh_min_s
@@ -381,6 +388,10 @@ class JwtValidator:
         # SHA-256 of a token that verified -> (until when it is good, its principal).
         self._verified: dict[bytes, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
+
+    def prefetch(self) -> None:
+        """Read the provider's keys before the first token needs them (:meth:`JwksCache.prefetch`)."""
+        self.keys.prefetch()
 
     def accepts(self, token: str) -> bool:
         """Whether ``token`` has a JWT's shape (three parts), so that its refusal says why."""

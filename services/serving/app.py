@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -91,6 +92,8 @@ def create_app(settings: ServingSettings) -> FastAPI:
         follower: ModelFollower = app.state.follower
         dataplane.prediction_log.start()
         follower.start()
+        # The fast lane checks tokens on the event loop: an identity provider's keys are read now.
+        await asyncio.to_thread(app.state.authenticator.prefetch)
         grpc_server = None
         try:
             if settings.grpc_port:

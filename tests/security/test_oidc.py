@@ -186,3 +186,18 @@ def test_the_jwks_is_fetched_once_and_again_for_an_unknown_key_at_most_once_a_se
         assert [status(idp.token(kid=f"invented-{n}", key=new_key("ES256"), alg="ES256")) for n in range(5)] \
             == [401] * 5
         assert jwks.fetches == 2
+
+
+def test_serving_reads_the_keys_at_start_so_no_jwt_waits_for_them_on_its_event_loop(
+    security_platform: PlatformSettings, clients: dict[str, TestClient]
+) -> None:
+    idp = IdentityProvider()
+    with jwks_served(idp) as (url, jwks):
+        platform = oidc_platform(security_platform, url)
+        app = create_serving(ServingSettings(platform=platform, reconcile_interval_s=3600))
+        with TestClient(app, base_url=BASE_URL, raise_server_exceptions=False) as serving:
+            assert jwks.fetches == 1  # read by the lifespan, before any request
+            token = idp.token(email="vic@example.test", shipyard_role="viewer", groups=[])
+            answer = serving.post("/v2/models/rolecheck/infer", json={}, headers=bearer(token))
+            assert answer.status_code not in (401, 403, 500), answer.text
+            assert jwks.fetches == 1  # the first JWT found the keys already read
