@@ -1,6 +1,8 @@
 """One platform for the pipeline tests: the stack as ``shipyard up`` starts it (MLflow, a Prefect
 server with its own SQLite database under the session's tmp folder, a Celery worker, the four
-services and the deployments process), on free ports, started once per session."""
+services and the deployments process), on free ports, started once for this package and stopped after
+its last test (package scope: ``tests/conftest.py`` runs the package's files on one pytest-xdist worker),
+rather than idling beside the rest of the suite until the session ends."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import redis
 
 from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
+from tests.stack_teardown import down_at_once
 from tests.support import free_port, redis_db, test_platform
 
 PIPELINES_REDIS_DB = redis_db(12)
@@ -19,7 +22,7 @@ PIPELINES_REDIS_DB = redis_db(12)
 FAST_PREFECT = {"PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pipeline_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("pipelines-stack")
     urls = {f"{name}_url": f"http://127.0.0.1:{free_port()}" for name in ("trainer", "registry", "serving",
@@ -37,9 +40,9 @@ def pipeline_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
         stack.up()
         yield stack
     finally:
-        stack.down()
+        down_at_once(stack)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack_platform(pipeline_stack: Stack) -> PlatformSettings:
     return pipeline_stack.platform
