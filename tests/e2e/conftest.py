@@ -1,4 +1,7 @@
-"""The stack every end-to-end test shares: started once per session, because it costs a minute.
+"""The stack every end-to-end test shares: started once for this package, because it costs a minute,
+and stopped after its last test (package scope: ``tests/conftest.py`` runs the package's files on one
+pytest-xdist worker, one after the other), not at the end of the session, so that it neither idles
+beside the rest of the suite nor adds its shutdown to the session's last test.
 
 Every component is real and runs as its own process, started the way ``shipyard up`` starts it.
 Tests in several files use it (the loop, retraining, Prometheus); each leaves what it made behind,
@@ -15,6 +18,7 @@ from sklearn.datasets import load_breast_cancer
 
 from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
+from tests.stack_teardown import down_at_once
 from tests.support import TOKENS, auth, events_channel, free_port, redis_db
 
 E2E_REDIS_DB = redis_db(14)
@@ -22,7 +26,7 @@ E2E_REDIS_DB = redis_db(14)
 SERVING_GRPC_PORT = free_port()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[PlatformSettings]:
     import redis
 
@@ -56,10 +60,10 @@ def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
         stack.up()
         yield platform
     finally:
-        stack.down()
+        down_at_once(stack)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def deployed(stack_platform: PlatformSettings) -> dict:
     """Run the Prefect flow once (it asks for production as test-trainer) and approve its request as
     test-approver; every test below looks at what it left behind."""
