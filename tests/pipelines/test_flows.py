@@ -1,4 +1,4 @@
-"""The pipeline's pieces on a real Prefect server (the session's stack) and a real DVC repository.
+"""The pipeline's pieces on a real Prefect server (the package's stack) and a real DVC repository.
 
 The deployed flows, against the whole stack, run in ``test_deployments.py`` and ``tests/e2e``.
 """
