@@ -27,6 +27,7 @@ from shipyard_cli.retraining import retraining_app
 from shipyard_cli.serving import predict
 from shipyard_cli.stack import Stack, StackError, prefect_ui_url
 from shipyard_cli.tokens import tokens_app
+from shipyard_common.settings import PlatformSettings, generated_mlflow_password_path
 
 app = typer.Typer(help="Shipyard: train, register, promote, serve and watch models.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -64,6 +65,7 @@ def up(
         fail(str(exc))
     console.print(f"stack is up; logs in {stack.log_dir}")
     console.print(f"registry UI: {ui_url(stack.platform)}")
+    _print_mlflow_sign_in(stack.platform)
     console.print(f"Prefect UI (flows, runs, schedules): {prefect_ui_url(stack.platform)}")
     started = {record.name for record in stack.records()}
     if "prometheus" in started:
@@ -96,6 +98,19 @@ def _stack_for_up(*, with_prometheus: bool, with_grafana: bool) -> Stack:
         prometheus_port=prometheus_port,
         grafana_port=grafana_port,
     )
+
+
+def _print_mlflow_sign_in(platform: PlatformSettings) -> None:
+    """Where MLflow's UI is and how to sign in to it, when it runs with its basic-auth app."""
+    if not platform.mlflow_auth_enabled:
+        return
+    if platform.mlflow_password is not None:
+        where = "SHIPYARD_MLFLOW_PASSWORD"
+    else:
+        path = platform.mlflow_password_file or generated_mlflow_password_path(platform.state_dir)
+        where = f"the password in {path}"
+    console.print(f"MLflow UI: {platform.mlflow_tracking_uri} (sign in as {platform.mlflow_username!r} "
+                  f"with {where})")
 
 
 @app.command()
@@ -140,6 +155,7 @@ def status() -> None:
         )
     console.print(table)
     console.print(f"registry UI: {ui_url(platform)}")
+    _print_mlflow_sign_in(platform)
     console.print(f"Prefect UI (flows, runs, schedules): {prefect_ui_url(platform)}")
     if not all(row["alive"] for row in rows):
         raise typer.Exit(code=1)
