@@ -8,7 +8,9 @@ What only the HTTP API does (create, list, cancel, read the logs) is :mod:`servi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 from enum import StrEnum
 from typing import Any
@@ -60,13 +62,37 @@ def get_job(*, database: Database, job_id: str) -> JobPublic:
         return to_public(record)
 
 
+# (job id, attempt) of the job this thread runs, set by :func:`fenced`.
+_FENCE: ContextVar[tuple[str, int] | None] = ContextVar("shipyard_job_fence", default=None)
+
+
+@contextmanager
+def fenced(job_id: str, attempt: int) -> Iterator[None]:
+    """Within the block, this thread's writes to job ``job_id`` apply only while its ``attempts`` is
+    still ``attempt``: a worker whose job another took over (its row went silent, a database outage
+    say, and the job was sent again and claimed) finds its next write refused and stops, instead of
+    training and registering beside the new one."""
+    token = _FENCE.set((job_id, attempt))
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+def attempt_of(*, database: Database, job_id: str) -> int:
+    """How many times job ``job_id`` was claimed (the claim just made included)."""
+    with database.session() as session:
+        return int(session.scalar(select(JobRecord.attempts).where(JobRecord.id == job_id)) or 0)
+
+
 def update_job(
     *, database: Database, job_id: str, expect_state: JobState | None = None, **values: Any
 ) -> bool:
     """Set columns of one job; with ``expect_state``, only while the job is in that state.
 
     Returns whether the row changed. A worker passes ``expect_state=RUNNING`` so that it never
-    overwrites a job that another party has since ended (a cancel, or a takeover).
+    overwrites a job that another party has since ended (a cancel, or a takeover); inside
+    :func:`fenced`, only while the job is at the attempt this worker claimed.
     """
     for key in ("state",):
         if isinstance(values.get(key), JobState):
@@ -74,6 +100,9 @@ def update_job(
     statement = update(JobRecord).where(JobRecord.id == job_id).values(**values)
     if expect_state is not None:
         statement = statement.where(JobRecord.state == expect_state.value)
+    fence = _FENCE.get()
+    if fence is not None and fence[0] == job_id:
+        statement = statement.where(JobRecord.attempts == fence[1])
     with database.session() as session:
         result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
         return bool(result.rowcount)
@@ -192,17 +221,22 @@ def requeue_lost_jobs(
     on_broker: Callable[[], set[str]],
     lost_after_s: float,
     stale_after_s: float,
+    waiting: Callable[[], set[str]] | None = None,
 ) -> int:
-    """Send again the jobs whose broker message is gone (a flushed or replaced Redis).
+    """Send again the jobs whose broker message is gone (a flushed or replaced Redis), or held by a
+    lost worker.
 
     Candidates are queued jobs sent more than ``lost_after_s`` ago, and running jobs whose row
     has been silent for ``stale_after_s`` (a lost worker whose message went with the broker).
     ``on_broker`` names the job ids that have a message waiting in a queue or held unacked by a
-    worker; only candidates outside it are sent. A needless second message is harmless: the
-    claim turns it away.
+    worker; only candidates outside it are sent. With ``waiting`` (the ids whose message waits in a
+    queue, held ones left out), a silent running job is sent again unless a message waits for it:
+    a live worker keeps its row fresh, so the message held for it is a killed worker's, which the
+    broker would give back only after its visibility timeout (hours). A needless second message is
+    harmless: the claim turns it away.
     """
     now = utcnow()
-    statement = select(JobRecord.id, JobRecord.spec).where(
+    statement = select(JobRecord.id, JobRecord.spec, JobRecord.state).where(
         or_(
             and_(
                 JobRecord.state == JobState.QUEUED.value,
@@ -220,9 +254,10 @@ def requeue_lost_jobs(
     if not candidates:
         return 0
     present = on_broker()  # read after the rows: a job sent since then is not a candidate
+    queued = waiting() if waiting is not None else present
     sent = 0
-    for job_id, spec in candidates:
-        if job_id in present:
+    for job_id, spec, state in candidates:
+        if job_id in (queued if state == JobState.RUNNING.value else present):
             continue
         queue = str((spec.get("resources") or {}).get("queue", "cpu"))
         try:
@@ -233,7 +268,11 @@ def requeue_lost_jobs(
         with database.session() as session:
             # Restart the clock, so that the job is not sent again before a worker could take it.
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(enqueued_at=utcnow()))
-        log.warning("job %s had no message on the broker; sent it again", job_id)
+        if job_id in present:
+            log.warning("job %s: its row has been silent for %.0f s, so its worker was lost; sent it again",
+                        job_id, stale_after_s)
+        else:
+            log.warning("job %s had no message on the broker; sent it again", job_id)
         sent += 1
     return sent
 

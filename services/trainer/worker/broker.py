@@ -49,15 +49,16 @@ def _parse(raw: bytes | str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def job_ids_on_broker(redis_url: str, queue_names: Iterable[str]) -> set[str]:
-    """Job ids with a message waiting in one of ``queue_names`` or held unacknowledged."""
+def job_ids_on_broker(redis_url: str, queue_names: Iterable[str], *, held: bool = True) -> set[str]:
+    """Job ids with a message waiting in one of ``queue_names`` or (with ``held``) held unacknowledged."""
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
     try:
         raw_messages: list[Any] = []
         for name in queue_names:
             for key in waiting_keys(name):
                 raw_messages.extend(client.lrange(key, 0, -1))
-        raw_messages.extend(client.hvals(UNACKED_KEY))
+        if held:
+            raw_messages.extend(client.hvals(UNACKED_KEY))
     finally:
         client.close()
     found: set[str] = set()
@@ -76,3 +77,14 @@ def on_broker_for(settings: TrainerSettings) -> Callable[[], set[str]]:
         return job_ids_on_broker(settings.platform.redis_url, queue_names)
 
     return on_broker
+
+
+def waiting_for(settings: TrainerSettings) -> Callable[[], set[str]]:
+    """Job ids with a message waiting on one of the settings' queues, not counting those held by a
+    worker: a message held for a job whose row went silent is held by a lost worker."""
+    queue_names = [settings.queue_name(q.value) for q in QueueName]
+
+    def waiting() -> set[str]:
+        return job_ids_on_broker(settings.platform.redis_url, queue_names, held=False)
+
+    return waiting

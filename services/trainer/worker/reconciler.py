@@ -1,7 +1,10 @@
 """The reconciler: a thread in the API process that makes the broker agree with the database.
 
-Jobs stored while the broker was away are sent, and jobs whose message the broker lost are sent
-again; :func:`services.trainer.jobs.store.claim_job` keeps a second delivery from running twice.
+Jobs stored while the broker was away are sent, jobs whose message the broker lost are sent again,
+and so are jobs whose worker was lost (a row silent for ``stale_after_s``, while a live worker's
+heartbeat keeps its row fresh) even though that worker's message is still held unacknowledged, where
+it would wait for the broker's visibility timeout (6 h by default);
+:func:`services.trainer.jobs.store.claim_job` keeps a second delivery from running twice.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import threading
 
 from services.trainer.jobs import store
 from services.trainer.settings import TrainerSettings
-from services.trainer.worker.broker import on_broker_for
+from services.trainer.worker.broker import on_broker_for, waiting_for
 from shipyard_common.db import Database
 
 log = logging.getLogger("shipyard.trainer")
@@ -25,7 +28,7 @@ def reconcile_until(
     Jobs stored while the broker was away are sent (see ``store.send_unsent_jobs``), and jobs whose
     message the broker lost are sent again (see ``store.requeue_lost_jobs``).
     """
-    on_broker = on_broker_for(settings)
+    on_broker, waiting = on_broker_for(settings), waiting_for(settings)
     while not stop.wait(settings.reconcile_interval_s):
         try:
             sent = store.send_unsent_jobs(
@@ -34,7 +37,7 @@ def reconcile_until(
             if sent:
                 log.info("sent %d job(s) the broker had not accepted before", sent)
             resent = store.requeue_lost_jobs(
-                database=database, enqueue=enqueue, on_broker=on_broker,
+                database=database, enqueue=enqueue, on_broker=on_broker, waiting=waiting,
                 lost_after_s=settings.lost_after_s, stale_after_s=settings.stale_after_s,
             )
             if resent:

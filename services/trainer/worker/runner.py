@@ -23,7 +23,7 @@ from services.trainer.jobs.store import Claim
 from services.trainer.jobs.tables import JobRecord
 from services.trainer.settings import TrainerSettings
 from shipyard_common.datasets import DataRepo
-from shipyard_common.db import Database
+from shipyard_common.db import Database, utcnow
 from shipyard_common.errors import InvalidInput, ShipyardError
 from shipyard_common.lineage import (
     MODEL_CARD_FILE,
@@ -101,7 +101,11 @@ def database_for(settings: TrainerSettings) -> Database:
 
 
 def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None = None) -> Claim:
-    """Run job ``job_id`` if this worker may claim it; return what the claim said."""
+    """Run job ``job_id`` if this worker may claim it; return what the claim said.
+
+    While it runs, a heartbeat keeps its row fresh, and its writes are fenced to the attempt claimed
+    here: if another worker takes the job over, this one's next write is refused and it stops.
+    """
     database = database or database_for(settings)
     claim = store.claim_job(
         database=database, job_id=job_id,
@@ -110,9 +114,24 @@ def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None
     if claim != Claim.CLAIMED:
         log.info("job %s not run here: %s", job_id, claim.value)
         return claim
+    attempt = store.attempt_of(database=database, job_id=job_id)
     handler = JobLogHandler(database, job_id)
     root = logging.getLogger()
     root.addHandler(handler)
+    heartbeat = _Heartbeat(database, job_id, attempt=attempt, interval_s=heartbeat_interval(settings))
+    heartbeat.start()
+    try:
+        with store.fenced(job_id, attempt):
+            _run_fenced(job_id=job_id, settings=settings, database=database)
+    finally:
+        heartbeat.stop()
+        root.removeHandler(handler)
+    return claim
+
+
+def _run_fenced(*, job_id: str, settings: TrainerSettings, database: Database) -> None:
+    """Run the claimed job; it ends ``succeeded`` or ``failed`` with a reason, or stops quietly if the
+    row stopped being this worker's (cancelled, taken over)."""
     try:
         log.info("job %s started", job_id)
         _run_claimed(job_id=job_id, settings=settings, database=database)
@@ -125,9 +144,41 @@ def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None
     except Exception as exc:  # a bug or an outage must still end the job with a reason
         log.exception("job %s failed unexpectedly", job_id)
         _fail(database, job_id, f"{type(exc).__name__}: {exc}")
-    finally:
-        root.removeHandler(handler)
-    return claim
+
+
+def heartbeat_interval(settings: TrainerSettings) -> float:
+    """How often a running job's row is touched: a quarter of ``stale_after_s`` (at most 30 s), so that
+    only a lost worker's job ever looks stale, whatever phase a live one is in."""
+    return min(30.0, settings.stale_after_s / 4)
+
+
+class _Heartbeat(threading.Thread):
+    """Touches the job's row every ``interval_s`` while this worker runs it.
+
+    Progress is written per epoch, but loading data, importing a framework, exporting, uploading or
+    registering a large model can be silent for longer than ``stale_after_s``; the reconciler would
+    then take the job for a lost worker's and send it again (see ``store.requeue_lost_jobs``). It stops
+    on its own once the row is no longer ``running`` (ended, cancelled).
+    """
+
+    def __init__(self, database: Database, job_id: str, *, attempt: int, interval_s: float) -> None:
+        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
+        self.database, self.job_id, self.attempt, self.interval_s = database, job_id, attempt, interval_s
+        self._stop_beating = threading.Event()
+
+    def run(self) -> None:
+        with store.fenced(self.job_id, self.attempt):  # never keeps alive a job another worker took over
+            while not self._stop_beating.wait(self.interval_s):
+                try:
+                    if not store.update_job(database=self.database, job_id=self.job_id,
+                                            expect_state=JobState.RUNNING, updated_at=utcnow()):
+                        return
+                except Exception as exc:  # the database away for a while: beat again next time
+                    log.debug("heartbeat of job %s not written: %s", self.job_id, exc)
+
+    def stop(self) -> None:
+        self._stop_beating.set()
+        self.join(timeout=10)
 
 
 def _fail(database: Database, job_id: str, message: str) -> None:
@@ -428,6 +479,31 @@ def _download_checkpoint(tracking: Tracking, run_id: str, folder: Path) -> Path 
     return found
 
 
+def _log_missing_epochs(
+    tracking: Tracking, run_id: str, history: list[dict[str, float]], *, before: int
+) -> None:
+    """Log the metrics of each epoch before ``before`` that the run lacks, from the checkpoint's history.
+
+    A lost worker may have died between saving an epoch's checkpoint and logging its metrics, and the
+    worker that resumed may have been lost in turn before it logged them: every such epoch is logged
+    here, once the job has trained to its end. If MLflow cannot say which it has, the epoch just
+    before ``before`` is logged again (the one the last lost worker may have missed).
+    """
+    entries = [entry for entry in history if int(entry["epoch"]) < before]
+    key = next((name for entry in entries for name in entry if name != "epoch"), None)
+    if key is None:
+        return
+    try:
+        logged = {metric.step for metric in tracking.client.get_metric_history(run_id, key)}
+    except Exception as exc:  # the history is a nicety; the model matters more
+        log.warning("could not read the metric history of run %s (%s)", run_id, exc)
+        logged = {int(entry["epoch"]) for entry in entries if int(entry["epoch"]) != before - 1}
+    for entry in entries:
+        if int(entry["epoch"]) not in logged:
+            tracking.log_metrics(run_id, {k: v for k, v in entry.items() if k != "epoch"},
+                                 step=int(entry["epoch"]))
+
+
 def _log_outcome(tracking: Tracking, run_id: str, outcome: FitOutcome, writer: _ProgressWriter,
                  workdir: Path) -> None:
     """Reports, TensorBoard events and the weights, beside the model in the run's artifacts."""
@@ -436,11 +512,7 @@ def _log_outcome(tracking: Tracking, run_id: str, outcome: FitOutcome, writer: _
     from services.trainer.engines.tracking import TENSORBOARD_ARTIFACT_PATH
 
     if writer.resumed_from_epoch is not None:
-        # The lost worker may have died between saving its last epoch and logging its metrics.
-        before = [h for h in outcome.history if int(h["epoch"]) == writer.resumed_from_epoch - 1]
-        for entry in before:
-            tracking.log_metrics(run_id, {k: v for k, v in entry.items() if k != "epoch"},
-                                 step=int(entry["epoch"]))
+        _log_missing_epochs(tracking, run_id, outcome.history, before=writer.resumed_from_epoch)
     reports.log_run_reports(tracking, run_id, outcome)
     tracking.log_folder(run_id, workdir / "tensorboard", TENSORBOARD_ARTIFACT_PATH)
     if outcome.state_dict is not None:
