@@ -51,8 +51,8 @@ JOBS = 5
 KILLS = 10
 EPOCHS = 15
 # The run of jobs, ten kills included, ends within this. Each kill costs the new worker's imports of
-# torch and MLflow before its first epoch: about a minute and a half on two idle cores, three to five
-# minutes where other suites share them (load 7).
+# torch and MLflow before its first epoch (10 to 19 s each with other suites on the two cores): the run
+# took 140 s at a load of 5 to 7 there.
 RUN_BOUND_S = 420
 # Between two kills: the workers get on with the jobs meanwhile.
 KILL_GAP_S = 1.0
