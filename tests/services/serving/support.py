@@ -27,7 +27,10 @@ NO_RECONCILE = 300.0
 def serving(platform: PlatformSettings, **settings: Any) -> Iterator[str]:
     app = create_app(ServingSettings(platform=platform, **{"reconcile_interval_s": NO_RECONCILE, **settings}))
     with running_app(app) as base:
-        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=30, what="serving ready")
+        # Ready once the registry's production models are loaded: the session's shared registry holds
+        # other tests' models too (some with artifacts gone), each tried once, which takes a while on a
+        # busy machine.
+        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=120, what="serving ready")
         yield base
 
 

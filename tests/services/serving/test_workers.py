@@ -43,6 +43,12 @@ def test_two_workers_serve_log_and_drain_on_sigterm(
             return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
 
         wait_for(ready, timeout=180, what="serving ready")
+
+        def both_serving() -> bool:  # each worker loads the registry's models itself, in its own time
+            return all(httpx.post(f"{base}/v1/models/{version.name}/predict", json={"inputs": ROWS},
+                                  headers=auth("viewer"), timeout=30).status_code == 200 for _ in range(10))
+
+        wait_for(both_serving, timeout=180, what="both workers serving the model")
         # Both workers answer (each loads the model itself): a few requests reach each.
         sent = []
         for _ in range(40):
