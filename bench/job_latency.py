@@ -96,8 +96,10 @@ def main() -> None:
 
     from services.trainer.settings import TrainerSettings
     from services.trainer.worker.broker import on_broker_for
-    from shipyard_cli.stack import Component, Stack, free_port, redis_answers, stop_process_group
+    from shipyard_cli.processes import Component, redis_answers
+    from shipyard_cli.stack import Stack
     from shipyard_common.datasets import DataRepo
+    from shipyard_common.processes import free_port, stop_process_group
     from shipyard_common.settings import PlatformSettings, disable_telemetry
 
     disable_telemetry()

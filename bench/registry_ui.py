@@ -40,7 +40,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shipyard_cli.stack import Component, Stack, free_port, stop_process_group  # noqa: E402
+from shipyard_cli.processes import Component  # noqa: E402
+from shipyard_cli.stack import Stack  # noqa: E402
+from shipyard_common.processes import free_port, stop_process_group  # noqa: E402
 from shipyard_common.settings import PlatformSettings  # noqa: E402
 
 TOKEN = "bench-viewer-token"

@@ -133,7 +133,7 @@ class Processes:
         self.pids.append((name, pid))
 
     def stop(self, pid: int) -> None:
-        from shipyard_cli.stack import stop_process_group
+        from shipyard_common.processes import stop_process_group
 
         stop_process_group(pid, timeout=10)
         with contextlib.suppress(ChildProcessError):
@@ -319,7 +319,8 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
     from mlflow.tracking import MlflowClient
 
     from services.serving.settings import ServingSettings
-    from shipyard_cli.stack import Stack, free_port
+    from shipyard_cli.stack import Stack
+    from shipyard_common.processes import free_port
     from shipyard_common.settings import PlatformSettings, disable_telemetry
 
     disable_telemetry()

@@ -22,7 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shipyard_cli.stack import SUPERVISOR, ProcessRecord, Stack, stop_leftovers
+from shipyard_cli.processes import ProcessRecord, stop_leftovers
+from shipyard_cli.stack import SUPERVISOR, Stack
 from shipyard_common.settings import PlatformSettings
 
 log = logging.getLogger("shipyard.supervisor")

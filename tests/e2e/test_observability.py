@@ -33,7 +33,8 @@ from sklearn.datasets import load_breast_cancer
 from services.trainer.worker.metrics import read_gpus
 from shipyard_cli.client import ShipyardClient
 from shipyard_cli.demo import wait_until_served
-from shipyard_cli.stack import Stack, url_port
+from shipyard_cli.processes import url_port
+from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
 from tests.infra.support import alert_rules, dashboards, fill, panel_queries, variable_queries
 from tests.services.trainer.conftest import job_spec

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from services.trainer.settings import TrainerSettings
-from shipyard_cli.stack import ProcessRecord, Stack
+from shipyard_cli.processes import ProcessRecord
+from shipyard_cli.stack import Stack
 from tests.support import free_port, stop_process_group, test_platform, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

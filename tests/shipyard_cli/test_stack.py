@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from shipyard_cli.stack import Stack, StackError, redis_answers, redis_server_binary
+from shipyard_cli.processes import StackError, redis_answers, redis_server_binary
+from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
 from tests.support import TOKENS, free_port
 
@@ -43,7 +44,7 @@ def test_no_redis_anywhere_says_how_to_get_one(tmp_path, monkeypatch):
 
 def test_down_stops_children_too(tmp_path):
     """A process group is stopped whole: the child a component forks dies with it."""
-    from shipyard_cli.stack import Component
+    from shipyard_cli.processes import Component
 
     stack = Stack(PlatformSettings(env="test", state_dir=tmp_path, tokens=TOKENS))
     child_pid_file = tmp_path / "child.pid"
@@ -69,7 +70,7 @@ def test_status_names_the_registry_ui(tmp_path):
     from typer.testing import CliRunner
 
     from shipyard_cli.main import app as cli
-    from shipyard_cli.stack import Component
+    from shipyard_cli.processes import Component
 
     registry_url = f"http://127.0.0.1:{free_port()}"
     platform = PlatformSettings(env="test", state_dir=tmp_path, tokens=TOKENS, registry_url=registry_url)

@@ -17,7 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from shipyard_cli.main import app as cli
-from shipyard_cli.stack import SUPERVISOR, Component, ProcessRecord, Stack, StackError
+from shipyard_cli.processes import Component, ProcessRecord, StackError
+from shipyard_cli.stack import SUPERVISOR, Stack
 from shipyard_common.settings import PlatformSettings
 from tests.support import free_port, test_platform, wait_for
 
