@@ -105,3 +105,46 @@ def alert_rules() -> list[AlertRule]:
     groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     return [AlertRule(rule["alert"], rule["expr"]) for rule in rules if "alert" in rule]
+
+
+# Every settings class a Shipyard process builds from its environment, by module and class name.
+SETTINGS_CLASSES = (
+    ("shipyard_common.settings", "PlatformSettings"),
+    ("shipyard_common.oidc", "OidcSettings"),
+    ("services.trainer.settings", "TrainerSettings"),
+    ("services.trainer.worker.metrics", "WorkerMetricsSettings"),
+    ("services.registry.settings", "RegistrySettings"),
+    ("services.serving.settings", "ServingSettings"),
+    ("services.monitor.settings", "MonitorSettings"),
+    ("pipelines.tasks", "PipelineSettings"),
+)
+CODE_DIRS = ("services", "shipyard_common", "shipyard_cli", "pipelines")
+_ENV_LITERAL = re.compile(r"[\"'](SHIPYARD_[A-Z0-9_]*[A-Z0-9])[\"']")
+
+
+def settings_env_names() -> set[str]:
+    """Every ``SHIPYARD_*`` variable the platform reads: each settings class's fields under its prefix
+    (nested settings under their own), and each name the code spells out whole (``os.environ`` reads,
+    such as ``SHIPYARD_SERVING_GRPC_PORT``). Compose files and the Helm chart may set only these, so a
+    misspelt variable fails a test instead of being ignored in production."""
+    from pydantic_settings import BaseSettings
+
+    names: set[str] = set()
+    for module_name, class_name in SETTINGS_CLASSES:
+        names |= _field_env_names(getattr(importlib.import_module(module_name), class_name), BaseSettings)
+    for directory in CODE_DIRS:
+        for path in (ROOT / directory).rglob("*.py"):
+            names |= set(_ENV_LITERAL.findall(path.read_text()))
+    return names
+
+
+def _field_env_names(settings: type[Any], base: type[Any]) -> set[str]:
+    prefix = str(settings.model_config.get("env_prefix", "")).upper()
+    names: set[str] = set()
+    for field_name, field in settings.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, base):
+            names |= _field_env_names(kind, base)  # read from its own prefix, not as one variable
+        else:
+            names.add(prefix + field_name.upper())
+    return names
