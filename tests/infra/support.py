@@ -113,6 +113,7 @@ SETTINGS_CLASSES = (
     ("shipyard_common.oidc", "OidcSettings"),
     ("services.trainer.settings", "TrainerSettings"),
     ("services.trainer.worker.metrics", "WorkerMetricsSettings"),
+    ("services.trainer.scaler.settings", "ScalerSettings"),
     ("services.registry.settings", "RegistrySettings"),
     ("services.serving.settings", "ServingSettings"),
     ("services.monitor.settings", "MonitorSettings"),
