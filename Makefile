@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install lock demo test lint typecheck up down status clean
+.PHONY: install lock demo test lint typecheck up down status clean infra-tools
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy shipyard_common shipyard_cli services pipelines
 	$(BIN)/lint-imports
+
+# Helm and a venv of checkov and kubernetes-validate in .tools/infra/ (tools/infra-tools.lock), apart
+# from .venv: tests/infra check the Helm chart and the Terraform with them. Quick when already there.
+infra-tools:
+	python3 tools/infra_tools.py
 
 up: install
 	$(BIN)/shipyard up
