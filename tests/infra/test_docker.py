@@ -326,6 +326,7 @@ def dockerignored(relative: str, patterns: list[str]) -> bool:
         negate = pattern.startswith("!")
         regex = re.escape(pattern.lstrip("!").strip("/"))
         regex = regex.replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        regex = regex.replace(r"\[", "[").replace(r"\]", "]")  # [abc]: a character class, as in Go
         if any(re.fullmatch(regex.replace(r"\?", "[^/]"), c) for c in candidates):
             ignored = not negate
     return ignored
@@ -364,6 +365,28 @@ def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies():
             problems.append(f"{name} runs for good but has no healthcheck")
         problems += dependency_problems(name, service, services)
     assert not problems, "\n".join(problems)
+
+
+def waits_for(name: str, services: dict[str, Any]) -> set[str]:
+    """Every service ``name`` waits for, directly or through another."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        for target in services[todo.pop()].get("depends_on") or {}:
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_services_start_one_after_another():
+    """Each service creates the platform's tables at start (shipyard_common.db), and two CREATE TABLEs
+    of one table at once fail in PostgreSQL: of any two, one waits for the other. (A worker creates
+    them at its first job, which the trainer, up and healthy by then, has sent it.)"""
+    services = compose_services()
+    together = [f"{a} and {b}" for i, a in enumerate(SERVICES) for b in SERVICES[i + 1:]
+                if a not in waits_for(b, services) and b not in waits_for(a, services)]
+    assert not together, "\n".join(["these may start at the same time:", *together])
 
 
 def dependency_problems(name: str, service: dict[str, Any], services: dict[str, Any]) -> list[str]:
