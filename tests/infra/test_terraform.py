@@ -1,0 +1,341 @@
+"""The Terraform of infra/terraform, checked offline (no provider can be downloaded here): every file
+parses with python-hcl2 (the infra tools venv's), variables and outputs are typed and described, module
+calls pass what their modules declare and require, references name what exists, every version is pinned
+exactly, checkov finds nothing outside its skip list, and ``terraform fmt`` agrees where terraform is on
+PATH (``terraform validate`` too, for the modules, where the AWS provider lies in a local mirror)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TF_DIR = ROOT / "infra" / "terraform"
+CHECKOV_CONFIG = TF_DIR / ".checkov.yaml"
+TOOLS_BIN = ROOT / ".tools" / "infra" / "venv" / "bin"
+CHART_VALUES = ROOT / "infra" / "helm" / "shipyard" / "values.yaml"
+EXACT = re.compile(r"^= \d+\.\d+\.\d+$")
+# Arguments of a module block that are Terraform's, not the module's variables.
+MODULE_META = {"source", "version", "count", "for_each", "providers", "depends_on"}
+
+# Run by the tools venv's python: every .tf file under argv[1], parsed, as JSON by relative path.
+PARSE_SCRIPT = """
+import json, pathlib, sys
+import hcl2
+root = pathlib.Path(sys.argv[1])
+parsed = {}
+for path in sorted(root.rglob("*.tf")):
+    if ".terraform" in path.parts:
+        continue
+    try:
+        parsed[str(path.relative_to(root))] = {"doc": hcl2.loads(path.read_text())}
+    except Exception as error:
+        parsed[str(path.relative_to(root))] = {"error": f"{type(error).__name__}: {error}"}
+print(json.dumps(parsed))
+"""
+
+
+def tool(name: str) -> Path:
+    """A program of the infra tools venv: a failure under CI, a skip elsewhere, when it is missing."""
+    path = TOOLS_BIN / name
+    if not path.exists():
+        message = f"{path.relative_to(ROOT)} is missing: run make infra-tools"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def scalar(value: Any) -> Any:
+    """An attribute's value: python-hcl2 (checkov's fork) wraps each one in a list of one."""
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]  # the upstream parser keeps a string's quotes
+    return value
+
+
+def blocks(doc: dict[str, Any], kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """The labelled blocks of one kind in a parsed file (``variable "x" {...}`` -> ("x", body))."""
+    return [(name, body) for entry in doc.get(kind, []) for name, body in entry.items()]
+
+
+@dataclass
+class TfDir:
+    """One Terraform module (a folder of .tf files): what it declares and calls, and its text."""
+
+    path: Path
+    variables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    locals: set[str] = field(default_factory=set)
+    terraform: list[dict[str, Any]] = field(default_factory=list)
+    resource_types: set[str] = field(default_factory=set)
+    resource_count: int = 0
+    text: str = ""
+
+    def add(self, doc: dict[str, Any], text: str) -> None:
+        self.variables.update(blocks(doc, "variable"))
+        self.outputs.update(blocks(doc, "output"))
+        self.modules.update(blocks(doc, "module"))
+        self.locals.update(
+            key for entry in doc.get("locals", []) for key in entry if not key.startswith("__")
+        )
+        self.terraform.extend(doc.get("terraform", []))
+        for kind in ("resource", "data"):
+            for resource_type, named in blocks(doc, kind):
+                self.resource_types.add(resource_type)
+                if kind == "resource":
+                    self.resource_count += len([name for name in named if not name.startswith("__")])
+        # Comment lines are left out: only code may reference things.
+        self.text += "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")) + "\n"
+
+    def called(self, name: str) -> Path:
+        return (self.path / scalar(self.modules[name]["source"])).resolve()
+
+
+def model(parsed: dict[str, dict[str, Any]]) -> dict[Path, TfDir]:
+    dirs: dict[Path, TfDir] = {}
+    for relative, result in parsed.items():
+        path = (TF_DIR / relative).resolve()
+        tf_dir = dirs.setdefault(path.parent, TfDir(path.parent))
+        tf_dir.add(result["doc"], path.read_text())
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def parsed() -> dict[str, dict[str, Any]]:
+    python = tool("python")
+    done = subprocess.run(
+        [python, "-c", PARSE_SCRIPT, TF_DIR], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def dirs(parsed: dict[str, dict[str, Any]]) -> dict[Path, TfDir]:
+    assert not [name for name, result in parsed.items() if "error" in result], "parse errors"
+    return model(parsed)
+
+
+def test_every_file_parses(parsed):
+    files = {str(path.relative_to(TF_DIR)) for path in TF_DIR.rglob("*.tf") if ".terraform" not in path.parts}
+    assert set(parsed) == files
+    assert {name: result["error"] for name, result in parsed.items() if "error" in result} == {}
+    expected = {"network", "cluster", "storage", "database", "redis", "kms", "irsa"}
+    assert {path.name for path in (TF_DIR / "modules").iterdir() if path.is_dir()} >= expected
+    assert "environments/example/main.tf" in parsed
+
+
+def declaration_problems(dirs: dict[Path, TfDir]) -> list[str]:
+    """Variables without a type or a description, outputs without a description."""
+    problems = []
+    for tf_dir in dirs.values():
+        where = tf_dir.path.relative_to(TF_DIR)
+        for name, body in tf_dir.variables.items():
+            if not scalar(body.get("type")):
+                problems.append(f"{where}: variable {name} has no type")
+            if len(str(scalar(body.get("description", "")))) < 10:
+                problems.append(f"{where}: variable {name} has no description")
+        for name, body in tf_dir.outputs.items():
+            if len(str(scalar(body.get("description", "")))) < 10:
+                problems.append(f"{where}: output {name} has no description")
+    return problems
+
+
+def test_variables_are_typed_and_described_and_outputs_described(dirs):
+    assert sum(len(tf_dir.variables) for tf_dir in dirs.values()) > 0
+    assert declaration_problems(dirs) == []
+
+
+def module_call_problems(dirs: dict[Path, TfDir]) -> list[str]:
+    """Module calls to a missing folder, with an input the module does not declare, or without one it
+    requires (a variable without a default)."""
+    problems = []
+    for tf_dir in dirs.values():
+        for name, body in tf_dir.modules.items():
+            where = f"{tf_dir.path.relative_to(TF_DIR)}: module {name}"
+            callee = dirs.get(tf_dir.called(name))
+            if callee is None:
+                problems.append(f"{where}: no module at {scalar(body['source'])}")
+                continue
+            inputs = {key for key in body if key not in MODULE_META and not key.startswith("__")}
+            required = {var for var, spec in callee.variables.items() if "default" not in spec}
+            unknown = sorted(inputs - set(callee.variables))
+            problems += [f"{where}: {key} is no variable of the module" for key in unknown]
+            problems += [f"{where}: required {key} is not passed" for key in sorted(required - inputs)]
+    return problems
+
+
+def test_module_calls_match_the_modules_variables(dirs):
+    assert any(tf_dir.modules for tf_dir in dirs.values())
+    assert module_call_problems(dirs) == []
+
+
+def reference_problems(dirs: dict[Path, TfDir]) -> list[str]:
+    """References to a module output, a variable or a local value that its module does not declare."""
+    problems = []
+    for tf_dir in dirs.values():
+        where = tf_dir.path.relative_to(TF_DIR)
+        for module, output in sorted(set(re.findall(r"\bmodule\.(\w+)\.(\w+)", tf_dir.text))):
+            if module not in tf_dir.modules:
+                problems.append(f"{where}: module.{module} is not called here")
+            elif output not in dirs[tf_dir.called(module)].outputs:
+                problems.append(f"{where}: module.{module} has no output {output}")
+        variables = set(re.findall(r"\bvar\.(\w+)", tf_dir.text)) - set(tf_dir.variables)
+        problems += [f"{where}: var.{name} is not declared" for name in sorted(variables)]
+        local_values = set(re.findall(r"\blocal\.(\w+)", tf_dir.text)) - tf_dir.locals
+        problems += [f"{where}: local.{name} is not defined" for name in sorted(local_values)]
+    return problems
+
+
+def test_references_name_existing_outputs_variables_and_locals(dirs):
+    assert reference_problems(dirs) == []
+
+
+def test_a_misspelt_module_input_or_output_is_found(parsed):
+    """The checks above can fail: a misspelt input, a missing required one, a misspelt output."""
+    broken = model(json.loads(json.dumps(parsed)))
+    example = broken[(TF_DIR / "environments" / "example").resolve()]
+    cluster_call = example.modules["cluster"]
+    cluster_call["gpu_max_sizes"] = cluster_call.pop("gpu_max_size")
+    del cluster_call["subnet_ids"]
+    example.text = example.text.replace("module.cluster.gpu_tolerations", "module.cluster.gpu_toleration")
+    assert module_call_problems(broken) == [
+        "environments/example: module cluster: gpu_max_sizes is no variable of the module",
+        "environments/example: module cluster: required subnet_ids is not passed",
+    ]
+    assert reference_problems(broken) == ["environments/example: module.cluster has no output gpu_toleration"]
+
+
+def pins(tf_dir: TfDir) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The module's required_version and its providers' (source, version)."""
+    assert len(tf_dir.terraform) == 1, f"{tf_dir.path}: one terraform block"
+    block = tf_dir.terraform[0]
+    providers = scalar(block.get("required_providers", {}))
+    return scalar(block.get("required_version")), {
+        name: (scalar(spec)["source"], scalar(spec)["version"]) for name, spec in providers.items()
+    }
+
+
+def test_terraform_and_providers_are_pinned_exactly_and_alike(dirs):
+    seen: dict[str, set[str]] = {}
+    for tf_dir in dirs.values():
+        where = tf_dir.path.relative_to(TF_DIR)
+        required_version, providers = pins(tf_dir)
+        assert EXACT.match(str(required_version)), f"{where}: required_version {required_version!r}"
+        seen.setdefault("terraform", set()).add(required_version)
+        for name, (source, version) in providers.items():
+            assert source == f"hashicorp/{name}" and EXACT.match(version), f"{where}: {name} {version!r}"
+            seen.setdefault(name, set()).add(version)
+        used = {resource_type.split("_")[0] for resource_type in tf_dir.resource_types}
+        assert used <= set(providers), f"{where}: providers used but not required: {used - set(providers)}"
+    assert {name: len(versions) for name, versions in seen.items() if len(versions) > 1} == {}
+
+
+def checkov_skips() -> tuple[list[str], list[str]]:
+    """The skip list's check IDs, and the lines among them that give a reason."""
+    skips = yaml.safe_load(CHECKOV_CONFIG.read_text())["skip-check"]
+    reasoned = re.findall(r"^\s*-\s*(CKV\w+)\s+#\s*\S.{9,}$", CHECKOV_CONFIG.read_text(), re.MULTILINE)
+    return skips, reasoned
+
+
+def test_every_skipped_check_says_why():
+    skips, reasoned = checkov_skips()
+    assert skips == reasoned, "each skip-check entry needs '# reason' on its line"
+    inline = [
+        (path.relative_to(TF_DIR), match)
+        for path in TF_DIR.rglob("*.tf")
+        for match in re.findall(r"#\s*checkov:skip=([^\n]*)", path.read_text())
+    ]
+    assert inline, "the resource-specific skips are inline"
+    for path, skip in inline:
+        assert re.fullmatch(r"CKV2?_[A-Z0-9_]+:\s*\S.{9,}", skip), (
+            f"{path}: checkov:skip={skip} needs ':reason'"
+        )
+
+
+def test_checkov_finds_no_failed_check(dirs):
+    checkov = tool("checkov")
+    argv = [checkov, "--config-file", CHECKOV_CONFIG, "-d", TF_DIR, "--quiet", "--compact", "-o", "json"]
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_NO_OUTPUT_TRUNCATION": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=TF_DIR)
+    reports = json.loads(done.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    assert [report["check_type"] for report in reports] == ["terraform"], done.stderr[-2000:]
+    summary = reports[0]["summary"]
+    failed = [
+        f"{check['check_id']} {check['resource']} ({check['file_path']}): {check['check_name']}"
+        for check in reports[0]["results"]["failed_checks"]
+    ]
+    assert failed == []
+    assert summary["parsing_errors"] == 0
+    assert summary["passed"] > 0
+    assert summary["resource_count"] >= sum(tf_dir.resource_count for tf_dir in dirs.values())
+
+
+TERRAFORM = shutil.which("terraform")
+needs_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform is not on PATH")
+
+
+def terraform(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    assert TERRAFORM is not None
+    argv = [TERRAFORM, *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False, cwd=cwd, env=env)
+
+
+@needs_terraform
+def test_terraform_fmt_is_clean():
+    done = terraform("fmt", "-check", "-recursive", "-diff", "-no-color", TF_DIR, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_terraform
+def test_terraform_validate_passes_for_the_modules(dirs, tmp_path):
+    """Every module, validated against the AWS provider's schema (attribute names, enums) from a local
+    filesystem mirror: one generated root calls each module, its required inputs left unknown. The
+    example environment's Helm, Kubernetes and random providers are not in the mirror."""
+    _, providers = pins(dirs[(TF_DIR / "modules" / "cluster").resolve()])
+    source, version = providers["aws"]
+    mirror = Path(os.environ.get("TF_PLUGIN_MIRROR", "/opt/tf-plugins"))
+    if not (mirror / "registry.terraform.io" / source / version.lstrip("= ")).is_dir():
+        pytest.skip(f"no {source} {version} in the provider mirror {mirror} (TF_PLUGIN_MIRROR)")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "main.tf").write_text(validation_root(dirs, root, source, version))
+    config = tmp_path / "terraformrc"
+    config.write_text(f'provider_installation {{\n  filesystem_mirror {{\n    path = "{mirror}"\n  }}\n}}\n')
+    env = {**os.environ, "TF_CLI_CONFIG_FILE": str(config), "TF_IN_AUTOMATION": "1"}
+    init = terraform("init", "-backend=false", "-input=false", "-no-color", cwd=root, env=env)
+    assert init.returncode == 0, init.stdout + init.stderr
+    done = terraform("validate", "-no-color", cwd=root, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def validation_root(dirs: dict[Path, TfDir], root: Path, source: str, version: str) -> str:
+    """A root module that calls every module under modules/ with each required input an unknown value."""
+    modules = sorted(path for path in dirs if path.parent == (TF_DIR / "modules").resolve())
+    lines = [
+        "terraform {",
+        "  required_providers {",
+        f'    aws = {{ source = "{source}", version = "{version}" }}',
+    ]
+    lines += ["  }", "}"]
+    for path in modules:
+        required = sorted(name for name, spec in dirs[path].variables.items() if "default" not in spec)
+        lines += [f'variable "{path.name}_{name}" {{}}' for name in required]
+        lines += [f'module "{path.name}" {{', f'  source = "{os.path.relpath(path, root)}"']
+        lines += [f"  {name} = var.{path.name}_{name}" for name in required] + ["}"]
+    return "\n".join(lines) + "\n"
