@@ -10,6 +10,29 @@ module "key" {
   tags        = var.tags
 }
 
+module "logs_key" {
+  source = "../kms"
+
+  name                = "${var.name}-rds-logs"
+  description         = "Logs of RDS instance ${var.name}"
+  for_cloudwatch_logs = true
+  tags                = var.tags
+}
+
+# The log groups RDS exports to, created first so that they are encrypted and expire.
+resource "aws_cloudwatch_log_group" "this" {
+  for_each = toset(local.log_exports)
+
+  name              = "/aws/rds/instance/${var.name}/${each.value}"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = module.logs_key.key_arn
+  tags              = var.tags
+}
+
+locals {
+  log_exports = ["postgresql", "upgrade"]
+}
+
 resource "aws_db_subnet_group" "this" {
   name       = var.name
   subnet_ids = var.subnet_ids
@@ -24,14 +47,15 @@ resource "aws_security_group" "this" {
 }
 
 resource "aws_vpc_security_group_ingress_rule" "postgresql" {
-  for_each = toset(var.allowed_security_group_ids)
+  # count, not for_each: the cluster's security group ID is unknown until the cluster exists.
+  count = length(var.allowed_security_group_ids)
 
   security_group_id            = aws_security_group.this.id
-  description                  = "PostgreSQL from ${each.value}"
+  description                  = "PostgreSQL from ${var.allowed_security_group_ids[count.index]}"
   ip_protocol                  = "tcp"
   from_port                    = 5432
   to_port                      = 5432
-  referenced_security_group_id = each.value
+  referenced_security_group_id = var.allowed_security_group_ids[count.index]
 }
 
 resource "aws_db_parameter_group" "this" {
@@ -79,13 +103,15 @@ resource "aws_db_instance" "this" {
   final_snapshot_identifier             = "${var.name}-final"
   auto_minor_version_upgrade            = true
   iam_database_authentication_enabled   = true
-  enabled_cloudwatch_logs_exports       = ["postgresql", "upgrade"]
+  enabled_cloudwatch_logs_exports       = local.log_exports
   performance_insights_enabled          = true
   performance_insights_kms_key_id       = module.key.key_arn
   performance_insights_retention_period = 7
   monitoring_interval                   = 30
   monitoring_role_arn                   = aws_iam_role.monitoring.arn
   tags                                  = var.tags
+
+  depends_on = [aws_cloudwatch_log_group.this]
 }
 
 data "aws_partition" "current" {}

@@ -1,6 +1,11 @@
 variable "name" {
   description = "Identifier of the RDS instance, and the prefix of its subnet group, parameter group and security group."
   type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{0,50}[a-z0-9]$", var.name))
+    error_message = "name must be 2 to 52 lowercase letters, digits or hyphens, starting with a letter."
+  }
 }
 
 variable "vpc_id" {
@@ -86,6 +91,12 @@ variable "deletion_protection" {
   description = "Whether the instance refuses to be deleted (turn off deliberately before a destroy)."
   type        = bool
   default     = true
+}
+
+variable "log_retention_days" {
+  description = "Days the PostgreSQL and upgrade logs are kept in CloudWatch Logs."
+  type        = number
+  default     = 365
 }
 
 variable "tags" {

@@ -1,10 +1,10 @@
 variable "bucket_name" {
-  description = "Globally unique name of the artifact bucket (MLflow artifacts under mlflow/, the DVC remote under dvc/)."
+  description = "Globally unique name of the artifact bucket (MLflow artifacts under mlflow/, the DVC remote under dvc/); its access logs go to <name>-logs."
   type        = string
 
   validation {
-    condition     = can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", var.bucket_name))
-    error_message = "bucket_name must be 3 to 63 lowercase letters, digits, dots or hyphens."
+    condition     = can(regex("^[a-z0-9][a-z0-9-]{1,56}[a-z0-9]$", var.bucket_name))
+    error_message = "bucket_name must be 3 to 58 lowercase letters, digits or hyphens (no dots: they break TLS to the bucket, and <name>-logs must fit in 63)."
   }
 }
 
