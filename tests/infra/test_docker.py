@@ -344,6 +344,81 @@ def test_dockerignore_sends_what_the_images_copy_and_nothing_secret():
     assert [p for p in kept_out if not dockerignored(p, patterns)] == []
 
 
+def image_requirements() -> list[str]:
+    """What the images install (docker/requirements.py, which they run), imported from its path."""
+    spec = importlib.util.spec_from_file_location("docker_requirements", DOCKER_DIR / "requirements.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    wanted: list[str] = module.requirements(ROOT / "pyproject.toml")
+    return wanted
+
+
+def distribution_closure(requirements: list[str]) -> set[str]:
+    """The distributions pip installs for ``requirements`` (with their extras), read from the metadata
+    of those installed here (the lock's versions, as in the image)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    extras_of: dict[str, set[str]] = {}
+    todo = [Requirement(text) for text in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        first = name not in extras_of
+        new = set(requirement.extras) - extras_of.get(name, set())
+        if not (first or new):
+            continue
+        extras_of.setdefault(name, set()).update(new)
+        environments = [{"extra": extra} for extra in new] + ([{"extra": ""}] if first else [])
+        for text in metadata.distribution(requirement.name).requires or []:
+            dependency = Requirement(text)
+            if dependency.marker is None:
+                wanted = first
+            else:
+                wanted = any(dependency.marker.evaluate(env) for env in environments)
+            if wanted:
+                todo.append(dependency)
+    return set(extras_of)
+
+
+def imported_top_modules() -> dict[str, str]:
+    """Each third-party top-level module the shipped packages import -> a file that imports it."""
+    import sys
+
+    found: dict[str, str] = {}
+    for package in sorted(CODE_DIRS):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names} - CODE_DIRS - sys.stdlib_module_names:
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def test_the_images_install_every_module_the_code_imports():
+    """A module only the dev extra brings (pytest, tritonclient...) would be missing in the image and
+    fail there, at start or on the first request that needs it."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    installed = distribution_closure(image_requirements())
+    providers = metadata.packages_distributions()
+    missing = [f"{module} (imported by {path})" for module, path in sorted(imported_top_modules().items())
+               if not {canonicalize_name(d) for d in providers.get(module, [])} & installed]
+    assert "torch" in installed and "mlflow" in installed, "the closure of the requirements is wrong"
+    why = "imported by the code, not installed by the images (docker/requirements.py):"
+    assert not missing, "\n".join([why, *missing])
+
+
 # -- compose -------------------------------------------------------------------------------------------
 def test_compose_commands_are_what_the_package_provides():
     problems = []
