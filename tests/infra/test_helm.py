@@ -458,6 +458,10 @@ def test_serving_scales_on_cpu_and_keeps_a_disruption_budget(rendered) -> None:
     for svc in SERVICES:
         budget = find(docs, "PodDisruptionBudget", f"{FULLNAME}-{svc}")["spec"]
         assert budget["selector"]["matchLabels"]["app.kubernetes.io/component"] == svc
+        # A budget that keeps every replica would block each node drain for good.
+        deployment = find(docs, "Deployment", f"{FULLNAME}-{svc}")["spec"]
+        replicas = hpa["minReplicas"] if svc == "serving" else deployment["replicas"]
+        assert budget.get("minAvailable", 0) < replicas and budget.get("maxUnavailable", 1) >= 1, svc
 
 
 def test_the_ingress_serves_the_registry_ui_and_serving(rendered) -> None:
