@@ -557,6 +557,28 @@ def test_services_listen_where_the_others_look_for_them():
     assert not problems, "\n".join(problems)
 
 
+def seconds(duration: str) -> float:
+    """A compose duration (``45s``, ``1m30s``) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_serving_has_the_time_to_drain_when_stopped():
+    """``docker compose stop`` sends SIGTERM, then SIGKILL after stop_grace_period (10 s by default):
+    serving needs its drain and its requests' shutdown time before that."""
+    from services.serving.settings import ServingSettings
+
+    serving = compose_services()["serving"]
+    fields = ServingSettings.model_fields
+    env = environment(serving)
+    drain = float(env.get("SHIPYARD_SERVING_DRAIN_GRACE_S", fields["drain_grace_s"].default))
+    finish = float(env.get("SHIPYARD_SERVING_SHUTDOWN_TIMEOUT_S", fields["shutdown_timeout_s"].default))
+    grace = seconds(str(serving.get("stop_grace_period", "10s")))
+    assert grace > drain + finish, f"stop_grace_period {grace}s <= drain {drain}s + shutdown {finish}s"
+
+
 def test_compose_sets_only_variables_the_settings_read():
     known = settings_env_names()
     unknown = [f"{name}: {var}" for name, service in compose_services().items()
