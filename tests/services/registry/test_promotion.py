@@ -419,6 +419,13 @@ def _at_once(calls: list[Any]) -> list[httpx.Response]:
     return results
 
 
+def _race_report(answers: list[httpx.Response], bases: list[str], request_id: int, logs: Path) -> str:
+    """What a failed race looked like: the answers, what each process reads now, its log's tail."""
+    now = [httpx.get(f"{base}/requests/{request_id}", headers=VIEWER).text for base in bases]
+    tails = [path.read_text()[-3000:] for path in sorted(logs.glob("registry-*.log"))]
+    return "\n".join([*(r.text for r in answers), "now:", *now, "logs:", *tails])
+
+
 def test_two_processes_racing_give_one_move_per_decision_and_a_history_matching_mlflow(
     isolated_platform: PlatformSettings, db_url: str, model_factory: ModelFactory, tmp_path: Path
 ) -> None:
@@ -444,7 +451,9 @@ def test_two_processes_racing_give_one_move_per_decision_and_a_history_matching_
                     ),
                 ]
             )
-            assert sorted(r.status_code for r in approvals) == [200, 409], [r.text for r in approvals]
+            assert sorted(r.status_code for r in approvals) == [200, 409], _race_report(
+                approvals, [one, two], request_id, tmp_path
+            )
         # Direct moves from both processes at once: each audit row's previous version is the one before.
         for round_ in range(4):
             _at_once(
