@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import venv
 import zipfile
 from pathlib import Path
 
@@ -98,6 +97,16 @@ def install_helm() -> None:
     print(run(HELM, "version", "--short").stdout.strip())
 
 
+def make_venv(path: Path) -> None:
+    """A venv of Python 3.11 (the Python the lock was resolved with), whichever Python runs this."""
+    python = shutil.which("python3.11")
+    if python is None and sys.version_info[:2] == (3, 11):
+        python = sys.executable
+    if python is None:
+        raise ToolError("Python 3.11 is not on PATH: the lock pins packages built for it")
+    run(python, "-m", "venv", path)
+
+
 def lock_digest() -> str:
     return hashlib.sha256(LOCK.read_bytes()).hexdigest()
 
@@ -112,7 +121,7 @@ def install_venv() -> None:
         return
     if VENV.exists():
         shutil.rmtree(VENV)  # another lock's packages: start clean rather than leave strays
-    venv.create(VENV, with_pip=True)
+    make_venv(VENV)
     pip = (VENV / "bin" / "python", "-m", "pip")
     run(*pip, "install", "-q", "--disable-pip-version-check", "--no-deps", "-r", LOCK)
     run(*pip, "check")
@@ -127,13 +136,14 @@ def write_lock() -> None:
     """Resolve REQUIREMENTS in a scratch venv and write every installed package, pinned, to the lock."""
     with tempfile.TemporaryDirectory(prefix="shipyard-infra-lock-") as tmp:
         scratch = Path(tmp) / "venv"
-        venv.create(scratch, with_pip=True)
+        make_venv(scratch)
         pip = (scratch / "bin" / "python", "-m", "pip")
         quiet = ("-q", "--disable-pip-version-check")
         run(*pip, "install", *quiet, "--upgrade", "pip", "setuptools")
         run(*pip, "install", *quiet, *REQUIREMENTS)
         run(*pip, "check")
         frozen = run(*pip, "freeze", "--all").stdout
+        version = run(scratch / "bin" / "python", "-c", "import platform; print(platform.python_version())")
     pins = sorted(
         (line.strip() for line in frozen.splitlines() if line.strip() and not line.startswith("#")),
         key=str.lower,
@@ -143,7 +153,7 @@ def write_lock() -> None:
         raise ToolError(f"pip freeze gave entries that are not exact pins: {unpinned}")
     header = LOCK_HEADER.format(
         date=datetime.date.today().isoformat(),
-        py=".".join(map(str, sys.version_info[:3])),
+        py=version.stdout.strip(),
         reqs=" ".join(REQUIREMENTS),
     )
     LOCK.write_text(header + "\n".join(pins) + "\n")
