@@ -475,3 +475,24 @@ def test_the_ingress_serves_the_registry_ui_and_serving(rendered) -> None:
     env = env_of(registry["spec"]["template"]["spec"]["containers"][0])
     assert env["SHIPYARD_REGISTRY_SECURE_COOKIES"]["value"] == "true"  # behind TLS
     assert "registry.shipyard.example.com" in json.loads(env["SHIPYARD_REGISTRY_ALLOWED_HOSTS"]["value"])
+
+
+# -- the tools themselves ------------------------------------------------------------------------------
+
+
+def test_the_infra_tools_venv_is_exactly_its_lock() -> None:
+    """tools/infra-tools.lock pins every package with ==, the checkers among them, and the venv that
+    `make infra-tools` built holds exactly those (so a test never runs a checker the lock does not name)."""
+    lock = ROOT / "tools" / "infra-tools.lock"
+    pins = [line for line in lock.read_text().splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+\-]+", pin) for pin in pins), pins
+    names = {pin.split("==")[0].lower(): pin for pin in pins}
+    assert names["checkov"] == "checkov==3.3.30"
+    assert names["kubernetes-validate"] == "kubernetes-validate==1.37.0"
+    _tools_or_skip()
+    frozen = run(VENV_BIN / "python", "-m", "pip", "freeze", "--all").stdout.split()
+    assert sorted(frozen, key=str.lower) == sorted(pins, key=str.lower)
+    assert run(HELM, "version", "--short").stdout.startswith("v4.1.")
+    # The Terraform checks parse HCL with the venv's `hcl2` (checkov's fork, bc-python-hcl2).
+    parsed = run(VENV_BIN / "python", "-c", "import hcl2; print(hcl2.loads('a = 1')['a'])")
+    assert parsed.returncode == 0 and parsed.stdout.strip() in ("1", "[1]"), parsed.stderr
