@@ -496,3 +496,70 @@ def test_the_infra_tools_venv_is_exactly_its_lock() -> None:
     # The Terraform checks parse HCL with the venv's `hcl2` (checkov's fork, bc-python-hcl2).
     parsed = run(VENV_BIN / "python", "-c", "import hcl2; print(hcl2.loads('a = 1')['a'])")
     assert parsed.returncode == 0 and parsed.stdout.strip() in ("1", "[1]"), parsed.stderr
+
+
+# What each process of the chart builds its settings from (module run -> settings classes).
+PROCESS_SETTINGS = {
+    "services.trainer": ("services.trainer.settings:TrainerSettings",),
+    "services.registry": ("services.registry.settings:RegistrySettings",),
+    "services.serving": ("services.serving.settings:ServingSettings",),
+    "services.monitor": ("services.monitor.settings:MonitorSettings",),
+    "services.trainer.worker": (
+        "services.trainer.settings:TrainerSettings", "services.trainer.worker.metrics:WorkerMetricsSettings",
+    ),
+    "services.trainer.scaler": ("services.trainer.scaler.settings:ScalerSettings",),
+}
+POD_IP = "10.1.2.3"
+
+
+def container_environment(container: dict[str, Any], secret: dict[str, str]) -> dict[str, str]:
+    """The environment kubelet gives ``container``: secrets filled in from ``secret``, the pod's IP, and
+    ``$(VAR)`` references to earlier entries expanded, as Kubernetes does."""
+    env: dict[str, str] = {}
+    for entry in container["env"]:
+        source = entry.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            value = secret[source["secretKeyRef"]["key"]]
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "status.podIP"
+            value = POD_IP
+        else:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), entry["value"])
+        env[entry["name"]] = value
+    return env
+
+
+def test_each_process_takes_the_environment_the_chart_gives_it(rendered, monkeypatch) -> None:
+    """Every Shipyard process's settings classes build from its container's environment: the service
+    listens on all addresses at its Service's port, answers to its pod IP (kubelet, Prometheus), and
+    reaches the database, Redis and MLflow the chart set up."""
+    import base64
+
+    docs = rendered["gpu"][1]
+    secret = {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", FULLNAME)["data"].items()}
+    checked = set()
+    for _, container in containers(docs):
+        if container.get("command") != ["python", "-m"]:
+            continue
+        env = container_environment(container, secret)
+        for name in [n for n in os.environ if n.startswith("SHIPYARD_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for target in PROCESS_SETTINGS[container["args"][0]]:
+            module, cls = target.split(":")
+            settings = getattr(importlib.import_module(module), cls)()
+            checked.add(target)
+            platform = getattr(settings, "platform", None)
+            if platform is not None:
+                assert platform.env == "prod" and platform.db_url == secret["db-url"]
+                assert platform.redis_url == secret["redis-url"]
+                assert platform.mlflow_tracking_uri == f"http://{FULLNAME}-mlflow:5000"
+                assert str(platform.mlflow_password_file) == "/var/run/secrets/shipyard/mlflow-password"
+            if hasattr(settings, "allowed_hosts") and container["args"][0] != "services.trainer.worker":
+                assert settings.host == "0.0.0.0" and POD_IP in settings.allowed_hosts
+                assert settings.port == container["ports"][0]["containerPort"]
+            if hasattr(settings, "metrics_host"):  # the /metrics of the worker and the scaler
+                assert settings.metrics_host == "0.0.0.0"
+                assert settings.metrics_port == container["ports"][0]["containerPort"]
+    assert checked == {t for targets in PROCESS_SETTINGS.values() for t in targets}
