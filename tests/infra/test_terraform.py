@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -364,40 +366,45 @@ def test_terraform_fmt_is_clean():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@needs_terraform
-def test_terraform_validate_passes_for_the_modules(dirs, tmp_path):
-    """Every module, validated against the AWS provider's schema (attribute names, enums) from a local
-    filesystem mirror: one generated root calls each module, its required inputs left unknown. The
-    example environment's Helm, Kubernetes and random providers are not in the mirror."""
+def mirror_env(dirs: dict[Path, TfDir], tmp_path: Path) -> dict[str, str]:
+    """Terraform's environment with a CLI configuration that installs providers from the local
+    filesystem mirror (``TF_PLUGIN_MIRROR``, default /opt/tf-plugins); a skip without the AWS provider."""
     _, providers = pins(dirs[(TF_DIR / "modules" / "cluster").resolve()])
     source, version = providers["aws"]
     mirror = Path(os.environ.get("TF_PLUGIN_MIRROR", "/opt/tf-plugins"))
     if not (mirror / "registry.terraform.io" / source / version.lstrip("= ")).is_dir():
         pytest.skip(f"no {source} {version} in the provider mirror {mirror} (TF_PLUGIN_MIRROR)")
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "main.tf").write_text(validation_root(dirs, root, source, version))
     config = tmp_path / "terraformrc"
     config.write_text(f'provider_installation {{\n  filesystem_mirror {{\n    path = "{mirror}"\n  }}\n}}\n')
-    env = {**os.environ, "TF_CLI_CONFIG_FILE": str(config), "TF_IN_AUTOMATION": "1"}
-    init = terraform("init", "-backend=false", "-input=false", "-no-color", cwd=root, env=env)
-    assert init.returncode == 0, init.stdout + init.stderr
-    done = terraform("validate", "-no-color", cwd=root, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
+    return {**os.environ, "TF_CLI_CONFIG_FILE": str(config), "TF_IN_AUTOMATION": "1"}
 
 
-def validation_root(dirs: dict[Path, TfDir], root: Path, source: str, version: str) -> str:
-    """A root module that calls every module under modules/ with each required input an unknown value."""
-    modules = sorted(path for path in dirs if path.parent == (TF_DIR / "modules").resolve())
-    lines = [
-        "terraform {",
-        "  required_providers {",
-        f'    aws = {{ source = "{source}", version = "{version}" }}',
-    ]
-    lines += ["  }", "}"]
-    for path in modules:
-        required = sorted(name for name, spec in dirs[path].variables.items() if "default" not in spec)
-        lines += [f'variable "{path.name}_{name}" {{}}' for name in required]
-        lines += [f'module "{path.name}" {{', f'  source = "{os.path.relpath(path, root)}"']
-        lines += [f"  {name} = var.{path.name}_{name}" for name in required] + ["}"]
-    return "\n".join(lines) + "\n"
+def module_tests(copy: Path, env: dict[str, str], name: str) -> str:
+    """``terraform init`` and ``terraform test`` in one module of the copy: what failed, or nothing."""
+    module = copy / "modules" / name
+    init = terraform("init", "-backend=false", "-input=false", "-no-color", cwd=module, env=env)
+    if init.returncode != 0:
+        return f"{name}: init failed\n{init.stdout}{init.stderr}"
+    done = terraform("test", "-no-color", cwd=module, env=env)
+    return "" if done.returncode == 0 else f"{name}:\n{done.stdout}{done.stderr}"
+
+
+@needs_terraform
+def test_module_terraform_tests_pass(dirs, tmp_path):
+    """Each module the environments call has ``terraform test`` files (``tests/*.tftest.hcl``): plans
+    against a mocked AWS provider asserting what the module promises (GPU nodes from zero behind the
+    NVIDIA taint, a private versioned encrypted bucket, a private database with backups...), and inputs
+    it must refuse. Before the runs, terraform validates the module and the modules it calls against
+    the AWS provider's schema (attribute names, enums), which needs that provider in a local mirror. The
+    example environment is not run: its Helm, Kubernetes and random providers are not in the mirror."""
+    env = mirror_env(dirs, tmp_path)
+    modules_dir = (TF_DIR / "modules").resolve()
+    modules = {path.name: tf_dir for path, tf_dir in dirs.items() if path.parent == modules_dir}
+    nested = {tf_dir.called(call).name for tf_dir in modules.values() for call in tf_dir.modules}
+    tested = sorted(name for name in modules if list((modules_dir / name / "tests").glob("*.tftest.hcl")))
+    assert tested == sorted(set(modules) - nested)
+    copy = tmp_path / "terraform"
+    shutil.copytree(TF_DIR, copy, ignore=shutil.ignore_patterns(".terraform", ".terraform.lock.hcl"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [failure for failure in pool.map(partial(module_tests, copy, env), tested) if failure]
+    assert failures == []
