@@ -579,6 +579,41 @@ def test_serving_has_the_time_to_drain_when_stopped():
     assert grace > drain + finish, f"stop_grace_period {grace}s <= drain {drain}s + shutdown {finish}s"
 
 
+def test_pulled_images_are_pinned():
+    loose = [f"{name}: image {s['image']}" for name, s in compose_services().items()
+             if built_from(s) is None and not re.search(r":v?\d+(\.\d+)+[^:/]*$|@sha256:", s["image"])]
+    assert not loose, "\n".join(["pin images by a versioned tag (or digest), never latest:", *loose])
+
+
+def image_default_port(path: Path, argv: list[str]) -> int:
+    """The port the image's default CMD listens on: a service's settings default, or the worker's
+    metrics port from the image's ENV."""
+    module = argv[2]
+    if module == "services.trainer.worker":
+        env = {name: value for _, k, args in dockerfile(path) if k == "ENV"
+               for name, value in env_assignments(args)}
+        return int(env["SHIPYARD_WORKER_METRICS_PORT"])
+    name = module.split(".")[1]
+    settings = getattr(importlib.import_module(f"{module}.settings"), f"{name.capitalize()}Settings")
+    port: int = settings.model_fields["port"].default
+    return port
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_image_healthcheck_calls_its_default_command_on_its_port(
+    path: Path, service_routes: dict[str, set[str]]
+):
+    instructions = dockerfile(path)
+    argv = argv_of([a for _, k, a in instructions if k == "CMD"][-1])
+    check = healthcheck_argv([a for _, k, a in instructions if k == "HEALTHCHECK"][-1])
+    url = urlsplit(URL_IN_TEXT.findall(" ".join(check))[0])
+    assert url.hostname in LOOPBACK, f"{path.name}: HEALTHCHECK {url.geturl()} is not this container"
+    assert url.port == image_default_port(path, argv), f"{path.name}: HEALTHCHECK port is not {argv}'s"
+    name = argv[2].split(".")[1]
+    routes = {"/metrics"} if argv[2] == "services.trainer.worker" else service_routes[name]
+    assert url.path in routes, f"{path.name}: {url.path} is no route of {argv[2]}"
+
+
 def test_compose_sets_only_variables_the_settings_read():
     known = settings_env_names()
     unknown = [f"{name}: {var}" for name, service in compose_services().items()
