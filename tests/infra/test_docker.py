@@ -268,6 +268,11 @@ def test_dependencies_are_installed_from_the_lock_before_the_code_is_copied(path
     early = [f"{path.name}:{n} COPY {a}" for n, a in code if n < installs[0]]
     why = f"code copied before the dependencies are installed (line {installs[0]})"
     assert not early, "\n".join([why, *early])
+    # Every RUN after an ARG sees it: one that changes with each commit, declared before the install,
+    # would rebuild the dependency layer each time.
+    per_commit = [f"{path.name}:{n} ARG {a}" for n, k, a in instructions
+                  if k == "ARG" and re.search(r"COMMIT|REVISION|BUILD_DATE", a) and n < installs[0]]
+    assert not per_commit, "\n".join(["declare it after the dependency install:", *per_commit])
     sources = {s for n, k, a in instructions if k == "COPY" for s in a.split()[:-1] if not s.startswith("--")}
     assert sorted(s for s in sources if not (ROOT / s).exists()) == []
 
