@@ -259,8 +259,8 @@ def test_every_command_is_a_module_of_the_platform(rendered) -> None:
     for _, container in containers(docs):
         if container.get("command") == ["python", "-m"]:
             modules.add(container["args"][0])
-    workers = {"services.trainer.worker", "services.trainer.scaler"}
-    assert modules == {*(f"services.{s}" for s in SERVICES), *workers}
+    others = {"services.trainer.worker", "services.trainer.scaler", "pipelines.serve", "prefect"}
+    assert modules == {*(f"services.{s}" for s in SERVICES), *others}
     for module in modules:
         assert importlib.util.find_spec(module) is not None, f"{module} is not in the checkout"
 
@@ -348,7 +348,7 @@ def test_workers_get_time_to_finish_their_job(rendered) -> None:
 def test_mlflow_redis_and_postgresql_admit_only_the_platform(rendered) -> None:
     docs = rendered["default"][1]
     platform = {"app.kubernetes.io/instance": RELEASE, "shipyard.io/platform": "true"}
-    for component in ("mlflow", "redis", "postgresql"):
+    for component in ("mlflow", "prefect", "redis", "postgresql"):
         policy = find(docs, "NetworkPolicy", f"{FULLNAME}-{component}")["spec"]
         assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
         assert policy["policyTypes"] == ["Ingress"]
@@ -357,13 +357,17 @@ def test_mlflow_redis_and_postgresql_admit_only_the_platform(rendered) -> None:
         selectors = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
         assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespaces, no ipBlocks
         assert selectors[0] == platform
-        if component == "postgresql":
-            assert selectors[1]["app.kubernetes.io/component"] == "mlflow"
+        if component == "postgresql":  # and the servers that keep their data there
+            assert [s["app.kubernetes.io/component"] for s in selectors[1:]] == ["mlflow", "prefect"]
     labelled = {
         w["metadata"]["name"] for w in workloads(docs)
         if w["spec"]["template"]["metadata"]["labels"].get("shipyard.io/platform") == "true"
     }
-    assert labelled == {f"{FULLNAME}-{s}" for s in (*SERVICES, "worker-cpu")}
+    assert labelled == {f"{FULLNAME}-{s}" for s in (*SERVICES, "worker-cpu", "pipelines")}
+    prefect = pod_spec(docs, f"{FULLNAME}-prefect")["containers"][0]
+    assert not [n for n in env_of(prefect) if n.startswith("SHIPYARD_")], "Prefect's server is no client"
+    pipelines = find(docs, "NetworkPolicy", f"{FULLNAME}-pipelines")["spec"]
+    assert pipelines["policyTypes"] == ["Ingress"] and "ingress" not in pipelines, "it serves nothing"
 
 
 def test_every_pod_runs_as_non_root_with_a_read_only_root(rendered) -> None:
@@ -508,6 +512,8 @@ PROCESS_SETTINGS = {
         "services.trainer.settings:TrainerSettings", "services.trainer.worker.metrics:WorkerMetricsSettings",
     ),
     "services.trainer.scaler": ("services.trainer.scaler.settings:ScalerSettings",),
+    "pipelines.serve": ("shipyard_common.settings:PlatformSettings", "pipelines.tasks:PipelineSettings"),
+    "prefect": (),  # Prefect's own server: no settings of ours
 }
 POD_IP = "10.1.2.3"
 
@@ -550,7 +556,7 @@ def test_each_process_takes_the_environment_the_chart_gives_it(rendered, monkeyp
             module, cls = target.split(":")
             settings = getattr(importlib.import_module(module), cls)()
             checked.add(target)
-            platform = getattr(settings, "platform", None)
+            platform = settings if cls == "PlatformSettings" else getattr(settings, "platform", None)
             if platform is not None:
                 assert platform.env == "prod" and platform.db_url == secret["db-url"]
                 assert platform.redis_url == secret["redis-url"]
@@ -563,3 +569,7 @@ def test_each_process_takes_the_environment_the_chart_gives_it(rendered, monkeyp
                 assert settings.metrics_host == "0.0.0.0"
                 assert settings.metrics_port == container["ports"][0]["containerPort"]
     assert checked == {t for targets in PROCESS_SETTINGS.values() for t in targets}
+    pipelines = container_environment(pod_spec(docs, f"{FULLNAME}-pipelines")["containers"][0], secret)
+    assert pipelines["SHIPYARD_API_TOKEN"] == secret["pipelines-token"]
+    prefect_api = f"http://{FULLNAME}-prefect:4200/api"
+    assert pipelines["PREFECT_API_URL"] == pipelines["SHIPYARD_PREFECT_API_URL"] == prefect_api

@@ -3,8 +3,11 @@ One Shipyard process as a Deployment: the image, the platform's environment, the
 writable volumes every such pod has. Called with a dict:
   root (the top context), component, args (the command after `python -m`), env (more entries, a YAML
   list as a string), ports (list of dicts name/port), probes (bool: /healthz and /readyz on the "http"
-  port), replicas (omitted when nil: an autoscaler owns it), grace (terminationGracePeriodSeconds),
-  resources, gpu (bool: the gpu image, GPU limits, node selector, tolerations), serviceAccount.
+  port; else /metrics on "metrics"; probeSpec, a YAML string, replaces both), replicas (left out: an
+  autoscaler owns it), grace (terminationGracePeriodSeconds),
+  resources, gpu (bool: the gpu image, GPU limits, node selector, tolerations), serviceAccount, internal
+  (bool: a server the platform uses, such as Prefect's, not a client of it: none of the platform's
+  environment or secrets, and no shipyard.io/platform label, so the NetworkPolicies keep it out).
 */ -}}
 {{- define "shipyard.deployment" -}}
 {{- $ := .root -}}
@@ -27,7 +30,9 @@ spec:
     metadata:
       labels:
         {{- include "shipyard.labels" (list $ .component) | nindent 8 }}
+        {{- if not .internal }}
         shipyard.io/platform: "true"
+        {{- end }}
       annotations:
         checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") $ | sha256sum }}
     spec:
@@ -61,7 +66,9 @@ spec:
               valueFrom:
                 fieldRef:
                   fieldPath: status.podIP
+            {{- if not .internal }}
             {{- include "shipyard.platformEnv" $ | nindent 12 }}
+            {{- end }}
             {{- with .env }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -73,7 +80,9 @@ spec:
               protocol: TCP
             {{- end }}
           {{- end }}
-          {{- if .probes }}
+          {{- if .probeSpec }}
+          {{- .probeSpec | nindent 10 }}
+          {{- else if .probes }}
           {{- include "shipyard.probes" . | nindent 10 }}
           {{- else }}
           {{- include "shipyard.metricsProbes" . | nindent 10 }}
@@ -89,9 +98,9 @@ spec:
           securityContext:
             {{- include "shipyard.containerSecurityContext" $ | nindent 12 }}
           volumeMounts:
-            {{- include "shipyard.volumeMounts" $ | nindent 12 }}
+            {{- include "shipyard.volumeMounts" (list $ (not .internal)) | nindent 12 }}
       volumes:
-        {{- include "shipyard.volumes" $ | nindent 8 }}
+        {{- include "shipyard.volumes" (list $ (not .internal)) | nindent 8 }}
 {{- end -}}
 
 {{/* A service's probes: alive while /healthz answers, in the Service's endpoints while /readyz does. */}}

@@ -106,6 +106,12 @@ seccompProfile:
 - name: SHIPYARD_{{ upper $svc }}_URL
   value: {{ include "shipyard.url" (list $ $svc) | quote }}
 {{- end }}
+{{- if .Values.pipelines.enabled }}
+- name: SHIPYARD_PREFECT_API_URL
+  value: {{ include "shipyard.prefectApi" . | quote }}
+- name: PREFECT_API_URL
+  value: {{ include "shipyard.prefectApi" . | quote }}
+{{- end }}
 - name: HOME
   value: /tmp
 {{- with .Values.extraEnv }}
@@ -119,23 +125,28 @@ seccompProfile:
   mountPath: /var/lib/shipyard
 - name: tmp
   mountPath: /tmp
+{{- if index . 1 }}
 - name: mlflow-password
   mountPath: /var/run/secrets/shipyard
   readOnly: true
+{{- end }}
 {{- end -}}
 
+{{/* (list $ withSecrets): the writable folders, and MLflow's password for the platform's clients. */}}
 {{- define "shipyard.volumes" -}}
 - name: state
   emptyDir: {}
 - name: tmp
   emptyDir: {}
+{{- if index . 1 }}
 - name: mlflow-password
   secret:
-    secretName: {{ include "shipyard.secretName" . }}
+    secretName: {{ include "shipyard.secretName" (index . 0) }}
     defaultMode: 0440
     items:
       - key: mlflow-password
         path: mlflow-password
+{{- end }}
 {{- end -}}
 
 {{/* Pod-level settings shared by every pod of the chart. */}}
@@ -146,4 +157,8 @@ securityContext:
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{- define "shipyard.prefectApi" -}}
+{{- printf "http://%s:%v/api" (include "shipyard.name" (list . "prefect")) .Values.pipelines.prefect.port -}}
 {{- end -}}
