@@ -163,12 +163,16 @@ def test_variables_are_typed_and_described_and_outputs_described(dirs):
 
 
 def module_call_problems(dirs: dict[Path, TfDir]) -> list[str]:
-    """Module calls to a missing folder, with an input the module does not declare, or without one it
-    requires (a variable without a default)."""
+    """Module calls to anything but a local folder (a registry module cannot be downloaded here), to a
+    missing folder, with an input the module does not declare, or without one it requires (a variable
+    without a default)."""
     problems = []
     for tf_dir in dirs.values():
         for name, body in tf_dir.modules.items():
             where = f"{tf_dir.path.relative_to(TF_DIR)}: module {name}"
+            if not str(scalar(body["source"])).startswith(("./", "../")):
+                problems.append(f"{where}: source {scalar(body['source'])} is not a local folder")
+                continue
             callee = dirs.get(tf_dir.called(name))
             if callee is None:
                 problems.append(f"{where}: no module at {scalar(body['source'])}")
@@ -194,7 +198,7 @@ def reference_problems(dirs: dict[Path, TfDir]) -> list[str]:
         for module, output in sorted(set(re.findall(r"\bmodule\.(\w+)\.(\w+)", tf_dir.text))):
             if module not in tf_dir.modules:
                 problems.append(f"{where}: module.{module} is not called here")
-            elif output not in dirs[tf_dir.called(module)].outputs:
+            elif output not in getattr(dirs.get(tf_dir.called(module)), "outputs", {}):
                 problems.append(f"{where}: module.{module} has no output {output}")
         variables = set(re.findall(r"\bvar\.(\w+)", tf_dir.text)) - set(tf_dir.variables)
         problems += [f"{where}: var.{name} is not declared" for name in sorted(variables)]
@@ -208,18 +212,21 @@ def test_references_name_existing_outputs_variables_and_locals(dirs):
 
 
 def test_a_misspelt_module_input_or_output_is_found(parsed):
-    """The checks above can fail: a misspelt input, a missing required one, a misspelt output."""
+    """The checks above can fail: a misspelt input, a missing required one, a registry module, a
+    misspelt output."""
     broken = model(json.loads(json.dumps(parsed)))
     example = broken[(TF_DIR / "environments" / "example").resolve()]
     cluster_call = example.modules["cluster"]
     cluster_call["gpu_max_sizes"] = cluster_call.pop("gpu_max_size")
     del cluster_call["subnet_ids"]
+    example.modules["storage"]["source"] = ["terraform-aws-modules/s3/aws"]
     example.text = example.text.replace("module.cluster.gpu_tolerations", "module.cluster.gpu_toleration")
     assert module_call_problems(broken) == [
         "environments/example: module cluster: gpu_max_sizes is no variable of the module",
         "environments/example: module cluster: required subnet_ids is not passed",
+        "environments/example: module storage: source terraform-aws-modules/s3/aws is not a local folder",
     ]
-    assert reference_problems(broken) == ["environments/example: module.cluster has no output gpu_toleration"]
+    assert "environments/example: module.cluster has no output gpu_toleration" in reference_problems(broken)
 
 
 def pins(tf_dir: TfDir) -> tuple[str, dict[str, tuple[str, str]]]:
