@@ -273,6 +273,7 @@ def test_gpu_workers_take_gpus_node_selector_and_tolerations_from_values(rendere
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == values["gpusPerWorker"]
     assert gpu["nodeSelector"] == values["nodeSelector"]
     assert gpu["tolerations"] == values["tolerations"]
+    assert gpu["runtimeClassName"] == values["runtimeClassName"] == "nvidia"
     assert worker["image"] == "shipyard-gpu:1.2.3@sha256:" + "1" * 64
     assert worker["args"] == ["services.trainer.worker", "--queues", "gpu", "--concurrency", "1"]
     cpu = pod_spec(docs, f"{FULLNAME}-worker-cpu")
@@ -573,3 +574,19 @@ def test_each_process_takes_the_environment_the_chart_gives_it(rendered, monkeyp
     assert pipelines["SHIPYARD_API_TOKEN"] == secret["pipelines-token"]
     prefect_api = f"http://{FULLNAME}-prefect:4200/api"
     assert pipelines["PREFECT_API_URL"] == pipelines["SHIPYARD_PREFECT_API_URL"] == prefect_api
+
+
+def test_servings_grpc_port_is_opened_only_when_set(rendered) -> None:
+    """gRPC (OIP v2) is off unless serving.grpcPort is set; then serving binds it, and its container,
+    Service and NetworkPolicy open that port."""
+    for name, expected in (("default", None), ("gpu", 8013)):
+        docs = rendered[name][1]
+        (container,) = pod_spec(docs, f"{FULLNAME}-serving")["containers"]
+        env = env_of(container)
+        assert env["SHIPYARD_SERVING_GRPC_PORT"]["value"] == str(expected or 0)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        service_ports = find(docs, "Service", f"{FULLNAME}-serving")["spec"]["ports"]
+        service = {p["name"]: p["port"] for p in service_ports}
+        policy = find(docs, "NetworkPolicy", f"{FULLNAME}-serving")["spec"]["ingress"][0]["ports"]
+        assert ports.get("grpc") == service.get("grpc") == expected
+        assert {p["port"] for p in policy} == {8003, expected} - {None}

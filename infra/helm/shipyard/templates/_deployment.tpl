@@ -49,6 +49,9 @@ spec:
       nodeSelector:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- with $.Values.workers.gpu.runtimeClassName }}
+      runtimeClassName: {{ . }}
+      {{- end }}
       {{- with $.Values.workers.gpu.tolerations }}
       tolerations:
         {{- toYaml . | nindent 8 }}
