@@ -590,3 +590,15 @@ def test_servings_grpc_port_is_opened_only_when_set(rendered) -> None:
         policy = find(docs, "NetworkPolicy", f"{FULLNAME}-serving")["spec"]["ingress"][0]["ports"]
         assert ports.get("grpc") == service.get("grpc") == expected
         assert {p["port"] for p in policy} == {8003, expected} - {None}
+
+
+@pytest.mark.parametrize("setting,complaint", [
+    ("workers.gpu.enabeld=true", "'enabeld' not allowed"),
+    ("secrets.mlflowPassword=short", "minLength"),
+    ("env=staging", "staging"),
+])
+def test_values_the_schema_refuses(setting: str, complaint: str) -> None:
+    """values.schema.json turns a misspelt or impossible value into an error rather than a default."""
+    _tools_or_skip()
+    done = helm_template("--set", setting)
+    assert done.returncode != 0 and complaint in done.stderr, done.stderr
