@@ -1,7 +1,7 @@
 # `terraform test` with a mocked AWS provider: the artifact bucket stays private, versioned and encrypted.
 
 mock_provider "aws" {
-  source = "../testing"
+  source = "./mocks"
 }
 
 variables {
@@ -10,6 +10,10 @@ variables {
 
 run "the_bucket_is_private_versioned_and_encrypted" {
   command = plan
+
+  module {
+    source = "../modules/storage"
+  }
 
   assert {
     condition = alltrue([
@@ -44,6 +48,10 @@ run "the_bucket_is_private_versioned_and_encrypted" {
 
 run "a_dotted_bucket_name_is_refused" {
   command = plan
+
+  module {
+    source = "../modules/storage"
+  }
 
   variables {
     bucket_name = "shipyard.artifacts"

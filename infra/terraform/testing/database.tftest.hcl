@@ -1,7 +1,7 @@
 # `terraform test` with a mocked AWS provider: the database is private, encrypted and backed up.
 
 mock_provider "aws" {
-  source = "../testing"
+  source = "./mocks"
 }
 
 variables {
@@ -14,6 +14,10 @@ variables {
 
 run "private_encrypted_and_backed_up" {
   command = plan
+
+  module {
+    source = "../modules/database"
+  }
 
   assert {
     condition     = aws_db_instance.this.publicly_accessible == false && aws_db_instance.this.storage_encrypted
@@ -38,6 +42,10 @@ run "private_encrypted_and_backed_up" {
 
 run "a_short_password_is_refused" {
   command = plan
+
+  module {
+    source = "../modules/database"
+  }
 
   variables {
     password = "short"

@@ -2,7 +2,7 @@
 # cluster module promises about its node groups and its API endpoint.
 
 mock_provider "aws" {
-  source = "../testing"
+  source = "./mocks"
 }
 
 variables {
@@ -10,8 +10,12 @@ variables {
   subnet_ids = ["subnet-aaaa", "subnet-bbbb"]
 }
 
-run "gpu_nodes_scale_from_zero_behind_the_nvidia_taint" {
+run "gpu_nodes_scale_from_zero_behind_the_nvidia_taint_and_the_api_is_private" {
   command = plan
+
+  module {
+    source = "../modules/cluster"
+  }
 
   assert {
     condition     = aws_eks_node_group.gpu.scaling_config[0].min_size == 0 && aws_eks_node_group.gpu.scaling_config[0].desired_size == 0
@@ -32,10 +36,6 @@ run "gpu_nodes_scale_from_zero_behind_the_nvidia_taint" {
     condition     = output.gpu_tolerations[0].key == "nvidia.com/gpu" && output.gpu_tolerations[0].effect == "NoSchedule"
     error_message = "the tolerations the chart is given must match the taint"
   }
-}
-
-run "the_autoscaler_learns_what_a_gpu_node_would_be" {
-  command = plan
 
   assert {
     condition     = aws_autoscaling_group_tag.gpu_template["k8s.io/cluster-autoscaler/node-template/resources/nvidia.com/gpu"].tag[0].value == "1"
@@ -51,10 +51,6 @@ run "the_autoscaler_learns_what_a_gpu_node_would_be" {
     condition     = aws_autoscaling_group_tag.gpu_template["k8s.io/cluster-autoscaler/node-template/label/shipyard.io/node-pool"].tag[0].value == "gpu"
     error_message = "the GPU group's ASG must advertise the labels"
   }
-}
-
-run "the_api_is_private_unless_asked" {
-  command = plan
 
   assert {
     condition     = aws_eks_cluster.this.vpc_config[0].endpoint_public_access == false && aws_eks_cluster.this.vpc_config[0].endpoint_private_access
@@ -64,6 +60,10 @@ run "the_api_is_private_unless_asked" {
 
 run "an_open_public_endpoint_is_refused" {
   command = plan
+
+  module {
+    source = "../modules/cluster"
+  }
 
   variables {
     endpoint_public_access = true

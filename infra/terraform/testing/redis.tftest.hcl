@@ -1,7 +1,7 @@
 # `terraform test` with a mocked AWS provider: Redis is encrypted both ways, authenticated and replicated.
 
 mock_provider "aws" {
-  source = "../testing"
+  source = "./mocks"
 }
 
 variables {
@@ -14,6 +14,10 @@ variables {
 
 run "encrypted_authenticated_and_replicated" {
   command = plan
+
+  module {
+    source = "../modules/redis"
+  }
 
   assert {
     condition     = aws_elasticache_replication_group.this.at_rest_encryption_enabled == "true" && aws_elasticache_replication_group.this.transit_encryption_enabled
@@ -33,6 +37,10 @@ run "encrypted_authenticated_and_replicated" {
 
 run "a_token_with_a_slash_is_refused" {
   command = plan
+
+  module {
+    source = "../modules/redis"
+  }
 
   variables {
     auth_token = "a-token-of-32-characters/long-ok"

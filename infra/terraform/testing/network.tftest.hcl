@@ -1,7 +1,7 @@
 # `terraform test` with a mocked AWS provider: the network module's subnets, gateways and defaults.
 
 mock_provider "aws" {
-  source = "../testing"
+  source = "./mocks"
 }
 
 variables {
@@ -10,8 +10,12 @@ variables {
   availability_zones = ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
 }
 
-run "private_and_public_subnets_per_zone_without_overlap" {
+run "subnets_per_zone_without_overlap_and_one_nat_gateway" {
   command = plan
+
+  module {
+    source = "../modules/network"
+  }
 
   assert {
     condition     = length(aws_subnet.private) == 3 && length(aws_subnet.public) == 3
@@ -32,19 +36,19 @@ run "private_and_public_subnets_per_zone_without_overlap" {
     condition     = alltrue([for s in aws_subnet.private : s.tags["kubernetes.io/role/internal-elb"] == "1" && s.tags["kubernetes.io/cluster/shipyard-test"] == "shared"])
     error_message = "private subnets must be tagged for EKS's internal load balancers"
   }
-}
-
-run "one_nat_gateway_unless_one_per_zone" {
-  command = plan
 
   assert {
     condition     = length(aws_nat_gateway.this) == 1 && length(aws_route.private_nat) == 3
-    error_message = "one shared NAT gateway, routed from every private subnet"
+    error_message = "one shared NAT gateway by default, routed from every private subnet"
   }
 }
 
 run "a_nat_gateway_per_zone" {
   command = plan
+
+  module {
+    source = "../modules/network"
+  }
 
   variables {
     nat_gateway_per_zone = true
@@ -58,6 +62,10 @@ run "a_nat_gateway_per_zone" {
 
 run "a_single_zone_is_refused" {
   command = plan
+
+  module {
+    source = "../modules/network"
+  }
 
   variables {
     availability_zones = ["eu-west-1a"]
