@@ -595,7 +595,7 @@ def test_servings_grpc_port_is_opened_only_when_set(rendered) -> None:
 @pytest.mark.parametrize("setting,complaint", [
     ("workers.gpu.enabeld=true", "'enabeld' not allowed"),
     ("secrets.mlflowPassword=short", "minLength"),
-    ("env=staging", "staging"),
+    ("env=staging", "'/env': value must be one of"),
 ])
 def test_values_the_schema_refuses(setting: str, complaint: str) -> None:
     """values.schema.json turns a misspelt or impossible value into an error rather than a default."""
