@@ -50,6 +50,9 @@ def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
     extra_env = {
         "SHIPYARD_SERVING_GRPC_PORT": str(SERVING_GRPC_PORT),
         "SHIPYARD_SERVING_RECONCILE_INTERVAL_S": "2",
+        # The registry compares MLflow's aliases with its audit often enough for Prometheus to see the
+        # production alias it set (ShipyardAliasMovedOutsideRegistry's series, at 0) within the test.
+        "SHIPYARD_REGISTRY_ALIAS_RECONCILE_INTERVAL_S": "2",
         # Windows close a second or two after their 200th row is logged, so tests wait for seconds.
         "SHIPYARD_MONITOR_LOOP_INTERVAL_S": "1",
         "SHIPYARD_MONITOR_WINDOW_GRACE_S": "1",

@@ -73,7 +73,7 @@ def test_every_alert_has_a_threshold_a_severity_words_and_a_unit_test():
     assert {rule["alert"] for rule in alerts} == {
         "ShipyardDatasetDrift", "ShipyardLiveAccuracyBelowFloor", "ShipyardServingErrorRate",
         "ShipyardServingP99Latency", "ShipyardPredictionLogLag", "ShipyardWorkerDown", "ShipyardServiceDown",
-        "ShipyardTrainingQueueBacklog",
+        "ShipyardTrainingQueueBacklog", "ShipyardAliasMovedOutsideRegistry",
     }
     for rule in alerts:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]

@@ -201,7 +201,9 @@ def test_the_reconcile_records_logs_and_exports_an_alias_moved_in_mlflow_directl
     promote(registry, name, "3")
     assert unaudited(registry, name) == []
     assert [r for r in reconcile(registry) if r["model"] == name] == []
-    assert samples(registry, "shipyard_registry_unaudited_aliases", name) == {}
+    # Watched, not alerting: 0 for an alias the registry set (an alert has a series before it fires).
+    assert samples(registry, "shipyard_registry_unaudited_aliases", name) == {
+        "shipyard_registry_unaudited_aliases": 0.0}
 
 
 def test_promotion_through_the_registry_raises_no_alert(registry: str, factory: ModelFactory) -> None:
@@ -226,7 +228,9 @@ def test_promotion_through_the_registry_raises_no_alert(registry: str, factory: 
 
     assert [r for r in reconcile(registry) if r["model"] == name] == []
     assert unaudited(registry, name) == []
-    assert samples(registry, "shipyard_registry_unaudited_aliases", name) == {}
+    # production (rolled back to v1) watched at 0; staging, removed, is no longer an alias at all.
+    assert samples(registry, "shipyard_registry_unaudited_aliases", name) == {
+        "shipyard_registry_unaudited_aliases": 0.0}
     assert samples(registry, "shipyard_registry_aliases_moved_outside", name) == {}
 
 
@@ -241,8 +245,8 @@ def test_the_periodic_reconcile_finds_an_alias_moved_directly(
         factory.client.set_registered_model_alias(name, "canary", "1")
         found = wait_for(lambda: unaudited(base, name), timeout=30, what="the periodic reconcile")
         assert [(f["alias"], f["version"], f["recorded_version"]) for f in found] == [("canary", "1", None)]
-        wait_for(lambda: samples(base, "shipyard_registry_unaudited_aliases", name), timeout=10,
-                 what="the gauge")
+        wait_for(lambda: samples(base, "shipyard_registry_unaudited_aliases", name) == {
+            "shipyard_registry_unaudited_aliases": 1.0}, timeout=10, what="the gauge at 1")
 
 
 def test_every_platform_process_gets_the_credentials_and_tests_keep_auth_off(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ aliases (one search per page of models) and the audit's last row per (model, ali
 difference it writes an audit row (``moved_outside``: the alias names ``version``, or
 ``removed_outside``: the alias that named ``version`` is gone), logs a WARNING and counts it in
 ``shipyard_registry_aliases_moved_outside_total``. ``shipyard_registry_unaudited_aliases`` is 1
-for each alias that still names what no registry move set, until the registry moves it again.
+for each alias that still names what no registry move set, until the registry moves it again, and 0
+for every other alias the audit knows (so an alert on it has a series to watch before it fires:
+``ShipyardAliasMovedOutsideRegistry`` in infra/prometheus/rules).
 
 A difference is recorded under the model's lock (:meth:`Registry.locked`), after reading MLflow
 and the audit again there: a move in progress commits its audit row only after MLflow's alias has
@@ -126,7 +128,8 @@ class ReconcileMetrics:
         )
         self.unaudited = Gauge(
             "shipyard_registry_unaudited_aliases", "1 for each alias that names a version no registry "
-            "move set (until the registry moves it)", ["model", "alias"], registry=registry,
+            "move set (until the registry moves it), 0 for the other aliases the audit knows",
+            ["model", "alias"], registry=registry,
         )
         self.runs = Counter(
             "shipyard_registry_alias_reconciles", "Reconciles of MLflow's aliases with the audit, by outcome",
@@ -138,10 +141,12 @@ class ReconcileMetrics:
         )
         self._lock = threading.Lock()
 
-    def show(self, found: list[UnauditedAlias]) -> None:
-        """Set the unaudited gauge to exactly ``found``."""
+    def show(self, found: list[UnauditedAlias], known: Iterable[Key] = ()) -> None:
+        """Set the unaudited gauge to exactly ``found`` (1) and the other ``known`` aliases (0)."""
         with self._lock:
             self.unaudited.clear()
+            for model, alias in known:
+                self.unaudited.labels(model, alias).set(0)
             for item in found:
                 self.unaudited.labels(item.model, item.alias).set(1)
 
@@ -161,8 +166,10 @@ class AliasReconciler:
 
     def refresh(self) -> UnauditedPublic:
         """Set the unaudited gauge from the audit (at start, before the first run)."""
-        found = self.unaudited()
-        self.metrics.show(found.unaudited)
+        with self.registry.database.session() as session:
+            found = UnauditedPublic(unaudited=unaudited(session))
+            known = [key for key, row in _latest(session, TRACKED_ACTIONS).items() if _left(row) is not None]
+        self.metrics.show(found.unaudited, known)
         return found
 
     def run(self) -> ReconcilePublic:
