@@ -341,6 +341,9 @@ def test_serving_outlives_its_drain(drain: int, shutdown: int) -> None:
 
 
 def test_workers_get_time_to_finish_their_job(rendered) -> None:
+    """On SIGTERM a worker finishes its running job (Celery's warm shutdown; the trainer sets no
+    soft-shutdown timeout, Celery's default of 0 being none), so the pod's grace period is what bounds
+    it: minutes, not the 30 s default that would cut nearly every job short."""
     for queue in ("cpu", "gpu"):
         spec = pod_spec(rendered["gpu"][1], f"{FULLNAME}-worker-{queue}")
         assert spec["terminationGracePeriodSeconds"] >= 300
