@@ -83,6 +83,7 @@ class TfDir:
     terraform: list[dict[str, Any]] = field(default_factory=list)
     resource_types: set[str] = field(default_factory=set)
     resource_count: int = 0
+    helm_releases: dict[str, dict[str, Any]] = field(default_factory=dict)
     text: str = ""
 
     def add(self, doc: dict[str, Any], text: str) -> None:
@@ -98,6 +99,8 @@ class TfDir:
                 self.resource_types.add(resource_type)
                 if kind == "resource":
                     self.resource_count += len([name for name in named if not name.startswith("__")])
+                if resource_type == "helm_release":
+                    self.helm_releases.update(named)
         # Comment lines are left out: only code may reference things.
         self.text += "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")) + "\n"
 
@@ -235,6 +238,26 @@ def pins(tf_dir: TfDir) -> tuple[str, dict[str, tuple[str, str]]]:
     return scalar(block.get("required_version")), {
         name: (scalar(spec)["source"], scalar(spec)["version"]) for name, spec in providers.items()
     }
+
+
+def test_charts_from_a_repository_are_pinned_to_a_version(dirs):
+    """A chart from a repository has an exact version (given directly, or as a variable's default)."""
+    versions, local = {}, []
+    for tf_dir in dirs.values():
+        for name, body in tf_dir.helm_releases.items():
+            if "repository" not in body:
+                local.append(name)
+                continue
+            version = str(scalar(body.get("version", "")))
+            variable = re.fullmatch(r"\$\{var\.(\w+)\}", version)
+            versions[name] = (
+                str(scalar(tf_dir.variables[variable[1]].get("default"))) if variable else version
+            )
+    assert versions, (
+        "the example installs the cluster autoscaler and the device plugin from their repositories"
+    )
+    assert {name: v for name, v in versions.items() if not re.fullmatch(r"\d+\.\d+\.\d+", v)} == {}
+    assert local == ["shipyard"], "Shipyard's own chart comes from this repository"
 
 
 def test_terraform_and_providers_are_pinned_exactly_and_alike(dirs):

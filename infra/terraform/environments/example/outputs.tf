@@ -34,6 +34,6 @@ output "platform_role_arn" {
 }
 
 output "admin_token_command" {
-  description = "Command that prints the admin token the chart generated."
-  value       = "kubectl -n ${var.namespace} get secret ${helm_release.shipyard.name}-shipyard -o jsonpath='{.data.admin-token}' | base64 -d"
+  description = "Command that prints the admin token the chart generated (its Secret is named after the release, which says shipyard)."
+  value       = "kubectl -n ${var.namespace} get secret ${helm_release.shipyard.name} -o jsonpath='{.data.admin-token}' | base64 -d"
 }
