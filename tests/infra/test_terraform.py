@@ -1,8 +1,10 @@
 """The Terraform of infra/terraform, checked offline (no provider can be downloaded here): every file
 parses with python-hcl2 (the infra tools venv's), variables and outputs are typed and described, module
-calls pass what their modules declare and require, references name what exists, every version is pinned
-exactly, checkov finds nothing outside its skip list, and ``terraform fmt`` agrees where terraform is on
-PATH (``terraform validate`` too, for the modules, where the AWS provider lies in a local mirror)."""
+calls pass what their local modules declare and require, references name what exists, Terraform, the
+providers and the remote charts are pinned exactly, checkov finds nothing outside its reasoned skips,
+the values given to the Shipyard chart exist in it, and, where terraform is on PATH, ``terraform fmt``
+agrees and (with the AWS provider in a local mirror) ``terraform test`` plans every module against a
+mocked provider and checks what it promises."""
 
 from __future__ import annotations
 
