@@ -38,9 +38,18 @@ resource "helm_release" "nvidia_device_plugin" {
   chart      = "nvidia-device-plugin"
   version    = var.nvidia_device_plugin_chart_version
 
-  # The chart's own affinity picks nodes labelled nvidia.com/gpu.present=true (the GPU group's labels).
+  # On the GPU nodes alone, chosen by the GPU group's own labels rather than the chart's default affinity.
   values = [yamlencode({
     tolerations = module.cluster.gpu_tolerations
+    affinity = {
+      nodeAffinity = {
+        requiredDuringSchedulingIgnoredDuringExecution = {
+          nodeSelectorTerms = [{
+            matchExpressions = [for key, value in module.cluster.gpu_node_selector : { key = key, operator = "In", values = [value] }]
+          }]
+        }
+      }
+    }
   })]
 }
 
