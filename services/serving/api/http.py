@@ -11,11 +11,18 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
-from services.serving.core.dataplane import DataPlane
-from services.serving.core.requests import settle
+from services.serving.core.dataplane import VERSION_HEADER, DataPlane, count_error, submit
+from services.serving.core.loaded import ServedModel
+from services.serving.core.requests import Inference, InferenceRequest, Input, settle
 from services.serving.core.validation import check_body_size
 from shipyard_common.auth import Role, TokenAuthenticator
-from shipyard_common.errors import PayloadTooLarge, ShipyardError, UnsupportedMediaType
+from shipyard_common.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    ShipyardError,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 
 log = logging.getLogger("shipyard.web")
 
@@ -38,6 +45,44 @@ def failure(result: BaseException) -> ShipyardError:
         return result
     log.error("unhandled error", exc_info=result)
     return ShipyardError(f"internal error: {type(result).__name__}")
+
+
+#: How a protocol answers an inference, and how it refuses (in its own error shape).
+Encode = Callable[[Inference], ProtocolResponse]
+Refuse = Callable[[ShipyardError], ProtocolResponse]
+
+
+def handle(
+    dataplane: DataPlane, *, find: Callable[[], ServedModel],
+    decode: Callable[[ServedModel], tuple[dict[str, Input], Encode, str | None]], refuse: Refuse,
+    started: float, reply: Respond,
+) -> None:
+    """What every protocol's predict handler does: find the version, decode the body for it (a bad
+    input counted once), submit it to the data plane, and send ``reply`` the encoded answer (with the
+    version that answered in a header) or the refusal, each in the protocol's own shape.
+
+    ``decode`` gives the inputs, the encoder of this request's answer, and its request id."""
+    try:
+        served = find()
+        try:
+            inputs, encode, request_id = decode(served)
+        except (InvalidInput, ValidationFailed):
+            count_error(dataplane, served.name, "invalid_input")
+            raise
+    except ShipyardError as exc:
+        reply(refuse(exc))
+        return
+
+    def answer(result: Any) -> None:
+        if type(result) is not Inference:
+            reply(refuse(failure(result)))
+            return
+        status, content, headers = encode(result)
+        headers[VERSION_HEADER] = result.version  # which version answered (a canary split)
+        reply((status, content, headers))
+
+    submit(dataplane, InferenceRequest(served=served, inputs=inputs, reply=answer, request_id=request_id,
+                                       started=started))
 
 
 async def answered(start: Callable[..., None]) -> ProtocolResponse:

@@ -15,10 +15,10 @@ import orjson
 from fastapi import APIRouter, Depends, Header, Request, Response
 
 from services.serving.api import status
-from services.serving.api.http import ProtocolResponse, Respond, answered, failure, respond
+from services.serving.api.http import ProtocolResponse, Respond, answered, handle, respond
 from services.serving.api.schemas import ModelStatusPublic, PredictRequest, PredictResponse
-from services.serving.core.dataplane import VERSION_HEADER, DataPlane, count_error, served_model, submit
-from services.serving.core.requests import Inference, InferenceRequest
+from services.serving.core.dataplane import DataPlane, served_model
+from services.serving.core.requests import Inference
 from services.serving.protocols import ours
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import ShipyardError
@@ -38,31 +38,20 @@ def predict(
     dataplane: DataPlane, *, name: str, inputs: Any, request_id: str | None, started: float, reply: Respond,
 ) -> None:
     """One predict request with the body's ``inputs``: its answer (or refusal) goes to ``reply``."""
-    try:
-        served = served_model(dataplane, name)
-        try:
-            decoded = ours.decode(inputs, served.signature)
-        except ShipyardError:
-            count_error(dataplane, name, "invalid_input")
-            raise
-    except ShipyardError as exc:
-        reply(error_response(exc))
-        return
-
-    def answer(result: Any) -> None:
-        if type(result) is Inference:
-            reply((200, orjson.dumps(ours.predict_body(result)),
-                   {"content-type": _JSON, VERSION_HEADER: result.version}))
-        else:
-            reply(error_response(result))
-
-    submit(dataplane, InferenceRequest(served=served, inputs=decoded, reply=answer, request_id=request_id,
-                                       started=started))
+    handle(
+        dataplane, find=lambda: served_model(dataplane, name),
+        decode=lambda served: (ours.decode(inputs, served.signature), _encode, request_id),
+        refuse=error_response, started=started, reply=reply,
+    )
 
 
-def error_response(exc: BaseException) -> ProtocolResponse:
+def _encode(result: Inference) -> ProtocolResponse:
+    return 200, orjson.dumps(ours.predict_body(result)), {"content-type": _JSON}
+
+
+def error_response(exc: ShipyardError) -> ProtocolResponse:
     """The platform's error body, bad inputs as 422 (:func:`services.serving.protocols.ours.refusal`)."""
-    refused = ours.refusal(failure(exc))
+    refused = ours.refusal(exc)
     return refused.status_code, orjson.dumps(refused.to_body()), {"content-type": _JSON}
 
 

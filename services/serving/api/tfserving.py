@@ -11,25 +11,26 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from services.serving.api.http import (
+    Encode,
     ProtocolResponse,
     Respond,
     answered,
     authorize,
     check_media_type,
-    failure,
     get_dataplane,
+    handle,
     respond,
 )
-from services.serving.core.dataplane import VERSION_HEADER, DataPlane, count_error, served_model, submit
-from services.serving.core.requests import Inference, InferenceRequest
+from services.serving.core.dataplane import DataPlane, served_model
+from services.serving.core.loaded import ServedModel
+from services.serving.core.requests import Inference, Input
 from services.serving.protocols import tfserving
-from shipyard_common.errors import InvalidInput, ShipyardError
+from shipyard_common.errors import ShipyardError
 
 router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"])
 
@@ -39,28 +40,20 @@ def predict(
     request_id: str | None, started: float, reply: Respond, content_type: str | None = None,
 ) -> None:
     """One ``:predict`` request: its answer (or refusal, in TF's shape) goes to ``reply``."""
-    try:
+
+    def find() -> ServedModel:
         check_media_type(content_type)
-        served = served_model(dataplane, name, version=version, label=label)
-        try:
-            inputs, row_format = tfserving.decode_predict(body, served.signature)
-        except InvalidInput:
-            count_error(dataplane, name, "invalid_input")
-            raise
-    except ShipyardError as exc:
-        reply(tfserving.error_response(exc))
-        return
+        return served_model(dataplane, name, version=version, label=label)
 
-    def answer(result: Any) -> None:
-        if type(result) is not Inference:
-            reply(tfserving.error_response(failure(result)))
-            return
-        status, content, headers = tfserving.json_response(tfserving.encode_predict(result, row_format))
-        headers[VERSION_HEADER] = result.version  # the body has no field for it
-        reply((status, content, headers))
+    def decode(served: ServedModel) -> tuple[dict[str, Input], Encode, str | None]:
+        inputs, row_format = tfserving.decode_predict(body, served.signature)
 
-    submit(dataplane, InferenceRequest(served=served, inputs=inputs, reply=answer, request_id=request_id,
-                                       started=started))
+        def encode(result: Inference) -> ProtocolResponse:
+            return tfserving.json_response(tfserving.encode_predict(result, row_format))
+
+        return inputs, encode, request_id
+
+    handle(dataplane, find=find, decode=decode, refuse=tfserving.error_response, started=started, reply=reply)
 
 
 async def _predict(request: Request, name: str, version: str | None, label: str | None) -> Response:

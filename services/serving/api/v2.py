@@ -17,27 +17,26 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.serving.api.http import (
+    Encode,
+    ProtocolResponse,
     Respond,
     answered,
     authorize,
     check_media_type,
-    failure,
     get_dataplane,
+    handle,
     respond,
 )
 from services.serving.core.dataplane import (
-    VERSION_HEADER,
     DataPlane,
-    count_error,
     new_request_id,
     resolve,
     served_model,
-    submit,
 )
 from services.serving.core.loaded import ServedModel
-from services.serving.core.requests import Inference, InferenceRequest
+from services.serving.core.requests import Inference, Input
 from services.serving.protocols import v2
-from shipyard_common.errors import BadRequest, InvalidInput, ShipyardError
+from shipyard_common.errors import BadRequest, ShipyardError
 from shipyard_common.web import http_error
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -102,30 +101,22 @@ def infer(
     request_id: str | None, started: float, reply: Respond, content_type: str | None = None,
 ) -> None:
     """One ``POST /v2/models/{name}[/versions/{version}]/infer``: its answer or refusal goes to ``reply``."""
-    try:
+
+    def find() -> ServedModel:
         check_media_type(content_type, binary=header_length is not None)
-        served = served_model(dataplane, name, version=version)
-        try:
-            decoded = v2.decode_infer_request(body, header_length)
-            requested = v2.requested_outputs(decoded, served.signature)
-        except InvalidInput:
-            count_error(dataplane, name, "invalid_input")
-            raise
-    except ShipyardError as exc:
-        reply(v2.error_response(exc))
-        return
-    answer_id = decoded.id or request_id or new_request_id()
+        return served_model(dataplane, name, version=version)
 
-    def answer(result: Any) -> None:
-        if type(result) is not Inference:
-            reply(v2.error_response(failure(result)))
-            return
-        status, content, answer_headers = v2.encode_infer_response(result, requested, answer_id)
-        answer_headers[VERSION_HEADER] = result.version  # which version answered (canary split)
-        reply((status, content, answer_headers))
+    def decode(served: ServedModel) -> tuple[dict[str, Input], Encode, str]:
+        decoded = v2.decode_infer_request(body, header_length)
+        requested = v2.requested_outputs(decoded, served.signature)
+        answer_id = decoded.id or request_id or new_request_id()
 
-    submit(dataplane, InferenceRequest(served=served, inputs=decoded.inputs, reply=answer,
-                                       request_id=answer_id, started=started))
+        def encode(result: Inference) -> ProtocolResponse:
+            return v2.encode_infer_response(result, requested, answer_id)
+
+        return decoded.inputs, encode, answer_id
+
+    handle(dataplane, find=find, decode=decode, refuse=v2.error_response, started=started, reply=reply)
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
