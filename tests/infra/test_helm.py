@@ -605,3 +605,27 @@ def test_values_the_schema_refuses(setting: str, complaint: str) -> None:
     _tools_or_skip()
     done = helm_template("--set", setting)
     assert done.returncode != 0 and complaint in done.stderr, done.stderr
+
+
+def test_platform_pods_share_one_service_account_without_its_token(rendered) -> None:
+    """The platform's pods run as one service account (annotated for a cloud identity, or one made
+    outside the chart); none mounts its API token but the scaler, which has its own."""
+    for name, account in (("gpu", FULLNAME), ("external", "shipyard-platform")):
+        docs = rendered[name][1]
+        accounts = [d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == account]
+        if name == "gpu":
+            (made,) = accounts
+            assert made["metadata"]["annotations"] == {
+                "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/shipyard-platform"}
+            assert made["automountServiceAccountToken"] is False
+        else:
+            assert accounts == [], "create: false makes none"
+        for workload in workloads(docs):
+            pod = workload["spec"]["template"]["spec"]
+            component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+            if component == "scaler":
+                assert pod["serviceAccountName"] == f"{FULLNAME}-scaler"
+                continue
+            assert pod["automountServiceAccountToken"] is False, component
+            platform = component not in ("prefect", "postgresql", "redis")
+            assert (pod.get("serviceAccountName") == account) == platform, component

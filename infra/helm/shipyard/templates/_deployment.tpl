@@ -5,7 +5,8 @@ writable volumes every such pod has. Called with a dict:
   list as a string), ports (list of dicts name/port), probes (bool: /healthz and /readyz on the "http"
   port; else /metrics on "metrics"; probeSpec, a YAML string, replaces both), replicas (left out: an
   autoscaler owns it), grace (terminationGracePeriodSeconds),
-  resources, gpu (bool: the gpu image, GPU limits, node selector, tolerations), serviceAccount, internal
+  resources, gpu (bool: the gpu image, GPU limits, node selector, tolerations), serviceAccount (one
+  whose API token is mounted; else the platform's, unmounted), internal
   (bool: a server the platform uses, such as Prefect's, not a client of it: none of the platform's
   environment or secrets, and no shipyard.io/platform label, so the NetworkPolicies keep it out).
 */ -}}
@@ -41,6 +42,9 @@ spec:
       serviceAccountName: {{ .serviceAccount }}
       automountServiceAccountToken: true
       {{- else }}
+      {{- if not .internal }}
+      serviceAccountName: {{ include "shipyard.serviceAccountName" $ }}
+      {{- end }}
       automountServiceAccountToken: false
       {{- end }}
       terminationGracePeriodSeconds: {{ .grace | default 30 }}

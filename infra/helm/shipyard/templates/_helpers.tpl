@@ -162,3 +162,8 @@ imagePullSecrets:
 {{- define "shipyard.prefectApi" -}}
 {{- printf "http://%s:%v/api" (include "shipyard.name" (list . "prefect")) .Values.pipelines.prefect.port -}}
 {{- end -}}
+
+{{/* The platform pods' service account: serviceAccount.name, else <fullname>. */}}
+{{- define "shipyard.serviceAccountName" -}}
+{{- .Values.serviceAccount.name | default (include "shipyard.fullname" .) -}}
+{{- end -}}
