@@ -318,12 +318,6 @@ def test_checkov_finds_no_failed_check(dirs):
     assert summary["resource_count"] >= sum(tf_dir.resource_count for tf_dir in dirs.values())
 
 
-# Values the example environment passes that the chart does not read yet, and why they are passed.
-NOT_IN_CHART_YET = {
-    "serviceAccount": "IRSA: the platform's pods reach the bucket as this annotated service account",
-}
-
-
 def chart_value_problems(given: dict[str, Any], chart: dict[str, Any], prefix: str = "") -> list[str]:
     """Paths of ``given`` that the chart's values.yaml does not have; below a map the chart leaves empty
     (a node selector, annotations) any key goes."""
@@ -370,7 +364,7 @@ def test_the_example_passes_only_values_the_chart_has(parsed):
     chart = yaml.safe_load(CHART_VALUES.read_text())
     given = example_chart_values(parsed)
     assert {"workers", "externalDatabase", "externalRedis", "mlflow"} <= set(given)
-    assert sorted(chart_value_problems(given, chart)) == sorted(NOT_IN_CHART_YET)
+    assert chart_value_problems(given, chart) == []
     assert chart_value_problems({"workers": {"gpu": {"nodeSelectr": {}}}}, chart) == [
         "workers.gpu.nodeSelectr"
     ]

@@ -91,7 +91,7 @@ locals {
     gpuImage   = { repository = var.gpu_image_repository, tag = var.image_tag }
     postgresql = { enabled = false }
     redis      = { enabled = false }
-    # Not read by the chart yet (README.md, "What the chart is given"): the pods' identity for the bucket.
+    # The platform pods' identity: MLflow and the workers reach the bucket through the IRSA role.
     serviceAccount = {
       name        = local.service_account
       annotations = { "eks.amazonaws.com/role-arn" = module.platform_role.role_arn }
@@ -99,7 +99,6 @@ locals {
     mlflow = {
       artifactsDestination = module.storage.mlflow_artifact_root
       persistence          = { enabled = false }
-      envFromSecret        = var.mlflow_env_secret
     }
     extraEnv = [
       { name = "SHIPYARD_DVC_S3_BUCKET", value = module.storage.bucket_name },

@@ -118,12 +118,6 @@ variable "image_tag" {
   default     = ""
 }
 
-variable "mlflow_env_secret" {
-  description = "Name of a Secret in the namespace whose keys become MLflow's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), for as long as the chart cannot run MLflow as the IRSA service account; empty for none."
-  type        = string
-  default     = ""
-}
-
 variable "postgres_client_image" {
   description = "Image whose psql creates MLflow's two databases on the RDS instance (a one-off Job)."
   type        = string
