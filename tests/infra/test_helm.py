@@ -629,3 +629,19 @@ def test_platform_pods_share_one_service_account_without_its_token(rendered) -> 
             assert pod["automountServiceAccountToken"] is False, component
             platform = component not in ("prefect", "postgresql", "redis")
             assert (pod.get("serviceAccountName") == account) == platform, component
+
+
+def test_your_tokens_replace_the_generated_admin(tmp_path: Path) -> None:
+    """secrets.tokens replaces the generated admin token; the pipelines' token is added to it, since
+    the monitor and the flows act with it."""
+    import base64
+
+    _tools_or_skip()
+    bob = "sha256:" + hashlib.sha256(b"bob's token").hexdigest()
+    values = tmp_path / "tokens.yaml"
+    grant = {"role": "approver", "name": "bob"}
+    values.write_text(yaml.safe_dump({"secrets": {"tokens": json.dumps({bob: grant})}}))
+    secret = find(render("-f", str(values)), "Secret", FULLNAME)["data"]
+    tokens = json.loads(base64.b64decode(secret["tokens"]))
+    pipelines = "sha256:" + hashlib.sha256(base64.b64decode(secret["pipelines-token"])).hexdigest()
+    assert tokens == {bob: grant, pipelines: {"role": "trainer", "name": "pipelines"}}
