@@ -53,6 +53,11 @@ run "gpu_nodes_scale_from_zero_behind_the_nvidia_taint_and_the_api_is_private" {
   }
 
   assert {
+    condition     = jsondecode(aws_eks_addon.this["vpc-cni"].configuration_values).enableNetworkPolicy == "true"
+    error_message = "the VPC CNI must enforce the chart's NetworkPolicies"
+  }
+
+  assert {
     condition     = aws_eks_cluster.this.vpc_config[0].endpoint_public_access == false && aws_eks_cluster.this.vpc_config[0].endpoint_private_access
     error_message = "the API endpoint must be private by default"
   }

@@ -1,6 +1,7 @@
 # EKS-managed add-ons (networking, DNS, EBS volumes for persistent volume claims) and the IAM roles of
 # the two controllers that call AWS: the EBS CSI driver and the cluster autoscaler (installed by the
-# environment with Helm, in kube-system, service account cluster-autoscaler).
+# environment with Helm, in kube-system, service account cluster-autoscaler). The VPC CNI is asked to
+# enforce NetworkPolicies, which it does not by default (the chart's policies would be ignored).
 
 data "aws_caller_identity" "current" {}
 data "aws_region" "current" {}
@@ -12,6 +13,7 @@ resource "aws_eks_addon" "this" {
   addon_name                  = each.value
   addon_version               = lookup(var.addon_versions, each.value, null)
   service_account_role_arn    = each.value == "aws-ebs-csi-driver" ? module.ebs_csi_role.role_arn : null
+  configuration_values        = each.value == "vpc-cni" ? jsonencode({ enableNetworkPolicy = "true" }) : null
   resolve_conflicts_on_create = "OVERWRITE"
   resolve_conflicts_on_update = "PRESERVE"
   tags                        = var.tags
