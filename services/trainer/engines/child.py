@@ -10,7 +10,8 @@ other line is its own log output and goes to the job's log. Events:
 - ``{"event": "failed", "message": "…"}`` → :class:`TrainingFailed` with that message
 - ``{"event": "result", "path": "…"}`` → the JSON file the parent reads once the child exits 0
 
-If the observer raises (the job was cancelled or taken over), the child's whole process group
+A child killed by a signal fails the job with :func:`killed_reason` (SIGKILL: the out-of-memory killer,
+most likely). If the observer raises (the job was cancelled or taken over), the child's whole process group
 is killed and the exception goes on up: no orphan keeps a GPU busy after a cancel.
 """
 
@@ -83,11 +84,33 @@ def run(
     code = process.wait()
     if failure is not None:
         raise TrainingFailed(failure)
+    shown = "\n".join(tail[-10:])
+    if code < 0:
+        what = f"the training process (pid {process.pid})"
+        raise TrainingFailed(f"{killed_reason(-code, what)}; its last output:\n{shown}")
     if code != 0 or result_path is None:
-        shown = "\n".join(tail[-10:])
         raise TrainingFailed(f"the training process exited with status {code} without a result:\n{shown}")
     result: dict[str, Any] = json.loads(Path(result_path).read_text())
     return result
+
+
+def killed_reason(signum: int, what: str) -> str:
+    """Why ``what`` (a process that ran the job) is gone after signal ``signum``, as the job says it.
+
+    SIGKILL cannot be caught, and nothing in Shipyard sends it to a training process but a cancel, so
+    it is most likely the kernel's out-of-memory killer (or a container's memory limit): say so, and
+    where to confirm it.
+    """
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = "unknown"
+    reason = f"{what} was killed by signal {signum} ({name})"
+    if signum == signal.SIGKILL:
+        reason += ("; the kernel's out-of-memory killer is the usual cause: check `dmesg` on the node "
+                   "(\"Out of memory: Killed process\") or the container's memory limit (OOMKilled), "
+                   "and give the job more memory or a smaller batch_size")
+    return reason
 
 
 def _kill(process: subprocess.Popen[str]) -> None:

@@ -200,18 +200,47 @@ def claim_job(*, database: Database, job_id: str, stale_after_s: float, max_atte
             return Claim.MISSING
         state = JobState(record.state)
         attempts = record.attempts
+        # What the last lost worker's main process noted (see note_lost_worker), if anything.
+        last_loss = record.error if state == JobState.RUNNING else None
     if state in TERMINAL_STATES:
         return Claim.FINISHED
     if state == JobState.RUNNING and record.updated_at >= stale_cutoff:
         return Claim.BUSY
+    error = f"the job was started {attempts} times and its worker was lost each time; giving up"
     failed = update_job(
         database=database,
         job_id=job_id,
         expect_state=state,
         state=JobState.FAILED,
-        error=f"the job was started {attempts} times and its worker was lost each time; giving up",
+        error=f"{error}. The last time, {last_loss}" if last_loss else error,
     )
     return Claim.EXHAUSTED if failed else Claim.BUSY
+
+
+def note_lost_worker(*, database: Database, job_id: str, reason: str) -> bool:
+    """Record on a running job why its worker's process died (``reason``, e.g. killed by SIGKILL).
+
+    The job stays ``running`` and keeps its ``updated_at``: whether and when it is taken over is still
+    :func:`claim_job`'s to say. The next claim clears the note (the runner logs it first, see
+    :func:`lost_worker_note`); the claim that gives up puts it in the job's error.
+    """
+    statement = (
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.state == JobState.RUNNING.value)
+        .values(error=reason[:2000], updated_at=JobRecord.updated_at)  # not onupdate's now
+    )
+    with database.session() as session:
+        result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
+        return bool(result.rowcount)
+
+
+def lost_worker_note(*, database: Database, job_id: str) -> str | None:
+    """What :func:`note_lost_worker` recorded on job ``job_id`` while it is running, or None."""
+    with database.session() as session:
+        record = session.get(JobRecord, job_id)
+        if record is None or record.state != JobState.RUNNING.value:
+            return None
+        return record.error
 
 
 def requeue_lost_jobs(

@@ -3,7 +3,8 @@
 The broker carries only job ids; the database holds the jobs. Acknowledging late, and
 rejecting on a lost worker, means a job whose worker dies goes back on the queue instead of
 vanishing; :func:`services.trainer.jobs.store.claim_job` keeps the second delivery from
-running a job twice.
+running a job twice. The task's Request class (:mod:`services.trainer.worker.lost`) notes on the job
+why a pool process died under it (SIGKILL: the out-of-memory killer, most likely).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kombu import Queue  # type: ignore[attr-defined, unused-ignore]
 from services.trainer.jobs.queues import TASK_NAME
 from services.trainer.jobs.schemas import Queue as QueueName
 from services.trainer.settings import TrainerSettings
+from services.trainer.worker.lost import request_class
 
 log = logging.getLogger("shipyard.trainer.worker")
 
@@ -55,7 +57,9 @@ def make_celery(settings: TrainerSettings) -> Celery:
         worker_send_task_events=False,
     )
 
-    @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)  # type: ignore[untyped-decorator]
+    # Request: a pool process lost under a job (the OOM killer's SIGKILL) is noted on the job (worker.lost).
+    @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True,  # type: ignore[untyped-decorator]
+              Request=request_class(settings))
     def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
         from services.trainer.jobs.store import Claim
         from services.trainer.worker.runner import run_job

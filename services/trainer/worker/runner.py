@@ -107,6 +107,7 @@ def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None
     here: if another worker takes the job over, this one's next write is refused and it stops.
     """
     database = database or database_for(settings)
+    lost = store.lost_worker_note(database=database, job_id=job_id)  # the claim clears it
     claim = store.claim_job(
         database=database, job_id=job_id,
         stale_after_s=settings.stale_after_s, max_attempts=settings.max_attempts,
@@ -120,6 +121,8 @@ def run_job(*, job_id: str, settings: TrainerSettings, database: Database | None
     root.addHandler(handler)
     heartbeat = _Heartbeat(database, job_id, attempt=attempt, interval_s=heartbeat_interval(settings))
     heartbeat.start()
+    if lost:
+        log.warning("job %s, attempt %d: the previous attempt was lost: %s", job_id, attempt, lost)
     try:
         with store.fenced(job_id, attempt):
             _run_fenced(job_id=job_id, settings=settings, database=database)
