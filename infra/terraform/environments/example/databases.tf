@@ -37,7 +37,7 @@ resource "kubernetes_job_v1" "mlflow_databases" {
       spec {
         restart_policy                  = "OnFailure"
         automount_service_account_token = false
-        node_selector                   = { "shipyard.io/node-pool" = "cpu" }
+        node_selector                   = module.cluster.cpu_node_selector
 
         security_context {
           run_as_non_root = true

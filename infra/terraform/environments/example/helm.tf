@@ -27,7 +27,7 @@ resource "helm_release" "cluster_autoscaler" {
       "scale-down-delay-after-add"    = "10m"
       "skip-nodes-with-local-storage" = false
     }
-    nodeSelector = { "shipyard.io/node-pool" = "cpu" }
+    nodeSelector = module.cluster.cpu_node_selector
   })]
 }
 

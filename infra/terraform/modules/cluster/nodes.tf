@@ -4,7 +4,8 @@
 # GPU labels, taint and nvidia.com/gpu resource, and scales up from zero when a GPU pod is pending.
 
 locals {
-  gpu_taint = { key = "nvidia.com/gpu", value = "true", effect = "NoSchedule" }
+  cpu_labels = { "shipyard.io/node-pool" = "cpu" }
+  gpu_taint  = { key = "nvidia.com/gpu", value = "true", effect = "NoSchedule" }
   gpu_template_tags = merge(
     { for key, value in var.gpu_node_labels : "k8s.io/cluster-autoscaler/node-template/label/${key}" => value },
     {
@@ -50,7 +51,7 @@ resource "aws_eks_node_group" "cpu" {
   subnet_ids             = var.subnet_ids
   ami_type               = "AL2023_x86_64_STANDARD"
   instance_types         = var.cpu_instance_types
-  labels                 = { "shipyard.io/node-pool" = "cpu" }
+  labels                 = local.cpu_labels
   tags                   = var.tags
 
   launch_template {

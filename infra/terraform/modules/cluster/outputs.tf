@@ -33,6 +33,11 @@ output "autoscaler_role_arn" {
   value       = module.autoscaler_role.role_arn
 }
 
+output "cpu_node_selector" {
+  description = "Node selector that puts a pod on the CPU node group (controllers, one-off jobs)."
+  value       = local.cpu_labels
+}
+
 output "gpu_node_selector" {
   description = "Node selector that puts a pod on the GPU node group (the chart's gpuWorker.nodeSelector)."
   value       = var.gpu_node_labels
