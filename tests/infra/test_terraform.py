@@ -372,6 +372,28 @@ def test_the_example_passes_only_values_the_chart_has(parsed):
     assert extra_env and extra_env <= settings_env_names(), extra_env - settings_env_names()
 
 
+def test_the_example_gives_every_url_the_chart_requires_without_its_bundled_databases(parsed, tmp_path):
+    """The example turns the chart's PostgreSQL and Redis off: the chart must render with exactly the
+    external URLs the example passes (dummies here), or an install stops at the first one it lacks."""
+    helm = TOOLS_BIN.parent.parent / "helm"
+    tool("python")  # the tools are there (else the same skip or failure as the other checks)
+    given = example_chart_values(parsed)
+    values: dict[str, Any] = {
+        "postgresql": {"enabled": given["postgresql"]["enabled"]},
+        "redis": {"enabled": given["redis"]["enabled"]},
+    }
+    for section in ("externalDatabase", "externalRedis"):
+        urls = {key: f"postgresql://u:p@db:5432/{key}" for key in given.get(section, {})}
+        if urls:
+            values[section] = urls
+    assert values["postgresql"]["enabled"] is False and values["redis"]["enabled"] is False
+    (tmp_path / "example.yaml").write_text(yaml.safe_dump(values))
+    chart = CHART_VALUES.parent
+    done = subprocess.run([helm, "template", "shipyard", chart, "-f", tmp_path / "example.yaml"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 TERRAFORM = shutil.which("terraform")
 needs_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform is not on PATH")
 

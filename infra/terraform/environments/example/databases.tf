@@ -23,9 +23,9 @@ resource "kubernetes_secret_v1" "database_admin" {
   }
 }
 
-resource "kubernetes_job_v1" "mlflow_databases" {
+resource "kubernetes_job_v1" "extra_databases" {
   metadata {
-    name      = "${var.name}-mlflow-databases"
+    name      = "${var.name}-databases"
     namespace = kubernetes_namespace_v1.shipyard.metadata[0].name
   }
 
@@ -91,7 +91,7 @@ resource "kubernetes_job_v1" "mlflow_databases" {
 
 locals {
   # psql reads the connection from PG* variables; CREATE DATABASE cannot run in a DO block, so test first.
-  create_databases = join("\n", [for db in local.mlflow_databases : <<-SH
+  create_databases = join("\n", [for db in local.extra_databases : <<-SH
     if [ -z "$(psql -tAc "SELECT 1 FROM pg_database WHERE datname = '${db}'")" ]; then
       psql -v ON_ERROR_STOP=1 -c 'CREATE DATABASE ${db}'
     fi

@@ -78,11 +78,16 @@ resource "helm_release" "shipyard" {
   }
 
   set_sensitive {
+    name  = "externalDatabase.prefectUrl"
+    value = local.prefect_url
+  }
+
+  set_sensitive {
     name  = "externalRedis.url"
     value = local.redis_url
   }
 
-  depends_on = [kubernetes_job_v1.mlflow_databases, helm_release.cluster_autoscaler, helm_release.nvidia_device_plugin]
+  depends_on = [kubernetes_job_v1.extra_databases, helm_release.cluster_autoscaler, helm_release.nvidia_device_plugin]
 }
 
 locals {

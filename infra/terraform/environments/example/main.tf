@@ -80,9 +80,12 @@ locals {
   service_account = "shipyard"
   database_host   = "${module.database.username}:${random_password.database.result}@${module.database.address}:${module.database.port}"
   # TLS to both: RDS is set to refuse anything else, ElastiCache speaks only TLS.
-  database_url     = "postgresql+psycopg2://${local.database_host}/${module.database.database_name}?sslmode=require"
-  mlflow_url       = "postgresql://${local.database_host}/mlflow?sslmode=require"
-  mlflow_auth_url  = "postgresql://${local.database_host}/mlflow_auth?sslmode=require"
-  redis_url        = "rediss://:${random_password.redis.result}@${module.redis.primary_endpoint}:${module.redis.port}/0?ssl_cert_reqs=required"
-  mlflow_databases = ["mlflow", "mlflow_auth"]
+  database_url    = "postgresql+psycopg2://${local.database_host}/${module.database.database_name}?sslmode=require"
+  mlflow_url      = "postgresql://${local.database_host}/mlflow?sslmode=require"
+  mlflow_auth_url = "postgresql://${local.database_host}/mlflow_auth?sslmode=require"
+  # Prefect's server runs on asyncpg, which takes ssl= where psycopg takes sslmode=.
+  prefect_url = "postgresql+asyncpg://${local.database_host}/prefect?ssl=require"
+  redis_url   = "rediss://:${random_password.redis.result}@${module.redis.primary_endpoint}:${module.redis.port}/0?ssl_cert_reqs=required"
+  # Created beside the platform's own by a one-off Job (databases.tf): MLflow's two and Prefect's.
+  extra_databases = ["mlflow", "mlflow_auth", "prefect"]
 }
