@@ -147,3 +147,22 @@ def get_json(url: str, **kwargs: Any) -> Any:
     response = httpx.get(url, timeout=30, **kwargs)
     response.raise_for_status()
     return response.json()
+
+
+def own_database_url(request: Any, tmp_path: Any, *, prefix: str) -> str:
+    """A database of one test's own, for ``request.param`` "sqlite" (a file under ``tmp_path``) or
+    "postgresql" (a fresh schema ``<prefix>_<hex>`` of the session's database): for tests that count
+    every row in it."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shipyard.db'}"
+    import uuid
+
+    import sqlalchemy
+
+    url = str(request.getfixturevalue("postgres_url"))
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    return f"{url}?options=-csearch_path%3D{schema}"

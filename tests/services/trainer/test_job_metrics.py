@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import sqlalchemy
 from prometheus_client import CollectorRegistry
 
 from services.trainer.api.metrics import JobCollector
@@ -29,22 +28,13 @@ from services.trainer.worker.metrics import (
 )
 from shipyard_common.db import Database, utcnow
 from tests.services.trainer.conftest import job_spec, trainer_settings
-from tests.support import free_port, running_app, test_platform
+from tests.support import free_port, own_database_url, running_app, test_platform
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database of this test's own: the metrics count every job in it (on PostgreSQL, a fresh
-    schema of the session's database)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shipyard.db'}"
-    url = str(request.getfixturevalue("postgres_url"))
-    schema = f"metrics_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
-    return f"{url}?options=-csearch_path%3D{schema}"
+    """A database of this test's own: the metrics count every job in it."""
+    return own_database_url(request, tmp_path, prefix="metrics")
 
 
 @pytest.fixture

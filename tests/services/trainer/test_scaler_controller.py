@@ -29,7 +29,7 @@ from services.trainer.scaler.metrics import ScalerMetrics, serve_metrics
 from services.trainer.scaler.settings import ScalerSettings
 from shipyard_common.db import Database, utcnow
 from tests.services.trainer.conftest import ROOT, job_spec
-from tests.support import free_port, test_platform, wait_for
+from tests.support import free_port, own_database_url, test_platform, wait_for
 
 NAMESPACE = "ml"
 DEPLOYMENT = "trainer-worker-gpu"
@@ -121,17 +121,8 @@ def kube() -> Iterator[FakeKubernetesApi]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database of this test's own: the scaler counts every job in it (on PostgreSQL, a fresh schema
-    of the session's database)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shipyard.db'}"
-    url = str(request.getfixturevalue("postgres_url"))
-    schema = f"scaler_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
-    return f"{url}?options=-csearch_path%3D{schema}"
+    """A database of this test's own: the scaler counts every job in it."""
+    return own_database_url(request, tmp_path, prefix="scaler")
 
 
 @pytest.fixture
