@@ -11,6 +11,8 @@ kernel would:
 - the pool process, at every attempt: after ``max_attempts`` the job fails, saying SIGKILL and that the
   OOM killer is the usual cause;
 - the Keras child: the job fails at once with the same reason; the pool process lives on.
+
+Other deaths, read from billiard's own wording, say what they were and do not blame memory.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from billiard.common import human_status
+from billiard.exceptions import WorkerLostError
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_breast_cancer, load_wine
 from sqlalchemy import select
@@ -31,6 +35,7 @@ from sqlalchemy import select
 from services.trainer.app import create_app
 from services.trainer.jobs.tables import JobLogRecord, JobRecord
 from services.trainer.settings import TrainerSettings
+from services.trainer.worker.lost import lost_reason
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
 from shipyard_common.lineage import TAG_JOB_ID
@@ -205,3 +210,15 @@ def test_a_keras_child_oom_killed_fails_the_job_with_the_signal_and_memory(stack
     assert row(stack, job_id).attempts == 1
     assert versions_of(stack, job_id) == []
     assert pool[0].is_running()  # only the child died: the pool process reported it and lives on
+
+
+def test_other_deaths_of_a_pool_process_say_what_they_were_and_do_not_blame_memory():
+    def lost(status: int) -> str:
+        return lost_reason(WorkerLostError(f"Worker exited prematurely: {human_status(status)} Job: 0."), 7)
+
+    assert lost(-9).endswith(f"(pid 7) running the job was killed by signal 9 (SIGKILL); {OOM_HINT}: check "
+                             "`dmesg` on the node (\"Out of memory: Killed process\") or the container's "
+                             "memory limit (OOMKilled), and give the job more memory or a smaller batch_size")
+    process = "the worker's pool process (pid 7) running the job"
+    assert lost(-11) == f"{process} was killed by signal 11 (SIGSEGV)"
+    assert lost(3) == f"{process} exited with status 3 before the job ended"
