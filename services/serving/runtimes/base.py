@@ -16,8 +16,10 @@ import numpy as np
 FORMAT_ONNX = "onnx"
 FORMAT_TORCHSCRIPT = "torchscript"
 FORMAT_SAVEDMODEL = "savedmodel"
+# An ONNX file whose weights the trainer quantized to int8; the same ONNX runtime serves it.
+FORMAT_ONNX_INT8 = "onnx_int8"
 # Without a shipyard.format tag, the first of these whose files the version holds is served.
-FORMAT_PREFERENCE = (FORMAT_ONNX, FORMAT_TORCHSCRIPT, FORMAT_SAVEDMODEL)
+FORMAT_PREFERENCE = (FORMAT_ONNX_INT8, FORMAT_ONNX, FORMAT_TORCHSCRIPT, FORMAT_SAVEDMODEL)
 
 # The dtypes a request may carry. Strings and objects are not among them: no model we serve takes them.
 _DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
@@ -96,7 +98,7 @@ class Signature:
 class Runtime(Protocol):
     """One loaded model version. ``predict`` must be safe to call from many threads at once."""
 
-    #: ``onnx``, ``torchscript`` or ``savedmodel``.
+    #: ``onnx``, ``onnx_int8``, ``torchscript`` or ``savedmodel``.
     format: str
     #: The Open Inference Protocol's platform name, e.g. ``onnxruntime_onnx``.
     platform: str

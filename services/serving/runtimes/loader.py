@@ -1,7 +1,8 @@
 """Which runtime serves a version, and the signature requests are checked against.
 
 The format: the version's ``shipyard.format`` tag when the version holds that format's files;
-otherwise the first of onnx > torchscript > savedmodel that it holds. A savedmodel is served
+otherwise the first of onnx_int8 > onnx > torchscript > savedmodel that it holds (``onnx_int8``
+is an ONNX file too, opened by the same runtime). A savedmodel is served
 only through TF Serving, so it is a candidate only when ``tf_serving_address`` is set.
 
 The signature: the stored one for that format (``signature.json``'s ``formats[fmt]``, or the
@@ -20,6 +21,7 @@ from typing import Any
 
 from services.serving.runtimes.base import (
     FORMAT_ONNX,
+    FORMAT_ONNX_INT8,
     FORMAT_PREFERENCE,
     FORMAT_SAVEDMODEL,
     FORMAT_TORCHSCRIPT,
@@ -58,6 +60,9 @@ def format_files(root: Path) -> dict[str, Path]:
         # Versions registered before the model folder: a model.onnx anywhere in the artifacts.
         with contextlib.suppress(ModelLoadError):
             files[FORMAT_ONNX] = find_model_file(root)
+    int8 = root / FORMAT_ONNX_INT8 / ONNX_FILE_NAME
+    if int8.is_file():
+        files[FORMAT_ONNX_INT8] = int8
     torchscript = root / FORMAT_TORCHSCRIPT / TORCHSCRIPT_FILE_NAME
     if torchscript.is_file():
         files[FORMAT_TORCHSCRIPT] = torchscript
@@ -144,10 +149,11 @@ def load_runtime(
     inside(folder, root / SIGNATURE_FILE)
     stored = stored_signature(root, tags, fmt)
     runtime: Runtime
-    if fmt == FORMAT_ONNX:
+    if fmt in (FORMAT_ONNX, FORMAT_ONNX_INT8):
         runtime = load_onnx(available[fmt], intra_op_threads=settings.intra_op_threads,
                             graph_optimization=settings.graph_optimization,
                             choose_threads=settings.choose_intra_op_threads)
+        runtime.format = fmt  # the status says which of the two files answers
     elif fmt == FORMAT_TORCHSCRIPT:
         runtime = load_torchscript(
             available[fmt], signature=stored, intra_op_threads=settings.intra_op_threads

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 import services
-from services.trainer.engines import child, engine
+from services.trainer.engines import child, engine, quantize
 from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
 from services.trainer.jobs.schemas import ExportFormat, JobCreate, Precision, SchedulerName, Task
 from shipyard_common.errors import InvalidInput
@@ -136,7 +136,9 @@ def fit(context: FitContext) -> FitOutcome:
     for name in ARRAYS:
         np.save(folder / f"{name}.npy", getattr(data, name), allow_pickle=False)
     job = {
-        "spec": spec.model_dump(mode="json"),
+        # onnx_int8 is made here, from the child's ONNX export (quantize.add_int8).
+        "spec": {**spec.model_dump(mode="json"),
+                 "exports": [f.value for f in spec.exports if f != ExportFormat.ONNX_INT8]},
         "features": data.features,
         "classes": data.classes,
         "device": context.device,
@@ -161,6 +163,8 @@ def fit(context: FitContext) -> FitOutcome:
 
     exports: list[Export] = []
     for fmt in spec.exports:
+        if fmt == ExportFormat.ONNX_INT8:
+            continue
         item = done[fmt.value]
         signature = dict(item["signature"])
         if data.classes:
@@ -169,7 +173,7 @@ def fit(context: FitContext) -> FitOutcome:
                  fmt.value, len(data.x_val), item["max_abs_diff"])
         exports.append(Export(format=fmt, path=Path(item["path"]), max_abs_diff=float(item["max_abs_diff"]),
                               signature=signature))
-    return FitOutcome(
+    outcome = FitOutcome(
         task=data.task, features=data.features, target=data.target, classes=data.classes,
         n_train=len(data.x_train), n_val=len(data.x_val),
         metrics={k: float(v) for k, v in result["metrics"].items()},
@@ -179,3 +183,5 @@ def fit(context: FitContext) -> FitOutcome:
         seconds=float(result["seconds"]), device=str(result["device"]), exports=exports,
         state_dict=None, card=dict(result["card"]),
     )
+    quantize.add_int8(outcome, data, spec, context.workdir / "exports")
+    return outcome

@@ -17,8 +17,10 @@ from services.trainer.engines.types import Export, FitOutcome
 from services.trainer.jobs.schemas import ExportFormat, JobCreate, Task
 from shipyard_common.lineage import MODEL_CARD_FILE, MODEL_CARD_JSON, SIGNATURE_FILE
 
-# Serving prefers the first format of this order that a version holds.
-SERVING_PREFERENCE = (ExportFormat.ONNX, ExportFormat.TORCHSCRIPT, ExportFormat.SAVEDMODEL)
+# Serving prefers the first format of this order that a version holds: an int8 file is there only
+# when the job asked for it and it scored within training.quantization_tolerance of the fp32 one.
+SERVING_PREFERENCE = (ExportFormat.ONNX_INT8, ExportFormat.ONNX, ExportFormat.TORCHSCRIPT,
+                      ExportFormat.SAVEDMODEL)
 _METRIC_NAMES = {
     "val_accuracy": "accuracy", "val_f1_macro": "F1 (macro)", "val_roc_auc": "ROC-AUC",
     "val_loss": "loss", "val_mse": "MSE", "val_mae": "MAE", "train_loss": "training loss",

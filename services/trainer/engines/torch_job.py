@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from services.trainer.engines import engine
+from services.trainer.engines import engine, quantize
 from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
 from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
 from services.trainer.jobs.schemas import ExportFormat, Framework, JobCreate
@@ -37,7 +37,7 @@ def fit(context: FitContext) -> FitOutcome:
     else:
         result = train_here(data, context)
     exports = export_all(result.model, data, spec, context)
-    return FitOutcome(
+    outcome = FitOutcome(
         task=data.task, features=data.features, target=data.target, classes=data.classes,
         n_train=len(data.x_train), n_val=len(data.x_val), metrics=result.metrics,
         history=result.history, confusion=result.confusion, best_epoch=result.best_epoch,
@@ -47,6 +47,8 @@ def fit(context: FitContext) -> FitOutcome:
         card={"parameters": sum(p.numel() for p in result.model.parameters()),
               "architecture": type(result.model).__name__},
     )
+    quantize.add_int8(outcome, data, spec, context.workdir / "exports")
+    return outcome
 
 
 def train_here(data: TabularData, context: FitContext) -> engine.TrainResult:
@@ -66,12 +68,15 @@ def train_here(data: TabularData, context: FitContext) -> engine.TrainResult:
 
 
 def export_all(model: Any, data: TabularData, spec: JobCreate, context: FitContext) -> list[Export]:
-    """Every format the spec asks for, each checked against PyTorch on the validation rows."""
+    """Every format the spec asks for, each checked against PyTorch on the validation rows; but
+    ``onnx_int8``, which :func:`~services.trainer.engines.quantize.add_int8` makes from the ONNX one."""
     from services.trainer.engines import export
 
     exports: list[Export] = []
     folder = context.workdir / "exports"
     for fmt in spec.exports:
+        if fmt == ExportFormat.ONNX_INT8:
+            continue
         if fmt == ExportFormat.ONNX:
             done = export.export_onnx(
                 model, task=data.task, example=export.example_input(data),

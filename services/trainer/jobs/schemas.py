@@ -77,6 +77,9 @@ class ExportFormat(StrEnum):
     ONNX = "onnx"
     TORCHSCRIPT = "torchscript"
     SAVEDMODEL = "savedmodel"
+    # The ONNX export with its weights quantized to int8 (dynamic quantization); kept only when it
+    # scores within ``training.quantization_tolerance`` of the fp32 file (engines/quantize.py).
+    ONNX_INT8 = "onnx_int8"
 
 
 class Precision(StrEnum):
@@ -218,9 +221,9 @@ FRAMEWORK_MODELS: dict[Framework, frozenset[str]] = {
     Framework.TRANSFORMERS: frozenset({"pretrained_text"}),
 }
 FRAMEWORK_EXPORTS: dict[Framework, frozenset[ExportFormat]] = {
-    Framework.PYTORCH: frozenset({ExportFormat.ONNX, ExportFormat.TORCHSCRIPT}),
-    Framework.KERAS: frozenset({ExportFormat.ONNX, ExportFormat.SAVEDMODEL}),
-    Framework.TRANSFORMERS: frozenset({ExportFormat.ONNX, ExportFormat.TORCHSCRIPT}),
+    Framework.PYTORCH: frozenset({ExportFormat.ONNX, ExportFormat.ONNX_INT8, ExportFormat.TORCHSCRIPT}),
+    Framework.KERAS: frozenset({ExportFormat.ONNX, ExportFormat.ONNX_INT8, ExportFormat.SAVEDMODEL}),
+    Framework.TRANSFORMERS: frozenset({ExportFormat.ONNX, ExportFormat.ONNX_INT8, ExportFormat.TORCHSCRIPT}),
 }
 
 
@@ -281,6 +284,12 @@ class TrainingSpec(Strict):
     num_workers: int = Field(default=0, ge=0, le=64)
     pin_memory: bool = False
     compile: bool = Field(default=False, description="Wrap the model in torch.compile (PyTorch only).")
+    quantization_tolerance: float = Field(
+        default=0.01, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Export onnx_int8 only: how much worse than the fp32 ONNX file the int8 file may "
+        "score on the evaluation rows and still be kept (classification: accuracy points, absolute; "
+        "regression: RMSE, relative to fp32's).",
+    )
 
     @field_validator("momentum")
     @classmethod
@@ -336,6 +345,7 @@ class JobCreate(Strict):
                 f"model.type {self.model.type!r} is not available with framework {framework.value!r}; "
                 f"it builds: {allowed}"
             )
+        _int8_needs_onnx(framework, self.exports)
         unsupported = [f.value for f in self.exports if f not in FRAMEWORK_EXPORTS[framework]]
         if unsupported:
             allowed = ", ".join(sorted(f.value for f in FRAMEWORK_EXPORTS[framework]))
@@ -382,6 +392,22 @@ class JobCreate(Strict):
                 f"{self.data.task.value}"
             )
         return self
+
+
+def _int8_needs_onnx(framework: Framework, exports: list[ExportFormat]) -> None:
+    """``onnx_int8`` quantizes the fp32 ONNX export, and falls back to it when dropped: both needed."""
+    if ExportFormat.ONNX_INT8 not in exports:
+        return
+    if ExportFormat.ONNX not in FRAMEWORK_EXPORTS[framework]:
+        raise ValueError(
+            f"exports ['onnx_int8'] quantizes the ONNX export, which framework {framework.value!r} "
+            "cannot write"
+        )
+    if ExportFormat.ONNX not in exports:
+        raise ValueError(
+            "exports ['onnx_int8'] quantizes the 'onnx' export and falls back to it when the int8 "
+            "file scores worse than training.quantization_tolerance allows: list 'onnx' too"
+        )
 
 
 class Progress(BaseModel):
