@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from shipyard_cli import observability
+from shipyard_cli.batch import predict_batch
 from shipyard_cli.client import ClientError, ui_url
 from shipyard_cli.common import console, fail, platform_settings
 from shipyard_cli.data import data_app
@@ -180,6 +181,7 @@ def demo(
 app.command()(predict)
 app.command()(drift)
 app.command()(feedback)
+app.command("predict-batch")(predict_batch)
 
 
 if __name__ == "__main__":

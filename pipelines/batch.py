@@ -1,0 +1,576 @@
+"""The flow ``batch_predict``: score a dataset version with a registered model version, in chunks.
+
+1. ``plan_batch``: resolve the dataset revision (``DataRepo``) and the model version (an alias,
+   default ``production``, or a version number) in MLflow; check that the dataset holds the
+   version's features (its ``shipyard.features`` tag), naming those it lacks; fetch its ONNX file.
+2. ``score_chunk``, once per chunk of ``chunk_rows`` rows, retried by Prefect: ONNX Runtime on the
+   chunk; its rows into the prediction log the monitor reads (``predictions``, role ``batch``), as
+   serving's are; its Parquet file written under a temporary name and renamed, so that a file there
+   is whole. A chunk whose file exists is skipped, and rows already logged are not logged again.
+3. ``commit_predictions``, only once every chunk's file exists: the chunks and a manifest become a
+   new version of the output dataset in the data repository, ``predictions/<output>/`` tracked by
+   DVC and pushed to its remote, with its lineage (dataset revision, model version) in
+   ``predictions/<output>.json`` and in an MLflow run (experiment ``shipyard-batch-predict``).
+
+Resumable: the chunks live in ``<state_dir>/pipelines/batch/<key>/`` where ``key`` hashes the
+inputs (dataset revision, model version, chunk size, id column); a rerun with the same inputs
+finds the chunks written and scores only the others. A chunk's id is its index range plus a hash
+of its rows. Test-only hook: :func:`inject_fault` makes ``score_chunk`` fail where a test says.
+No pickles and no user code: only the version's ``model.onnx`` runs, in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from pydantic import BaseModel, SecretStr
+from sqlalchemy import func, select, text
+
+from pipelines.flows import prefect_api, report_result
+from pipelines.tasks import PipelineConfig
+from shipyard_common.datasets import DataRepo, validate_dataset_name
+from shipyard_common.db import Database
+from shipyard_common.errors import InvalidInput, NotFound
+from shipyard_common.lineage import (
+    ONNX_FILE_NAME,
+    PRODUCTION,
+    TAG_FEATURES,
+    TAG_SIGNATURE,
+    TAG_TASK,
+)
+from shipyard_common.records import PredictionRecord
+from shipyard_common.settings import PlatformSettings
+
+BATCH_ROLE = "batch"  # the prediction log's role column: these rows came from a batch, not a request
+CHUNK_ROWS = 50_000
+LOG_ROWS = 1_000  # rows per prediction log record (one "request" of the batch)
+EXPERIMENT = "shipyard-batch-predict"
+MANIFEST = "manifest.json"
+CHUNK_RETRY_DELAYS_S: list[float] = [1, 2]
+ROW = "row"  # the output's column: the row's position in the dataset version
+
+_fault: Callable[[Chunk, int], None] | None = None
+
+
+@contextmanager
+def inject_fault(hook: Callable[[Chunk, int], None]) -> Iterator[None]:
+    """Test-only: ``hook(chunk, attempt)`` runs in ``score_chunk`` after the chunk's rows were logged
+    and before its file is written (the worst moment to fail); whatever it raises fails that try."""
+    global _fault
+    _fault = hook
+    try:
+        yield
+    finally:
+        _fault = None
+
+
+class BatchConfig(BaseModel):
+    """What the batch's tasks need: the pipelines' config, the platform database (the prediction
+    log) and where the chunks are kept until committed."""
+
+    pipeline: PipelineConfig
+    database_url: SecretStr
+    work_dir: Path
+
+    @classmethod
+    def from_platform(cls, platform: PlatformSettings | None = None, token: str | None = None) -> BatchConfig:
+        platform = platform or PlatformSettings()
+        return cls(pipeline=PipelineConfig.from_platform(platform, token),
+                   database_url=SecretStr(platform.database_url),
+                   work_dir=platform.state_dir.resolve() / "pipelines" / "batch")
+
+    def repo(self) -> DataRepo:
+        return DataRepo(self.pipeline.data_repo, self.pipeline.dvc_remote)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows ``[start, stop)`` of the dataset version; ``digest`` hashes their feature values."""
+
+    index: int
+    start: int
+    stop: int
+    digest: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.index:06d}-{self.start}-{self.stop}-{self.digest[:12]}"
+
+    def log_ids(self, key: str) -> list[str]:
+        """The prediction log's request ids of this chunk's records (``LOG_ROWS`` rows each)."""
+        parts = range(0, self.stop - self.start, LOG_ROWS)
+        return [f"batch-{key[:16]}-{self.index}-{part // LOG_ROWS}" for part in parts]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The version that scores: where its ONNX file is, its features and what its outputs mean."""
+
+    name: str
+    version: str
+    alias: str | None
+    onnx_path: Path
+    features: list[str]
+    task: str | None
+    classes: list[Any] | None
+    dataset: str | None
+    dataset_rev: str | None
+
+
+class Batch:
+    """One batch in the flow's process: the rows, the session, where its chunks go. A plain class,
+    not a dataclass: Prefect walks a task's dataclass parameters, and this holds every row."""
+
+    def __init__(self, *, key: str, model: ModelInfo, dataset: str, dataset_rev: str, features: np.ndarray,
+                 ids: np.ndarray | None, id_column: str | None, chunk_rows: int, config: BatchConfig) -> None:
+        import onnxruntime as ort
+
+        self.key, self.model, self.dataset, self.dataset_rev = key, model, dataset, dataset_rev
+        self.features, self.ids, self.id_column = features, ids, id_column
+        self.folder = config.work_dir / key / "chunks"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.database = Database(config.database_url.get_secret_value())
+        self.database.create_tables()
+        self.chunks = make_chunks(features, chunk_rows)
+
+    def path(self, chunk: Chunk) -> Path:
+        return self.folder / f"{chunk.id}.parquet"
+
+
+def make_chunks(features: np.ndarray, chunk_rows: int) -> list[Chunk]:
+    """Rows ``[i * chunk_rows, (i + 1) * chunk_rows)``, each with a hash of its values."""
+    if chunk_rows < 1:
+        raise InvalidInput(f"chunk_rows must be at least 1, not {chunk_rows}")
+    chunks = []
+    for index, start in enumerate(range(0, len(features), chunk_rows)):
+        stop = min(start + chunk_rows, len(features))
+        digest = hashlib.blake2b(np.ascontiguousarray(features[start:stop]).tobytes(), digest_size=16)
+        chunks.append(Chunk(index=index, start=start, stop=stop, digest=digest.hexdigest()))
+    return chunks
+
+
+def batch_key(
+    *, dataset: str, dataset_rev: str, model: ModelInfo, chunk_rows: int, id_column: str | None
+) -> str:
+    """The batch's name: the same inputs give the same key, hence the same chunks to resume."""
+    described = json.dumps([dataset, dataset_rev, model.name, model.version, model.features, chunk_rows,
+                            id_column])
+    return hashlib.sha256(described.encode()).hexdigest()[:32]
+
+
+def default_output(dataset: str, model_name: str) -> str:
+    """``<dataset>.<model>.predictions``, with what a dataset name may not hold replaced by ``_``."""
+    name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in f"{dataset}.{model_name}.predictions")
+    return name[:128]
+
+
+# -- the model version ---------------------------------------------------------------------------
+
+
+def _mlflow(config: BatchConfig) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    uri = config.pipeline.mlflow_tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def resolve_version(config: BatchConfig, model_name: str, alias: str | None, version: str | None) -> Any:
+    """The MLflow model version that ``version``, else ``alias``, names; NotFound saying which is missing."""
+    from mlflow.exceptions import MlflowException
+
+    client = _mlflow(config)
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise NotFound(f"model {model_name!r} is not registered") from exc
+        raise
+    if version is None:
+        aliases = dict(registered.aliases or {})
+        if alias not in aliases:
+            known = ", ".join(f"{a} → v{v}" for a, v in sorted(aliases.items())) or "none"
+            raise NotFound(f"model {model_name!r} has no alias {alias!r} (its aliases: {known})")
+        version = str(aliases[alias])
+    try:
+        return client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise NotFound(f"model {model_name!r} has no version {version!r}") from exc
+        raise
+
+
+def fetch_onnx(config: BatchConfig, found: Any) -> Path:
+    """The version's ``model.onnx``, downloaded once into the work folder (a rename makes it whole)."""
+    import mlflow.artifacts
+
+    named = hashlib.sha256(found.name.encode()).hexdigest()[:16]
+    folder = config.work_dir / "models" / named / str(found.version)
+    target = folder / ONNX_FILE_NAME
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=found.source, dst_path=scratch, tracking_uri=config.pipeline.mlflow_tracking_uri))
+        onnx_files = sorted(local.rglob(ONNX_FILE_NAME)) if local.is_dir() else [local]
+        if not onnx_files or onnx_files[0].name != ONNX_FILE_NAME:
+            raise InvalidInput(f"model {found.name!r} v{found.version} has no {ONNX_FILE_NAME}: batch "
+                               "scoring runs ONNX versions only")
+        os.replace(onnx_files[0], target)
+    return target
+
+
+def model_info(config: BatchConfig, model_name: str, alias: str | None, version: str | None) -> ModelInfo:
+    found = resolve_version(config, model_name, alias, version)
+    tags = dict(found.tags or {})
+    try:
+        features = json.loads(tags.get(TAG_FEATURES) or "null")
+    except ValueError as exc:
+        raise InvalidInput(
+            f"tag {TAG_FEATURES} of {model_name!r} v{found.version} is not JSON: {exc}"
+        ) from exc
+    if not isinstance(features, list) or not features:
+        raise InvalidInput(f"{model_name!r} v{found.version} has no {TAG_FEATURES} tag: which dataset "
+                           "columns it takes is unknown")
+    try:
+        classes = json.loads(tags.get(TAG_SIGNATURE) or "{}").get("classes")
+    except (ValueError, AttributeError):
+        classes = None
+    return ModelInfo(
+        name=model_name, version=str(found.version), alias=None if version is not None else alias,
+        onnx_path=fetch_onnx(config, found), features=[str(f) for f in features], task=tags.get(TAG_TASK),
+        classes=list(classes) if isinstance(classes, list) else None,
+        dataset=tags.get("shipyard.dataset"), dataset_rev=tags.get("shipyard.dataset_rev"),
+    )
+
+
+def check_columns(frame: pd.DataFrame, model: ModelInfo, where: str, id_column: str | None) -> None:
+    """InvalidInput naming the model's features the dataset lacks or holds as something not a number."""
+    missing = [name for name in model.features if name not in frame.columns]
+    if missing:
+        raise InvalidInput(f"{where} lacks column(s) {missing} that {model.name} v{model.version} takes "
+                           f"(its features: {model.features})")
+    not_numbers = [name for name in model.features if not pd.api.types.is_numeric_dtype(frame[name])]
+    if not_numbers:
+        raise InvalidInput(f"column(s) {not_numbers} of {where} are not numbers; {model.name} "
+                           f"v{model.version} takes numbers")
+    if id_column is not None and (id_column not in frame.columns or id_column == ROW):
+        raise InvalidInput(f"id column {id_column!r} is not a column of {where}" if id_column != ROW
+                           else f"id column may not be {ROW!r}, the output's own column")
+
+
+def check_width(batch: Batch) -> None:
+    """InvalidInput when the ONNX file's input width is not the number of the version's features."""
+    width = batch.session.get_inputs()[0].shape[-1]
+    if isinstance(width, int) and width != len(batch.model.features):
+        raise InvalidInput(f"{batch.model.name} v{batch.model.version} takes {width} values per row, but "
+                           f"its {TAG_FEATURES} tag names {len(batch.model.features)} columns")
+
+
+# -- the tasks -----------------------------------------------------------------------------------
+
+
+@task(name="plan_batch", cache_policy=NO_CACHE, persist_result=False)
+def plan_batch(dataset: str, rev: str, model_name: str, alias: str | None, version: str | None,
+               chunk_rows: int, id_column: str | None, config: BatchConfig) -> Batch:
+    """Resolve the dataset revision and the model version, check the columns, cut the chunks."""
+    validate_dataset_name(dataset)
+    repo = config.repo()
+    full_rev = repo.resolve(dataset, rev)
+    model = model_info(config, model_name, alias, version)
+    frame = repo.read(dataset, full_rev)
+    where = f"dataset {dataset!r} at {full_rev[:12]}"
+    check_columns(frame, model, where, id_column)
+    features = frame[model.features].to_numpy(dtype=np.float32)
+    ids = frame[id_column].to_numpy() if id_column else None
+    key = batch_key(dataset=dataset, dataset_rev=full_rev, model=model, chunk_rows=chunk_rows,
+                    id_column=id_column)
+    batch = Batch(key=key, model=model, dataset=dataset, dataset_rev=full_rev, features=features, ids=ids,
+                  id_column=id_column, chunk_rows=chunk_rows, config=config)
+    check_width(batch)
+    get_run_logger().info("batch %s: %s (%d rows, %d chunks) with %s v%s", key[:12], where, len(frame),
+                          len(batch.chunks), model.name, model.version)
+    return batch
+
+
+@task(name="score_chunk", cache_policy=NO_CACHE, persist_result=False,
+      retries=len(CHUNK_RETRY_DELAYS_S), retry_delay_seconds=CHUNK_RETRY_DELAYS_S)
+def score_chunk(batch: Batch, chunk: Chunk) -> dict[str, Any]:
+    """Score one chunk, log its rows for the monitor, write its file; skip it if its file exists."""
+    from prefect.context import TaskRunContext
+
+    target = batch.path(chunk)
+    if target.exists():
+        return {"chunk": chunk.id, "rows": chunk.stop - chunk.start, "skipped": True, "logged": 0}
+    rows = batch.features[chunk.start:chunk.stop]
+    began = time.perf_counter()
+    outputs = np.asarray(batch.session.run([batch.output_name], {batch.input_name: rows})[0])
+    latency_ms = (time.perf_counter() - began) * 1000.0
+    logged = log_chunk(batch, chunk, rows, outputs, latency_ms)
+    if _fault is not None:
+        context = TaskRunContext.get()
+        _fault(chunk, context.task_run.run_count if context is not None else 1)
+    write_chunk(batch, chunk, outputs, target)
+    return {"chunk": chunk.id, "rows": len(rows), "skipped": False, "logged": logged}
+
+
+def output_frame(batch: Batch, chunk: Chunk, outputs: np.ndarray) -> pd.DataFrame:
+    """The chunk's rows in the output: ``row``, the id column if any, each output value, and
+    ``prediction`` (a classifier's class, its label where the signature names it; a regressor's value)."""
+    values = outputs.reshape(len(outputs), -1)
+    columns: dict[str, Any] = {ROW: np.arange(chunk.start, chunk.stop, dtype=np.int64)}
+    if batch.ids is not None and batch.id_column is not None:
+        columns[batch.id_column] = batch.ids[chunk.start:chunk.stop]
+    for j in range(values.shape[1]):
+        columns[f"{batch.output_name}_{j}"] = values[:, j]
+    if values.shape[1] == 1:
+        columns["prediction"] = values[:, 0]
+    else:
+        index = values.argmax(axis=1)
+        classes = batch.model.classes
+        columns["prediction"] = (np.asarray(classes, dtype=object)[index]
+                                 if classes and len(classes) == values.shape[1] else index)
+    return pd.DataFrame(columns)
+
+
+def write_chunk(batch: Batch, chunk: Chunk, outputs: np.ndarray, target: Path) -> None:
+    """Write under a temporary name, then rename: a file named as the chunk is always whole."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    output_frame(batch, chunk, outputs).to_parquet(partial, index=False)
+    os.replace(partial, target)
+
+
+_INSERT = text(
+    f"INSERT INTO {PredictionRecord.__tablename__} "
+    "(request_id, model, version, role, inputs, outputs, latency_ms, created_at) "
+    "VALUES (:request_id, :model, :version, :role, :inputs, :outputs, :latency_ms, :created_at)"
+)
+
+
+def log_chunk(batch: Batch, chunk: Chunk, rows: np.ndarray, outputs: np.ndarray, latency_ms: float) -> int:
+    """The chunk's rows into the prediction log, ``LOG_ROWS`` per record, role ``batch``, all in one
+    transaction; none if an earlier try logged them already. Returns how many rows it logged.
+
+    Inputs and outputs go in as JSON text (orjson, as serving's shipper writes them), not through
+    SQLAlchemy's per-value ``json.dumps``."""
+    ids = chunk.log_ids(batch.key)
+    created: Any = datetime.now(UTC).replace(tzinfo=None)
+    with batch.database.session() as session:
+        present = session.scalar(select(func.count()).select_from(PredictionRecord)
+                                 .where(PredictionRecord.request_id.in_(ids)))
+        if present:
+            return 0
+        if session.connection().dialect.name == "sqlite":
+            created = created.strftime("%Y-%m-%d %H:%M:%S.%f")  # as SQLAlchemy stores it there
+        per_record = latency_ms * LOG_ROWS / max(1, len(rows))
+        records = [
+            {"request_id": request_id, "model": batch.model.name, "version": batch.model.version,
+             "role": BATCH_ROLE, "latency_ms": per_record, "created_at": created,
+             "inputs": orjson.dumps(np.ascontiguousarray(rows[at:at + LOG_ROWS]),
+                                    option=orjson.OPT_SERIALIZE_NUMPY).decode(),
+             "outputs": orjson.dumps(np.ascontiguousarray(outputs[at:at + LOG_ROWS]),
+                                     option=orjson.OPT_SERIALIZE_NUMPY).decode()}
+            for request_id, at in zip(ids, range(0, len(rows), LOG_ROWS), strict=True)
+        ]
+        session.execute(_INSERT, records)
+    return len(rows)
+
+
+# -- the output dataset --------------------------------------------------------------------------
+
+
+class PredictionsRepo(DataRepo):
+    """The data repository, with outputs of batches: ``predictions/<name>/`` (Parquet files and a
+    manifest) tracked by DVC and pushed to the same remote, ``predictions/<name>.json`` (lineage) in
+    git. A version is the git commit, as for every dataset; one writer at a time (the repo's lock)."""
+
+    def add_predictions(self, name: str, files: list[Path], manifest: dict[str, Any]) -> str:
+        """Commit ``files`` and ``manifest`` as the next version of output ``name``; return its revision
+        (the latest one when nothing changed)."""
+        validate_dataset_name(name)
+        relative = f"predictions/{name}"
+        with self._locked():
+            self._ensure_locked()
+            latest = self._git_ok("log", "-1", "--format=%H", "--", f"{relative}.dvc")
+            committed = json.loads(self._git_ok("show", f"HEAD:{relative}.json") or "{}")
+            if latest and committed.get("batch") == manifest["batch"]:
+                return latest  # the same batch (same inputs, same chunks) is the latest version already
+            folder = self.path / relative
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            for path in files:
+                shutil.copyfile(path, folder / path.name)
+            text_of = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+            (folder / MANIFEST).write_text(text_of)
+            lineage = {key: value for key, value in manifest.items() if key != "chunks"}
+            (self.path / f"{relative}.json").write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
+            self._dvc("add", "-q", relative)
+            self._dvc("push", "-q", "-r", self.remote_name, f"{relative}.dvc")
+            paths = [f"{relative}.dvc", f"{relative}.json", "predictions/.gitignore", ".dvc/config"]
+            self._run("git", "add", "--", *[p for p in paths if (self.path / p).exists()])
+            if self._run("git", "status", "--porcelain", "--", *paths):
+                self._run("git", "commit", "-q", "-m", f"Predictions {name} ({manifest['rows']} rows)")
+            return self._run("git", "log", "-1", "--format=%H", "--", f"{relative}.dvc")
+
+    def read_predictions(self, name: str, rev: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Output ``name`` at ``rev`` (fetched from the remote where the cache lacks it): its rows, in
+        chunk order, and its manifest."""
+        from dvc.api import DVCFileSystem
+
+        validate_dataset_name(name)
+        remote = {"remote": {self.remote_name: self.remote_config()}, "core": {"remote": self.remote_name}}
+        fs = DVCFileSystem(str(self.path), rev=rev, config=remote)
+        relative = f"predictions/{name}"
+        manifest = json.loads(fs.read_text(f"{relative}/{MANIFEST}"))
+        frames = []
+        for entry in manifest["chunks"]:
+            with fs.open(f"{relative}/{entry['file']}", "rb") as handle:
+                frames.append(pd.read_parquet(handle))
+        return pd.concat(frames, ignore_index=True), manifest
+
+
+def manifest_of(batch: Batch, results: list[dict[str, Any]], run_id: str | None) -> dict[str, Any]:
+    """The output's record of what it is: lineage (dataset revision, model version, MLflow run) and
+    each chunk's id, rows and file."""
+    return {
+        "dataset": batch.dataset, "dataset_rev": batch.dataset_rev, "model": batch.model.name,
+        "model_version": batch.model.version, "alias": batch.model.alias, "batch": batch.key,
+        "rows": int(sum(r["rows"] for r in results)), "id_column": batch.id_column, "mlflow_run_id": run_id,
+        "model_trained_on": {"dataset": batch.model.dataset, "rev": batch.model.dataset_rev},
+        "chunks": [{"id": c.id, "start": c.start, "stop": c.stop, "file": batch.path(c).name}
+                   for c in batch.chunks],
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+@task(name="commit_predictions", cache_policy=NO_CACHE, persist_result=False)
+def commit_predictions(batch: Batch, results: list[dict[str, Any]], output: str, config: BatchConfig,
+                       run_id: str | None) -> str:
+    """Every chunk's file, and the manifest, as a new version of ``output``; refused while a chunk's
+    file is missing (nothing is committed then)."""
+    missing = [c.id for c in batch.chunks if not batch.path(c).exists()]
+    if missing:
+        raise RuntimeError(f"batch {batch.key[:12]}: chunk(s) {missing} not written; nothing committed")
+    repo = PredictionsRepo(config.pipeline.data_repo, config.pipeline.dvc_remote)
+    files = [batch.path(c) for c in batch.chunks]
+    rev = repo.add_predictions(output, files, manifest_of(batch, results, run_id))
+    get_run_logger().info("predictions %s: %d rows at revision %s", output, len(batch.features), rev)
+    return rev
+
+
+# -- tracking ------------------------------------------------------------------------------------
+
+
+def start_tracking(batch: Batch, config: BatchConfig, output: str) -> str:
+    """An MLflow run for the batch (experiment ``shipyard-batch-predict``), tagged with its lineage."""
+    from mlflow.exceptions import MlflowException
+
+    client = _mlflow(config)
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is None:
+        try:
+            experiment = str(client.create_experiment(EXPERIMENT))
+        except MlflowException:  # created meanwhile by another run
+            experiment = str(client.get_experiment_by_name(EXPERIMENT).experiment_id)
+    else:
+        experiment = str(found.experiment_id)
+    tags = {"shipyard.dataset": batch.dataset, "shipyard.dataset_rev": batch.dataset_rev,
+            "shipyard.model": batch.model.name, "shipyard.model_version": batch.model.version,
+            "shipyard.output": output, "shipyard.batch": batch.key}
+    run = client.create_run(experiment, tags=tags, run_name=f"batch_predict {output}")
+    client.log_param(run.info.run_id, "chunks", len(batch.chunks))
+    return str(run.info.run_id)
+
+
+def end_tracking(config: BatchConfig, run_id: str, output_rev: str, rows: int, seconds: float) -> None:
+    client = _mlflow(config)
+    client.set_tag(run_id, "shipyard.output_rev", output_rev)
+    client.log_metric(run_id, "rows", rows)
+    client.log_metric(run_id, "rows_per_s", rows / max(seconds, 1e-9))
+    client.set_terminated(run_id)
+
+
+# -- the flow ------------------------------------------------------------------------------------
+
+
+@flow(name="batch_predict", persist_result=False)
+def batch_predict_flow(
+    dataset: str,
+    model_name: str,
+    rev: str = "latest",
+    alias: str = PRODUCTION,
+    version: str | None = None,
+    output: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    id_column: str | None = None,
+    config: BatchConfig | None = None,
+) -> dict[str, Any]:
+    """Score dataset ``dataset`` at ``rev`` with ``model_name`` at ``alias`` (or ``version``) in chunks
+    of ``chunk_rows``; write the predictions as a new version of ``output`` (default
+    ``<dataset>.<model>.predictions``) and log them for the monitor (role ``batch``).
+
+    A rerun with the same inputs scores only the chunks not written yet. ``config`` is for
+    in-process callers; a deployed run builds it from its process's environment.
+    """
+    config = config or BatchConfig.from_platform()
+    output = validate_dataset_name(output or default_output(dataset, model_name))
+    began = time.perf_counter()
+    batch = plan_batch(dataset, rev, model_name, alias, version, chunk_rows, id_column, config)
+    run_id = start_tracking(batch, config, output)
+    results = [score_chunk(batch, chunk) for chunk in batch.chunks]
+    output_rev = commit_predictions(batch, results, output, config, run_id)
+    seconds = time.perf_counter() - began
+    rows = len(batch.features)
+    end_tracking(config, run_id, output_rev, rows, seconds)
+    skipped = sum(1 for r in results if r["skipped"])
+    get_run_logger().info("%d rows in %.1fs (%d chunks scored, %d already written)", rows, seconds,
+                          len(results) - skipped, skipped)
+    return report_result({
+        "dataset": dataset, "dataset_rev": batch.dataset_rev, "model_name": batch.model.name,
+        "model_version": batch.model.version, "alias": batch.model.alias, "output": output,
+        "output_rev": output_rev, "rows": rows, "chunks": len(results), "skipped_chunks": skipped,
+        "logged_rows": sum(r["logged"] for r in results), "mlflow_run_id": run_id, "batch": batch.key,
+        "seconds": round(seconds, 3), "rows_per_s": round(rows / max(seconds, 1e-9), 1),
+    })
+
+
+def batch_predict(
+    *, dataset: str, model_name: str, rev: str = "latest", alias: str = PRODUCTION,
+    version: str | None = None, output: str | None = None, chunk_rows: int = CHUNK_ROWS,
+    id_column: str | None = None,
+    platform: PlatformSettings | None = None, token: str | None = None,
+) -> dict[str, Any]:
+    """Run the flow ``batch_predict`` in this process, recorded by the platform's Prefect server
+    (``shipyard predict-batch``). Raises :class:`~shipyard_common.errors.NotFound` for an unknown
+    dataset, revision, model, version or alias, and ``InvalidInput`` for columns that do not fit."""
+    from shipyard_common.mlflow_client import apply_mlflow_client_limits
+
+    platform = platform or PlatformSettings()
+    apply_mlflow_client_limits(platform)
+    config = BatchConfig.from_platform(platform, token)
+    with prefect_api(platform):
+        result: dict[str, Any] = batch_predict_flow(
+            dataset=dataset, model_name=model_name, rev=rev, alias=alias, version=version, output=output,
+            chunk_rows=chunk_rows, id_column=id_column, config=config,
+        )
+    return result
