@@ -1,10 +1,12 @@
 """Export ``onnx_int8``: the checked fp32 ONNX export with its weights quantized to int8.
 
 ONNX Runtime's dynamic quantization (:func:`onnxruntime.quantization.quantize_dynamic`) stores the
-weights of ``MatMul`` (PyTorch's ``Linear``, whose ``Gemm`` it rewrites to ``MatMul``), ``Conv``,
-``Gather`` (embeddings) and ``LSTM`` nodes as int8, and quantizes their inputs to uint8 at run time;
-everything else stays fp32. The file keeps the fp32 file's input and output, so serving opens it with
-the same ONNX runtime.
+weights of ``MatMul`` (PyTorch's ``Linear``, whose ``Gemm`` it rewrites to ``MatMul``; attention's
+projections), ``Gather`` (embeddings) and ``LSTM`` nodes as int8, and quantizes their inputs to uint8
+at run time; everything else stays fp32. Not ``Conv``: ONNX Runtime's ``ConvInteger`` on CPU ran at
+a third of the fp32 convolution's speed (bench/RESULTS.md), so a CNN keeps fp32 convolutions and
+gets an int8 head. The file keeps the fp32 file's input and output, so serving opens it with the
+same ONNX runtime.
 
 Both files are scored on the same evaluation rows with the job's metric (accuracy for classifiers,
 RMSE for regression); the int8 file is kept only when it is no worse than ``training.
@@ -29,8 +31,8 @@ from services.trainer.jobs.schemas import ExportFormat, JobCreate, Task
 
 log = logging.getLogger("shipyard.trainer.quantize")
 
-# The node types whose weights become int8 (ONNX Runtime's dynamic "integer ops").
-OP_TYPES = ("MatMul", "Conv", "Gather", "LSTM")
+# The node types whose weights become int8 (ONNX Runtime's dynamic "integer ops"; Conv left out).
+OP_TYPES = ("MatMul", "Gather", "LSTM")
 # Rows per ONNX Runtime call when scoring: bounded memory for long token-id rows.
 SCORE_CHUNK = 1024
 
