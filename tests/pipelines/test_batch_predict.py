@@ -45,27 +45,29 @@ CLASSES = ["low", "mid", "high"]
 
 
 @pytest.fixture(scope="module")
-def prefect_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Prefect server of its own (the package's whole stack is not needed here)."""
+def prefect_url(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Prefect server of its own (the package's whole stack is not needed here), booting while the
+    session's MLflow server does."""
     platform = test_platform(tmp_path_factory.mktemp("batch-prefect"),
                              prefect_api_url=f"http://127.0.0.1:{free_port()}/api")
     stack = Stack(platform)
     record = stack.start_component(stack.prefect_component())
     try:
+        request.getfixturevalue("mlflow_server")
         stack.wait_ready(record, timeout=120)
         yield platform.prefect_api_url
     finally:
         stop_process_group(record.pid)
 
 
-@pytest.fixture
-def setup(tmp_path: Path, mlflow_server: str, prefect_url: str) -> dict[str, Any]:
-    """50,000 rows with an id column in the data repository, and a classifier as production."""
+def scene(tmp_path: Path, mlflow_server: str, prefect_url: str, rows: int) -> dict[str, Any]:
+    """``rows`` rows with an id column in a data repository of the test's own, and a classifier as
+    production."""
     platform = test_platform(tmp_path / "state", mlflow_tracking_uri=mlflow_server,
                              prefect_api_url=prefect_url)
     rng = np.random.default_rng(7)
-    frame = pd.DataFrame(rng.normal(size=(ROWS, N_FEATURES)).round(4), columns=FEATURES)
-    frame.insert(0, "id", rng.permutation(ROWS) + 10_000_000)
+    frame = pd.DataFrame(rng.normal(size=(rows, N_FEATURES)).round(4), columns=FEATURES)
+    frame.insert(0, "id", rng.permutation(rows) + 10_000_000)
     rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("scores-in", frame).rev
     name = unique_name("batch")
     factory = ModelFactory(mlflow_server)
@@ -93,7 +95,10 @@ def logged_rows(platform: PlatformSettings, model: str) -> tuple[list[str], np.n
     return [r[0] for r in ordered], inputs, outputs
 
 
-def test_50000_rows_are_written_once_also_after_a_failure_in_the_middle(setup: dict[str, Any]) -> None:
+def test_50000_rows_are_written_once_also_after_a_failure_in_the_middle(
+    tmp_path: Path, mlflow_server: str, prefect_url: str
+) -> None:
+    setup = scene(tmp_path, mlflow_server, prefect_url, ROWS)
     platform, frame, model = setup["platform"], setup["frame"], setup["model"]
     attempts: dict[int, int] = {}
 
@@ -148,7 +153,10 @@ def test_50000_rows_are_written_once_also_after_a_failure_in_the_middle(setup: d
     assert len(logged_rows(platform, model)[0]) == ROWS // 1000
 
 
-def test_the_cli_says_what_is_wrong_with_the_input(setup: dict[str, Any], mlflow_server: str) -> None:
+def test_the_cli_says_what_is_wrong_with_the_input(
+    tmp_path: Path, mlflow_server: str, prefect_url: str
+) -> None:
+    setup = scene(tmp_path, mlflow_server, prefect_url, 100)
     platform, model = setup["platform"], setup["model"]
     bare = unique_name("bare")
     ModelFactory(mlflow_server).register(bare, tiny_classifier(1), tags={TAG_FEATURES: json.dumps(FEATURES)})
