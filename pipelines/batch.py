@@ -532,7 +532,12 @@ def batch_predict_flow(
     A rerun with the same inputs scores only the chunks not written yet. ``config`` is for
     in-process callers; a deployed run builds it from its process's environment.
     """
-    config = config or BatchConfig.from_platform()
+    if config is None:  # a deployed run: the platform as the deployments process's environment says
+        from shipyard_common.mlflow_client import apply_mlflow_client_limits
+
+        platform = PlatformSettings()
+        apply_mlflow_client_limits(platform)
+        config = BatchConfig.from_platform(platform)
     output = validate_dataset_name(output or default_output(dataset, model_name))
     began = time.perf_counter()
     batch = plan_batch(dataset, rev, model_name, alias, version, chunk_rows, id_column, config)

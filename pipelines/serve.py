@@ -1,4 +1,5 @@
-"""The deployments process: serves every flow of ``pipelines.flows.FLOWS`` as ``<flow>/shipyard``.
+"""The deployments process: serves every flow of ``pipelines.flows.FLOWS`` as ``<flow>/shipyard``, and
+``batch_predict`` (``pipelines.batch``, which ``shipyard predict-batch`` runs in its own process).
 
 ``python -m pipelines.serve`` (``shipyard up`` starts it, with ``PREFECT_API_URL`` pointing at the
 platform's Prefect server). One ``prefect.serve`` process: it registers the deployments, polls the
@@ -22,18 +23,21 @@ from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 
+from pipelines.batch import batch_predict_flow
 from pipelines.flows import FLOWS, prefect_api
-from pipelines.runs import DEPLOYMENT, deployment_name
+from pipelines.runs import DEPLOYMENT
 from shipyard_common.settings import PlatformSettings, disable_telemetry
 
 # How many flow runs one deployments process runs at once.
 RUN_LIMIT = 4
+# What is served: the pipelines, and batch scoring (started from Prefect's UI or API, or scheduled).
+SERVED: dict[str, Any] = {**FLOWS, "batch_predict": batch_predict_flow}
 
 
 def kept_schedules(flow: str) -> list[DeploymentScheduleCreate]:
     with get_client(sync_client=True) as client:
         try:
-            deployment = client.read_deployment_by_name(deployment_name(flow))
+            deployment = client.read_deployment_by_name(f"{flow}/{DEPLOYMENT}")
         except ObjectNotFound:
             return []
     return [
@@ -44,7 +48,7 @@ def kept_schedules(flow: str) -> list[DeploymentScheduleCreate]:
 
 def deployments() -> list[RunnerDeployment]:
     made = []
-    for name, flow in FLOWS.items():
+    for name, flow in SERVED.items():
         schedules: Any = kept_schedules(name)
         made.append(flow.to_deployment(name=DEPLOYMENT, schedules=schedules, tags=["shipyard"]))
     return made
