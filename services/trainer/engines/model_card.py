@@ -112,6 +112,17 @@ def card_facts(*, outcome: FitOutcome, spec: JobCreate, lineage: dict[str, str])
     }
 
 
+def _quantization_lines(facts: dict[str, Any] | None) -> list[str]:
+    """What became of export onnx_int8 (services/trainer/engines/quantize.py), if the job asked for it."""
+    if not facts:
+        return []
+    return [
+        f"- onnx_int8 {'kept' if facts['kept'] else 'dropped'}: {facts['metric']} {facts['int8']:.4g} "
+        f"against fp32's {facts['fp32']:.4g} on {facts['n_rows']} {facts['rows']} rows "
+        f"(training.quantization_tolerance {facts['tolerance']:g})"
+    ]
+
+
 def render_card(card: dict[str, Any]) -> str:
     data, training = card["data"], card["training"]
     lines = [
@@ -142,9 +153,11 @@ def render_card(card: dict[str, Any]) -> str:
         "## Exports",
     ]
     for name, facts in card["exports"].items():
+        source = "the fp32 ONNX file" if name == ExportFormat.ONNX_INT8.value else "the framework"
         lines.append(
-            f"- {name}: max |difference| from the framework on validation rows {facts['max_abs_diff']:.3g}"
+            f"- {name}: max |difference| from {source} on validation rows {facts['max_abs_diff']:.3g}"
         )
+    lines += _quantization_lines(card["details"].get("quantization"))
     lines += ["", "## Lineage"]
     lines += [f"- {key}: `{value}`" for key, value in sorted(card["lineage"].items())]
     lines += ["", "## Limitations"]

@@ -58,6 +58,9 @@ def test_a_job_keeps_its_int8_export_and_serving_answers_it_like_fp32(digits, tm
     folder = model_card.write_model_folder(outcome=outcome, spec=digits_spec(), lineage={},
                                            folder=tmp_path / "version" / "model")
     assert folder.primary.format == ExportFormat.ONNX_INT8
+    card = (folder.path / "MODEL_CARD.md").read_text()
+    assert f"onnx_int8 kept: accuracy {int8:.4g} against fp32's {fp32:.4g}" in card
+    assert "onnx_int8: max |difference| from the fp32 ONNX file" in card
     sizes = {fmt: (folder.path / fmt / "model.onnx").stat().st_size for fmt in ("onnx", "onnx_int8")}
     assert sizes["onnx_int8"] < sizes["onnx"]
 
