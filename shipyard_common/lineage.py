@@ -63,11 +63,13 @@ TAG_ARCHIVED = "shipyard.archived"
 
 # A version's source is the run's ``model/`` folder: one sub-folder per export format
 # (``onnx/model.onnx``, ``torchscript/model.pt``, ``savedmodel/``), the tokenizer for text
-# models, ``signature.json`` and the model card (``MODEL_CARD.md`` / ``model_card.json``).
+# models, ``signature.json``, ``split.json`` and the model card (``MODEL_CARD.md`` / ``model_card.json``).
 MODEL_ARTIFACT_PATH = "model"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 MODEL_CARD_JSON = "model_card.json"
 SIGNATURE_FILE = "signature.json"
+# How the rows were split (train / validation / test) and each part's row positions in the revision.
+SPLIT_FILE = "split.json"
 # The trained weights (a state dict) that ``init_from`` fine-tunes from; never served.
 WEIGHTS_ARTIFACT_PATH = "weights"
 WEIGHTS_FILE = "model.pt"

@@ -377,6 +377,15 @@ def _result(setup: Setup, progress: Progress, started: float) -> TrainResult:
     )
 
 
+def predict_rows(model: nn.Module, rows: np.ndarray, spec: JobCreate) -> np.ndarray:
+    """The fitted model's outputs for ``rows`` (on the CPU, in fp32, a few batches at a time)."""
+    chunk = max(spec.training.batch_size * 8, 256)
+    model.eval()
+    with torch.no_grad():
+        outs = [model(torch.from_numpy(rows[start:start + chunk])) for start in range(0, len(rows), chunk)]
+    return torch.cat(outs).float().numpy()
+
+
 def steps_per_epoch(data: TabularData, spec: JobCreate) -> int:
     """Optimizer-loop steps (batches) one process runs per epoch; each rank's share under DDP."""
     rows = len(data.x_train)

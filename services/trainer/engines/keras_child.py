@@ -37,7 +37,14 @@ from services.trainer.engines import child
 from services.trainer.engines.keras_callbacks import RunState, make_callbacks, validation_scores
 from services.trainer.engines.keras_checkpoint import load_resume
 from services.trainer.engines.keras_export import export_onnx, export_savedmodel
-from services.trainer.engines.keras_job import ONNX_RESULT_FILE, REFERENCE, RESULT_FILE, SERVING_MODEL
+from services.trainer.engines.keras_job import (
+    ONNX_RESULT_FILE,
+    REFERENCE,
+    RESULT_FILE,
+    SERVING_MODEL,
+    TEST_OUTPUTS,
+    TEST_ROWS,
+)
 from services.trainer.engines.keras_setup import (
     PREDICT_BATCH,
     Failed,
@@ -86,6 +93,7 @@ def train(job: Job) -> dict[str, Any]:
     metrics = final_metrics(job, state, best_epoch)
     out = np.asarray(start.core.predict(job.x_val, batch_size=PREDICT_BATCH, verbose=0))
     _, _, confusion = validation_scores(job, out)
+    score_test_rows(job, start.core)
     exports = export_all(job, build_serving(job, start.core))
     return {
         "metrics": metrics, "history": state.history, "confusion": confusion if job.classification else None,
@@ -93,6 +101,19 @@ def train(job: Job) -> dict[str, Any]:
         "device": device if job.device == "cuda" else "cpu", "exports": exports,
         "card": model_card(start.core),
     }
+
+
+def score_test_rows(job: Job, core: Any) -> None:
+    """The trained model's outputs on a three-way split's test rows, in the target's units, for the
+    parent's ``test_*`` metrics: measured once, after training (and after restore_best)."""
+    rows = job.folder / TEST_ROWS
+    if not rows.exists():
+        return
+    out = np.asarray(core.predict(np.load(rows, allow_pickle=False), batch_size=PREDICT_BATCH, verbose=0))
+    if not job.classification:
+        mean, std = job.target_scale()
+        out = out * std + mean
+    np.save(job.folder / TEST_OUTPUTS, out.astype(np.float32), allow_pickle=False)
 
 
 def start_or_resume(job: Job, state: RunState) -> Start:

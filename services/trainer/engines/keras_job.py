@@ -28,6 +28,7 @@ import numpy as np
 
 import services
 from services.trainer.engines import child, engine, quantize
+from services.trainer.engines.tabular import metrics_on_test_rows
 from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
 from services.trainer.jobs.schemas import ExportFormat, JobCreate, Precision, SchedulerName, Task
 from shipyard_common.errors import InvalidInput
@@ -45,6 +46,8 @@ JOB_FILE = "job.json"
 ARRAYS = ("x_train", "y_train", "x_val", "y_val")
 SERVING_MODEL = "serving.keras"  # the trained serving model, for an export by another backend
 REFERENCE = "reference.npy"  # the serving model's own answers on the validation rows
+TEST_ROWS = "x_test.npy"  # a three-way split's test rows, when the spec has one
+TEST_OUTPUTS = "test_out.npy"  # the trained model's outputs on them (the target's units), for test_* metrics
 RESULT_FILE = "result.json"
 # The number of checkpoints the parent has uploaded; the child waits for it after each one.
 ACK_FILE = "checkpoints.ack"
@@ -135,6 +138,8 @@ def fit(context: FitContext) -> FitOutcome:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ARRAYS:
         np.save(folder / f"{name}.npy", getattr(data, name), allow_pickle=False)
+    if data.x_test is not None:
+        np.save(folder / TEST_ROWS, data.x_test, allow_pickle=False)
     job = {
         # onnx_int8 is made here, from the child's ONNX export (quantize.add_int8).
         "spec": {**spec.model_dump(mode="json"),
@@ -161,6 +166,7 @@ def fit(context: FitContext) -> FitOutcome:
         onnx_result = child.run([*module, "--onnx"], context=context, env=child_env("torch", "cpu"))
         done.update({item["format"]: item for item in onnx_result["exports"]})
 
+    tested = metrics_on_test_rows(data, lambda _: np.load(folder / TEST_OUTPUTS, allow_pickle=False))
     exports: list[Export] = []
     for fmt in spec.exports:
         if fmt == ExportFormat.ONNX_INT8:
@@ -176,7 +182,8 @@ def fit(context: FitContext) -> FitOutcome:
     outcome = FitOutcome(
         task=data.task, features=data.features, target=data.target, classes=data.classes,
         n_train=len(data.x_train), n_val=len(data.x_val),
-        metrics={k: float(v) for k, v in result["metrics"].items()},
+        metrics={**{k: float(v) for k, v in result["metrics"].items()}, **tested},
+        n_test=0 if data.x_test is None else len(data.x_test), rows=data.rows,
         history=[{k: float(v) for k, v in entry.items()} for entry in result["history"]],
         confusion=result["confusion"] if data.task == Task.CLASSIFICATION else None,
         best_epoch=result["best_epoch"], stopped_early=bool(result["stopped_early"]),

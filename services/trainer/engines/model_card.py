@@ -15,7 +15,7 @@ from typing import Any
 
 from services.trainer.engines.types import Export, FitOutcome
 from services.trainer.jobs.schemas import ExportFormat, JobCreate, Task
-from shipyard_common.lineage import MODEL_CARD_FILE, MODEL_CARD_JSON, SIGNATURE_FILE
+from shipyard_common.lineage import MODEL_CARD_FILE, MODEL_CARD_JSON, SIGNATURE_FILE, SPLIT_FILE
 
 # Serving prefers the first format of this order that a version holds: an int8 file is there only
 # when the job asked for it and it scored within training.quantization_tolerance of the fp32 one.
@@ -24,6 +24,8 @@ SERVING_PREFERENCE = (ExportFormat.ONNX_INT8, ExportFormat.ONNX, ExportFormat.TO
 _METRIC_NAMES = {
     "val_accuracy": "accuracy", "val_f1_macro": "F1 (macro)", "val_roc_auc": "ROC-AUC",
     "val_loss": "loss", "val_mse": "MSE", "val_mae": "MAE", "train_loss": "training loss",
+    "test_accuracy": "test accuracy", "test_f1_macro": "test F1 (macro)", "test_roc_auc": "test ROC-AUC",
+    "test_mse": "test MSE", "test_mae": "test MAE",
 }
 
 
@@ -58,6 +60,8 @@ def write_model_folder(
             shutil.copytree(path, target / path.name, dirs_exist_ok=True)
         else:
             shutil.copy2(path, target / path.name)
+    if outcome.rows:
+        (folder / SPLIT_FILE).write_text(json.dumps(split_record(outcome=outcome, spec=spec)))
     primary = primary_export(outcome.exports)
     signatures = {e.format.value: e.signature for e in outcome.exports}
     (folder / SIGNATURE_FILE).write_text(json.dumps(
@@ -70,11 +74,30 @@ def write_model_folder(
     return ModelFolder(path=folder, primary=primary, card=card)
 
 
+def split_record(*, outcome: FitOutcome, spec: JobCreate) -> dict[str, Any]:
+    """How the rows were split and each part's row positions in the dataset revision, so that anyone can
+    recompute any figure: the version's ``split.json``."""
+    split = spec.data.split
+    if split is None:
+        how = {"method": "validation_split", "validation_split": spec.data.validation_split,
+               "seed": spec.training.seed}
+    elif split.column is not None:
+        how = {"method": "column", "column": split.column}
+    else:
+        how = {"method": "shares", "train": split.train, "validation": split.validation, "test": split.test,
+               "seed": split.seed}
+    stratified = outcome.task == Task.CLASSIFICATION and how["method"] != "column"
+    return {"dataset": spec.data.dataset, "revision": spec.data.rev, **how, "stratified": stratified,
+            "rows": outcome.rows}
+
+
 def card_facts(*, outcome: FitOutcome, spec: JobCreate, lineage: dict[str, str]) -> dict[str, Any]:
     classification = outcome.task == Task.CLASSIFICATION
+    tested = (f"; tested once on {outcome.n_test} more rows that neither training nor early stopping saw "
+              "(the test_* metrics)") if outcome.n_test else ""
     limits = [
-        f"Validated on {outcome.n_val} held-out rows of the same dataset revision; expect worse on "
-        "data from another source or period: watch the monitor's drift report.",
+        f"Validated on {outcome.n_val} held-out rows of the same dataset revision{tested}; expect worse "
+        "on data from another source or period: watch the monitor's drift report.",
         f"Inputs must be the {len(outcome.features)} feature(s) {outcome.features[:20]} in that order, "
         "with the meaning and units they had in training.",
     ]
@@ -97,7 +120,9 @@ def card_facts(*, outcome: FitOutcome, spec: JobCreate, lineage: dict[str, str])
         "data": {
             "dataset": spec.data.dataset, "revision": spec.data.rev, "target": outcome.target,
             "features": outcome.features, "rows_train": outcome.n_train, "rows_validation": outcome.n_val,
-            "validation_split": spec.data.validation_split, "classes": outcome.classes,
+            "rows_test": outcome.n_test, "validation_split": spec.data.validation_split,
+            "split": None if spec.data.split is None else spec.data.split.model_dump(exclude_none=True),
+            "classes": outcome.classes,
         },
         "training": {
             "epochs_run": len(outcome.history), "best_epoch": outcome.best_epoch,
@@ -136,11 +161,14 @@ def render_card(card: dict[str, Any]) -> str:
         "## Data",
         f"- Dataset `{data['dataset']}` at revision `{data['revision']}`",
         f"- Target `{data['target']}`; {len(data['features'])} feature(s)",
-        f"- {data['rows_train']} training rows, {data['rows_validation']} validation rows",
+        f"- {data['rows_train']} training rows, {data['rows_validation']} validation rows"
+        + (f", {data['rows_test']} test rows (split.json)" if data.get("rows_test") else ""),
     ]
     if data["classes"]:
         lines.append(f"- Classes: {', '.join(str(c) for c in data['classes'][:50])}")
-    lines += ["", "## Metrics (validation)", "| metric | value |", "|---|---|"]
+    heading = "## Metrics (validation; test_* once on the test rows)" if data.get("rows_test") else (
+        "## Metrics (validation)")
+    lines += ["", heading, "| metric | value |", "|---|---|"]
     for key, value in card["metrics"].items():
         lines.append(f"| {_METRIC_NAMES.get(key, key)} | {value:.4g} |")
     lines += [

@@ -64,9 +64,8 @@ class Quantization:
 def evaluation_rows(data: TabularData) -> tuple[str, np.ndarray, np.ndarray]:
     """The rows both files are scored on: the test rows when the data has a test split, else the
     validation rows (those the job reports its metrics on). ``(part name, x, y)``."""
-    x_test, y_test = getattr(data, "x_test", None), getattr(data, "y_test", None)
-    if x_test is not None and y_test is not None and len(x_test):
-        return "test", x_test, y_test
+    if data.x_test is not None and data.y_test is not None and len(data.x_test):
+        return "test", data.x_test, data.y_test
     return "validation", data.x_val, data.y_val
 
 

@@ -6,6 +6,7 @@ both frameworks name and compute them alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,18 +14,19 @@ import pandas as pd
 import torch
 
 from services.trainer.engines.types import TabularData
-from services.trainer.jobs.schemas import JobCreate, Task
+from services.trainer.jobs.schemas import SPLIT_PARTS, JobCreate, Task
 from shipyard_common.errors import InvalidInput
 
 
 def prepare_data(frame: pd.DataFrame, spec: JobCreate) -> TabularData:
-    """Pick the columns, check them, and split train/validation (stratified for classification)."""
-    from sklearn.model_selection import train_test_split
-
+    """Pick the columns, check them, and split them (:func:`split_rows`; stratified for classification)."""
     data = spec.data
     columns = [str(c) for c in frame.columns]
-    features = list(data.features) if data.features is not None else [c for c in columns if c != data.target]
-    missing = [c for c in [data.target, *features] if c not in columns]
+    split_column = data.split.column if data.split is not None else None
+    features = list(data.features) if data.features is not None else [
+        c for c in columns if c not in (data.target, split_column)]
+    needed = [data.target, *features, *([split_column] if split_column else [])]
+    missing = [c for c in needed if c not in columns]
     if missing:
         raise InvalidInput(
             f"dataset {data.dataset!r} at {data.rev[:12]} has no column(s) {missing}; "
@@ -54,17 +56,64 @@ def prepare_data(frame: pd.DataFrame, spec: JobCreate) -> TabularData:
         if not pd.api.types.is_numeric_dtype(target):
             raise InvalidInput(f"target {data.target!r} is not numeric; regression needs a number")
         y = target.to_numpy(dtype=np.float32).reshape(-1, 1)
-    try:
-        x_train, x_val, y_train, y_val = train_test_split(
-            x, y, test_size=data.validation_split, random_state=spec.training.seed, stratify=stratify
-        )
-    except ValueError as exc:  # too few rows, or a class too small to appear on both sides
-        raise InvalidInput(f"cannot split {len(frame)} rows for validation: {exc}") from exc
+    rows = split_rows(frame, spec, stratify)
+    test = rows.get("test")
     return TabularData(
         features=features, target=data.target, task=data.task,
-        x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
-        classes=[_plain(c) for c in classes],
+        x_train=x[rows["train"]], y_train=y[rows["train"]], x_val=x[rows["validation"]],
+        y_val=y[rows["validation"]], classes=[_plain(c) for c in classes],
+        x_test=None if test is None else x[test], y_test=None if test is None else y[test],
+        rows={part: positions.tolist() for part, positions in rows.items()},
     )
+
+
+def split_rows(frame: pd.DataFrame, spec: JobCreate, stratify: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each part's row positions: ``data.split`` (shares drawn with its own seed, or a column naming each
+    row's part), else ``validation_split`` with the training seed (train and validation only)."""
+    data, split = spec.data, spec.data.split
+    if split is not None and split.column is not None:
+        return _parts_from_column(frame[split.column], split.column)
+    everything = np.arange(len(frame))
+    if split is None:
+        train, validation = _draw(everything, data.validation_split, spec.training.seed, stratify,
+                                  "validation")
+        return {"train": train, "validation": validation}
+    assert split.train is not None and split.validation is not None and split.test is not None
+    rest, test = _draw(everything, split.test, split.seed, stratify, "test")
+    rest_labels = None if stratify is None else stratify[rest]
+    share = split.validation / (split.train + split.validation)
+    train, validation = _draw(rest, share, split.seed, rest_labels, "validation")
+    return {"train": train, "validation": validation, "test": test}
+
+
+def _draw(
+    positions: np.ndarray, share: float, seed: int, labels: np.ndarray | None, part: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the rest, ``share`` of ``positions``), stratified on ``labels`` when given."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        rest, drawn = train_test_split(positions, test_size=share, random_state=seed, stratify=labels)
+    except ValueError as exc:  # too few rows, or a class too small to appear on both sides
+        raise InvalidInput(f"cannot split {len(positions)} rows for {part}: {exc}") from exc
+    return np.asarray(rest), np.asarray(drawn)
+
+
+def _parts_from_column(column: pd.Series, name: str) -> dict[str, np.ndarray]:
+    values = column.astype("string")
+    unknown = sorted(set(values.dropna().unique()) - set(SPLIT_PARTS))
+    if unknown or values.isna().any():
+        shown = unknown[:5] + (["(missing)"] if values.isna().any() else [])
+        raise InvalidInput(
+            f"split column {name!r} holds {shown}; each row must name one of {list(SPLIT_PARTS)}"
+        )
+    parts = {part: np.flatnonzero((values == part).to_numpy()) for part in SPLIT_PARTS}
+    empty = [part for part in ("train", "validation") if len(parts[part]) == 0]
+    if empty:
+        raise InvalidInput(f"split column {name!r} names no {' and no '.join(empty)} rows")
+    if len(parts["test"]) == 0:
+        del parts["test"]
+    return parts
 
 
 def _plain(value: Any) -> Any:
@@ -114,3 +163,13 @@ def validation_metrics(
         u = float(ranks[true == 1].sum()) - positives * (positives + 1) / 2
         values["val_roc_auc"] = u / (positives * negatives)
     return values, matrix.tolist()
+
+
+def metrics_on_test_rows(data: TabularData, predict: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+    """The test rows' metrics, named ``test_*`` (as :func:`validation_metrics` computes them), measured
+    once after training on rows neither training nor early stopping saw; {} without test rows."""
+    if data.x_test is None or data.y_test is None or not len(data.x_test):
+        return {}
+    out = torch.from_numpy(np.ascontiguousarray(predict(data.x_test), dtype=np.float32))
+    scores, _ = validation_metrics(data, out, torch.from_numpy(data.y_test))
+    return {"test_" + name.removeprefix("val_"): value for name, value in scores.items()}

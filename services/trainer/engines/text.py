@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from services.trainer.engines.tabular import split_rows
 from services.trainer.engines.types import TabularData, TrainingFailed
 from services.trainer.jobs.schemas import JobCreate, PretrainedTextSpec, Task
 from shipyard_common.errors import InvalidInput
@@ -156,8 +157,6 @@ def text_column(frame: pd.DataFrame, spec: JobCreate) -> str:
 
 def prepare_text_data(frame: pd.DataFrame, spec: JobCreate, *, workdir: Path) -> TextData:
     """Check the text column and the target, tokenize, split (stratified), and save the tokenizer."""
-    from sklearn.model_selection import train_test_split
-
     model_spec = _model_spec(spec)
     data = spec.data
     if data.task != Task.CLASSIFICATION:
@@ -176,18 +175,16 @@ def prepare_text_data(frame: pd.DataFrame, spec: JobCreate, *, workdir: Path) ->
     ids = np.asarray([encoding.ids for encoding in encodings], dtype=np.int64).reshape(
         len(frame), model_spec.max_length
     )
-    try:
-        x_train, x_val, y_train, y_val = train_test_split(
-            ids, y, test_size=data.validation_split, random_state=spec.training.seed, stratify=y
-        )
-    except ValueError as exc:  # too few rows, or a class too small to appear on both sides
-        raise InvalidInput(f"cannot split {len(frame)} rows for validation: {exc}") from exc
+    rows = split_rows(frame, spec, y)
+    test = rows.get("test")
 
     folder = Path(workdir) / TOKENIZER_ARTIFACT
     artifacts = save_tokenizer(tokenizer, checkpoint, folder, model_spec.max_length)
     return TextData(
         features=[column], target=data.target, task=data.task,
-        x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
+        x_train=ids[rows["train"]], y_train=y[rows["train"]], x_val=ids[rows["validation"]],
+        y_val=y[rows["validation"]], x_test=None if test is None else ids[test],
+        y_test=None if test is None else y[test], rows={part: p.tolist() for part, p in rows.items()},
         classes=[c.item() if isinstance(c, np.generic) else c for c in classes],
         artifacts=artifacts, pad_token_id=pad_id, max_length=model_spec.max_length,
         checkpoint=model_spec.checkpoint,

@@ -11,6 +11,7 @@ from typing import Any
 
 from services.trainer.engines import engine, quantize
 from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
+from services.trainer.engines.tabular import metrics_on_test_rows
 from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
 from services.trainer.jobs.schemas import ExportFormat, Framework, JobCreate
 
@@ -36,10 +37,15 @@ def fit(context: FitContext) -> FitOutcome:
         result = distributed.train(data, context)
     else:
         result = train_here(data, context)
+    tested = metrics_on_test_rows(data, lambda rows: engine.predict_rows(result.model, rows, spec))
+    n_test = 0 if data.x_test is None else len(data.x_test)
+    if tested:
+        log.info("test metrics on %d rows neither training nor early stopping saw: %s", n_test, tested)
     exports = export_all(result.model, data, spec, context)
     outcome = FitOutcome(
         task=data.task, features=data.features, target=data.target, classes=data.classes,
-        n_train=len(data.x_train), n_val=len(data.x_val), metrics=result.metrics,
+        n_train=len(data.x_train), n_val=len(data.x_val), metrics={**result.metrics, **tested},
+        n_test=n_test, rows=data.rows,
         history=result.history, confusion=result.confusion, best_epoch=result.best_epoch,
         stopped_early=result.stopped_early, seconds=result.seconds, device=result.device,
         exports=exports, state_dict=result.model.state_dict(),

@@ -42,6 +42,11 @@ class TabularData:
     y_val: np.ndarray
     # Classification: the label each output column stands for, in output order.
     classes: list[Any] = field(default_factory=list)
+    # The test rows of a three-way split (data.split): scored once, after training; None without one.
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    # Each part's row positions in the dataset (train, validation, test), stored with the run.
+    rows: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,3 +111,7 @@ class FitOutcome:
     artifacts: list[tuple[Path, str]] = field(default_factory=list)
     # What the model card says about the model beyond the spec (parameters, architecture).
     card: dict[str, Any] = field(default_factory=dict)
+    # Test rows (a three-way split), scored once after training into the ``test_*`` metrics.
+    n_test: int = 0
+    # Each part's row positions in the dataset revision (TabularData.rows): the version's split.json.
+    rows: dict[str, list[int]] = field(default_factory=dict)

@@ -227,6 +227,40 @@ FRAMEWORK_EXPORTS: dict[Framework, frozenset[ExportFormat]] = {
 }
 
 
+SPLIT_PARTS = ("train", "validation", "test")
+
+
+class SplitSpec(Strict):
+    """Train / validation / test: shares of the rows, drawn with ``seed`` (stratified for classification),
+    or ``column``: a column whose value names each row's part (``train``, ``validation`` or ``test``).
+    Early stopping and ``restore_best`` choose on the validation rows; the test rows are used once, after
+    training, for the ``test_*`` metrics the job reports and a gate may judge (docs/training.md)."""
+
+    train: float | None = Field(default=None, gt=0.0, lt=1.0)
+    validation: float | None = Field(default=None, gt=0.0, lt=1.0)
+    test: float | None = Field(default=None, gt=0.0, lt=1.0)
+    column: ColumnName | None = Field(
+        default=None, description="A column naming each row's part: train, validation or test."
+    )
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="The split's own seed, not training's.")
+
+    @model_validator(mode="after")
+    def _shares_or_a_column(self) -> SplitSpec:
+        shares = (self.train, self.validation, self.test)
+        if self.column is not None:
+            if any(share is not None for share in shares):
+                raise ValueError("give the split either as shares (train, validation, test) or as a column")
+            return self
+        if any(share is None for share in shares):
+            raise ValueError(
+                "the split needs train, validation and test shares (or a column naming each row's part)"
+            )
+        total = sum(share for share in shares if share is not None)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"the split's shares must add up to 1, not {total:g}")
+        return self
+
+
 class DataSpec(Strict):
     dataset: DatasetName
     rev: Revision
@@ -235,10 +269,19 @@ class DataSpec(Strict):
     features: list[ColumnName] | None = Field(
         default=None, min_length=1, description="Input columns in order; all but the target when null."
     )
-    validation_split: float = Field(default=0.2, gt=0.0, lt=1.0)
+    validation_split: float = Field(
+        default=0.2, gt=0.0, lt=1.0,
+        description="Without `split`: the share of rows held out for validation (no test rows).",
+    )
+    split: SplitSpec | None = Field(
+        default=None, description="Train / validation / test; replaces validation_split when given.",
+    )
 
     @model_validator(mode="after")
     def _features_are_distinct_from_target(self) -> DataSpec:
+        split_column = self.split.column if self.split is not None else None
+        if split_column is not None and split_column in (self.target, *(self.features or ())):
+            raise ValueError(f"the split column {split_column!r} cannot also be the target or a feature")
         if self.features is not None:
             if self.target in self.features:
                 raise ValueError(f"the target {self.target!r} cannot also be a feature")

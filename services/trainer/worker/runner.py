@@ -407,7 +407,10 @@ def _train_and_register(
                                            folder=run.workdir / "model")
     source = tracking.log_model_folder(run_id, folder.path)
     diffs = {f"{e.format.value}_max_abs_diff": e.max_abs_diff for e in outcome.exports}
-    tracking.log_metrics(run_id, diffs, step=spec.training.epochs)
+    # Measured once, after training (test_*, the int8 export's figures): the epochs logged the rest.
+    per_epoch = {key for entry in outcome.history for key in entry}
+    once = {k: v for k, v in outcome.metrics.items() if k not in per_epoch}
+    tracking.log_metrics(run_id, {**diffs, **once}, step=spec.training.epochs)
     metrics = {**outcome.metrics, **diffs}
     # The last moment a cancel can still keep a model out of the registry.
     if not store.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,

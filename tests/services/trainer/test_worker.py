@@ -203,6 +203,50 @@ def test_the_version_folder_holds_every_export_a_signature_and_a_model_card(stac
     assert any("tfevents" in path for path in events), events
 
 
+def _split_and_test_rows(
+    client: Any, job: dict[str, Any], frame: Any, tmp_path: Path
+) -> tuple[dict[str, Any], Any, Any]:
+    """The version's split.json, and its test rows' features and labels from the dataset."""
+    folder = Path(client.download_artifacts(job["mlflow_run_id"], "model", str(tmp_path)))
+    split = json.loads((folder / "split.json").read_text())
+    rows = split["rows"]["test"]
+    x = frame.drop(columns="target").to_numpy(dtype=np.float32)[rows]
+    return split, x, frame["target"].to_numpy()[rows]
+
+
+def test_a_three_way_split_scores_rows_neither_training_nor_early_stopping_saw(stack, tmp_path: Path):
+    """Early stopping chooses on the validation rows; the test rows give the test_* metrics once, and the
+    version's split.json lets anyone recompute them with its ONNX file."""
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    spec = job_spec(rev=stack["rev"], model_name="bc_split", training__epochs=12,
+                    training__early_stopping={"metric": "val_loss", "patience": 3},
+                    data__split={"train": 0.6, "validation": 0.2, "test": 0.2, "seed": 11})
+    job = run_job(stack, spec)
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    metrics, frame = job["metrics"], stack["frame"]
+    assert {"val_accuracy", "test_accuracy", "test_f1_macro", "test_roc_auc"} <= set(metrics)
+    uri = stack["settings"].platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    split, x, y = _split_and_test_rows(client, job, frame, tmp_path)
+    parts = {part: set(rows) for part, rows in split["rows"].items()}
+    assert parts["test"].isdisjoint(parts["train"] | parts["validation"])
+    assert parts["train"].isdisjoint(parts["validation"])
+    assert parts["train"] | parts["validation"] | parts["test"] == set(range(len(frame)))
+    assert (split["method"], split["seed"], split["stratified"], split["revision"]) == (
+        "shares", 11, True, stack["rev"])
+    session = ort.InferenceSession(str(tmp_path / "model" / "onnx" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(None, {"input": x})
+    recomputed = float((probabilities.argmax(axis=1) == y).mean())
+    assert abs(recomputed - metrics["test_accuracy"]) <= 1 / len(y)  # ONNX may flip a near-tie row
+    run = client.get_run(job["mlflow_run_id"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    facts = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert facts["data"]["rows_test"] == len(parts["test"]) == 114
+
+
 def test_a_fine_tuned_version_names_its_parent_and_starts_from_its_weights(trained, stack):
     from mlflow.tracking import MlflowClient
 
@@ -242,6 +286,33 @@ def test_a_keras_job_trains_through_the_worker_and_registers_onnx(stack):
     version = client.get_model_version("wine_keras", job["model_version"])
     assert version.tags["shipyard.framework"] == "keras" and version.tags["shipyard.format"] == "onnx"
     assert len(client.get_metric_history(job["mlflow_run_id"], "val_accuracy")) == 15
+
+
+def test_a_keras_job_scores_its_test_rows_in_the_targets_units(stack, tmp_path: Path):
+    """Regression through the Keras child: its test_* metrics, from the child's outputs on the test rows,
+    equal the ONNX export's on the rows split.json names."""
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+    from sklearn.datasets import load_diabetes
+
+    platform = stack["settings"].platform
+    frame = load_diabetes(as_frame=True, scaled=False).frame
+    rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("diabetes", frame).rev
+    spec = job_spec(rev=rev, dataset="diabetes", model_name="diabetes_keras", framework="keras",
+                    model={"type": "mlp", "hidden": [16]}, training__epochs=4, training__batch_size=32,
+                    data__task="regression", data__split={"train": 0.6, "validation": 0.2, "test": 0.2})
+    job = run_job(stack, spec, timeout=300)
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    uri = platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    split, x, y = _split_and_test_rows(client, job, frame, tmp_path)
+    assert split["stratified"] is False and len(y) == 89
+    session = ort.InferenceSession(str(tmp_path / "model" / "onnx" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (predicted,) = session.run(None, {session.get_inputs()[0].name: x})
+    errors = predicted.ravel().astype(np.float64) - y
+    assert job["metrics"]["test_mse"] == pytest.approx(float(np.mean(errors ** 2)), rel=1e-3)
+    assert job["metrics"]["test_mae"] == pytest.approx(float(np.mean(np.abs(errors))), rel=1e-3)
 
 
 def test_a_transformers_job_fine_tunes_minilm_and_ships_its_tokenizer(stack, tmp_path: Path):
