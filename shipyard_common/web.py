@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shipyard_common import oidc
@@ -26,6 +27,44 @@ from shipyard_common.settings import PlatformSettings
 log = logging.getLogger("shipyard.web")
 
 ReadinessCheck = Callable[[], None]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable, machine-readable: not_found, invalid_input...")
+    message: str = Field(description="What was wrong, for a person.")
+    details: Any = Field(default=None, description="More, where there is (per-field problems of a 422).")
+
+
+class ErrorPublic(BaseModel):
+    """The body of every refusal of the platform's own routes (``ShipyardError.to_body``)."""
+
+    error: ErrorDetail
+
+
+ERROR_MEANINGS = {
+    400: "Bad request: a name, a parameter or a body that is not usable (the message says which).",
+    401: "No token, or one that is not valid.",
+    403: "The token's role may not do this.",
+    404: "Not found.",
+    409: "The request clashes with the current state.",
+    413: "The body is over the service's limit.",
+    415: "The body's Content-Type is not one this route reads.",
+    422: "The request does not match its schema (details: each field and what is wrong).",
+    429: "Over the caller's rate limit (Retry-After says when to retry).",
+    502: "A component the service depends on answered badly.",
+    503: "A component the service depends on is not there.",
+}
+
+
+def error_responses(*codes: int, model: type[BaseModel] = ErrorPublic) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for routes that answer ``codes`` with ``model`` (the platform's error body unless a
+    protocol has its own), so that each route's OpenAPI lists every status it answers."""
+    return {code: {"model": model, "description": ERROR_MEANINGS[code]} for code in codes}
+
+
+#: What every route behind a token answers besides its own: a bad name or body (400), no or a bad
+#: token (401), a role that may not (403), a request off its schema (422), the rate limit (429).
+AUTHED_ERRORS = (400, 401, 403, 422, 429)
 
 
 def mlflow_health_check(tracking_uri: str) -> ReadinessCheck:
@@ -61,11 +100,18 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, list[dict[str, A
     return "invalid request: " + "; ".join(parts), details
 
 
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     """An unknown route (404), a method the route does not take (405, with its ``Allow``), and the like."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+    code = codes.get(exc.status_code, "http_error")
+    message = str(exc.detail)
+    if message == FASTAPI_BODY_ERROR:  # FastAPI's answer to a body that does not parse as JSON
+        message = "the request body is not valid JSON (or not UTF-8): send the JSON document the route takes"
     # Starlette's 405 names the methods the route takes in Allow (RFC 9110): kept.
-    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    return error_response(exc.status_code, code, message, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -86,6 +132,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
+class ReadinessPublic(BaseModel):
+    status: str = Field(description="ready or not ready")
+    checks: dict[str, str] = Field(description="Each check: ok, or failed: why.")
 
 
 class RequestMetrics:
@@ -145,7 +196,8 @@ def install_common(
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "service": service}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get("/readyz", tags=["ops"], response_model=ReadinessPublic,
+             responses={503: {"model": ReadinessPublic, "description": "Not ready: the checks say why."}})
     def readyz() -> JSONResponse:
         results: dict[str, str] = {}
         ok = bool(app.state.ready)
@@ -163,7 +215,9 @@ def install_common(
             status_code=200 if ok else 503,
         )
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus' text format."}})
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

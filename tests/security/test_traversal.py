@@ -82,7 +82,10 @@ KINDS: dict[str, dict[str, Kind]] = {
         "body:[].request_id": REQUEST_ID, "body:reason": TEXT, "body:[].label": TEXT,
         "query:page_token": CURSOR, "query:status": LOOKUP, "query:format": LOOKUP,
     },
-    "serving": {"path:name": LOOKUP, "path:version": LOOKUP, "path:label": LOOKUP},
+    "serving": {"path:name": LOOKUP, "path:version": LOOKUP, "path:label": LOOKUP,
+                # Tensor and signature names, matched against the loaded model's signature.
+                "body:inputs[].name": LOOKUP, "body:outputs[].name": LOOKUP, "body:signature_name": LOOKUP,
+                "body:id": NotAPath("the request's id, echoed in the answer and kept in the prediction log")},
 }
 # Flow parameters the trainer's pipeline route passes on: its OpenAPI types them as a free object.
 PIPELINE_PARAMETERS = ("name", "csv_path", "dataset_name", "model_name", "dataset_rev", "parent_version")
@@ -101,6 +104,12 @@ BODIES: dict[tuple[str, str, str], Any] = {
     ("monitor", "POST", "/triggers"): {"model": "sec", "reason": "because"},
     ("monitor", "POST", "/feedback"): [{"request_id": "r1", "label": 1}],
     ("serving", "POST", "/v1/models/{name}/predict"): {"inputs": [[1.0]]},
+    **{("serving", "POST", path): {"inputs": [{"name": "input", "shape": [1, 1], "datatype": "FP32",
+                                                "data": [1.0]}], "outputs": [{"name": "output"}]}
+       for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")},
+    **{("serving", "POST", path): {"instances": [[1.0]]} for path in (
+        "/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict",
+        "/v1/models/{name}/labels/{label}:predict")},
 }
 # Where a field lives in a part of the body the base leaves out: that part, valid, to put it in.
 PARTS = {

@@ -10,16 +10,18 @@ from services.monitor.feedback import service
 from services.monitor.feedback.schemas import MAX_LABELS, FeedbackAccepted, FeedbackItem, FeedbackSummary
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.paths import plain_names
+from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a path or a filter is one plain name, refused (400) before any lookup.
-router = APIRouter(tags=["feedback"], dependencies=[Depends(plain_names(model="model"))])
+router = APIRouter(tags=["feedback"], dependencies=[Depends(plain_names(model="model"))],
+                   responses=error_responses(*AUTHED_ERRORS))
 
 # The least role that may change anything: a client application labels what it was answered, it
 # neither promotes nor administers. Admin may too; a viewer token may not write.
 SENDER = Role.TRAINER
 
 
-@router.post("/feedback", response_model=FeedbackAccepted)
+@router.post("/feedback", response_model=FeedbackAccepted, responses=error_responses(413))
 def send_feedback(
     request: Request,
     principal: Annotated[Principal, Depends(role_checker(SENDER))],
@@ -32,7 +34,7 @@ def send_feedback(
                                 created_by=principal.name)
 
 
-@router.get("/feedback/{model}", response_model=FeedbackSummary)
+@router.get("/feedback/{model}", response_model=FeedbackSummary, responses=error_responses(404))
 def get_feedback(
     request: Request,
     model: str,

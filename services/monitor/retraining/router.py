@@ -24,9 +24,13 @@ from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.datasets import validate_name
 from shipyard_common.orm import MAX_BIGINT
 from shipyard_common.paths import check_flow_parameters, plain_names
+from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a path or a filter is one plain name, refused (400) before any lookup.
-router = APIRouter(tags=["retraining"], dependencies=[Depends(plain_names(model="model"))])
+router = APIRouter(tags=["retraining"], dependencies=[Depends(plain_names(model="model"))],
+                   responses=error_responses(*AUTHED_ERRORS))
+# Setting a policy or starting a retraining reads MLflow (502, 503) and may clash with what runs (409).
+CHANGE_ERRORS = error_responses(404, 409, 413, 502, 503)
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 # Who decides when the platform retrains by itself decides what may reach production: approvers.
@@ -48,7 +52,7 @@ def _check_parameters(request: Request, parameters: RetrainParameters | None) ->
         check_flow_parameters(parameters.as_flow_parameters(), state_dir=state_dir)
 
 
-@router.put("/policies/{model}", response_model=PolicyPublic)
+@router.put("/policies/{model}", response_model=PolicyPublic, responses=CHANGE_ERRORS)
 def put_policy(request: Request, model: str, body: PolicyCreate, who: Approver) -> PolicyPublic:
     """Create or replace the model's policy (it must have a production version)."""
     _check_parameters(request, body.parameters)
@@ -60,19 +64,20 @@ def list_policies(request: Request, _: Viewer) -> list[PolicyPublic]:
     return service.list_policies(monitor=_monitor(request))
 
 
-@router.get("/policies/{model}", response_model=PolicyPublic)
+@router.get("/policies/{model}", response_model=PolicyPublic, responses=error_responses(404))
 def get_policy(request: Request, model: str, _: Viewer) -> PolicyPublic:
     return service.get_policy(monitor=_monitor(request), model=model)
 
 
-@router.delete("/policies/{model}", response_model=PolicyPublic)
+@router.delete("/policies/{model}", response_model=PolicyPublic, responses=error_responses(404))
 def delete_policy(request: Request, model: str, _: Approver) -> PolicyPublic:
     """Remove the policy (answered as it was); the triggers it fired stay, and a retraining under way
     is still followed."""
     return service.delete_policy(monitor=_monitor(request), model=model)
 
 
-@router.get("/triggers", response_model=TriggerPage)
+# A page_token this API did not give is a 404 (no such page), as the tests pin it.
+@router.get("/triggers", response_model=TriggerPage, responses=error_responses(404))
 def list_triggers(
     request: Request,
     _: Viewer,
@@ -86,12 +91,13 @@ def list_triggers(
                                  max_results=max_results, page_token=page_token)
 
 
-@router.get("/triggers/{trigger_id}", response_model=TriggerPublic)
+@router.get("/triggers/{trigger_id}", response_model=TriggerPublic, responses=error_responses(404))
 def get_trigger(request: Request, trigger_id: TriggerId, _: Viewer) -> TriggerPublic:
     return service.get_trigger(monitor=_monitor(request), trigger_id=trigger_id)
 
 
-@router.post("/triggers", response_model=TriggerPublic, status_code=status.HTTP_202_ACCEPTED)
+@router.post("/triggers", response_model=TriggerPublic, status_code=status.HTTP_202_ACCEPTED,
+             responses=CHANGE_ERRORS)
 def trigger(request: Request, body: TriggerCreate, who: Trainer) -> TriggerPublic:
     """Retrain the production version now (cause ``manual``). 202 with the trigger: ``started`` with its
     flow run, or ``failed`` with why (the trainer down); 409 while a retraining of the model runs."""

@@ -14,9 +14,11 @@ from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import InvalidInput
 from shipyard_common.orm import MAX_BIGINT
 from shipyard_common.paths import plain_names
+from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a path or a filter is one plain name, refused (400) before any lookup.
-router = APIRouter(tags=["drift"], dependencies=[Depends(plain_names(model="model"))])
+router = APIRouter(tags=["drift"], dependencies=[Depends(plain_names(model="model"))],
+                   responses=error_responses(*AUTHED_ERRORS))
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
 Before = Annotated[
@@ -33,13 +35,13 @@ def list_latest_drift(request: Request, _: Viewer) -> list[DriftSummary]:
     return queries.list_latest(monitor=request.app.state.monitor)
 
 
-@router.get("/drift/{model}", response_model=DriftPublic)
+@router.get("/drift/{model}", response_model=DriftPublic, responses=error_responses(404))
 def get_drift(request: Request, model: str, _: Viewer, version: Version = None) -> DriftPublic:
     """The drift of the newest ``ok`` window of ``model`` (of ``version``, if given)."""
     return queries.get_drift(monitor=request.app.state.monitor, model=model, version=version)
 
 
-@router.get("/windows/{model}", response_model=WindowPage)
+@router.get("/windows/{model}", response_model=WindowPage, responses=error_responses(404))
 def list_windows(
     request: Request, model: str, _: Viewer, version: Version = None, status: str | None = None,
     before: Before = None, limit: Limit = 50,
@@ -51,7 +53,7 @@ def list_windows(
                                 status=status, before=before, limit=limit)
 
 
-@router.get("/reports/{model}", response_model=ReportPage)
+@router.get("/reports/{model}", response_model=ReportPage, responses=error_responses(404))
 def list_reports(
     request: Request, model: str, _: Viewer, before: Before = None, limit: Limit = 50
 ) -> ReportPage:
@@ -59,7 +61,11 @@ def list_reports(
     return queries.list_reports(monitor=request.app.state.monitor, model=model, before=before, limit=limit)
 
 
-@router.get("/reports/{model}/{window_id}", response_class=HTMLResponse)
+@router.get("/reports/{model}/{window_id}", response_class=HTMLResponse, responses={
+    200: {"content": {"text/html": {"schema": {"type": "string"}},
+                      "application/json": {"schema": {"type": "object"}}},
+          "description": "The report as HTML, or (format=json) Evidently's snapshot."},
+    **error_responses(404)})
 def get_report(
     request: Request, model: str, window_id: WindowId, _: Viewer,
     format: Annotated[str, Query(pattern="^(html|json)$", description="html, or the snapshot")] = "html",

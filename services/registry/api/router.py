@@ -41,9 +41,14 @@ from services.registry.core.schemas import (
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.orm import MAX_BIGINT
 from shipyard_common.paths import plain_names
+from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a path or a filter is one plain name, refused (400) before any lookup.
-router = APIRouter(dependencies=[Depends(plain_names(name="model", model="model"))])
+# Every route reads MLflow (404 for what it does not hold; 502 and 503 when it answers badly or not at all).
+router = APIRouter(dependencies=[Depends(plain_names(name="model", model="model"))],
+                   responses=error_responses(*AUTHED_ERRORS, 404, 502, 503))
+# What a change answers besides: a clash with the current state (409), a body over the limit (413).
+CHANGE_ERRORS = error_responses(409, 413)
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Requester = Annotated[Principal, Depends(role_checker(Role.TRAINER, Role.APPROVER))]
@@ -122,7 +127,8 @@ def compare_versions(
     return catalog.compare(store=registry.store, name=name, a=a, b=b)
 
 
-@router.post("/models/{name}/versions/{version}/promote", response_model=PromotePublic, tags=["promotion"])
+@router.post("/models/{name}/versions/{version}/promote", response_model=PromotePublic, tags=["promotion"],
+             responses=CHANGE_ERRORS)
 def promote_version(
     registry: RegistryDep, name: str, version: str, body: PromoteCreate, principal: Admin
 ) -> PromotePublic:
@@ -138,7 +144,8 @@ def promote_version(
     )
 
 
-@router.delete("/models/{name}/aliases/{alias}", response_model=AliasRemovedPublic, tags=["promotion"])
+@router.delete("/models/{name}/aliases/{alias}", response_model=AliasRemovedPublic, tags=["promotion"],
+               responses=CHANGE_ERRORS)
 def delete_alias(
     registry: RegistryDep, name: str, alias: AliasName, principal: Approver, reason: Why = None
 ) -> AliasRemovedPublic:
@@ -148,7 +155,8 @@ def delete_alias(
 
 
 @router.post(
-    "/models/{name}/requests", response_model=PromotionRequestPublic, status_code=201, tags=["promotion"]
+    "/models/{name}/requests", response_model=PromotionRequestPublic, status_code=201, tags=["promotion"],
+    responses=CHANGE_ERRORS,
 )
 def create_request(
     registry: RegistryDep, name: str, body: PromotionRequestCreate, principal: Requester
@@ -181,7 +189,8 @@ def get_request(registry: RegistryDep, request_id: RequestId, _: Viewer) -> Prom
     return approvals.get_request(registry=registry, request_id=request_id)
 
 
-@router.post("/requests/{request_id}/approve", response_model=PromotePublic, tags=["promotion"])
+@router.post("/requests/{request_id}/approve", response_model=PromotePublic, tags=["promotion"],
+             responses=CHANGE_ERRORS)
 def approve_request(
     registry: RegistryDep, request_id: RequestId, body: DecisionCreate, principal: Approver
 ) -> PromotePublic:
@@ -190,7 +199,8 @@ def approve_request(
     )
 
 
-@router.post("/requests/{request_id}/reject", response_model=PromotionRequestPublic, tags=["promotion"])
+@router.post("/requests/{request_id}/reject", response_model=PromotionRequestPublic, tags=["promotion"],
+             responses=CHANGE_ERRORS)
 def reject_request(
     registry: RegistryDep, request_id: RequestId, body: DecisionCreate, principal: Approver
 ) -> PromotionRequestPublic:
@@ -199,7 +209,8 @@ def reject_request(
     )
 
 
-@router.post("/requests/{request_id}/cancel", response_model=PromotionRequestPublic, tags=["promotion"])
+@router.post("/requests/{request_id}/cancel", response_model=PromotionRequestPublic, tags=["promotion"],
+             responses=CHANGE_ERRORS)
 def cancel_request(
     registry: RegistryDep, request_id: RequestId, principal: Requester
 ) -> PromotionRequestPublic:
@@ -208,13 +219,15 @@ def cancel_request(
     )
 
 
-@router.post("/models/{name}/rollback", response_model=PromotePublic, tags=["promotion"])
+@router.post("/models/{name}/rollback", response_model=PromotePublic, tags=["promotion"],
+             responses=CHANGE_ERRORS)
 def rollback(registry: RegistryDep, name: str, body: RollbackCreate, principal: Approver) -> PromotePublic:
     """Production back to the version it named before the current one."""
     return history.rollback(registry=registry, name=name, actor=principal.name, reason=body.reason)
 
 
-@router.post("/models/{name}/versions/{version}/archive", response_model=ArchivePublic, tags=["promotion"])
+@router.post("/models/{name}/versions/{version}/archive", response_model=ArchivePublic, tags=["promotion"],
+             responses=CHANGE_ERRORS)
 def archive_version(
     registry: RegistryDep,
     name: str,
@@ -227,7 +240,8 @@ def archive_version(
     )
 
 
-@router.post("/models/{name}/versions/{version}/restore", response_model=ArchivePublic, tags=["promotion"])
+@router.post("/models/{name}/versions/{version}/restore", response_model=ArchivePublic, tags=["promotion"],
+             responses=CHANGE_ERRORS)
 def restore_version(
     registry: RegistryDep,
     name: str,
@@ -258,7 +272,8 @@ def get_gate(registry: RegistryDep, name: str, _: Viewer) -> GatePublic:
     return promotion.get_gate(registry=registry, name=name)
 
 
-@router.put("/models/{name}/gate", response_model=GatePublic, tags=["promotion"])
+@router.put("/models/{name}/gate", response_model=GatePublic, tags=["promotion"],
+            responses=CHANGE_ERRORS)
 def set_gate(registry: RegistryDep, name: str, body: GateSet, principal: Admin) -> GatePublic:
     return promotion.set_gate(
         registry=registry, name=name, rules=body.rules, aliases=list(body.aliases), actor=principal.name
@@ -290,7 +305,8 @@ def list_unaudited(
     return reconciler.unaudited(model)
 
 
-@router.post("/aliases/reconcile", response_model=ReconcilePublic, tags=["audit"])
+@router.post("/aliases/reconcile", response_model=ReconcilePublic, tags=["audit"],
+             responses=CHANGE_ERRORS)
 def reconcile_aliases(reconciler: ReconcilerDep, _: Admin) -> ReconcilePublic:
     """Compare every model's aliases in MLflow with the audit now (it also runs every
     ``alias_reconcile_interval_s``): each difference gets an audit row, a WARNING and a count."""

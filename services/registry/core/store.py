@@ -8,6 +8,8 @@ of models or versions, never one call per version. Writes and artifacts use MLfl
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import tempfile
@@ -73,6 +75,23 @@ def name_filter(name: str) -> str:
 
 
 T = TypeVar("T")
+
+
+def checked_page_token(token: str) -> str:
+    """``token`` if it can be a ``next_page_token`` MLflow gave (base64 of a JSON object), else 400.
+
+    MLflow's server answers some other tokens (not ASCII, or base64 of a number) with a 500, which
+    the registry would pass on as MLflow being down (503): the caller's mistake is named here instead.
+    """
+    try:
+        decoded = orjson.loads(base64.b64decode(token.encode("ascii"), validate=True))
+    except (UnicodeEncodeError, binascii.Error, orjson.JSONDecodeError):
+        decoded = None
+    # MLflow's tokens are base64 of {"offset": N} today; a token in another shape is one it did not give.
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("offset"), int):
+        raise InvalidInput(f"page_token {token[:64]!r} is not a next_page_token this API answered; "
+                           "leave it out for the first page")
+    return token
 
 
 @dataclass
@@ -236,7 +255,7 @@ class Store:
     def models(self, *, max_results: int, page_token: str | None) -> Page[ModelRecord]:
         params: dict[str, Any] = {"max_results": max_results, "order_by": "name ASC"}
         if page_token:
-            params["page_token"] = page_token
+            params["page_token"] = checked_page_token(page_token)
         body = self._get("/registered-models/search", params, "no registered models")
         return Page(
             [ModelRecord.of(m) for m in body.get("registered_models") or []],
@@ -251,7 +270,7 @@ class Store:
             "order_by": "version_number DESC",
         }
         if page_token:
-            params["page_token"] = page_token
+            params["page_token"] = checked_page_token(page_token)
         body = self._get("/model-versions/search", params, f"model {name!r} is not in the registry")
         return Page(
             [VersionRecord.of(v) for v in body.get("model_versions") or []],

@@ -22,8 +22,11 @@ from services.serving.core.requests import Inference
 from services.serving.protocols import ours
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import ShipyardError
+from shipyard_common.web import AUTHED_ERRORS, error_responses
 
-router = APIRouter(prefix="/v1/models", tags=["serving"])
+# A model not served (404), or not loaded yet (503); the platform's error body.
+router = APIRouter(prefix="/v1/models", tags=["serving"],
+                   responses=error_responses(*AUTHED_ERRORS, 404, 503))
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 
@@ -55,7 +58,7 @@ def error_response(exc: ShipyardError) -> ProtocolResponse:
     return refused.status_code, orjson.dumps(refused.to_body()), {"content-type": _JSON}
 
 
-@router.post("/{name}/predict", response_model=PredictResponse)
+@router.post("/{name}/predict", response_model=PredictResponse, responses=error_responses(413, 415, 502))
 async def predict_route(
     request: Request,
     name: str,

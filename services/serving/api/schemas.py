@@ -56,3 +56,53 @@ class ModelStatusPublic(BaseModel):
     shadow: dict[str, Any] | None = Field(
         default=None, description="The shadow alias, when set: the same fields as canary, without weight."
     )
+
+
+class ProtocolErrorPublic(BaseModel):
+    """OIP v2's and TF Serving REST's error body, ``{"error": "..."}``: their clients read only that."""
+
+    error: str
+
+
+class ReadyPublic(BaseModel):
+    ready: bool
+
+
+# The request bodies of the routes that read their body as bytes (v2 infer, TF Serving :predict: the
+# codecs parse it, faster than a model would), for their OpenAPI only.
+V2_DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                "FP16", "FP32", "FP64", "BYTES"]
+V2_INFER_REQUEST: dict[str, Any] = {
+    "type": "object", "required": ["inputs"],
+    "description": "An Open Inference Protocol v2 inference request (JSON; binary tensors: "
+                   "application/octet-stream after the JSON, its length in Inference-Header-Content-Length).",
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "shape", "datatype"],
+            "properties": {"name": {"type": "string"},
+                           "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                           "datatype": {"enum": V2_DATATYPES},
+                           "parameters": {"type": "object"},
+                           "data": {"type": "array", "description": "Row-major values, or nested lists."}}}},
+        "outputs": {"type": "array", "items": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}},
+    },
+}
+TF_PREDICT_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "description": "TF Serving's REST predict request: rows in `instances`, or columns in `inputs`.",
+    "properties": {
+        "signature_name": {"type": "string"},
+        "instances": {"type": "array", "minItems": 1},
+        "inputs": {},
+    },
+    "anyOf": [{"required": ["instances"]}, {"required": ["inputs"]}],
+}
+
+
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a required JSON request body of ``schema``."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -26,13 +26,20 @@ from services.serving.api.http import (
     handle,
     respond,
 )
+from services.serving.api.schemas import TF_PREDICT_REQUEST, ProtocolErrorPublic, json_body
 from services.serving.core.dataplane import DataPlane, served_model
 from services.serving.core.loaded import ServedModel
 from services.serving.core.requests import Inference, Input
 from services.serving.protocols import tfserving
 from shipyard_common.errors import ShipyardError
+from shipyard_common.web import error_responses
 
-router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"])
+# Every error in TF's {"error": "..."}: a bad request or a method the model has no signature for (400), no
+# token (401), a model or version not served (404), the rate limit (429), nothing loaded yet (503).
+router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"],
+                   responses=error_responses(400, 401, 404, 429, 503, model=ProtocolErrorPublic))
+PREDICT = {"responses": error_responses(413, 415, 422, 502, model=ProtocolErrorPublic),
+           "openapi_extra": json_body(TF_PREDICT_REQUEST)}
 
 
 def predict(
@@ -69,17 +76,17 @@ async def _predict(request: Request, name: str, version: str | None, label: str 
         started=started)))
 
 
-@router.post("/{name}:predict")
+@router.post("/{name}:predict", **PREDICT)
 async def tfserving_predict(request: Request, name: str) -> Response:
     return await _predict(request, name, None, None)
 
 
-@router.post("/{name}/versions/{version}:predict")
+@router.post("/{name}/versions/{version}:predict", **PREDICT)
 async def tfserving_predict_version(request: Request, name: str, version: str) -> Response:
     return await _predict(request, name, version, None)
 
 
-@router.post("/{name}/labels/{label}:predict")
+@router.post("/{name}/labels/{label}:predict", **PREDICT)
 async def tfserving_predict_label(request: Request, name: str, label: str) -> Response:
     return await _predict(request, name, None, label)
 

@@ -27,6 +27,7 @@ from services.serving.api.http import (
     handle,
     respond,
 )
+from services.serving.api.schemas import V2_INFER_REQUEST, ProtocolErrorPublic, ReadyPublic, json_body
 from services.serving.core.dataplane import (
     DataPlane,
     new_request_id,
@@ -37,9 +38,14 @@ from services.serving.core.loaded import ServedModel
 from services.serving.core.requests import Inference, Input
 from services.serving.protocols import v2
 from shipyard_common.errors import BadRequest, ShipyardError
-from shipyard_common.web import http_error
+from shipyard_common.web import error_responses, http_error
 
-router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+# Every error in the protocol's {"error": "..."}: a model not served (404), none loaded yet (503), a
+# request refused at the edge (400: Host, JSON too deep; 429: the rate limit).
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"],
+                   responses=error_responses(400, 404, 429, 503, model=ProtocolErrorPublic))
+TOKEN_ERRORS = error_responses(401, model=ProtocolErrorPublic)
+INFER_ERRORS = error_responses(401, 413, 415, 422, 502, model=ProtocolErrorPublic)
 
 
 @router.get("")
@@ -52,7 +58,8 @@ def live() -> Response:
     return respond(v2.json_response({"live": True}))
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", response_model=ReadyPublic,
+            responses={503: {"model": ReadyPublic, "description": "Not ready: models still loading."}})
 def ready(request: Request) -> Response:
     plane = get_dataplane(request)
     is_ready = bool(request.app.state.ready) and plane.models.reconciled.is_set()
@@ -86,12 +93,12 @@ def model_version_ready(request: Request, name: str, version: str) -> Response:
     return _about(request, name, version, v2.model_ready, token=False)
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=TOKEN_ERRORS)
 def model_metadata(request: Request, name: str) -> Response:
     return _about(request, name, None, v2.model_metadata, token=True)
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", responses=TOKEN_ERRORS)
 def model_version_metadata(request: Request, name: str, version: str) -> Response:
     return _about(request, name, version, v2.model_metadata, token=True)
 
@@ -134,12 +141,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         content_type=request.headers.get("content-type"), started=started)))
 
 
-@router.post("/models/{name}/infer")
+@router.post("/models/{name}/infer", responses=INFER_ERRORS, openapi_extra=json_body(V2_INFER_REQUEST))
 async def infer_route(request: Request, name: str) -> Response:
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS,
+             openapi_extra=json_body(V2_INFER_REQUEST))
 async def infer_version(request: Request, name: str, version: str) -> Response:
     return await _infer(request, name, version)
 

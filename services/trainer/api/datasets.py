@@ -20,9 +20,19 @@ from shipyard_common.datasets import LATEST, DataRepo, validate_dataset_name, va
 from shipyard_common.db import Database
 from shipyard_common.errors import InvalidInput, PayloadTooLarge
 from shipyard_common.paths import plain_names
+from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A dataset named in a path is one plain name, refused (400) before any lookup.
-router = APIRouter(tags=["datasets"], dependencies=[Depends(plain_names(name="dataset"))])
+router = APIRouter(tags=["datasets"], dependencies=[Depends(plain_names(name="dataset"))],
+                   responses=error_responses(*AUTHED_ERRORS))
+# The routes below read their bodies as bytes (files, not JSON); what they take, for the OpenAPI.
+DATASET_BODY = {"requestBody": {
+    "required": True, "description": "The dataset file: CSV with a header row, or Parquet.",
+    "content": {"text/csv": {"schema": {"type": "string"}},
+                "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}}}}}
+RULES_BODY = {"requestBody": {"required": True, "description": "The rules file (YAML, docs/data.md).",
+                              "content": {"application/yaml": {"schema": {"type": "string"}},
+                                          "text/plain": {"schema": {"type": "string"}}}}}
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
@@ -53,7 +63,8 @@ def parse_frame(raw: bytes, fmt: str) -> pd.DataFrame:
         raise InvalidInput(f"the body cannot be read as {fmt}: {exc}") from None
 
 
-@router.post("/datasets/{name}", status_code=status.HTTP_201_CREATED)
+@router.post("/datasets/{name}", status_code=status.HTTP_201_CREATED, openapi_extra=DATASET_BODY,
+             responses=error_responses(404, 409, 413))
 async def add_dataset(
     name: str,
     request: Request,
@@ -82,7 +93,7 @@ async def add_dataset(
             "md5": version.md5, "tags": version.tags, "created": version.created}
 
 
-@router.put("/datasets/{name}/rules")
+@router.put("/datasets/{name}/rules", openapi_extra=RULES_BODY, responses=error_responses(404, 413))
 async def set_rules(name: str, request: Request, repo: RepoDep, _: Trainer) -> dict[str, Any]:
     """Check in the dataset's rules (YAML, docs/data.md); 400 naming what does not parse."""
     text = (await request.body()).decode("utf-8", errors="replace")
@@ -102,12 +113,12 @@ def list_datasets(repo: RepoDep, _: Viewer) -> list[dict[str, Any]]:
     return out
 
 
-@router.get("/datasets/{name}")
+@router.get("/datasets/{name}", responses=error_responses(404))
 def list_versions(name: str, repo: RepoDep, _: Viewer) -> dict[str, Any]:
     return {"name": name, "versions": repo.versions(name), "rules": repo.rules_text(name)}
 
 
-@router.get("/datasets/{name}/versions/{rev}")
+@router.get("/datasets/{name}/versions/{rev}", responses=error_responses(404))
 def show_version(
     name: str, rev: str, repo: RepoDep, database: Annotated[Database, Depends(_database)], _: Viewer
 ) -> dict[str, Any]:
@@ -117,7 +128,7 @@ def show_version(
     return info
 
 
-@router.get("/datasets/{name}/diff")
+@router.get("/datasets/{name}/diff", responses=error_responses(404))
 def diff_versions(name: str, a: str, b: str, repo: RepoDep, _: Viewer) -> dict[str, Any]:
     # Both revisions checked before either is looked up: a bad ``b`` is named even when ``a`` is missing.
     validate_ref(a)

@@ -3,10 +3,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, cast
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from services.trainer.api import service
@@ -18,9 +19,11 @@ from shipyard_common.db import Database
 from shipyard_common.errors import ValidationFailed
 from shipyard_common.orm import MAX_BIGINT
 from shipyard_common.paths import plain_names
+from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a filter is one plain name, refused (400) before any lookup.
-router = APIRouter(tags=["jobs"], dependencies=[Depends(plain_names(model_name="model"))])
+router = APIRouter(tags=["jobs"], dependencies=[Depends(plain_names(model_name="model"))],
+                   responses=error_responses(*AUTHED_ERRORS))
 
 
 def get_database(request: Request) -> Database:
@@ -41,7 +44,8 @@ Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
 
 
 # Plain defs: the database and the broker block, so FastAPI runs these in its thread pool.
-@router.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+@router.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=JobPublic,
+             responses=error_responses(413))
 def create_job(
     spec: JobCreate,
     database: DatabaseDep,
@@ -66,7 +70,7 @@ def pin_dataset(data_repo: DataRepo, spec: JobCreate) -> JobCreate:
     return spec.model_copy(update={"data": spec.data.model_copy(update={"rev": sha})})
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic)
+@router.get("/jobs/{job_id}", response_model=JobPublic, responses=error_responses(404))
 def get_job(job_id: str, database: DatabaseDep, _: Viewer) -> JobPublic:
     return store.get_job(database=database, job_id=job_id)
 
@@ -82,13 +86,39 @@ def list_jobs(
     return service.list_jobs(database=database, state=state, model_name=model_name, limit=limit)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
+@router.post("/jobs/{job_id}/cancel", response_model=JobPublic, responses=error_responses(404, 409))
 def cancel_job(job_id: str, database: DatabaseDep, _: Trainer) -> JobPublic:
     """Cancel a queued or running job: 404 for an unknown id, 409 for one that has ended."""
     return service.cancel_job(database=database, job_id=job_id)
 
 
-@router.get("/jobs/{job_id}/logs", response_model=None)
+class LogLine(BaseModel):
+    line: int = Field(description="Numbered from 1.")
+    time: str
+    level: str
+    message: str
+
+
+class JobLogs(BaseModel):
+    job_id: str
+    state: JobState
+    lines: list[LogLine]
+    next_after: int = Field(description="Pass it back as ``after`` to read on.")
+
+
+# stream=true: Server-Sent Events, each a `line` (its id the line number, its data the line as JSON) or
+# the one `end` (its data the final state and next_after). itemSchema: one event (OpenAPI 3.2).
+LOG_EVENT = {"itemSchema": {
+    "type": "object", "required": ["event", "data"],
+    "properties": {"event": {"enum": ["line", "end"]}, "id": {"type": "string", "pattern": "^[0-9]+$"},
+                   "data": {"type": "string", "contentMediaType": "application/json"}},
+}}
+
+
+@router.get("/jobs/{job_id}/logs", response_model=JobLogs, responses={
+    200: {"content": {"text/event-stream": LOG_EVENT},
+          "description": "JSON; with stream=true, Server-Sent Events: `line` events, then one `end`."},
+    **error_responses(404)})
 def job_logs(
     job_id: str,
     request: Request,
@@ -99,7 +129,7 @@ def job_logs(
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=service.MAX_LOG_LIMIT)] = 1000,
     stream: bool = False,
-) -> dict[str, Any] | StreamingResponse:
+) -> JobLogs | StreamingResponse:
     """The worker's log lines for a job, numbered from 1.
 
     Plain: ``{"state", "lines", "next_after"}``; pass ``next_after`` back as ``after`` to follow.
@@ -108,10 +138,8 @@ def job_logs(
     """
     state, lines = service.read_logs(database=database, job_id=job_id, after=after, limit=limit)
     if not stream:
-        return {
-            "job_id": job_id, "state": state.value, "lines": lines,
-            "next_after": lines[-1]["line"] if lines else after,
-        }
+        return JobLogs(job_id=job_id, state=state, lines=[LogLine(**line) for line in lines],
+                       next_after=lines[-1]["line"] if lines else after)
     after = max(after, _last_event_id(request.headers.get("last-event-id", "")))
     interval = request.app.state.settings.log_poll_interval_s
     return StreamingResponse(

@@ -18,10 +18,12 @@ from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError, Unavailable
 from shipyard_common.paths import check_flow_parameters, plain_names
 from shipyard_common.settings import PlatformSettings
+from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A pipeline named in a path is one plain name, refused (400) before any lookup.
 router = APIRouter(prefix="/pipelines", tags=["pipelines"],
-                   dependencies=[Depends(plain_names(name="pipeline"))])
+                   dependencies=[Depends(plain_names(name="pipeline"))],
+                   responses=error_responses(*AUTHED_ERRORS, 404, 503))
 
 Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Trainer = Annotated[Principal, Depends(role_checker(Role.TRAINER))]
