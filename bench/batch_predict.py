@@ -127,22 +127,29 @@ def bare_loop(onnx_path: Path, array: np.ndarray, chunk_rows: int) -> Callable[[
     return run
 
 
-def flow_round(platform: PlatformSettings, chunk_rows: int) -> Callable[[], float]:
+def clear(platform: PlatformSettings, config: Any) -> None:
+    """No chunk file and no logged row left: the next run scores and logs every chunk."""
     from sqlalchemy import text
 
-    from pipelines.batch import BatchConfig, batch_predict_flow
     from shipyard_common.db import Database
+
+    for folder in config.work_dir.glob("*/chunks"):
+        shutil.rmtree(folder)
+    database = Database(platform.database_url)
+    database.create_tables()
+    with database.session() as session:
+        session.execute(text("DELETE FROM predictions"))
+    database.dispose()
+
+
+def flow_round(platform: PlatformSettings, chunk_rows: int) -> Callable[[], float]:
+    from pipelines.batch import BatchConfig, batch_predict_flow
 
     config = BatchConfig.from_platform(platform, token="bench")
     count = iter(range(1_000_000))
 
     def run() -> float:
-        shutil.rmtree(config.work_dir, ignore_errors=True)  # every round scores every chunk
-        database = Database(platform.database_url)
-        database.create_tables()
-        with database.session() as session:
-            session.execute(text("DELETE FROM predictions"))
-        database.dispose()
+        clear(platform, config)
         started = time.perf_counter()
         batch_predict_flow(dataset=DATASET, model_name=MODEL, output=f"bench-out-{next(count)}",
                            chunk_rows=chunk_rows, config=config)
@@ -158,7 +165,7 @@ def parts(platform: PlatformSettings, chunk_rows: int) -> dict[str, float]:
     from pipelines.batch import BatchConfig, log_chunk, output_frame, plan_batch
 
     config = BatchConfig.from_platform(platform, token="bench")
-    shutil.rmtree(config.work_dir, ignore_errors=True)
+    clear(platform, config)
     timed: dict[str, float] = {}
     started = time.perf_counter()
     with disable_run_logger():

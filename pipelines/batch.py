@@ -562,10 +562,16 @@ def batch_predict_flow(
     began = time.perf_counter()
     batch = plan_batch(dataset, rev, model_name, alias, version, chunk_rows, id_column, config)
     run_id = start_tracking(batch, config, output)
-    futures = [score_chunk.submit(batch, chunk) for chunk in batch.chunks]
-    wait(futures)  # every chunk gets its tries before a failed one fails the flow
-    results = [future.result() for future in futures]
-    output_rev = commit_predictions(batch, results, output, config, run_id)
+    try:
+        futures = [score_chunk.submit(batch, chunk) for chunk in batch.chunks]
+        wait(futures)  # every chunk gets its tries before a failed one fails the flow
+        results = [future.result() for future in futures]
+        output_rev = commit_predictions(batch, results, output, config, run_id)
+    except BaseException:
+        _mlflow(config).set_terminated(run_id, status="FAILED")  # a rerun resumes, in a run of its own
+        raise
+    finally:
+        batch.database.dispose()
     seconds = time.perf_counter() - began
     rows = len(batch.features)
     end_tracking(config, run_id, output_rev, rows, seconds)

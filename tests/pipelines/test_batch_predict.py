@@ -152,6 +152,9 @@ def test_50000_rows_are_written_once_also_after_a_failure_in_the_middle(
     assert (again["skipped_chunks"], again["logged_rows"]) == (10, 0)
     assert again["output_rev"] == result["output_rev"]
     assert len(logged_rows(platform, model)[0]) == ROWS // 1000
+    client = MlflowClient(tracking_uri=platform.mlflow_tracking_uri)
+    runs = client.search_runs([run.info.experiment_id], f"tags.`shipyard.model` = '{model}'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
 
 
 def test_the_cli_says_what_is_wrong_with_the_input(
