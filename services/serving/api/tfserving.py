@@ -38,8 +38,8 @@ from shipyard_common.web import error_responses
 # token (401), a model or version not served (404), the rate limit (429), nothing loaded yet (503).
 router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"],
                    responses=error_responses(400, 401, 404, 429, 503, model=ProtocolErrorPublic))
-PREDICT = {"responses": error_responses(413, 415, 422, 502, model=ProtocolErrorPublic),
-           "openapi_extra": json_body(TF_PREDICT_REQUEST)}
+PREDICT_ERRORS = error_responses(413, 415, 422, 502, model=ProtocolErrorPublic)
+PREDICT_BODY = json_body(TF_PREDICT_REQUEST)
 
 
 def predict(
@@ -76,17 +76,17 @@ async def _predict(request: Request, name: str, version: str | None, label: str 
         started=started)))
 
 
-@router.post("/{name}:predict", **PREDICT)
+@router.post("/{name}:predict", responses=PREDICT_ERRORS, openapi_extra=PREDICT_BODY)
 async def tfserving_predict(request: Request, name: str) -> Response:
     return await _predict(request, name, None, None)
 
 
-@router.post("/{name}/versions/{version}:predict", **PREDICT)
+@router.post("/{name}/versions/{version}:predict", responses=PREDICT_ERRORS, openapi_extra=PREDICT_BODY)
 async def tfserving_predict_version(request: Request, name: str, version: str) -> Response:
     return await _predict(request, name, version, None)
 
 
-@router.post("/{name}/labels/{label}:predict", **PREDICT)
+@router.post("/{name}/labels/{label}:predict", responses=PREDICT_ERRORS, openapi_extra=PREDICT_BODY)
 async def tfserving_predict_label(request: Request, name: str, label: str) -> Response:
     return await _predict(request, name, None, label)
 
