@@ -87,8 +87,12 @@ def split_record(*, outcome: FitOutcome, spec: JobCreate) -> dict[str, Any]:
         how = {"method": "shares", "train": split.train, "validation": split.validation, "test": split.test,
                "seed": split.seed}
     stratified = outcome.task == Task.CLASSIFICATION and how["method"] != "column"
-    return {"dataset": spec.data.dataset, "revision": spec.data.rev, **how, "stratified": stratified,
-            "rows": outcome.rows}
+    record = {"dataset": spec.data.dataset, "revision": spec.data.rev, **how, "stratified": stratified,
+              "rows": outcome.rows}
+    if outcome.folds and spec.evaluation is not None:  # cross-validation: each fold's validation rows
+        record["folds"] = {"kfold": spec.evaluation.kfold, "stratified": spec.evaluation.stratified,
+                           "rows": [fold.rows for fold in outcome.folds]}
+    return record
 
 
 def card_facts(*, outcome: FitOutcome, spec: JobCreate, lineage: dict[str, str]) -> dict[str, Any]:

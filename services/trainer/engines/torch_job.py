@@ -6,13 +6,14 @@ runs the same loop under torchrun (see :mod:`services.trainer.engines.distribute
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
-from services.trainer.engines import engine, quantize
+from services.trainer.engines import crossval, engine, quantize
 from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
 from services.trainer.engines.tabular import metrics_on_test_rows
-from services.trainer.engines.types import Export, FitContext, FitOutcome, TabularData
+from services.trainer.engines.types import Export, FitContext, FitOutcome, Fold, TabularData
 from services.trainer.jobs.schemas import ExportFormat, Framework, JobCreate
 
 log = logging.getLogger("shipyard.trainer.torch_job")
@@ -30,7 +31,16 @@ def prepare(context: FitContext) -> TabularData:
 def fit(context: FitContext) -> FitOutcome:
     spec = context.spec
     data = prepare(context)
-    context.plan(engine.steps_per_epoch(data, spec) * spec.training.epochs)
+    folds: list[Fold] = []
+    final_steps = engine.steps_per_epoch(data, spec) * spec.training.epochs
+    if spec.evaluation is not None:
+        cuts = crossval.cuts(data, spec)
+        fold_steps = crossval.steps(data, spec, cuts)
+        context.plan(fold_steps + final_steps)
+        folds = crossval.cross_validate(data, context, cuts)
+        context = dataclasses.replace(context, observer=crossval.shifted(context.observer, fold_steps))
+    else:
+        context.plan(final_steps)
     if spec.resources.gpus > 1:
         from services.trainer.engines import distributed
 
@@ -44,7 +54,8 @@ def fit(context: FitContext) -> FitOutcome:
     exports = export_all(result.model, data, spec, context)
     outcome = FitOutcome(
         task=data.task, features=data.features, target=data.target, classes=data.classes,
-        n_train=len(data.x_train), n_val=len(data.x_val), metrics={**result.metrics, **tested},
+        n_train=len(data.x_train), n_val=len(data.x_val),
+        metrics={**result.metrics, **tested, **crossval.summary(folds)}, folds=folds,
         n_test=n_test, rows=data.rows,
         history=result.history, confusion=result.confusion, best_epoch=result.best_epoch,
         stopped_early=result.stopped_early, seconds=result.seconds, device=result.device,

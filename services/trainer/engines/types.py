@@ -86,6 +86,14 @@ class Export:
     signature: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Fold:
+    """One fold of a cross-validation: its validation metrics, and its rows' positions in the dataset."""
+
+    metrics: dict[str, float]
+    rows: list[int]
+
+
 @dataclass
 class FitOutcome:
     task: Task
@@ -115,3 +123,5 @@ class FitOutcome:
     n_test: int = 0
     # Each part's row positions in the dataset revision (TabularData.rows): the version's split.json.
     rows: dict[str, list[int]] = field(default_factory=dict)
+    # Cross-validation (evaluation.kfold): each fold's validation metrics and its rows' positions.
+    folds: list[Fold] = field(default_factory=list)

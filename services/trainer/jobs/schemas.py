@@ -357,6 +357,15 @@ class ResourcesSpec(Strict):
     gpus: int = Field(default=0, ge=0, le=64)
 
 
+class EvaluationSpec(Strict):
+    """Cross-validation: ``kfold`` folds of the training rows (stratified by class for classification
+    when ``stratified``), each trained on the others and scored on itself, before the registered model
+    is trained on all training rows; the job reports each fold and their mean and standard deviation."""
+
+    kfold: int = Field(ge=2, le=20, description="How many folds the training rows are cut into.")
+    stratified: bool = Field(default=True, description="Keep each class's share in every fold.")
+
+
 class JobCreate(Strict):
     """A training job, as submitted. ``spec_version`` lets later issues change the shape safely."""
 
@@ -369,6 +378,7 @@ class JobCreate(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     exports: list[ExportFormat] = Field(default_factory=lambda: [ExportFormat.ONNX], min_length=1)
     init_from: ParentVersion | None = None
+    evaluation: EvaluationSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -402,6 +412,9 @@ class JobCreate(Strict):
 
     @model_validator(mode="after")
     def _training_options_fit_the_framework(self) -> JobCreate:
+        if self.evaluation is not None and (self.framework == Framework.KERAS or self.resources.gpus > 1):
+            raise ValueError("evaluation.kfold (cross-validation) needs framework pytorch or transformers "
+                             "on one device (resources.gpus <= 1)")
         if self.framework == Framework.KERAS:
             if self.training.compile:
                 raise ValueError(

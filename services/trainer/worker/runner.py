@@ -383,7 +383,7 @@ def _train_and_register(
     run: _Run, *, database: Database, settings: TrainerSettings, frame: pd.DataFrame
 ) -> tuple[str, dict[str, float], _ProgressWriter]:
     """Fit with the spec's framework, log the outcome, register the model: (version, metrics, writer)."""
-    from services.trainer.engines import frameworks, model_card
+    from services.trainer.engines import crossval, frameworks, model_card
     from services.trainer.engines.types import FitContext
 
     spec, tracking, run_id, job_id, lineage = run.spec, run.tracking, run.run_id, run.job_id, run.lineage
@@ -411,6 +411,8 @@ def _train_and_register(
     per_epoch = {key for entry in outcome.history for key in entry}
     once = {k: v for k, v in outcome.metrics.items() if k not in per_epoch}
     tracking.log_metrics(run_id, {**diffs, **once}, step=spec.training.epochs)
+    for number, fold in enumerate(outcome.folds, start=1):  # cross-validation: one step per fold
+        tracking.log_metrics(run_id, crossval.per_fold(fold), step=number)
     metrics = {**outcome.metrics, **diffs}
     # The last moment a cancel can still keep a model out of the registry.
     if not store.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,

@@ -247,6 +247,40 @@ def test_a_three_way_split_scores_rows_neither_training_nor_early_stopping_saw(s
     assert facts["data"]["rows_test"] == len(parts["test"]) == 114
 
 
+def test_five_fold_cross_validation_on_wine_logs_each_fold_and_their_mean(stack, tmp_path: Path):
+    """evaluation.kfold: five folds of the training rows, each scored on rows its model never trained on,
+    their mean and spread; then the registered model trains on every training row."""
+    from mlflow.tracking import MlflowClient
+    from sklearn.datasets import load_wine
+
+    platform = stack["settings"].platform
+    frame = load_wine(as_frame=True).frame
+    rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("wine_cv", frame).rev
+    spec = job_spec(rev=rev, dataset="wine_cv", model_name="wine_cv", training__epochs=15,
+                    training__learning_rate=0.01, evaluation={"kfold": 5, "stratified": True},
+                    data__split={"train": 0.7, "validation": 0.15, "test": 0.15, "seed": 3})
+    job = run_job(stack, spec)
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    metrics = job["metrics"]
+    uri = platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    folds = client.get_metric_history(job["mlflow_run_id"], "cv_accuracy")
+    assert sorted(m.step for m in folds) == [1, 2, 3, 4, 5]
+    scores = np.asarray([m.value for m in sorted(folds, key=lambda m: m.step)])
+    assert metrics["cv_accuracy_mean"] == pytest.approx(scores.mean())
+    assert metrics["cv_accuracy_std"] == pytest.approx(scores.std())
+    assert metrics["cv_accuracy_mean"] >= 0.85 and "test_accuracy" in metrics
+    assert len(client.get_metric_history(job["mlflow_run_id"], "val_accuracy")) == 15  # the final model's
+    folder = Path(client.download_artifacts(job["mlflow_run_id"], "model", str(tmp_path)))
+    split = json.loads((folder / "split.json").read_text())
+    fold_rows = [set(rows) for rows in split["folds"]["rows"]]
+    assert len(fold_rows) == 5 and sum(len(rows) for rows in fold_rows) == len(split["rows"]["train"])
+    assert set().union(*fold_rows) == set(split["rows"]["train"])  # the folds cut the training rows
+    facts = json.loads((folder / "model_card.json").read_text())
+    assert facts["data"]["rows_train"] == len(split["rows"]["train"])  # refitted on all of them
+    assert job["progress"]["step"] == job["progress"]["steps"]
+
+
 def test_a_fine_tuned_version_names_its_parent_and_starts_from_its_weights(trained, stack):
     from mlflow.tracking import MlflowClient
 
