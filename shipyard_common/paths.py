@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path as PathParam
 from fastapi import Request
 
-from shipyard_common.datasets.names import validate_dataset_name, validate_name, validate_ref
+from shipyard_common.datasets.names import DATASET_NAME, validate_dataset_name, validate_name, validate_ref
 from shipyard_common.errors import InvalidInput
 
 # Where the flows read files to ingest (pipelines.flows.frame_to_csv writes them there too).
@@ -50,6 +51,15 @@ def file_inside(root: Path, value: str, *, what: str) -> Path:
     if path == root or not path.is_relative_to(root):
         raise InvalidInput(f"{what} {value!r} is outside {root}: {hint}")
     return path
+
+
+#: A plain name in a route's path (a model, a dataset, a pipeline), for the OpenAPI: the pattern is what
+#: ``plain_names`` admits (it refuses anything else with a 400 saying what is allowed, before FastAPI's
+#: validation could answer a 422 without saying it), so the pattern is documented, not enforced here.
+PlainName = Annotated[str, PathParam(
+    description="Letters, digits, '_', '-' and '.', starting with a letter or digit; no '..'.",
+    json_schema_extra={"pattern": DATASET_NAME.pattern},
+)]
 
 
 def plain_names(**kinds: str) -> Callable[[Request], None]:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from services.monitor.feedback import service
 from services.monitor.feedback.schemas import MAX_LABELS, FeedbackAccepted, FeedbackItem, FeedbackSummary
 from shipyard_common.auth import Principal, Role, role_checker
-from shipyard_common.paths import plain_names
+from shipyard_common.paths import PlainName, plain_names
 from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a path or a filter is one plain name, refused (400) before any lookup.
@@ -37,7 +37,7 @@ def send_feedback(
 @router.get("/feedback/{model}", response_model=FeedbackSummary, responses=error_responses(404))
 def get_feedback(
     request: Request,
-    model: str,
+    model: PlainName,
     _: Annotated[Principal, Depends(role_checker(Role.VIEWER))],
     windows: Annotated[int, Query(ge=1, le=500, description="Windows per version, newest first.")] = 20,
 ) -> FeedbackSummary:

@@ -23,7 +23,7 @@ from services.monitor.retraining.schemas import (
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.datasets import validate_name
 from shipyard_common.orm import MAX_BIGINT
-from shipyard_common.paths import check_flow_parameters, plain_names
+from shipyard_common.paths import PlainName, check_flow_parameters, plain_names
 from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a path or a filter is one plain name, refused (400) before any lookup.
@@ -53,7 +53,7 @@ def _check_parameters(request: Request, parameters: RetrainParameters | None) ->
 
 
 @router.put("/policies/{model}", response_model=PolicyPublic, responses=CHANGE_ERRORS)
-def put_policy(request: Request, model: str, body: PolicyCreate, who: Approver) -> PolicyPublic:
+def put_policy(request: Request, model: PlainName, body: PolicyCreate, who: Approver) -> PolicyPublic:
     """Create or replace the model's policy (it must have a production version)."""
     _check_parameters(request, body.parameters)
     return service.put_policy(monitor=_monitor(request), model=model, body=body, by=who.name)
@@ -65,12 +65,12 @@ def list_policies(request: Request, _: Viewer) -> list[PolicyPublic]:
 
 
 @router.get("/policies/{model}", response_model=PolicyPublic, responses=error_responses(404))
-def get_policy(request: Request, model: str, _: Viewer) -> PolicyPublic:
+def get_policy(request: Request, model: PlainName, _: Viewer) -> PolicyPublic:
     return service.get_policy(monitor=_monitor(request), model=model)
 
 
 @router.delete("/policies/{model}", response_model=PolicyPublic, responses=error_responses(404))
-def delete_policy(request: Request, model: str, _: Approver) -> PolicyPublic:
+def delete_policy(request: Request, model: PlainName, _: Approver) -> PolicyPublic:
     """Remove the policy (answered as it was); the triggers it fired stay, and a retraining under way
     is still followed."""
     return service.delete_policy(monitor=_monitor(request), model=model)

@@ -13,7 +13,7 @@ from services.monitor.windows.schemas import DriftPublic, DriftSummary, ReportPa
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import InvalidInput
 from shipyard_common.orm import MAX_BIGINT
-from shipyard_common.paths import plain_names
+from shipyard_common.paths import PlainName, plain_names
 from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a path or a filter is one plain name, refused (400) before any lookup.
@@ -36,14 +36,14 @@ def list_latest_drift(request: Request, _: Viewer) -> list[DriftSummary]:
 
 
 @router.get("/drift/{model}", response_model=DriftPublic, responses=error_responses(404))
-def get_drift(request: Request, model: str, _: Viewer, version: Version = None) -> DriftPublic:
+def get_drift(request: Request, model: PlainName, _: Viewer, version: Version = None) -> DriftPublic:
     """The drift of the newest ``ok`` window of ``model`` (of ``version``, if given)."""
     return queries.get_drift(monitor=request.app.state.monitor, model=model, version=version)
 
 
 @router.get("/windows/{model}", response_model=WindowPage, responses=error_responses(404))
 def list_windows(
-    request: Request, model: str, _: Viewer, version: Version = None, status: str | None = None,
+    request: Request, model: PlainName, _: Viewer, version: Version = None, status: str | None = None,
     before: Before = None, limit: Limit = 50,
 ) -> WindowPage:
     """The closed windows of ``model``, newest first."""
@@ -55,7 +55,7 @@ def list_windows(
 
 @router.get("/reports/{model}", response_model=ReportPage, responses=error_responses(404))
 def list_reports(
-    request: Request, model: str, _: Viewer, before: Before = None, limit: Limit = 50
+    request: Request, model: PlainName, _: Viewer, before: Before = None, limit: Limit = 50
 ) -> ReportPage:
     """The windows of ``model`` that have an Evidently report, newest first."""
     return queries.list_reports(monitor=request.app.state.monitor, model=model, before=before, limit=limit)
@@ -67,7 +67,7 @@ def list_reports(
           "description": "The report as HTML, or (format=json) Evidently's snapshot."},
     **error_responses(404)})
 def get_report(
-    request: Request, model: str, window_id: WindowId, _: Viewer,
+    request: Request, model: PlainName, window_id: WindowId, _: Viewer,
     format: Annotated[str, Query(pattern="^(html|json)$", description="html, or the snapshot")] = "html",
 ) -> Response:
     """Evidently's report of one window, rendered from its stored snapshot."""

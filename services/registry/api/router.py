@@ -40,7 +40,7 @@ from services.registry.core.schemas import (
 )
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.orm import MAX_BIGINT
-from shipyard_common.paths import plain_names
+from shipyard_common.paths import PlainName, plain_names
 from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A model named in a path or a filter is one plain name, refused (400) before any lookup.
@@ -93,13 +93,14 @@ def list_models(
 
 
 @router.get("/models/{name}", response_model=ModelPublic, tags=["models"])
-def get_model(registry: RegistryDep, name: str, _: Viewer) -> ModelPublic:
+def get_model(registry: RegistryDep, name: PlainName, _: Viewer) -> ModelPublic:
     return catalog.get_model(store=registry.store, name=name)
 
 
 @router.get("/models/{name}/versions", response_model=VersionPage, tags=["models"])
 def list_versions(
-    registry: RegistryDep, name: str, _: Viewer, page_token: PageToken = None, max_results: MaxResults = None
+    registry: RegistryDep, name: PlainName, _: Viewer, page_token: PageToken = None,
+    max_results: MaxResults = None,
 ) -> VersionPage:
     return catalog.list_versions(
         store=registry.store,
@@ -110,7 +111,9 @@ def list_versions(
 
 
 @router.get("/models/{name}/versions/{version}", response_model=VersionDetail, tags=["models"])
-def get_version(request: Request, registry: RegistryDep, name: str, version: str, _: Viewer) -> VersionDetail:
+def get_version(
+    request: Request, registry: RegistryDep, name: PlainName, version: str, _: Viewer
+) -> VersionDetail:
     return catalog.version_detail(
         registry=registry, name=name, version=version, authorization=caller_authorization(request)
     )
@@ -119,7 +122,7 @@ def get_version(request: Request, registry: RegistryDep, name: str, version: str
 @router.get("/models/{name}/compare", response_model=ComparePublic, tags=["models"])
 def compare_versions(
     registry: RegistryDep,
-    name: str,
+    name: PlainName,
     _: Viewer,
     a: Annotated[str, Query(description="The base version.")],
     b: Annotated[str, Query(description="The version compared with it (deltas are b − a).")],
@@ -130,7 +133,7 @@ def compare_versions(
 @router.post("/models/{name}/versions/{version}/promote", response_model=PromotePublic, tags=["promotion"],
              responses=CHANGE_ERRORS)
 def promote_version(
-    registry: RegistryDep, name: str, version: str, body: PromoteCreate, principal: Admin
+    registry: RegistryDep, name: PlainName, version: str, body: PromoteCreate, principal: Admin
 ) -> PromotePublic:
     """Move an alias at once, without a request (admin only; marked ``direct`` in the audit)."""
     return promotion.promote_directly(
@@ -147,7 +150,7 @@ def promote_version(
 @router.delete("/models/{name}/aliases/{alias}", response_model=AliasRemovedPublic, tags=["promotion"],
                responses=CHANGE_ERRORS)
 def delete_alias(
-    registry: RegistryDep, name: str, alias: AliasName, principal: Approver, reason: Why = None
+    registry: RegistryDep, name: PlainName, alias: AliasName, principal: Approver, reason: Why = None
 ) -> AliasRemovedPublic:
     return promotion.remove_alias(
         registry=registry, name=name, alias=alias, reason=reason, actor=principal.name
@@ -159,7 +162,7 @@ def delete_alias(
     responses=CHANGE_ERRORS,
 )
 def create_request(
-    registry: RegistryDep, name: str, body: PromotionRequestCreate, principal: Requester
+    registry: RegistryDep, name: PlainName, body: PromotionRequestCreate, principal: Requester
 ) -> PromotionRequestPublic:
     """Ask for an alias move; an approver who is not you decides it."""
     return approvals.create_request(
@@ -221,7 +224,9 @@ def cancel_request(
 
 @router.post("/models/{name}/rollback", response_model=PromotePublic, tags=["promotion"],
              responses=CHANGE_ERRORS)
-def rollback(registry: RegistryDep, name: str, body: RollbackCreate, principal: Approver) -> PromotePublic:
+def rollback(
+    registry: RegistryDep, name: PlainName, body: RollbackCreate, principal: Approver
+) -> PromotePublic:
     """Production back to the version it named before the current one."""
     return history.rollback(registry=registry, name=name, actor=principal.name, reason=body.reason)
 
@@ -230,7 +235,7 @@ def rollback(registry: RegistryDep, name: str, body: RollbackCreate, principal: 
              responses=CHANGE_ERRORS)
 def archive_version(
     registry: RegistryDep,
-    name: str,
+    name: PlainName,
     version: str,
     principal: Approver,
     reason: Annotated[str | None, Body(embed=True, max_length=2000)] = None,
@@ -244,7 +249,7 @@ def archive_version(
              responses=CHANGE_ERRORS)
 def restore_version(
     registry: RegistryDep,
-    name: str,
+    name: PlainName,
     version: str,
     principal: Approver,
     reason: Annotated[str | None, Body(embed=True, max_length=2000)] = None,
@@ -257,7 +262,7 @@ def restore_version(
 @router.get("/models/{name}/history", response_model=HistoryPublic, tags=["promotion"])
 def get_history(
     registry: RegistryDep,
-    name: str,
+    name: PlainName,
     _: Viewer,
     at: Annotated[
         datetime | None, Query(description="ISO 8601 moment: which version was production then.")
@@ -268,13 +273,13 @@ def get_history(
 
 
 @router.get("/models/{name}/gate", response_model=GatePublic, tags=["promotion"])
-def get_gate(registry: RegistryDep, name: str, _: Viewer) -> GatePublic:
+def get_gate(registry: RegistryDep, name: PlainName, _: Viewer) -> GatePublic:
     return promotion.get_gate(registry=registry, name=name)
 
 
 @router.put("/models/{name}/gate", response_model=GatePublic, tags=["promotion"],
             responses=CHANGE_ERRORS)
-def set_gate(registry: RegistryDep, name: str, body: GateSet, principal: Admin) -> GatePublic:
+def set_gate(registry: RegistryDep, name: PlainName, body: GateSet, principal: Admin) -> GatePublic:
     return promotion.set_gate(
         registry=registry, name=name, rules=body.rules, aliases=list(body.aliases), actor=principal.name
     )

@@ -19,7 +19,7 @@ from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.datasets import LATEST, DataRepo, validate_dataset_name, validate_ref
 from shipyard_common.db import Database
 from shipyard_common.errors import InvalidInput, PayloadTooLarge
-from shipyard_common.paths import plain_names
+from shipyard_common.paths import PlainName, plain_names
 from shipyard_common.web import AUTHED_ERRORS, error_responses
 
 # A dataset named in a path is one plain name, refused (400) before any lookup.
@@ -66,7 +66,7 @@ def parse_frame(raw: bytes, fmt: str) -> pd.DataFrame:
 @router.post("/datasets/{name}", status_code=status.HTTP_201_CREATED, openapi_extra=DATASET_BODY,
              responses=error_responses(404, 409, 413))
 async def add_dataset(
-    name: str,
+    name: PlainName,
     request: Request,
     repo: RepoDep,
     _: Trainer,
@@ -94,7 +94,7 @@ async def add_dataset(
 
 
 @router.put("/datasets/{name}/rules", openapi_extra=RULES_BODY, responses=error_responses(404, 413))
-async def set_rules(name: str, request: Request, repo: RepoDep, _: Trainer) -> dict[str, Any]:
+async def set_rules(name: PlainName, request: Request, repo: RepoDep, _: Trainer) -> dict[str, Any]:
     """Check in the dataset's rules (YAML, docs/data.md); 400 naming what does not parse."""
     text = (await request.body()).decode("utf-8", errors="replace")
     rev = await run_in_threadpool(repo.set_rules, name, text)
@@ -114,13 +114,13 @@ def list_datasets(repo: RepoDep, _: Viewer) -> list[dict[str, Any]]:
 
 
 @router.get("/datasets/{name}", responses=error_responses(404))
-def list_versions(name: str, repo: RepoDep, _: Viewer) -> dict[str, Any]:
+def list_versions(name: PlainName, repo: RepoDep, _: Viewer) -> dict[str, Any]:
     return {"name": name, "versions": repo.versions(name), "rules": repo.rules_text(name)}
 
 
 @router.get("/datasets/{name}/versions/{rev}", responses=error_responses(404))
 def show_version(
-    name: str, rev: str, repo: RepoDep, database: Annotated[Database, Depends(_database)], _: Viewer
+    name: PlainName, rev: str, repo: RepoDep, database: Annotated[Database, Depends(_database)], _: Viewer
 ) -> dict[str, Any]:
     """One version (``rev``: a commit id, short or full, a tag or ``latest``) and the models trained on it."""
     info = repo.info(name, rev or LATEST)
@@ -129,7 +129,7 @@ def show_version(
 
 
 @router.get("/datasets/{name}/diff", responses=error_responses(404))
-def diff_versions(name: str, a: str, b: str, repo: RepoDep, _: Viewer) -> dict[str, Any]:
+def diff_versions(name: PlainName, a: str, b: str, repo: RepoDep, _: Viewer) -> dict[str, Any]:
     # Both revisions checked before either is looked up: a bad ``b`` is named even when ``a`` is missing.
     validate_ref(a)
     validate_ref(b)

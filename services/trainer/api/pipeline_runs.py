@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError, Unavailable
-from shipyard_common.paths import check_flow_parameters, plain_names
+from shipyard_common.paths import PlainName, check_flow_parameters, plain_names
 from shipyard_common.settings import PlatformSettings
 from shipyard_common.web import AUTHED_ERRORS, error_responses
 
@@ -60,7 +60,9 @@ def _platform(request: Request) -> PlatformSettings:
 
 
 @router.post("/{name}/runs", response_model=PipelineRunPublic, status_code=status.HTTP_202_ACCEPTED)
-async def start_run(request: Request, name: str, body: PipelineRunCreate, _: Trainer) -> PipelineRunPublic:
+async def start_run(
+    request: Request, name: PlainName, body: PipelineRunCreate, _: Trainer
+) -> PipelineRunPublic:
     """Start pipeline ``name`` (ingest, train_and_deploy, retrain) with ``parameters``; its run id at once."""
     from pipelines import PIPELINES
     from pipelines.runs import astart_pipeline, ui_url
