@@ -37,6 +37,7 @@ from services.monitor.settings import MonitorSettings
 from services.registry.app import create_app as create_registry
 from services.registry.settings import RegistrySettings
 from services.serving.app import create_app as create_serving
+from services.serving.fastlane.uvicorn_protocol import FastLaneHttpProtocol
 from services.serving.settings import ServingSettings
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
@@ -113,10 +114,22 @@ def can_be_invalid(described: dict[str, Any], fixed: set[str]) -> bool:
 def run_operation(
     operation: Any, mode: GenerationMode, path_parameters: dict[str, str] | None, calls: list[int]
 ) -> str:
-    """``EXAMPLES`` generated calls of ``operation``; what schemathesis reports of the first failure."""
+    """``EXAMPLES`` generated calls of ``operation`` (positive: after the examples its OpenAPI gives);
+    what schemathesis reports of the first failure."""
+    strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
+    if mode is GenerationMode.POSITIVE:
+        documented = operation.get_strategies_from_examples(path_parameters=path_parameters)
+        problem = "".join(calls_of(operation, one, mode, calls, examples=1) for one in documented)
+        if problem:
+            return problem
+    return calls_of(operation, strategy, mode, calls, examples=EXAMPLES)
 
-    @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters))
-    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+
+def calls_of(operation: Any, strategy: Any, mode: GenerationMode, calls: list[int], *, examples: int) -> str:
+    """``examples`` calls of ``operation`` drawn from ``strategy``; the first failure's report."""
+
+    @given(case=strategy)
+    @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
               print_blob=False)
     def call(case: Any) -> None:
@@ -167,8 +180,9 @@ def test_registry_openapi(platform: PlatformSettings, served_model: str) -> None
 
 
 def test_serving_openapi(platform: PlatformSettings, served_model: str) -> None:
+    """As ``python -m services.serving`` serves it: predictions answered in the fast lane's protocol."""
     app = create_serving(ServingSettings(platform=platform, reconcile_interval_s=300.0))
-    with running_app(app) as base:
+    with running_app(app, http=FastLaneHttpProtocol) as base:
         failures = fuzz(ready(base), model=served_model)
     assert not failures, report(failures)
 

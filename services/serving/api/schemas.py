@@ -103,6 +103,83 @@ TF_PREDICT_REQUEST: dict[str, Any] = {
 }
 
 
-def json_body(schema: dict[str, Any]) -> dict[str, Any]:
-    """``openapi_extra`` documenting a required JSON request body of ``schema``."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def json_body(schema: dict[str, Any], example: Any) -> dict[str, Any]:
+    """``openapi_extra`` documenting a required JSON request body of ``schema``, with ``example``."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema, "example": example}}}}
+
+
+# Examples for a model of four float features whose input is named "input" (as the trainer exports).
+V2_INFER_EXAMPLE = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                                "data": [0.1, 0.2, 0.3, 0.4]}]}
+TF_PREDICT_EXAMPLE = {"instances": [[0.1, 0.2, 0.3, 0.4]]}
+
+
+# What the protocol routes answer (their codecs build the bytes; these describe them for the OpenAPI).
+class ServerMetadataPublic(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class LivePublic(BaseModel):
+    live: bool
+
+
+class ModelReadyPublic(BaseModel):
+    name: str
+    version: str
+    ready: bool
+
+
+class TensorMetadataPublic(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 where any size is taken (the batch).")
+
+
+class ModelMetadataPublic(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadataPublic]
+    outputs: list[TensorMetadataPublic]
+
+
+class OutputTensorPublic(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = Field(default=None, description="Row-major values (JSON tensors).")
+    parameters: dict[str, Any] | None = Field(default=None, description="binary_data_size (binary tensors).")
+
+
+class InferResponsePublic(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[OutputTensorPublic]
+
+
+class TfPredictPublic(BaseModel):
+    """Rows (``instances``) are answered in ``predictions``, columns (``inputs``) in ``outputs``."""
+
+    predictions: list[Any] | None = None
+    outputs: Any = None
+
+
+class TfModelStatusPublic(BaseModel):
+    model_version_status: list[dict[str, Any]]
+
+
+class TfMetadataPublic(BaseModel):
+    model_spec: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+#: v2 infer's answer: JSON, or with binary outputs the JSON header followed by their bytes.
+INFER_ANSWER: dict[int | str, dict[str, Any]] = {200: {
+    "model": InferResponsePublic,
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    "description": "The outputs; binary ones after the JSON header (Inference-Header-Content-Length).",
+}}

@@ -26,7 +26,15 @@ from services.serving.api.http import (
     handle,
     respond,
 )
-from services.serving.api.schemas import TF_PREDICT_REQUEST, ProtocolErrorPublic, json_body
+from services.serving.api.schemas import (
+    TF_PREDICT_EXAMPLE,
+    TF_PREDICT_REQUEST,
+    ProtocolErrorPublic,
+    TfMetadataPublic,
+    TfModelStatusPublic,
+    TfPredictPublic,
+    json_body,
+)
 from services.serving.core.dataplane import DataPlane, served_model
 from services.serving.core.loaded import ServedModel
 from services.serving.core.requests import Inference, Input
@@ -39,7 +47,7 @@ from shipyard_common.web import error_responses
 router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"],
                    responses=error_responses(400, 401, 404, 429, 503, model=ProtocolErrorPublic))
 PREDICT_ERRORS = error_responses(413, 415, 422, 502, model=ProtocolErrorPublic)
-PREDICT_BODY = json_body(TF_PREDICT_REQUEST)
+PREDICT_BODY = json_body(TF_PREDICT_REQUEST, TF_PREDICT_EXAMPLE)
 
 
 def predict(
@@ -76,17 +84,20 @@ async def _predict(request: Request, name: str, version: str | None, label: str 
         started=started)))
 
 
-@router.post("/{name}:predict", responses=PREDICT_ERRORS, openapi_extra=PREDICT_BODY)
+@router.post("/{name}:predict", response_model=TfPredictPublic, responses=PREDICT_ERRORS,
+             openapi_extra=PREDICT_BODY)
 async def tfserving_predict(request: Request, name: str) -> Response:
     return await _predict(request, name, None, None)
 
 
-@router.post("/{name}/versions/{version}:predict", responses=PREDICT_ERRORS, openapi_extra=PREDICT_BODY)
+@router.post("/{name}/versions/{version}:predict", response_model=TfPredictPublic, responses=PREDICT_ERRORS,
+             openapi_extra=PREDICT_BODY)
 async def tfserving_predict_version(request: Request, name: str, version: str) -> Response:
     return await _predict(request, name, version, None)
 
 
-@router.post("/{name}/labels/{label}:predict", responses=PREDICT_ERRORS, openapi_extra=PREDICT_BODY)
+@router.post("/{name}/labels/{label}:predict", response_model=TfPredictPublic, responses=PREDICT_ERRORS,
+             openapi_extra=PREDICT_BODY)
 async def tfserving_predict_label(request: Request, name: str, label: str) -> Response:
     return await _predict(request, name, None, label)
 
@@ -100,28 +111,28 @@ def _answer(request: Request, answer: Callable[[DataPlane], ProtocolResponse]) -
     return respond(answer(get_dataplane(request)))
 
 
-@router.get("/{name}/versions/{version}")
+@router.get("/{name}/versions/{version}", response_model=TfModelStatusPublic)
 def tfserving_version_status(request: Request, name: str, version: str) -> Response:
     return _answer(request, lambda plane: tfserving.model_status(dataplane=plane, name=name, version=version))
 
 
-@router.get("/{name}/labels/{label}")
+@router.get("/{name}/labels/{label}", response_model=TfModelStatusPublic)
 def tfserving_label_status(request: Request, name: str, label: str) -> Response:
     return _answer(request, lambda plane: tfserving.model_status(dataplane=plane, name=name, label=label))
 
 
-@router.get("/{name}/metadata")
+@router.get("/{name}/metadata", response_model=TfMetadataPublic)
 def tfserving_metadata(request: Request, name: str) -> Response:
     return _answer(request, lambda plane: tfserving.model_metadata(dataplane=plane, name=name))
 
 
-@router.get("/{name}/versions/{version}/metadata")
+@router.get("/{name}/versions/{version}/metadata", response_model=TfMetadataPublic)
 def tfserving_version_metadata(request: Request, name: str, version: str) -> Response:
     return _answer(request, lambda plane: tfserving.model_metadata(
         dataplane=plane, name=name, version=version))
 
 
-@router.get("/{name}/labels/{label}/metadata")
+@router.get("/{name}/labels/{label}/metadata", response_model=TfMetadataPublic)
 def tfserving_label_metadata(request: Request, name: str, label: str) -> Response:
     return _answer(request, lambda plane: tfserving.model_metadata(dataplane=plane, name=name, label=label))
 

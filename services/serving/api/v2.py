@@ -27,7 +27,18 @@ from services.serving.api.http import (
     handle,
     respond,
 )
-from services.serving.api.schemas import V2_INFER_REQUEST, ProtocolErrorPublic, ReadyPublic, json_body
+from services.serving.api.schemas import (
+    INFER_ANSWER,
+    V2_INFER_EXAMPLE,
+    V2_INFER_REQUEST,
+    LivePublic,
+    ModelMetadataPublic,
+    ModelReadyPublic,
+    ProtocolErrorPublic,
+    ReadyPublic,
+    ServerMetadataPublic,
+    json_body,
+)
 from services.serving.core.dataplane import (
     DataPlane,
     new_request_id,
@@ -45,15 +56,16 @@ from shipyard_common.web import error_responses, http_error
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"],
                    responses=error_responses(400, 404, 429, 503, model=ProtocolErrorPublic))
 TOKEN_ERRORS = error_responses(401, model=ProtocolErrorPublic)
-INFER_ERRORS = error_responses(401, 413, 415, 422, 502, model=ProtocolErrorPublic)
+INFER_BODY = json_body(V2_INFER_REQUEST, V2_INFER_EXAMPLE)
+INFER_ERRORS = {**INFER_ANSWER, **error_responses(401, 413, 415, 422, 502, model=ProtocolErrorPublic)}
 
 
-@router.get("")
+@router.get("", response_model=ServerMetadataPublic)
 def server_metadata(request: Request) -> Response:
     return respond(v2.json_response(v2.server_metadata(request.app.version)))
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_model=LivePublic)
 def live() -> Response:
     return respond(v2.json_response({"live": True}))
 
@@ -83,22 +95,23 @@ def _about(
         return respond(v2.error_response(exc))
 
 
-@router.get("/models/{name}/ready")
+@router.get("/models/{name}/ready", response_model=ModelReadyPublic)
 def model_ready(request: Request, name: str) -> Response:
     return _about(request, name, None, v2.model_ready, token=False)
 
 
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadyPublic)
 def model_version_ready(request: Request, name: str, version: str) -> Response:
     return _about(request, name, version, v2.model_ready, token=False)
 
 
-@router.get("/models/{name}", responses=TOKEN_ERRORS)
+@router.get("/models/{name}", response_model=ModelMetadataPublic, responses=TOKEN_ERRORS)
 def model_metadata(request: Request, name: str) -> Response:
     return _about(request, name, None, v2.model_metadata, token=True)
 
 
-@router.get("/models/{name}/versions/{version}", responses=TOKEN_ERRORS)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadataPublic,
+            responses=TOKEN_ERRORS)
 def model_version_metadata(request: Request, name: str, version: str) -> Response:
     return _about(request, name, version, v2.model_metadata, token=True)
 
@@ -141,13 +154,12 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         content_type=request.headers.get("content-type"), started=started)))
 
 
-@router.post("/models/{name}/infer", responses=INFER_ERRORS, openapi_extra=json_body(V2_INFER_REQUEST))
+@router.post("/models/{name}/infer", responses=INFER_ERRORS, openapi_extra=INFER_BODY)
 async def infer_route(request: Request, name: str) -> Response:
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS,
-             openapi_extra=json_body(V2_INFER_REQUEST))
+@router.post("/models/{name}/versions/{version}/infer", responses=INFER_ERRORS, openapi_extra=INFER_BODY)
 async def infer_version(request: Request, name: str, version: str) -> Response:
     return await _infer(request, name, version)
 
