@@ -5,9 +5,11 @@ Each service runs as its tests run it (uvicorn on a free port; the machine's Red
 database or SQLite file of the test's own, the session's real MLflow server). Its ``/openapi.json``
 is loaded with schemathesis, and every operation is called with requests generated from it, valid
 ones (positive) and invalid ones (negative), with an admin token: a fixed seed (``derandomize``),
-``EXAMPLES`` of each, no shrinking (a failure is reported as found). Operations with a ``{name}``
-(serving, the registry, the monitor) are fuzzed a second time with the name of a model the fixture
-registered and served, so that requests get past the lookup into decoding and the data plane.
+``EXAMPLES`` of each, no shrinking (a failure is reported as found), after the examples the OpenAPI
+documents. Operations with a ``{name}`` (serving, the registry, the monitor) are fuzzed a second time
+with the name of a model the fixture registered and served, so that requests get past the lookup into
+decoding and the data plane (v2 infer's example is answered, and its answer checked). Serving runs in
+the fast lane's HTTP protocol, as ``python -m services.serving`` serves it.
 
 A failing operation does not stop the others: the test fails at the end listing each failure
 (schemathesis' own report of the request, the answer and what was wrong). No operation is left out.
