@@ -57,17 +57,27 @@ def create_job(
 
 
 def pin_dataset(data_repo: DataRepo, spec: JobCreate) -> JobCreate:
-    """The spec with its dataset revision resolved to the full commit id; a dataset or revision that
-    does not exist is refused now (422 naming it), not when a worker gets to the job."""
+    """The spec with its dataset revisions (``data.rev``, ``data.split.test_rev``) resolved to full commit
+    ids; a dataset or revision that does not exist is refused now (422 naming it), not when a worker
+    gets to the job."""
+    rev = _pinned(data_repo, spec.data.dataset, spec.data.rev, "data.rev")
+    data = spec.data.model_copy(update={"rev": rev})
+    split = spec.data.split
+    if split is not None and split.test_rev is not None:
+        test_rev = _pinned(data_repo, spec.data.dataset, split.test_rev, "data.split.test_rev")
+        data = data.model_copy(update={"split": split.model_copy(update={"test_rev": test_rev})})
+    return spec.model_copy(update={"data": data})
+
+
+def _pinned(data_repo: DataRepo, dataset: str, rev: str, rev_field: str) -> str:
     try:
-        sha = data_repo.resolve(spec.data.dataset, spec.data.rev)
+        return data_repo.resolve(dataset, rev)
     except DatasetNotFound as exc:
-        field = "data.dataset" if exc.field == "dataset" else "data.rev"
+        field = "data.dataset" if exc.field == "dataset" else rev_field
         raise ValidationFailed(
             f"invalid request: {field}: {exc.message}",
             details=[{"field": field, "message": exc.message, "type": "not_found"}],
         ) from None
-    return spec.model_copy(update={"data": spec.data.model_copy(update={"rev": sha})})
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=error_responses(404))

@@ -132,7 +132,7 @@ def acknowledging(context: FitContext, ack: Path) -> FitContext:
 
 def fit(context: FitContext) -> FitOutcome:
     spec = context.spec
-    data = engine.prepare_data(context.frame, spec)
+    data = engine.prepare_data(context.frame, spec, context.test_frame)
     check_spec(data, spec, context.device)
     folder = context.workdir / "keras"
     folder.mkdir(parents=True, exist_ok=True)

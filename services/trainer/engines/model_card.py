@@ -86,6 +86,8 @@ def split_record(*, outcome: FitOutcome, spec: JobCreate) -> dict[str, Any]:
     else:
         how = {"method": "shares", "train": split.train, "validation": split.validation, "test": split.test,
                "seed": split.seed}
+    if split is not None and split.test_rev is not None:
+        how["test_revision"] = split.test_rev  # rows["test"]: positions in that revision
     stratified = outcome.task == Task.CLASSIFICATION and how["method"] != "column"
     record = {"dataset": spec.data.dataset, "revision": spec.data.rev, **how, "stratified": stratified,
               "rows": outcome.rows}

@@ -18,18 +18,40 @@ from services.trainer.jobs.schemas import SPLIT_PARTS, JobCreate, Task
 from shipyard_common.errors import InvalidInput
 
 
-def prepare_data(frame: pd.DataFrame, spec: JobCreate) -> TabularData:
-    """Pick the columns, check them, and split them (:func:`split_rows`; stratified for classification)."""
+def prepare_data(frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame | None = None) -> TabularData:
+    """Pick the columns, check them, and split them (:func:`split_rows`; stratified for classification);
+    ``test_frame``: the rows of ``data.split.test_rev``, the test rows when the split names one."""
     data = spec.data
-    columns = [str(c) for c in frame.columns]
     split_column = data.split.column if data.split is not None else None
     features = list(data.features) if data.features is not None else [
-        c for c in columns if c not in (data.target, split_column)]
-    needed = [data.target, *features, *([split_column] if split_column else [])]
-    missing = [c for c in needed if c not in columns]
+        str(c) for c in frame.columns if str(c) not in (data.target, split_column)]
+    x = _feature_rows(frame, features, spec, data.rev, extra=[split_column] if split_column else [])
+    y, classes = _labels(frame[data.target], spec)
+    rows = split_rows(frame, spec, y if classes else None)
+    test = rows.get("test")
+    x_test, y_test = (None, None) if test is None else (x[test], y[test])
+    if test_frame is not None and data.split is not None and data.split.test_rev is not None:
+        x_test = _feature_rows(test_frame, features, spec, data.split.test_rev)
+        y_test, _ = _labels(test_frame[data.target], spec, classes=classes)
+        rows["test"] = np.arange(len(test_frame))
+    return TabularData(
+        features=features, target=data.target, task=data.task,
+        x_train=x[rows["train"]], y_train=y[rows["train"]], x_val=x[rows["validation"]],
+        y_val=y[rows["validation"]], classes=[_plain(c) for c in classes], x_test=x_test, y_test=y_test,
+        rows={part: positions.tolist() for part, positions in rows.items()},
+    )
+
+
+def _feature_rows(
+    frame: pd.DataFrame, features: list[str], spec: JobCreate, rev: str, extra: list[str] | None = None
+) -> np.ndarray:
+    """``features`` of ``frame`` (revision ``rev``) as float32 rows, or the 422 naming what is wrong."""
+    data = spec.data
+    columns = [str(c) for c in frame.columns]
+    missing = [c for c in [data.target, *features, *(extra or [])] if c not in columns]
     if missing:
         raise InvalidInput(
-            f"dataset {data.dataset!r} at {data.rev[:12]} has no column(s) {missing}; "
+            f"dataset {data.dataset!r} at {rev[:12]} has no column(s) {missing}; "
             f"its columns are {columns[:50]}"
         )
     if not features:
@@ -40,31 +62,30 @@ def prepare_data(frame: pd.DataFrame, spec: JobCreate) -> TabularData:
     with_gaps = [c for c in [*features, data.target] if frame[c].isna().any()]
     if with_gaps:
         raise InvalidInput(f"column(s) {with_gaps[:20]} have missing values; fill or drop them first")
+    rows: np.ndarray = frame[features].to_numpy(dtype=np.float32)
+    return rows
 
-    x = frame[features].to_numpy(dtype=np.float32)
-    target = frame[data.target]
-    classes: list[Any] = []
-    stratify = None
-    if data.task == Task.CLASSIFICATION:
+
+def _labels(
+    target: pd.Series, spec: JobCreate, classes: list[Any] | None = None
+) -> tuple[np.ndarray, list[Any]]:
+    """The target as class indices (classification: the sorted classes, or ``classes`` given by the
+    training rows) or float32 values (regression), and the classes."""
+    name = spec.data.target
+    if spec.data.task != Task.CLASSIFICATION:
+        if not pd.api.types.is_numeric_dtype(target):
+            raise InvalidInput(f"target {name!r} is not numeric; regression needs a number")
+        return target.to_numpy(dtype=np.float32).reshape(-1, 1), []
+    if classes is None:
         classes = sorted(target.unique().tolist())
         if len(classes) < 2:
-            raise InvalidInput(f"target {data.target!r} has {len(classes)} class; classification needs two")
-        index = {label: i for i, label in enumerate(classes)}
-        y = target.map(index).to_numpy(dtype=np.int64)
-        stratify = y
-    else:
-        if not pd.api.types.is_numeric_dtype(target):
-            raise InvalidInput(f"target {data.target!r} is not numeric; regression needs a number")
-        y = target.to_numpy(dtype=np.float32).reshape(-1, 1)
-    rows = split_rows(frame, spec, stratify)
-    test = rows.get("test")
-    return TabularData(
-        features=features, target=data.target, task=data.task,
-        x_train=x[rows["train"]], y_train=y[rows["train"]], x_val=x[rows["validation"]],
-        y_val=y[rows["validation"]], classes=[_plain(c) for c in classes],
-        x_test=None if test is None else x[test], y_test=None if test is None else y[test],
-        rows={part: positions.tolist() for part, positions in rows.items()},
-    )
+            raise InvalidInput(f"target {name!r} has {len(classes)} class; classification needs two")
+    unseen = sorted(set(target.unique().tolist()) - set(classes), key=str)
+    if unseen:
+        raise InvalidInput(f"the test revision's target {name!r} holds classes {unseen[:10]} that the "
+                           f"training revision does not ({classes[:20]})")
+    index = {label: i for i, label in enumerate(classes)}
+    return target.map(index).to_numpy(dtype=np.int64), classes
 
 
 def split_rows(frame: pd.DataFrame, spec: JobCreate, stratify: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -72,13 +93,21 @@ def split_rows(frame: pd.DataFrame, spec: JobCreate, stratify: np.ndarray | None
     row's part), else ``validation_split`` with the training seed (train and validation only)."""
     data, split = spec.data, spec.data.split
     if split is not None and split.column is not None:
-        return _parts_from_column(frame[split.column], split.column)
+        parts = _parts_from_column(frame[split.column], split.column)
+        if split.test_rev is not None and "test" in parts:
+            raise InvalidInput(f"split column {split.column!r} names test rows, but data.split.test_rev "
+                               "gives them: name only train and validation rows")
+        return parts
     everything = np.arange(len(frame))
     if split is None:
         train, validation = _draw(everything, data.validation_split, spec.training.seed, stratify,
                                   "validation")
         return {"train": train, "validation": validation}
-    assert split.train is not None and split.validation is not None and split.test is not None
+    assert split.train is not None and split.validation is not None
+    if split.test_rev is not None:  # the test rows are another revision's
+        train, validation = _draw(everything, split.validation, split.seed, stratify, "validation")
+        return {"train": train, "validation": validation}
+    assert split.test is not None
     rest, test = _draw(everything, split.test, split.seed, stratify, "test")
     rest_labels = None if stratify is None else stratify[rest]
     share = split.validation / (split.train + split.validation)

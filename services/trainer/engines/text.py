@@ -161,6 +161,9 @@ def prepare_text_data(frame: pd.DataFrame, spec: JobCreate, *, workdir: Path) ->
     data = spec.data
     if data.task != Task.CLASSIFICATION:
         raise InvalidInput("model 'pretrained_text' is a classifier: data.task must be 'classification'")
+    if data.split is not None and data.split.test_rev is not None:
+        raise InvalidInput("data.split.test_rev is for tabular data; for text, name the test rows with a "
+                           "split column or give a test share")
     column = text_column(frame, spec)
     target = frame[data.target]
     classes = sorted(target.unique().tolist())

@@ -25,7 +25,7 @@ def prepare(context: FitContext) -> TabularData:
         from services.trainer.engines import text
 
         return text.prepare_text_data(context.frame, spec, workdir=context.workdir)
-    return engine.prepare_data(context.frame, spec)
+    return engine.prepare_data(context.frame, spec, context.test_frame)
 
 
 def fit(context: FitContext) -> FitOutcome:

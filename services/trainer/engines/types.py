@@ -73,6 +73,8 @@ class FitContext:
     initial_weights: dict[str, Any] | None = None
     # Where ``model.type: plugin`` factories are looked up (the trainer's SHIPYARD_TRAINER_PLUGIN_DIR).
     plugin_dir: Path | None = None
+    # The rows of ``data.split.test_rev`` (another revision of the dataset): the test rows.
+    test_frame: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True)

@@ -242,16 +242,25 @@ class SplitSpec(Strict):
     column: ColumnName | None = Field(
         default=None, description="A column naming each row's part: train, validation or test."
     )
+    test_rev: Revision | None = Field(
+        default=None, description="Another revision of the dataset whose rows are the test rows; the "
+        "shares (or the column) then split this revision into train and validation only.",
+    )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="The split's own seed, not training's.")
 
     @model_validator(mode="after")
     def _shares_or_a_column(self) -> SplitSpec:
-        shares = (self.train, self.validation, self.test)
+        shares: tuple[float | None, ...] = (self.train, self.validation, self.test)
         if self.column is not None:
             if any(share is not None for share in shares):
                 raise ValueError("give the split either as shares (train, validation, test) or as a column")
             return self
-        if any(share is None for share in shares):
+        if self.test_rev is not None:
+            if self.test is not None or self.train is None or self.validation is None:
+                raise ValueError("with test_rev, the test rows are that revision's: give train and "
+                                 "validation shares only")
+            shares = (self.train, self.validation)
+        elif any(share is None for share in shares):
             raise ValueError(
                 "the split needs train, validation and test shares (or a column naming each row's part)"
             )

@@ -279,7 +279,10 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
 
     platform = settings.platform
     spec, previous_run_id = _read_job(database, job_id)
-    frame = DataRepo.from_settings(platform).read(spec.data.dataset, spec.data.rev)
+    repo = DataRepo.from_settings(platform)
+    frame = repo.read(spec.data.dataset, spec.data.rev)
+    test_rev = spec.data.split.test_rev if spec.data.split is not None else None
+    test_frame = repo.read(spec.data.dataset, test_rev) if test_rev is not None else None
     device = engine.pick_device(spec.resources.queue.value)
     tracking = Tracking(platform.mlflow_tracking_uri, patience=_patience(settings, database, job_id))
     lineage = lineage_tags(
@@ -294,7 +297,7 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
         ok = False
         try:
             version, metrics, writer = _train_and_register(run, database=database, settings=settings,
-                                                           frame=frame)
+                                                           frame=frame, test_frame=test_frame)
             ok = True
         finally:
             try:
@@ -380,7 +383,8 @@ def _start_run(
 
 
 def _train_and_register(
-    run: _Run, *, database: Database, settings: TrainerSettings, frame: pd.DataFrame
+    run: _Run, *, database: Database, settings: TrainerSettings, frame: pd.DataFrame,
+    test_frame: pd.DataFrame | None = None,
 ) -> tuple[str, dict[str, float], _ProgressWriter]:
     """Fit with the spec's framework, log the outcome, register the model: (version, metrics, writer)."""
     from services.trainer.engines import crossval, frameworks, model_card
@@ -397,7 +401,7 @@ def _train_and_register(
         checkpoint_dir=checkpoint_dir,
         checkpoint_saved=lambda: tracking.log_checkpoint(run_id, checkpoint_dir),
         resume_dir=run.resume_dir, tensorboard_dir=run.tensorboard_dir, plan=writer.plan,
-        initial_weights=run.initial_weights, plugin_dir=settings.plugin_dir,
+        initial_weights=run.initial_weights, plugin_dir=settings.plugin_dir, test_frame=test_frame,
     )
     outcome = frameworks.fit(context)
     _log_outcome(tracking, run_id, outcome, writer, run.workdir)

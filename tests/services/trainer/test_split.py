@@ -109,3 +109,27 @@ def test_test_metrics_are_the_validation_metrics_of_the_test_rows_named_test(fra
     wrong = perfect[:, ::-1]
     assert metrics_on_test_rows(data, lambda rows: wrong)["test_accuracy"] == 0.0
     assert metrics_on_test_rows(prepare_data(frame, spec()), lambda rows: perfect) == {}
+
+
+def test_a_test_revision_gives_the_test_rows_and_the_shares_split_the_rest(frame):
+    job = spec(split={"train": 0.75, "validation": 0.25, "test_rev": "b" * 40})
+    data = prepare_data(frame.iloc[:450], job, test_frame=frame.iloc[450:])
+    assert len(data.x_test) == len(data.rows["test"]) == 119
+    assert len(data.rows["train"]) + len(data.rows["validation"]) == 450
+    np.testing.assert_array_equal(data.y_test, frame["target"].to_numpy()[450:])
+
+
+def test_a_test_revision_with_a_class_training_never_saw_is_refused(frame):
+    job = spec(split={"train": 0.75, "validation": 0.25, "test_rev": "b" * 40})
+    odd = frame.iloc[450:].assign(target=frame["target"].iloc[450:].replace({1: 7}))
+    unseen = re.escape("holds classes [7] that the training revision does not")
+    with pytest.raises(InvalidInput, match=unseen):
+        prepare_data(frame.iloc[:450], job, test_frame=odd)
+    with pytest.raises(InvalidInput, match=re.escape("has no column(s) ['target']")):
+        prepare_data(frame.iloc[:450], job, test_frame=frame.iloc[450:].drop(columns="target"))
+
+
+def test_with_a_test_revision_the_split_takes_train_and_validation_shares_only():
+    with pytest.raises(ValidationError, match="give train and validation shares only"):
+        spec(split={"train": 0.6, "validation": 0.2, "test": 0.2, "test_rev": "b" * 40})
+    assert spec(split={"train": 0.8, "validation": 0.2, "test_rev": "b" * 40}).data.split is not None

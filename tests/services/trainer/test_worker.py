@@ -247,6 +247,34 @@ def test_a_three_way_split_scores_rows_neither_training_nor_early_stopping_saw(s
     assert facts["data"]["rows_test"] == len(parts["test"]) == 114
 
 
+def test_a_separate_test_revision_is_scored_once_and_named_in_split_json(stack, tmp_path: Path):
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    platform, frame = stack["settings"].platform, stack["frame"]
+    repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
+    train_rev = repo.add("bc_revs", frame.iloc[:450]).rev
+    test_rev = repo.add("bc_revs", frame.iloc[450:]).rev
+    no_such = {"train": 0.8, "validation": 0.2, "test_rev": "f" * 12}
+    unknown = httpx.post(f"{stack['base']}/jobs", headers=auth(Role.TRAINER),
+                         json=job_spec(rev=train_rev, dataset="bc_revs", data__split=no_such))
+    assert unknown.status_code == 422 and "data.split.test_rev" in unknown.text, unknown.text
+    spec = job_spec(rev=train_rev, dataset="bc_revs", model_name="bc_revs", training__epochs=6,
+                    data__split={"train": 0.8, "validation": 0.2, "test_rev": test_rev[:12]})
+    job = run_job(stack, spec)
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    uri = platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    folder = Path(client.download_artifacts(job["mlflow_run_id"], "model", str(tmp_path)))
+    split = json.loads((folder / "split.json").read_text())
+    assert split["test_revision"] == test_rev and split["rows"]["test"] == list(range(119))
+    rows = frame.iloc[450:]
+    session = ort.InferenceSession(str(folder / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(None, {"input": rows.drop(columns="target").to_numpy(dtype=np.float32)})
+    recomputed = float((probabilities.argmax(axis=1) == rows["target"].to_numpy()).mean())
+    assert abs(recomputed - job["metrics"]["test_accuracy"]) <= 1 / len(rows)
+
+
 def test_five_fold_cross_validation_on_wine_logs_each_fold_and_their_mean(stack, tmp_path: Path):
     """evaluation.kfold: five folds of the training rows, each scored on rows its model never trained on,
     their mean and spread; then the registered model trains on every training row."""
