@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -90,7 +89,7 @@ def logged_rows(platform: PlatformSettings, model: str) -> tuple[list[str], np.n
     database.dispose()
     assert {role for _, role, _, _ in found} == {BATCH_ROLE}
     ordered = sorted(found, key=lambda r: tuple(int(p) for p in r[0].rsplit("-", 2)[1:]))
-    inputs = np.vstack([np.asarray(orjson.loads(json.dumps(r[2])), dtype=np.float32) for r in ordered])
+    inputs = np.vstack([np.asarray(r[2], dtype=np.float32) for r in ordered])
     outputs = np.vstack([np.asarray(r[3], dtype=np.float32) for r in ordered])
     return [r[0] for r in ordered], inputs, outputs
 
@@ -184,3 +183,20 @@ def test_the_cli_says_what_is_wrong_with_the_input(
     assert f"model '{bare}' has no alias 'production' (its aliases: none)" in outputs[1]
     assert "lacks column(s) ['x', 'y']" in outputs[2]
     assert "dataset 'nothing-here' does not exist" in outputs[3]
+
+
+def test_the_rows_reach_a_postgresql_prediction_log_too(
+    tmp_path: Path, mlflow_server: str, prefect_url: str, postgres_url: str
+) -> None:
+    setup = scene(tmp_path, mlflow_server, prefect_url, 2_500)
+    platform = setup["platform"].model_copy(update={"db_url": postgres_url})
+
+    result = batch_predict(dataset="scores-in", model_name=setup["model"], chunk_rows=1_000,
+                           platform=platform)
+
+    assert (result["rows"], result["chunks"], result["logged_rows"]) == (2_500, 3, 2_500)
+    ids, inputs, outputs = logged_rows(platform, setup["model"])
+    assert len(ids) == 3  # 1,000 + 1,000 + 500 rows
+    np.testing.assert_allclose(inputs, setup["frame"][FEATURES].to_numpy(dtype=np.float32))
+    expected = run_directly(setup["bytes"], setup["frame"][FEATURES].to_numpy(dtype=np.float32).tolist())
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)
