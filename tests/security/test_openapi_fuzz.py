@@ -6,18 +6,20 @@ database or SQLite file of the test's own, the session's real MLflow server). It
 is loaded with schemathesis, and every operation is called with requests generated from it, valid
 ones (positive) and invalid ones (negative), with an admin token: a fixed seed (``derandomize``),
 ``EXAMPLES`` of each, no shrinking (a failure is reported as found), after the examples the OpenAPI
-documents. Operations with a ``{name}`` (serving, the registry, the monitor) are fuzzed a second time
-with the name of a model the fixture registered and served, so that requests get past the lookup into
-decoding and the data plane (v2 infer's example is answered, and its answer checked). Serving runs in
-the fast lane's HTTP protocol, as ``python -m services.serving`` serves it.
+documents. Operations with a ``{name}`` or ``{model}`` are fuzzed a second time with the name of what
+the fixtures made (a dataset version for the trainer; a registered and served model for the others),
+so that requests get past the lookup into parsing, the registry and the data plane (v2 infer's
+example is answered, and its answer checked). Serving runs in the fast lane's HTTP protocol, as
+``python -m services.serving`` serves it.
 
 A failing operation does not stop the others: the test fails at the end listing each failure
 (schemathesis' own report of the request, the answer and what was wrong). No operation is left out.
-The ones that start work do it only on what the fixtures set up: ``POST /jobs`` queues a job (on a
-queue prefix of the test's own, which no worker takes) only for a dataset that exists, and there is
-none; a pipeline run or a retraining needs a pipeline or model of that name, and generated names are
-not one, so they are refused (404) before Prefect is called; alias moves and archives act on the
-fixture's model, which no other test uses.
+The ones that start work do it only on what the fixtures set up: ``POST /jobs`` queues a job only
+for a dataset version that exists (the fixture's), on a queue prefix of the test's own that no worker
+takes; dataset versions and rules are added to the fixture's dataset in the test's own state folder; a
+pipeline run or a retraining needs a pipeline or model of that name, and generated names are
+not one, so they are refused (404) before Prefect is called; alias moves, archives and retraining
+policies act on the fixture's model, which no other test uses.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from services.serving.fastlane.uvicorn_protocol import FastLaneHttpProtocol
 from services.serving.settings import ServingSettings
 from services.trainer.app import create_app as create_trainer
 from services.trainer.settings import TrainerSettings
+from shipyard_common.datasets import DataRepo
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import ModelFactory, unique_name
 from tests.services.serving.model_folder import register_folder
@@ -155,7 +158,7 @@ def report(failures: list[str]) -> str:
 
 
 @pytest.fixture
-def served_model(platform: PlatformSettings, mlflow_server: str) -> str:
+def served_model(mlflow_server: str) -> str:
     """A model with a production version that serving can load (an ONNX classifier)."""
     factory = ModelFactory(mlflow_server)
     version = register_folder(factory, unique_name("fuzz"), seed=5, serve="onnx")
@@ -168,10 +171,19 @@ def ready(base: str, timeout: float = 120) -> str:
     return base
 
 
-def test_trainer_openapi(platform: PlatformSettings) -> None:
+@pytest.fixture
+def dataset(platform: PlatformSettings) -> str:
+    """A dataset with one version in the test's own data repository, for the dataset routes to find."""
+    import pandas as pd
+
+    DataRepo.from_settings(platform).add("fuzz", pd.DataFrame({"x": [0.5, 1.5, 2.5], "y": [0, 1, 0]}))
+    return "fuzz"
+
+
+def test_trainer_openapi(platform: PlatformSettings, dataset: str) -> None:
     app = create_trainer(TrainerSettings(platform=platform, queue_prefix=f"fuzz-{uuid.uuid4().hex[:8]}-"))
     with running_app(app) as base:
-        failures = fuzz(ready(base))
+        failures = fuzz(ready(base), model=dataset)
     assert not failures, report(failures)
 
 
