@@ -532,8 +532,11 @@ def end_tracking(config: BatchConfig, run_id: str, output_rev: str, rows: int, s
 # -- the flow ------------------------------------------------------------------------------------
 
 
-@flow(name="batch_predict", persist_result=False,
-      task_runner=ThreadPoolTaskRunner(max_workers=SCORING_THREADS))
+# Typed as Any: Prefect's flow decorator is annotated for a runner of its base future type.
+_CHUNK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=SCORING_THREADS)
+
+
+@flow(name="batch_predict", persist_result=False, task_runner=_CHUNK_RUNNER)
 def batch_predict_flow(
     dataset: str,
     model_name: str,

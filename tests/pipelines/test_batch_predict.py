@@ -184,6 +184,12 @@ def test_the_cli_says_what_is_wrong_with_the_input(
     assert "lacks column(s) ['x', 'y']" in outputs[2]
     assert "dataset 'nothing-here' does not exist" in outputs[3]
 
+    scored = shipyard("scores-in", model, "--chunk-rows", "40", "--output", "cli-scores")
+    assert scored.exit_code == 0, scored.output
+    assert (f"100 rows of scores-in@{setup['rev'][:12]} scored by {model} v1: cli-scores at "
+            in " ".join(scored.output.split()))
+    assert "(0 of 3 chunks already written)" in scored.output
+
 
 def test_the_rows_reach_a_postgresql_prediction_log_too(
     tmp_path: Path, mlflow_server: str, prefect_url: str, postgres_url: str
