@@ -68,7 +68,8 @@ KINDS: dict[str, dict[str, Kind]] = {
         "body:parameters.model_name": NAME, "body:parameters.dataset_rev": NAME,
         "body:parameters.parent_version": NAME, "body:parameters.name": NAME,
         "path:job_id": LOOKUP, "query:model_name": NAME, "path:run_id": LOOKUP,
-        "body:data.target": COLUMN, "body:data.features[]": COLUMN,
+        "body:data.target": COLUMN, "body:data.features[]": COLUMN, "body:data.split.column": COLUMN,
+        "body:data.split.test_rev": NAME,
     },
     "registry": {
         "path:name": NAME, "path:version": LOOKUP, "query:a": LOOKUP, "query:b": LOOKUP,
