@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -48,8 +47,9 @@ from sqlalchemy import func, select, text
 from pipelines.flows import prefect_api, report_result
 from pipelines.tasks import PipelineConfig
 from shipyard_common.datasets import DataRepo, validate_dataset_name
+from shipyard_common.datasets.predictions import PredictionsRepo
 from shipyard_common.db import Database
-from shipyard_common.errors import InvalidInput, NotFound, Unavailable
+from shipyard_common.errors import InvalidInput, NotFound
 from shipyard_common.lineage import (
     ONNX_FILE_NAME,
     PRODUCTION,
@@ -64,7 +64,6 @@ BATCH_ROLE = "batch"  # the prediction log's role column: these rows came from a
 CHUNK_ROWS = 50_000
 LOG_ROWS = 1_000  # rows per prediction log record (one "request" of the batch)
 EXPERIMENT = "shipyard-batch-predict"
-MANIFEST = "manifest.json"
 CHUNK_RETRY_DELAYS_S: list[float] = [1, 2]
 # Chunks in flight at once: one is scored (ONNX Runtime, its own threads) while another's rows are
 # logged and its file written (JSON, the database, Parquet: mostly one core).
@@ -402,70 +401,6 @@ def log_chunk(batch: Batch, chunk: Chunk, rows: np.ndarray, outputs: np.ndarray,
 
 
 # -- the output dataset --------------------------------------------------------------------------
-
-
-class PredictionsRepo(DataRepo):
-    """The data repository, with outputs of batches: ``predictions/<name>/`` (Parquet files and a
-    manifest) tracked by DVC and pushed to the same remote, ``predictions/<name>.json`` (lineage) in
-    git. A version is the git commit, as for every dataset; one writer at a time (the repo's lock)."""
-
-    def add_predictions(self, name: str, files: list[Path], manifest: dict[str, Any]) -> str:
-        """Commit ``files`` and ``manifest`` as the next version of output ``name``; return its revision
-        (the latest one when nothing changed)."""
-        validate_dataset_name(name)
-        relative = f"predictions/{name}"
-        with self._locked():
-            self._ensure_locked()
-            latest = self._git_ok("log", "-1", "--format=%H", "--", f"{relative}.dvc")
-            committed = json.loads(self._git_ok("show", f"HEAD:{relative}.json") or "{}")
-            if latest and committed.get("batch") == manifest["batch"]:
-                return latest  # the same batch (same inputs, same chunks) is the latest version already
-            folder = self.path / relative
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            for path in files:
-                shutil.copyfile(path, folder / path.name)
-            text_of = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-            (folder / MANIFEST).write_text(text_of)
-            lineage = {key: value for key, value in manifest.items() if key != "chunks"}
-            (self.path / f"{relative}.json").write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
-            self._track(folder)
-            paths = [f"{relative}.dvc", f"{relative}.json", "predictions/.gitignore", ".dvc/config"]
-            self._run("git", "add", "--", *[p for p in paths if (self.path / p).exists()])
-            if self._run("git", "status", "--porcelain", "--", *paths):
-                self._run("git", "commit", "-q", "-m", f"Predictions {name} ({manifest['rows']} rows)")
-            return self._run("git", "log", "-1", "--format=%H", "--", f"{relative}.dvc")
-
-    def _track(self, folder: Path) -> None:
-        """``dvc add`` and ``dvc push`` of ``folder`` through DVC's Python API, in this process: the
-        CLI costs a Python start and DVC's import per call (about 2.5 s each, against 0.5 s here once
-        DVC is loaded). The caller holds the repository's lock."""
-        from dvc.exceptions import DvcException
-        from dvc.repo import Repo
-
-        try:
-            with Repo(str(self.path)) as repo:
-                repo.add([str(folder)])
-                repo.push(targets=[f"{folder}.dvc"], remote=self.remote_name)
-        except DvcException as exc:
-            why = f"DVC could not add or push {folder.name} in the data repository: {exc}"
-            raise Unavailable(why) from exc
-
-    def read_predictions(self, name: str, rev: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """Output ``name`` at ``rev`` (fetched from the remote where the cache lacks it): its rows, in
-        chunk order, and its manifest."""
-        from dvc.api import DVCFileSystem
-
-        validate_dataset_name(name)
-        remote = {"remote": {self.remote_name: self.remote_config()}, "core": {"remote": self.remote_name}}
-        fs = DVCFileSystem(str(self.path), rev=rev, config=remote)
-        relative = f"predictions/{name}"
-        manifest = json.loads(fs.read_text(f"{relative}/{MANIFEST}"))
-        frames = []
-        for entry in manifest["chunks"]:
-            with fs.open(f"{relative}/{entry['file']}", "rb") as handle:
-                frames.append(pd.read_parquet(handle))
-        return pd.concat(frames, ignore_index=True), manifest
 
 
 def manifest_of(batch: Batch, results: list[dict[str, Any]], run_id: str | None) -> dict[str, Any]:

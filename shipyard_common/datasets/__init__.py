@@ -11,6 +11,7 @@ statistics in one place; the HTTP routes are the trainer's (``services/trainer/a
 
     names.py   dataset names, revisions, tags
     repo.py    DataRepo: git + DVC repository, local folder or S3 remote, add/read/resolve/diff
+    predictions.py  PredictionsRepo: batch scoring's outputs in the same repository (pipelines.batch)
     rules.py   the rules YAML and its checks (pandera)
     stats.py   summary statistics and the distribution shift between two versions
 """

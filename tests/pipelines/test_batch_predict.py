@@ -20,10 +20,11 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from pipelines.batch import BATCH_ROLE, Chunk, PredictionsRepo, batch_predict, inject_fault
+from pipelines.batch import BATCH_ROLE, Chunk, batch_predict, inject_fault
 from shipyard_cli.main import app as cli
 from shipyard_cli.stack import Stack
 from shipyard_common.datasets import DataRepo
+from shipyard_common.datasets.predictions import PredictionsRepo
 from shipyard_common.db import Database
 from shipyard_common.lineage import TAG_FEATURES, TAG_SIGNATURE, TAG_TASK
 from shipyard_common.records import PredictionRecord
