@@ -166,3 +166,13 @@ def own_database_url(request: Any, tmp_path: Any, *, prefix: str) -> str:
         connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
     engine.dispose()
     return f"{url}?options=-csearch_path%3D{schema}"
+
+
+def missing_tool(reason: str) -> None:
+    """A tool a test needs is not here: a failure under CI (``.ci/run`` installs every one, so a skip
+    there would hide a check nobody runs), a skip with ``reason`` on a developer's machine."""
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI installs it: this check must run)")
+    pytest.skip(reason)

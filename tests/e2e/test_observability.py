@@ -38,7 +38,7 @@ from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
 from tests.infra.support import alert_rules, dashboards, fill, panel_queries, variable_queries
 from tests.services.trainer.conftest import job_spec
-from tests.support import auth, free_port, wait_for
+from tests.support import auth, free_port, missing_tool, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def prometheus(stack_platform: PlatformSettings, tmp_path_factory: pytest.TempPa
     """Prometheus on a free port scraping the session's stack every second, with Shipyard's rules; its
     process record and data live in a state folder of its own, so the session's stack is left as it was."""
     if shutil.which("prometheus") is None:
-        pytest.skip("prometheus is not installed (apt-get install prometheus; .ci/run does)")
+        missing_tool("prometheus is not installed (apt-get install prometheus; .ci/run does)")
     own = stack_platform.model_copy(update={"state_dir": tmp_path_factory.mktemp("prometheus-state")})
     stack = Stack(own, worker_metrics_port=worker_metrics_port(stack_platform), prometheus_port=free_port())
     component = stack.prometheus_component(scrape_interval="1s")

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.infra.support import DASHBOARDS_DIR, ROOT, RULES_FILE, alert_rules, settings_env_names
+from tests.support import missing_tool
 
 TOOLS = ROOT / ".tools" / "infra"
 HELM = TOOLS / "helm"
@@ -54,10 +55,7 @@ def _tools_or_skip() -> None:
     missing = [str(p.relative_to(ROOT)) for p in (HELM, CHECKOV, KUBERNETES_VALIDATE) if not p.is_file()]
     if not missing:
         return
-    message = f"{', '.join(missing)} missing: run `make infra-tools`"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (.ci/run does, before make test)")
-    pytest.skip(message)
+    missing_tool(f"{', '.join(missing)} missing: run `make infra-tools`")
 
 
 def run(*argv: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:

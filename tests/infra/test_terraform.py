@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.infra.support import settings_env_names
+from tests.support import missing_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 TF_DIR = ROOT / "infra" / "terraform"
@@ -52,10 +53,7 @@ def tool(name: str) -> Path:
     """A program of the infra tools venv: a failure under CI, a skip elsewhere, when it is missing."""
     path = TOOLS_BIN / name
     if not path.exists():
-        message = f"{path.relative_to(ROOT)} is missing: run make infra-tools"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_tool(f"{path.relative_to(ROOT)} is missing: run make infra-tools")
     return path
 
 
@@ -359,8 +357,6 @@ def example_chart_values(parsed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_the_example_passes_only_values_the_chart_has(parsed):
-    if not CHART_VALUES.exists():
-        pytest.skip(f"{CHART_VALUES.relative_to(ROOT)} is not there")
     chart = yaml.safe_load(CHART_VALUES.read_text())
     given = example_chart_values(parsed)
     assert {"workers", "externalDatabase", "externalRedis", "mlflow"} <= set(given)
@@ -419,7 +415,7 @@ def mirror_env(dirs: dict[Path, TfDir], tmp_path: Path) -> dict[str, str]:
     source, version = providers["aws"]
     mirror = Path(os.environ.get("TF_PLUGIN_MIRROR", "/opt/tf-plugins"))
     if not (mirror / "registry.terraform.io" / source / version.lstrip("= ")).is_dir():
-        pytest.skip(f"no {source} {version} in the provider mirror {mirror} (TF_PLUGIN_MIRROR)")
+        missing_tool(f"no {source} {version} in the provider mirror {mirror} (TF_PLUGIN_MIRROR)")
     config = tmp_path / "terraformrc"
     config.write_text(f'provider_installation {{\n  filesystem_mirror {{\n    path = "{mirror}"\n  }}\n}}\n')
     return {**os.environ, "TF_CLI_CONFIG_FILE": str(config), "TF_IN_AUTOMATION": "1"}

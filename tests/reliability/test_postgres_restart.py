@@ -25,7 +25,7 @@ from services.trainer.settings import TrainerSettings
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import CONNECT_TIMEOUT_S
 from tests.reliability.postgres import PrivatePostgres, why_unavailable
-from tests.support import auth, free_port, running_app, test_platform
+from tests.support import auth, free_port, missing_tool, running_app, test_platform
 
 pytestmark = pytest.mark.reliability
 
@@ -37,7 +37,7 @@ ANSWER_BOUND_S = CONNECT_TIMEOUT_S + 3.0
 def private_postgres() -> Iterator[PrivatePostgres]:
     reason = why_unavailable()
     if reason:
-        pytest.skip(reason)
+        missing_tool(reason)
     server = PrivatePostgres()
     try:
         server.init()

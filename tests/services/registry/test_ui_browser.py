@@ -61,7 +61,7 @@ from tests.services.registry.model_factory import (
     run_directly,
     tiny_classifier,
 )
-from tests.support import auth, free_port, name_of, running_app, token_of, wait_for
+from tests.support import auth, free_port, missing_tool, name_of, running_app, token_of, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -173,7 +173,7 @@ def make_job(database: Database, name: str) -> str:
 @pytest.fixture
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
-        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+        missing_tool(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
