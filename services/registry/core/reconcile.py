@@ -102,11 +102,14 @@ def differences(model: str, aliases: dict[str, str], recorded: dict[str, AuditRe
     return found
 
 
-def unaudited(session: Session, model: str | None = None) -> list[UnauditedAlias]:
+def unaudited(
+    session: Session, model: str | None = None, seen: dict[Key, AuditRecord] | None = None
+) -> list[UnauditedAlias]:
     """The aliases (of ``model``, or of all) that name, as the last reconcile found, a version no
     registry move set: their newest row is one the reconcile wrote, and it differs from what the
-    registry's last move left. A registry move of the alias ends it."""
-    seen = _latest(session, TRACKED_ACTIONS, model)
+    registry's last move left. A registry move of the alias ends it. ``seen``: the newest tracked
+    rows, when the caller has read them already."""
+    seen = _latest(session, TRACKED_ACTIONS, model) if seen is None else seen
     moved = _latest(session, MOVE_ACTIONS, model)
     found = []
     for key, row in sorted(seen.items()):
@@ -167,8 +170,9 @@ class AliasReconciler:
     def refresh(self) -> UnauditedPublic:
         """Set the unaudited gauge from the audit (at start, before the first run)."""
         with self.registry.database.session() as session:
-            found = UnauditedPublic(unaudited=unaudited(session))
-            known = [key for key, row in _latest(session, TRACKED_ACTIONS).items() if _left(row) is not None]
+            seen = _latest(session, TRACKED_ACTIONS)
+            found = UnauditedPublic(unaudited=unaudited(session, seen=seen))
+        known = [key for key, row in seen.items() if _left(row) is not None]
         self.metrics.show(found.unaudited, known)
         return found
 
