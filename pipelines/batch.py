@@ -42,7 +42,7 @@ from prefect.futures import wait
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, SecretStr
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from pipelines.flows import prefect_api, report_result
 from pipelines.tasks import PipelineConfig
@@ -57,7 +57,7 @@ from shipyard_common.lineage import (
     TAG_SIGNATURE,
     TAG_TASK,
 )
-from shipyard_common.records import PredictionRecord
+from shipyard_common.records import PredictionRecord, insert_rows
 from shipyard_common.settings import PlatformSettings
 
 BATCH_ROLE = "batch"  # the prediction log's role column: these rows came from a batch, not a request
@@ -364,40 +364,27 @@ def write_chunk(batch: Batch, chunk: Chunk, outputs: np.ndarray, target: Path) -
     os.replace(partial, target)
 
 
-_INSERT = text(
-    f"INSERT INTO {PredictionRecord.__tablename__} "
-    "(request_id, model, version, role, inputs, outputs, latency_ms, created_at) "
-    "VALUES (:request_id, :model, :version, :role, :inputs, :outputs, :latency_ms, :created_at)"
-)
-
-
 def log_chunk(batch: Batch, chunk: Chunk, rows: np.ndarray, outputs: np.ndarray, latency_ms: float) -> int:
     """The chunk's rows into the prediction log, ``LOG_ROWS`` per record, role ``batch``, all in one
-    transaction; none if an earlier try logged them already. Returns how many rows it logged.
-
-    Inputs and outputs go in as JSON text (orjson, as serving's shipper writes them), not through
-    SQLAlchemy's per-value ``json.dumps``."""
+    transaction through the writer serving's shipper uses; none if an earlier try logged them
+    already. Returns how many rows it logged."""
     ids = chunk.log_ids(batch.key)
-    created: Any = datetime.now(UTC).replace(tzinfo=None)
     with batch.database.session() as session:
         present = session.scalar(select(func.count()).select_from(PredictionRecord)
                                  .where(PredictionRecord.request_id.in_(ids)))
         if present:
             return 0
-        if session.connection().dialect.name == "sqlite":
-            created = created.strftime("%Y-%m-%d %H:%M:%S.%f")  # as SQLAlchemy stores it there
-        per_record = latency_ms * LOG_ROWS / max(1, len(rows))
-        records = [
-            {"request_id": request_id, "model": batch.model.name, "version": batch.model.version,
-             "role": BATCH_ROLE, "latency_ms": per_record, "created_at": created,
-             "inputs": orjson.dumps(np.ascontiguousarray(rows[at:at + LOG_ROWS]),
-                                    option=orjson.OPT_SERIALIZE_NUMPY).decode(),
-             "outputs": orjson.dumps(np.ascontiguousarray(outputs[at:at + LOG_ROWS]),
-                                     option=orjson.OPT_SERIALIZE_NUMPY).decode()}
+        created, per_record = time.time(), latency_ms * LOG_ROWS / max(1, len(rows))
+        insert_rows(session, [
+            (request_id, batch.model.name, batch.model.version, BATCH_ROLE,
+             _json(rows[at:at + LOG_ROWS]), _json(outputs[at:at + LOG_ROWS]), per_record, created)
             for request_id, at in zip(ids, range(0, len(rows), LOG_ROWS), strict=True)
-        ]
-        session.execute(_INSERT, records)
+        ])
     return len(rows)
+
+
+def _json(values: np.ndarray) -> str:
+    return orjson.dumps(np.ascontiguousarray(values), option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 # -- the output dataset --------------------------------------------------------------------------

@@ -61,7 +61,8 @@ from typing import Any
 
 import orjson
 
-from services.serving.predlog.records import Row, dumps, loads, row
+from services.serving.predlog.records import dumps, loads, row
+from shipyard_common.records import Row
 
 log = logging.getLogger("shipyard.serving.journal")
 

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from services.serving.predlog.journal import Journal, JournalClosed, orphans
-from services.serving.predlog.records import Row, dumps, row_of
-from services.serving.predlog.shipper import DATABASE_URL_ENV, fresh, insert_rows
+from services.serving.predlog.records import dumps, row_of
+from services.serving.predlog.shipper import DATABASE_URL_ENV, fresh
 from shipyard_common.db import Database
 from shipyard_common.errors import Unavailable
+from shipyard_common.records import Row, insert_rows
 
 log = logging.getLogger("shipyard.serving.prediction_log")
 

@@ -5,10 +5,11 @@ The journal (journal.py) stores lines; the shipper (shipper.py) turns them into 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from shipyard_common.records import Row, as_datetime, record_of
 
 _DUMPS_OPTION = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC
 # A record's line: its scalar fields as a JSON array (request_id, model, version, role,
@@ -24,13 +25,6 @@ def dumps(record: dict[str, Any]) -> bytes:
                         option=_DUMPS_OPTION)
     return b"%b\t%b\t%b\n" % (head, orjson.dumps(record["inputs"], option=_DUMPS_OPTION),
                               orjson.dumps(record["outputs"], option=_DUMPS_OPTION))
-
-
-#: A record as the predictions table's columns, in this order: request_id, model, version, role,
-#: inputs and outputs (JSON text), latency_ms, created_at (as written: seconds since the epoch,
-#: an ISO string, or a datetime).
-Row = tuple[str, str, str, str, str, str, float, Any]
-ROW_COLUMNS = ("request_id", "model", "version", "role", "inputs", "outputs", "latency_ms", "created_at")
 
 
 def row(line: bytes) -> Row:
@@ -66,27 +60,6 @@ def loads(line: bytes) -> dict[str, Any]:
     return record_of(row(line))
 
 
-def record_of(found: Row) -> dict[str, Any]:
-    """A :data:`Row` as a record: its inputs and outputs parsed, ``created_at`` a naive UTC datetime."""
-    record = dict(zip(ROW_COLUMNS, found, strict=True))
-    record["inputs"] = orjson.loads(record["inputs"])
-    record["outputs"] = orjson.loads(record["outputs"])
-    record["created_at"] = as_datetime(record["created_at"])
-    return record
-
-
 def parse_time(record: dict[str, Any]) -> None:
     if "created_at" in record:
         record["created_at"] = as_datetime(record["created_at"])
-
-
-def as_datetime(created: Any) -> Any:
-    """A record's ``created_at`` as the naive UTC datetime the table holds: from seconds since the
-    epoch (what the data plane records: a clock read, no datetime per request) or an ISO string."""
-    if isinstance(created, str):
-        return datetime.fromisoformat(created).replace(tzinfo=None)
-    if isinstance(created, int | float):
-        return datetime.fromtimestamp(created, UTC).replace(tzinfo=None)
-    return created
-
-

@@ -29,22 +29,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.serving.predlog.journal import JournalTail
-from services.serving.predlog.records import ROW_COLUMNS, Row, as_datetime, record_of
 from shipyard_common.db import Database
-from shipyard_common.records import PredictionRecord
+from shipyard_common.records import PredictionRecord, Row, as_datetime, insert_rows
 
 log = logging.getLogger("shipyard.serving.shipper")
 
@@ -170,68 +166,6 @@ def fresh(session: Session, records: list[Row]) -> list[Row]:
     if not present:
         return records
     return [r for r in records if (r[0], r[3], r[2], as_datetime(r[7])) not in present]
-
-
-# SQLite allows 32766 parameters per statement (8 per row).
-_ROWS_PER_STATEMENT = 1000
-
-
-def insert_rows(session: Session, batch: list[Row]) -> None:
-    """Insert ``batch`` into the predictions table: multi-row INSERTs of up to 1000 rows.
-
-    On SQLite and PostgreSQL the rows go straight to the driver: the inputs and outputs as the
-    journal holds them (JSON text), SQLite's times formatted here (SQLAlchemy's per-row parameter
-    processing, ``json.dumps`` and datetime formatting cost ~25 µs of Python per row). The stored
-    values are what SQLAlchemy would store (SQLite keeps datetimes as ``YYYY-MM-DD
-    HH:MM:SS.ffffff``), except for JSON whitespace, and NaN/±Inf in JSON (only with
-    ``allow_non_finite``) become null. Other databases go through SQLAlchemy's insert.
-    """
-    connection = session.connection()
-    dialect = connection.dialect
-    if dialect.name not in ("sqlite", "postgresql"):
-        session.execute(insert(PredictionRecord), [record_of(row) for row in batch])
-        return
-    sqlite = dialect.name == "sqlite"
-    mark = "?" if dialect.paramstyle == "qmark" else "%s"
-    one_row = f"({', '.join([mark] * len(ROW_COLUMNS))})"
-    head = f"INSERT INTO {PredictionRecord.__tablename__} ({', '.join(ROW_COLUMNS)}) VALUES "
-    time_of = _SqliteTime() if sqlite else as_datetime
-    for start in range(0, len(batch), _ROWS_PER_STATEMENT):
-        chunk = batch[start:start + _ROWS_PER_STATEMENT]
-        params: list[Any] = []
-        for row in chunk:
-            params += row
-            params[-1] = time_of(params[-1])  # created_at, the last column
-        # One multi-row statement, not executemany: one round trip for many rows.
-        connection.exec_driver_sql(head + ", ".join([one_row] * len(chunk)), tuple(params))
-
-
-class _SqliteTime:
-    """A record's time as SQLAlchemy writes a naive UTC datetime to SQLite: ``YYYY-MM-DD HH:MM:SS.ffffff``.
-
-    From seconds since the epoch (the journal's), with the date and time of the last second
-    kept: the records of a batch mostly share their second.
-    """
-
-    def __init__(self) -> None:
-        self._second: int | None = None
-        self._prefix = ""
-
-    def __call__(self, created: Any) -> str:
-        if type(created) is not float:
-            return str(as_datetime(created).isoformat(sep=" ", timespec="microseconds"))
-        # Rounded as datetime.fromtimestamp rounds (half to even, on the microseconds).
-        fraction, whole = math.modf(created)
-        micros = round(fraction * 1e6)
-        second = int(whole)
-        if micros >= 1_000_000:
-            second, micros = second + 1, micros - 1_000_000
-        elif micros < 0:
-            second, micros = second - 1, micros + 1_000_000
-        if second != self._second:
-            self._second = second
-            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S.")
-        return f"{self._prefix}{micros:06d}"
 
 
 if __name__ == "__main__":

@@ -285,7 +285,8 @@ def test_a_shipper_killed_between_its_commit_and_its_mark_is_not_written_twice(
     db_url: str, tmp_path: Path
 ) -> None:
     from services.serving.predlog.journal import Journal, JournalTail
-    from services.serving.predlog.shipper import Shipper, insert_rows
+    from services.serving.predlog.shipper import Shipper
+    from shipyard_common.records import insert_rows
 
     database = Database(db_url)
     database.create_tables()
