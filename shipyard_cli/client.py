@@ -111,6 +111,18 @@ class ShipyardClient:
     def list_jobs(self) -> list[dict[str, Any]]:
         return self._call("GET", f"{self.platform.trainer_url}/jobs")
 
+    def submit_sweep(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", f"{self.platform.trainer_url}/sweeps", json=spec)
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._call("GET", f"{self.platform.trainer_url}/sweeps/{quote(sweep_id, safe='')}")
+
+    def list_sweeps(self) -> list[dict[str, Any]]:
+        return self._call("GET", f"{self.platform.trainer_url}/sweeps")
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._call("POST", f"{self.platform.trainer_url}/sweeps/{quote(sweep_id, safe='')}/cancel")
+
     # registry: reads
     @property
     def ui_url(self) -> str:

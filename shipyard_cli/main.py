@@ -27,6 +27,7 @@ from shipyard_cli.pipelines import pipelines_app
 from shipyard_cli.retraining import retraining_app
 from shipyard_cli.serving import predict
 from shipyard_cli.stack import Stack, StackError, prefect_ui_url
+from shipyard_cli.sweeps import sweeps_app
 from shipyard_cli.tokens import tokens_app
 from shipyard_common.settings import PlatformSettings, generated_mlflow_password_path
 
@@ -37,6 +38,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(retraining_app, name="retraining")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(sweeps_app, name="sweeps")
 
 
 @app.command()

@@ -12,6 +12,7 @@ from services.trainer.api.datasets import router as datasets_router
 from services.trainer.api.jobs import router
 from services.trainer.api.metrics import JobCollector
 from services.trainer.api.pipeline_runs import router as pipeline_runs_router
+from services.trainer.api.sweeps import router as sweeps_router
 from services.trainer.jobs.queues import TASK_NAME
 from services.trainer.settings import TrainerSettings
 from services.trainer.worker.celery_app import make_celery
@@ -77,5 +78,6 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     app.include_router(router)
     app.include_router(datasets_router)
     app.include_router(pipeline_runs_router)
+    app.include_router(sweeps_router)
     return app
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from celery import Celery
@@ -65,12 +65,29 @@ def make_celery(settings: TrainerSettings) -> Celery:
         from services.trainer.worker.runner import run_job
 
         claim = run_job(job_id=job_id, settings=settings)
+        if claim == Claim.CLAIMED:
+            advance_sweep(settings, job_id, enqueue=lambda job, queue: self.app.send_task(
+                TASK_NAME, args=[job], queue=settings.queue_name(queue)))
         if claim == Claim.BUSY:
             # Another worker holds it, or held it until it died a moment ago: look again once
             # a silent row would count as stale.
             raise self.retry(countdown=settings.stale_after_s)
 
     return app
+
+
+def advance_sweep(settings: TrainerSettings, job_id: str, *, enqueue: Callable[[str, str], None]) -> None:
+    """If the job that just ended is a sweep's trial, advance its sweep now (next trials, or the end);
+    failing that, the API's reconciler does it within ``reconcile_interval_s``."""
+    from services.trainer.sweeps.driver import Driving, advance_after_job
+    from services.trainer.worker.runner import database_for
+
+    platform = settings.platform
+    try:
+        advance_after_job(Driving(database=database_for(settings), database_url=platform.database_url,
+                                  tracking_uri=platform.mlflow_tracking_uri, enqueue=enqueue), job_id)
+    except Exception:
+        log.warning("could not advance the sweep of job %s; the reconciler will", job_id, exc_info=True)
 
 
 def worker_argv(*, queues: Sequence[str], concurrency: int, pool: str, loglevel: str) -> list[str]:

@@ -14,6 +14,7 @@ import threading
 
 from services.trainer.jobs import store
 from services.trainer.settings import TrainerSettings
+from services.trainer.sweeps import driver as sweeps
 from services.trainer.worker.broker import on_broker_for, waiting_for
 from shipyard_common.db import Database
 
@@ -29,6 +30,9 @@ def reconcile_until(
     message the broker lost are sent again (see ``store.requeue_lost_jobs``).
     """
     on_broker, waiting = on_broker_for(settings), waiting_for(settings)
+    # Sweeps are advanced here too: a trial whose worker died before advancing its sweep is settled.
+    driving = sweeps.Driving(database=database, database_url=settings.platform.database_url,
+                             tracking_uri=settings.platform.mlflow_tracking_uri, enqueue=enqueue)
     while not stop.wait(settings.reconcile_interval_s):
         try:
             sent = store.send_unsent_jobs(
@@ -42,5 +46,6 @@ def reconcile_until(
             )
             if resent:
                 log.info("sent again %d job(s) whose broker message was lost", resent)
+            sweeps.advance_all(driving)
         except Exception:  # a database or Redis outage must not end the thread for good
             log.exception("reconciling jobs with the broker failed")

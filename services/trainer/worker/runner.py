@@ -12,6 +12,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from services.trainer.jobs.schemas import JobCreate, JobState, Progress
 from services.trainer.jobs.store import Claim
 from services.trainer.jobs.tables import JobRecord
 from services.trainer.settings import TrainerSettings
+from services.trainer.sweeps import trials as sweep_trials
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database, utcnow
 from shipyard_common.errors import InvalidInput, ShipyardError
@@ -138,6 +140,10 @@ def _run_fenced(*, job_id: str, settings: TrainerSettings, database: Database) -
     try:
         log.info("job %s started", job_id)
         _run_claimed(job_id=job_id, settings=settings, database=database)
+    except sweep_trials.TrialPruned as exc:  # a sweep's trial that lagged: ended, never retried
+        log.info("job %s: %s", job_id, exc)
+        store.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
+                         state=JobState.CANCELLED, error=str(exc)[:4000])
     except JobAborted:
         state = store.get_job(database=database, job_id=job_id).state
         log.info("job %s is now %s elsewhere; training stopped, no model registered", job_id, state.value)
@@ -207,6 +213,8 @@ class _ProgressWriter:
     last_write: float = 0.0
     resumed_from_epoch: int | None = None
     first_step: int | None = None  # the step this run began at: a resumed job does not start at 0
+    # A sweep's trial: judges each epoch's metrics, raising TrialPruned to stop (sweeps.trials.judge).
+    judge: Callable[[int, dict[str, float]], None] | None = None
 
     def plan(self, steps: int) -> None:
         self.steps = steps
@@ -246,6 +254,8 @@ class _ProgressWriter:
             self.tracking.log_metrics(self.run_id, metrics, step=epoch)
             shown = ", ".join(f"{name}={value:.4g}" for name, value in metrics.items())
             log.info("epoch %d/%d: %s", epoch, self.epochs, shown)
+            if self.judge is not None:
+                self.judge(epoch, metrics)
 
 
 @dataclass
@@ -307,7 +317,8 @@ def _run_claimed(*, job_id: str, settings: TrainerSettings, database: Database) 
     finally:
         scratch.cleanup()
 
-    log.info("job %s succeeded: %s v%s %s", job_id, spec.model_name, version, metrics)
+    log.info("job %s succeeded: %s %s %s", job_id, spec.model_name,
+             f"v{version}" if version else "(a sweep's trial: the sweep registers its best)", metrics)
     store.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
         state=JobState.SUCCEEDED, model_version=version, metrics=metrics,
@@ -366,8 +377,9 @@ def _start_run(
         run_id = previous_run_id
         resume_dir = _download_checkpoint(tracking, run_id, workdir / "resume")
     else:
+        trial_tags = sweep_trials.run_tags(sweep_trials.link_for(database, job_id))  # a child of its sweep's
         run_id = tracking.start_run(
-            experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags=lineage
+            experiment=spec.model_name, run_name=f"job-{job_id[:8]}", tags={**lineage, **trial_tags}
         )
     if not store.update_job(
         database=database, job_id=job_id, expect_state=JobState.RUNNING,
@@ -385,8 +397,9 @@ def _start_run(
 def _train_and_register(
     run: _Run, *, database: Database, settings: TrainerSettings, frame: pd.DataFrame,
     test_frame: pd.DataFrame | None = None,
-) -> tuple[str, dict[str, float], _ProgressWriter]:
-    """Fit with the spec's framework, log the outcome, register the model: (version, metrics, writer)."""
+) -> tuple[str | None, dict[str, float], _ProgressWriter]:
+    """Fit with the spec's framework, log the outcome, register the model: (version, metrics, writer).
+    A sweep's trial registers nothing (version None): it keeps what it would register for its sweep."""
     from services.trainer.engines import crossval, frameworks, model_card
     from services.trainer.engines.types import FitContext
 
@@ -395,6 +408,9 @@ def _train_and_register(
     writer = _ProgressWriter(database=database, job_id=job_id, epochs=spec.training.epochs,
                              tracking=tracking, run_id=run_id, started=time.monotonic(),
                              continuing=run.continuing)
+    trial = sweep_trials.link_for(database, job_id)
+    if trial is not None:
+        writer.judge = sweep_trials.judge(settings.platform.database_url, trial)
     checkpoint_dir = run.checkpoint_dir
     context = FitContext(
         spec=spec, frame=frame, device=run.device, workdir=run.workdir, observer=writer,
@@ -422,7 +438,11 @@ def _train_and_register(
     if not store.update_job(database=database, job_id=job_id, expect_state=JobState.RUNNING,
                               progress=writer.final().model_dump()):
         raise JobAborted(job_id)
-    version = _register(run, outcome=outcome, source=source, primary=folder.primary)
+    registration = _registration(run, outcome=outcome, source=source, primary=folder.primary)
+    if trial is not None:
+        sweep_trials.defer_registration(database, trial, run_id=run_id, registration=registration)
+        return None, metrics, writer
+    version = run.tracking.register(model_name=spec.model_name, job_id=job_id, run_id=run_id, **registration)
     return version, metrics, writer
 
 
@@ -441,13 +461,14 @@ def _log_params(run: _Run) -> None:
         log.warning("kept the params the lost worker logged to run %s", run.run_id)
 
 
-def _register(run: _Run, *, outcome: FitOutcome, source: str, primary: Export) -> str:
-    """Register the logged model folder as a new version of ``spec.model_name``, with its lineage."""
+def _registration(run: _Run, *, outcome: FitOutcome, source: str, primary: Export) -> dict[str, Any]:
+    """How the logged model folder is registered as a version of ``spec.model_name``: its source, its
+    lineage and format tags, its description (``Tracking.register``'s arguments besides the names)."""
     from services.trainer.engines.tracking import metric_tags
 
     spec, job_id = run.spec, run.job_id
-    return run.tracking.register(
-        model_name=spec.model_name, job_id=job_id, run_id=run.run_id, source=source,
+    return dict(
+        source=source,
         tags={**run.lineage, TAG_FORMAT: primary.format.value,
               TAG_FORMATS: json.dumps([e.format.value for e in outcome.exports]),
               TAG_SIGNATURE: json.dumps(primary.signature, sort_keys=True),
