@@ -360,5 +360,3 @@ def train_and_deploy(
             config=config,
         )
 
-
-FLOWS: dict[str, Any] = {"ingest": ingest, "train_and_deploy": train_and_deploy_flow, "retrain": retrain_flow}

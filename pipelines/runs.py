@@ -1,6 +1,6 @@
 """Start, follow and schedule Shipyard's deployed flows on the platform's Prefect server.
 
-Each flow of ``pipelines.flows.FLOWS`` is served as the deployment ``<flow>/shipyard`` by the
+Each flow of ``pipelines.catalog.FLOWS`` is served as the deployment ``<flow>/shipyard`` by the
 deployments process (``python -m pipelines.serve``, started by ``shipyard up``). Starting a run
 only creates it on the server (one API call) and returns its id: the deployments process picks it
 up and runs it, so a caller such as an HTTP handler never waits for the flow.
@@ -18,11 +18,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 
-from pipelines import DEPLOYMENT, PIPELINES
-from pipelines.flows import FLOWS, RESULT_KEY, prefect_api
+from pipelines import DEPLOYMENT
+from pipelines.catalog import FLOWS
+from pipelines.flows import RESULT_KEY, prefect_api
 from shipyard_common.settings import PlatformSettings
-
-assert tuple(FLOWS) == PIPELINES
 
 
 class PipelineError(RuntimeError):

@@ -1,5 +1,5 @@
-"""The deployments process: serves every flow of ``pipelines.flows.FLOWS`` as ``<flow>/shipyard``, and
-``batch_predict`` (``pipelines.batch``, which ``shipyard predict-batch`` runs in its own process).
+"""The deployments process: serves every flow of ``pipelines.catalog.FLOWS`` as ``<flow>/shipyard``
+(``batch_predict`` among them, which ``shipyard predict-batch`` also runs in its own process).
 
 ``python -m pipelines.serve`` (``shipyard up`` starts it, with ``PREFECT_API_URL`` pointing at the
 platform's Prefect server). One ``prefect.serve`` process: it registers the deployments, polls the
@@ -23,15 +23,13 @@ from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 
-from pipelines.batch import batch_predict_flow
-from pipelines.flows import FLOWS, prefect_api
+from pipelines.catalog import FLOWS
+from pipelines.flows import prefect_api
 from pipelines.runs import DEPLOYMENT
 from shipyard_common.settings import PlatformSettings, disable_telemetry
 
 # How many flow runs one deployments process runs at once.
 RUN_LIMIT = 4
-# What is served: the pipelines, and batch scoring (started from Prefect's UI or API, or scheduled).
-SERVED: dict[str, Any] = {**FLOWS, "batch_predict": batch_predict_flow}
 
 
 def kept_schedules(flow: str) -> list[DeploymentScheduleCreate]:
@@ -48,7 +46,7 @@ def kept_schedules(flow: str) -> list[DeploymentScheduleCreate]:
 
 def deployments() -> list[RunnerDeployment]:
     made = []
-    for name, flow in SERVED.items():
+    for name, flow in FLOWS.items():
         schedules: Any = kept_schedules(name)
         made.append(flow.to_deployment(name=DEPLOYMENT, schedules=schedules, tags=["shipyard"]))
     return made

@@ -10,8 +10,9 @@ from rich.table import Table
 
 from shipyard_cli.common import console, fail, platform_settings
 
-pipelines_app = typer.Typer(help="Run and schedule the Prefect flows (ingest, train_and_deploy, retrain).",
-                            no_args_is_help=True)
+pipelines_app = typer.Typer(
+    help="Run and schedule the Prefect flows (ingest, train_and_deploy, retrain, batch_predict).",
+    no_args_is_help=True)
 ParamOption = Annotated[
     list[str] | None,
     typer.Option("--param", "-p", help="A flow parameter, KEY=VALUE (VALUE read as JSON when it parses)."),
@@ -33,18 +34,28 @@ def parse_params(items: list[str] | None) -> dict[str, object]:
 
 @pipelines_app.command("run")
 def run(
-    name: Annotated[str, typer.Argument(help="ingest, train_and_deploy or retrain.")],
+    name: Annotated[str, typer.Argument(help="ingest, train_and_deploy, retrain or batch_predict.")],
     param: ParamOption = None,
     wait: Annotated[bool, typer.Option(help="Wait for the run to end and print its state.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 1800.0,
 ) -> None:
-    """Start a run of a pipeline's deployment; print its id and its page in Prefect's UI."""
-    from pipelines.runs import PipelineError, failure_message, start_pipeline, ui_url, wait_for_run
+    """Start a run of a pipeline's deployment; print its id and its page in Prefect's UI (with --wait,
+    how it ended and what its flow returned)."""
+    from pipelines.runs import (
+        PipelineError,
+        failure_message,
+        read_result,
+        start_pipeline,
+        ui_url,
+        wait_for_run,
+    )
+    from shipyard_common.errors import InvalidInput
+    from shipyard_common.paths import check_flow_names
 
     platform = platform_settings()
     try:
-        run_id = start_pipeline(name, parse_params(param), platform)
-    except PipelineError as exc:
+        run_id = start_pipeline(name, check_flow_names(parse_params(param)), platform)
+    except (PipelineError, InvalidInput) as exc:
         fail(str(exc))
     except Exception as exc:
         fail(f"cannot start {name} on Prefect at {platform.prefect_api_url}: {exc} "
@@ -55,6 +66,9 @@ def run(
         console.print(f"run {run_id}: {finished.state_name}")
         if finished.state is None or not finished.state.is_completed():
             fail(failure_message(run_id, platform) or f"run {run_id} ended {finished.state_name}")
+        result = read_result(run_id, platform)
+        if result is not None:
+            console.print_json(json.dumps(result, default=str))
 
 
 @pipelines_app.command("list")

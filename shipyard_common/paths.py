@@ -78,40 +78,55 @@ def plain_names(**kinds: str) -> Callable[[Request], None]:
 
 def _text(parameters: Mapping[str, Any], key: str) -> str:
     value = parameters[key]
-    if key == "parent_version" and isinstance(value, int) and not isinstance(value, bool):
+    if key in ("parent_version", "version") and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
         raise InvalidInput(f"parameters.{key} must be a string, not {type(value).__name__}")
     return value
 
 
-def _version(value: str) -> str:
-    if not _VERSION.match(value):
-        raise InvalidInput(f"parameters.parent_version {value!r} is not a version number")
-    return value
+def _version(key: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not _VERSION.match(value):
+            raise InvalidInput(f"parameters.{key} {value!r} is not a version number")
+        return value
+
+    return check
 
 
 # The flow parameters that name things, and how each is checked.
 _NAMED: dict[str, Callable[[str], str]] = {
     "name": validate_dataset_name,  # ingest's dataset
     "dataset_name": validate_dataset_name,
+    "dataset": validate_dataset_name,  # batch_predict's input and output
+    "output": validate_dataset_name,
     "model_name": lambda value: validate_name(value, kind="model"),
+    "alias": lambda value: validate_name(value, kind="alias"),
     "dataset_rev": validate_ref,
-    "parent_version": _version,
+    "rev": validate_ref,
+    "parent_version": _version("parent_version"),
+    "version": _version("version"),
 }
 
 
-def check_flow_parameters(parameters: Mapping[str, Any], *, state_dir: Path) -> dict[str, Any]:
-    """A caller's parameters for one of the platform's flows, checked: names are names, ``csv_path``
-    a file in the inputs folder (answered resolved, so the flow reads that file wherever it runs),
-    and no ``config``, which is the deployments process's own (its URLs, folders and token)."""
+def check_flow_names(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """A caller's parameters for one of the platform's flows with their names checked (datasets,
+    models, aliases, revisions, versions), and no ``config``, which is the deployments process's own
+    (its URLs, folders and token)."""
     if "config" in parameters:
         raise InvalidInput("parameters.config is set by the platform (its URLs, folders and token); "
                            "leave it out")
     checked = dict(parameters)
     for key, check in _NAMED.items():
         if parameters.get(key) is not None:
-            check(_text(parameters, key))
+            checked[key] = check(_text(parameters, key))  # a version given as a number: its text
+    return checked
+
+
+def check_flow_parameters(parameters: Mapping[str, Any], *, state_dir: Path) -> dict[str, Any]:
+    """:func:`check_flow_names`, and ``csv_path`` a file in the inputs folder (answered resolved, so
+    the flow reads that file wherever it runs): what a remote caller may ask of the flows."""
+    checked = check_flow_names(parameters)
     if parameters.get("csv_path") is not None:
         path = file_inside(inputs_folder(state_dir), _text(parameters, "csv_path"), what="csv_path")
         checked["csv_path"] = str(path)

@@ -3,6 +3,7 @@ against the whole stack: training end to end, the cache, retries while the train
 
 from __future__ import annotations
 
+import json
 from uuid import UUID
 
 import httpx
@@ -118,6 +119,20 @@ def test_train_and_deploy_through_the_server_asks_for_production_and_a_rerun_tra
                           timeout=30).json()
     assert over_http["final"] is True and over_http["state_type"] == "COMPLETED"
     assert over_http["result"] == result and over_http["message"] is None
+
+    # Batch scoring is a deployed pipeline too: the production version scores the dataset it was trained on.
+    env = {**stack_platform.as_env(), "COLUMNS": "200"}
+    scored = CliRunner().invoke(app, ["pipelines", "run", "batch_predict", "-p", "dataset=bc_pipeline",
+                                      "-p", f"model_name={MODEL}", "-p", "chunk_rows=200", "--wait",
+                                      "--timeout", "240"], env=env)
+    assert scored.exit_code == 0, scored.output
+    printed = json.loads(scored.output[scored.output.index("{"):])
+    assert printed["model_version"] == request["version"] and printed["alias"] == "production"
+    assert printed["rows"] == 569 and printed["chunks"] == 3 and printed["logged_rows"] == 569
+    assert printed["output"] == f"bc_pipeline.{MODEL}.predictions" and len(printed["output_rev"]) == 40
+    refused = CliRunner().invoke(app, ["pipelines", "run", "batch_predict", "-p", "dataset=../etc",
+                                       "-p", f"model_name={MODEL}"], env=env)
+    assert refused.exit_code != 0 and "dataset name '../etc' is not allowed" in refused.output
 
 
 def test_the_trainer_down_during_a_flow_is_retried_until_it_is_back(pipeline_stack, csv_path):

@@ -63,7 +63,8 @@ def _platform(request: Request) -> PlatformSettings:
 async def start_run(
     request: Request, name: PlainName, body: PipelineRunCreate, _: Trainer
 ) -> PipelineRunPublic:
-    """Start pipeline ``name`` (ingest, train_and_deploy, retrain) with ``parameters``; its run id at once."""
+    """Start pipeline ``name`` (ingest, train_and_deploy, retrain, batch_predict) with ``parameters``;
+    its run id at once."""
     from pipelines import PIPELINES
     from pipelines.runs import astart_pipeline, ui_url
 
