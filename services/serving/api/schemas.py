@@ -19,6 +19,12 @@ class PredictResponse(BaseModel):
     model: str
     model_version: str
     outputs: list[Any] = Field(description="The model's first output, one entry per input row.")
+    labels: list[str] | None = Field(
+        default=None, description="A classifier's class names, in the order of each row's probabilities."
+    )
+    label: list[str] | None = Field(
+        default=None, description="A classifier's answer per row: the label of its highest probability."
+    )
 
 
 class ModelStatusPublic(BaseModel):
@@ -43,6 +49,12 @@ class ModelStatusPublic(BaseModel):
         default=None, description="The signature requests are checked against: name, dtype, shape."
     )
     outputs: list[dict[str, Any]] | None = None
+    labels: list[str] | None = Field(
+        default=None, description="A classifier's class names, in the order of its output's columns."
+    )
+    features: list[str] | None = Field(
+        default=None, description="The feature (column) names the input's values are, in order."
+    )
     # TF Serving's GetModelStatus answer, so that its clients can read this route as they read its own.
     model_version_status: list[dict[str, Any]] = Field(default_factory=list)
     canary_weight: float | None = Field(
@@ -113,6 +125,18 @@ def json_body(schema: dict[str, Any], example: Any) -> dict[str, Any]:
 V2_INFER_EXAMPLE = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
                                 "data": [0.1, 0.2, 0.3, 0.4]}]}
 TF_PREDICT_EXAMPLE = {"instances": [[0.1, 0.2, 0.3, 0.4]]}
+TF_CLASSIFY_REQUEST: dict[str, Any] = {
+    "type": "object", "required": ["examples"],
+    "description": "TF Serving's REST classify request: one object {feature: value} per example; "
+                   "`context` holds features every example shares.",
+    "properties": {
+        "signature_name": {"type": "string"},
+        "context": {"type": "object"},
+        "examples": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+    },
+}
+TF_CLASSIFY_EXAMPLE = {"examples": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4,
+                                     "petal_width": 0.2}]}
 
 
 # What the protocol routes answer (their codecs build the bytes; these describe them for the OpenAPI).
@@ -144,6 +168,10 @@ class ModelMetadataPublic(BaseModel):
     platform: str
     inputs: list[TensorMetadataPublic]
     outputs: list[TensorMetadataPublic]
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="labels (a classifier's class names, in output order) and features "
+        "(the input's column names), where the version has them."
+    )
 
 
 class OutputTensorPublic(BaseModel):
@@ -166,6 +194,12 @@ class TfPredictPublic(BaseModel):
 
     predictions: list[Any] | None = None
     outputs: Any = None
+
+
+class TfClassifyPublic(BaseModel):
+    """Per example, every class's ``[label, score]``, in the model's output order."""
+
+    results: list[list[list[Any]]]
 
 
 class TfModelStatusPublic(BaseModel):

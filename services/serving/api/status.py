@@ -39,6 +39,8 @@ def _status_public(state: ModelState) -> ModelStatusPublic:
         ),
         inputs=[s.to_json() for s in signature.inputs] if signature else None,
         outputs=[s.to_json() for s in signature.outputs] if signature else None,
+        labels=list(signature.labels) if signature and signature.labels else None,
+        features=list(signature.features) if signature and signature.features else None,
         model_version_status=version_status(state),
         **alias_status(state),
     )

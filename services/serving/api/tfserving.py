@@ -1,8 +1,9 @@
 """TF Serving's REST routes: thin; the codec is :mod:`services.serving.protocols.tfserving`.
 
 ``GET /v1/models/{name}`` is our status route (router.py), which carries TF Serving's
-``model_version_status`` too; ``.../metadata`` is TF Serving's GetModelMetadata; ``:classify`` and
-``:regress`` answer 400, as TF Serving does for a model whose signature is a predict one. All routes
+``model_version_status`` too; ``.../metadata`` is TF Serving's GetModelMetadata; ``:classify``
+answers a classifier (a version with class labels and feature names) and refuses others with 400, as
+``:regress`` always does, as TF Serving does for a model whose signature is a predict one. All routes
 need a token; errors are ``{"error": "..."}``.
 """
 
@@ -27,9 +28,12 @@ from services.serving.api.http import (
     respond,
 )
 from services.serving.api.schemas import (
+    TF_CLASSIFY_EXAMPLE,
+    TF_CLASSIFY_REQUEST,
     TF_PREDICT_EXAMPLE,
     TF_PREDICT_REQUEST,
     ProtocolErrorPublic,
+    TfClassifyPublic,
     TfMetadataPublic,
     TfModelStatusPublic,
     TfPredictPublic,
@@ -48,19 +52,25 @@ router = APIRouter(prefix="/v1/models", tags=["TF Serving REST"],
                    responses=error_responses(400, 401, 404, 429, 503, model=ProtocolErrorPublic))
 PREDICT_ERRORS = error_responses(413, 415, 422, 502, model=ProtocolErrorPublic)
 PREDICT_BODY = json_body(TF_PREDICT_REQUEST, TF_PREDICT_EXAMPLE)
+CLASSIFY_BODY = json_body(TF_CLASSIFY_REQUEST, TF_CLASSIFY_EXAMPLE)
 
 
 def predict(
     dataplane: DataPlane, *, name: str, version: str | None, label: str | None, body: bytes,
     request_id: str | None, started: float, reply: Respond, content_type: str | None = None,
+    classify: bool = False,
 ) -> None:
-    """One ``:predict`` request: its answer (or refusal, in TF's shape) goes to ``reply``."""
+    """One ``:predict`` (or ``classify``: ``:classify``) request: its answer (or refusal, in TF's shape)
+    goes to ``reply``."""
 
     def find() -> ServedModel:
         check_media_type(content_type)
         return served_model(dataplane, name, version=version, label=label)
 
     def decode(served: ServedModel) -> tuple[dict[str, Input], Encode, str | None]:
+        if classify:
+            return (tfserving.decode_classify(body, served.signature, name=name, version=served.version),
+                    _encode_classify, request_id)
         inputs, row_format = tfserving.decode_predict(body, served.signature)
 
         def encode(result: Inference) -> ProtocolResponse:
@@ -71,7 +81,13 @@ def predict(
     handle(dataplane, find=find, decode=decode, refuse=tfserving.error_response, started=started, reply=reply)
 
 
-async def _predict(request: Request, name: str, version: str | None, label: str | None) -> Response:
+def _encode_classify(result: Inference) -> ProtocolResponse:
+    return tfserving.json_response(tfserving.encode_classify(result))
+
+
+async def _predict(
+    request: Request, name: str, version: str | None, label: str | None, *, classify: bool = False
+) -> Response:
     started = time.perf_counter()
     try:
         authorize(request)
@@ -81,7 +97,7 @@ async def _predict(request: Request, name: str, version: str | None, label: str 
     return respond(await answered(functools.partial(
         predict, get_dataplane(request), name=name, version=version, label=label, body=body,
         request_id=request.headers.get("x-request-id"), content_type=request.headers.get("content-type"),
-        started=started)))
+        started=started, classify=classify)))
 
 
 @router.post("/{name}:predict", response_model=TfPredictPublic, responses=PREDICT_ERRORS,
@@ -137,28 +153,42 @@ def tfserving_label_metadata(request: Request, name: str, label: str) -> Respons
     return _answer(request, lambda plane: tfserving.model_metadata(dataplane=plane, name=name, label=label))
 
 
-@router.post("/{name}:classify")
+@router.post("/{name}:classify", response_model=TfClassifyPublic, responses=PREDICT_ERRORS,
+             openapi_extra=CLASSIFY_BODY)
+async def tfserving_classify(request: Request, name: str) -> Response:
+    return await _predict(request, name, None, None, classify=True)
+
+
+@router.post("/{name}/versions/{version}:classify", response_model=TfClassifyPublic, responses=PREDICT_ERRORS,
+             openapi_extra=CLASSIFY_BODY)
+async def tfserving_classify_version(request: Request, name: str, version: str) -> Response:
+    return await _predict(request, name, version, None, classify=True)
+
+
+@router.post("/{name}/labels/{label}:classify", response_model=TfClassifyPublic, responses=PREDICT_ERRORS,
+             openapi_extra=CLASSIFY_BODY)
+async def tfserving_classify_label(request: Request, name: str, label: str) -> Response:
+    return await _predict(request, name, None, label, classify=True)
+
+
 @router.post("/{name}:regress")
-def tfserving_classify_or_regress(request: Request, name: str) -> Response:
+def tfserving_regress(request: Request, name: str) -> Response:
     return _unsupported(request, name)
 
 
-@router.post("/{name}/versions/{version}:classify")
 @router.post("/{name}/versions/{version}:regress")
-def tfserving_version_classify_or_regress(request: Request, name: str, version: str) -> Response:
+def tfserving_version_regress(request: Request, name: str, version: str) -> Response:
     return _unsupported(request, name, version=version)
 
 
-@router.post("/{name}/labels/{label}:classify")
 @router.post("/{name}/labels/{label}:regress")
-def tfserving_label_classify_or_regress(request: Request, name: str, label: str) -> Response:
+def tfserving_label_regress(request: Request, name: str, label: str) -> Response:
     return _unsupported(request, name, label=label)
 
 
 def _unsupported(
     request: Request, name: str, *, version: str | None = None, label: str | None = None
 ) -> Response:
-    """``:classify`` or ``:regress`` (read from the path the request came by): refused in TF's shape."""
-    method = "classify" if request.url.path.endswith(":classify") else "regress"
+    """``:regress``: refused in TF's shape."""
     return _answer(request, lambda plane: tfserving.unsupported_method(
-        dataplane=plane, name=name, method=method, version=version, label=label))
+        dataplane=plane, name=name, method="regress", version=version, label=label))

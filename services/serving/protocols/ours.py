@@ -1,5 +1,5 @@
 """Our JSON protocol's codec: ``{"inputs": [[...], ...]}`` rows to the inputs a version takes, and its
-answer body ``{"model", "model_version", "outputs"}``.
+answer body ``{"model", "model_version", "outputs"}`` (a classifier's adds ``labels`` and ``label``).
 
 The rows stay JSON until the data plane converts them (core/convert.py), once per merged group when
 they are plain numbers; refusals are 422s whose message names the offending row and feature.
@@ -44,8 +44,15 @@ def refusal(exc: ShipyardError) -> ShipyardError:
 
 
 def predict_body(inference: Inference) -> dict[str, Any]:
-    """Our predict answer: the model, the version that answered, its first output per row."""
-    return answer_body(inference.model, inference.version, next(iter(inference.outputs.values())))
+    """Our predict answer: the model, the version that answered, its first output per row; and for a
+    classifier, its class ``labels`` (once) and the ``label`` of each row's highest probability."""
+    first = next(iter(inference.outputs.values()))
+    body = answer_body(inference.model, inference.version, first)
+    names = inference.signature.label_array
+    if names is not None:
+        body["labels"] = inference.signature.labels
+        body["label"] = names[first.argmax(axis=1)].tolist()
+    return body
 
 
 def answer_body(model: str, version: str, first: np.ndarray) -> dict[str, Any]:

@@ -1,15 +1,20 @@
-"""TF Serving's REST API: ``:predict`` in row and columnar form, and model status.
+"""TF Serving's REST API: ``:predict`` in row and columnar form, ``:classify`` for classifiers, model status.
 
 Row form: ``{"instances": [...]}``, one entry per row: the input's value for a one-input model,
 ``{input: value, ...}`` otherwise; answered ``{"predictions": [...]}``, one entry per row (an
 object of outputs when the model has several). Columnar form: ``{"inputs": tensor}`` or
 ``{"inputs": {input: tensor, ...}}``, answered ``{"outputs": tensor}`` or ``{"outputs": {...}}``.
+Classify (a version with class labels and feature names): ``{"examples": [{feature: value, ...}],
+"context": {feature: value}}``, answered ``{"results": [[[label, score], ...], ...]}``, every class
+of each example in the model's output order.
 Errors: ``{"error": "message"}`` with the error's status.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from services.serving.core.dataplane import DataPlane, model_state, resolve
 from services.serving.core.requests import Inference, Input, JsonTensor
@@ -125,6 +130,7 @@ _DT_NAMES = {
     "uint16": "DT_UINT16", "uint32": "DT_UINT32", "uint64": "DT_UINT64", "bool": "DT_BOOL",
 }
 PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
 
 
 def _tensor_info(spec: TensorSpec) -> dict[str, Any]:
@@ -149,19 +155,103 @@ def model_metadata(
             "outputs": {spec.name: _tensor_info(spec) for spec in signature.outputs},
             "method_name": PREDICT_METHOD,
         }
+        metadata: dict[str, Any] = {"signature_def": {"signature_def": {SIGNATURE_NAME: definition}}}
+        for key, names in (("labels", signature.labels), ("features", signature.features)):
+            if names:
+                metadata[key] = list(names)
         return json_response({
             "model_spec": {"name": name, "signature_name": "", "version": served.version},
-            "metadata": {"signature_def": {"signature_def": {SIGNATURE_NAME: definition}}},
+            "metadata": metadata,
         })
     except ShipyardError as exc:
         return error_response(exc)
 
 
+def _classifier_input(signature: Signature, name: str, version: str) -> TensorSpec:
+    """The one input of a version that :classify can answer, or the 400 saying why it cannot."""
+    refusal = f"model {name!r} version {version} has no classify signature: "
+    if signature.labels is None:
+        raise InvalidInput(
+            f"{refusal}it has no class labels (it is not a classifier) and its {SIGNATURE_NAME!r} "
+            f"signature's method is {PREDICT_METHOD}; send the request to :predict"
+        )
+    spec = signature.inputs[0]
+    features = signature.features
+    if (features is None or len(signature.inputs) != 1 or len(spec.shape) != 2 or spec.dtype.kind != "f"
+            or spec.shape[1] not in (None, len(features))):
+        raise InvalidInput(
+            f"{refusal}classify reads examples of named numeric features, and its inputs "
+            f"{[s.describe() for s in signature.inputs]} are not its feature columns {list(features or [])}; "
+            "send the request to :predict"
+        )
+    return spec
+
+
+def decode_classify(body: bytes, signature: Signature, *, name: str, version: str) -> dict[str, Input]:
+    """A classify request's examples as the rows of the classifier's one input, in its feature order."""
+    spec = _classifier_input(signature, name, version)
+    request = loads(body)
+    if not isinstance(request, dict):
+        raise InvalidInput("the request body must be a JSON object with 'examples'")
+    signature_name = request.get("signature_name", SIGNATURE_NAME)
+    if signature_name not in (SIGNATURE_NAME, CLASSIFY_METHOD):
+        raise InvalidInput(f"signature_name {signature_name!r} is not served; only {SIGNATURE_NAME!r} is")
+    examples, context = request.get("examples"), request.get("context", {})
+    if not isinstance(examples, list) or not examples:
+        raise InvalidInput("'examples' must be a non-empty list, one object {feature: value} per example")
+    if not isinstance(context, dict):
+        raise InvalidInput("'context' must be an object {feature: value} shared by every example")
+    assert signature.features is not None
+    features = signature.features
+    rows = [_example_row(example, context, features, index) for index, example in enumerate(examples)]
+    return {spec.name: np.asarray(rows, dtype=spec.dtype)}
+
+
+def _example_row(example: Any, context: dict[str, Any], features: tuple[str, ...], index: int) -> list[Any]:
+    """One example (with the context's features) as its values in ``features`` order."""
+    if not isinstance(example, dict):
+        raise InvalidInput(f"examples[{index}] is {type(example).__name__}; each example is an object "
+                           "{feature: value}")
+    if context:
+        repeated = sorted(set(example) & set(context))
+        if repeated:
+            raise InvalidInput(f"examples[{index}] repeats context feature(s) {repeated[:20]}; give a "
+                               "feature in the context or in the examples, not both")
+        example = {**context, **example}
+    missing = [feature for feature in features if feature not in example]
+    unknown = sorted(set(example) - set(features))
+    if missing or unknown:
+        raise InvalidInput(
+            f"examples[{index}] " + (f"lacks feature(s) {missing[:20]}" if missing else
+                                     f"names unknown feature(s) {unknown[:20]}")
+            + f"; this model reads {list(features)}"
+        )
+    return [_number(example[feature], feature, index) for feature in features]
+
+
+def _number(value: Any, feature: str, index: int) -> Any:
+    """A feature's one number (a tf.Example feature is a list: one of one value is that value)."""
+    if type(value) is list and len(value) == 1:
+        value = value[0]
+    if type(value) not in (int, float):
+        raise InvalidInput(f"examples[{index}] feature {feature!r} is {value!r:.50}; this model reads one "
+                           "number per feature")
+    return value
+
+
+def encode_classify(inference: Inference) -> dict[str, Any]:
+    """Every class's ``[label, score]`` per example, in the model's output order."""
+    labels = inference.signature.labels
+    assert labels is not None
+    scores = next(iter(inference.outputs.values())).tolist()
+    return {"results": [[[label, score] for label, score in zip(labels, row, strict=True)] for row in scores]}
+
+
 def unsupported_method(
     *, dataplane: DataPlane, name: str, method: str, version: str | None = None, label: str | None = None
 ) -> Response:
-    """``:classify`` and ``:regress``: every version serves its signature with the predict method only,
-    as TF Serving says of a SavedModel without a classification or regression signature."""
+    """``:regress``: every version serves its signature with the predict method (classifiers classify
+    too), as TF Serving says of a SavedModel without a regression signature."""
     try:
         served = resolve(dataplane, name, version=version, label=label)
         raise InvalidInput(

@@ -6,7 +6,10 @@ row-major order. Binary tensor data extension: the header ``Inference-Header-Con
 gives the JSON's length; the raw little-endian bytes of each input whose
 ``parameters.binary_data_size`` is set follow it, in the order of ``inputs``. Outputs are answered
 the same way when asked (``parameters.binary_data_output`` for all, ``binary_data`` per output).
-Errors: ``{"error": "message"}`` with the error's 4xx/5xx status.
+Classification extension (Triton's): an output asked for with ``parameters.classification: k`` is
+answered as BYTES of shape [batch, k], each row's k highest scores as ``"score:index:label"``, best
+first; only a classifier's (a version with labels) output takes it. Errors: ``{"error": "message"}``
+with the error's 4xx/5xx status.
 """
 
 from __future__ import annotations
@@ -65,17 +68,24 @@ def json_response(value: Any, status: int = 200) -> Response:
 
 
 def server_metadata(version: str) -> dict[str, Any]:
-    return {"name": "shipyard-serving", "version": version, "extensions": ["binary_tensor_data"]}
+    return {"name": "shipyard-serving", "version": version,
+            "extensions": ["binary_tensor_data", "classification"]}
 
 
 def model_metadata(served: ServedModel) -> dict[str, Any]:
-    return {
+    signature = served.signature
+    described: dict[str, Any] = {
         "name": served.name,
         "versions": [served.version],
         "platform": served.runtime.platform,
-        "inputs": [_tensor_metadata(spec) for spec in served.signature.inputs],
-        "outputs": [_tensor_metadata(spec) for spec in served.signature.outputs],
+        "inputs": [_tensor_metadata(spec) for spec in signature.inputs],
+        "outputs": [_tensor_metadata(spec) for spec in signature.outputs],
     }
+    named = (("labels", signature.labels), ("features", signature.features))
+    names = {key: list(value) for key, value in named if value}
+    if names:
+        described["parameters"] = names
+    return described
 
 
 def model_ready(served: ServedModel) -> dict[str, Any]:
@@ -88,6 +98,8 @@ def model_ready(served: ServedModel) -> dict[str, Any]:
 class RequestedOutput(NamedTuple):
     name: str
     binary: bool
+    #: The classification extension's count: answer the k best classes per row instead of the tensor.
+    classification: int | None = None
 
 
 class InferRequest(NamedTuple):
@@ -210,9 +222,23 @@ def _decode_outputs(request: dict[str, Any], binary_default: bool) -> list[Reque
         name = item.get("name")
         if not isinstance(name, str):
             raise InvalidInput(f"outputs[{index}] needs a 'name'")
-        binary_flag = _parameters(item, "output", name).get("binary_data", binary_default)
-        outputs.append(RequestedOutput(name, bool(binary_flag)))
+        parameters = _parameters(item, "output", name)
+        binary_flag = parameters.get("binary_data", binary_default)
+        outputs.append(RequestedOutput(name, bool(binary_flag), _classification(parameters, name)))
     return outputs
+
+
+def _classification(parameters: dict[str, Any], name: str) -> int | None:
+    """An output's ``parameters.classification`` (how many classes per row), if asked for."""
+    count = parameters.get("classification")
+    if count is None:
+        return None
+    if type(count) is not int or count < 1:
+        raise InvalidInput(
+            f"output {name!r}: parameters.classification must be a whole number of classes (1 or more), "
+            f"not {count!r:.50}"
+        )
+    return count
 
 
 def encode_infer_response(
@@ -224,6 +250,9 @@ def encode_infer_response(
     chunks: list[bytes] = []
     for output in requested:
         value = inference.outputs[output.name]
+        if output.classification is not None:
+            _classify(output, value, inference.signature, header["outputs"], chunks)
+            continue
         tensor: dict[str, Any] = {"name": output.name, "datatype": datatype(value.dtype),
                                   "shape": list(value.shape)}
         if output.binary:
@@ -249,4 +278,34 @@ def requested_outputs(request: InferRequest, signature: Signature) -> list[Reque
     unknown = [output.name for output in request.outputs if output.name not in known]
     if unknown:
         raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
+    for output in request.outputs:
+        if output.classification is not None and (signature.labels is None or output.name != known[0]):
+            raise InvalidInput(
+                f"output {output.name!r} has no class labels (this version is not a classifier"
+                + (")" if signature.labels is None else f"; its classes are output {known[0]!r})")
+                + ", so it cannot be answered with parameters.classification; ask for it without"
+            )
     return request.outputs
+
+
+def _classify(
+    output: RequestedOutput, value: np.ndarray, signature: Signature, tensors: list[dict[str, Any]],
+    chunks: list[bytes],
+) -> None:
+    """Triton's classification answer for ``value`` (rows of scores): each row's k best as
+    ``"score:index:label"`` (score as C's %f, as Triton writes it), best first, ties by index."""
+    assert output.classification is not None and signature.label_array is not None
+    k = min(output.classification, value.shape[1])
+    order = np.argsort(-value.astype(np.float64), axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(value, order, axis=1).ravel().tolist()
+    names = signature.label_array[order].ravel().tolist()
+    found = [f"{score:f}:{index}:{name}"
+             for score, index, name in zip(scores, order.ravel().tolist(), names, strict=True)]
+    tensor: dict[str, Any] = {"name": output.name, "datatype": "BYTES", "shape": [len(value), k]}
+    if output.binary:  # BYTES on the wire: each element's length (4 bytes, little-endian), then its bytes
+        raw = b"".join(len(item).to_bytes(4, "little") + item for item in (f.encode() for f in found))
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        chunks.append(raw)
+    else:
+        tensor["data"] = found
+    tensors.append(tensor)

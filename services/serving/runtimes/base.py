@@ -57,6 +57,16 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     classes: tuple[Any, ...] | None = field(default=None)
+    #: A classifier's class names, in the order of its first output's columns (the trainer's ``labels``).
+    labels: tuple[str, ...] | None = field(default=None)
+    #: The names of the columns the model reads, in the input's order (the trainer's ``features``).
+    features: tuple[str, ...] | None = field(default=None)
+    #: ``labels`` as an array, so that an answer's label per row is one fancy index (set once, here).
+    label_array: np.ndarray | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:
+            object.__setattr__(self, "label_array", np.asarray(self.labels, dtype=object))
 
     @property
     def input_names(self) -> list[str]:
@@ -91,7 +101,18 @@ class Signature:
 
         classes = data.get("classes")
         return cls(inputs=specs("inputs"), outputs=specs("outputs"),
-                   classes=tuple(classes) if isinstance(classes, list) else None)
+                   classes=tuple(classes) if isinstance(classes, list) else None,
+                   labels=_names(data, "labels"), features=_names(data, "features"))
+
+
+def _names(data: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+    """The signature's ``labels`` or ``features``: a non-empty list of strings, or absent (None)."""
+    names = data.get(key)
+    if names is None:
+        return None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ModelLoadError(f"the signature's {key} must be a non-empty list of strings, not {names!r:.200}")
+    return tuple(names)
 
 
 @runtime_checkable

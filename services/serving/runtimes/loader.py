@@ -6,7 +6,9 @@ is an ONNX file too, opened by the same runtime). A savedmodel is served
 only through TF Serving, so it is a candidate only when ``tf_serving_address`` is set.
 
 The signature: the stored one for that format (``signature.json``'s ``formats[fmt]``, or the
-``shipyard.signature`` tag when it describes that format), else the runtime's own.
+``shipyard.signature`` tag when it describes that format), else the runtime's own. A classifier's
+``signature.json`` also names its class ``labels`` (its first output's columns, in order) and the
+``features`` its input's columns are; the protocols answer with them (label per row, classify).
 """
 
 from __future__ import annotations
@@ -103,10 +105,10 @@ def stored_signature(root: Path, tags: Mapping[str, str], fmt: str) -> Signature
             raise ModelLoadError(f"{SIGNATURE_FILE} is not valid JSON: {exc}") from exc
         formats = data.get("formats") if isinstance(data, dict) else None
         if isinstance(formats, dict) and isinstance(formats.get(fmt), dict):
-            merged = {"classes": data.get("classes"), **formats[fmt]}
-            return Signature.from_json(merged)
+            merged = {key: data.get(key) for key in ("classes", "labels", "features")}
+            return _with_labels(Signature.from_json({**merged, **formats[fmt]}))
         if isinstance(data, dict) and data.get("primary") == fmt:
-            return Signature.from_json(data)
+            return _with_labels(Signature.from_json(data))
     tagged = tags.get(TAG_SIGNATURE)
     if tagged and tags.get(TAG_FORMAT) == fmt:
         try:
@@ -114,6 +116,20 @@ def stored_signature(root: Path, tags: Mapping[str, str], fmt: str) -> Signature
         except ValueError as exc:
             raise ModelLoadError(f"the {TAG_SIGNATURE} tag is not valid JSON: {exc}") from exc
     return None
+
+
+def _with_labels(signature: Signature) -> Signature:
+    """``signature``, once its labels are known to name its first output's columns, one each."""
+    if signature.labels is None:
+        return signature
+    first = signature.outputs[0]
+    columns = first.shape[-1] if len(first.shape) == 2 else None
+    if len(first.shape) != 2 or (columns is not None and columns != len(signature.labels)):
+        raise ModelLoadError(
+            f"the signature names {len(signature.labels)} class labels, but its first output "
+            f"{first.describe()} does not have one column per label"
+        )
+    return signature
 
 
 def _check_names(stored: Signature, own: Signature) -> None:

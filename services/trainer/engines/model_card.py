@@ -65,13 +65,23 @@ def write_model_folder(
     primary = primary_export(outcome.exports)
     signatures = {e.format.value: e.signature for e in outcome.exports}
     (folder / SIGNATURE_FILE).write_text(json.dumps(
-        {"primary": primary.format.value, **primary.signature, "formats": signatures},
+        {"primary": primary.format.value, **primary.signature, **names(outcome), "formats": signatures},
         indent=2, sort_keys=True,
     ))
     card = card_facts(outcome=outcome, spec=spec, lineage=lineage)
     (folder / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     (folder / MODEL_CARD_FILE).write_text(render_card(card))
     return ModelFolder(path=folder, primary=primary, card=card)
+
+
+def names(outcome: FitOutcome) -> dict[str, list[str]]:
+    """What serving answers with: the input's ``features`` (column names, in order) and, for a
+    classifier, its class ``labels`` in output order, each target value as a string (for a text
+    classifier, its id2label: output ``i`` is ``labels[i]``)."""
+    found = {"features": [str(name) for name in outcome.features]}
+    if outcome.task == Task.CLASSIFICATION and outcome.classes:
+        found["labels"] = [str(label) for label in outcome.classes]
+    return found
 
 
 def split_record(*, outcome: FitOutcome, spec: JobCreate) -> dict[str, Any]:
