@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from services.serving.core.requests import JsonTensor
+from services.serving.core.requests import Input, JsonTensor
 from services.serving.core.validation import array_from_json
-from services.serving.runtimes.base import TensorSpec
+from services.serving.runtimes.base import Signature, TensorSpec
 from shipyard_common.errors import InvalidInput, ValidationFailed
 
 _NUMBER_TYPES = (int, float)
@@ -183,6 +183,9 @@ def to_array(tensor: JsonTensor, spec: TensorSpec, *, max_rows: int, allow_non_f
     """One request's JSON value for ``spec`` as an array, or the refusal that names what is wrong."""
     if tensor.rows:
         return parse_rows(tensor.values, spec=spec, max_rows=max_rows, allow_non_finite=allow_non_finite)
+    if (spec.nullable and len(spec.shape) == 1) or spec.dtype.kind == "O" or (
+            tensor.dtype is not None and tensor.dtype.kind == "O"):
+        return column_array(tensor, spec)  # a table's column (strings, or numbers with nulls), or BYTES
     what = f"input {spec.name!r}"
     array = array_from_json(tensor.values, tensor.dtype or spec.dtype, what=what)
     if tensor.shape is not None:
@@ -190,4 +193,72 @@ def to_array(tensor: JsonTensor, spec: TensorSpec, *, max_rows: int, allow_non_f
         if array.size != count:
             raise InvalidInput(f"{what} has {array.size} values; shape {list(tensor.shape)} needs {count}")
         array = array.reshape(tensor.shape)
+    return array
+
+
+def table_columns(inputs: Any, signature: Signature) -> dict[str, Input] | None:
+    """A table's rows (lists in column order, or objects by column, a null or an absent key for a missing
+    value) as one JSON column per input, or ``{column: values}`` as they are; None unless every input
+    of ``signature`` is one column (shape [batch])."""
+    names = signature.input_names
+    if not names or any(len(spec.shape) != 1 for spec in signature.inputs):
+        return None
+    if isinstance(inputs, dict):
+        return {key: JsonTensor(value) for key, value in inputs.items()}
+    if not isinstance(inputs, list) or not inputs:
+        raise ValidationFailed(f"inputs must be a non-empty list of rows: lists of {len(names)} values in "
+                               f"the order {names[:20]}, or objects {{column: value}}")
+    known = set(names)
+    columns: list[list[Any]] = [[] for _ in names]
+    for index, row in enumerate(inputs):
+        if type(row) is dict:
+            unknown = sorted(set(row) - known)
+            if unknown:
+                raise ValidationFailed(f"row {index} names unknown column(s) {unknown[:10]}; the model takes "
+                                       f"{names[:50]}")
+            row = [row.get(name) for name in names]
+        if type(row) is not list or len(row) != len(names):
+            raise ValidationFailed(f"row {index} must be an object {{column: value}} or a list of "
+                                   f"{len(names)} values in the order {names[:20]}")
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return {name: JsonTensor(column) for name, column in zip(names, columns, strict=True)}
+
+
+def column_array(tensor: JsonTensor, spec: TensorSpec) -> np.ndarray:
+    """One table column's JSON values (flat, or one per row) as a 1-D array: str for a categorical column
+    (null as "", numbers as their text), float with NaN for null for a numeric one; or the refusal."""
+    what = f"input {spec.name!r}"
+    if tensor.dtype is not None and tensor.dtype != spec.dtype:
+        sent = "BYTES" if tensor.dtype.kind == "O" else tensor.dtype.name
+        raise InvalidInput(f"{what}: datatype {sent!r} is not one serving takes for it; the model takes "
+                           f"{spec.describe()}")
+    values = tensor.values
+    if type(values) is not list:
+        raise InvalidInput(f"{what} must be a list of values, one per row")
+    if all(type(v) is list and len(v) == 1 for v in values):  # [[v], [v], ...]: one per row
+        values = [v[0] for v in values]
+    text = spec.dtype.kind == "O"
+    largest = 0.0 if text else float(np.finfo(spec.dtype).max)
+    array = np.empty(len(values), dtype=spec.dtype)
+    for index, value in enumerate(values):
+        kind = type(value)
+        if value is None:
+            array[index] = "" if text else math.nan
+        elif kind is str and text:
+            array[index] = value
+        elif kind in _NUMBER_TYPES and (text or kind is float or abs(value) < 2**63):
+            if not text and math.isfinite(value) and abs(value) > largest:
+                raise InvalidInput(
+                    f"{what} row {index} is {value!r}, beyond the model's {spec.dtype.name} range")
+            array[index] = str(value) if text else value
+        elif kind is bool and text:
+            array[index] = str(value)
+        else:
+            wanted = "a string, a number or null" if text else "a number or null"
+            raise InvalidInput(
+                f"{what} row {index} is {kind.__name__} {value!r:.50}; this column takes {wanted}")
+    if tensor.shape is not None and math.prod(tensor.shape) != len(values):
+        raise InvalidInput(f"{what} has {len(values)} values; shape {list(tensor.shape)} needs "
+                           f"{math.prod(tensor.shape)}")
     return array

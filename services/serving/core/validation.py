@@ -117,6 +117,9 @@ def validate_inputs(
             raise InvalidInput(
                 f"input {spec.name!r} is {array.dtype.name}; the model takes {spec.describe()}"
             )
+        if spec.dtype.kind == "O" and not all(type(value) is str for value in array.flat):
+            raise InvalidInput(f"input {spec.name!r} holds values that are not strings; the model takes "
+                               f"{spec.describe()}")
         _check_shape(spec, array)
         if spec.shape:
             rows = int(array.shape[0])
@@ -130,6 +133,9 @@ def validate_inputs(
                 raise InvalidInput(f"the inputs disagree on the batch size: {batch} and {rows} rows")
             batch = rows
         if spec.dtype.kind == "f" and not allow_non_finite and array.size and not np.isfinite(array).all():
+            if spec.nullable and not np.isinf(array).any():  # NaN: a missing value the graph fills
+                checked[spec.name] = np.ascontiguousarray(array)
+                continue
             index = [int(i) for i in np.argwhere(~np.isfinite(array))[0]]
             raise InvalidInput(
                 f"input {spec.name!r} at {index} is {array[tuple(index)]}; values must be finite "

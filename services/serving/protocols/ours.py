@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from services.serving.core.convert import table_columns
 from services.serving.core.requests import Inference, Input, JsonTensor
 from services.serving.runtimes.base import Signature
 from shipyard_common.errors import InvalidInput, ShipyardError, ValidationFailed
@@ -29,6 +30,9 @@ def decode(inputs: Any, signature: Signature) -> dict[str, Input]:
             raise ValidationFailed(f"unknown input(s) {unknown}; the model takes {names}")
         return {key: JsonTensor(value) for key, value in inputs.items()}
     if len(signature.inputs) != 1 or len(signature.inputs[0].shape) != 2:
+        columns = table_columns(inputs, signature)  # a model taking one input per column: a table's rows
+        if columns is not None:
+            return columns
         raise ValidationFailed(
             f"this model takes {[s.describe() for s in signature.inputs]}; send "
             '{"inputs": {name: array, ...}} or use the v2 protocol'

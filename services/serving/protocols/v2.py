@@ -178,6 +178,8 @@ def _decode_input(item: dict[str, Any], index: int, binary: bytes, offset: int) 
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers, not {shape!r}")
     type_name = item.get("datatype")
     dtype = DATATYPES.get(type_name) if isinstance(type_name, str) else None
+    if type_name == "BYTES":  # strings: a table's categorical column
+        return _decode_bytes(item, name, shape, binary, offset)
     if dtype is None:
         raise InvalidInput(
             f"input {name!r}: datatype {type_name!r} is not one serving takes ({', '.join(DATATYPES)})"
@@ -207,6 +209,36 @@ def _decode_input(item: dict[str, Any], index: int, binary: bytes, offset: int) 
 
 
 _SIZES = frozenset({int})
+_STRINGS = np.dtype(object)
+
+
+def _decode_bytes(
+    item: dict[str, Any], name: str, shape: list[int], binary: bytes, offset: int
+) -> tuple[str, Input, int]:
+    """A BYTES input: JSON strings (left for the data plane to check), or binary elements, each a 4-byte
+    little-endian length then that many UTF-8 bytes; decoded to str."""
+    size = _parameters(item, "input", name).get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        return name, JsonTensor(item["data"], tuple(shape), _STRINGS), offset
+    if type(size) is not int or size < 0 or offset + size > len(binary):
+        raise InvalidInput(f"input {name!r}: binary_data_size must be the byte count of its data in the body")
+    chunk, at = binary[offset:offset + size], 0
+    values: list[str] = []
+    while at < len(chunk):
+        length = int.from_bytes(chunk[at:at + 4], "little")
+        if at + 4 + length > len(chunk):
+            raise InvalidInput(f"input {name!r}: its BYTES element {len(values)} runs past its data")
+        try:
+            values.append(chunk[at + 4:at + 4 + length].decode())
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input {name!r}: BYTES element {len(values)} is not UTF-8 text") from None
+        at += 4 + length
+    if len(values) != math.prod(shape):
+        raise InvalidInput(f"input {name!r} holds {len(values)} BYTES elements; shape {shape} needs "
+                           f"{math.prod(shape)}")
+    return name, np.array(values, dtype=object).reshape(shape), offset + size
 
 
 def _decode_outputs(request: dict[str, Any], binary_default: bool) -> list[RequestedOutput] | None:

@@ -21,9 +21,10 @@ FORMAT_ONNX_INT8 = "onnx_int8"
 # Without a shipyard.format tag, the first of these whose files the version holds is served.
 FORMAT_PREFERENCE = (FORMAT_ONNX_INT8, FORMAT_ONNX, FORMAT_TORCHSCRIPT, FORMAT_SAVEDMODEL)
 
-# The dtypes a request may carry. Strings and objects are not among them: no model we serve takes them.
+# The dtypes a request may carry; ``string`` (numpy object arrays of str) only for a table's categorical
+# columns (the trainer's engines/preprocess.py), the one kind of model that takes them.
 _DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
-           "uint8", "uint16", "uint32", "uint64", "bool")
+           "uint8", "uint16", "uint32", "uint64", "bool", "string")
 
 
 class ModelLoadError(Exception):
@@ -34,7 +35,12 @@ def parse_dtype(name: str) -> np.dtype[Any]:
     """A signature's dtype name (``float32``, ``int64``, …) as a numpy dtype."""
     if name not in _DTYPES:
         raise ModelLoadError(f"dtype {name!r} is not one serving can feed (one of {', '.join(_DTYPES)})")
-    return np.dtype(name)
+    return np.dtype(object) if name == "string" else np.dtype(name)
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """A dtype's name in signatures and messages: ``string`` for str objects."""
+    return "string" if dtype.kind == "O" else dtype.name
 
 
 @dataclass(frozen=True)
@@ -43,13 +49,15 @@ class TensorSpec:
     dtype: np.dtype[Any]
     # None: any size. The first dimension is the batch.
     shape: tuple[int | None, ...]
+    # A table's numeric column with an imputation: NaN (JSON null) is a missing value, filled in the graph.
+    nullable: bool = False
 
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name!r} {self.dtype.name}[{dims}]"
+        return f"{self.name!r} {dtype_name(self.dtype)}[{dims}]"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+        return {"name": self.name, "dtype": dtype_name(self.dtype), "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ class Signature:
                         None if d is None or (isinstance(d, int) and d < 0) else int(d) for d in item["shape"]
                     )
                     found.append(TensorSpec(name=str(item["name"]), dtype=parse_dtype(str(item["dtype"])),
-                                            shape=shape))
+                                            shape=shape, nullable=item.get("nullable") is True))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ModelLoadError(f"the signature's {key} entry {item!r} is malformed: {exc}") from exc
             return tuple(found)
@@ -138,6 +146,7 @@ class Runtime(Protocol):
 def warm_up_arrays(signature: Signature) -> dict[str, np.ndarray]:
     """One row of zeros per input, with every free dimension 1: what a warm-up run feeds."""
     return {
-        spec.name: np.zeros(tuple(1 if d is None else d for d in spec.shape), dtype=spec.dtype)
+        spec.name: np.full(tuple(1 if d is None else d for d in spec.shape),
+                           "" if spec.dtype.kind == "O" else 0, dtype=spec.dtype)
         for spec in signature.inputs
     }

@@ -14,6 +14,7 @@ from services.serving.runtimes.base import (
     ModelLoadError,
     Signature,
     TensorSpec,
+    parse_dtype,
     warm_up_arrays,
 )
 from shipyard_common.lineage import ONNX_FILE_NAME
@@ -28,6 +29,7 @@ _ORT_DTYPES: dict[str, str] = {
     "tensor(int8)": "int8",
     "tensor(uint8)": "uint8",
     "tensor(bool)": "bool",
+    "tensor(string)": "string",  # a table's categorical column (the trainer's engines/preprocess.py)
 }
 
 _GRAPH_OPTIMIZATION = {
@@ -95,7 +97,7 @@ class OnnxRuntime:
         dtype = _ORT_DTYPES.get(arg.type)
         if dtype is None:
             raise ModelLoadError(f"{arg.name!r} is {arg.type}; serving feeds and answers numbers only")
-        return TensorSpec(name=arg.name, dtype=np.dtype(dtype),
+        return TensorSpec(name=arg.name, dtype=parse_dtype(dtype),
                           shape=tuple(_dimension(d) for d in (arg.shape or [])))
 
     def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ checkpoint file :mod:`~.checkpoints`'. The names other modules know them by here
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -85,6 +86,11 @@ def build_model(data: TabularData, spec: JobCreate, *, plugin_dir: Path | None =
     """
     from services.trainer.engines import architectures
 
+    if data.table is not None and data.table.embedded():  # embedded columns: learned tables in front
+        from services.trainer.engines.preprocess import with_embeddings
+
+        return with_embeddings(data.table, data.x_train, lambda wide: architectures.build_model(
+            dataclasses.replace(data, x_train=wide), spec, plugin_dir=plugin_dir))
     return architectures.build_model(data, spec, plugin_dir=plugin_dir)
 
 

@@ -19,14 +19,18 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from services.trainer.engines.types import TabularData, TrainingFailed
 from services.trainer.jobs.schemas import Task
+
+if TYPE_CHECKING:
+    from services.trainer.engines.preprocess import Table
 
 log = logging.getLogger("shipyard.trainer.export")
 
@@ -84,10 +88,12 @@ def input_name(example: torch.Tensor) -> str:
 
 def export_onnx(
     model: nn.Module, *, task: Task, example: torch.Tensor, path: Path, check_rows: np.ndarray,
-    classes: list[Any] | None = None,
+    classes: list[Any] | None = None, table: Table | None = None, check_frame: pd.DataFrame | None = None,
 ) -> ExportedModel:
     """Write ``model`` to ``path`` as ONNX with a dynamic batch axis, then check it with ONNX Runtime.
 
+    With a ``table``, its encoding goes in front of the network (:func:`~.preprocess.prepend`): the file
+    takes the raw columns, checked on ``check_frame`` (the raw rows of ``check_rows``).
     Raises :class:`TrainingFailed` if the model cannot be exported, or if ONNX Runtime's answers
     on ``check_rows`` differ from PyTorch's by more than ``MAX_ABS_DIFF``.
     """
@@ -120,7 +126,13 @@ def export_onnx(
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
-    diff, scale, signature = check_onnx(path, module, check_rows)
+    if table is not None and check_frame is not None:
+        from services.trainer.engines import preprocess
+
+        preprocess.prepend(path, table, network_input=input_name(example))
+        diff, scale, signature = check_table_onnx(path, module, table, check_frame, check_rows)
+    else:
+        diff, scale, signature = check_onnx(path, module, check_rows)
     if classes:
         signature["classes"] = list(classes)
     _within_bound("ONNX", task, diff, scale)
@@ -219,6 +231,30 @@ def quiet_exporter() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def check_table_onnx(
+    path: Path, module: nn.Module, table: Table, frame: pd.DataFrame, rows: np.ndarray
+) -> tuple[float, float, dict[str, Any]]:
+    """:func:`check_onnx` for a file taking raw columns: ORT on ``frame``'s columns against PyTorch on
+    their encoded ``rows``. The signature has one input per column, ``nullable`` where a null is filled;
+    the categories are the version's ``columns.json`` (a signature is a registry tag too: kept small)."""
+    import onnxruntime as ort
+
+    from services.trainer.engines import preprocess
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, preprocess.raw_inputs(table, frame))
+    with torch.no_grad():
+        torch_out = module(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))).numpy()
+    diff, scale = _compare("ONNX", onnx_out, torch_out)
+    signature = {
+        "inputs": [{"name": column.name, "shape": [None], "nullable": column.describe()["nullable"],
+                    "dtype": "string" if column.categorical else "float32"} for column in table.columns],
+        "outputs": [{"name": arg.name, "shape": [d if isinstance(d, int) else None for d in arg.shape],
+                     "dtype": _ORT_DTYPES.get(arg.type, arg.type)} for arg in session.get_outputs()],
+    }
+    return diff, scale, signature
 
 
 def check_onnx(path: Path, module: nn.Module, rows: np.ndarray) -> tuple[float, float, dict[str, Any]]:

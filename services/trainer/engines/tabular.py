@@ -13,39 +13,53 @@ import numpy as np
 import pandas as pd
 import torch
 
+from services.trainer.engines import preprocess
 from services.trainer.engines.types import TabularData
-from services.trainer.jobs.schemas import SPLIT_PARTS, JobCreate, Task
+from services.trainer.jobs.schemas import SPLIT_PARTS, JobCreate, Task, table_refusal
 from shipyard_common.errors import InvalidInput
 
 
 def prepare_data(frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame | None = None) -> TabularData:
     """Pick the columns, check them, and split them (:func:`split_rows`; stratified for classification);
-    ``test_frame``: the rows of ``data.split.test_rev``, the test rows when the split names one."""
+    ``test_frame``: the rows of ``data.split.test_rev``, the test rows when the split names one.
+
+    Categorical columns and missing values make a table (:mod:`~.preprocess`): its encodings and fill
+    values fitted on the training rows only, then every part's rows encoded with them.
+    """
     data = spec.data
     split_column = data.split.column if data.split is not None else None
     features = list(data.features) if data.features is not None else [
         str(c) for c in frame.columns if str(c) not in (data.target, split_column)]
-    x = _feature_rows(frame, features, spec, data.rev, extra=[split_column] if split_column else [])
+    _check_columns(frame, features, spec, data.rev, extra=[split_column] if split_column else [])
     y, classes = _labels(frame[data.target], spec)
     rows = split_rows(frame, spec, y if classes else None)
+    table = None
+    if preprocess.needs_table(frame, features, spec):
+        refused = table_refusal(spec)
+        if refused:
+            raise InvalidInput(f"the dataset has categorical columns or missing values: {refused}")
+        table = preprocess.fit_table(frame.iloc[rows["train"]], features, spec)
+    x = _feature_rows(frame, features, table)
     test = rows.get("test")
     x_test, y_test = (None, None) if test is None else (x[test], y[test])
     if test_frame is not None and data.split is not None and data.split.test_rev is not None:
-        x_test = _feature_rows(test_frame, features, spec, data.split.test_rev)
+        _check_columns(test_frame, features, spec, data.split.test_rev)
+        x_test = _feature_rows(test_frame, features, table)
         y_test, _ = _labels(test_frame[data.target], spec, classes=classes)
         rows["test"] = np.arange(len(test_frame))
     return TabularData(
         features=features, target=data.target, task=data.task,
         x_train=x[rows["train"]], y_train=y[rows["train"]], x_val=x[rows["validation"]],
         y_val=y[rows["validation"]], classes=[_plain(c) for c in classes], x_test=x_test, y_test=y_test,
-        rows={part: positions.tolist() for part, positions in rows.items()},
+        rows={part: positions.tolist() for part, positions in rows.items()}, table=table,
+        val_frame=None if table is None else frame.iloc[rows["validation"]][features].reset_index(drop=True),
     )
 
 
-def _feature_rows(
+def _check_columns(
     frame: pd.DataFrame, features: list[str], spec: JobCreate, rev: str, extra: list[str] | None = None
-) -> np.ndarray:
-    """``features`` of ``frame`` (revision ``rev``) as float32 rows, or the 422 naming what is wrong."""
+) -> None:
+    """The 422 naming what is wrong with ``frame``'s columns (revision ``rev``), if anything is."""
     data = spec.data
     columns = [str(c) for c in frame.columns]
     missing = [c for c in [data.target, *features, *(extra or [])] if c not in columns]
@@ -56,12 +70,14 @@ def _feature_rows(
         )
     if not features:
         raise InvalidInput(f"dataset {data.dataset!r} has no feature columns besides the target")
-    not_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
-    if not_numeric:
-        raise InvalidInput(f"feature column(s) {not_numeric[:20]} are not numeric; encode them first")
-    with_gaps = [c for c in [*features, data.target] if frame[c].isna().any()]
-    if with_gaps:
-        raise InvalidInput(f"column(s) {with_gaps[:20]} have missing values; fill or drop them first")
+    if frame[data.target].isna().any():
+        raise InvalidInput(f"target {data.target!r} has missing values; drop those rows first")
+
+
+def _feature_rows(frame: pd.DataFrame, features: list[str], table: preprocess.Table | None) -> np.ndarray:
+    """``features`` of ``frame`` as float32 rows: as they are, or encoded by ``table``."""
+    if table is not None:
+        return preprocess.encode(table, frame)
     rows: np.ndarray = frame[features].to_numpy(dtype=np.float32)
     return rows
 

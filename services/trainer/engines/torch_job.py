@@ -7,7 +7,9 @@ runs the same loop under torchrun (see :mod:`services.trainer.engines.distribute
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from services.trainer.engines import crossval, engine, quantize
@@ -60,12 +62,23 @@ def fit(context: FitContext) -> FitOutcome:
         history=result.history, confusion=result.confusion, best_epoch=result.best_epoch,
         stopped_early=result.stopped_early, seconds=result.seconds, device=result.device,
         exports=exports, state_dict=result.model.state_dict(),
-        artifacts=list(getattr(data, "artifacts", [])),
+        artifacts=[*getattr(data, "artifacts", []), *table_artifacts(data, context)],
         card={"parameters": sum(p.numel() for p in result.model.parameters()),
               "architecture": type(result.model).__name__},
     )
     quantize.add_int8(outcome, data, spec, context.workdir / "exports")
     return outcome
+
+
+def table_artifacts(data: TabularData, context: FitContext) -> list[tuple[Path, str]]:
+    """A table's columns as declared or inferred and fitted (the version's ``columns.json``), if any."""
+    if data.table is None:
+        return []
+    from services.trainer.engines.preprocess import COLUMNS_FILE
+
+    path = context.workdir / COLUMNS_FILE
+    path.write_text(json.dumps({"columns": data.table.describe()}, indent=2))
+    return [(path, ".")]
 
 
 def train_here(data: TabularData, context: FitContext) -> engine.TrainResult:
@@ -98,6 +111,7 @@ def export_all(model: Any, data: TabularData, spec: JobCreate, context: FitConte
             done = export.export_onnx(
                 model, task=data.task, example=export.example_input(data),
                 path=folder / "onnx" / "model.onnx", check_rows=data.x_val, classes=data.classes,
+                table=data.table, check_frame=data.val_frame,
             )
         elif fmt == ExportFormat.TORCHSCRIPT:
             done = export.export_torchscript(

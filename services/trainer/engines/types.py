@@ -13,13 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from services.trainer.jobs.schemas import ExportFormat, JobCreate, Task
 from shipyard_common.errors import ShipyardError
+
+if TYPE_CHECKING:
+    from services.trainer.engines.preprocess import Table
 
 # (epoch, global step, metrics at the end of an epoch or None mid-epoch) → may raise to stop.
 Observer = Callable[[int, int, dict[str, float] | None], None]
@@ -47,6 +50,11 @@ class TabularData:
     y_test: np.ndarray | None = None
     # Each part's row positions in the dataset (train, validation, test), stored with the run.
     rows: dict[str, list[int]] = field(default_factory=dict)
+    # A table with categorical columns or missing values (engines/preprocess.py): how each column is
+    # encoded, fitted on the training rows; the x_* arrays are encoded. None: the columns as they are.
+    table: Table | None = None
+    # With a table: the validation rows' raw feature columns, which the exported graph is checked on.
+    val_frame: pd.DataFrame | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ trained with the default would be worse than a 422.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from functools import partial
@@ -270,6 +271,66 @@ class SplitSpec(Strict):
         return self
 
 
+class ColumnType(StrEnum):
+    NUMERIC = "numeric"
+    CATEGORICAL = "categorical"
+
+
+class Encoding(StrEnum):
+    ONEHOT = "onehot"
+    EMBEDDING = "embedding"
+
+
+class Imputation(StrEnum):
+    MEAN = "mean"
+    MEDIAN = "median"
+    CONSTANT = "constant"
+    MOST_FREQUENT = "most_frequent"
+    MISSING_CATEGORY = "missing_category"
+    NONE = "none"
+
+
+_NUMERIC_IMPUTATIONS = frozenset({Imputation.MEAN, Imputation.MEDIAN, Imputation.CONSTANT, Imputation.NONE})
+_CATEGORICAL_IMPUTATIONS = frozenset({Imputation.MOST_FREQUENT, Imputation.CONSTANT,
+                                      Imputation.MISSING_CATEGORY})
+
+
+class ColumnSpec(Strict):
+    """How one feature column is encoded and its missing values filled, fitted on the training rows only
+    (docs/training.md, "Tables"). Undeclared columns are inferred: numbers are numeric (impute mean),
+    strings, pandas categories and booleans categorical (onehot, impute missing_category)."""
+
+    type: ColumnType
+    encoding: Encoding | None = Field(default=None, description="Categorical only; onehot when null.")
+    embedding_dim: int | None = Field(default=None, ge=1, le=512, description="encoding embedding only.")
+    impute: Imputation | None = Field(
+        default=None, description="numeric: mean (default), median, constant or none (nulls refused); "
+        "categorical: missing_category (default), most_frequent or constant.",
+    )
+    fill_value: float | str | None = Field(default=None, description="impute constant only: the value.")
+
+    @model_validator(mode="after")
+    def _options_fit_the_type(self) -> ColumnSpec:
+        numeric = self.type == ColumnType.NUMERIC
+        allowed = _NUMERIC_IMPUTATIONS if numeric else _CATEGORICAL_IMPUTATIONS
+        if self.impute is not None and self.impute not in allowed:
+            raise ValueError(f"impute {self.impute.value!r} is not available for a {self.type.value} column; "
+                             f"use one of {sorted(i.value for i in allowed)}")
+        if numeric and (self.encoding is not None or self.embedding_dim is not None):
+            raise ValueError("encoding and embedding_dim apply to categorical columns only")
+        if self.embedding_dim is not None and self.encoding != Encoding.EMBEDDING:
+            raise ValueError("embedding_dim needs encoding 'embedding'")
+        if (self.impute == Imputation.CONSTANT) != (self.fill_value is not None):
+            raise ValueError(
+                "fill_value goes with impute 'constant', and impute 'constant' needs a fill_value")
+        if self.fill_value is not None:
+            wrong = isinstance(self.fill_value, str) if numeric else not isinstance(self.fill_value, str)
+            if wrong or (numeric and not math.isfinite(float(self.fill_value))) or self.fill_value == "":
+                kind = "a finite number" if numeric else "a non-empty string (a category)"
+                raise ValueError(f"fill_value of a {self.type.value} column must be {kind}")
+        return self
+
+
 class DataSpec(Strict):
     dataset: DatasetName
     rev: Revision
@@ -285,6 +346,10 @@ class DataSpec(Strict):
     split: SplitSpec | None = Field(
         default=None, description="Train / validation / test; replaces validation_split when given.",
     )
+    columns: dict[ColumnName, ColumnSpec] | None = Field(
+        default=None, description="Per feature column: its type, encoding and imputation; undeclared "
+        "columns are inferred, and what was inferred is recorded (the version's columns.json).",
+    )
 
     @model_validator(mode="after")
     def _features_are_distinct_from_target(self) -> DataSpec:
@@ -296,6 +361,13 @@ class DataSpec(Strict):
                 raise ValueError(f"the target {self.target!r} cannot also be a feature")
             if len(set(self.features)) != len(self.features):
                 raise ValueError("features must not repeat a column")
+        if self.columns:
+            declared = set(self.columns)
+            not_features = {self.target, split_column} | (declared - set(self.features or declared))
+            outside = sorted(set(self.columns) & not_features)
+            if outside:
+                raise ValueError(f"data.columns declares {outside[:10]}, which are not feature columns "
+                                 f"(the target, the split column, or not in features)")
         return self
 
 
@@ -446,6 +518,14 @@ class JobCreate(Strict):
         return self
 
     @model_validator(mode="after")
+    def _declared_columns_fit_the_job(self) -> JobCreate:
+        if self.data.columns:
+            refused = table_refusal(self)
+            if refused:
+                raise ValueError(f"data.columns: {refused}")
+        return self
+
+    @model_validator(mode="after")
     def _early_stopping_metric_fits_the_task(self) -> JobCreate:
         stopping = self.training.early_stopping
         if stopping is None:
@@ -457,6 +537,22 @@ class JobCreate(Strict):
                 f"{self.data.task.value}"
             )
         return self
+
+
+def table_refusal(spec: JobCreate) -> str | None:
+    """Why this job cannot train on a table with categorical columns or missing values (its ONNX file
+    takes raw columns: strings and nulls), or None. The API refuses it when data.columns is declared;
+    the engine when the dataset's columns call for it."""
+    if spec.framework != Framework.PYTORCH:
+        return (f"categorical columns and missing values need framework 'pytorch', not "
+                f"{spec.framework.value!r}; encode and fill them first for another framework")
+    if spec.resources.gpus > 1:
+        return "categorical columns and missing values train on one device (resources.gpus <= 1)"
+    other = [f.value for f in spec.exports if f != ExportFormat.ONNX]
+    if other:
+        return (f"a model taking categorical columns and missing values is exported to 'onnx' only (its "
+                f"graph takes strings and nulls), not {other}")
+    return None
 
 
 def _int8_needs_onnx(framework: Framework, exports: list[ExportFormat]) -> None:

@@ -1,0 +1,323 @@
+"""Real-world tables (issue 16): categorical columns and missing values, encoded and filled with what the
+training rows alone say, inside the exported graph, so that serving answers raw rows with strings and nulls.
+
+The frame is breast_cancer with a binned string column (``size``, with holes), a random categorical column
+(``city``, embedded), holes in two numeric columns, and a category (``grade`` ``"rare"``) that only the
+test rows hold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+from sklearn.datasets import load_breast_cancer
+
+from services.serving.core.convert import column_array, table_columns
+from services.serving.core.requests import JsonTensor
+from services.serving.runtimes.base import Signature
+from services.trainer.app import create_app
+from services.trainer.engines import engine, export, preprocess
+from services.trainer.jobs.schemas import JobCreate
+from shipyard_common.auth import Role
+from shipyard_common.datasets import DataRepo
+from shipyard_common.errors import InvalidInput, ShipyardError
+from tests.services.serving.support import serving
+from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.support import auth, running_app, running_mlflow, wait_for
+
+DECLARED = {"city": {"type": "categorical", "encoding": "embedding", "embedding_dim": 3},
+            "mean texture": {"type": "numeric", "impute": "median"}}
+
+
+def table_frame() -> pd.DataFrame:
+    frame = load_breast_cancer(as_frame=True).frame
+    rng = np.random.default_rng(0)
+    positions = np.arange(len(frame))
+    frame["part"] = np.where(positions % 5 == 0, "test", np.where(positions % 5 == 1, "validation", "train"))
+    size = pd.cut(frame["mean radius"], [0, 12, 15, 100], labels=["small", "medium", "large"]).astype(object)
+    frame["size"] = size.where(rng.random(len(frame)) > 0.1, None)
+    frame["city"] = rng.choice(["paris", "lyon", "nice", "lille"], len(frame))
+    frame["grade"] = np.where(frame["part"] == "test", rng.choice(["a", "rare"], len(frame)), "a")
+    frame.loc[rng.random(len(frame)) < 0.1, "mean texture"] = np.nan
+    frame.loc[rng.random(len(frame)) < 0.1, "worst area"] = np.nan
+    return frame
+
+
+def spec(**data: Any) -> JobCreate:
+    return JobCreate.model_validate({
+        "model_name": "m", "training": {"epochs": 4, "seed": 0},
+        "data": {"dataset": "t", "rev": "a" * 40, "task": "classification", "target": "target",
+                 "split": {"column": "part"}, "columns": DECLARED, **data},
+    })
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return table_frame()
+
+
+def test_encodings_and_fill_values_are_fitted_on_the_training_rows_only(frame):
+    data = engine.prepare_data(frame, spec())
+    assert data.table is not None
+    columns = {column.name: column for column in data.table.columns}
+    train = frame[frame["part"] == "train"]
+    assert columns["size"].inferred and columns["size"].categories == ("large", "medium", "small")
+    assert columns["grade"].categories == ("a",)  # "rare" is in the test rows only: it is unknown
+    assert not columns["city"].inferred and columns["city"].embedding_dim == 3
+    assert columns["mean texture"].fill == pytest.approx(train["mean texture"].median())
+    assert columns["worst area"].fill == pytest.approx(train["worst area"].mean())
+    assert columns["mean radius"].fill == pytest.approx(train["mean radius"].mean())
+    # One-hot slots: the categories, (unknown), (missing); the embedded column is one index.
+    assert data.x_train.shape[1] == 30 + (3 + 2) + 1 + (1 + 2) and not np.isnan(data.x_train).any()
+    grade = data.table.columns.index(columns["grade"])
+    start = sum(column.width for column in data.table.columns[:grade])
+    test_rows = frame[frame["part"] == "test"]
+    unknown = data.x_test[:, start + 1]  # the slot after "a"
+    np.testing.assert_array_equal(unknown, (test_rows["grade"] == "rare").to_numpy(dtype=np.float32))
+    described = {c["name"]: c for c in data.table.describe()}
+    assert described["size"]["slots"] == ["large", "medium", "small", "(unknown)", "(missing)"]
+
+
+def test_the_exported_graph_takes_raw_columns_and_computes_what_pytorch_does(frame, tmp_path):
+    import onnxruntime as ort
+
+    job = spec()
+    data = engine.prepare_data(frame, job)
+    result = engine.train(data, job, device="cpu")
+    assert result.metrics["val_accuracy"] >= 0.85
+    assert data.val_frame is not None and data.table is not None
+    done = export.export_onnx(result.model, task=data.task, example=export.example_input(data),
+                              path=tmp_path / "model.onnx", check_rows=data.x_val, classes=data.classes,
+                              table=data.table, check_frame=data.val_frame)
+    assert done.max_abs_diff <= 1e-5
+    inputs = {item["name"]: item for item in done.signature["inputs"]}
+    assert inputs["size"] == {"name": "size", "shape": [None], "dtype": "string", "nullable": True}
+    assert inputs["mean texture"]["dtype"] == "float32" and inputs["mean texture"]["nullable"] is True
+    # Rows the training never saw: unseen categories, nulls everywhere a null can be.
+    raw = frame[frame["part"] == "test"].head(20).drop(columns=["target", "part"]).reset_index(drop=True)
+    raw.loc[0, "size"], raw.loc[1, "city"], raw.loc[2, "size"] = "enormous", "tokyo", None
+    raw.loc[3, ["mean texture", "worst area", "mean radius"]] = np.nan
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (from_onnx,) = session.run(None, preprocess.raw_inputs(data.table, raw))
+    encoded = preprocess.encode(data.table, raw)
+    from_torch = engine.predict_rows(export.ServingModule(result.model, data.task), encoded, job)
+    assert encoded.shape == (20, data.x_train.shape[1])
+    np.testing.assert_allclose(from_onnx, from_torch, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"columns": {"size": {"type": "numeric", "encoding": "onehot"}}}, "categorical columns only"),
+        ({"columns": {"size": {"type": "categorical", "impute": "mean"}}}, "not available for a categorical"),
+        ({"columns": {"size": {"type": "categorical", "impute": "constant"}}}, "needs a fill_value"),
+        ({"columns": {"target": {"type": "numeric"}}}, "not feature columns"),
+    ],
+)
+def test_bad_declarations_are_refused_by_the_schema(changes, message):
+    with pytest.raises(ValidationError, match=message):
+        spec(**changes)
+
+
+def test_formats_and_frameworks_that_cannot_take_strings_are_refused():
+    base = {"model_name": "m", "data": {"dataset": "t", "rev": "a" * 40, "task": "classification",
+                                        "target": "target", "columns": DECLARED}}
+    with pytest.raises(ValidationError, match="exported to 'onnx' only"):
+        JobCreate.model_validate({**base, "exports": ["onnx", "torchscript"]})
+    with pytest.raises(ValidationError, match="need framework 'pytorch'"):
+        JobCreate.model_validate({**base, "framework": "keras"})
+    # Undeclared: the data calls for a table, and the engine refuses the same way.
+    undeclared = JobCreate.model_validate({**base, "data": {**base["data"], "columns": None},
+                                           "exports": ["onnx", "torchscript"]})
+    with pytest.raises(InvalidInput, match="categorical columns or missing values"):
+        engine.prepare_data(table_frame().drop(columns="part"), undeclared)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "columns", "message"),
+    [
+        (lambda f: f.assign(**{"mean radius": f["mean radius"].astype(object).where(f.index != 3, "big")}),
+         {"mean radius": {"type": "numeric"}}, "is numeric but holds 'big'"),
+        (lambda f: f, {"worst area": {"type": "numeric", "impute": "none"}}, "impute 'none'"),
+        (lambda f: f.assign(target=f["target"].where(f.index != 5, None)), {}, "target 'target' has missing"),
+        (lambda f: f.assign(when=pd.Timestamp("2026-01-01")), {}, "dates or durations"),
+    ],
+)
+def test_data_the_declarations_cannot_take_is_refused_with_a_reason(frame, mutate, columns, message):
+    with pytest.raises(InvalidInput) as caught:
+        engine.prepare_data(mutate(frame.copy()), spec(columns=columns or None))
+    assert message in caught.value.message
+
+
+def test_too_many_categories_for_onehot_are_refused_and_embedding_takes_them(frame, monkeypatch):
+    monkeypatch.setattr(preprocess, "ONEHOT_MAX_CATEGORIES", 50)
+    coded = frame.assign(code=[f"c{i % 200}" for i in range(len(frame))])
+    with pytest.raises(InvalidInput, match="more than onehot takes \\(50\\); declare encoding 'embedding'"):
+        engine.prepare_data(coded, spec(columns={"code": {"type": "categorical"}}))
+    embedded = {"code": {"type": "categorical", "encoding": "embedding"}}
+    data = engine.prepare_data(coded, spec(columns=embedded))
+    train_codes = set(coded.loc[coded["part"] == "train", "code"])
+    assert data.table is not None and set(data.table.columns[-1].categories) == train_codes
+    assert len(train_codes) == 120  # of 200: those of the training rows
+
+
+def test_serving_turns_rows_of_strings_and_nulls_into_columns_and_names_what_is_wrong():
+    signature = Signature.from_json({
+        "inputs": [{"name": "size", "shape": [None], "dtype": "string", "nullable": True},
+                   {"name": "age", "shape": [None], "dtype": "float32", "nullable": True}],
+        "outputs": [{"name": "probabilities", "shape": [None, 2], "dtype": "float32"}],
+    })
+    columns = table_columns([["big", None], {"age": 3}, {"size": 7, "age": 1.5}], signature)
+    assert columns is not None
+    size, age = (column_array(columns[name], spec) for name, spec in
+                 (("size", signature.inputs[0]), ("age", signature.inputs[1])))
+    assert size.tolist() == ["big", "", "7"] and size.dtype == object
+    np.testing.assert_array_equal(age, np.array([np.nan, 3.0, 1.5], dtype=np.float32))
+    refusals = [
+        (lambda: table_columns([{"sise": "big"}], signature), "unknown column(s) ['sise']"),
+        (lambda: table_columns([["big"]], signature), "a list of 2 values"),
+        (lambda: column_array(JsonTensor(["3 years"]), signature.inputs[1]), "row 0 is str '3 years'"),
+        (lambda: column_array(JsonTensor([True]), signature.inputs[1]), "row 0 is bool"),
+        (lambda: column_array(JsonTensor([["a", "b"]]), signature.inputs[0]), "row 0 is list"),
+    ]
+    for refused, message in refusals:
+        with pytest.raises(ShipyardError) as caught:
+            refused()
+        assert message in caught.value.message
+
+
+# -- end to end: the trainer's API and worker, MLflow's registry, serving over HTTP --------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[dict[str, Any]]:
+    """A private MLflow (so that serving loads this module's model alone), the trainer's API and a worker,
+    and the table as a versioned dataset."""
+    state = tmp_path_factory.mktemp("tables")
+    with running_mlflow(state, redis_url=redis_url) as platform:
+        settings = trainer_settings(platform)
+        frame = table_frame()
+        rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("tables", frame).rev
+        worker = WorkerProcess(settings, state / "worker.log")
+        try:
+            with running_app(create_app(settings)) as base:
+                yield {"platform": platform, "base": base, "rev": rev, "frame": frame, "worker": worker}
+        finally:
+            worker.stop()
+
+
+def table_job(stack: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return job_spec(rev=stack["rev"], dataset="tables", model_name="tables", training__epochs=8,
+                    data__split={"column": "part"}, **{"data__columns": DECLARED, **changes})
+
+
+@pytest.fixture(scope="module")
+def trained(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    created = httpx.post(f"{stack['base']}/jobs", json=table_job(stack), headers=auth(Role.TRAINER))
+    assert created.status_code == 201, created.text
+
+    def ended() -> dict[str, Any] | None:
+        job = httpx.get(f"{stack['base']}/jobs/{created.json()['id']}", headers=auth(Role.VIEWER)).json()
+        return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+    job: dict[str, Any] = wait_for(ended, timeout=240, interval=0.5, what="the table job to end")
+    assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
+    uri = stack["platform"].mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    folder = Path(client.download_artifacts(job["mlflow_run_id"], "model",
+                                            str(tmp_path_factory.mktemp("table-model"))))
+    client.set_registered_model_alias("tables", "production", job["model_version"])
+    return {**job, "folder": folder}
+
+
+def unseen_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Test rows as a client sends them: JSON objects, an unseen category, nulls, a category only the
+    test rows hold."""
+    rows = frame[frame["part"] == "test"].head(6).drop(columns=["target", "part"]).astype(object)
+    found = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+             for row in rows.to_dict(orient="records")]
+    found[0]["size"], found[1]["city"], found[2]["size"] = "enormous", "tokyo", None
+    found[3]["mean texture"] = found[3]["worst area"] = None
+    found[4]["grade"] = "rare"
+    del found[5]["city"]  # an absent column is a null too
+    return found
+
+
+def onnx_answer(folder: Path, rows: list[dict[str, Any]]) -> np.ndarray:
+    """The exported file's own answer, from onnxruntime directly, for the rows the client sent."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for arg in session.get_inputs():
+        values = [row.get(arg.name) for row in rows]
+        feeds[arg.name] = (np.array(["" if v is None else str(v) for v in values], dtype=object)
+                           if arg.type == "tensor(string)" else
+                           np.array([np.nan if v is None else v for v in values], dtype=np.float32))
+    (answer,) = session.run(None, feeds)
+    return answer  # type: ignore[no-any-return]
+
+
+def test_a_table_trains_through_the_worker_and_records_its_columns(trained, stack):
+    assert trained["metrics"]["val_accuracy"] >= 0.85 and trained["metrics"]["onnx_max_abs_diff"] <= 1e-5
+    columns = {c["name"]: c for c in json.loads((trained["folder"] / "columns.json").read_text())["columns"]}
+    assert columns["size"]["inferred"] and columns["size"]["type"] == "categorical"
+    assert columns["size"]["categories"] == ["large", "medium", "small"]
+    assert columns["grade"]["categories"] == ["a"]  # fitted on the training rows only
+    assert columns["city"]["encoding"] == "embedding" and not columns["city"]["inferred"]
+    assert columns["mean texture"]["impute"] == "median" and columns["worst area"]["impute"] == "mean"
+    signature = json.loads((trained["folder"] / "signature.json").read_text())
+    by_name = {item["name"]: item for item in signature["inputs"]}
+    assert by_name["size"]["dtype"] == "string" and by_name["worst area"]["nullable"] is True
+
+
+def test_serving_answers_raw_rows_with_unseen_categories_and_nulls_as_the_model_does(trained, stack):
+    rows = unseen_rows(stack["frame"])
+    expected = onnx_answer(trained["folder"], rows)
+    names = [c for c in stack["frame"].columns if c not in ("target", "part")]
+    with serving(stack["platform"]) as base:
+        url = f"{base}/v1/models/tables/predict"
+        as_objects = httpx.post(url, json={"inputs": rows}, headers=auth(Role.VIEWER))
+        assert as_objects.status_code == 200, as_objects.text
+        np.testing.assert_allclose(np.array(as_objects.json()["outputs"]), expected, atol=1e-6)
+        as_lists = httpx.post(url, json={"inputs": [[row.get(n) for n in names] for row in rows]},
+                              headers=auth(Role.VIEWER))
+        np.testing.assert_allclose(np.array(as_lists.json()["outputs"]), expected, atol=1e-6)
+
+        kinds = {n: "BYTES" if stack["frame"][n].dtype == object else "FP32" for n in names}
+        v2 = httpx.post(f"{base}/v2/models/tables/infer", headers=auth(Role.VIEWER), json={"inputs": [
+            {"name": n, "shape": [len(rows)], "datatype": kinds[n], "data": [row.get(n) for row in rows]}
+            for n in names]})
+        assert v2.status_code == 200, v2.text
+        [output] = v2.json()["outputs"]
+        np.testing.assert_allclose(np.array(output["data"]).reshape(output["shape"]), expected, atol=1e-6)
+
+        tf = httpx.post(f"{base}/v1/models/tables:predict", json={"instances": rows[:5]},
+                        headers=auth(Role.VIEWER))
+        assert tf.status_code == 200, tf.text
+        np.testing.assert_allclose(np.array(tf.json()["predictions"]), expected[:5], atol=1e-6)
+
+        refused = httpx.post(url, json={"inputs": [{**rows[0], "mean radius": "large"}]},
+                             headers=auth(Role.VIEWER))
+        assert refused.status_code == 422 and "'mean radius' row 0 is str" in refused.text, refused.text
+        infinite = httpx.post(f"{base}/v2/models/tables/infer", headers=auth(Role.VIEWER), json={"inputs": [
+            {"name": n, "shape": [1], "datatype": kinds[n],
+             "data": [1e39 if n == "mean radius" else rows[0].get(n)]} for n in names]})
+        assert infinite.status_code == 400 and "beyond the model's float32 range" in infinite.text
+
+
+def test_a_bad_declaration_is_a_422_that_says_what_is_wrong(stack):
+    bad = table_job(stack, data__columns={"size": {"type": "categorical", "impute": "median"}})
+    refused = httpx.post(f"{stack['base']}/jobs", json=bad, headers=auth(Role.TRAINER))
+    assert refused.status_code == 422
+    assert "impute 'median' is not available for a categorical column" in refused.text
