@@ -55,6 +55,10 @@ class ModelStatusPublic(BaseModel):
     features: list[str] | None = Field(
         default=None, description="The feature (column) names the input's values are, in order."
     )
+    text: dict[str, Any] | None = Field(
+        default=None, description="A text model's raw text: the input it fills and the tokens each text is "
+                                  "cut or padded to ({\"input\": \"input_ids\", \"max_length\": 128})."
+    )
     # TF Serving's GetModelStatus answer, so that its clients can read this route as they read its own.
     model_version_status: list[dict[str, Any]] = Field(default_factory=list)
     canary_weight: float | None = Field(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.serving.api.schemas import ModelStatusPublic
 from services.serving.core.dataplane import DataPlane, model_state
 from services.serving.core.loaded import ModelState
@@ -10,6 +12,7 @@ from services.serving.core.routing import (
     version_status,
 )
 from services.serving.runtimes.base import Runtime
+from services.serving.runtimes.text import TextEncoder
 
 
 def _runtime_threads(runtime: Runtime) -> int | None:
@@ -41,10 +44,15 @@ def _status_public(state: ModelState) -> ModelStatusPublic:
         outputs=[s.to_json() for s in signature.outputs] if signature else None,
         labels=list(signature.labels) if signature and signature.labels else None,
         features=list(signature.features) if signature and signature.features else None,
+        text=_text(served.text) if served and served.text else None,
         model_version_status=version_status(state),
         **alias_status(state),
     )
 
+
+
+def _text(text: TextEncoder) -> dict[str, Any]:
+    return {"input": text.input, "max_length": text.max_length}
 
 
 def list_models(*, dataplane: DataPlane) -> list[ModelStatusPublic]:

@@ -37,8 +37,10 @@ from services.serving.core.routing import (
 )
 from services.serving.core.validation import validate_inputs
 from services.serving.predlog.log import PredictionLog
+from services.serving.runtimes.text import TextEncoder
 from services.serving.settings import ServingSettings
 from shipyard_common.errors import (
+    InvalidInput,
     NotFound,
     ShipyardError,
     UpstreamError,
@@ -359,7 +361,8 @@ def _check_alone(dataplane: DataPlane, served: ServedModel, job: InferenceReques
     settings = dataplane.settings
     specs = {spec.name: spec for spec in served.signature.inputs}
     arrays: dict[str, np.ndarray] = {}
-    for name, value in job.inputs.items():
+    inputs = job.inputs if served.text is None else tokenized(served.text, job)
+    for name, value in inputs.items():
         if type(value) is JsonTensor:
             spec = specs.get(name)
             # An input the version does not take: validate_inputs names it with the others.
@@ -369,6 +372,37 @@ def _check_alone(dataplane: DataPlane, served: ServedModel, job: InferenceReques
             arrays[name] = value  # type: ignore[assignment]
     return validate_inputs(arrays, served.signature, max_batch_rows=settings.max_batch_rows,
                            allow_non_finite=settings.allow_non_finite)
+
+
+def tokenized(text: TextEncoder, job: InferenceRequest) -> dict[str, Input]:
+    """``job``'s inputs with its raw text (a list of strings, under the model's input or ``text``) as
+    the token ids the version's tokenizer makes of it; ``job.truncated`` says which texts were cut."""
+    name = text.input if text.input in job.inputs else TEXT_INPUT
+    texts = _texts(job.inputs.get(name))
+    if texts is None:
+        return job.inputs
+    ids, job.truncated = text.encode(texts)
+    return {**{key: value for key, value in job.inputs.items() if key != name}, text.input: ids}
+
+
+#: What a text model's raw text may also be called in a request (OIP v2's input name, for example).
+TEXT_INPUT = "text"
+
+
+def _texts(value: Input | None) -> list[str] | None:
+    """``value`` as a list of texts, if it is one (JSON strings, or an array of str); None otherwise."""
+    if isinstance(value, JsonTensor):
+        if type(value.values) is not list or (value.shape is not None and len(value.shape) > 1):
+            return None
+        values: list[Any] = value.values
+    elif isinstance(value, np.ndarray) and value.dtype.kind == "O" and value.ndim == 1:
+        values = value.tolist()
+    else:
+        return None
+    strings = sum(type(item) is str for item in values)
+    if strings and strings < len(values):
+        raise InvalidInput("the text model's input mixes texts with other values: send a list of strings")
+    return values if strings else None
 
 
 def _slices(arrays: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
@@ -475,7 +509,7 @@ def _answer(
         observe(latency_s)
     name, version, signature = served.name, served.version, served.signature
     for position, index in enumerate(indexes):
-        results[index] = Inference(name, version, signature, pieces[position])
+        results[index] = Inference(name, version, signature, pieces[position], jobs[index].truncated)
     if shadow is not None:
         _mirror(dataplane, shadow, copies)
     return len(indexes)

@@ -201,7 +201,8 @@ class ModelFollower:
         previous = state.served.version if state.served else None
         self.models.install(
             ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
-                        loaded_at=datetime.now(UTC), batching=self.settings.batching_for(name))
+                        loaded_at=datetime.now(UTC), batching=self.settings.batching_for(name),
+                        text=loaded.text)
         )
         log.info(
             "serving %s version %s as %s (was %s), loaded in %.2fs", name, version, loaded.runtime.format,
@@ -342,7 +343,7 @@ def ensure_alias(follower: ModelFollower, name: str, alias: str, version: str | 
         return
     served = ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
                          loaded_at=datetime.now(UTC), alias=alias,
-                         batching=follower.settings.batching_for(name))
+                         batching=follower.settings.batching_for(name), text=loaded.text)
     previous = _update_slot(models, name, alias, served=served, error=None, failed_version=None,
                             failed_at=None)
     log.info("serving %s version %s as its %s (was %s), loaded in %.2fs", name, version, alias,

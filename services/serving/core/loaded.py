@@ -19,6 +19,7 @@ from services.serving.batching.callcost import REMOTE_FORMATS, CallCost
 from services.serving.core.leases import Lease, retire_runtime
 from services.serving.core.metrics import ServingMetrics
 from services.serving.runtimes.base import Runtime, Signature
+from services.serving.runtimes.text import TextEncoder
 from services.serving.settings import BatchingPolicy
 from shipyard_common.errors import NotFound, Unavailable
 from shipyard_common.lineage import (
@@ -103,6 +104,8 @@ class ServedModel:
     batching: BatchingPolicy | None = field(default=None, compare=False, repr=False)
     #: CPU per runtime call: cheap versions run on the event loop (batching/callcost.py).
     cost: CallCost = field(default_factory=CallCost, compare=False, repr=False)
+    #: A text model's tokenizer: raw text is taken in place of its token ids (runtimes/text.py).
+    text: TextEncoder | None = field(default=None, compare=False, repr=False)
 
     #: Gathers the version's concurrent requests into groups (batching/adaptive.py). Set at creation.
     batcher: Batcher = field(init=False, compare=False, repr=False)

@@ -53,6 +53,8 @@ class Inference(NamedTuple):
     version: str
     signature: Signature
     outputs: dict[str, np.ndarray]
+    #: A text model's answer to raw text: whether each row's text was cut to the model's length.
+    truncated: list[bool] | None = None
 
 
 #: What a request's continuation receives: its answer, or the error that refused it.
@@ -73,7 +75,7 @@ def settle(future: asyncio.Future[Any]) -> Reply:
 class InferenceRequest:
     """A decoded request on its way to an answer (a :class:`~services.serving.batching.adaptive.Job`)."""
 
-    __slots__ = ("inputs", "key", "model", "reply", "request_id", "rows", "served", "started")
+    __slots__ = ("inputs", "key", "model", "reply", "request_id", "rows", "served", "started", "truncated")
 
     def __init__(
         self, *, served: ServedModel, inputs: dict[str, Input], reply: Reply, request_id: str | None = None,
@@ -88,3 +90,5 @@ class InferenceRequest:
         #: Set by the data plane when it takes the request: its rows, and its merge key.
         self.rows = 0
         self.key: Hashable | None = None
+        #: Set when its raw text was tokenized: whether each row's text was cut to fit.
+        self.truncated: list[bool] | None = None

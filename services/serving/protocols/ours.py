@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from services.serving.core.convert import table_columns
+from services.serving.core.convert import table_columns, takes_sequences
 from services.serving.core.requests import Inference, Input, JsonTensor
 from services.serving.runtimes.base import Signature
 from shipyard_common.errors import InvalidInput, ShipyardError, ValidationFailed
@@ -29,7 +29,8 @@ def decode(inputs: Any, signature: Signature) -> dict[str, Input]:
         if unknown:
             raise ValidationFailed(f"unknown input(s) {unknown}; the model takes {names}")
         return {key: JsonTensor(value) for key, value in inputs.items()}
-    if len(signature.inputs) != 1 or len(signature.inputs[0].shape) != 2:
+    if len(signature.inputs) != 1 or (len(signature.inputs[0].shape) != 2
+                                      and not takes_sequences(signature.inputs[0])):  # ragged sequences
         columns = table_columns(inputs, signature)  # a model taking one input per column: a table's rows
         if columns is not None:
             return columns
@@ -56,6 +57,8 @@ def predict_body(inference: Inference) -> dict[str, Any]:
     if names is not None:
         body["labels"] = inference.signature.labels
         body["label"] = names[first.argmax(axis=1)].tolist()
+    if inference.truncated is not None:  # raw text: which rows' texts were cut to the model's length
+        body["truncated"] = inference.truncated
     return body
 
 

@@ -88,7 +88,14 @@ def decode_predict(body: bytes, signature: Signature) -> tuple[dict[str, Input],
 
 
 def encode_predict(inference: Inference, row_format: bool) -> dict[str, Any]:
-    outputs = inference.outputs
+    """TF Serving's answer; for raw text, ``truncated`` beside it says which rows' texts were cut."""
+    body = _predictions(inference.outputs, row_format)
+    if inference.truncated is not None:
+        body["truncated"] = inference.truncated
+    return body
+
+
+def _predictions(outputs: dict[str, np.ndarray], row_format: bool) -> dict[str, Any]:
     if row_format:
         if len(outputs) == 1:
             return {"predictions": next(iter(outputs.values())).tolist()}

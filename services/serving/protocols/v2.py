@@ -273,6 +273,13 @@ def _classification(parameters: dict[str, Any], name: str) -> int | None:
     return count
 
 
+def truncation_parameters(truncated: list[bool]) -> dict[str, Any]:
+    """Raw text's truncation as response parameters (the protocol's parameters are scalars): whether
+    any row's text was cut to the model's length, and which rows, by index."""
+    return {"truncated": any(truncated),
+            "truncated_rows": ",".join(str(i) for i, cut in enumerate(truncated) if cut)}
+
+
 def encode_infer_response(
     inference: Inference, requested: list[RequestedOutput], request_id: str
 ) -> Response:
@@ -294,6 +301,8 @@ def encode_infer_response(
         else:
             tensor["data"] = value.ravel().tolist()
         header["outputs"].append(tensor)
+    if inference.truncated is not None:
+        header["parameters"] = truncation_parameters(inference.truncated)
     head = dumps(header)
     if not chunks:
         return 200, head, {"content-type": JSON_TYPE}
@@ -311,28 +320,44 @@ def requested_outputs(request: InferRequest, signature: Signature) -> list[Reque
     if unknown:
         raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
     for output in request.outputs:
-        if output.classification is not None and (signature.labels is None or output.name != known[0]):
-            raise InvalidInput(
-                f"output {output.name!r} has no class labels (this version is not a classifier"
-                + (")" if signature.labels is None else f"; its classes are output {known[0]!r})")
-                + ", so it cannot be answered with parameters.classification; ask for it without"
-            )
+        if output.classification is not None:
+            check_classification(output.name, signature)
     return request.outputs
+
+
+def check_classification(output: str, signature: Signature) -> None:
+    """Refuse (400) a classification of ``output`` unless it is a classifier's scores: its first output,
+    with labels."""
+    first = signature.output_names[0]
+    if signature.labels is None or output != first:
+        raise InvalidInput(
+            f"output {output!r} has no class labels (this version is not a classifier"
+            + (")" if signature.labels is None else f"; its classes are output {first!r})")
+            + ", so it cannot be answered with parameters.classification; ask for it without"
+        )
+
+
+def classifications(value: np.ndarray, count: int, signature: Signature) -> list[str]:
+    """Triton's classification answer for ``value`` (rows of scores), row-major: each row's ``count``
+    best (at most every class) as ``"score:index:label"`` (score as C's %f, as Triton writes it), best
+    first, ties by index."""
+    assert signature.label_array is not None
+    k = min(count, value.shape[1])
+    order = np.argsort(-value.astype(np.float64), axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(value, order, axis=1).ravel().tolist()
+    names = signature.label_array[order].ravel().tolist()
+    return [f"{score:f}:{index}:{name}"
+            for score, index, name in zip(scores, order.ravel().tolist(), names, strict=True)]
 
 
 def _classify(
     output: RequestedOutput, value: np.ndarray, signature: Signature, tensors: list[dict[str, Any]],
     chunks: list[bytes],
 ) -> None:
-    """Triton's classification answer for ``value`` (rows of scores): each row's k best as
-    ``"score:index:label"`` (score as C's %f, as Triton writes it), best first, ties by index."""
-    assert output.classification is not None and signature.label_array is not None
+    """An output asked for with ``parameters.classification``, as BYTES [batch, k] (JSON or binary)."""
+    assert output.classification is not None
+    found = classifications(value, output.classification, signature)
     k = min(output.classification, value.shape[1])
-    order = np.argsort(-value.astype(np.float64), axis=1, kind="stable")[:, :k]
-    scores = np.take_along_axis(value, order, axis=1).ravel().tolist()
-    names = signature.label_array[order].ravel().tolist()
-    found = [f"{score:f}:{index}:{name}"
-             for score, index, name in zip(scores, order.ravel().tolist(), names, strict=True)]
     tensor: dict[str, Any] = {"name": output.name, "datatype": "BYTES", "shape": [len(value), k]}
     if output.binary:  # BYTES on the wire: each element's length (4 bytes, little-endian), then its bytes
         raw = b"".join(len(item).to_bytes(4, "little") + item for item in (f.encode() for f in found))

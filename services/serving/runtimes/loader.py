@@ -32,6 +32,7 @@ from services.serving.runtimes.base import (
     Signature,
 )
 from services.serving.runtimes.onnx import find_model_file, load_onnx
+from services.serving.runtimes.text import TOKENIZER_FILE, TextEncoder, load_text_encoder
 from services.serving.runtimes.torchscript import TORCHSCRIPT_FILE_NAME, load_torchscript
 from services.serving.settings import ServingSettings
 from shipyard_common.lineage import ONNX_FILE_NAME, SIGNATURE_FILE, TAG_FORMAT, TAG_SIGNATURE
@@ -44,6 +45,8 @@ class LoadedRuntime:
     runtime: Runtime
     #: What requests are checked against: the stored signature, or the runtime's own.
     signature: Signature
+    #: A text model's tokenizer (runtimes/text.py): raw text in place of its token ids.
+    text: TextEncoder | None = None
 
 
 def model_root(folder: Path) -> Path:
@@ -180,11 +183,13 @@ def load_runtime(
         assert settings.tf_serving_address is not None
         runtime = connect_tf_serving(address=settings.tf_serving_address, model_name=name, version=version,
                                      timeout_s=settings.tf_serving_timeout_s)
-    if stored is None:
-        return LoadedRuntime(runtime=runtime, signature=runtime.signature)
+    signature = runtime.signature if stored is None else stored
     try:
-        _check_names(stored, runtime.signature)
+        if stored is not None:
+            _check_names(stored, runtime.signature)
+        inside(folder, root / TOKENIZER_FILE)
+        text = load_text_encoder(root, signature)
     except ModelLoadError:
         runtime.close()
         raise
-    return LoadedRuntime(runtime=runtime, signature=stored)
+    return LoadedRuntime(runtime=runtime, signature=signature, text=text)
