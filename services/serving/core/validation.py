@@ -113,14 +113,14 @@ def validate_inputs(
     batch: int | None = None
     for spec in signature.inputs:
         array = arrays[spec.name]
+        # A string input's object array holds str only: convert.column_array and v2's BYTES decoding made it.
         if array.dtype != spec.dtype:
             raise InvalidInput(
                 f"input {spec.name!r} is {array.dtype.name}; the model takes {spec.describe()}"
             )
-        if spec.dtype.kind == "O" and not all(type(value) is str for value in array.flat):
-            raise InvalidInput(f"input {spec.name!r} holds values that are not strings; the model takes "
-                               f"{spec.describe()}")
         _check_shape(spec, array)
+        if spec.nullable and array.ndim == 3 and spec.dtype.kind == "f":  # a sequence model's padding
+            check_padding(spec.name, array)
         if spec.shape:
             rows = int(array.shape[0])
             if rows == 0:
@@ -143,3 +143,27 @@ def validate_inputs(
             )
         checked[spec.name] = np.ascontiguousarray(array)
     return checked
+
+
+def check_padding(name: str, array: np.ndarray) -> None:
+    """A sequence input [batch, time, width] padded with NaN: each step all NaN (padding) or all numbers,
+    padding only after a sequence's real steps, and at least one real step per sequence."""
+    if array.shape[1] == 0:
+        raise InvalidInput(f"input {name!r} has no steps: each sequence needs at least one")
+    missing = np.isnan(array)
+    padding = missing.all(axis=2)
+    mixed = missing.any(axis=2) & ~padding
+    if mixed.any():
+        row, step = (int(i) for i in np.argwhere(mixed)[0])
+        raise InvalidInput(f"input {name!r} row {row}, step {step} mixes NaN and numbers; a padding step is "
+                           "all NaN, a real one all numbers")
+    empty = padding.all(axis=1)
+    if empty.any():
+        raise InvalidInput(f"input {name!r} row {int(np.argmax(empty))} is all padding: each sequence needs "
+                           "at least one step")
+    lengths = (~padding).sum(axis=1)
+    early = ~padding & (np.arange(array.shape[1]) >= lengths[:, None])
+    if early.any():
+        row = int(np.argwhere(early)[0][0])
+        raise InvalidInput(f"input {name!r} row {row} has padding (NaN steps) before a real step; padding "
+                           "goes after a sequence's end")

@@ -194,6 +194,25 @@ def test_serving_turns_rows_of_strings_and_nulls_into_columns_and_names_what_is_
         assert message in caught.value.message
 
 
+def test_oip_v2_takes_bytes_columns_as_json_or_binary_and_refuses_broken_elements():
+    from services.serving.protocols.v2 import decode_infer_request
+
+    texts = ["big", "", "\u00e9t\u00e9"]
+    binary = b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in texts)
+    header = json.dumps({"inputs": [
+        {"name": "size", "shape": [3], "datatype": "BYTES", "parameters": {"binary_data_size": len(binary)}},
+        {"name": "age", "shape": [3], "datatype": "FP32", "data": [1.5, None, 3]},
+        {"name": "city", "shape": [3], "datatype": "BYTES", "data": ["paris", None, "lyon"]},
+    ]}).encode()
+    decoded = decode_infer_request(header + binary, str(len(header))).inputs
+    assert isinstance(decoded["size"], np.ndarray) and decoded["size"].tolist() == texts
+    assert isinstance(decoded["city"], JsonTensor) and decoded["city"].dtype == np.dtype(object)
+    broken = json.dumps({"inputs": [{"name": "size", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 6}}]}).encode()
+    with pytest.raises(InvalidInput, match="runs past its data"):
+        decode_infer_request(broken + (9).to_bytes(4, "little") + b"ab", str(len(broken)))
+
+
 # -- end to end: the trainer's API and worker, MLflow's registry, serving over HTTP --------------------
 
 
@@ -286,6 +305,10 @@ def test_serving_answers_raw_rows_with_unseen_categories_and_nulls_as_the_model_
     expected = onnx_answer(trained["folder"], rows)
     names = [c for c in stack["frame"].columns if c not in ("target", "part")]
     with serving(stack["platform"]) as base:
+        status = httpx.get(f"{base}/v1/models/tables", headers=auth(Role.VIEWER)).json()
+        shown = {item["name"]: item for item in status["inputs"]}
+        assert shown["size"] == {"name": "size", "dtype": "string", "shape": [None]}
+        assert shown["mean radius"]["dtype"] == "float32" and len(shown) == len(stack["frame"].columns) - 2
         url = f"{base}/v1/models/tables/predict"
         as_objects = httpx.post(url, json={"inputs": rows}, headers=auth(Role.VIEWER))
         assert as_objects.status_code == 200, as_objects.text
