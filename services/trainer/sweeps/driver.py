@@ -333,6 +333,20 @@ def cancel(driving: Driving, sweep_id: str) -> bool:
             state=JobState.CANCELLED.value, error=f"cancelled with sweep {sweep_id}"))
         session.execute(update(TrialRecord).where(
             TrialRecord.sweep_id == sweep_id, TrialRecord.state == TrialState.RUNNING.value).values(
-            state=TrialState.FAILED.value, error="cancelled with the sweep"))
+            state=TrialState.CANCELLED.value, error="cancelled with the sweep"))
     log.info("sweep %s cancelled with %d running trial(s)", sweep_id, len(jobs))
+    _end_parent_run(driving, sweep_id, status="KILLED")
     return True
+
+
+def _end_parent_run(driving: Driving, sweep_id: str, *, status: str) -> None:
+    """Mark the sweep's MLflow run ended; MLflow away costs only that mark."""
+    from services.trainer.engines.tracking import Tracking
+
+    record = _sweep(driving.database, sweep_id)
+    if record is None or record.mlflow_run_id is None:
+        return
+    try:
+        Tracking(driving.tracking_uri).client.set_terminated(record.mlflow_run_id, status=status)
+    except Exception as exc:
+        log.warning("could not mark the MLflow run of sweep %s %s: %s", sweep_id, status, exc)

@@ -53,6 +53,7 @@ class TrialState(StrEnum):
     COMPLETE = "complete"
     PRUNED = "pruned"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # with its sweep
 
 
 class ChoiceParam(Strict):

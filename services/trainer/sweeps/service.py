@@ -35,6 +35,9 @@ def create_sweep(*, driving: driver.Driving, spec: SweepCreate) -> SweepPublic:
     from services.trainer.sweeps.study import create_study, study_name
 
     check_space(spec)
+    # The direction as it is decided now, so that the sweep shows it (and a default never changes under it).
+    spec = spec.model_copy(update={"objective": spec.objective.model_copy(
+        update={"direction": spec.objective.goal})})
     sweep_id = str(uuid.uuid4())
     now = utcnow()
     create_study(driving.database_url, sweep_id, spec)

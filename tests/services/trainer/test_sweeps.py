@@ -3,6 +3,7 @@ platform database, MLflow's parent and child runs, the best trial's registered v
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def get_job(stack: dict[str, Any], job_id: str) -> dict[str, Any]:
 def test_a_random_sweep_of_six_trials_registers_its_best(stack):
     # val_loss: a continuous objective, so that one trial is best (accuracy ties on 114 rows).
     sweep = run_sweep(stack, sweep_spec(stack["rev"], "bc-sweep", objective={"metric": "val_loss"}))
-    assert sweep["objective"]["direction"] is None  # its own: lower is better
+    assert sweep["objective"]["direction"] == "minimize"  # the metric's own
     assert sweep["state"] == "succeeded", (sweep["error"], stack["worker"].log_tail())
     trials = sweep["trials"]
     assert [t["number"] for t in trials] == list(range(6)) and {t["state"] for t in trials} == {"complete"}
@@ -166,6 +167,29 @@ def test_submitting_needs_a_trainer_token_and_an_unknown_sweep_is_404(stack):
     assert httpx.post(f"{stack['base']}/sweeps", json=spec, headers=auth(Role.VIEWER)).status_code == 403
     missing = httpx.get(f"{stack['base']}/sweeps/nope", headers=auth(Role.VIEWER))
     assert missing.status_code == 404 and "no sweep" in missing.text
+
+
+def test_cancelling_a_sweep_cancels_its_running_trials_and_registers_nothing(stack):
+    spec = sweep_spec(stack["rev"], "bc-cancel", trials=3, parallelism=1)
+    spec["base"]["training"]["epochs"] = 500
+    created = httpx.post(f"{stack['base']}/sweeps", json=spec, headers=auth(Role.TRAINER), timeout=60)
+    assert created.status_code == 201, created.text
+    sweep_id, job_id = created.json()["id"], created.json()["trials"][0]["job_id"]
+    wait_for(lambda: get_job(stack, job_id)["progress"]["epoch"] >= 1, timeout=120, what="trial 0 training")
+
+    cancelled = httpx.post(f"{stack['base']}/sweeps/{sweep_id}/cancel", headers=auth(Role.TRAINER))
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
+    assert [t["state"] for t in cancelled.json()["trials"]] == ["cancelled"]
+    job = wait_for(lambda: (j := get_job(stack, job_id))["state"] == "cancelled" and j, timeout=30)
+    assert job["model_version"] is None and job["progress"]["epoch"] < 500
+    again = httpx.post(f"{stack['base']}/sweeps/{sweep_id}/cancel", headers=auth(Role.TRAINER))
+    assert again.status_code == 409 and "already ended as 'cancelled'" in again.text
+    time.sleep(2)  # a reconciler round: a cancelled sweep asks for no more trials
+    later = httpx.get(f"{stack['base']}/sweeps/{sweep_id}", headers=auth(Role.VIEWER)).json()
+    assert len(later["trials"]) == 1 and later["state"] == "cancelled"
+    uri = stack["settings"].platform.mlflow_tracking_uri
+    parent = MlflowClient(tracking_uri=uri).get_run(cancelled.json()["mlflow_run_id"])
+    assert parent.info.status == "KILLED"
 
 
 def test_the_cli_submits_follows_and_shows_a_sweep(stack, tmp_path):
