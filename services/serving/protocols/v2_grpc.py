@@ -166,21 +166,39 @@ def decode_inputs(request: Any) -> dict[str, np.ndarray]:
     return arrays
 
 
-def requested_outputs(request: Any, served: ServedModel) -> list[str]:
-    """The outputs to answer, in the order asked; none asked: every output, in the signature's order."""
+def requested_outputs(request: Any, served: ServedModel) -> list[v2.RequestedOutput]:
+    """The outputs to answer, in the order asked; none asked: every output, in the signature's order.
+    An output with the ``classification`` parameter (an int64) is answered as the classification
+    extension says (:func:`services.serving.protocols.v2.classifications`)."""
     known = served.signature.output_names
     if not request.outputs:
-        return list(known)
-    names = []
+        return [v2.RequestedOutput(name, True) for name in known]
+    outputs = []
     for index, output in enumerate(request.outputs):
         if not output.name:
             raise InvalidInput(f"outputs[{index}] needs a 'name'")
         _refuse_shared_memory(output.parameters, f"output {output.name!r}")
-        names.append(output.name)
-    unknown = [name for name in names if name not in known]
+        outputs.append(v2.RequestedOutput(output.name, True, _classification(output)))
+    unknown = [output.name for output in outputs if output.name not in known]
     if unknown:
         raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
-    return names
+    for output in outputs:
+        if output.classification is not None:
+            v2.check_classification(output.name, served.signature)
+    return outputs
+
+
+def _classification(output: Any) -> int | None:
+    """An output's ``classification`` parameter: how many classes per row, if asked for."""
+    if "classification" not in output.parameters:
+        return None
+    parameter = output.parameters["classification"]
+    if parameter.WhichOneof("parameter_choice") != "int64_param" or parameter.int64_param < 1:
+        raise InvalidInput(
+            f"output {output.name!r}: parameter classification must be an int64_param of 1 or more "
+            f"(how many classes per row)"
+        )
+    return int(parameter.int64_param)
 
 
 def _raw(value: np.ndarray, type_name: str) -> bytes:
@@ -195,14 +213,17 @@ def _raw(value: np.ndarray, type_name: str) -> bytes:
 
 
 def encode_infer_response(
-    inference: Inference, requested: list[str], request_id: str
+    inference: Inference, requested: list[v2.RequestedOutput], request_id: str
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=inference.model, model_version=inference.version, id=request_id,
     )
-    for name in requested:
+    for name, _, count in requested:
         value = inference.outputs[name]
-        type_name = v2.datatype(value.dtype)
+        if count is not None:  # the classification extension: BYTES [batch, k]
+            found = v2.classifications(value, count, inference.signature)
+            value = np.asarray(found, dtype=object).reshape(len(value), min(count, value.shape[1]))
+        type_name = "BYTES" if count is not None else v2.datatype(value.dtype)
         response.outputs.add(name=name, datatype=type_name, shape=list(value.shape))
         response.raw_output_contents.append(_raw(value, type_name))
     return response

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import tritonclient.grpc as tgrpc
 import tritonclient.http as triton
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_diabetes, load_iris
@@ -31,9 +32,10 @@ from shipyard_common.datasets import DataRepo
 from tests.services.registry.model_factory import unique_name
 from tests.services.serving.support import serving
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
-from tests.support import auth, running_app, test_platform, wait_for
+from tests.support import auth, free_port, running_app, test_platform, wait_for
 
 VIEWER = auth("viewer")
+GRPC_VIEWER = {key.lower(): value for key, value in VIEWER.items()}  # gRPC metadata keys are lower case
 SPECIES = ["setosa", "versicolor", "virginica"]
 
 
@@ -88,11 +90,12 @@ def stack(
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     for key, job in jobs.items():
         client.set_registered_model_alias(names[key], "production", job["model_version"])
-    with serving(platform, max_batch_rows=256) as base:
+    grpc_port = free_port()
+    with serving(platform, max_batch_rows=256, grpc_port=grpc_port) as base:
         wait_for(lambda: all(httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).json().get("status")
                              == "serving" for name in names.values()), timeout=60, what="both models served")
         yield {"base": base, "names": names, "jobs": jobs, "client": client, "iris": iris,
-               "diabetes": diabetes}
+               "diabetes": diabetes, "grpc": f"127.0.0.1:{grpc_port}"}
 
 
 def features_of(frame: pd.DataFrame, target: str) -> list[str]:
@@ -206,6 +209,29 @@ def test_v2_classification_extension_with_tritonclient_json_and_binary(stack: di
     assert output["shape"] == [1, 2] and output["datatype"] == "BYTES"
     best = int(np.argmax(probabilities[0]))
     assert output["data"][0] == f"{probabilities[0][best]:f}:{best}:{SPECIES[best]}"
+
+
+def test_v2_classification_over_grpc_with_tritonclient(stack: dict[str, Any]):
+    names = stack["names"]
+    rows = rows_of(stack, "iris")[::10]
+    client = tgrpc.InferenceServerClient(url=stack["grpc"])
+    infer_input = tgrpc.InferInput("input", list(rows.shape), "FP32")
+    infer_input.set_data_from_numpy(rows)
+    probabilities = client.infer(names["iris"], [infer_input], headers=GRPC_VIEWER).as_numpy("probabilities")
+    for k in (1, 3, 4):
+        wanted = tgrpc.InferRequestedOutput("probabilities", class_count=k)
+        result = client.infer(names["iris"], [infer_input], outputs=[wanted], headers=GRPC_VIEWER)
+        assert result.get_output("probabilities").datatype == "BYTES"
+        check_top_k(result.as_numpy("probabilities"), probabilities, min(k, 3))
+
+    regression_rows = rows_of(stack, "diabetes")[:2]
+    regression_input = tgrpc.InferInput("input", list(regression_rows.shape), "FP32")
+    regression_input.set_data_from_numpy(regression_rows)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(names["diabetes"], [regression_input], headers=GRPC_VIEWER,
+                     outputs=[tgrpc.InferRequestedOutput("prediction", class_count=1)])
+    assert "StatusCode.INVALID_ARGUMENT" in str(refused.value.status())
+    assert "not a classifier" in refused.value.message()
 
 
 @pytest.mark.parametrize(("count", "wanted"), [(0, "1 or more"), (-1, "1 or more"), ("2", "whole number"),
