@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from services.serving.core.convert import table_columns
 from services.serving.core.dataplane import DataPlane, model_state, resolve
 from services.serving.core.requests import Inference, Input, JsonTensor
 from services.serving.core.routing import version_status
@@ -174,16 +175,19 @@ def model_metadata(
         return error_response(exc)
 
 
-def _classifier_input(signature: Signature, name: str, version: str) -> TensorSpec:
-    """The one input of a version that :classify can answer, or the 400 saying why it cannot."""
+def _classifier_input(signature: Signature, name: str, version: str) -> TensorSpec | None:
+    """The one input of a version that :classify answers (None: a table's, one input per column), or
+    the 400 saying why it cannot."""
     refusal = f"model {name!r} version {version} has no classify signature: "
     if signature.labels is None:
         raise InvalidInput(
             f"{refusal}it has no class labels (it is not a classifier) and its {SIGNATURE_NAME!r} "
             f"signature's method is {PREDICT_METHOD}; send the request to :predict"
         )
-    spec = signature.inputs[0]
     features = signature.features
+    if features is not None and _is_table(signature, features):
+        return None
+    spec = signature.inputs[0]
     if (features is None or len(signature.inputs) != 1 or len(spec.shape) != 2 or spec.dtype.kind != "f"
             or spec.shape[1] not in (None, len(features))):
         raise InvalidInput(
@@ -194,8 +198,15 @@ def _classifier_input(signature: Signature, name: str, version: str) -> TensorSp
     return spec
 
 
+def _is_table(signature: Signature, features: tuple[str, ...]) -> bool:
+    """A table's model: one input per feature column (strings and nulls taken as :predict takes them)."""
+    return (all(len(spec.shape) == 1 for spec in signature.inputs)
+            and set(signature.input_names) <= set(features))
+
+
 def decode_classify(body: bytes, signature: Signature, *, name: str, version: str) -> dict[str, Input]:
-    """A classify request's examples as the rows of the classifier's one input, in its feature order."""
+    """A classify request's examples as the classifier's inputs: the rows of its one input in feature
+    order, or a table's columns."""
     spec = _classifier_input(signature, name, version)
     request = loads(body)
     if not isinstance(request, dict):
@@ -210,12 +221,21 @@ def decode_classify(body: bytes, signature: Signature, *, name: str, version: st
         raise InvalidInput("'context' must be an object {feature: value} shared by every example")
     assert signature.features is not None
     features = signature.features
-    rows = [_example_row(example, context, features, index) for index, example in enumerate(examples)]
+    merged = [_example(example, context, features, index, complete=spec is not None)
+              for index, example in enumerate(examples)]
+    if spec is None:  # a table: an absent feature is a missing value, as in :predict's rows
+        columns = table_columns(merged, signature)
+        assert columns is not None
+        return columns
+    rows = [[_number(example[f], f, index) for f in features] for index, example in enumerate(merged)]
     return {spec.name: np.asarray(rows, dtype=spec.dtype)}
 
 
-def _example_row(example: Any, context: dict[str, Any], features: tuple[str, ...], index: int) -> list[Any]:
-    """One example (with the context's features) as its values in ``features`` order."""
+def _example(
+    example: Any, context: dict[str, Any], features: tuple[str, ...], index: int, *, complete: bool
+) -> dict[str, Any]:
+    """One example with the context's features, one-value lists (a tf.Example's) as their value; every
+    feature there when ``complete``, none unknown."""
     if not isinstance(example, dict):
         raise InvalidInput(f"examples[{index}] is {type(example).__name__}; each example is an object "
                            "{feature: value}")
@@ -225,7 +245,7 @@ def _example_row(example: Any, context: dict[str, Any], features: tuple[str, ...
             raise InvalidInput(f"examples[{index}] repeats context feature(s) {repeated[:20]}; give a "
                                "feature in the context or in the examples, not both")
         example = {**context, **example}
-    missing = [feature for feature in features if feature not in example]
+    missing = [feature for feature in features if feature not in example] if complete else []
     unknown = sorted(set(example) - set(features))
     if missing or unknown:
         raise InvalidInput(
@@ -233,13 +253,12 @@ def _example_row(example: Any, context: dict[str, Any], features: tuple[str, ...
                                      f"names unknown feature(s) {unknown[:20]}")
             + f"; this model reads {list(features)}"
         )
-    return [_number(example[feature], feature, index) for feature in features]
+    return {key: value[0] if type(value) is list and len(value) == 1 else value
+            for key, value in example.items()}
 
 
 def _number(value: Any, feature: str, index: int) -> Any:
-    """A feature's one number (a tf.Example feature is a list: one of one value is that value)."""
-    if type(value) is list and len(value) == 1:
-        value = value[0]
+    """A feature's one number."""
     if type(value) not in (int, float):
         raise InvalidInput(f"examples[{index}] feature {feature!r} is {value!r:.50}; this model reads one "
                            "number per feature")

@@ -47,6 +47,13 @@ def iris_with_names() -> pd.DataFrame:
     return frame
 
 
+def iris_table() -> pd.DataFrame:
+    """Iris with a categorical string column too: a table whose model takes one input per column."""
+    frame = iris_with_names()
+    frame.insert(0, "colour", np.asarray(["red", "blue", "green"])[np.arange(len(frame)) % 3])
+    return frame
+
+
 def train(base: str, worker: WorkerProcess, spec: dict[str, Any]) -> dict[str, Any]:
     created = httpx.post(f"{base}/jobs", json=spec, headers=auth(Role.TRAINER))
     assert created.status_code == 201, created.text
@@ -72,12 +79,15 @@ def stack(
     platform = platform.model_copy(update={"events_channel": f"test-events-{uuid.uuid4().hex[:10]}"})
     settings = trainer_settings(platform)
     repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
-    iris, diabetes = iris_with_names(), load_diabetes(as_frame=True).frame
+    iris, diabetes, table = iris_with_names(), load_diabetes(as_frame=True).frame, iris_table()
     iris_rev, diabetes_rev = repo.add("iris_names", iris).rev, repo.add("diabetes", diabetes).rev
-    names = {"iris": unique_name("iris-labels"), "diabetes": unique_name("diabetes-labels")}
+    table_rev = repo.add("iris_table", table).rev
+    names = {key: unique_name(f"{key}-labels") for key in ("iris", "diabetes", "table")}
     specs = {
         "iris": job_spec(rev=iris_rev, dataset="iris_names", model_name=names["iris"], data__target="species",
                          training__epochs=80, training__learning_rate=0.01),
+        "table": job_spec(rev=table_rev, dataset="iris_table", model_name=names["table"],
+                          data__target="species", training__epochs=80, training__learning_rate=0.01),
         "diabetes": job_spec(rev=diabetes_rev, dataset="diabetes", model_name=names["diabetes"],
                              data__task="regression", training__epochs=5),
     }
@@ -95,7 +105,7 @@ def stack(
         wait_for(lambda: all(httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).json().get("status")
                              == "serving" for name in names.values()), timeout=60, what="both models served")
         yield {"base": base, "names": names, "jobs": jobs, "client": client, "iris": iris,
-               "diabetes": diabetes, "grpc": f"127.0.0.1:{grpc_port}"}
+               "diabetes": diabetes, "table": table, "grpc": f"127.0.0.1:{grpc_port}"}
 
 
 def features_of(frame: pd.DataFrame, target: str) -> list[str]:
@@ -293,6 +303,33 @@ def test_tf_serving_classify_answers_each_example_with_every_label_and_score(sta
                               headers=VIEWER)
     assert with_context.status_code == 200, with_context.text
     assert [s for _, s in with_context.json()["results"][0]] == pytest.approx(predicted[0], abs=1e-6)
+
+
+def test_tf_classify_takes_a_tables_examples_with_strings_and_absent_values(stack: dict[str, Any]):
+    base, name = stack["base"], stack["names"]["table"]
+    status = httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).json()
+    assert status["labels"] == SPECIES and status["features"] == features_of(stack["table"], "species")
+    rows = stack["table"].drop(columns="species").iloc[::30].to_dict(orient="records")
+    rows[0].pop("colour")  # absent: a missing value, in :predict's rows as in :classify's examples
+    examples = [dict(row) for row in rows]
+    examples[1]["colour"] = [rows[1]["colour"]]  # a tf.Example's feature: a list of one value
+    predicted = httpx.post(f"{base}/v1/models/{name}/predict", json={"inputs": rows}, headers=VIEWER)
+    assert predicted.status_code == 200, predicted.text
+    assert predicted.json()["labels"] == SPECIES
+    answer = httpx.post(f"{base}/v1/models/{name}:classify", json={"examples": examples}, headers=VIEWER)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    for result, probabilities in zip(results, predicted.json()["outputs"], strict=True):
+        assert [label for label, _ in result] == SPECIES
+        assert [score for _, score in result] == pytest.approx(probabilities, abs=1e-6)
+    # Over 0.9 of these flowers named right: the table's columns reached the right inputs.
+    truth = stack["table"]["species"].iloc[::30].tolist()
+    named = [max(result, key=lambda pair: pair[1])[0] for result in results]
+    assert sum(a == b for a, b in zip(named, truth, strict=True)) >= 4
+
+    unknown = httpx.post(f"{base}/v1/models/{name}:classify", json={"examples": [{"size": 1.0}]},
+                         headers=VIEWER)
+    assert unknown.status_code == 400 and "names unknown feature(s) ['size']" in unknown.json()["error"]
 
 
 @pytest.mark.parametrize(("body", "wanted"), [
