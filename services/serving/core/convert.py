@@ -181,6 +181,9 @@ def _in_range(wide: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
 
 def to_array(tensor: JsonTensor, spec: TensorSpec, *, max_rows: int, allow_non_finite: bool) -> np.ndarray:
     """One request's JSON value for ``spec`` as an array, or the refusal that names what is wrong."""
+    if spec.nullable and takes_sequences(spec):  # ragged sequences, or a tensor padded with NaN (null)
+        return sequence_rows(tensor.values, spec, max_rows=max_rows) if tensor.shape is None else (
+            padded_tensor(tensor, spec))
     if tensor.rows:
         return parse_rows(tensor.values, spec=spec, max_rows=max_rows, allow_non_finite=allow_non_finite)
     if (spec.nullable and len(spec.shape) == 1) or spec.dtype.kind == "O" or (
@@ -261,4 +264,69 @@ def column_array(tensor: JsonTensor, spec: TensorSpec) -> np.ndarray:
     if tensor.shape is not None and math.prod(tensor.shape) != len(values):
         raise InvalidInput(f"{what} has {len(values)} values; shape {list(tensor.shape)} needs "
                            f"{math.prod(tensor.shape)}")
+    return array
+
+
+def takes_sequences(spec: TensorSpec) -> bool:
+    """Whether ``spec`` is a sequence model's input (the trainer's data.sequence): [batch, time, width]
+    floats, ``nullable``: NaN steps are padding after each sequence's end, masked in the graph."""
+    return spec.nullable and len(spec.shape) == 3 and spec.shape[2] is not None and spec.dtype.kind == "f"
+
+
+def sequence_rows(inputs: Any, spec: TensorSpec, *, max_rows: int) -> np.ndarray:
+    """Ragged sequences (each a list of steps: lists of the step width's numbers, or numbers when the
+    width is 1) as one array padded with NaN to the longest, or the refusal naming the row and step."""
+    if type(inputs) is not list or not inputs:
+        raise InvalidInput("inputs must be a non-empty list of sequences, each a list of steps")
+    if len(inputs) > max_rows:
+        raise InvalidInput(f"inputs has {len(inputs)} sequences; at most {max_rows} are accepted per request")
+    width = int(spec.shape[2])  # type: ignore[arg-type]
+    sequences = [_sequence(sequence, index, width) for index, sequence in enumerate(inputs)]
+    padded = np.full((len(sequences), max(map(len, sequences)), width), np.nan, dtype=spec.dtype)
+    for index, steps in enumerate(sequences):
+        padded[index, : len(steps)] = steps
+    return padded
+
+
+def _sequence(sequence: Any, index: int, width: int) -> np.ndarray:
+    """One sequence as (steps, width) float64, finite and within float32's range; or its refusal."""
+    if type(sequence) is not list:
+        raise InvalidInput(f"row {index} is {type(sequence).__name__}, not a sequence (a list of steps)")
+    if not sequence:
+        raise InvalidInput(f"row {index} is an empty sequence: send at least one step")
+    flat = width == 1 and _NUMBER_TYPE_SET.issuperset(map(type, sequence))
+    if not flat:
+        for step, values in enumerate(sequence):
+            if type(values) is not list or len(values) != width:
+                size = (f"{len(values)} value{'' if len(values) == 1 else 's'}" if type(values) is list
+                        else type(values).__name__)
+                raise InvalidInput(f"row {index}, step {step} has {size}; the model takes steps of {width} "
+                                   f"number{'s' if width > 1 else ''}")
+            if not _NUMBER_TYPE_SET.issuperset(map(type, values)):
+                bad = next(v for v in values if type(v) not in _NUMBER_TYPES)
+                raise InvalidInput(f"row {index}, step {step} holds {type(bad).__name__} {bad!r:.40}; steps "
+                                   "hold numbers")
+    try:
+        steps = np.asarray(sequence, dtype=np.float64).reshape(len(sequence), width)
+    except OverflowError:
+        raise InvalidInput(f"row {index} holds a number beyond the model's float range") from None
+    largest = float(np.finfo(np.float32).max)
+    if not np.isfinite(steps).all() or np.abs(steps).max() > largest:
+        raise InvalidInput(f"row {index} holds NaN, ±Inf or a number beyond float32's range; values must be "
+                           "finite (serving pads shorter sequences itself)")
+    return steps
+
+
+def padded_tensor(tensor: JsonTensor, spec: TensorSpec) -> np.ndarray:
+    """A rectangular [batch, time, width] JSON tensor (OIP v2) of a sequence input, null as NaN padding."""
+    values = tensor.values
+    if type(values) is list and None in values:  # flat data: null steps pad a shorter sequence
+        values = [math.nan if value is None else value for value in values]
+    what = f"input {spec.name!r}"
+    array = array_from_json(values, tensor.dtype or spec.dtype, what=what)
+    if tensor.shape is not None:
+        count = math.prod(tensor.shape)
+        if array.size != count:
+            raise InvalidInput(f"{what} has {array.size} values; shape {list(tensor.shape)} needs {count}")
+        array = array.reshape(tensor.shape)
     return array
