@@ -113,11 +113,12 @@ class Table:
 
 
 def needs_table(frame: pd.DataFrame, features: list[str], spec: JobCreate) -> bool:
-    """Whether the features call for a table: declared columns, a non-numeric column, or a null."""
+    """Whether the features call for a table: declared columns, a column of strings or categories, or a
+    null. Numbers and booleans without nulls stay one float32 input, as they always were."""
     if spec.data.columns:
         return True
-    return any(_categorical_dtype(frame[name]) or not pd.api.types.is_numeric_dtype(frame[name])
-               or bool(frame[name].isna().any()) for name in features)
+    return any(not pd.api.types.is_numeric_dtype(frame[name]) or bool(frame[name].isna().any())
+               for name in features)
 
 
 def _categorical_dtype(series: pd.Series) -> bool:

@@ -157,6 +157,17 @@ def test_data_the_declarations_cannot_take_is_refused_with_a_reason(frame, mutat
     assert message in caught.value.message
 
 
+def test_numbers_and_booleans_without_nulls_stay_one_float_input_and_booleans_in_a_table_are_categories():
+    plain = load_breast_cancer(as_frame=True).frame.assign(flag=lambda f: f["mean radius"] > 14)
+    undeclared = spec(columns=None, split=None)
+    assert engine.prepare_data(plain, undeclared).table is None
+    with_gap = plain.assign(**{"mean area": plain["mean area"].where(plain.index != 7)})
+    table = engine.prepare_data(with_gap, undeclared).table
+    assert table is not None
+    flag = next(column for column in table.columns if column.name == "flag")
+    assert flag.categorical and flag.categories == ("False", "True")
+
+
 def test_too_many_categories_for_onehot_are_refused_and_embedding_takes_them(frame, monkeypatch):
     monkeypatch.setattr(preprocess, "ONEHOT_MAX_CATEGORIES", 50)
     coded = frame.assign(code=[f"c{i % 200}" for i in range(len(frame))])
