@@ -67,6 +67,8 @@ TAG_ARCHIVED = "shipyard.archived"
 MODEL_ARTIFACT_PATH = "model"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 MODEL_CARD_JSON = "model_card.json"
+# Each format's inputs and outputs, the input's ``features`` (column names) and a classifier's ``labels``
+# (its target values as strings, in the order of its probabilities), which serving answers with.
 SIGNATURE_FILE = "signature.json"
 # How the rows were split (train / validation / test) and each part's row positions in the revision.
 SPLIT_FILE = "split.json"
