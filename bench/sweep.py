@@ -8,7 +8,9 @@ of this run's own), an MLflow server, the trainer API (``python -m services.trai
 worker processes (concurrency 1), a SQLite database and DVC data under a temporary folder. The same sweep
 (TPE, seed 0, ``--trials`` trials, ``--workers`` at a time, a space over the learning rate, the layer
 widths and the batch size, objective val_accuracy) runs twice: without pruning, then with the median
-pruner (2 startup trials, 2 warm-up epochs). Each is timed from POST /sweeps to the sweep's end.
+pruner (2 startup trials, 2 warm-up epochs), or the other way round with ``--pruned-first``. Each is
+timed from POST /sweeps to the sweep's end; the epochs its trials trained are the figure the machine's
+load does not move.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up on a sweep after this")
     parser.add_argument("--redis-url", default=os.environ.get("SHIPYARD_BENCH_REDIS_URL",
                                                               "redis://127.0.0.1:6379/12"))
+    parser.add_argument("--pruned-first", action="store_true",
+                        help="run the pruned sweep first (on a shared machine, alternate the order)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     return parser.parse_args()
 
@@ -119,7 +123,8 @@ def main() -> None:
         total = args.trials * args.epochs
         rows = []
         median = {"pruner": "median", "startup_trials": 2, "warmup_epochs": 2}
-        for name, pruning in (("no pruning", None), ("median pruner", median)):
+        order: list[tuple[str, dict[str, Any] | None]] = [("no pruning", None), ("median pruner", median)]
+        for name, pruning in reversed(order) if args.pruned_first else order:
             result = run_sweep(http, sweep_spec(rev, args, pruning), args.timeout)
             rows.append(report(name, result, total))
             print(rows[-1], flush=True)
