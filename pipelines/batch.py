@@ -101,7 +101,7 @@ class BatchConfig(BaseModel):
                    work_dir=platform.state_dir.resolve() / "pipelines" / "batch")
 
     def repo(self) -> DataRepo:
-        return DataRepo(self.pipeline.data_repo, self.pipeline.dvc_remote)
+        return self.pipeline.repo()
 
 
 @dataclass(frozen=True)
@@ -412,7 +412,8 @@ def commit_predictions(batch: Batch, results: list[dict[str, Any]], output: str,
     missing = [c.id for c in batch.chunks if not batch.path(c).exists()]
     if missing:
         raise RuntimeError(f"batch {batch.key[:12]}: chunk(s) {missing} not written; nothing committed")
-    repo = PredictionsRepo(config.pipeline.data_repo, config.pipeline.dvc_remote)
+    pipeline = config.pipeline
+    repo = PredictionsRepo(pipeline.data_repo, pipeline.dvc_remote, s3=pipeline.s3)
     files = [batch.path(c) for c in batch.chunks]
     rev = repo.add_predictions(output, files, manifest_of(batch, results, run_id))
     get_run_logger().info("predictions %s: %d rows at revision %s", output, len(batch.features), rev)

@@ -29,7 +29,7 @@ from prefect.states import State
 from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shipyard_common.datasets import DataRepo
+from shipyard_common.datasets import DataRepo, S3Remote
 from shipyard_common.lineage import PRODUCTION, TAG_FEATURES, TAG_TARGET
 from shipyard_common.settings import DEV_ADMIN_TOKEN, PlatformSettings
 
@@ -66,6 +66,8 @@ class PipelineConfig(BaseModel):
     cache_dir: Path
     token: SecretStr
     http_timeout_s: float = 30.0
+    #: The platform's S3 bucket as the data's DVC remote, when it names one (else ``dvc_remote``).
+    s3: S3Remote | None = None
 
     @classmethod
     def from_platform(
@@ -84,7 +86,12 @@ class PipelineConfig(BaseModel):
             dvc_remote=platform.dvc_remote_path,
             cache_dir=platform.state_dir.resolve() / "pipelines" / "cache",
             token=secret,
+            s3=S3Remote.from_settings(platform),
         )
+
+    def repo(self) -> DataRepo:
+        """The platform's data repository, with its remote (the S3 bucket, or the local folder)."""
+        return DataRepo(self.data_repo, self.dvc_remote, s3=self.s3)
 
     def client(self) -> httpx.Client:
         return httpx.Client(
@@ -168,7 +175,7 @@ def version_dataset(name: str, data: pd.DataFrame | str | Path, config: Pipeline
     """Validate, version and push ``data`` (a frame, or the path of a CSV file) as dataset ``name``
     (``DataRepo.add``: its refusal is this task's failure message); return the git revision."""
     frame = data if isinstance(data, pd.DataFrame) else pd.read_csv(Path(data))
-    version = DataRepo(config.data_repo, config.dvc_remote).add(name, frame)
+    version = config.repo().add(name, frame)
     get_run_logger().info(
         "dataset %s: %d rows × %d columns at revision %s",
         name, version.rows, len(version.columns), version.rev,
@@ -435,7 +442,7 @@ def evaluate(model: str, version: str, spec: dict[str, Any], config: PipelineCon
     "production": {"version", "value"} | None}``; production's value is None when it cannot be
     scored on these rows (other columns, no ONNX file).
     """
-    frame = DataRepo(config.data_repo, config.dvc_remote).read(spec["data"]["dataset"], spec["data"]["rev"])
+    frame = config.repo().read(spec["data"]["dataset"], spec["data"]["rev"])
     rows = holdout_rows(frame, spec)
     task = spec["data"].get("task", "classification")
     with config.client() as client:

@@ -9,6 +9,8 @@ session on ``SHIPYARD_TEST_PG_URL`` (default the local server with trust auth).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import redis
 
 from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings, disable_telemetry
-from tests.support import free_port, redis_answers, redis_db, stop_process_group, test_platform
+from tests.support import free_port, redis_answers, redis_db, stop_process_group, test_platform, wait_for
 
 disable_telemetry()
 # pytest-xdist's workers start with COLUMNS=80; the CLI's console, made when first imported, would keep
@@ -103,3 +105,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         path = Path(str(item.path)).relative_to(root)
         group = path.parts[0] if path.parts[0] in SHARED_STACKS else path.as_posix()
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 HTTP API (moto's server mode) on a free loopback port, with the bucket
+    ``shipyard-datasets`` (key ``test-key``, secret ``test-secret``)."""
+    import boto3
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test-key",
+                              aws_secret_access_key="test-secret", region_name="us-east-1")
+        wait_for(lambda: client.create_bucket(Bucket="shipyard-datasets"), timeout=30, what="moto server")
+        yield endpoint
+    finally:
+        stop_process_group(process.pid)

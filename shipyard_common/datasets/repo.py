@@ -66,6 +66,15 @@ class S3Remote:
     secret_access_key: SecretStr | None = None
     region: str | None = None
 
+    @classmethod
+    def from_settings(cls, platform: PlatformSettings) -> S3Remote | None:
+        """The platform's bucket (``SHIPYARD_DVC_S3_*``), if it names one."""
+        if not platform.dvc_s3_bucket:
+            return None
+        return cls(bucket=platform.dvc_s3_bucket, prefix=platform.dvc_s3_prefix,
+                   endpoint_url=platform.dvc_s3_endpoint_url, access_key_id=platform.dvc_s3_access_key_id,
+                   secret_access_key=platform.dvc_s3_secret_access_key, region=platform.dvc_s3_region)
+
     @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.prefix.strip('/')}".rstrip("/")
@@ -106,14 +115,7 @@ class DataRepo:
 
     @classmethod
     def from_settings(cls, platform: PlatformSettings) -> DataRepo:
-        s3 = None
-        if platform.dvc_s3_bucket:
-            s3 = S3Remote(
-                bucket=platform.dvc_s3_bucket, prefix=platform.dvc_s3_prefix,
-                endpoint_url=platform.dvc_s3_endpoint_url, access_key_id=platform.dvc_s3_access_key_id,
-                secret_access_key=platform.dvc_s3_secret_access_key, region=platform.dvc_s3_region,
-            )
-        return cls(platform.data_repo_path, platform.dvc_remote_path, s3=s3)
+        return cls(platform.data_repo_path, platform.dvc_remote_path, s3=S3Remote.from_settings(platform))
 
     @property
     def remote_name(self) -> str:

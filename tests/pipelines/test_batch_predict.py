@@ -60,15 +60,15 @@ def prefect_url(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         stop_process_group(record.pid)
 
 
-def scene(tmp_path: Path, mlflow_server: str, prefect_url: str, rows: int) -> dict[str, Any]:
-    """``rows`` rows with an id column in a data repository of the test's own, and a classifier as
-    production."""
+def scene(tmp_path: Path, mlflow_server: str, prefect_url: str, rows: int, **settings: Any) -> dict[str, Any]:
+    """``rows`` rows with an id column in a data repository of the test's own (its remote as the
+    platform ``settings`` say), and a classifier as production."""
     platform = test_platform(tmp_path / "state", mlflow_tracking_uri=mlflow_server,
-                             prefect_api_url=prefect_url)
+                             prefect_api_url=prefect_url, **settings)
     rng = np.random.default_rng(7)
     frame = pd.DataFrame(rng.normal(size=(rows, N_FEATURES)).round(4), columns=FEATURES)
     frame.insert(0, "id", rng.permutation(rows) + 10_000_000)
-    rev = DataRepo(platform.data_repo_path, platform.dvc_remote_path).add("scores-in", frame).rev
+    rev = DataRepo.from_settings(platform).add("scores-in", frame).rev
     name = unique_name("batch")
     factory = ModelFactory(mlflow_server)
     registered = factory.register(name, tiny_classifier(3), tags={
@@ -207,3 +207,38 @@ def test_the_rows_reach_a_postgresql_prediction_log_too(
     np.testing.assert_allclose(inputs, setup["frame"][FEATURES].to_numpy(dtype=np.float32))
     expected = run_directly(setup["bytes"], setup["frame"][FEATURES].to_numpy(dtype=np.float32).tolist())
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_s3_remote_gets_the_input_and_the_predictions(
+    tmp_path: Path, mlflow_server: str, prefect_url: str, moto_endpoint: str
+) -> None:
+    import boto3
+
+    prefix = f"batch-{tmp_path.name}"
+    setup = scene(tmp_path, mlflow_server, prefect_url, 2_000, dvc_s3_bucket="shipyard-datasets",
+                  dvc_s3_prefix=prefix, dvc_s3_endpoint_url=moto_endpoint, dvc_s3_access_key_id="test-key",
+                  dvc_s3_secret_access_key="test-secret", dvc_s3_region="us-east-1")
+    platform = setup["platform"]
+    bucket = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id="test-key",
+                          aws_secret_access_key="test-secret", region_name="us-east-1")
+
+    def objects() -> int:
+        return int(bucket.list_objects_v2(Bucket="shipyard-datasets", Prefix=prefix).get("KeyCount", 0))
+
+    held = objects()
+    assert held >= 1  # the input dataset's version
+    shutil.rmtree(DataRepo.from_settings(platform).path / ".dvc" / "cache")  # the input comes from S3
+
+    result = batch_predict(dataset="scores-in", model_name=setup["model"], chunk_rows=1_000,
+                           platform=platform)
+
+    assert (result["rows"], result["chunks"]) == (2_000, 2)
+    assert objects() >= held + 3  # two chunks' Parquet files and the manifest
+    assert not platform.dvc_remote_path.exists()  # nothing went to the local folder remote
+    repo = PredictionsRepo.from_settings(platform)
+    shutil.rmtree(repo.path / ".dvc" / "cache")
+    written, manifest = repo.read_predictions(result["output"], result["output_rev"])
+    expected = run_directly(setup["bytes"], setup["frame"][FEATURES].to_numpy(dtype=np.float32).tolist())
+    scores = written[[f"probabilities_{j}" for j in range(len(CLASSES))]].to_numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert manifest["rows"] == 2_000

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,6 @@ from sklearn.datasets import load_iris
 
 from shipyard_common.datasets import DataRepo, DatasetNotFound, S3Remote
 from shipyard_common.errors import Conflict, InvalidInput, NotFound, ValidationFailed
-from tests.support import free_port, stop_process_group, wait_for
 
 RULES = """
 max_null_fraction: 0.05
@@ -30,28 +27,6 @@ label: {column: target, classes: [0, 1, 2], min_share: 0.1, max_share: 0.8}
 @pytest.fixture
 def repo(tmp_path: Path) -> DataRepo:
     return DataRepo(tmp_path / "data", tmp_path / "remote")
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real S3 HTTP API (moto's server mode) on a free loopback port."""
-    import boto3
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test-key",
-                              aws_secret_access_key="test-secret", region_name="us-east-1")
-        wait_for(lambda: client.create_bucket(Bucket="shipyard-datasets"), timeout=30, what="moto server")
-        yield endpoint
-    finally:
-        stop_process_group(process.pid)
 
 
 @pytest.fixture
