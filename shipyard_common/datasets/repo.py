@@ -275,7 +275,7 @@ class DataRepo:
             validate_tag(tag)
         if frame.columns.empty:
             raise InvalidInput(f"dataset {name!r} has no columns")
-        content = frame.to_csv(index=False).encode()
+        content = lists_as_json(frame).to_csv(index=False).encode()
         md5 = hashlib.md5(content, usedforsecurity=False).hexdigest()
         stored = pd.read_csv(io.BytesIO(content))  # the frame as every reader will see it
         relative = self._data_path(name)
@@ -423,3 +423,36 @@ class DataRepo:
         except Exception as exc:  # scmrepo and the filesystems raise their own errors
             raise Unavailable(f"dataset {name!r} at revision {sha[:12]} cannot be read: {exc}") from exc
         return pd.read_csv(io.BytesIO(raw))
+
+
+def lists_as_json(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with list cells (a Parquet list column: sequences) as their JSON text, which CSV keeps
+    exactly and the trainer reads back (data.sequence); a frame without any is returned as it is."""
+    listed = [c for c in frame.columns if frame[c].dtype == object and _is_list(_first_value(frame[c]))]
+    if not listed:
+        return frame
+    return frame.assign(**{str(c): frame[c].map(lambda v: json.dumps(_plain(v)) if _is_list(v) else v)
+                           for c in listed})
+
+
+def _first_value(column: pd.Series) -> Any:
+    """The column's first non-null cell (a list column's cells are all lists), None when all are null."""
+    first = column.first_valid_index()
+    return None if first is None else column.loc[first]
+
+
+def _is_list(value: Any) -> bool:
+    import numpy as np
+
+    return isinstance(value, list | tuple | np.ndarray)
+
+
+def _plain(value: Any) -> Any:
+    """Nested lists, tuples and numpy arrays of numbers as plain lists of Python numbers."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value.item() if isinstance(value, np.generic) else value

@@ -69,7 +69,9 @@ KINDS: dict[str, dict[str, Kind]] = {
         "body:parameters.parent_version": NAME, "body:parameters.name": NAME,
         "path:job_id": LOOKUP, "query:model_name": NAME, "path:run_id": LOOKUP,
         "body:data.target": COLUMN, "body:data.features[]": COLUMN, "body:data.split.column": COLUMN,
-        "body:data.split.test_rev": NAME,
+        "body:data.split.test_rev": NAME, "body:data.sequence.column": COLUMN,
+        "body:data.sequence.id": COLUMN, "body:data.sequence.step": COLUMN,
+        "body:data.sequence.features[]": COLUMN,
     },
     "registry": {
         "path:name": NAME, "path:version": LOOKUP, "query:a": LOOKUP, "query:b": LOOKUP,

@@ -13,6 +13,10 @@ another one. The backbones below it see standardised rows:
   hidden state (both directions when bidirectional) → Linear;
 - ``transformer_encoder``: the row read as ``sequence_length`` tokens, Linear to ``d_model``,
   plus a learned position embedding, pre-norm encoder layers, mean over tokens → Linear;
+- with ``data.sequence`` the data are padded sequences (batch, steps, width), NaN after each one's
+  end: :class:`MaskedRecurrentNet` (the output at each sequence's last real step; bidirectional
+  reads each sequence backward from its real end) and :class:`MaskedTransformerNet` (padded keys
+  masked, mean over real steps), whose answers do not depend on the padding;
 - ``plugin``: ``module:function`` from a file in the trainer's plugin directory;
 - ``pretrained_text``: :func:`services.trainer.engines.text.build_text_model` (token ids in, no scaling).
 
@@ -101,8 +105,10 @@ def build_model(data: TabularData, spec: JobCreate, *, plugin_dir: Path | None) 
 
         return build_text_model(data, spec)
 
-    n_features = int(data.x_train.shape[1])
     outputs = len(data.classes) if data.task == Task.CLASSIFICATION else 1
+    if data.x_train.ndim == 3:  # data.sequence: (sequences, steps, width), NaN after each one's end
+        return sequence_model(data, spec, outputs)
+    n_features = int(data.x_train.shape[1])
     net: nn.Module
     if isinstance(model_spec, MLPSpec):
         net = mlp(n_features, outputs, model_spec)
@@ -116,9 +122,13 @@ def build_model(data: TabularData, spec: JobCreate, *, plugin_dir: Path | None) 
         net = build_plugin(model_spec, n_features=n_features, n_outputs=outputs, plugin_dir=plugin_dir)
     else:  # the schema's union holds only the types above
         raise AssertionError(type(model_spec))
+    return scaled(net, data, data.x_train)
 
-    mean = data.x_train.mean(axis=0)
-    std = data.x_train.std(axis=0)
+
+def scaled(net: nn.Module, data: TabularData, rows: np.ndarray) -> FeatureModel:
+    """``net`` behind the standardisation of ``rows`` (feature rows, or real steps) and the target's."""
+    mean = rows.mean(axis=0)
+    std = rows.std(axis=0)
     # A constant column would divide by zero; leave it centred and unscaled.
     std = np.where(std < 1e-12, 1.0, std)
     target_mean, target_std = 0.0, 1.0
@@ -181,14 +191,16 @@ class ConvNet(nn.Module):
         return out
 
 
-def _steps(n_features: int, sequence_length: int) -> int:
-    """The width of each of ``sequence_length`` equal steps of a row of ``n_features``."""
+def _steps(n_features: int, sequence_length: int | None) -> tuple[int, int]:
+    """``sequence_length`` and the width of each of its equal steps of a row of ``n_features``."""
+    if sequence_length is None:  # the schema requires it without data.sequence
+        raise InvalidInput("model.sequence_length is required for fixed-width rows")
     if n_features % sequence_length:
         raise InvalidInput(
             f"{n_features} features do not split into sequence_length={sequence_length} equal steps; "
             f"pick a divisor of {n_features}"
         )
-    return n_features // sequence_length
+    return sequence_length, n_features // sequence_length
 
 
 class RecurrentNet(nn.Module):
@@ -200,9 +212,8 @@ class RecurrentNet(nn.Module):
 
     def __init__(self, n_features: int, outputs: int, spec: RecurrentSpec) -> None:
         super().__init__()
-        step_width = _steps(n_features, spec.sequence_length)
-        self.sequence_length = spec.sequence_length
-        self.step_width = step_width
+        self.sequence_length, self.step_width = _steps(n_features, spec.sequence_length)
+        step_width = self.step_width
         self.directions = 2 if spec.bidirectional else 1
         rnn_type = nn.LSTM if spec.type == "lstm" else nn.GRU
         # nn.LSTM/GRU apply dropout between layers only (and warn when there is one layer).
@@ -230,10 +241,9 @@ class TransformerNet(nn.Module):
 
     def __init__(self, n_features: int, outputs: int, spec: TransformerEncoderSpec) -> None:
         super().__init__()
-        self.sequence_length = spec.sequence_length
-        self.step_width = _steps(n_features, spec.sequence_length)
+        self.sequence_length, self.step_width = _steps(n_features, spec.sequence_length)
         self.embed = nn.Linear(self.step_width, spec.d_model)
-        self.position = nn.Parameter(torch.zeros(1, spec.sequence_length, spec.d_model))
+        self.position = nn.Parameter(torch.zeros(1, self.sequence_length, spec.d_model))
         nn.init.normal_(self.position, std=0.02)
         layer = nn.TransformerEncoderLayer(
             spec.d_model, spec.nhead, dim_feedforward=spec.dim_feedforward, dropout=spec.dropout,
@@ -248,6 +258,122 @@ class TransformerNet(nn.Module):
         tokens = x.reshape(x.shape[0], self.sequence_length, self.step_width)
         hidden = self.encoder(self.embed(tokens) + self.position)
         out: torch.Tensor = self.head(self.norm(hidden).mean(dim=1))
+        return out
+
+
+def sequence_model(data: TabularData, spec: JobCreate, outputs: int) -> FeatureModel:
+    """A masked sequence model for padded sequences (data.sequence), standardised per step feature on
+    the real training steps; its longest sequence is the data's padded length."""
+    length, width = int(data.x_train.shape[1]), int(data.x_train.shape[2])
+    model_spec = spec.model
+    net: nn.Module
+    if isinstance(model_spec, RecurrentSpec):
+        net = MaskedRecurrentNet(width, length, outputs, model_spec)
+    elif isinstance(model_spec, TransformerEncoderSpec):
+        net = MaskedTransformerNet(width, length, outputs, model_spec)
+    else:  # the schema refuses data.sequence with other models
+        raise InvalidInput(f"model.type {model_spec.type!r} does not read sequences")
+    steps = data.x_train.reshape(-1, width)
+    return scaled(net, data, steps[~np.isnan(steps).any(axis=1)])
+
+
+def unpadded(x: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, T, width) with NaN steps as padding → (values with padding zeroed, the padding mask
+    (batch, T), each sequence's real length); steps past ``max_length`` count as padding (truncation;
+    masked rather than sliced off, which keeps the exported time axis free)."""
+    steps = torch.arange(x.shape[1], device=x.device)
+    padding = torch.isnan(x).any(dim=2) | (steps >= max_length).unsqueeze(0)
+    values = x.masked_fill(padding.unsqueeze(2), 0.0)
+    return values, padding, (~padding).sum(dim=1)
+
+
+def at_steps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for each sequence b: (batch, T, width) → (batch, width)."""
+    where = index.clamp(min=0).view(-1, 1, 1).expand(x.shape[0], 1, x.shape[2])
+    return x.gather(1, where).squeeze(1)
+
+
+def reversed_within(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each sequence's real steps in reverse order, its padding left where it is (its own inverse)."""
+    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    last = (lengths - 1).unsqueeze(1)
+    index = torch.where(steps <= last, last - steps, steps)
+    return x.gather(1, index.unsqueeze(2).expand(x.shape))
+
+
+class MaskedRecurrentNet(nn.Module):
+    """Padded sequences → LSTM/GRU → the output at each sequence's last real step → Linear.
+
+    Padding comes after the real steps, so a forward direction's output there has not seen it.
+    Bidirectional layers run the backward direction on each sequence reversed within its length, so
+    that it starts at the real end: per layer, a forward and a backward one-layer RNN, concatenated.
+    """
+
+    def __init__(self, width: int, max_length: int, outputs: int, spec: RecurrentSpec) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.bidirectional = spec.bidirectional
+        rnn_type = nn.LSTM if spec.type == "lstm" else nn.GRU
+        if spec.bidirectional:
+            sizes = [width, *[2 * spec.hidden_size] * (spec.num_layers - 1)]
+            self.forward_layers = nn.ModuleList(rnn_type(n, spec.hidden_size, batch_first=True)
+                                                for n in sizes)
+            self.backward_layers = nn.ModuleList(rnn_type(n, spec.hidden_size, batch_first=True)
+                                                 for n in sizes)
+        else:
+            self.rnn = rnn_type(width, spec.hidden_size, num_layers=spec.num_layers, batch_first=True,
+                                dropout=spec.dropout if spec.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.head = nn.Linear(spec.hidden_size * (2 if spec.bidirectional else 1), outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, _, lengths = unpadded(x, self.max_length)
+        if not self.bidirectional:
+            out, _ = self.rnn(values)
+            last = at_steps(out, lengths - 1)
+        else:
+            hidden = values
+            for index, (forward, backward) in enumerate(zip(self.forward_layers, self.backward_layers,
+                                                            strict=True)):
+                if index:
+                    hidden = self.dropout(hidden)
+                ahead, _ = forward(hidden)
+                behind, _ = backward(reversed_within(hidden, lengths))
+                hidden = torch.cat([ahead, reversed_within(behind, lengths)], dim=2)
+            size = hidden.shape[2] // 2
+            last = torch.cat([at_steps(hidden[..., :size], lengths - 1), hidden[:, 0, size:]], dim=1)
+        out_: torch.Tensor = self.head(self.dropout(last))
+        return out_
+
+
+class MaskedTransformerNet(nn.Module):
+    """Padded sequences → Linear to d_model + learned positions → pre-norm encoder, padded keys masked
+    (``src_key_padding_mask``) → LayerNorm → mean over the real steps → Linear."""
+
+    def __init__(self, width: int, max_length: int, outputs: int, spec: TransformerEncoderSpec) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.embed = nn.Linear(width, spec.d_model)
+        self.position = nn.Parameter(torch.zeros(1, max_length, spec.d_model))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            spec.d_model, spec.nhead, dim_feedforward=spec.dim_feedforward, dropout=spec.dropout,
+            batch_first=True, norm_first=True,
+        )
+        # No nested tensors: they would make the exported graph data-dependent.
+        self.encoder = nn.TransformerEncoder(layer, spec.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(spec.d_model)
+        self.head = nn.Linear(spec.d_model, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, padding, lengths = unpadded(x, self.max_length)
+        # Steps past max_length are padding: any position will do for them (the last one).
+        steps = torch.arange(values.shape[1], device=values.device).clamp(max=self.max_length - 1)
+        tokens = self.embed(values) + self.position[0].index_select(0, steps)
+        hidden = self.norm(self.encoder(tokens, src_key_padding_mask=padding))
+        real = (~padding).unsqueeze(2).to(hidden.dtype)
+        pooled = (hidden * real).sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+        out: torch.Tensor = self.head(pooled)
         return out
 
 

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
+from services.trainer.engines import tabular
 from services.trainer.engines.checkpoints import CHECKPOINT_VERSION as CHECKPOINT_VERSION
 from services.trainer.engines.checkpoints import Checkpointer as Checkpointer
 from services.trainer.engines.checkpoints import load_checkpoint as load_checkpoint
 from services.trainer.engines.checkpoints import save_checkpoint as save_checkpoint
-from services.trainer.engines.tabular import prepare_data as prepare_data
 from services.trainer.engines.tabular import validation_metrics as validation_metrics
 from services.trainer.engines.tensorboard_log import TensorBoardLog
 from services.trainer.engines.training_run import (
@@ -92,6 +93,16 @@ def build_model(data: TabularData, spec: JobCreate, *, plugin_dir: Path | None =
         return with_embeddings(data.table, data.x_train, lambda wide: architectures.build_model(
             dataclasses.replace(data, x_train=wide), spec, plugin_dir=plugin_dir))
     return architectures.build_model(data, spec, plugin_dir=plugin_dir)
+
+
+def prepare_data(frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame | None = None) -> TabularData:
+    """The job's rows checked and split: a table (:func:`~.tabular.prepare_data`), or with
+    ``data.sequence`` padded variable-length sequences (:func:`~.sequences.prepare_sequences`)."""
+    if spec.data.sequence is not None:
+        from services.trainer.engines.sequences import prepare_sequences
+
+        return prepare_sequences(frame, spec, test_frame)
+    return tabular.prepare_data(frame, spec, test_frame)
 
 
 def build_optimizer(model: nn.Module, spec: JobCreate) -> torch.optim.Optimizer:

@@ -112,7 +112,7 @@ def export_onnx(
                 str(path),
                 input_names=[input_name(example)],
                 output_names=[output_name],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamic_shapes=(dynamic_axes(example),),
                 opset_version=OPSET,
                 dynamo=True,
                 external_data=False,
@@ -135,6 +135,7 @@ def export_onnx(
         diff, scale, signature = check_onnx(path, module, check_rows)
     if classes:
         signature["classes"] = list(classes)
+    sequence_signature(signature, example)
     _within_bound("ONNX", task, diff, scale)
     return ExportedModel(path=path, max_abs_diff=diff, signature=signature)
 
@@ -175,8 +176,27 @@ def export_torchscript(
     }
     if classes:
         signature["classes"] = list(classes)
+    sequence_signature(signature, example)
     _within_bound("TorchScript", task, diff, scale)
     return ExportedModel(path=path, max_abs_diff=diff, signature=signature)
+
+
+def dynamic_axes(example: torch.Tensor) -> dict[int, Any]:
+    """The batch axis; and for padded sequences (batch, time, width: data.sequence) the time axis."""
+    axes = {0: torch.export.Dim("batch")}
+    if example.ndim == 3:
+        axes[1] = torch.export.Dim("time")
+    return axes
+
+
+def sequence_signature(signature: dict[str, Any], example: torch.Tensor) -> None:
+    """A sequence model's input: any number of steps, NaN steps as padding after each sequence's end
+    (``nullable``, which serving reads), and the longest sequence it reads (longer ones are truncated)."""
+    if example.ndim != 3:
+        return
+    (first,) = signature["inputs"]
+    first.update(shape=[None, None, int(example.shape[2])], nullable=True)
+    signature["sequence"] = {"padding": "nan", "max_length": int(example.shape[1])}
 
 
 def _within_bound(what: str, task: Task, diff: float, scale: float) -> None:

@@ -86,7 +86,8 @@ def check_spec(data: TabularData, spec: JobCreate, device: str) -> None:
                 f"model.input_shape {list(model.input_shape)} holds {channels * height * width} values "
                 f"but there are {n_features} features"
             )
-    elif model.type in ("lstm", "gru") and n_features % model.sequence_length:
+    elif model.type in ("lstm", "gru") and (
+            model.sequence_length is None or n_features % model.sequence_length):
         raise InvalidInput(
             f"{n_features} features cannot be read as {model.sequence_length} steps of equal width "
             f"(model.sequence_length must divide the number of features)"

@@ -157,7 +157,7 @@ def build_core(job: Job) -> Any:
         if spec.dropout > 0:
             x = layers.Dropout(spec.dropout)(x)
     elif spec.type in ("lstm", "gru"):
-        steps = spec.sequence_length
+        steps = spec.sequence_length or 1  # never null here: keras_job refuses that first
         x = layers.Reshape((steps, n_features // steps))(x)
         cell = layers.LSTM if spec.type == "lstm" else layers.GRU
         for index in range(spec.num_layers):

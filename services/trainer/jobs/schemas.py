@@ -22,6 +22,11 @@ from pydantic import (
     model_validator,
 )
 
+from services.trainer.jobs.sequence_spec import (
+    SequenceSpec,
+    length_left_to_the_data,
+    sequence_refusal,
+)
 from shipyard_common.datasets import validate_dataset_name, validate_name, validate_ref
 from shipyard_common.errors import InvalidInput
 from shipyard_common.times import UtcDatetime
@@ -151,11 +156,16 @@ class CNNSpec(Strict):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
+_SEQUENCE_LENGTH = ("Fixed-width rows: the number of equal steps. With data.sequence: the longest sequence "
+                    "read (longer ones are truncated); the longest training sequence when null or left out.")
+
+
 class RecurrentSpec(Strict):
-    """The feature row read as ``sequence_length`` steps of equal width; the last step's state classifies."""
+    """The feature row read as ``sequence_length`` steps of equal width (with data.sequence: each
+    sequence, up to ``sequence_length`` steps); the last real step's state classifies."""
 
     type: Literal["lstm", "gru"]
-    sequence_length: int = Field(ge=1, le=100_000)
+    sequence_length: int | None = Field(ge=1, le=100_000, description=_SEQUENCE_LENGTH)
     hidden_size: int = Field(default=64, ge=1, le=8192)
     num_layers: int = Field(default=1, ge=1, le=16)
     bidirectional: bool = False
@@ -164,10 +174,10 @@ class RecurrentSpec(Strict):
 
 class TransformerEncoderSpec(Strict):
     """The feature row read as ``sequence_length`` tokens of equal width, projected to ``d_model``,
-    with learned positions, through ``num_layers`` encoder layers, mean-pooled."""
+    with learned positions, through ``num_layers`` encoder layers, mean-pooled (over real steps only)."""
 
     type: Literal["transformer_encoder"]
-    sequence_length: int = Field(ge=1, le=100_000)
+    sequence_length: int | None = Field(ge=1, le=100_000, description=_SEQUENCE_LENGTH)
     d_model: int = Field(default=64, ge=2, le=8192)
     nhead: int = Field(default=4, ge=1, le=128)
     num_layers: int = Field(default=2, ge=1, le=48)
@@ -346,6 +356,9 @@ class DataSpec(Strict):
     split: SplitSpec | None = Field(
         default=None, description="Train / validation / test; replaces validation_split when given.",
     )
+    sequence: SequenceSpec | None = Field(
+        default=None, description="Variable-length sequences: a list column, or long format (id, step).",
+    )
     columns: dict[ColumnName, ColumnSpec] | None = Field(
         default=None, description="Per feature column: its type, encoding and imputation; undeclared "
         "columns are inferred, and what was inferred is recorded (the version's columns.json).",
@@ -523,6 +536,18 @@ class JobCreate(Strict):
             refused = table_refusal(self)
             if refused:
                 raise ValueError(f"data.columns: {refused}")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sequences_may_leave_their_length_out(cls, values: Any) -> Any:
+        return length_left_to_the_data(values)
+
+    @model_validator(mode="after")
+    def _sequences_fit_the_model(self) -> JobCreate:
+        refused = sequence_refusal(self)
+        if refused:
+            raise ValueError(refused)
         return self
 
     @model_validator(mode="after")

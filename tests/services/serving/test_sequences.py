@@ -1,0 +1,207 @@
+"""Serving variable-length sequences (issue 16): ragged rows in, each sequence's own answer out.
+
+Two sequence models trained by the real trainer (its API and a Celery worker) on sequences generated
+here (tests/services/trainer/sequence_data.py): an LSTM on a list column (steps of width 1) and the
+transformer encoder on long format (steps of width 2), registered and served. Ours and TF Serving's
+REST take ragged rows, which serving pads with NaN (the models mask it); OIP v2 takes rectangular
+tensors padded with null (JSON) or NaN (binary, tritonclient). Every answer equals the registered ONNX
+file's on that sequence alone, also when concurrent requests of different lengths meet in the batcher;
+a wrong step width, an empty sequence or misplaced padding is a clear 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton
+from mlflow.tracking import MlflowClient
+
+from services.trainer.app import create_app
+from shipyard_common.auth import Role
+from shipyard_common.datasets import DataRepo
+from tests.services.registry.model_factory import unique_name
+from tests.services.serving.support import serving
+from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.sequence_data import list_column_frame, long_format_frame, random_sequences
+from tests.support import auth, running_app, test_platform, wait_for
+
+VIEWER = auth("viewer")
+MODELS = {
+    "lstm": ({"type": "lstm", "hidden_size": 16}, {"column": "steps"}, 1),
+    "transformer": ({"type": "transformer_encoder", "d_model": 16, "nhead": 2, "num_layers": 1,
+                     "dim_feedforward": 32, "dropout": 0.0}, {"id": "id", "step": "t"}, 2),
+}
+
+
+def train(base: str, worker: WorkerProcess, spec: dict[str, Any]) -> dict[str, Any]:
+    created = httpx.post(f"{base}/jobs", json=spec, headers=auth(Role.TRAINER))
+    assert created.status_code == 201, created.text
+    url = f"{base}/jobs/{created.json()['id']}"
+
+    def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = httpx.get(url, headers=VIEWER).json()
+        return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+    job = wait_for(ended, timeout=600, interval=0.5, what="the training job to end")
+    assert job["state"] == "succeeded", (job["error"], worker.log_tail())
+    return job  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, mlflow_server: str
+) -> Iterator[dict[str, Any]]:
+    """Both models trained by the trainer's worker, given the production alias and served; each
+    registered ONNX file, to compare serving's answers with."""
+    state = tmp_path_factory.mktemp("sequences")
+    platform = test_platform(state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
+    platform = platform.model_copy(update={"events_channel": f"test-events-{uuid.uuid4().hex[:10]}"})
+    settings = trainer_settings(platform)
+    repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
+    revs = {"lstm": repo.add("seq_list", list_column_frame(300, seed=11)).rev,
+            "transformer": repo.add("seq_long", long_format_frame(300, seed=12)).rev}
+    names = {key: unique_name(f"seq-{key}") for key in MODELS}
+    worker = WorkerProcess(settings, state / "worker.log")
+    try:
+        with running_app(create_app(settings)) as trainer:
+            jobs = {key: train(trainer, worker, job_spec(
+                rev=revs[key], dataset="seq_list" if key == "lstm" else "seq_long", model_name=names[key],
+                model=dict(model), data__target="sign", data__sequence=dict(sequence), training__epochs=4,
+                training__learning_rate=0.01)) for key, (model, sequence, _) in MODELS.items()}
+    finally:
+        worker.stop()
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    sessions = {}
+    for key, job in jobs.items():
+        client.set_registered_model_alias(names[key], "production", job["model_version"])
+        folder = Path(client.download_artifacts(job["mlflow_run_id"], "model", str(state / key)))
+        sessions[key] = ort.InferenceSession(str(folder / "onnx" / "model.onnx"),
+                                             providers=["CPUExecutionProvider"])
+    with serving(platform, max_batch_rows=256) as base:
+        wait_for(lambda: all(httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).json().get("status")
+                             == "serving" for name in names.values()), timeout=60, what="both models served")
+        yield {"base": base, "names": names, "sessions": sessions}
+
+
+def sequences_of(key: str, count: int, seed: int) -> list[np.ndarray]:
+    return [s.astype(np.float32) for s in random_sequences(count, seed=seed, width=MODELS[key][2])]
+
+
+def alone(stack: dict[str, Any], key: str, sequences: list[np.ndarray]) -> np.ndarray:
+    """The registered ONNX file's answer for each sequence, scored on its own (no padding at all)."""
+    session = stack["sessions"][key]
+    return np.concatenate([session.run(None, {"input": s[None]})[0] for s in sequences])
+
+
+def post(stack: dict[str, Any], key: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{stack['base']}/{path.format(name=stack['names'][key])}", json=body, headers=VIEWER)
+
+
+OURS, TF, V2 = "v1/models/{name}/predict", "v1/models/{name}:predict", "v2/models/{name}/infer"
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_ours_answers_ragged_rows_as_each_sequence_alone(stack, key):
+    sequences = sequences_of(key, 12, seed=21)
+    assert len({len(s) for s in sequences}) > 3
+    answer = post(stack, key, OURS, {"inputs": [s.tolist() for s in sequences]})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    np.testing.assert_allclose(np.asarray(body["outputs"]), alone(stack, key, sequences), atol=1e-5)
+    assert body["labels"] == ["negative", "positive"] and len(body["label"]) == 12
+
+
+def test_width_one_steps_may_be_plain_numbers(stack):
+    sequences = sequences_of("lstm", 5, seed=22)
+    flat = post(stack, "lstm", OURS, {"inputs": [s[:, 0].tolist() for s in sequences]})
+    assert flat.status_code == 200, flat.text
+    np.testing.assert_allclose(np.asarray(flat.json()["outputs"]), alone(stack, "lstm", sequences), atol=1e-5)
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_tf_serving_instances_take_ragged_rows(stack, key):
+    sequences = sequences_of(key, 7, seed=23)
+    answer = post(stack, key, TF, {"instances": [s.tolist() for s in sequences]})
+    assert answer.status_code == 200, answer.text
+    predictions = np.asarray(answer.json()["predictions"])
+    np.testing.assert_allclose(predictions, alone(stack, key, sequences), atol=1e-5)
+
+
+def test_v2_takes_one_sequence_or_a_batch_padded_with_null_or_nan(stack):
+    sequences = sequences_of("transformer", 4, seed=24)
+    expected = alone(stack, "transformer", sequences)
+    one = post(stack, "transformer", V2, {"inputs": [{"name": "input", "datatype": "FP32",
+               "shape": [1, *sequences[0].shape], "data": sequences[0].ravel().tolist()}]})
+    assert one.status_code == 200, one.text
+    np.testing.assert_allclose(np.asarray(one.json()["outputs"][0]["data"]), expected[0], atol=1e-5)
+    batch = padded(sequences)
+    data = [None if np.isnan(v) else float(v) for v in batch.ravel()]
+    nulls = post(stack, "transformer", V2, {"inputs": [{"name": "input", "datatype": "FP32",
+                 "shape": list(batch.shape), "data": data}]})
+    assert nulls.status_code == 200, nulls.text
+    np.testing.assert_allclose(np.asarray(nulls.json()["outputs"][0]["data"]).reshape(4, 2), expected,
+                               atol=1e-5)
+    client = triton.InferenceServerClient(url=stack["base"].removeprefix("http://"))
+    binary = triton.InferInput("input", list(batch.shape), "FP32")
+    binary.set_data_from_numpy(batch, binary_data=True)
+    result = client.infer(stack["names"]["transformer"], [binary], headers=dict(VIEWER))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+
+
+def padded(sequences: list[np.ndarray]) -> np.ndarray:
+    batch = np.full((len(sequences), max(map(len, sequences)), sequences[0].shape[1]), np.nan, np.float32)
+    for index, sequence in enumerate(sequences):
+        batch[index, : len(sequence)] = sequence
+    return batch
+
+
+def test_concurrent_requests_of_different_lengths_each_get_their_own_answer(stack):
+    """The batcher meets requests of many lengths at once: merged or not, each answer is its own."""
+    sequences = sequences_of("lstm", 48, seed=25)
+    expected = alone(stack, "lstm", sequences)
+
+    def ask(index: int) -> np.ndarray:
+        pair = sequences[index: index + 2] if index % 3 else sequences[index: index + 1]
+        answer = post(stack, "lstm", OURS, {"inputs": [s.tolist() for s in pair]})
+        assert answer.status_code == 200, answer.text
+        return np.asarray(answer.json()["outputs"])
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(47)))
+    for index, found in enumerate(answers):
+        count = 2 if index % 3 else 1
+        np.testing.assert_allclose(found, expected[index: index + count], atol=1e-5)
+
+
+def v2_tensor(shape: list[int], data: list[float | None]) -> dict[str, Any]:
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": data}]}
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), [
+    (OURS, {"inputs": [[[0.1, 0.2], [0.3, 0.4]], [[0.5, 0.6, 0.7]]]}, 422,
+     "row 1, step 0 has 3 values; the model takes steps of 2 numbers"),
+    (OURS, {"inputs": [[[0.1, 0.2]], []]}, 422, "row 1 is an empty sequence: send at least one step"),
+    (OURS, {"inputs": [[[0.1, "a"]]]}, 422, "row 0, step 0 holds str 'a'; steps hold numbers"),
+    (OURS, {"inputs": [[0.1, 0.2]]}, 422, "row 0, step 0 has float; the model takes steps of 2 numbers"),
+    (OURS, {"inputs": []}, 422, "inputs must be a non-empty list of sequences"),
+    (TF, {"instances": [[[0.1, 0.2]], [[1.0]]]}, 400,
+     "row 1, step 0 has 1 value; the model takes steps of 2 numbers"),
+    (V2, v2_tensor([1, 2, 2], [None, None, 0.1, 0.2]), 400,
+     "row 0 has padding (NaN steps) before a real step"),
+    (V2, v2_tensor([1, 2, 2], [0.1, None, 0.1, 0.2]), 400, "row 0, step 0 mixes NaN and numbers"),
+    (V2, v2_tensor([1, 1, 2], [None, None]), 400, "row 0 is all padding"),
+    (V2, v2_tensor([1, 0, 2], []), 400, "has no steps"),
+])
+def test_bad_sequences_are_a_clear_4xx(stack, path, body, status, message):
+    refused = post(stack, "transformer", path, body)
+    assert refused.status_code == status, refused.text
+    assert message in json.dumps(refused.json()), refused.text
