@@ -142,6 +142,24 @@ def test_pruning_stops_a_trial_with_a_tiny_learning_rate_early(pg_stack):
     assert MlflowClient(tracking_uri=uri).get_run(tiny["mlflow_run_id"]).info.status == "KILLED"
 
 
+def test_cross_validation_is_a_sweeps_objective(stack):
+    """evaluation.kfold in the base: each trial's objective is its cv_accuracy_mean, as its run logged it."""
+    spec = sweep_spec(stack["rev"], "bc-cv", strategy="grid", trials=2,
+                      objective={"metric": "cv_accuracy_mean"},
+                      space={"training.learning_rate": {"type": "choice", "values": [0.01, 0.003]}})
+    spec["base"]["evaluation"] = {"kfold": 3}
+    sweep = run_sweep(stack, spec)
+    assert sweep["state"] == "succeeded", (sweep["error"], stack["worker"].log_tail())
+    assert sweep["objective"] == {"metric": "cv_accuracy_mean", "direction": "maximize"}
+    uri = stack["settings"].platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    for trial in sweep["trials"]:
+        assert trial["state"] == "complete"
+        assert trial["value"] == get_job(stack, trial["job_id"])["metrics"]["cv_accuracy_mean"]
+        assert trial["value"] == client.get_run(trial["mlflow_run_id"]).data.metrics["cv_accuracy_mean"]
+    assert sweep["best"]["value"] == max(t["value"] for t in sweep["trials"]) > 0.85
+
+
 @pytest.mark.parametrize(("change", "field", "message"), [
     ({"space": {"data.rev": {"type": "choice", "values": ["latest"]}}}, "space.data.rev",
      "fixed for every trial"),
