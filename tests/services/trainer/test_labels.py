@@ -19,7 +19,7 @@ from sklearn.datasets import load_wine
 
 from services.serving.runtimes.loader import load_runtime
 from services.serving.settings import ServingSettings
-from services.trainer.engines import engine, keras_job, model_card, torch_job
+from services.trainer.engines import engine, keras_job, model_card, text, torch_job
 from services.trainer.engines.types import FitContext, FitOutcome
 from services.trainer.jobs.schemas import JobCreate
 from tests.services.trainer.conftest import job_spec
@@ -96,5 +96,13 @@ def test_a_text_classifier_records_its_id2label_and_text_column(tmp_path: Path, 
         assert signature["features"] == ["review"]
         assert loaded.signature.labels == ("negative", "positive")
         assert loaded.signature.inputs[0].name == "input_ids"
+        # Serving takes raw text through the tokenizer stored with the version: the ids training made.
+        texts = [*frame["review"].head(5), "word " * 100]
+        tokenizer, _ = text.load_tokenizer(text.checkpoint_path("all-MiniLM-L6-v2"), 32)
+        trained_ids = np.array([e.ids for e in tokenizer.encode_batch(texts)], dtype=np.int64)
+        assert loaded.text is not None and (loaded.text.input, loaded.text.max_length) == ("input_ids", 32)
+        ids, truncated = loaded.text.encode(texts)
+        np.testing.assert_array_equal(ids, trained_ids)
+        assert truncated == [False] * 5 + [True]
     finally:
         loaded.runtime.close()
