@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, NoReturn, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -72,3 +73,13 @@ def call(token: str, action: Callable[[ShipyardClient], T], *, refused: Refused 
 
 def _refused(exc: ClientError) -> NoReturn:
     fail(exc.message)
+
+
+def read_spec(path: Path) -> Any:
+    """A spec file's content (YAML, so JSON too), or the command's exit naming what is wrong with it."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        fail(f"{path} is not valid YAML: {exc}")

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from shipyard_cli.client import ClientError, ShipyardClient
-from shipyard_cli.common import TokenOption, client_for, console, fail
+from shipyard_cli.common import TokenOption, client_for, console, fail, read_spec
 from shipyard_common.settings import DEV_ADMIN_TOKEN
 
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
@@ -59,12 +59,7 @@ def jobs_submit(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Submit a training job from a spec file."""
-    import yaml
-
-    try:
-        body = yaml.safe_load(spec.read_text())
-    except yaml.YAMLError as exc:
-        fail(f"{spec} is not valid YAML: {exc}")
+    body = read_spec(spec)
     client = client_for(token)
     try:
         job = client.submit_job(body)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shipyard_cli.client import ClientError, ShipyardClient
-from shipyard_cli.common import TokenOption, client_for, console, fail
+from shipyard_cli.common import TokenOption, client_for, console, fail, read_spec
 from shipyard_common.settings import DEV_ADMIN_TOKEN
 
 sweeps_app = typer.Typer(help="Hyperparameter sweeps: many training jobs, the best one registered.",
@@ -68,12 +68,7 @@ def sweeps_submit(
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
     """Submit a sweep: a base job spec, a space over its fields, a strategy, an objective, a budget."""
-    import yaml
-
-    try:
-        body = yaml.safe_load(spec.read_text())
-    except yaml.YAMLError as exc:
-        fail(f"{spec} is not valid YAML: {exc}")
+    body = read_spec(spec)
     client = client_for(token)
     try:
         sweep = client.submit_sweep(body)
