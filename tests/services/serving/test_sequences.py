@@ -1,8 +1,9 @@
 """Serving variable-length sequences (issue 16): ragged rows in, each sequence's own answer out.
 
-Two sequence models trained by the real trainer (its API and a Celery worker) on sequences generated
-here (tests/services/trainer/sequence_data.py): an LSTM on a list column (steps of width 1) and the
-transformer encoder on long format (steps of width 2), registered and served. Ours and TF Serving's
+Three sequence models trained by the real trainer (its API and a Celery worker) on sequences generated
+here (tests/services/trainer/sequence_data.py): an LSTM on a list column (steps of width 1), the
+transformer encoder on long format (steps of width 2), and a bidirectional GRU exported to TorchScript
+only (served by torch.jit), registered and served. Ours and TF Serving's
 REST take ragged rows, which serving pads with NaN (the models mask it); OIP v2 takes rectangular
 tensors padded with null (JSON) or NaN (binary, tritonclient). Every answer equals the registered ONNX
 file's on that sequence alone, also when concurrent requests of different lengths meet in the batcher;
@@ -22,6 +23,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 import tritonclient.http as triton
 from mlflow.tracking import MlflowClient
 
@@ -39,6 +41,8 @@ MODELS = {
     "lstm": ({"type": "lstm", "hidden_size": 16}, {"column": "steps"}, 1),
     "transformer": ({"type": "transformer_encoder", "d_model": 16, "nhead": 2, "num_layers": 1,
                      "dim_feedforward": 32, "dropout": 0.0}, {"id": "id", "step": "t"}, 2),
+    # Exported to TorchScript only, so serving runs it with torch.jit (a bidirectional GRU).
+    "torchscript": ({"type": "gru", "hidden_size": 8, "bidirectional": True}, {"column": "steps"}, 1),
 }
 
 
@@ -69,27 +73,39 @@ def stack(
     repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
     revs = {"lstm": repo.add("seq_list", list_column_frame(300, seed=11)).rev,
             "transformer": repo.add("seq_long", long_format_frame(300, seed=12)).rev}
+    revs["torchscript"] = revs["lstm"]
     names = {key: unique_name(f"seq-{key}") for key in MODELS}
     worker = WorkerProcess(settings, state / "worker.log")
     try:
         with running_app(create_app(settings)) as trainer:
             jobs = {key: train(trainer, worker, job_spec(
-                rev=revs[key], dataset="seq_list" if key == "lstm" else "seq_long", model_name=names[key],
-                model=dict(model), data__target="sign", data__sequence=dict(sequence), training__epochs=4,
-                training__learning_rate=0.01)) for key, (model, sequence, _) in MODELS.items()}
+                rev=revs[key], dataset="seq_long" if key == "transformer" else "seq_list",
+                model_name=names[key], model=dict(model), data__target="sign", data__sequence=dict(sequence),
+                training__epochs=4, training__learning_rate=0.01,
+                exports=["torchscript"] if key == "torchscript" else ["onnx"]))
+                for key, (model, sequence, _) in MODELS.items()}
     finally:
         worker.stop()
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    sessions = {}
+    sessions: dict[str, Any] = {}
     for key, job in jobs.items():
         client.set_registered_model_alias(names[key], "production", job["model_version"])
         folder = Path(client.download_artifacts(job["mlflow_run_id"], "model", str(state / key)))
-        sessions[key] = ort.InferenceSession(str(folder / "onnx" / "model.onnx"),
-                                             providers=["CPUExecutionProvider"])
+        if key == "torchscript":
+            sessions[key] = torch.jit.load(str(folder / "torchscript" / "model.pt"))
+        else:
+            sessions[key] = ort.InferenceSession(str(folder / "onnx" / "model.onnx"),
+                                                 providers=["CPUExecutionProvider"])
     with serving(platform, max_batch_rows=256) as base:
         wait_for(lambda: all(httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).json().get("status")
                              == "serving" for name in names.values()), timeout=60, what="both models served")
         yield {"base": base, "names": names, "sessions": sessions}
+
+
+def test_the_torchscript_version_is_served_by_torch_and_takes_ragged_rows_too(stack):
+    status = httpx.get(f"{stack['base']}/v1/models/{stack['names']['torchscript']}", headers=VIEWER).json()
+    assert status["format"] == "torchscript"
+    assert status["inputs"] == [{"name": "input", "dtype": "float32", "shape": [None, None, 1]}]
 
 
 def sequences_of(key: str, count: int, seed: int) -> list[np.ndarray]:
@@ -97,8 +113,12 @@ def sequences_of(key: str, count: int, seed: int) -> list[np.ndarray]:
 
 
 def alone(stack: dict[str, Any], key: str, sequences: list[np.ndarray]) -> np.ndarray:
-    """The registered ONNX file's answer for each sequence, scored on its own (no padding at all)."""
+    """The registered file's answer for each sequence (ONNX Runtime, or torch.jit for the TorchScript
+    version), scored on its own (no padding at all)."""
     session = stack["sessions"][key]
+    if key == "torchscript":
+        with torch.no_grad():
+            return np.concatenate([session(torch.from_numpy(s[None])).numpy() for s in sequences])
     return np.concatenate([session.run(None, {"input": s[None]})[0] for s in sequences])
 
 
