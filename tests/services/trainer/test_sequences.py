@@ -207,6 +207,19 @@ def test_onnx_and_torchscript_exports_take_any_length_and_ignore_padding(model, 
         assert signature["sequence"] == {"padding": "nan", "max_length": int(data.x_train.shape[1])}
 
 
+@pytest.mark.parametrize("model", [LSTM, GRU, TRANSFORMER], ids=["lstm", "bigru", "transformer"])
+def test_a_sequence_longer_than_the_longest_trained_on_answers_as_its_first_steps(model):
+    """Serving passes any length: the model reads the first max_length steps, as training truncated."""
+    spec, data = prepared(model, long_format_frame(60, seed=5), LONG_SEQUENCE)
+    net = engine.build_model(data, spec).eval()
+    longest = int(data.x_train.shape[1])
+    sequence = np.random.default_rng(8).normal(size=(longest + 7, 2)).astype(np.float32)
+    with torch.no_grad():
+        whole = net(torch.from_numpy(sequence[None])).numpy()
+        first = net(torch.from_numpy(sequence[None, :longest])).numpy()
+    np.testing.assert_allclose(whole, first, atol=1e-5)
+
+
 def test_a_real_sequence_s_answer_depends_on_every_real_step():
     """The invariance above is not vacuous: changing a real step (not padding) changes the answer."""
     spec, data = prepared(LSTM, long_format_frame(40, seed=5), LONG_SEQUENCE)
