@@ -59,19 +59,23 @@ MOMENT = NotAPath("a date-time, parsed by pydantic")
 REQUEST_ID = NotAPath("the X-Request-ID serving answered: matched to logged predictions in a table")
 # Per service: field (location:name, body leaves dotted) -> kind. One entry covers every route
 # that has the field.
+# A job spec's fields: a job's body, and a sweep's base.
+JOB_KINDS: dict[str, Kind] = {
+    "model_name": NAME, "data.dataset": NAME, "data.rev": NAME, "init_from.model_name": NAME,
+    "init_from.version": NAME, "model.factory": NAME, "data.target": COLUMN, "data.features[]": COLUMN,
+    "data.split.column": COLUMN, "data.split.test_rev": NAME, "data.sequence.column": COLUMN,
+    "data.sequence.id": COLUMN, "data.sequence.step": COLUMN, "data.sequence.features[]": COLUMN,
+}
 KINDS: dict[str, dict[str, Kind]] = {
     "trainer": {
         "path:name": NAME, "path:rev": NAME, "query:tag": NAME, "query:a": NAME, "query:b": NAME,
-        "body:model_name": NAME, "body:data.dataset": NAME, "body:data.rev": NAME,
-        "body:init_from.model_name": NAME, "body:init_from.version": NAME, "body:model.factory": NAME,
+        **{f"body:{field}": kind for field, kind in JOB_KINDS.items()},
+        **{f"body:base.{field}": kind for field, kind in JOB_KINDS.items()},
         "body:parameters.csv_path": NAME, "body:parameters.dataset_name": NAME,
         "body:parameters.model_name": NAME, "body:parameters.dataset_rev": NAME,
         "body:parameters.parent_version": NAME, "body:parameters.name": NAME,
-        "path:job_id": LOOKUP, "query:model_name": NAME, "path:run_id": LOOKUP,
-        "body:data.target": COLUMN, "body:data.features[]": COLUMN, "body:data.split.column": COLUMN,
-        "body:data.split.test_rev": NAME, "body:data.sequence.column": COLUMN,
-        "body:data.sequence.id": COLUMN, "body:data.sequence.step": COLUMN,
-        "body:data.sequence.features[]": COLUMN,
+        "path:job_id": LOOKUP, "query:model_name": NAME, "path:run_id": LOOKUP, "path:sweep_id": LOOKUP,
+        "body:objective.metric": NotAPath("a metric's name, matched against a trial job's metrics"),
     },
     "registry": {
         "path:name": NAME, "path:version": LOOKUP, "query:a": LOOKUP, "query:b": LOOKUP,
@@ -97,6 +101,9 @@ JOB = {"model_name": "sec", "data": {"dataset": "sec", "rev": "latest", "task": 
 # A valid body per route (the hostile value replaces one field of it); {} where none is needed.
 BODIES: dict[tuple[str, str, str], Any] = {
     ("trainer", "POST", "/jobs"): JOB,
+    ("trainer", "POST", "/sweeps"): {
+        "base": JOB, "trials": 2, "objective": {"metric": "val_accuracy"},
+        "space": {"training.learning_rate": {"type": "choice", "values": [0.1]}}},
     ("trainer", "POST", "/pipelines/{name}/runs"): {"parameters": {}},
     ("registry", "POST", "/models/{name}/requests"): {"version": "1", "reason": "because"},
     ("registry", "POST", "/requests/{request_id}/approve"): {"reason": "because"},
@@ -120,9 +127,11 @@ PARTS = {
     "body:init_from.model_name": {"init_from": {"model_name": "sec", "version": "1"}},
     "body:init_from.version": {"init_from": {"model_name": "sec", "version": "1"}},
 }
+PARTS |= {f"body:base.{field[len('body:'):]}": {"base": {**JOB, **part}} for field, part in PARTS.items()}
 # Valid values of path and query parameters (the trainer's pipeline runs: the ingest pipeline).
 VALID = {"name": "sec", "model": "sec", "rev": "latest", "version": "1", "label": "stable",
-         "alias": "production", "job_id": "no-such-job", "run_id": "00000000-0000-4000-8000-000000000000",
+         "alias": "production", "job_id": "no-such-job", "sweep_id": "no-such-sweep",
+         "run_id": "00000000-0000-4000-8000-000000000000",
          "request_id": "1", "trigger_id": "1", "window_id": "1", "a": "latest", "b": "latest"}
 # Bodies that are files, not JSON.
 RAW_BODIES = {("trainer", "POST", "/datasets/{name}"): b"y,x\n1,2\n",
