@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from services.trainer.jobs.schemas import ColumnSpec, ColumnType, Encoding, Imputation, JobCreate
+from services.trainer.jobs.column_spec import ColumnSpec, ColumnType, Encoding, Imputation
+from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.errors import InvalidInput
 
 #: A null categorical value as the graph sees it; an empty string counts as null too.

@@ -6,7 +6,6 @@ trained with the default would be worse than a 422.
 
 from __future__ import annotations
 
-import math
 import re
 from enum import StrEnum
 from functools import partial
@@ -22,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from services.trainer.jobs.column_spec import ColumnSpec
 from services.trainer.jobs.sequence_spec import (
     SequenceSpec,
     length_left_to_the_data,
@@ -278,66 +278,6 @@ class SplitSpec(Strict):
         total = sum(share for share in shares if share is not None)
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"the split's shares must add up to 1, not {total:g}")
-        return self
-
-
-class ColumnType(StrEnum):
-    NUMERIC = "numeric"
-    CATEGORICAL = "categorical"
-
-
-class Encoding(StrEnum):
-    ONEHOT = "onehot"
-    EMBEDDING = "embedding"
-
-
-class Imputation(StrEnum):
-    MEAN = "mean"
-    MEDIAN = "median"
-    CONSTANT = "constant"
-    MOST_FREQUENT = "most_frequent"
-    MISSING_CATEGORY = "missing_category"
-    NONE = "none"
-
-
-_NUMERIC_IMPUTATIONS = frozenset({Imputation.MEAN, Imputation.MEDIAN, Imputation.CONSTANT, Imputation.NONE})
-_CATEGORICAL_IMPUTATIONS = frozenset({Imputation.MOST_FREQUENT, Imputation.CONSTANT,
-                                      Imputation.MISSING_CATEGORY})
-
-
-class ColumnSpec(Strict):
-    """How one feature column is encoded and its missing values filled, fitted on the training rows only
-    (docs/training.md, "Tables"). Undeclared columns are inferred: numbers are numeric (impute mean),
-    strings, pandas categories and booleans categorical (onehot, impute missing_category)."""
-
-    type: ColumnType
-    encoding: Encoding | None = Field(default=None, description="Categorical only; onehot when null.")
-    embedding_dim: int | None = Field(default=None, ge=1, le=512, description="encoding embedding only.")
-    impute: Imputation | None = Field(
-        default=None, description="numeric: mean (default), median, constant or none (nulls refused); "
-        "categorical: missing_category (default), most_frequent or constant.",
-    )
-    fill_value: float | str | None = Field(default=None, description="impute constant only: the value.")
-
-    @model_validator(mode="after")
-    def _options_fit_the_type(self) -> ColumnSpec:
-        numeric = self.type == ColumnType.NUMERIC
-        allowed = _NUMERIC_IMPUTATIONS if numeric else _CATEGORICAL_IMPUTATIONS
-        if self.impute is not None and self.impute not in allowed:
-            raise ValueError(f"impute {self.impute.value!r} is not available for a {self.type.value} column; "
-                             f"use one of {sorted(i.value for i in allowed)}")
-        if numeric and (self.encoding is not None or self.embedding_dim is not None):
-            raise ValueError("encoding and embedding_dim apply to categorical columns only")
-        if self.embedding_dim is not None and self.encoding != Encoding.EMBEDDING:
-            raise ValueError("embedding_dim needs encoding 'embedding'")
-        if (self.impute == Imputation.CONSTANT) != (self.fill_value is not None):
-            raise ValueError(
-                "fill_value goes with impute 'constant', and impute 'constant' needs a fill_value")
-        if self.fill_value is not None:
-            wrong = isinstance(self.fill_value, str) if numeric else not isinstance(self.fill_value, str)
-            if wrong or (numeric and not math.isfinite(float(self.fill_value))) or self.fill_value == "":
-                kind = "a finite number" if numeric else "a non-empty string (a category)"
-                raise ValueError(f"fill_value of a {self.type.value} column must be {kind}")
         return self
 
 
