@@ -72,6 +72,9 @@ MODEL_CARD_JSON = "model_card.json"
 SIGNATURE_FILE = "signature.json"
 # How the rows were split (train / validation / test) and each part's row positions in the revision.
 SPLIT_FILE = "split.json"
+# A table's columns as the trainer fitted them (type, categories, filling), beside the signature;
+# serving shows them in GET of the model.
+COLUMNS_FILE = "columns.json"
 # The trained weights (a state dict) that ``init_from`` fine-tunes from; never served.
 WEIGHTS_ARTIFACT_PATH = "weights"
 WEIGHTS_FILE = "model.pt"

@@ -55,6 +55,10 @@ class ModelStatusPublic(BaseModel):
     features: list[str] | None = Field(
         default=None, description="The feature (column) names the input's values are, in order."
     )
+    columns: list[dict[str, Any]] | None = Field(
+        default=None, description="A table's columns, one input each: type, categories (a value outside "
+                                  "them is answered as unknown), how a null is filled.",
+    )
     text: dict[str, Any] | None = Field(
         default=None, description="A text model's raw text: the input it fills and the tokens each text is "
                                   "cut or padded to ({\"input\": \"input_ids\", \"max_length\": 128})."

@@ -44,6 +44,7 @@ def _status_public(state: ModelState) -> ModelStatusPublic:
         outputs=[s.to_json() for s in signature.outputs] if signature else None,
         labels=list(signature.labels) if signature and signature.labels else None,
         features=list(signature.features) if signature and signature.features else None,
+        columns=served.columns if served else None,
         text=_text(served.text) if served and served.text else None,
         model_version_status=version_status(state),
         **alias_status(state),

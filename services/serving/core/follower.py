@@ -202,7 +202,7 @@ class ModelFollower:
         self.models.install(
             ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
                         loaded_at=datetime.now(UTC), batching=self.settings.batching_for(name),
-                        text=loaded.text)
+                        text=loaded.text, columns=loaded.columns)
         )
         log.info(
             "serving %s version %s as %s (was %s), loaded in %.2fs", name, version, loaded.runtime.format,
@@ -343,7 +343,8 @@ def ensure_alias(follower: ModelFollower, name: str, alias: str, version: str | 
         return
     served = ServedModel(name=name, version=version, runtime=loaded.runtime, signature=loaded.signature,
                          loaded_at=datetime.now(UTC), alias=alias,
-                         batching=follower.settings.batching_for(name), text=loaded.text)
+                         batching=follower.settings.batching_for(name), text=loaded.text,
+                         columns=loaded.columns)
     previous = _update_slot(models, name, alias, served=served, error=None, failed_version=None,
                             failed_at=None)
     log.info("serving %s version %s as its %s (was %s), loaded in %.2fs", name, version, alias,

@@ -106,6 +106,8 @@ class ServedModel:
     cost: CallCost = field(default_factory=CallCost, compare=False, repr=False)
     #: A text model's tokenizer: raw text is taken in place of its token ids (runtimes/text.py).
     text: TextEncoder | None = field(default=None, compare=False, repr=False)
+    #: A table's columns as fitted (type, categories, filling), for clients to read (runtimes/loader.py).
+    columns: list[dict[str, Any]] | None = field(default=None, compare=False, repr=False)
 
     #: Gathers the version's concurrent requests into groups (batching/adaptive.py). Set at creation.
     batcher: Batcher = field(init=False, compare=False, repr=False)

@@ -35,7 +35,7 @@ from services.serving.runtimes.onnx import find_model_file, load_onnx
 from services.serving.runtimes.text import TOKENIZER_FILE, TextEncoder, load_text_encoder
 from services.serving.runtimes.torchscript import TORCHSCRIPT_FILE_NAME, load_torchscript
 from services.serving.settings import ServingSettings
-from shipyard_common.lineage import ONNX_FILE_NAME, SIGNATURE_FILE, TAG_FORMAT, TAG_SIGNATURE
+from shipyard_common.lineage import COLUMNS_FILE, ONNX_FILE_NAME, SIGNATURE_FILE, TAG_FORMAT, TAG_SIGNATURE
 
 log = logging.getLogger("shipyard.serving.runtimes")
 
@@ -47,6 +47,9 @@ class LoadedRuntime:
     signature: Signature
     #: A text model's tokenizer (runtimes/text.py): raw text in place of its token ids.
     text: TextEncoder | None = None
+    #: A table's columns as the trainer fitted them (``columns.json``: type, categories, imputation),
+    #: shown to clients; the graph applies them itself.
+    columns: list[dict[str, Any]] | None = None
 
 
 def model_root(folder: Path) -> Path:
@@ -189,7 +192,21 @@ def load_runtime(
             _check_names(stored, runtime.signature)
         inside(folder, root / TOKENIZER_FILE)
         text = load_text_encoder(root, signature)
+        columns = table_columns(inside(folder, root / COLUMNS_FILE))
     except ModelLoadError:
         runtime.close()
         raise
-    return LoadedRuntime(runtime=runtime, signature=signature, text=text)
+    return LoadedRuntime(runtime=runtime, signature=signature, text=text, columns=columns)
+
+
+def table_columns(path: Path) -> list[dict[str, Any]] | None:
+    """The version's table columns (``{"columns": [...]}``), if it holds them."""
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text())["columns"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{COLUMNS_FILE} is not a record of a table's columns ({exc})") from None
+    if not isinstance(found, list) or not all(isinstance(column, dict) for column in found):
+        raise ModelLoadError(f"{COLUMNS_FILE} holds no list of columns")
+    return found

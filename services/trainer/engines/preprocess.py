@@ -36,7 +36,6 @@ MISSING = ""
 UNKNOWN_SLOT, MISSING_SLOT = "(unknown)", "(missing)"
 ONEHOT_MAX_CATEGORIES = 1_000
 EMBEDDING_MAX_CATEGORIES = 100_000
-COLUMNS_FILE = "columns.json"
 _PREFIX = "shipyard_table/"
 _ML_DOMAIN, _ML_OPSET = "ai.onnx.ml", 3
 

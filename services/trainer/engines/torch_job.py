@@ -17,6 +17,7 @@ from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
 from services.trainer.engines.tabular import metrics_on_test_rows
 from services.trainer.engines.types import Export, FitContext, FitOutcome, Fold, TabularData
 from services.trainer.jobs.schemas import ExportFormat, Framework, JobCreate
+from shipyard_common.lineage import COLUMNS_FILE
 
 log = logging.getLogger("shipyard.trainer.torch_job")
 
@@ -74,8 +75,6 @@ def table_artifacts(data: TabularData, context: FitContext) -> list[tuple[Path, 
     """A table's columns as declared or inferred and fitted (the version's ``columns.json``), if any."""
     if data.table is None:
         return []
-    from services.trainer.engines.preprocess import COLUMNS_FILE
-
     path = context.workdir / COLUMNS_FILE
     path.write_text(json.dumps({"columns": data.table.describe()}, indent=2))
     return [(path, ".")]

@@ -320,6 +320,9 @@ def test_serving_answers_raw_rows_with_unseen_categories_and_nulls_as_the_model_
         shown = {item["name"]: item for item in status["inputs"]}
         assert shown["size"] == {"name": "size", "dtype": "string", "shape": [None]}
         assert shown["mean radius"]["dtype"] == "float32" and len(shown) == len(stack["frame"].columns) - 2
+        described = {column["name"]: column for column in status["columns"]}  # the version's columns.json
+        assert described["size"]["categories"] == ["large", "medium", "small"]
+        assert described["size"]["type"] == "categorical" and described["mean texture"]["impute"] == "median"
         url = f"{base}/v1/models/tables/predict"
         as_objects = httpx.post(url, json={"inputs": rows}, headers=auth(Role.VIEWER))
         assert as_objects.status_code == 200, as_objects.text
