@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from services.serving.runtimes.base import Signature, TensorSpec
+from services.serving.runtimes.base import Signature, TensorSpec, dtype_name
 from shipyard_common.errors import InvalidInput, PayloadTooLarge
 
 
@@ -116,7 +116,7 @@ def validate_inputs(
         # A string input's object array holds str only: convert.column_array and v2's BYTES decoding made it.
         if array.dtype != spec.dtype:
             raise InvalidInput(
-                f"input {spec.name!r} is {array.dtype.name}; the model takes {spec.describe()}"
+                f"input {spec.name!r} is {dtype_name(array.dtype)}; the model takes {spec.describe()}"
             )
         _check_shape(spec, array)
         if spec.nullable and array.ndim == 3 and spec.dtype.kind == "f":  # a sequence model's padding

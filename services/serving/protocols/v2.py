@@ -224,21 +224,34 @@ def _decode_bytes(
         return name, JsonTensor(item["data"], tuple(shape), _STRINGS), offset
     if type(size) is not int or size < 0 or offset + size > len(binary):
         raise InvalidInput(f"input {name!r}: binary_data_size must be the byte count of its data in the body")
-    chunk, at = binary[offset:offset + size], 0
-    values: list[str] = []
+    return name, strings_array(bytes_elements(binary[offset:offset + size], name), name, shape), offset + size
+
+
+def bytes_elements(chunk: bytes, name: str) -> list[bytes]:
+    """Binary BYTES elements (HTTP's binary data, gRPC's raw contents): each a 4-byte little-endian
+    length, then that many bytes."""
+    at, elements = 0, list[bytes]()
     while at < len(chunk):
         length = int.from_bytes(chunk[at:at + 4], "little")
         if at + 4 + length > len(chunk):
-            raise InvalidInput(f"input {name!r}: its BYTES element {len(values)} runs past its data")
+            raise InvalidInput(f"input {name!r}: its BYTES element {len(elements)} runs past its data")
+        elements.append(chunk[at + 4:at + 4 + length])
+        at += 4 + length
+    return elements
+
+
+def strings_array(elements: list[bytes], name: str, shape: list[int]) -> np.ndarray:
+    """BYTES elements as UTF-8 text in an array of str of ``shape``, or the refusal naming the element."""
+    if len(elements) != math.prod(shape):
+        raise InvalidInput(f"input {name!r} holds {len(elements)} BYTES elements; shape {shape} needs "
+                           f"{math.prod(shape)}")
+    values: list[str] = []
+    for element in elements:
         try:
-            values.append(chunk[at + 4:at + 4 + length].decode())
+            values.append(element.decode())
         except UnicodeDecodeError:
             raise InvalidInput(f"input {name!r}: BYTES element {len(values)} is not UTF-8 text") from None
-        at += 4 + length
-    if len(values) != math.prod(shape):
-        raise InvalidInput(f"input {name!r} holds {len(values)} BYTES elements; shape {shape} needs "
-                           f"{math.prod(shape)}")
-    return name, np.array(values, dtype=object).reshape(shape), offset + size
+    return np.array(values, dtype=object).reshape(shape)
 
 
 def _decode_outputs(request: dict[str, Any], binary_default: bool) -> list[RequestedOutput] | None:

@@ -135,6 +135,18 @@ def _from_contents(tensor: Any, dtype: np.dtype[Any], shape: list[int]) -> np.nd
     return flat.reshape(shape)
 
 
+def _strings(tensor: Any, raw: bytes | None, shape: list[int]) -> np.ndarray:
+    """A BYTES input as an array of str: its raw contents (length-prefixed elements) or bytes_contents."""
+    filled = [name for name in _ALL_CONTENTS if len(getattr(tensor.contents, name))]
+    if raw is not None:
+        if filled:
+            raise InvalidInput(f"input {tensor.name!r} has both raw_input_contents and contents; send one")
+        return v2.strings_array(v2.bytes_elements(raw, tensor.name), tensor.name, shape)
+    if [name for name in filled if name != "bytes_contents"]:
+        raise InvalidInput(f"input {tensor.name!r}: BYTES takes its values in contents.bytes_contents")
+    return v2.strings_array(list(tensor.contents.bytes_contents), tensor.name, shape)
+
+
 def decode_inputs(request: Any) -> dict[str, np.ndarray]:
     """The request's inputs as named arrays, from raw_input_contents or the typed contents."""
     if not request.inputs:
@@ -153,10 +165,13 @@ def decode_inputs(request: Any) -> dict[str, np.ndarray]:
         if name in arrays:
             raise InvalidInput(f"input {name!r} is given twice")
         _refuse_shared_memory(tensor.parameters, f"input {name!r}")
-        dtype = _input_dtype(tensor)
         shape = list(tensor.shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input {name!r}: 'shape' must be non-negative integers, not {shape}")
+        if tensor.datatype == "BYTES":  # text: a text model's raw text, a table's categorical column
+            arrays[name] = _strings(tensor, raws[index] if raws else None, shape)
+            continue
+        dtype = _input_dtype(tensor)
         if raws:
             if any(len(getattr(tensor.contents, field)) for field in _ALL_CONTENTS):
                 raise InvalidInput(f"input {name!r} has both raw_input_contents and contents; send one")
@@ -226,4 +241,8 @@ def encode_infer_response(
         type_name = "BYTES" if count is not None else v2.datatype(value.dtype)
         response.outputs.add(name=name, datatype=type_name, shape=list(value.shape))
         response.raw_output_contents.append(_raw(value, type_name))
+    if inference.truncated is not None:  # raw text cut to the model's length, as over HTTP
+        truncated = v2.truncation_parameters(inference.truncated)
+        response.parameters["truncated"].bool_param = truncated["truncated"]
+        response.parameters["truncated_rows"].string_param = truncated["truncated_rows"]
     return response

@@ -218,7 +218,9 @@ def test_refusals_map_to_grpc_status_codes(served: Served) -> None:
     assert "dimension 1 must be 4" in wide_error.message()
     refused(invalid, "'input' is float64", grpc_infer, served, ROWS.astype(np.float64), datatype="FP64")
     texts = np.asarray([[b"a", b"b", b"c", b"d"]], dtype=np.object_)
-    refused(invalid, "'BYTES' is not one serving takes", grpc_infer, served, texts, datatype="BYTES")
+    # Text where the model takes numbers: decoded (BYTES carry text and tables' columns), then refused.
+    refused(invalid, "input 'input' is string; the model takes 'input' float32[?, 4]", grpc_infer, served,
+            texts, datatype="BYTES")
     refused(invalid, "unknown output(s) ['nope']", grpc_infer, served, ROWS, outputs=["nope"])
     assert invalid_inputs(served) == invalid_before + 4  # counted as over HTTP
 

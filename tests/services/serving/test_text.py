@@ -29,7 +29,7 @@ from shipyard_common.lineage import MODEL_ARTIFACT_PATH, SIGNATURE_FILE, TAG_FOR
 from shipyard_common.settings import PlatformSettings
 from tests.services.registry.model_factory import IR_VERSION, ModelFactory, unique_name
 from tests.services.serving.support import NO_RECONCILE, VIEWER
-from tests.support import running_app, wait_for
+from tests.support import free_port, running_app, wait_for
 
 MAX_LENGTH = 16
 VOCAB = 30_522  # all-MiniLM-L6-v2's
@@ -103,16 +103,18 @@ def register_text_version(factory: ModelFactory, name: str) -> str:
 @pytest.fixture
 def text_serving(
     isolated_platform: PlatformSettings, model_factory: ModelFactory
-) -> Iterator[tuple[str, str]]:
-    """(serving's base URL, the text model's name)."""
+) -> Iterator[tuple[str, str, str]]:
+    """(serving's base URL, the text model's name, serving's gRPC address)."""
     name = unique_name("text")
     model_factory.set_production(name, register_text_version(model_factory, name))
-    app = create_app(ServingSettings(platform=isolated_platform, reconcile_interval_s=NO_RECONCILE))
+    grpc_port = free_port()
+    app = create_app(ServingSettings(platform=isolated_platform, reconcile_interval_s=NO_RECONCILE,
+                                     grpc_port=grpc_port))
     with running_app(app, http=FastLaneHttpProtocol) as base:
         wait_for(lambda: httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).status_code == 200
                  and httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).json().get("version") is not None,
                  timeout=120, what="the text model served")
-        yield base, name
+        yield base, name, f"127.0.0.1:{grpc_port}"
 
 
 def stored_ids(texts: list[str]) -> tuple[np.ndarray, list[bool]]:
@@ -126,8 +128,10 @@ def stored_ids(texts: list[str]) -> tuple[np.ndarray, list[bool]]:
     return np.array([e.ids for e in encodings], dtype=np.int64), [bool(e.overflowing) for e in encodings]
 
 
-def test_raw_text_in_every_protocol_equals_the_stored_tokenizers_ids(text_serving: tuple[str, str]) -> None:
-    base, name = text_serving
+def test_raw_text_in_every_protocol_equals_the_stored_tokenizers_ids(
+    text_serving: tuple[str, str, str]
+) -> None:
+    base, name, _ = text_serving
     ids, cut = stored_ids(TEXTS)
     assert cut == [False, False, True]  # the long review does not fit in 16 tokens
     want = expected(ids)
@@ -158,10 +162,11 @@ def test_raw_text_in_every_protocol_equals_the_stored_tokenizers_ids(text_servin
         assert tf.json()["predictions"] == by_ids.json()["outputs"] and tf.json()["truncated"] == cut
 
 
-def test_v2_binary_bytes_through_tritonclient(text_serving: tuple[str, str]) -> None:
+def test_v2_binary_bytes_over_http_and_grpc_through_tritonclient(text_serving: tuple[str, str, str]) -> None:
+    import tritonclient.grpc as tgrpc
     import tritonclient.http as triton
 
-    base, name = text_serving
+    base, name, grpc_address = text_serving
     ids, _ = stored_ids(TEXTS)
     client = triton.InferenceServerClient(base.removeprefix("http://"), verbose=False)
     text = triton.InferInput("text", [len(TEXTS)], "BYTES")
@@ -171,11 +176,19 @@ def test_v2_binary_bytes_through_tritonclient(text_serving: tuple[str, str]) -> 
     np.testing.assert_allclose(answer.as_numpy("probabilities"), expected(ids), rtol=1e-5, atol=1e-6)
     assert answer.get_response()["parameters"]["truncated_rows"] == "2"
 
+    over_grpc = tgrpc.InferenceServerClient(url=grpc_address)
+    text = tgrpc.InferInput("text", [len(TEXTS)], "BYTES")
+    text.set_data_from_numpy(np.array(TEXTS, dtype=np.object_))
+    answer = over_grpc.infer(name, [text], headers={k.lower(): v for k, v in VIEWER.items()})
+    np.testing.assert_allclose(answer.as_numpy("probabilities"), expected(ids), rtol=1e-5, atol=1e-6)
+    parameters = answer.get_response().parameters
+    assert parameters["truncated"].bool_param and parameters["truncated_rows"].string_param == "2"
+
 
 def test_texts_mixed_with_numbers_and_text_for_a_numeric_model_are_refused(
-    text_serving: tuple[str, str]
+    text_serving: tuple[str, str, str]
 ) -> None:
-    base, name = text_serving
+    base, name, _ = text_serving
     mixed = httpx.post(f"{base}/v1/models/{name}/predict", json={"inputs": ["fine", 3]}, headers=VIEWER)
     assert mixed.status_code == 422, mixed.text
     assert "mixes texts with other values" in mixed.json()["error"]["message"]
