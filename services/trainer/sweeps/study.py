@@ -40,6 +40,12 @@ log = logging.getLogger("shipyard.trainer.sweeps")
 _storages: dict[tuple[int, str], RDBStorage] = {}
 
 
+#: Optuna's tables in a PostgreSQL platform database: a schema of their own. Optuna versions its tables
+#: with alembic (an ``alembic_version`` table), as Prefect does in the same database (``shipyard up`` puts
+#: Prefect's tables there): in one schema each would find the other's revision and refuse to start.
+OPTUNA_SCHEMA = "optuna"
+
+
 def storage(database_url: str) -> RDBStorage:
     """Optuna's storage in the platform database, one per process (a forked worker opens its own)."""
     from optuna.storages import RDBStorage
@@ -47,11 +53,28 @@ def storage(database_url: str) -> RDBStorage:
     key = (os.getpid(), database_url)
     if key not in _storages:
         url = normalize_db_url(database_url)
-        engine_kwargs: dict[str, Any] = (
-            {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        )
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
+        if not url.startswith("sqlite"):
+            _create_schema(url)
+            engine_kwargs = {"pool_pre_ping": True,
+                             "connect_args": {"options": f"-c search_path={OPTUNA_SCHEMA}"}}
         _storages[key] = RDBStorage(url=url, engine_kwargs=engine_kwargs)
     return _storages[key]
+
+
+def _create_schema(url: str) -> None:
+    """The schema Optuna's tables live in (PostgreSQL); another process may be creating it too."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {OPTUNA_SCHEMA}"))
+    except (IntegrityError, ProgrammingError):  # created by another process at the same moment
+        pass
+    finally:
+        engine.dispose()
 
 
 def study_name(sweep_id: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 
 from services.trainer.sweeps import space, study, trials
@@ -124,3 +125,27 @@ def test_the_public_sweep_has_the_best_complete_trial_and_the_plot_draws_each_va
     assert 'd="M' in svg and "val_loss over trials (minimize)" in svg
     empty = objective_svg(to_public(record, []))
     assert "no trial has a value yet" in empty
+
+
+def test_optunas_tables_stay_out_of_the_schema_prefect_migrates(postgres_url: str) -> None:
+    """On PostgreSQL the platform database holds Prefect's tables too (``shipyard up``), versioned with
+    alembic as Optuna's are: Optuna's must live in a schema of their own, or Prefect, finding Optuna's
+    revision in ``public.alembic_version``, would refuse to start (it did, in CI)."""
+    from sqlalchemy import create_engine, text
+
+    storage = study.storage(postgres_url)
+    storage.create_new_study(directions=[optuna.study.StudyDirection.MAXIMIZE], study_name="schema-check")
+    engine = create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            where = {row[0] for row in connection.execute(text(
+                "SELECT table_schema FROM information_schema.tables WHERE table_name = 'studies'"))}
+            versions = connection.execute(text(
+                "SELECT table_schema FROM information_schema.tables WHERE table_name = 'alembic_version'"))
+            schemas = {row[0] for row in versions}
+            read = text("SELECT version_num FROM public.alembic_version")
+            public = connection.execute(read).scalars().all() if "public" in schemas else []
+    finally:
+        engine.dispose()
+    assert where == {study.OPTUNA_SCHEMA} and study.OPTUNA_SCHEMA in schemas
+    assert not any(version.startswith("v3.") for version in public)  # none of Optuna's revisions there
