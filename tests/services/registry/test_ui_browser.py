@@ -286,6 +286,9 @@ def test_a_trainer_asks_an_approver_approves_and_serving_follows(
     shots.take(a, "compare")
     a.click(".compare-head a:has-text('v3')")
     a.wait_for_selector("img[alt='training_curves.png']")
+    # The plots come from MLflow through the registry, after the page: wait until the browser has them all
+    # (loaded or broken), then every one must have loaded.
+    a.wait_for_function("[...document.images].every(i => i.complete)")
     assert a.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     assert "<script>" in a.inner_text(".markdown")  # the card's raw HTML is text, not markup
     shots.take(a, "version")
