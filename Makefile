@@ -34,11 +34,12 @@ lock:
 demo: install
 	$(BIN)/shipyard demo
 
-# Two workers on two cores: much of the suite waits on servers it started. Files that share a stack run
-# on one worker (tests/conftest.py); `pytest` alone runs serially.
+# Two workers on two cores: much of the suite waits on servers it started. Each test file runs on one
+# worker (loadscope), so a module's fixtures start once; `pytest` alone runs serially. (loadgroup's marks
+# do nothing with pytest 9: xdist 3.8 renames items through a node attribute pytest no longer reads.)
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope
 
 # The same three checks as .pre-commit-config.yaml; the import contracts are in pyproject.toml.
 lint: install

@@ -94,19 +94,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     logging.raiseExceptions = False
 
 
-# Tests that share a session's stack run on one pytest-xdist worker (``make test`` runs two); every
-# other file is a group of its own, so a module's fixtures start once.
-SHARED_STACKS = ("e2e", "pipelines")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    root = Path(__file__).parent
-    for item in items:
-        path = Path(str(item.path)).relative_to(root)
-        group = path.parts[0] if path.parts[0] in SHARED_STACKS else path.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="module")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3 HTTP API (moto's server mode) on a free loopback port, with the bucket
