@@ -8,9 +8,11 @@ of this run's own), an MLflow server, the trainer API (``python -m services.trai
 worker processes (concurrency 1), a SQLite database and DVC data under a temporary folder. The same sweep
 (TPE, seed 0, ``--trials`` trials, ``--workers`` at a time, a space over the learning rate, the layer
 widths and the batch size, objective val_accuracy) runs twice: without pruning, then with the median
-pruner (2 startup trials, 2 warm-up epochs), or the other way round with ``--pruned-first``. Each is
-timed from POST /sweeps to the sweep's end; the epochs its trials trained are the figure the machine's
-load does not move.
+pruner (2 startup trials, 2 warm-up epochs), or the other way round with ``--pruned-first``.
+``--rounds`` repeats the pair, flipping the order each round, and ``--warmup-trials`` runs an uncounted
+sweep first (the first sweep of a fresh stack pays its workers' warm-up). Each is timed from POST
+/sweeps to the sweep's end; the epochs its trials trained are the figure the machine's load does not
+move.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +44,10 @@ def parse() -> argparse.Namespace:
                                                               "redis://127.0.0.1:6379/12"))
     parser.add_argument("--pruned-first", action="store_true",
                         help="run the pruned sweep first (on a shared machine, alternate the order)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="pairs of sweeps; the order flips each round; medians reported")
+    parser.add_argument("--warmup-trials", type=int, default=0,
+                        help="an unpruned sweep of this many trials first, not counted (warms the workers)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     return parser.parse_args()
 
@@ -124,10 +131,21 @@ def main() -> None:
         rows = []
         median = {"pruner": "median", "startup_trials": 2, "warmup_epochs": 2}
         order: list[tuple[str, dict[str, Any] | None]] = [("no pruning", None), ("median pruner", median)]
-        for name, pruning in reversed(order) if args.pruned_first else order:
-            result = run_sweep(http, sweep_spec(rev, args, pruning), args.timeout)
-            rows.append(report(name, result, total))
-            print(rows[-1], flush=True)
+        if args.pruned_first:
+            order.reverse()
+        if args.warmup_trials:
+            warm = argparse.Namespace(**{**vars(args), "trials": args.warmup_trials})
+            print(report("warm-up (not counted)", run_sweep(http, sweep_spec(rev, warm, None), args.timeout),
+                         args.warmup_trials * args.epochs), flush=True)
+        walls: dict[str, list[float]] = {}
+        for round_index in range(args.rounds):
+            for name, pruning in order if round_index % 2 == 0 else reversed(order):
+                result = run_sweep(http, sweep_spec(rev, args, pruning), args.timeout)
+                walls.setdefault(name, []).append(result["wall_s"])
+                rows.append(report(f"{name} (round {round_index + 1})", result, total))
+                print(rows[-1], flush=True)
+        for name, values in walls.items():
+            print(f"- {name}: median wall {statistics.median(values):.0f} s of {values}")
         print(f"\n{args.trials} trials of up to {args.epochs} epochs on digits, TPE seed 0, "
               f"{args.workers} workers, parallelism {args.workers}\n")
         print("| sweep | wall | epochs trained | trials | best val_accuracy | state |")
