@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -83,3 +84,20 @@ def read_spec(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         fail(f"{path} is not valid YAML: {exc}")
+
+
+#: The states after which a job or a sweep changes no more.
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+def follow_until_ended(
+    fetch: Callable[[], dict[str, Any]], show: Callable[[dict[str, Any]], None], *, poll_s: float
+) -> dict[str, Any]:
+    """Fetch a job or a sweep every ``poll_s`` seconds and ``show`` each fetch, until its state is one
+    of :data:`ENDED`; return the last fetch. The one live-follow loop of the CLI."""
+    while True:
+        current = fetch()
+        show(current)
+        if current["state"] in ENDED:
+            return current
+        time.sleep(poll_s)

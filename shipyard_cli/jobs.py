@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from shipyard_cli.client import ClientError, ShipyardClient
-from shipyard_cli.common import TokenOption, client_for, console, fail, read_spec
+from shipyard_cli.common import ENDED, TokenOption, client_for, console, fail, follow_until_ended, read_spec
 from shipyard_common.settings import DEV_ADMIN_TOKEN
 
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
@@ -33,9 +33,8 @@ def follow_job(
         transient=False,
     ) as progress:
         task = progress.add_task(f"job {job_id[:8]}", total=None, metric="", epochs="")
-        while True:
-            job = client.get_job(job_id)
-            state = job["state"]
+
+        def show(job: dict[str, Any]) -> None:
             prog = job.get("progress") or {}
             metrics = job.get("metrics") or {}
             metric = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))[:60]
@@ -43,13 +42,12 @@ def follow_job(
                 task,
                 total=prog.get("epochs") or None,
                 completed=prog.get("epoch") or 0,
-                description=f"job {job_id[:8]} {state}",
+                description=f"job {job_id[:8]} {job['state']}",
                 metric=metric,
                 epochs=f"epoch {prog.get('epoch') or 0}/{prog.get('epochs') or '?'}",
             )
-            if state in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(poll_s)
+
+        return follow_until_ended(lambda: client.get_job(job_id), show, poll_s=poll_s)
 
 
 @jobs_app.command("submit")
@@ -111,7 +109,7 @@ def jobs_logs(
             for line in page["lines"]:
                 console.print(line.get("message", line), markup=False, highlight=False)
             after = page.get("next_after", after)
-            if not follow or (page["state"] in ("succeeded", "failed", "cancelled") and not page["lines"]):
+            if not follow or (page["state"] in ENDED and not page["lines"]):
                 return
             time.sleep(0.5)
     except ClientError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,12 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from shipyard_cli.client import ClientError, ShipyardClient
-from shipyard_cli.common import TokenOption, client_for, console, fail, read_spec
+from shipyard_cli.common import TokenOption, client_for, console, fail, follow_until_ended, read_spec
 from shipyard_common.settings import DEV_ADMIN_TOKEN
 
 sweeps_app = typer.Typer(help="Hyperparameter sweeps: many training jobs, the best one registered.",
                          no_args_is_help=True)
-ENDED = ("succeeded", "failed", "cancelled")
 
 
 def trials_table(sweep: dict[str, Any]) -> Table:
@@ -48,17 +46,16 @@ def follow_sweep(client: ShipyardClient, sweep_id: str, *, poll_s: float = 1.0,
                  out: Console = console) -> dict[str, Any]:
     """Print each trial as it changes state until the sweep ends; return the final sweep."""
     seen: dict[int, str] = {}
-    while True:
-        sweep = client.get_sweep(sweep_id)
+
+    def show(sweep: dict[str, Any]) -> None:
         for trial in sweep["trials"]:
             if seen.get(trial["number"]) != trial["state"]:
                 seen[trial["number"]] = trial["state"]
                 value = "" if trial.get("value") is None else f" {trial['value']:.6g}"
                 out.print(f"trial {trial['number']} {trial['state']}{value} {json.dumps(trial['params'])}",
                           markup=False, highlight=False)
-        if sweep["state"] in ENDED:
-            return sweep
-        time.sleep(poll_s)
+
+    return follow_until_ended(lambda: client.get_sweep(sweep_id), show, poll_s=poll_s)
 
 
 @sweeps_app.command("submit")
