@@ -1,4 +1,5 @@
-"""Helpers the serving tests share: a serving app on a free port, its predict and status calls, its metrics.
+"""Helpers the serving tests share: a serving app on a free port, its predict and status calls, its metrics,
+and a model trained by the real trainer for the tests that serve one.
 
 Test modules import these from here, never from one another.
 """
@@ -7,15 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.serving.app import create_app
 from services.serving.settings import ServingSettings
+from shipyard_common.auth import Role
 from shipyard_common.settings import PlatformSettings
 from tests.support import auth, running_app, wait_for
+
+if TYPE_CHECKING:
+    from tests.services.trainer.conftest import WorkerProcess
 
 VIEWER = auth("viewer")
 ROWS = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 0.0, 0.0]]
@@ -52,3 +57,19 @@ def metric(base: str, name: str, labels: dict[str, str]) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+def train(base: str, worker: WorkerProcess, spec: dict[str, Any]) -> dict[str, Any]:
+    """Submit ``spec`` to the trainer at ``base`` and wait for its ``worker`` to end the job: the job,
+    which must have succeeded (else the worker's log says why)."""
+    created = httpx.post(f"{base}/jobs", json=spec, headers=auth(Role.TRAINER))
+    assert created.status_code == 201, created.text
+    url = f"{base}/jobs/{created.json()['id']}"
+
+    def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = httpx.get(url, headers=VIEWER).json()
+        return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+    job: dict[str, Any] = wait_for(ended, timeout=600, interval=0.5, what="the training job to end")
+    assert job["state"] == "succeeded", (job["error"], worker.log_tail())
+    return job

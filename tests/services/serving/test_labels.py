@@ -27,10 +27,9 @@ from sklearn.datasets import load_diabetes, load_iris
 from tritonclient.utils import InferenceServerException
 
 from services.trainer.app import create_app
-from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from tests.services.registry.model_factory import unique_name
-from tests.services.serving.support import serving
+from tests.services.serving.support import serving, train
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, free_port, running_app, test_platform, wait_for
 
@@ -52,20 +51,6 @@ def iris_table() -> pd.DataFrame:
     frame = iris_with_names()
     frame.insert(0, "colour", np.asarray(["red", "blue", "green"])[np.arange(len(frame)) % 3])
     return frame
-
-
-def train(base: str, worker: WorkerProcess, spec: dict[str, Any]) -> dict[str, Any]:
-    created = httpx.post(f"{base}/jobs", json=spec, headers=auth(Role.TRAINER))
-    assert created.status_code == 201, created.text
-    url = f"{base}/jobs/{created.json()['id']}"
-
-    def ended() -> dict[str, Any] | None:
-        job: dict[str, Any] = httpx.get(url, headers=VIEWER).json()
-        return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-
-    job = wait_for(ended, timeout=300, interval=0.5, what="the training job to end")
-    assert job["state"] == "succeeded", (job["error"], worker.log_tail())
-    return job
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,9 @@ import tritonclient.http as triton
 from mlflow.tracking import MlflowClient
 
 from services.trainer.app import create_app
-from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from tests.services.registry.model_factory import unique_name
-from tests.services.serving.support import serving
+from tests.services.serving.support import serving, train
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
 from tests.services.trainer.sequence_data import list_column_frame, long_format_frame, random_sequences
 from tests.support import auth, running_app, test_platform, wait_for
@@ -44,20 +43,6 @@ MODELS = {
     # Exported to TorchScript only, so serving runs it with torch.jit (a bidirectional GRU).
     "torchscript": ({"type": "gru", "hidden_size": 8, "bidirectional": True}, {"column": "steps"}, 1),
 }
-
-
-def train(base: str, worker: WorkerProcess, spec: dict[str, Any]) -> dict[str, Any]:
-    created = httpx.post(f"{base}/jobs", json=spec, headers=auth(Role.TRAINER))
-    assert created.status_code == 201, created.text
-    url = f"{base}/jobs/{created.json()['id']}"
-
-    def ended() -> dict[str, Any] | None:
-        job: dict[str, Any] = httpx.get(url, headers=VIEWER).json()
-        return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-
-    job = wait_for(ended, timeout=600, interval=0.5, what="the training job to end")
-    assert job["state"] == "succeeded", (job["error"], worker.log_tail())
-    return job  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
