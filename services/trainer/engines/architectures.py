@@ -235,6 +235,24 @@ class RecurrentNet(nn.Module):
         return out
 
 
+def learned_positions(length: int, d_model: int) -> nn.Parameter:
+    """A learned position embedding, (1, length, d_model), drawn small (std 0.02) as BERT's is."""
+    position = nn.Parameter(torch.zeros(1, length, d_model))
+    nn.init.normal_(position, std=0.02)
+    return position
+
+
+def encoder_layers(spec: TransformerEncoderSpec) -> nn.TransformerEncoder:
+    """The pre-norm encoder layers both transformers use (:class:`TransformerNet` on fixed-width rows,
+    :class:`MaskedTransformerNet` on padded sequences). No nested tensors: they would make the exported
+    graph depend on the data."""
+    layer = nn.TransformerEncoderLayer(
+        spec.d_model, spec.nhead, dim_feedforward=spec.dim_feedforward, dropout=spec.dropout,
+        batch_first=True, norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, spec.num_layers, enable_nested_tensor=False)
+
+
 class TransformerNet(nn.Module):
     """(batch, T·F) → (batch, T, F) → Linear to d_model + learned positions → pre-norm encoder
     → LayerNorm → mean over tokens → Linear."""
@@ -243,14 +261,8 @@ class TransformerNet(nn.Module):
         super().__init__()
         self.sequence_length, self.step_width = _steps(n_features, spec.sequence_length)
         self.embed = nn.Linear(self.step_width, spec.d_model)
-        self.position = nn.Parameter(torch.zeros(1, self.sequence_length, spec.d_model))
-        nn.init.normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            spec.d_model, spec.nhead, dim_feedforward=spec.dim_feedforward, dropout=spec.dropout,
-            batch_first=True, norm_first=True,
-        )
-        # No nested tensors: there is no padding mask, and they would make the graph data-dependent.
-        self.encoder = nn.TransformerEncoder(layer, spec.num_layers, enable_nested_tensor=False)
+        self.position = learned_positions(self.sequence_length, spec.d_model)
+        self.encoder = encoder_layers(spec)
         self.norm = nn.LayerNorm(spec.d_model)
         self.head = nn.Linear(spec.d_model, outputs)
 
@@ -354,14 +366,8 @@ class MaskedTransformerNet(nn.Module):
         super().__init__()
         self.max_length = max_length
         self.embed = nn.Linear(width, spec.d_model)
-        self.position = nn.Parameter(torch.zeros(1, max_length, spec.d_model))
-        nn.init.normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            spec.d_model, spec.nhead, dim_feedforward=spec.dim_feedforward, dropout=spec.dropout,
-            batch_first=True, norm_first=True,
-        )
-        # No nested tensors: they would make the exported graph data-dependent.
-        self.encoder = nn.TransformerEncoder(layer, spec.num_layers, enable_nested_tensor=False)
+        self.position = learned_positions(max_length, spec.d_model)
+        self.encoder = encoder_layers(spec)
         self.norm = nn.LayerNorm(spec.d_model)
         self.head = nn.Linear(spec.d_model, outputs)
 
