@@ -9,8 +9,9 @@ import logging
 import math
 
 import numpy as np
+import pandas as pd
 
-from services.trainer.engines import engine
+from services.trainer.engines import engine, preprocess
 from services.trainer.engines.types import FitContext, Fold, Observer, TabularData
 from services.trainer.jobs.schemas import JobCreate, Task
 from shipyard_common.errors import InvalidInput
@@ -55,10 +56,7 @@ def cross_validate(data: TabularData, context: FitContext, folds: list[Cut]) -> 
     spec, done, found = context.spec, 0, []
     positions = np.asarray(data.rows.get("train", range(len(data.x_train))))
     for number, (train, validation) in enumerate(folds, start=1):
-        fold = dataclasses.replace(
-            data, x_train=data.x_train[train], y_train=data.y_train[train], x_val=data.x_train[validation],
-            y_val=data.y_train[validation], x_test=None, y_test=None, rows={},
-        )
+        fold = fold_data(data, context.frame, spec, (train, validation), number=number)
         result = engine.train(fold, spec, device=context.device, observer=_quiet(context.observer, done),
                               initial_weights=context.initial_weights, plugin_dir=context.plugin_dir)
         scores = {name: value for name, value in result.metrics.items() if name.startswith("val_")}
@@ -66,6 +64,30 @@ def cross_validate(data: TabularData, context: FitContext, folds: list[Cut]) -> 
         found.append(Fold(metrics=scores, rows=positions[validation].tolist()))
         done += steps(data, spec, [(train, validation)])
     return found
+
+
+def fold_data(
+    data: TabularData, frame: pd.DataFrame, spec: JobCreate, cut: Cut, *, number: int
+) -> TabularData:
+    """One fold's rows: its training rows to train on, its held-out rows to score. A table's encoding
+    (categories, fill values) is fitted afresh on the fold's training rows alone, ``frame``'s raw rows,
+    so that its held-out rows are encoded as serving would encode rows training never saw (a category
+    only they hold is unknown); the network's standardisation is fitted on them by the engine anyway."""
+    train, validation = cut
+    fold = dataclasses.replace(
+        data, x_train=data.x_train[train], y_train=data.y_train[train], x_val=data.x_train[validation],
+        y_val=data.y_train[validation], x_test=None, y_test=None, rows={}, val_frame=None,
+    )
+    if data.table is None:
+        return fold
+    positions = np.asarray(data.rows["train"])
+    rows = {"train": frame.iloc[positions[train]], "validation": frame.iloc[positions[validation]]}
+    try:
+        table = preprocess.fit_table(rows["train"], data.features, spec)
+    except InvalidInput as exc:
+        raise InvalidInput(f"cross-validation fold {number}: {exc.message}") from None
+    return dataclasses.replace(fold, table=table, x_train=preprocess.encode(table, rows["train"]),
+                               x_val=preprocess.encode(table, rows["validation"]))
 
 
 def summary(folds: list[Fold]) -> dict[str, float]:

@@ -24,7 +24,8 @@ from services.serving.core.convert import column_array, table_columns
 from services.serving.core.requests import JsonTensor
 from services.serving.runtimes.base import Signature
 from services.trainer.app import create_app
-from services.trainer.engines import engine, export, preprocess
+from services.trainer.engines import crossval, engine, export, preprocess
+from services.trainer.engines.types import FitContext, TabularData
 from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
@@ -111,6 +112,70 @@ def test_the_exported_graph_takes_raw_columns_and_computes_what_pytorch_does(fra
     from_torch = engine.predict_rows(export.ServingModule(result.model, data.task), encoded, job)
     assert encoded.shape == (20, data.x_train.shape[1])
     np.testing.assert_allclose(from_onnx, from_torch, atol=1e-5)
+
+
+def cv_spec(**changes: Any) -> JobCreate:
+    """:func:`spec` with 3-fold cross-validation."""
+    return JobCreate.model_validate({**spec().model_dump(mode="json"), "evaluation": {"kfold": 3}, **changes})
+
+
+def with_a_category_one_fold_holds(frame: pd.DataFrame, job: JobCreate) -> tuple[pd.DataFrame, np.ndarray]:
+    """``frame`` with a column ``batch``: ``"usual"``, but ``"solo"`` on five training rows that
+    cross-validation's first fold holds out (so no fold trains on them but the other two); and those
+    rows' positions in the dataset."""
+    data = engine.prepare_data(frame, job)
+    (_, held), *_ = crossval.cuts(data, job)
+    solo = np.asarray(data.rows["train"])[held[:5]]
+    batch = np.full(len(frame), "usual", dtype=object)
+    batch[solo] = "solo"
+    return frame.assign(batch=batch), solo
+
+
+def fit_context(job: JobCreate, frame: pd.DataFrame, workdir: Path) -> FitContext:
+    """What the worker hands the engine, minus MLflow: callbacks that record nothing."""
+    for name in ("checkpoints", "tensorboard"):
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+    return FitContext(spec=job, frame=frame, device="cpu", workdir=workdir, observer=lambda *_: None,
+                      checkpoint_dir=workdir / "checkpoints", checkpoint_saved=lambda: None, resume_dir=None,
+                      tensorboard_dir=workdir / "tensorboard", plan=lambda _: None)
+
+
+def test_each_cross_validation_fold_fits_the_encoding_on_its_own_training_rows(frame, tmp_path, monkeypatch):
+    job = cv_spec()
+    table, solo = with_a_category_one_fold_holds(frame, job)
+    data = engine.prepare_data(table, job)
+    cuts = crossval.cuts(data, job)
+    trained: list[TabularData] = []
+    train = engine.train
+
+    def recorded(fold: TabularData, *args: Any, **kwargs: Any) -> Any:
+        trained.append(fold)
+        return train(fold, *args, **kwargs)
+
+    monkeypatch.setattr(crossval.engine, "train", recorded)
+    folds = crossval.cross_validate(data, fit_context(job, table, tmp_path), cuts)
+
+    assert len(folds) == len(trained) == 3 and all(f.metrics["val_accuracy"] > 0.5 for f in folds)
+    first = trained[0]
+    assert first.table is not None
+    columns = {column.name: column for column in first.table.columns}
+    assert columns["batch"].categories == ("usual",)  # "solo" is only in this fold's held-out rows
+    start = sum(column.width for column in first.table.columns[:first.table.columns.index(columns["batch"])])
+    held_out = np.asarray(data.rows["train"])[cuts[0][1]]
+    unknown = first.x_val[:, start + 1]  # the slot after "usual": (unknown), as serving encodes it
+    np.testing.assert_array_equal(unknown, np.isin(held_out, solo).astype(np.float32))
+    assert unknown.sum() == len(solo) and first.x_train.shape[1] == first.x_val.shape[1] == first.table.width
+    fold_rows = table.iloc[np.asarray(data.rows["train"])[cuts[0][0]]]
+    assert columns["worst area"].fill == pytest.approx(fold_rows["worst area"].mean())
+    assert columns["mean texture"].fill == pytest.approx(fold_rows["mean texture"].median())
+    for other in trained[1:]:  # the folds that train on the "solo" rows know it
+        assert other.table is not None
+        assert next(c for c in other.table.columns if c.name == "batch").categories == ("solo", "usual")
+    # The job's own encoding, the registered model's, is fitted on every training row.
+    assert data.table is not None
+    whole = {column.name: column for column in data.table.columns}
+    assert whole["batch"].categories == ("solo", "usual")
+    assert whole["worst area"].fill != pytest.approx(columns["worst area"].fill)
 
 
 @pytest.mark.parametrize(
