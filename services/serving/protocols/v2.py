@@ -14,7 +14,9 @@ with the error's 4xx/5xx status.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -143,12 +145,17 @@ def _header_length(value: str | None, body_size: int) -> int | None:
 
 
 def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """An inference request's header (and its binary tensors' bytes), or the refusal naming what is wrong."""
-    length = _header_length(header_length, len(body))
+    """An inference request's header (and its binary tensors' bytes), or the refusal naming what is wrong.
+
+    On every predict's path: the common checks are inline (no call per check), each refusal worded
+    only when it is made."""
+    length = None if header_length is None else _header_length(header_length, len(body))
     header_bytes, binary = (body, b"") if length is None else (body[:length], body[length:])
-    request = _object(loads(header_bytes, what="the inference request"), "the inference request")
+    request = loads(header_bytes, what="the inference request")
+    if type(request) is not dict:
+        _object(request, "the inference request")
     inputs = request.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    if type(inputs) is not list or not inputs:
         raise InvalidInput("the inference request needs 'inputs': a list of tensors")
     decoded: dict[str, Input] = {}
     offset = 0
@@ -162,50 +169,60 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
         raise InvalidInput(
             f"the body holds {len(binary) - offset} bytes after the inputs' binary data"
         )
-    binary_default = bool(_parameters(request, "the inference request").get("binary_data_output", False))
+    parameters = request.get("parameters")
+    binary_default = bool(parameters and _parameters(request, "the inference request").get(
+        "binary_data_output", False))
     request_id = request.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, decoded,
-                        _decode_outputs(request, binary_default), binary_default)
+    outputs = request.get("outputs")
+    return InferRequest(None if request_id is None else str(request_id), decoded,
+                        None if outputs is None else _decode_outputs(outputs, binary_default), binary_default)
 
 
 def _decode_input(item: dict[str, Any], index: int, binary: bytes, offset: int) -> tuple[str, Input, int]:
     """One input tensor: its name, its value (an array, or its JSON), and where the next binary one starts."""
     name = item.get("name")
-    if not isinstance(name, str) or not name:
+    if type(name) is not str or not name:
         raise InvalidInput(f"inputs[{index}] needs a 'name'")
     shape = item.get("shape")
-    if type(shape) is not list or not _SIZES.issuperset(map(type, shape)) or any(d < 0 for d in shape):
+    if type(shape) is not list or not _SIZES.issuperset(map(type, shape)) or (shape and min(shape) < 0):
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers, not {shape!r}")
     type_name = item.get("datatype")
-    dtype = DATATYPES.get(type_name) if isinstance(type_name, str) else None
-    if type_name == "BYTES":  # strings: a table's categorical column
-        return _decode_bytes(item, name, shape, binary, offset)
+    dtype = DATATYPES.get(type_name) if type(type_name) is str else None
     if dtype is None:
         raise InvalidInput(
             f"input {name!r}: datatype {type_name!r} is not one serving takes ({', '.join(DATATYPES)})"
+        if type_name == "BYTES":  # strings: a table's categorical column
+            return _decode_bytes(item, name, shape, binary, offset)
         )
-    binary_size = _parameters(item, "input", name).get("binary_data_size")
+    binary_size = _parameters(item, "input", name).get("binary_data_size") if item.get("parameters") else None
     if binary_size is None:
         if "data" not in item:
             raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         return name, JsonTensor(item["data"], tuple(shape), dtype), offset
     needed = math.prod(shape) * dtype.itemsize
-    if type(binary_size) is not int or binary_size < 0:
+    if type(size) is not int or size < 0:
+    return name, *_binary_tensor(binary, offset, name=name, shape=shape, dtype=dtype, size=binary_size)
+
+
+def _binary_tensor(
+    binary: bytes, offset: int, *, name: str, shape: list[int], dtype: np.dtype[Any], size: Any
+) -> tuple[np.ndarray, int]:
+    """A numeric input's binary data: the array, and where the next input's binary data starts."""
         raise InvalidInput(f"input {name!r}: binary_data_size must be a byte count")
-    if binary_size != needed:
+    if size != needed:
         raise InvalidInput(
-            f"input {name!r}: binary_data_size is {binary_size} bytes; shape {shape} of {type_name} "
+            f"input {name!r}: binary_data_size is {size} bytes; shape {shape} of {datatype(dtype)} "
             f"needs {needed}"
         )
-    if offset + binary_size > len(binary):
+    if offset + size > len(binary):
         raise InvalidInput(
             f"input {name!r}: the body holds {len(binary) - offset} bytes of binary data for it, "
-            f"not {binary_size}"
+            f"not {size}"
         )
-    chunk = binary[offset:offset + binary_size]
+    chunk = binary[offset:offset + size]
     # Little-endian on the wire; a copy, so the array owns aligned memory.
     array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
-    return name, array, offset + binary_size
+    return array, offset + size
 
 
 _SIZES = frozenset({int})
@@ -254,11 +271,8 @@ def strings_array(elements: list[bytes], name: str, shape: list[int]) -> np.ndar
     return np.array(values, dtype=object).reshape(shape)
 
 
-def _decode_outputs(request: dict[str, Any], binary_default: bool) -> list[RequestedOutput] | None:
-    """The outputs asked for, in order (each binary or not); None: every output."""
-    raw_outputs = request.get("outputs")
-    if raw_outputs is None:
-        return None
+def _decode_outputs(raw_outputs: Any, binary_default: bool) -> list[RequestedOutput]:
+    """The outputs asked for (the request's ``outputs``), in order, each binary or not."""
     if not isinstance(raw_outputs, list):
         raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
     outputs = []
@@ -294,7 +308,7 @@ def truncation_parameters(truncated: list[bool]) -> dict[str, Any]:
 
 
 def encode_infer_response(
-    inference: Inference, requested: list[RequestedOutput], request_id: str
+    inference: Inference, requested: Sequence[RequestedOutput], request_id: str
 ) -> Response:
     header: dict[str, Any] = {
         "model_name": inference.model, "model_version": inference.version, "id": request_id, "outputs": [],
@@ -305,7 +319,7 @@ def encode_infer_response(
         if output.classification is not None:
             _classify(output, value, inference.signature, header["outputs"], chunks)
             continue
-        tensor: dict[str, Any] = {"name": output.name, "datatype": datatype(value.dtype),
+        tensor: dict[str, Any] = {"name": output.name, "datatype": _NAMES.get(value.dtype, "BYTES"),
                                   "shape": list(value.shape)}
         if output.binary:
             raw = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
@@ -324,11 +338,11 @@ def encode_infer_response(
     }
 
 
-def requested_outputs(request: InferRequest, signature: Signature) -> list[RequestedOutput]:
+def requested_outputs(request: InferRequest, signature: Signature) -> Sequence[RequestedOutput]:
     """The outputs to answer, in the order asked; none asked: every output, in the signature's order."""
     known = signature.output_names
     if request.outputs is None:
-        return [RequestedOutput(name, request.binary_default) for name in known]
+        return _every_output(tuple(known), request.binary_default)
     unknown = [output.name for output in request.outputs if output.name not in known]
     if unknown:
         raise InvalidInput(f"unknown output(s) {unknown}; the model answers {known}")
@@ -340,6 +354,12 @@ def requested_outputs(request: InferRequest, signature: Signature) -> list[Reque
 
 def check_classification(output: str, signature: Signature) -> None:
     """Refuse (400) a classification of ``output`` unless it is a classifier's scores: its first output,
+@functools.lru_cache(maxsize=256)
+def _every_output(names: tuple[str, ...], binary: bool) -> tuple[RequestedOutput, ...]:
+    """Every output of a version whose outputs are ``names`` (made once per version, not per request)."""
+    return tuple(RequestedOutput(name, binary) for name in names)
+
+
     with labels."""
     first = signature.output_names[0]
     if signature.labels is None or output != first:

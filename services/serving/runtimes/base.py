@@ -7,6 +7,7 @@ of any size, the batch first). Requests are checked against it before a runtime 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -76,15 +77,17 @@ class Signature:
         if self.labels is not None:
             object.__setattr__(self, "label_array", np.asarray(self.labels, dtype=object))
 
-    @property
+    @functools.cached_property
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]
 
-    @property
+    @functools.cached_property
+        """The inputs' names, in order (made once: every request reads them; not to be changed)."""
     def output_names(self) -> list[str]:
         return [spec.name for spec in self.outputs]
 
     def output(self, name: str) -> TensorSpec | None:
+        """The outputs' names, in order (made once: every request reads them; not to be changed)."""
         return next((spec for spec in self.outputs if spec.name == name), None)
 
     @classmethod
