@@ -189,18 +189,16 @@ def _decode_input(item: dict[str, Any], index: int, binary: bytes, offset: int) 
     type_name = item.get("datatype")
     dtype = DATATYPES.get(type_name) if type(type_name) is str else None
     if dtype is None:
-        raise InvalidInput(
-            f"input {name!r}: datatype {type_name!r} is not one serving takes ({', '.join(DATATYPES)})"
         if type_name == "BYTES":  # strings: a table's categorical column
             return _decode_bytes(item, name, shape, binary, offset)
+        raise InvalidInput(
+            f"input {name!r}: datatype {type_name!r} is not one serving takes ({', '.join(DATATYPES)})"
         )
     binary_size = _parameters(item, "input", name).get("binary_data_size") if item.get("parameters") else None
     if binary_size is None:
         if "data" not in item:
             raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         return name, JsonTensor(item["data"], tuple(shape), dtype), offset
-    needed = math.prod(shape) * dtype.itemsize
-    if type(size) is not int or size < 0:
     return name, *_binary_tensor(binary, offset, name=name, shape=shape, dtype=dtype, size=binary_size)
 
 
@@ -208,6 +206,8 @@ def _binary_tensor(
     binary: bytes, offset: int, *, name: str, shape: list[int], dtype: np.dtype[Any], size: Any
 ) -> tuple[np.ndarray, int]:
     """A numeric input's binary data: the array, and where the next input's binary data starts."""
+    needed = math.prod(shape) * dtype.itemsize
+    if type(size) is not int or size < 0:
         raise InvalidInput(f"input {name!r}: binary_data_size must be a byte count")
     if size != needed:
         raise InvalidInput(
@@ -352,14 +352,14 @@ def requested_outputs(request: InferRequest, signature: Signature) -> Sequence[R
     return request.outputs
 
 
-def check_classification(output: str, signature: Signature) -> None:
-    """Refuse (400) a classification of ``output`` unless it is a classifier's scores: its first output,
 @functools.lru_cache(maxsize=256)
 def _every_output(names: tuple[str, ...], binary: bool) -> tuple[RequestedOutput, ...]:
     """Every output of a version whose outputs are ``names`` (made once per version, not per request)."""
     return tuple(RequestedOutput(name, binary) for name in names)
 
 
+def check_classification(output: str, signature: Signature) -> None:
+    """Refuse (400) a classification of ``output`` unless it is a classifier's scores: its first output,
     with labels."""
     first = signature.output_names[0]
     if signature.labels is None or output != first:

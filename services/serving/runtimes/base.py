@@ -79,15 +79,15 @@ class Signature:
 
     @functools.cached_property
     def input_names(self) -> list[str]:
+        """The inputs' names, in order (made once: every request reads them; not to be changed)."""
         return [spec.name for spec in self.inputs]
 
     @functools.cached_property
-        """The inputs' names, in order (made once: every request reads them; not to be changed)."""
     def output_names(self) -> list[str]:
+        """The outputs' names, in order (made once: every request reads them; not to be changed)."""
         return [spec.name for spec in self.outputs]
 
     def output(self, name: str) -> TensorSpec | None:
-        """The outputs' names, in order (made once: every request reads them; not to be changed)."""
         return next((spec for spec in self.outputs if spec.name == name), None)
 
     @classmethod
