@@ -63,6 +63,11 @@ class ModelStatusPublic(BaseModel):
         default=None, description="A text model's raw text: the input it fills and the tokens each text is "
                                   "cut or padded to ({\"input\": \"input_ids\", \"max_length\": 128})."
     )
+    sequence: dict[str, Any] | None = Field(
+        default=None, description="A sequence model's input and the most steps a sequence may have (its "
+                                  "signature's sequence.max_length; a longer one is refused): "
+                                  "({\"input\": \"input\", \"max_length\": 20})."
+    )
     # TF Serving's GetModelStatus answer, so that its clients can read this route as they read its own.
     model_version_status: list[dict[str, Any]] = Field(default_factory=list)
     canary_weight: float | None = Field(
@@ -178,7 +183,8 @@ class ModelMetadataPublic(BaseModel):
     outputs: list[TensorMetadataPublic]
     parameters: dict[str, Any] | None = Field(
         default=None, description="labels (a classifier's class names, in output order) and features "
-        "(the input's column names), where the version has them."
+        "(the input's column names), where the version has them; text (a text model's) and sequence (a "
+        "sequence model's): {\"input\", \"max_length\"}, the most tokens or steps its input reads."
     )
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from services.serving.api.schemas import ModelStatusPublic
 from services.serving.core.dataplane import DataPlane, model_state
 from services.serving.core.loaded import ModelState
@@ -12,7 +10,7 @@ from services.serving.core.routing import (
     version_status,
 )
 from services.serving.runtimes.base import Runtime
-from services.serving.runtimes.text import TextEncoder
+from services.serving.runtimes.loader import input_limits
 
 
 def _runtime_threads(runtime: Runtime) -> int | None:
@@ -24,6 +22,7 @@ def _status_public(state: ModelState) -> ModelStatusPublic:
     served = state.served
     signature = served.signature if served else None
     first_input = signature.inputs[0] if signature else None
+    limits = input_limits(served.signature, served.text) if served else {}
     return ModelStatusPublic(
         name=state.name,
         version=served.version if served else None,
@@ -45,15 +44,11 @@ def _status_public(state: ModelState) -> ModelStatusPublic:
         labels=list(signature.labels) if signature and signature.labels else None,
         features=list(signature.features) if signature and signature.features else None,
         columns=served.columns if served else None,
-        text=_text(served.text) if served and served.text else None,
+        text=limits.get("text"),
+        sequence=limits.get("sequence"),
         model_version_status=version_status(state),
         **alias_status(state),
     )
-
-
-
-def _text(text: TextEncoder) -> dict[str, Any]:
-    return {"input": text.input, "max_length": text.max_length}
 
 
 def list_models(*, dataplane: DataPlane) -> list[ModelStatusPublic]:

@@ -120,7 +120,7 @@ def validate_inputs(
             )
         _check_shape(spec, array)
         if spec.nullable and array.ndim == 3 and spec.dtype.kind == "f":  # a sequence model's padding
-            check_padding(spec.name, array)
+            check_padding(spec.name, array, max_length=signature.sequence_max_length)
         if spec.shape:
             rows = int(array.shape[0])
             if rows == 0:
@@ -145,9 +145,10 @@ def validate_inputs(
     return checked
 
 
-def check_padding(name: str, array: np.ndarray) -> None:
+def check_padding(name: str, array: np.ndarray, *, max_length: int | None) -> None:
     """A sequence input [batch, time, width] padded with NaN: each step all NaN (padding) or all numbers,
-    padding only after a sequence's real steps, and at least one real step per sequence."""
+    padding only after a sequence's real steps, at least one real step per sequence, and at most
+    ``max_length`` (the model's ``sequence.max_length``; the graph would drop the steps past it)."""
     if array.shape[1] == 0:
         raise InvalidInput(f"input {name!r} has no steps: each sequence needs at least one")
     missing = np.isnan(array)
@@ -167,3 +168,7 @@ def check_padding(name: str, array: np.ndarray) -> None:
         row = int(np.argwhere(early)[0][0])
         raise InvalidInput(f"input {name!r} row {row} has padding (NaN steps) before a real step; padding "
                            "goes after a sequence's end")
+    if max_length is not None and (lengths > max_length).any():
+        row = int(np.argmax(lengths > max_length))
+        raise InvalidInput(f"input {name!r} row {row} has {int(lengths[row])} steps; the model reads at most "
+                           f"{max_length} (its sequence.max_length): send at most {max_length} per sequence")

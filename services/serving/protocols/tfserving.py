@@ -22,6 +22,7 @@ from services.serving.core.requests import Inference, Input, JsonTensor
 from services.serving.core.routing import version_status
 from services.serving.protocols import dumps, loads
 from services.serving.runtimes.base import Signature, TensorSpec
+from services.serving.runtimes.loader import input_limits
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError
 from shipyard_common.lineage import PRODUCTION
 
@@ -167,6 +168,7 @@ def model_metadata(
         for key, names in (("labels", signature.labels), ("features", signature.features)):
             if names:
                 metadata[key] = list(names)
+        metadata.update(input_limits(signature, served.text))
         return json_response({
             "model_spec": {"name": name, "signature_name": "", "version": served.version},
             "metadata": metadata,

@@ -25,6 +25,7 @@ from services.serving.core.loaded import ServedModel
 from services.serving.core.requests import Inference, Input, JsonTensor
 from services.serving.protocols import dumps, loads
 from services.serving.runtimes.base import Signature, TensorSpec
+from services.serving.runtimes.loader import input_limits
 from shipyard_common.errors import InvalidInput, ShipyardError
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -84,9 +85,10 @@ def model_metadata(served: ServedModel) -> dict[str, Any]:
         "outputs": [_tensor_metadata(spec) for spec in signature.outputs],
     }
     named = (("labels", signature.labels), ("features", signature.features))
-    names = {key: list(value) for key, value in named if value}
-    if names:
-        described["parameters"] = names
+    parameters: dict[str, Any] = {key: list(value) for key, value in named if value}
+    parameters.update(input_limits(signature, served.text))
+    if parameters:
+        described["parameters"] = parameters
     return described
 
 

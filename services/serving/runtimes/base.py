@@ -70,6 +70,9 @@ class Signature:
     labels: tuple[str, ...] | None = field(default=None)
     #: The names of the columns the model reads, in the input's order (the trainer's ``features``).
     features: tuple[str, ...] | None = field(default=None)
+    #: A sequence model's most steps per sequence (the trainer's ``sequence.max_length``: the longest it
+    #: read in training); serving refuses a longer sequence rather than let the graph drop its end.
+    sequence_max_length: int | None = field(default=None)
     #: ``labels`` as an array, so that an answer's label per row is one fancy index (set once, here).
     label_array: np.ndarray | None = field(default=None, init=False, compare=False, repr=False)
 
@@ -113,7 +116,8 @@ class Signature:
         classes = data.get("classes")
         return cls(inputs=specs("inputs"), outputs=specs("outputs"),
                    classes=tuple(classes) if isinstance(classes, list) else None,
-                   labels=_names(data, "labels"), features=_names(data, "features"))
+                   labels=_names(data, "labels"), features=_names(data, "features"),
+                   sequence_max_length=_sequence_max_length(data))
 
 
 def _names(data: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
@@ -124,6 +128,19 @@ def _names(data: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ModelLoadError(f"the signature's {key} must be a non-empty list of strings, not {names!r:.200}")
     return tuple(names)
+
+
+def _sequence_max_length(data: Mapping[str, Any]) -> int | None:
+    """The signature's ``sequence.max_length`` (``{"padding": "nan", "max_length": N}``, N >= 1), or None
+    where it has no ``sequence``."""
+    sequence = data.get("sequence")
+    if sequence is None:
+        return None
+    length = sequence.get("max_length") if isinstance(sequence, dict) else None
+    if type(length) is not int or length < 1:
+        raise ModelLoadError("the signature's sequence must hold max_length, a whole number of steps >= 1; "
+                             f"it is {sequence!r:.200}")
+    return length
 
 
 @runtime_checkable

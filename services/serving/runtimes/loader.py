@@ -8,7 +8,8 @@ only through TF Serving, so it is a candidate only when ``tf_serving_address`` i
 The signature: the stored one for that format (``signature.json``'s ``formats[fmt]``, or the
 ``shipyard.signature`` tag when it describes that format), else the runtime's own. A classifier's
 ``signature.json`` also names its class ``labels`` (its first output's columns, in order) and the
-``features`` its input's columns are; the protocols answer with them (label per row, classify).
+``features`` its input's columns are; the protocols answer with them (label per row, classify). A
+sequence model's holds ``sequence.max_length``, the most steps a sequence may have; every GET shows it.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def stored_signature(root: Path, tags: Mapping[str, str], fmt: str) -> Signature
             raise ModelLoadError(f"{SIGNATURE_FILE} is not valid JSON: {exc}") from exc
         formats = data.get("formats") if isinstance(data, dict) else None
         if isinstance(formats, dict) and isinstance(formats.get(fmt), dict):
-            merged = {key: data.get(key) for key in ("classes", "labels", "features")}
+            merged = {key: data.get(key) for key in ("classes", "labels", "features", "sequence")}
             return _with_labels(Signature.from_json({**merged, **formats[fmt]}))
         if isinstance(data, dict) and data.get("primary") == fmt:
             return _with_labels(Signature.from_json(data))
@@ -197,6 +198,18 @@ def load_runtime(
         runtime.close()
         raise
     return LoadedRuntime(runtime=runtime, signature=signature, text=text, columns=columns)
+
+
+def input_limits(signature: Signature, text: TextEncoder | None) -> dict[str, dict[str, Any]]:
+    """The most a version's input reads, as every protocol's GET shows it: ``text`` (the tokens each text
+    is cut or padded to) for a text model, ``sequence`` (the steps a sequence may have) for a sequence
+    model; each ``{"input": name, "max_length": n}``."""
+    limits: dict[str, dict[str, Any]] = {}
+    if text is not None:
+        limits["text"] = {"input": text.input, "max_length": text.max_length}
+    if signature.sequence_max_length is not None:
+        limits["sequence"] = {"input": signature.inputs[0].name, "max_length": signature.sequence_max_length}
+    return limits
 
 
 def table_columns(path: Path) -> list[dict[str, Any]] | None:

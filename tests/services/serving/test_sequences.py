@@ -7,7 +7,8 @@ only (served by torch.jit), registered and served. Ours and TF Serving's
 REST take ragged rows, which serving pads with NaN (the models mask it); OIP v2 takes rectangular
 tensors padded with null (JSON) or NaN (binary, tritonclient). Every answer equals the registered ONNX
 file's on that sequence alone, also when concurrent requests of different lengths meet in the batcher;
-a wrong step width, an empty sequence or misplaced padding is a clear 4xx.
+a wrong step width, an empty sequence, misplaced padding or a sequence longer than the version's
+``sequence.max_length`` (which every protocol's GET shows) is a clear 4xx.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import pytest
 import torch
 import tritonclient.http as triton
 from mlflow.tracking import MlflowClient
+from tritonclient.utils import InferenceServerException
 
+from services.serving.runtimes.base import ModelLoadError, Signature
 from services.trainer.app import create_app
 from shipyard_common.datasets import DataRepo
 from tests.services.registry.model_factory import unique_name
@@ -73,9 +76,11 @@ def stack(
         worker.stop()
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     sessions: dict[str, Any] = {}
+    max_lengths: dict[str, int] = {}
     for key, job in jobs.items():
         client.set_registered_model_alias(names[key], "production", job["model_version"])
         folder = Path(client.download_artifacts(job["mlflow_run_id"], "model", str(state / key)))
+        max_lengths[key] = json.loads((folder / "signature.json").read_text())["sequence"]["max_length"]
         if key == "torchscript":
             sessions[key] = torch.jit.load(str(folder / "torchscript" / "model.pt"))
         else:
@@ -84,7 +89,22 @@ def stack(
     with serving(platform, max_batch_rows=256) as base:
         wait_for(lambda: all(httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).json().get("status")
                              == "serving" for name in names.values()), timeout=60, what="both models served")
-        yield {"base": base, "names": names, "sessions": sessions}
+        yield {"base": base, "names": names, "sessions": sessions, "max_lengths": max_lengths}
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_every_protocols_get_shows_the_most_steps_a_sequence_may_have(stack, key):
+    """The version's signature.json records sequence.max_length (the longest training sequence); ours,
+    OIP v2's model metadata and TF Serving's metadata show it, with the input it applies to."""
+    name = stack["names"][key]
+    wanted = {"input": "input", "max_length": stack["max_lengths"][key]}
+    assert wanted["max_length"] == 20  # the data's longest (3 to 20 steps)
+    ours = httpx.get(f"{stack['base']}/v1/models/{name}", headers=VIEWER).json()
+    assert ours["sequence"] == wanted and ours["text"] is None
+    v2 = httpx.get(f"{stack['base']}/v2/models/{name}", headers=VIEWER).json()
+    assert v2["parameters"]["sequence"] == wanted
+    tf = httpx.get(f"{stack['base']}/v1/models/{name}/metadata", headers=VIEWER).json()
+    assert tf["metadata"]["sequence"] == wanted
 
 
 def test_the_torchscript_version_is_served_by_torch_and_takes_ragged_rows_too(stack):
@@ -187,6 +207,43 @@ def test_concurrent_requests_of_different_lengths_each_get_their_own_answer(stac
         np.testing.assert_allclose(found, expected[index: index + count], atol=1e-5)
 
 
+def test_a_sequence_longer_than_the_models_max_length_is_refused_in_every_protocol(stack):
+    """The graph reads a sequence's first max_length steps only, so a longer one would be answered as if
+    its end were not there: every protocol refuses it, naming the row and both lengths. A sequence of
+    max_length steps is answered, and so is a v2 tensor whose null padding runs past max_length."""
+    most = stack["max_lengths"]["transformer"]
+    rng = np.random.default_rng(26)
+    short, fits, longer = (rng.normal(size=(length, 2)).round(5).astype(np.float32)
+                           for length in (4, most, most + 3))
+    answered = post(stack, "transformer", OURS, {"inputs": [short.tolist(), fits.tolist()]})
+    assert answered.status_code == 200, answered.text
+    np.testing.assert_allclose(np.asarray(answered.json()["outputs"]),
+                               alone(stack, "transformer", [short, fits]), atol=1e-5)
+    message = f"row 1 has {most + 3} steps; the model reads at most {most} (its sequence.max_length)"
+    for path, body, status in (
+        (OURS, {"inputs": [short.tolist(), longer.tolist()]}, 422),
+        (TF, {"instances": [short.tolist(), longer.tolist()]}, 400),
+        (V2, v2_tensor([2, most + 3, 2], [None if np.isnan(v) else float(v)
+                                          for v in padded([short, longer]).ravel()]), 400),
+    ):
+        refused = post(stack, "transformer", path, body)
+        assert refused.status_code == status, refused.text
+        assert message in json.dumps(refused.json()), refused.text
+    client = triton.InferenceServerClient(url=stack["base"].removeprefix("http://"))
+    binary = triton.InferInput("input", [2, most + 3, 2], "FP32")
+    binary.set_data_from_numpy(padded([short, longer]), binary_data=True)
+    with pytest.raises(InferenceServerException) as refused_binary:
+        client.infer(stack["names"]["transformer"], [binary], headers=dict(VIEWER))
+    assert message in refused_binary.value.message()
+    past = np.full((1, most + 4, 2), np.nan, np.float32)
+    past[0, :most] = fits
+    padding = post(stack, "transformer", V2, v2_tensor(list(past.shape), [
+        None if np.isnan(v) else float(v) for v in past.ravel()]))
+    assert padding.status_code == 200, padding.text
+    np.testing.assert_allclose(np.asarray(padding.json()["outputs"][0]["data"]),
+                               alone(stack, "transformer", [fits])[0], atol=1e-5)
+
+
 def v2_tensor(shape: list[int], data: list[float | None]) -> dict[str, Any]:
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": data}]}
 
@@ -210,3 +267,15 @@ def test_bad_sequences_are_a_clear_4xx(stack, path, body, status, message):
     refused = post(stack, "transformer", path, body)
     assert refused.status_code == status, refused.text
     assert message in json.dumps(refused.json()), refused.text
+
+
+@pytest.mark.parametrize("sequence", [{"padding": "nan"}, {"max_length": 0}, {"max_length": "20"}, [20]])
+def test_a_malformed_sequence_max_length_fails_the_load_saying_so(sequence):
+    signature = {
+        "inputs": [{"name": "input", "shape": [None, None, 1], "dtype": "float32", "nullable": True}],
+        "outputs": [{"name": "probabilities", "shape": [None, 2], "dtype": "float32"}]}
+    assert Signature.from_json(signature).sequence_max_length is None
+    assert Signature.from_json({**signature, "sequence": {"padding": "nan", "max_length": 7}}
+                               ).sequence_max_length == 7
+    with pytest.raises(ModelLoadError, match="sequence must hold max_length, a whole number of steps >= 1"):
+        Signature.from_json({**signature, "sequence": sequence})
