@@ -214,6 +214,9 @@ class TfClassifyPublic(BaseModel):
     """Per example, every class's ``[label, score]``, in the model's output order."""
 
     results: list[list[list[Any]]]
+    truncated: list[bool] | None = Field(
+        default=None, description="A text classifier's: whether each example's text was cut to the model's "
+                                  "max_length tokens.")
 
 
 class TfModelStatusPublic(BaseModel):

@@ -69,8 +69,8 @@ def predict(
 
     def decode(served: ServedModel) -> tuple[dict[str, Input], Encode, str | None]:
         if classify:
-            return (tfserving.decode_classify(body, served.signature, name=name, version=served.version),
-                    _encode_classify, request_id)
+            return (tfserving.decode_classify(body, served.signature, name=name, version=served.version,
+                                              text=served.text), _encode_classify, request_id)
         inputs, row_format = tfserving.decode_predict(body, served.signature)
 
         def encode(result: Inference) -> ProtocolResponse:

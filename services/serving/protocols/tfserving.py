@@ -6,7 +6,9 @@ object of outputs when the model has several). Columnar form: ``{"inputs": tenso
 ``{"inputs": {input: tensor, ...}}``, answered ``{"outputs": tensor}`` or ``{"outputs": {...}}``.
 Classify (a version with class labels and feature names): ``{"examples": [{feature: value, ...}],
 "context": {feature: value}}``, answered ``{"results": [[[label, score], ...], ...]}``, every class
-of each example in the model's output order.
+of each example in the model's output order. A text classifier reads one feature, its text: the column
+its signature's ``features`` names (``{"examples": [{"review": "..."}]}``; ``text`` where it names none),
+tokenized as ``:predict``'s raw text, and ``truncated`` beside the results says which texts were cut.
 Errors: ``{"error": "message"}`` with the error's status.
 """
 
@@ -17,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from services.serving.core.convert import table_columns
-from services.serving.core.dataplane import DataPlane, model_state, resolve
+from services.serving.core.dataplane import TEXT_INPUT, DataPlane, model_state, resolve
 from services.serving.core.requests import Inference, Input, JsonTensor
 from services.serving.core.routing import version_status
 from services.serving.protocols import dumps, loads
 from services.serving.runtimes.base import Signature, TensorSpec
 from services.serving.runtimes.loader import input_limits
+from services.serving.runtimes.text import TextEncoder
 from shipyard_common.errors import InvalidInput, NotFound, ShipyardError
 from shipyard_common.lineage import PRODUCTION
 
@@ -177,7 +180,9 @@ def model_metadata(
         return error_response(exc)
 
 
-def _classifier_input(signature: Signature, name: str, version: str) -> TensorSpec | None:
+def _classifier_input(
+    signature: Signature, name: str, version: str, *, text: TextEncoder | None
+) -> TensorSpec | None:
     """The one input of a version that :classify answers (None: a table's, one input per column), or
     the 400 saying why it cannot."""
     refusal = f"model {name!r} version {version} has no classify signature: "
@@ -186,6 +191,8 @@ def _classifier_input(signature: Signature, name: str, version: str) -> TensorSp
             f"{refusal}it has no class labels (it is not a classifier) and its {SIGNATURE_NAME!r} "
             f"signature's method is {PREDICT_METHOD}; send the request to :predict"
         )
+    if text is not None:  # its token ids, which the data plane makes of the example's text
+        return signature.inputs[0]
     features = signature.features
     if features is not None and _is_table(signature, features):
         return None
@@ -206,10 +213,12 @@ def _is_table(signature: Signature, features: tuple[str, ...]) -> bool:
             and set(signature.input_names) <= set(features))
 
 
-def decode_classify(body: bytes, signature: Signature, *, name: str, version: str) -> dict[str, Input]:
+def decode_classify(
+    body: bytes, signature: Signature, *, name: str, version: str, text: TextEncoder | None
+) -> dict[str, Input]:
     """A classify request's examples as the classifier's inputs: the rows of its one input in feature
-    order, or a table's columns."""
-    spec = _classifier_input(signature, name, version)
+    order, a table's columns, or a text classifier's texts (``text``: its tokenizer)."""
+    spec = _classifier_input(signature, name, version, text=text)
     request = loads(body)
     if not isinstance(request, dict):
         raise InvalidInput("the request body must be a JSON object with 'examples'")
@@ -221,10 +230,13 @@ def decode_classify(body: bytes, signature: Signature, *, name: str, version: st
         raise InvalidInput("'examples' must be a non-empty list, one object {feature: value} per example")
     if not isinstance(context, dict):
         raise InvalidInput("'context' must be an object {feature: value} shared by every example")
-    assert signature.features is not None
-    features = signature.features
+    features = _classify_features(signature, text=text)
     merged = [_example(example, context, features, index, complete=spec is not None)
               for index, example in enumerate(examples)]
+    if text is not None:  # raw text: the data plane tokenizes it as it does :predict's
+        (feature,) = features
+        return {text.input: JsonTensor([_text(example[feature], feature, index)
+                                        for index, example in enumerate(merged)])}
     if spec is None:  # a table: an absent feature is a missing value, as in :predict's rows
         columns = table_columns(merged, signature)
         assert columns is not None
@@ -259,6 +271,24 @@ def _example(
             for key, value in example.items()}
 
 
+def _classify_features(signature: Signature, *, text: TextEncoder | None) -> tuple[str, ...]:
+    """The features a classify example names: the signature's (a classifier refused without them
+    first); a text classifier's one text column, or ``text`` where its signature names no single one."""
+    if text is not None:
+        features = signature.features
+        return features if features is not None and len(features) == 1 else (TEXT_INPUT,)
+    assert signature.features is not None
+    return signature.features
+
+
+def _text(value: Any, feature: str, index: int) -> str:
+    """A text feature's one text."""
+    if type(value) is not str:
+        raise InvalidInput(f"examples[{index}] feature {feature!r} is {value!r:.50}; this model reads one "
+                           "text (a string) per example")
+    return value
+
+
 def _number(value: Any, feature: str, index: int) -> Any:
     """A feature's one number."""
     if type(value) not in (int, float):
@@ -268,11 +298,16 @@ def _number(value: Any, feature: str, index: int) -> Any:
 
 
 def encode_classify(inference: Inference) -> dict[str, Any]:
-    """Every class's ``[label, score]`` per example, in the model's output order."""
+    """Every class's ``[label, score]`` per example, in the model's output order; for raw text,
+    ``truncated`` beside it says which examples' texts were cut."""
     labels = inference.signature.labels
     assert labels is not None
     scores = next(iter(inference.outputs.values())).tolist()
-    return {"results": [[[label, score] for label, score in zip(labels, row, strict=True)] for row in scores]}
+    body: dict[str, Any] = {
+        "results": [[[label, score] for label, score in zip(labels, row, strict=True)] for row in scores]}
+    if inference.truncated is not None:
+        body["truncated"] = inference.truncated
+    return body
 
 
 def unsupported_method(

@@ -1,7 +1,8 @@
 """Raw text at serving: a text model's stored tokenizer turns strings into its token ids, in every protocol.
 
 The version is laid out as the trainer lays out a text classifier: ``model/onnx/model.onnx`` taking
-``input_ids`` int64 [batch, 16], ``model/signature.json``, and ``model/tokenizer/`` written by the
+``input_ids`` int64 [batch, 16], ``model/signature.json`` (with the class labels and the text column
+``review`` as its one feature), and ``model/tokenizer/`` written by the
 trainer's own ``save_tokenizer`` from the packaged all-MiniLM-L6-v2 tokenizer, truncating and padding
 to 16 tokens. The model (an embedding table averaged over the ids, then a linear layer and softmax)
 is built with ``onnx.helper``, so the test knows what it must answer for any ids.
@@ -40,6 +41,9 @@ SIGNATURE: dict[str, Any] = {
     "inputs": [{"name": "input_ids", "shape": [None, MAX_LENGTH], "dtype": "int64"}],
     "outputs": [{"name": "probabilities", "shape": [None, 2], "dtype": "float32"}],
 }
+# What the trainer writes beside a text classifier's signature: its id2label, and its one text column.
+LABELS = ["negative", "positive"]
+FEATURE = "review"
 
 
 def weights() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,8 +86,8 @@ def write_text_version(folder: Path) -> None:
     checkpoint = checkpoint_path("all-MiniLM-L6-v2")
     tokenizer, _ = load_tokenizer(checkpoint, MAX_LENGTH)
     save_tokenizer(tokenizer, checkpoint, folder / "tokenizer", MAX_LENGTH)
-    (folder / SIGNATURE_FILE).write_text(json.dumps({"primary": "onnx", **SIGNATURE,
-                                                     "formats": {"onnx": SIGNATURE}}))
+    (folder / SIGNATURE_FILE).write_text(json.dumps({"primary": "onnx", **SIGNATURE, "labels": LABELS,
+                                                     "features": [FEATURE], "formats": {"onnx": SIGNATURE}}))
 
 
 def register_text_version(factory: ModelFactory, name: str) -> str:
@@ -195,3 +199,52 @@ def test_texts_mixed_with_numbers_and_text_for_a_numeric_model_are_refused(
     v2 = httpx.post(f"{base}/v2/models/{name}/infer", headers=VIEWER, json={
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["fine", None]}]})
     assert v2.status_code == 400 and "mixes texts" in v2.json()["error"], v2.text
+
+
+def test_tf_classify_takes_a_text_classifiers_examples_by_its_text_feature(
+    text_serving: tuple[str, str, str]
+) -> None:
+    """:classify reads the text column the signature's features name (as a tf.Example's one-value list
+    too, or from the context), tokenized as :predict's raw text: every label with :predict's scores, and
+    which texts were cut. Each protocol's metadata shows the feature and the tokens a text is cut to."""
+    base, name, _ = text_serving
+    ids, cut = stored_ids(TEXTS)
+    metadata = httpx.get(f"{base}/v1/models/{name}/metadata", headers=VIEWER).json()["metadata"]
+    assert metadata["features"] == [FEATURE] and metadata["labels"] == LABELS
+    assert metadata["text"] == {"input": "input_ids", "max_length": MAX_LENGTH} and "sequence" not in metadata
+    v2 = httpx.get(f"{base}/v2/models/{name}", headers=VIEWER).json()["parameters"]
+    assert v2["text"] == {"input": "input_ids", "max_length": MAX_LENGTH} and v2["features"] == [FEATURE]
+
+    examples = [{FEATURE: TEXTS[0]}, {FEATURE: [TEXTS[1]]}, {FEATURE: TEXTS[2]}]
+    classified = httpx.post(f"{base}/v1/models/{name}:classify", json={"examples": examples}, headers=VIEWER)
+    assert classified.status_code == 200, classified.text
+    predicted = httpx.post(f"{base}/v1/models/{name}:predict", json={"instances": TEXTS}, headers=VIEWER)
+    assert predicted.status_code == 200, predicted.text
+    assert classified.json() == {
+        "results": [[[label, score] for label, score in zip(LABELS, row, strict=True)]
+                    for row in predicted.json()["predictions"]],
+        "truncated": cut,
+    }
+    scores = [[score for _, score in row] for row in classified.json()["results"]]
+    np.testing.assert_allclose(scores, expected(ids), rtol=1e-5, atol=1e-6)
+
+    shared = httpx.post(f"{base}/v1/models/{name}/labels/production:classify", headers=VIEWER,
+                        json={"examples": [{}], "context": {FEATURE: TEXTS[1]}})
+    assert shared.status_code == 200, shared.text
+    assert shared.json()["results"] == classified.json()["results"][1:2]
+    assert shared.json()["truncated"] == [False]
+
+
+def test_tf_classify_refuses_a_text_example_without_one_text_naming_it(
+    text_serving: tuple[str, str, str]
+) -> None:
+    base, name, _ = text_serving
+    for examples, wanted in (
+        ([{"text": "fine"}], "examples[0] lacks feature(s) ['review']; this model reads ['review']"),
+        ([{FEATURE: "fine", "stars": 4}], "examples[0] names unknown feature(s) ['stars']"),
+        ([{FEATURE: "fine"}, {FEATURE: 3}], "examples[1] feature 'review' is 3; this model reads one text"),
+        ([{FEATURE: ["two", "texts"]}], "examples[0] feature 'review' is ['two', 'texts']; this model reads"),
+    ):
+        refused = httpx.post(f"{base}/v1/models/{name}:classify", json={"examples": examples}, headers=VIEWER)
+        assert refused.status_code == 400, refused.text
+        assert wanted in refused.json()["error"], refused.text
