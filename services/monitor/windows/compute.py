@@ -15,11 +15,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from services.monitor.windows import quality
+from services.monitor.windows import quality, sequences
 from services.monitor.windows.drift import Columns, DriftOptions, DriftResult, FeatureDrift, compute_drift
 from services.monitor.windows.frames import WindowRows, to_frame
+from services.monitor.windows.inputs import SEQUENCES
 from services.monitor.windows.lineage import Lineage
-from services.monitor.windows.references import CATEGORICAL, NUMERICAL, Reference
+from services.monitor.windows.references import (
+    CATEGORICAL,
+    NUMERICAL,
+    ColumnStats,
+    Reference,
+    category_strings,
+)
 from shipyard_common.errors import Conflict
 
 PREDICTION = "prediction"
@@ -45,27 +52,35 @@ class Target:
 
 def assess(*, found: WindowRows, lineage: Lineage, reference: Reference, min_rows: int,
            options: DriftOptions) -> Outcome:
-    """Check the quality of the window's rows and, when enough fit, compute their drift."""
+    """Check the quality of the window's rows and, when enough fit, compute their drift.
+
+    A sequence version's rows are its sequences' summaries, compared with those of the training
+    sequences (:mod:`.sequences`); a table's columns are of the kinds its model takes them as.
+    """
+    if lineage.inputs.kind == SEQUENCES:
+        reference, lineage = sequences.summarised(reference, lineage)
     features = list(lineage.features)
     absent = [name for name in features if name not in reference.columns]
     if absent:
         raise Conflict(f"dataset {reference.dataset!r} at {reference.rev[:12]} lacks features {absent[:5]} "
                        f"that v{lineage.version} was trained on")
+    columns = reference.columns_as(lineage.inputs.kinds(lineage.features))
     report = quality.schema_quality(found)
     report["reference_rows"] = reference.rows
     verdict = quality.judge(found, None, min_rows=min_rows)
     if not found.rows:
         return Outcome(verdict.status, verdict.message, report)
-    typed = to_frame(found.rows, features=features, columns=reference.columns)
+    typed = to_frame(found.rows, features=features, columns=columns)
     outputs = _outputs(found.outputs)
     # Millions of Python floats in lists: gone before Evidently runs, or every collection of the
     # garbage collector walks them again.
     found.release()
-    report.update(quality.value_quality(typed, reference.columns))
+    report.update(quality.value_quality(typed, columns))
     verdict = quality.judge(found, typed.frame, min_rows=min_rows)
     if verdict.status != quality.OK:
         return Outcome(verdict.status, verdict.message, report)
-    return _drift(outputs, typed.frame, lineage=lineage, reference=reference, report=report, options=options)
+    return _drift(outputs, typed.frame, lineage=lineage, reference=reference, stats=columns, report=report,
+                  options=options)
 
 
 def _outputs(outputs: list[Any]) -> np.ndarray | str:
@@ -78,12 +93,13 @@ def _outputs(outputs: list[Any]) -> np.ndarray | str:
 
 
 def _drift(outputs: np.ndarray | str, current: pd.DataFrame, *, lineage: Lineage, reference: Reference,
-           report: dict[str, Any], options: DriftOptions) -> Outcome:
+           stats: dict[str, ColumnStats], report: dict[str, Any], options: DriftOptions) -> Outcome:
     features = list(lineage.features)
-    prepared, target = reference.prepared(("evidently", lineage.features, lineage.target, lineage.task),
-                                          lambda: _prepare(reference, lineage))
+    kinds = {name: stats[name].kind for name in features}
+    prepared, target = reference.prepared(
+        ("evidently", lineage.features, tuple(kinds.values()), lineage.target, lineage.task),
+        lambda: _prepare(reference, lineage, kinds))
     judged = [name for name in features if current[name].notna().any() and prepared[name].notna().any()]
-    kinds = {name: reference.columns[name].kind for name in features}
     predicted, why = _predictions(outputs, target)
     columns = Columns(kinds=kinds, features=judged)
     if predicted is not None and target is not None:
@@ -103,12 +119,13 @@ def _prediction_column(features: list[str]) -> str:
     return PREDICTION if PREDICTION not in features else f"__{PREDICTION}__"
 
 
-def _prepare(reference: Reference, lineage: Lineage) -> tuple[pd.DataFrame, Target | None]:
+def _prepare(reference: Reference, lineage: Lineage,
+             kinds: dict[str, str]) -> tuple[pd.DataFrame, Target | None]:
     """The reference as Evidently reads it (numbers as float64, categories as strings) and its target."""
-    source, columns = reference.frame, reference.columns
+    source = reference.frame
     prepared = pd.DataFrame(index=source.index)
     for name in lineage.features:
-        prepared[name] = _typed(source[name], columns[name].kind)
+        prepared[name] = _typed(source[name], kinds[name])
     target_name = lineage.target
     if not target_name or target_name not in source.columns or lineage.task not in ("classification",
                                                                                       "regression"):
@@ -124,7 +141,7 @@ def _prepare(reference: Reference, lineage: Lineage) -> tuple[pd.DataFrame, Targ
 def _typed(series: pd.Series, kind: str) -> pd.Series:
     if kind == NUMERICAL:
         return pd.to_numeric(series, errors="coerce").astype(np.float64)
-    return series.map(lambda value: None if pd.isna(value) else str(value)).astype(object)
+    return category_strings(series)
 
 
 def _predictions(values: np.ndarray | str, target: Target | None) -> tuple[pd.Series | None, str | None]:

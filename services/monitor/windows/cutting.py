@@ -30,7 +30,8 @@ TIME = "time"
 
 
 class rows_of(FunctionElement[int]):  # noqa: N801  (an SQL function's name)
-    """The rows of one logged request: its batch length (1 for inputs that are not a list)."""
+    """The rows of one logged request: its batch length; for named inputs (``{name: array}``: a
+    table's columns, or a model's several inputs), the length of the first; 1 for anything else."""
 
     type = Integer()
     inherit_cache = True
@@ -39,13 +40,19 @@ class rows_of(FunctionElement[int]):  # noqa: N801  (an SQL function's name)
 @compiles(rows_of, "postgresql")
 def _rows_of_postgresql(element: rows_of, compiler: Any, **kw: Any) -> str:
     value = compiler.process(element.clauses, **kw)
-    return f"(CASE json_typeof({value}) WHEN 'array' THEN json_array_length({value}) ELSE 1 END)"
+    first = (f"(SELECT CASE json_typeof(e.value) WHEN 'array' THEN json_array_length(e.value) ELSE 1 END "
+             f"FROM json_each({value}) AS e LIMIT 1)")
+    return (f"(CASE json_typeof({value}) WHEN 'array' THEN json_array_length({value}) "
+            f"WHEN 'object' THEN COALESCE({first}, 1) ELSE 1 END)")
 
 
 @compiles(rows_of)
 def _rows_of_sqlite(element: rows_of, compiler: Any, **kw: Any) -> str:
     value = compiler.process(element.clauses, **kw)
-    return f"(CASE json_type({value}) WHEN 'array' THEN json_array_length({value}) ELSE 1 END)"
+    first = (f"(SELECT CASE e.type WHEN 'array' THEN json_array_length(e.value) ELSE 1 END "
+             f"FROM json_each({value}) AS e LIMIT 1)")
+    return (f"(CASE json_type({value}) WHEN 'array' THEN json_array_length({value}) "
+            f"WHEN 'object' THEN COALESCE({first}, 1) ELSE 1 END)")
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,25 @@
-"""What the registry says about a served version: its lineage tags, and which versions hold an alias."""
+"""What the registry says about a served version: its lineage tags, how it takes its inputs (its
+signature tag; for sequences, its run's data.sequence params), and which versions hold an alias."""
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from services.monitor.windows.inputs import SEQUENCES, Inputs, read_inputs, sequence_source
 from shipyard_common.errors import Conflict, NotFound, Unavailable
-from shipyard_common.lineage import TAG_DATASET, TAG_DATASET_REV, TAG_FEATURES, TAG_TARGET, TAG_TASK
+from shipyard_common.lineage import (
+    TAG_DATASET,
+    TAG_DATASET_REV,
+    TAG_FEATURES,
+    TAG_SIGNATURE,
+    TAG_TARGET,
+    TAG_TASK,
+)
 from shipyard_common.mlflow_client import mlflow_unavailable, mlflow_unreachable
 
 # MLflow answers these when the model or version does not exist.
@@ -19,7 +28,8 @@ _MLFLOW_MISSING = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FO
 
 @dataclass(frozen=True)
 class Lineage:
-    """The data a version was trained on: dataset @ rev, its features, target and task."""
+    """The data a version was trained on: dataset @ rev, its features, target and task; and how the
+    version takes its inputs (rows, a table's columns, sequences)."""
 
     model: str
     version: str
@@ -28,6 +38,7 @@ class Lineage:
     features: tuple[str, ...]
     target: str | None
     task: str | None
+    inputs: Inputs = field(default_factory=Inputs)
 
 
 def _mlflow_error(exc: Exception, what: str, tracking_uri: str) -> Exception:
@@ -57,9 +68,29 @@ def read_lineage(*, mlflow: MlflowClient, model: str, version: str) -> Lineage:
         raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version} is not JSON: {exc}") from exc
     if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
         raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version} is not a list of feature names")
+    inputs = read_inputs(tags.get(TAG_SIGNATURE), tuple(features))
+    if inputs.kind == SEQUENCES:
+        inputs = _with_source(mlflow, inputs, run_id=found.run_id, what=f"{model!r} v{version}")
     return Lineage(model=model, version=version, dataset=tags[TAG_DATASET], rev=tags[TAG_DATASET_REV],
                    features=tuple(features), target=tags.get(TAG_TARGET) or None,
-                   task=tags.get(TAG_TASK) or None)
+                   task=tags.get(TAG_TASK) or None, inputs=inputs)
+
+
+def _with_source(mlflow: MlflowClient, inputs: Inputs, *, run_id: str | None, what: str) -> Inputs:
+    """``inputs`` with where the training dataset holds the sequences, from the training run's params."""
+    params: dict[str, str] = {}
+    if run_id:
+        try:
+            params = dict(mlflow.get_run(run_id).data.params or {})
+        except Exception as exc:
+            error = _mlflow_error(exc, f"the training run of {what}", mlflow.tracking_uri)
+            if not isinstance(error, NotFound):
+                raise error from exc
+    source = sequence_source(params)
+    if source is None:
+        raise Conflict(f"{what} takes sequences, but its training run has no data.sequence params (a list "
+                       "column, or id and step); drift of sequences needs where its dataset holds them")
+    return replace(inputs, source=source)
 
 
 def read_aliases(*, mlflow: MlflowClient, model: str) -> dict[str, str] | None:

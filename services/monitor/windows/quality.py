@@ -3,7 +3,8 @@
 Shares, as stored in ``WindowRecord.quality`` and exported as gauges:
 
 - ``schema_mismatch_share``: logged rows whose width is not the version's feature count (or
-  inputs that are not rows at all), over every logged row of the window;
+  inputs that are not rows at all; for a table, not its columns; for sequences, sequences whose
+  steps are not of the version's step width), over every logged row of the window;
 - ``missing_share``: missing values (null, NaN) over every value of the rows that fit;
 - ``out_of_range_share``: numerical values outside the reference's [min, max], over the present
   numerical values; ``unseen_category_share``: categorical values the reference never had, over
@@ -101,12 +102,12 @@ def judge(found: WindowRows, frame: pd.DataFrame | None, *, min_rows: int) -> Ve
     if total == 0:
         return Verdict(EMPTY, "no predictions were logged in this window")
     if fit == 0:
-        return Verdict(SCHEMA_CHANGE, f"none of the {total} rows has the {found.expected} features the "
+        return Verdict(SCHEMA_CHANGE, f"none of the {total} rows has {found.expected_shape} the "
                                       f"version was trained on (widths found: {_widths(found)})")
     if fit < min_rows:
         if found.mismatched:
-            return Verdict(SCHEMA_CHANGE, f"{found.mismatched} of {total} rows do not have the "
-                                          f"{found.expected} features ({_widths(found)}); {fit} left, "
+            return Verdict(SCHEMA_CHANGE, f"{found.mismatched} of {total} rows do not have "
+                                          f"{found.expected_shape} ({_widths(found)}); {fit} left, "
                                           f"drift needs at least {min_rows}")
         return Verdict(TOO_FEW_ROWS, f"{fit} rows; drift needs at least {min_rows}")
     if frame is not None and not frame.notna().to_numpy().any():
@@ -117,5 +118,5 @@ def judge(found: WindowRows, frame: pd.DataFrame | None, *, min_rows: int) -> Ve
 def _widths(found: WindowRows) -> str:
     parts = [f"{count} of width {width}" for width, count in sorted(found.widths.items())]
     if found.not_rows:
-        parts.append(f"{found.not_rows} not rows of numbers")
+        parts.append(f"{found.not_rows} not rows of the version's inputs")
     return ", ".join(parts)

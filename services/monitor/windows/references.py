@@ -8,6 +8,7 @@ computed when the revision is first read and never per window. The frames handed
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -47,6 +48,17 @@ class Reference:
     def rows(self) -> int:
         return len(self.frame)
 
+    def columns_as(self, kinds: dict[str, str] | None) -> dict[str, ColumnStats]:
+        """The column statistics, those named in ``kinds`` as that kind (a table's columns as its model
+        takes them: a column of numbers may be categorical); None: every column as its dtype says."""
+        if not kinds or all(self.columns[name].kind == kind for name, kind in kinds.items()
+                            if name in self.columns):
+            return self.columns
+        key = ("kinds", tuple(sorted(kinds.items())))
+        return self.prepared(key, lambda: {**self.columns, **{
+            name: column_stats(self.frame[name], kind) for name, kind in kinds.items()
+            if name in self.columns and self.columns[name].kind != kind}})
+
     def prepared(self, key: tuple[object, ...], build: Callable[[], T]) -> T:
         """What ``build`` makes for ``key`` (a feature set), built on the first call only."""
         with self._lock:
@@ -64,14 +76,27 @@ def column_kind(series: pd.Series) -> str:
     return NUMERICAL if numeric else CATEGORICAL
 
 
-def column_stats(series: pd.Series) -> ColumnStats:
-    if column_kind(series) == NUMERICAL:
-        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+def column_stats(series: pd.Series, kind: str | None = None) -> ColumnStats:
+    """The statistics of ``series`` as a column of ``kind`` (by default, what its dtype says)."""
+    if (kind or column_kind(series)) == NUMERICAL:
+        values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
         finite = values[np.isfinite(values)]
         if finite.size == 0:
             return ColumnStats(NUMERICAL)
         return ColumnStats(NUMERICAL, minimum=float(finite.min()), maximum=float(finite.max()))
-    return ColumnStats(CATEGORICAL, categories=frozenset(series.dropna().astype(str).unique().tolist()))
+    return ColumnStats(CATEGORICAL, categories=frozenset(category_strings(series).dropna().unique().tolist()))
+
+
+def category_strings(series: pd.Series) -> pd.Series:
+    """Each value as the text the trainer's categories hold (``str(value)``); null, NaN and ``""`` (the
+    trainer's and serving's null category) as None."""
+    return series.map(lambda value: None if _missing(value) else str(value)).astype(object)
+
+
+def _missing(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def describe(dataset: str, rev: str, frame: pd.DataFrame) -> Reference:

@@ -142,7 +142,8 @@ def _outcome(*, monitor: Monitor, model: str, version: str, due: Due) -> tuple[O
         lineage = monitor.windows.lineage.get(mlflow=monitor.mlflow, model=model, version=version)
         reference = monitor.references.get(lineage.dataset, lineage.rev)
         with monitor.database.session() as session:  # not held while Evidently runs
-            found = read_rows(session, model=model, version=version, due=due, expected=len(lineage.features))
+            found = read_rows(session, model=model, version=version, due=due, features=lineage.features,
+                              inputs=lineage.inputs)
         return assess(found=found, lineage=lineage, reference=reference, min_rows=monitor.settings.min_rows,
                       options=drift_options(monitor)), lineage
     except (Unavailable, DBAPIError):  # MLflow or the database away: the window waits for the next pass
