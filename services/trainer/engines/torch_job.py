@@ -64,6 +64,7 @@ def fit(context: FitContext) -> FitOutcome:
         stopped_early=result.stopped_early, seconds=result.seconds, device=result.device,
         exports=exports, state_dict=result.model.state_dict(),
         artifacts=[*getattr(data, "artifacts", []), *table_artifacts(data, context)],
+        columns=[] if data.table is None else data.table.describe(),
         card={"parameters": sum(p.numel() for p in result.model.parameters()),
               "architecture": type(result.model).__name__},
     )

@@ -9,11 +9,13 @@ down (bounded, with backoff, each wait reported) instead of failing the job at o
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import re
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -38,6 +40,13 @@ _ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 # Where a job's run keeps its latest training checkpoint, for a worker that takes the job over.
 CHECKPOINT_ARTIFACT_PATH = "checkpoints"
 TENSORBOARD_ARTIFACT_PATH = "tensorboard"
+# MLflow's param keys: these characters only (its own check), at most 250 characters in all.
+_PARAM_PART = re.compile(r"[\w.\- :]+")
+_NOT_IN_PARAM = re.compile(r"[^\w.\- :]")
+_PARAM_PART_MAX = 200
+#: A table's fitted columns among the run's params (:func:`column_params`).
+COLUMN_PARAM_PREFIX = "columns."
+COLUMN_PARAM_FIELDS = ("type", "encoding", "impute", "fill_value", "embedding_dim", "inferred")
 
 
 @functools.cache
@@ -54,15 +63,41 @@ def git_commit() -> str:
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"training": {"epochs": 20}}`` → ``{"training.epochs": "20"}``, for MLflow params."""
+    """``{"training": {"epochs": 20}}`` → ``{"training.epochs": "20"}``, for MLflow params; each key as
+    :func:`param_part` makes it (a declared column's name is the user's)."""
     flat: dict[str, str] = {}
     for key, value in values.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{param_part(str(key))}"
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = json.dumps(value) if isinstance(value, list | dict | None) else str(value)
     return flat
+
+
+def param_part(name: str) -> str:
+    """``name`` as one part of an MLflow param key: as it is when MLflow takes it (letters, digits,
+    ``_ - . :`` and spaces, not too long), else with each other character (``/`` included, which MLflow
+    reads as a path) as ``_``, cut to 200 characters and followed by ``-`` and 8 hex digits of its hash,
+    so that two names never share a key. A column may be named anything; a param key may not."""
+    if len(name) <= _PARAM_PART_MAX and _PARAM_PART.fullmatch(name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{_NOT_IN_PARAM.sub('_', name)[:_PARAM_PART_MAX]}-{digest}"
+
+
+def column_params(columns: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """A table's columns as fitted (``Table.describe()``, the version's ``columns.json``) as the run's
+    params, ``columns.<name>.<field>``: each column's type, encoding, imputation, fill value, embedding
+    size and whether it was inferred, so that runs compare in MLflow's UI. The spec's own
+    ``data.columns.*`` params say what was declared; these say what training settled, inferred too."""
+    params: dict[str, str] = {}
+    for column in columns:
+        name = param_part(str(column["name"]))
+        for field in COLUMN_PARAM_FIELDS:
+            if column.get(field) is not None:
+                params[f"{COLUMN_PARAM_PREFIX}{name}.{field}"] = str(column[field])
+    return params
 
 
 P = ParamSpec("P")

@@ -135,3 +135,6 @@ class FitOutcome:
     rows: dict[str, list[int]] = field(default_factory=dict)
     # Cross-validation (evaluation.kfold): each fold's validation metrics and its rows' positions.
     folds: list[Fold] = field(default_factory=list)
+    # A table's columns as declared or inferred and fitted (Table.describe(): the version's
+    # columns.json, and the run's columns.* params); [] without a table.
+    columns: list[dict[str, Any]] = field(default_factory=list)

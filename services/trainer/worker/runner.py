@@ -539,11 +539,13 @@ def _log_missing_epochs(
 
 def _log_outcome(tracking: Tracking, run_id: str, outcome: FitOutcome, writer: _ProgressWriter,
                  workdir: Path) -> None:
-    """Reports, TensorBoard events and the weights, beside the model in the run's artifacts."""
+    """Reports, TensorBoard events and the weights, beside the model in the run's artifacts; a table's
+    fitted columns as params."""
     import torch
 
-    from services.trainer.engines.tracking import TENSORBOARD_ARTIFACT_PATH
+    from services.trainer.engines.tracking import TENSORBOARD_ARTIFACT_PATH, column_params
 
+    tracking.log_params(run_id, column_params(outcome.columns))
     if writer.resumed_from_epoch is not None:
         _log_missing_epochs(tracking, run_id, outcome.history, before=writer.resumed_from_epoch)
     reports.log_run_reports(tracking, run_id, outcome)

@@ -25,6 +25,7 @@ from services.serving.core.requests import JsonTensor
 from services.serving.runtimes.base import Signature
 from services.trainer.app import create_app
 from services.trainer.engines import crossval, engine, export, preprocess
+from services.trainer.engines.tracking import COLUMN_PARAM_FIELDS, Tracking, column_params, flatten
 from services.trainer.engines.types import FitContext, TabularData
 from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.auth import Role
@@ -314,11 +315,17 @@ def table_job(stack: dict[str, Any], **changes: Any) -> dict[str, Any]:
                     data__split={"column": "part"}, **{"data__columns": DECLARED, **changes})
 
 
-@pytest.fixture(scope="module")
-def trained(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def mlflow(stack: dict[str, Any]) -> Any:
     from mlflow.tracking import MlflowClient
 
-    created = httpx.post(f"{stack['base']}/jobs", json=table_job(stack), headers=auth(Role.TRAINER))
+    uri = stack["platform"].mlflow_tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def run_job(stack: dict[str, Any], body: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Submit ``body`` to the trainer's API, wait for the worker to succeed, and download the run's
+    ``model/`` folder (the registered version's files) into ``folder``."""
+    created = httpx.post(f"{stack['base']}/jobs", json=body, headers=auth(Role.TRAINER))
     assert created.status_code == 201, created.text
 
     def ended() -> dict[str, Any] | None:
@@ -327,12 +334,15 @@ def trained(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
 
     job: dict[str, Any] = wait_for(ended, timeout=240, interval=0.5, what="the table job to end")
     assert job["state"] == "succeeded", (job["error"], stack["worker"].log_tail())
-    uri = stack["platform"].mlflow_tracking_uri
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    folder = Path(client.download_artifacts(job["mlflow_run_id"], "model",
-                                            str(tmp_path_factory.mktemp("table-model"))))
-    client.set_registered_model_alias("tables", "production", job["model_version"])
-    return {**job, "folder": folder}
+    downloaded = mlflow(stack).download_artifacts(job["mlflow_run_id"], "model", str(folder))
+    return {**job, "folder": Path(downloaded)}
+
+
+@pytest.fixture(scope="module")
+def trained(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    job = run_job(stack, table_job(stack), tmp_path_factory.mktemp("table-model"))
+    mlflow(stack).set_registered_model_alias("tables", "production", job["model_version"])
+    return job
 
 
 def unseen_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -374,6 +384,48 @@ def test_a_table_trains_through_the_worker_and_records_its_columns(trained, stac
     signature = json.loads((trained["folder"] / "signature.json").read_text())
     by_name = {item["name"]: item for item in signature["inputs"]}
     assert by_name["size"]["dtype"] == "string" and by_name["worst area"]["nullable"] is True
+
+
+def test_the_runs_params_carry_each_column_as_declared_or_inferred(trained, stack):
+    params = mlflow(stack).get_run(trained["mlflow_run_id"]).data.params
+    assert params["columns.size.type"] == "categorical" and params["columns.size.inferred"] == "True"
+    assert params["columns.size.encoding"] == "onehot" and params["columns.size.impute"] == "missing_category"
+    assert params["columns.city.encoding"] == "embedding" and params["columns.city.embedding_dim"] == "3"
+    assert params["columns.mean texture.impute"] == "median"
+    assert params["columns.mean texture.inferred"] == "False"
+    assert params["columns.worst area.type"] == "numeric" and params["columns.worst area.impute"] == "mean"
+    assert "columns.worst area.encoding" not in params
+    # Every column of the version's columns.json, field for field; the spec's declaration as it was.
+    columns = json.loads((trained["folder"] / "columns.json").read_text())["columns"]
+    assert len(columns) == len(stack["frame"].columns) - 2
+    for column in columns:
+        for field in COLUMN_PARAM_FIELDS:
+            if column.get(field) is not None:
+                assert params[f"columns.{column['name']}.{field}"] == str(column[field])
+    assert params["data.columns.city.impute"] == "null"  # left to inference: what it gave is columns.*
+    assert params["columns.city.impute"] == "missing_category"
+
+
+def test_column_names_mlflow_refuses_as_keys_are_logged_under_keys_it_takes(stack):
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow(stack)
+    tracking = Tracking(stack["platform"].mlflow_tracking_uri)
+    run_id = tracking.start_run(experiment="tables-params", run_name="column names", tags={})
+    with pytest.raises(MlflowException, match="Invalid value"):  # what a column named so did to a job
+        client.log_param(run_id, "columns.weight (kg).type", "numeric")
+    names = ["plain", "weight (kg)", "a/b", "a_b", "../up", "x" * 256, "prix\u20ac"]
+    declared = flatten({"data": {"columns": {name: {"type": "numeric"} for name in names}}})
+    fitted = column_params([{"name": name, "type": "numeric", "impute": "mean", "fill_value": float(i),
+                             "inferred": False} for i, name in enumerate(names)])
+    tracking.log_params(run_id, {**declared, **fitted})
+    tracking.log_params(run_id, fitted)  # a worker taking the job over logs the same again
+    logged = client.get_run(run_id).data.params
+    assert logged == {**declared, **fitted}
+    fills = {key: value for key, value in logged.items() if key.endswith(".fill_value")}
+    assert sorted(fills.values()) == [str(float(i)) for i in range(len(names))]  # one key per column
+    assert logged["columns.plain.fill_value"] == "0.0" and logged["data.columns.plain.type"] == "numeric"
+    assert all(len(key) <= 250 for key in logged)
 
 
 def test_serving_answers_raw_rows_with_unseen_categories_and_nulls_as_the_model_does(trained, stack):
