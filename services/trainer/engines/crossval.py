@@ -76,7 +76,7 @@ def fold_data(
     train, validation = cut
     fold = dataclasses.replace(
         data, x_train=data.x_train[train], y_train=data.y_train[train], x_val=data.x_train[validation],
-        y_val=data.y_train[validation], x_test=None, y_test=None, rows={}, val_frame=None,
+        y_val=data.y_train[validation], x_test=None, y_test=None, rows={}, val_frame=None, test_frame=None,
     )
     if data.table is None:
         return fold

@@ -36,7 +36,8 @@ MISSING = ""
 UNKNOWN_SLOT, MISSING_SLOT = "(unknown)", "(missing)"
 ONEHOT_MAX_CATEGORIES = 1_000
 EMBEDDING_MAX_CATEGORIES = 100_000
-_PREFIX = "shipyard_table/"
+#: What every value and node :func:`prepend` writes is named with (quantization leaves them as they are).
+GRAPH_PREFIX = "shipyard_table/"
 _ML_DOMAIN, _ML_OPSET = "ai.onnx.ml", 3
 
 
@@ -306,21 +307,23 @@ def prepend(path: Path, table: Table, *, network_input: str) -> None:
     if clash:
         raise InvalidInput(f"feature column(s) {clash[:10]} share a name with the network graph's values; "
                            "rename them")
-    encoded = _PREFIX + "encoded"
+    encoded = GRAPH_PREFIX + "encoded"
     for node in graph.node:
         for index, name in enumerate(node.input):
             if name == network_input:
                 node.input[index] = encoded
     nodes, constants, inputs, outs = [], [], [], []
-    constants.append(numpy_helper.from_array(np.array([1], dtype=np.int64), _PREFIX + "axis1"))
+    constants.append(numpy_helper.from_array(np.array([1], dtype=np.int64), GRAPH_PREFIX + "axis1"))
     for index, column in enumerate(table.columns):
-        step = _column_nodes(column, f"{_PREFIX}{index}/", helper, numpy_helper)
+        step = _column_nodes(column, f"{GRAPH_PREFIX}{index}/", helper, numpy_helper)
         nodes += step[0]
         constants += step[1]
         outs.append(step[2])
         kind = TensorProto.STRING if column.categorical else TensorProto.FLOAT
         inputs.append(helper.make_tensor_value_info(column.name, kind, ["batch"]))
     nodes.append(helper.make_node("Concat", outs, [encoded], axis=1))
+    for node in nodes:  # named after their output, under GRAPH_PREFIX: quantize.py knows them by it
+        node.name = node.output[0]
     body = list(graph.node)
     del graph.node[:]
     graph.node.extend([*nodes, *body])
@@ -340,12 +343,12 @@ def _column_nodes(
     out = prefix + "out"
     if not column.categorical:
         if column.fill is None:
-            return [helper.make_node("Unsqueeze", [column.name, _PREFIX + "axis1"], [out])], [], out
+            return [helper.make_node("Unsqueeze", [column.name, GRAPH_PREFIX + "axis1"], [out])], [], out
         fill = numpy_helper.from_array(np.array(column.fill, dtype=np.float32), prefix + "fill")
         return [
             helper.make_node("IsNaN", [column.name], [prefix + "null"]),
             helper.make_node("Where", [prefix + "null", prefix + "fill", column.name], [prefix + "filled"]),
-            helper.make_node("Unsqueeze", [prefix + "filled", _PREFIX + "axis1"], [out]),
+            helper.make_node("Unsqueeze", [prefix + "filled", GRAPH_PREFIX + "axis1"], [out]),
         ], [fill], out
     keys = [*column.categories, MISSING]
     values = [*range(len(column.categories)), column.missing_slot]
@@ -354,7 +357,7 @@ def _column_nodes(
     if column.encoding == Encoding.EMBEDDING:
         return [lookup,
                 helper.make_node("Cast", [prefix + "slot"], [prefix + "index"], to=1),  # FLOAT
-                helper.make_node("Unsqueeze", [prefix + "index", _PREFIX + "axis1"], [out])], [], out
+                helper.make_node("Unsqueeze", [prefix + "index", GRAPH_PREFIX + "axis1"], [out])], [], out
     eye = numpy_helper.from_array(np.eye(column.slots, dtype=np.float32), prefix + "onehot")
     gather = helper.make_node("Gather", [prefix + "onehot", prefix + "slot"], [out], axis=0)
     return [lookup, gather], [eye], out

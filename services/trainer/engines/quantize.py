@@ -6,7 +6,9 @@ projections), ``Gather`` (embeddings) and ``LSTM`` nodes as int8, and quantizes 
 at run time; everything else stays fp32. Not ``Conv``: ONNX Runtime's ``ConvInteger`` on CPU ran at
 a third of the fp32 convolution's speed (bench/RESULTS.md), so a CNN keeps fp32 convolutions and
 gets an int8 head. The file keeps the fp32 file's input and output, so serving opens it with the
-same ONNX runtime.
+same ONNX runtime. A table's model (engines/preprocess.py) keeps its encoding in front of the network
+exact: the nodes :func:`~.preprocess.prepend` wrote (LabelEncoder, the one-hot ``Gather``, IsNaN/Where)
+are left out of quantization, and both files are scored on the raw columns they take.
 
 Both files are scored on the same evaluation rows with the job's metric (accuracy for classifiers,
 RMSE for regression); the int8 file is kept only when it is no worse than ``training.
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from services.trainer.engines import preprocess
 from services.trainer.engines.export import MAX_IR_VERSION
 from services.trainer.engines.types import Export, FitOutcome, TabularData, TrainingFailed
 from services.trainer.jobs.schemas import ExportFormat, JobCreate, Task
@@ -35,6 +38,8 @@ log = logging.getLogger("shipyard.trainer.quantize")
 OP_TYPES = ("MatMul", "Gather", "LSTM")
 # Rows per ONNX Runtime call when scoring: bounded memory for long token-id rows.
 SCORE_CHUNK = 1024
+#: What a file is scored on: the rows of its one input, or a table's raw columns by input name.
+Inputs = np.ndarray | dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,18 @@ class Quantization:
                 "op_types": list(OP_TYPES)}
 
 
-def evaluation_rows(data: TabularData) -> tuple[str, np.ndarray, np.ndarray]:
+def evaluation_rows(data: TabularData) -> tuple[str, Inputs, np.ndarray]:
     """The rows both files are scored on: the test rows when the data has a test split, else the
-    validation rows (those the job reports its metrics on). ``(part name, x, y)``."""
+    validation rows (those the job reports its metrics on). ``(part name, x, y)``; with a table, x is
+    the rows' raw columns, as the exported files take them."""
     if data.x_test is not None and data.y_test is not None and len(data.x_test):
-        return "test", data.x_test, data.y_test
-    return "validation", data.x_val, data.y_val
+        part, x, y, raw = "test", data.x_test, data.y_test, data.test_frame
+    else:
+        part, x, y, raw = "validation", data.x_val, data.y_val, data.val_frame
+    if data.table is None:
+        return part, x, y
+    assert raw is not None  # prepare_data keeps a table's raw validation and test rows
+    return part, preprocess.raw_inputs(data.table, raw), y
 
 
 def quantize_onnx(source: Path, target: Path) -> None:
@@ -79,9 +90,11 @@ def quantize_onnx(source: Path, target: Path) -> None:
     # The exporter stores the shapes of intermediate values and weights; quantization rewrites
     # Gemm to MatMul with its weight transposed, which leaves those stale, and infers them afresh.
     del proto.graph.value_info[:]
+    encoding = [node.name for node in proto.graph.node if node.name.startswith(preprocess.GRAPH_PREFIX)]
     try:
         with _quiet_quantizer():
-            quantize_dynamic(proto, target, op_types_to_quantize=list(OP_TYPES), weight_type=QuantType.QInt8)
+            quantize_dynamic(proto, target, op_types_to_quantize=list(OP_TYPES), weight_type=QuantType.QInt8,
+                             nodes_to_exclude=encoding)
     except Exception as exc:
         raise TrainingFailed(f"the ONNX export cannot be quantized to int8: {type(exc).__name__}: "
                              f"{str(exc).strip()[:500]}") from exc
@@ -91,15 +104,16 @@ def quantize_onnx(source: Path, target: Path) -> None:
     onnx.save(quantized, str(target))
 
 
-def score(path: Path, task: Task, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+def score(path: Path, task: Task, x: Inputs, y: np.ndarray) -> tuple[float, np.ndarray]:
     """``path``'s accuracy (classification) or RMSE (regression) on ``x``/``y``, and its outputs."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (arg,) = session.get_inputs()
-    dtype = np.int64 if arg.type == "tensor(int64)" else np.float32
-    parts = [session.run(None, {arg.name: np.ascontiguousarray(x[i:i + SCORE_CHUNK], dtype=dtype)})[0]
-             for i in range(0, len(x), SCORE_CHUNK)]
+    if not isinstance(x, dict):
+        (arg,) = session.get_inputs()
+        x = {arg.name: np.ascontiguousarray(x, dtype=np.int64 if arg.type == "tensor(int64)" else np.float32)}
+    parts = [session.run(None, {name: rows[i:i + SCORE_CHUNK] for name, rows in x.items()})[0]
+             for i in range(0, len(y), SCORE_CHUNK)]
     out = np.concatenate(parts) if parts else np.zeros((0, 1), dtype=np.float32)
     if task == Task.CLASSIFICATION:
         hits = out.argmax(axis=1) == np.asarray(y).astype(np.int64).ravel()
@@ -135,17 +149,17 @@ def quantize_export(
         log.warning(
             "onnx_int8 dropped: its %s on %d %s rows is %.4g against fp32's %.4g, worse by %.4g%s, more "
             "than training.quantization_tolerance %.4g allows; the version serves the fp32 ONNX export",
-            metric, len(x), part, int8, fp32, change, "" if metric == "accuracy" else " (relative)",
+            metric, len(y), part, int8, fp32, change, "" if metric == "accuracy" else " (relative)",
             tolerance)
         export = None
     else:
         diff = float(np.max(np.abs(int8_out - fp32_out))) if fp32_out.size else 0.0
         log.info("onnx_int8 kept: %s on %d %s rows %.4g (fp32 %.4g); max |difference| from fp32 %.3g",
-                 metric, len(x), part, int8, fp32, diff)
+                 metric, len(y), part, int8, fp32, diff)
         export = Export(format=ExportFormat.ONNX_INT8, path=target, max_abs_diff=diff,
                         signature=dict(onnx_export.signature))
     return Quantization(metric=metric, fp32=fp32, int8=int8, tolerance=tolerance, kept=kept, rows=part,
-                        n_rows=len(x), export=export)
+                        n_rows=len(y), export=export)
 
 
 @contextlib.contextmanager

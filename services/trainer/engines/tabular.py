@@ -42,18 +42,26 @@ def prepare_data(frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame 
     x = _feature_rows(frame, features, table)
     test = rows.get("test")
     x_test, y_test = (None, None) if test is None else (x[test], y[test])
+    raw_test = None if test is None else frame.iloc[test]
     if test_frame is not None and data.split is not None and data.split.test_rev is not None:
         _check_columns(test_frame, features, spec, data.split.test_rev)
         x_test = _feature_rows(test_frame, features, table)
         y_test, _ = _labels(test_frame[data.target], spec, classes=classes)
         rows["test"] = np.arange(len(test_frame))
+        raw_test = test_frame
     return TabularData(
         features=features, target=data.target, task=data.task,
         x_train=x[rows["train"]], y_train=y[rows["train"]], x_val=x[rows["validation"]],
         y_val=y[rows["validation"]], classes=[_plain(c) for c in classes], x_test=x_test, y_test=y_test,
         rows={part: positions.tolist() for part, positions in rows.items()}, table=table,
-        val_frame=None if table is None else frame.iloc[rows["validation"]][features].reset_index(drop=True),
+        val_frame=_raw(frame.iloc[rows["validation"]], features, table),
+        test_frame=None if raw_test is None else _raw(raw_test, features, table),
     )
+
+
+def _raw(rows: pd.DataFrame, features: list[str], table: preprocess.Table | None) -> pd.DataFrame | None:
+    """With a table, ``rows``' raw feature columns (what the exported graph takes); else None."""
+    return None if table is None else rows[features].reset_index(drop=True)
 
 
 def _check_columns(

@@ -53,8 +53,10 @@ class TabularData:
     # A table with categorical columns or missing values (engines/preprocess.py): how each column is
     # encoded, fitted on the training rows; the x_* arrays are encoded. None: the columns as they are.
     table: Table | None = None
-    # With a table: the validation rows' raw feature columns, which the exported graph is checked on.
+    # With a table: the validation rows' raw feature columns, which the exported graph is checked on,
+    # and the test rows' (None without test rows), which the int8 file is scored on.
     val_frame: pd.DataFrame | None = None
+    test_frame: pd.DataFrame | None = None
 
 
 @dataclass

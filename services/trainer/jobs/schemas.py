@@ -513,10 +513,13 @@ def table_refusal(spec: JobCreate) -> str | None:
                 f"{spec.framework.value!r}; encode and fill them first for another framework")
     if spec.resources.gpus > 1:
         return "categorical columns and missing values train on one device (resources.gpus <= 1)"
-    other = [f.value for f in spec.exports if f != ExportFormat.ONNX]
+    other = [f.value for f in spec.exports if f not in (ExportFormat.ONNX, ExportFormat.ONNX_INT8)]
     if other:
-        return (f"a model taking categorical columns and missing values is exported to 'onnx' only (its "
-                f"graph takes strings and nulls), not {other}")
+        return (f"a model taking categorical columns and missing values cannot be exported to {other}: "
+                "its column encoding (each string looked up among the training categories, nulls filled) "
+                "is part of the exported model, so that clients send raw rows, and a TorchScript model "
+                "takes tensors of numbers, never strings; export 'onnx' (and 'onnx_int8' for int8 "
+                "weights) instead")
     return None
 
 

@@ -23,6 +23,8 @@ from sklearn.datasets import load_breast_cancer
 from services.serving.core.convert import column_array, table_columns
 from services.serving.core.requests import JsonTensor
 from services.serving.runtimes.base import Signature
+from services.serving.runtimes.loader import load_runtime
+from services.serving.settings import ServingSettings
 from services.trainer.app import create_app
 from services.trainer.engines import crossval, engine, export, preprocess
 from services.trainer.engines.tracking import COLUMN_PARAM_FIELDS, Tracking, column_params, flatten
@@ -31,6 +33,7 @@ from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from shipyard_common.errors import InvalidInput, ShipyardError
+from shipyard_common.lineage import TAG_FORMAT
 from tests.services.serving.support import serving
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, running_app, running_mlflow, wait_for
@@ -196,8 +199,10 @@ def test_bad_declarations_are_refused_by_the_schema(changes, message):
 def test_formats_and_frameworks_that_cannot_take_strings_are_refused():
     base = {"model_name": "m", "data": {"dataset": "t", "rev": "a" * 40, "task": "classification",
                                         "target": "target", "columns": DECLARED}}
-    with pytest.raises(ValidationError, match="exported to 'onnx' only"):
+    refused = r"cannot be exported to \['torchscript'\]: .* a TorchScript model takes tensors of numbers"
+    with pytest.raises(ValidationError, match=refused):
         JobCreate.model_validate({**base, "exports": ["onnx", "torchscript"]})
+    assert JobCreate.model_validate({**base, "exports": ["onnx", "onnx_int8"]}).exports[-1] == "onnx_int8"
     with pytest.raises(ValidationError, match="need framework 'pytorch'"):
         JobCreate.model_validate({**base, "framework": "keras"})
     # Undeclared: the data calls for a table, and the engine refuses the same way.
@@ -345,6 +350,21 @@ def trained(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     return job
 
 
+@pytest.fixture(scope="module")
+def cross_validated(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A second table job, cross-validated in 3 folds and exported to onnx and onnx_int8, on the table
+    with a category (``batch`` ``"solo"``) that only the first fold's held-out rows hold."""
+    body = job_spec(rev="0" * 40, dataset="tables-cv", model_name="tables-cv", training__epochs=8,
+                    data__split={"column": "part"}, data__columns=DECLARED, exports=["onnx", "onnx_int8"])
+    body["evaluation"] = {"kfold": 3}
+    frame, solo = with_a_category_one_fold_holds(stack["frame"], JobCreate.model_validate(body))
+    platform = stack["platform"]
+    repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
+    body["data"]["rev"] = repo.add("tables-cv", frame).rev
+    job = run_job(stack, body, tmp_path_factory.mktemp("cv-model"))
+    return {**job, "frame": frame, "solo": solo}
+
+
 def unseen_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """Test rows as a client sends them: JSON objects, an unseen category, nulls, a category only the
     test rows hold."""
@@ -358,11 +378,11 @@ def unseen_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return found
 
 
-def onnx_answer(folder: Path, rows: list[dict[str, Any]]) -> np.ndarray:
+def onnx_answer(folder: Path, rows: list[dict[str, Any]], fmt: str = "onnx") -> np.ndarray:
     """The exported file's own answer, from onnxruntime directly, for the rows the client sent."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(folder / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(folder / fmt / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = {}
     for arg in session.get_inputs():
         values = [row.get(arg.name) for row in rows]
@@ -371,6 +391,16 @@ def onnx_answer(folder: Path, rows: list[dict[str, Any]]) -> np.ndarray:
                            np.array([np.nan if v is None else v for v in values], dtype=np.float32))
     (answer,) = session.run(None, feeds)
     return answer  # type: ignore[no-any-return]
+
+
+def client_columns(rows: list[dict[str, Any]], frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The rows' columns as serving hands them to the runtime: a column of strings as text (``""`` for
+    null), a column of numbers as float32 (NaN for null)."""
+    names = [name for name in frame.columns if name not in ("target", "part")]
+    return {name: np.array(["" if row.get(name) is None else str(row[name]) for row in rows], dtype=object)
+            if frame[name].dtype == object else
+            np.array([np.nan if row.get(name) is None else row[name] for row in rows], dtype=np.float32)
+            for name in names}
 
 
 def test_a_table_trains_through_the_worker_and_records_its_columns(trained, stack):
@@ -426,6 +456,49 @@ def test_column_names_mlflow_refuses_as_keys_are_logged_under_keys_it_takes(stac
     assert sorted(fills.values()) == [str(float(i)) for i in range(len(names))]  # one key per column
     assert logged["columns.plain.fill_value"] == "0.0" and logged["data.columns.plain.type"] == "numeric"
     assert all(len(key) <= 250 for key in logged)
+
+
+def test_a_cross_validated_table_registers_the_encoding_fitted_on_every_training_row(cross_validated):
+    metrics = cross_validated["metrics"]
+    assert metrics["cv_accuracy_mean"] >= 0.8 and metrics["val_accuracy"] >= 0.85
+    columns = {c["name"]: c for c in json.loads((cross_validated["folder"] / "columns.json").read_text())[
+        "columns"]}
+    assert columns["batch"]["categories"] == ["solo", "usual"]  # the first fold alone did not know "solo"
+
+
+def test_a_table_model_registers_an_int8_file_that_takes_raw_rows_within_tolerance(cross_validated, stack):
+    folder, metrics, frame = cross_validated["folder"], cross_validated["metrics"], cross_validated["frame"]
+    assert metrics["int8_kept"] == 1.0 and (folder / "onnx_int8" / "model.onnx").is_file()
+    assert metrics["fp32_accuracy"] - metrics["int8_accuracy"] <= 0.01  # training.quantization_tolerance
+    tags = mlflow(stack).get_model_version("tables-cv", cross_validated["model_version"]).tags
+    assert tags[TAG_FORMAT] == "onnx_int8"
+    # The network's weights are int8; the encoding in front of it is left as it was (exact).
+    import onnx
+
+    nodes = onnx.load(str(folder / "onnx_int8" / "model.onnx")).graph.node
+    assert sum(node.op_type == "MatMulInteger" for node in nodes) == 3  # the MLP's three Linear layers
+    encoding = [node for node in nodes if node.name.startswith(preprocess.GRAPH_PREFIX)]
+    assert {node.op_type for node in encoding} >= {"LabelEncoder", "Gather", "IsNaN", "Where", "Concat"}
+    assert not any("Quantize" in node.op_type for node in encoding)  # its onehot Gather was, untold
+    # Every test row as a client sends it (strings, nulls): both files score what the job recorded.
+    test = frame[frame["part"] == "test"]
+    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+            for row in test.drop(columns=["target", "part"]).astype(object).to_dict(orient="records")]
+    for fmt, recorded in (("onnx", "fp32_accuracy"), ("onnx_int8", "int8_accuracy")):
+        answers = onnx_answer(folder, rows, fmt)
+        assert float(np.mean(answers.argmax(axis=1) == test["target"].to_numpy())) == pytest.approx(
+            metrics[recorded], abs=1e-9)
+    # Serving's loader opens the int8 file (the version's format) and answers unseen categories and nulls.
+    unseen = unseen_rows(frame)
+    loaded = load_runtime(folder.parent, name="tables-cv", version=cross_validated["model_version"],
+                          tags=tags, settings=ServingSettings())
+    try:
+        assert loaded.runtime.format == "onnx_int8"
+        served = loaded.runtime.predict(client_columns(unseen, frame))["probabilities"]
+    finally:
+        loaded.runtime.close()
+    np.testing.assert_allclose(served, onnx_answer(folder, unseen, "onnx_int8"), atol=1e-6)
+    np.testing.assert_allclose(served, onnx_answer(folder, unseen), atol=0.05)
 
 
 def test_serving_answers_raw_rows_with_unseen_categories_and_nulls_as_the_model_does(trained, stack):
