@@ -162,7 +162,7 @@ def parts(platform: PlatformSettings, chunk_rows: int) -> dict[str, float]:
     """The flow's parts, each timed alone on the same data (seconds for all the rows)."""
     from prefect.logging import disable_run_logger
 
-    from pipelines.batch import BatchConfig, log_chunk, output_frame, plan_batch
+    from pipelines.batch.flow import BatchConfig, log_chunk, output_frame, plan_batch
 
     config = BatchConfig.from_platform(platform, token="bench")
     clear(platform, config)
@@ -174,11 +174,11 @@ def parts(platform: PlatformSettings, chunk_rows: int) -> dict[str, float]:
     timed["onnx"] = timed["log rows"] = timed["parquet"] = 0.0
     scratch = Path(tempfile.mkdtemp())
     for chunk in batch.chunks:
-        rows = batch.features[chunk.start:chunk.stop]
+        feeds = batch.inputs.feeds(chunk.start, chunk.stop)
         t0 = time.perf_counter()
-        outputs = batch.session.run([batch.output_name], {batch.input_name: rows})[0]
+        outputs = batch.session.run([batch.output_name], feeds)[0]
         t1 = time.perf_counter()
-        log_chunk(batch, chunk, rows, outputs, 0.0)
+        log_chunk(batch, chunk, feeds, outputs, 0.0)
         t2 = time.perf_counter()
         output_frame(batch, chunk, outputs).to_parquet(scratch / f"{chunk.index}.parquet", index=False)
         t3 = time.perf_counter()

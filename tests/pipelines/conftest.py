@@ -14,7 +14,7 @@ import redis
 from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
 from tests.stack_teardown import down_at_once
-from tests.support import free_port, redis_db, test_platform
+from tests.support import free_port, redis_db, stop_process_group, test_platform
 
 PIPELINES_REDIS_DB = redis_db(12)
 # Fast enough for tests: the deployments process polls for runs every second, the server's
@@ -46,3 +46,19 @@ def pipeline_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
 @pytest.fixture(scope="package")
 def stack_platform(pipeline_stack: Stack) -> PlatformSettings:
     return pipeline_stack.platform
+
+
+@pytest.fixture(scope="module")
+def prefect_url(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Prefect server of its own for a module that runs flows in process (the package's whole stack
+    is not needed there), booting while the session's MLflow server does."""
+    platform = test_platform(tmp_path_factory.mktemp("batch-prefect"),
+                             prefect_api_url=f"http://127.0.0.1:{free_port()}/api")
+    stack = Stack(platform)
+    record = stack.start_component(stack.prefect_component())
+    try:
+        request.getfixturevalue("mlflow_server")
+        stack.wait_ready(record, timeout=120)
+        yield platform.prefect_api_url
+    finally:
+        stop_process_group(record.pid)

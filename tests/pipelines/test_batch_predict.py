@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from typer.testing import CliRunner
 
 from pipelines.batch import BATCH_ROLE, Chunk, batch_predict, inject_fault
 from shipyard_cli.main import app as cli
-from shipyard_cli.stack import Stack
 from shipyard_common.datasets import DataRepo
 from shipyard_common.datasets.predictions import PredictionsRepo
 from shipyard_common.db import Database
@@ -36,28 +34,12 @@ from tests.services.registry.model_factory import (
     tiny_classifier,
     unique_name,
 )
-from tests.support import free_port, stop_process_group, test_platform
+from tests.support import test_platform
 
 ROWS = 50_000
 CHUNK = 5_000
 FEATURES = [f"f{i}" for i in range(N_FEATURES)]
 CLASSES = ["low", "mid", "high"]
-
-
-@pytest.fixture(scope="module")
-def prefect_url(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A Prefect server of its own (the package's whole stack is not needed here), booting while the
-    session's MLflow server does."""
-    platform = test_platform(tmp_path_factory.mktemp("batch-prefect"),
-                             prefect_api_url=f"http://127.0.0.1:{free_port()}/api")
-    stack = Stack(platform)
-    record = stack.start_component(stack.prefect_component())
-    try:
-        request.getfixturevalue("mlflow_server")
-        stack.wait_ready(record, timeout=120)
-        yield platform.prefect_api_url
-    finally:
-        stop_process_group(record.pid)
 
 
 def scene(tmp_path: Path, mlflow_server: str, prefect_url: str, rows: int, **settings: Any) -> dict[str, Any]:

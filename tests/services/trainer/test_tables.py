@@ -36,24 +36,8 @@ from shipyard_common.errors import InvalidInput, ShipyardError
 from shipyard_common.lineage import TAG_FORMAT
 from tests.services.serving.support import serving
 from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.table_data import DECLARED, table_frame
 from tests.support import auth, running_app, running_mlflow, wait_for
-
-DECLARED = {"city": {"type": "categorical", "encoding": "embedding", "embedding_dim": 3},
-            "mean texture": {"type": "numeric", "impute": "median"}}
-
-
-def table_frame() -> pd.DataFrame:
-    frame = load_breast_cancer(as_frame=True).frame
-    rng = np.random.default_rng(0)
-    positions = np.arange(len(frame))
-    frame["part"] = np.where(positions % 5 == 0, "test", np.where(positions % 5 == 1, "validation", "train"))
-    size = pd.cut(frame["mean radius"], [0, 12, 15, 100], labels=["small", "medium", "large"]).astype(object)
-    frame["size"] = size.where(rng.random(len(frame)) > 0.1, None)
-    frame["city"] = rng.choice(["paris", "lyon", "nice", "lille"], len(frame))
-    frame["grade"] = np.where(frame["part"] == "test", rng.choice(["a", "rare"], len(frame)), "a")
-    frame.loc[rng.random(len(frame)) < 0.1, "mean texture"] = np.nan
-    frame.loc[rng.random(len(frame)) < 0.1, "worst area"] = np.nan
-    return frame
 
 
 def spec(**data: Any) -> JobCreate:

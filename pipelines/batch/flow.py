@@ -1,8 +1,9 @@
 """The flow ``batch_predict``: score a dataset version with a registered model version, in chunks.
 
 1. ``plan_batch``: resolve the dataset revision (``DataRepo``) and the model version (an alias,
-   default ``production``, or a version number) in MLflow; check that the dataset holds the
-   version's features (its ``shipyard.features`` tag), naming those it lacks; fetch its ONNX file.
+   default ``production``, or a version number) in MLflow; fetch its ONNX file; read the dataset's
+   rows as the file takes them (rows of features, a table's columns or sequences:
+   :mod:`pipelines.batch.inputs`), naming the columns or rows that do not fit.
 2. ``score_chunk``, once per chunk of ``chunk_rows`` rows, retried by Prefect: ONNX Runtime on the
    chunk; its rows into the prediction log the monitor reads (``predictions``, role ``batch``), as
    serving's are; its Parquet file written under a temporary name and renamed, so that a file there
@@ -13,7 +14,7 @@
    ``predictions/<output>.json`` and in an MLflow run (experiment ``shipyard-batch-predict``).
 
 Resumable: the chunks live in ``<state_dir>/pipelines/batch/<key>/`` where ``key`` hashes the
-inputs (dataset revision, model version, chunk size, id column); a rerun with the same inputs
+inputs (dataset revision, model version, kind of inputs, chunk size, id column); a rerun with the same inputs
 finds the chunks written and scores only the others. A chunk's id is its index range plus a hash
 of its rows. Test-only hook: :func:`inject_fault` makes ``score_chunk`` fail where a test says.
 No pickles and no user code: only the version's ``model.onnx`` runs, in ONNX Runtime.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,19 +44,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import func, select
 
+from pipelines.batch.inputs import ROW, ModelInputs, read_inputs
+from pipelines.batch.model import ModelInfo, mlflow_client, model_info
 from pipelines.flows import prefect_api, report_result
 from pipelines.tasks import PipelineConfig
 from shipyard_common.datasets import DataRepo, validate_dataset_name
 from shipyard_common.datasets.predictions import PredictionsRepo
 from shipyard_common.db import Database
-from shipyard_common.errors import InvalidInput, NotFound
-from shipyard_common.lineage import (
-    ONNX_FILE_NAME,
-    PRODUCTION,
-    TAG_FEATURES,
-    TAG_SIGNATURE,
-    TAG_TASK,
-)
+from shipyard_common.errors import InvalidInput
+from shipyard_common.lineage import PRODUCTION
 from shipyard_common.records import PredictionRecord, insert_rows
 from shipyard_common.settings import PlatformSettings
 
@@ -68,7 +64,6 @@ CHUNK_RETRY_DELAYS_S: list[float] = [1, 2]
 # Chunks in flight at once: one is scored (ONNX Runtime, its own threads) while another's rows are
 # logged and its file written (JSON, the database, Parquet: mostly one core).
 SCORING_THREADS = 2
-ROW = "row"  # the output's column: the row's position in the dataset version
 
 _fault: Callable[[Chunk, int], None] | None = None
 
@@ -123,62 +118,47 @@ class Chunk:
         return [f"batch-{key[:16]}-{self.index}-{part // LOG_ROWS}" for part in parts]
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """The version that scores: where its ONNX file is, its features and what its outputs mean."""
-
-    name: str
-    version: str
-    alias: str | None
-    onnx_path: Path
-    features: list[str]
-    task: str | None
-    classes: list[Any] | None
-    dataset: str | None
-    dataset_rev: str | None
-
-
 class Batch:
-    """One batch in the flow's process: the rows, the session, where its chunks go. A plain class,
-    not a dataclass: Prefect walks a task's dataclass parameters, and this holds every row."""
+    """One batch in the flow's process: the rows as the version takes them, the session, where its
+    chunks go. A plain class, not a dataclass: Prefect walks a task's dataclass parameters, and this
+    holds every row."""
 
-    def __init__(self, *, key: str, model: ModelInfo, dataset: str, dataset_rev: str, features: np.ndarray,
-                 ids: np.ndarray | None, id_column: str | None, chunk_rows: int, config: BatchConfig) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, *, key: str, model: ModelInfo, dataset: str, dataset_rev: str, session: Any,
+                 inputs: ModelInputs, chunk_rows: int, config: BatchConfig) -> None:
         self.key, self.model, self.dataset, self.dataset_rev = key, model, dataset, dataset_rev
-        self.features, self.ids, self.id_column = features, ids, id_column
+        self.session, self.inputs = session, inputs
         self.folder = config.work_dir / key / "chunks"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_name = session.get_outputs()[0].name
         self.database = Database(config.database_url.get_secret_value())
         self.database.create_tables()
-        self.chunks = make_chunks(features, chunk_rows)
+        self.chunks = make_chunks(inputs, chunk_rows)
+
+    @property
+    def id_column(self) -> str | None:
+        return self.inputs.id_column
 
     def path(self, chunk: Chunk) -> Path:
         return self.folder / f"{chunk.id}.parquet"
 
 
-def make_chunks(features: np.ndarray, chunk_rows: int) -> list[Chunk]:
+def make_chunks(inputs: ModelInputs, chunk_rows: int) -> list[Chunk]:
     """Rows ``[i * chunk_rows, (i + 1) * chunk_rows)``, each with a hash of its values."""
     if chunk_rows < 1:
         raise InvalidInput(f"chunk_rows must be at least 1, not {chunk_rows}")
     chunks = []
-    for index, start in enumerate(range(0, len(features), chunk_rows)):
-        stop = min(start + chunk_rows, len(features))
-        digest = hashlib.blake2b(np.ascontiguousarray(features[start:stop]).tobytes(), digest_size=16)
-        chunks.append(Chunk(index=index, start=start, stop=stop, digest=digest.hexdigest()))
+    for index, start in enumerate(range(0, inputs.rows, chunk_rows)):
+        stop = min(start + chunk_rows, inputs.rows)
+        chunks.append(Chunk(index=index, start=start, stop=stop, digest=inputs.digest(start, stop)))
     return chunks
 
 
 def batch_key(
-    *, dataset: str, dataset_rev: str, model: ModelInfo, chunk_rows: int, id_column: str | None
+    *, dataset: str, dataset_rev: str, model: ModelInfo, kind: str, chunk_rows: int, id_column: str | None
 ) -> str:
     """The batch's name: the same inputs give the same key, hence the same chunks to resume."""
-    described = json.dumps([dataset, dataset_rev, model.name, model.version, model.features, chunk_rows,
-                            id_column])
+    described = json.dumps([dataset, dataset_rev, model.name, model.version, model.features, kind,
+                            model.sequence, chunk_rows, id_column])
     return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
@@ -188,132 +168,32 @@ def default_output(dataset: str, model_name: str) -> str:
     return name[:128]
 
 
-# -- the model version ---------------------------------------------------------------------------
-
-
-def _mlflow(config: BatchConfig) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    uri = config.pipeline.mlflow_tracking_uri
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def resolve_version(config: BatchConfig, model_name: str, alias: str | None, version: str | None) -> Any:
-    """The MLflow model version that ``version``, else ``alias``, names; NotFound saying which is missing."""
-    from mlflow.exceptions import MlflowException
-
-    client = _mlflow(config)
-    try:
-        registered = client.get_registered_model(model_name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise NotFound(f"model {model_name!r} is not registered") from exc
-        raise
-    if version is None:
-        aliases = dict(registered.aliases or {})
-        if alias not in aliases:
-            known = ", ".join(f"{a} → v{v}" for a, v in sorted(aliases.items())) or "none"
-            raise NotFound(f"model {model_name!r} has no alias {alias!r} (its aliases: {known})")
-        version = str(aliases[alias])
-    try:
-        return client.get_model_version(model_name, str(version))
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise NotFound(f"model {model_name!r} has no version {version!r}") from exc
-        raise
-
-
-def fetch_onnx(config: BatchConfig, found: Any) -> Path:
-    """The version's ``model.onnx``, downloaded once into the work folder (a rename makes it whole)."""
-    import mlflow.artifacts
-
-    named = hashlib.sha256(found.name.encode()).hexdigest()[:16]
-    folder = config.work_dir / "models" / named / str(found.version)
-    target = folder / ONNX_FILE_NAME
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=found.source, dst_path=scratch, tracking_uri=config.pipeline.mlflow_tracking_uri))
-        onnx_files = sorted(local.rglob(ONNX_FILE_NAME)) if local.is_dir() else [local]
-        if not onnx_files or onnx_files[0].name != ONNX_FILE_NAME:
-            raise InvalidInput(f"model {found.name!r} v{found.version} has no {ONNX_FILE_NAME}: batch "
-                               "scoring runs ONNX versions only")
-        os.replace(onnx_files[0], target)
-    return target
-
-
-def model_info(config: BatchConfig, model_name: str, alias: str | None, version: str | None) -> ModelInfo:
-    found = resolve_version(config, model_name, alias, version)
-    tags = dict(found.tags or {})
-    try:
-        features = json.loads(tags.get(TAG_FEATURES) or "null")
-    except ValueError as exc:
-        raise InvalidInput(
-            f"tag {TAG_FEATURES} of {model_name!r} v{found.version} is not JSON: {exc}"
-        ) from exc
-    if not isinstance(features, list) or not features:
-        raise InvalidInput(f"{model_name!r} v{found.version} has no {TAG_FEATURES} tag: which dataset "
-                           "columns it takes is unknown")
-    try:
-        classes = json.loads(tags.get(TAG_SIGNATURE) or "{}").get("classes")
-    except (ValueError, AttributeError):
-        classes = None
-    return ModelInfo(
-        name=model_name, version=str(found.version), alias=None if version is not None else alias,
-        onnx_path=fetch_onnx(config, found), features=[str(f) for f in features], task=tags.get(TAG_TASK),
-        classes=list(classes) if isinstance(classes, list) else None,
-        dataset=tags.get("shipyard.dataset"), dataset_rev=tags.get("shipyard.dataset_rev"),
-    )
-
-
-def check_columns(frame: pd.DataFrame, model: ModelInfo, where: str, id_column: str | None) -> None:
-    """InvalidInput naming the model's features the dataset lacks or holds as something not a number."""
-    missing = [name for name in model.features if name not in frame.columns]
-    if missing:
-        raise InvalidInput(f"{where} lacks column(s) {missing} that {model.name} v{model.version} takes "
-                           f"(its features: {model.features})")
-    not_numbers = [name for name in model.features if not pd.api.types.is_numeric_dtype(frame[name])]
-    if not_numbers:
-        raise InvalidInput(f"column(s) {not_numbers} of {where} are not numbers; {model.name} "
-                           f"v{model.version} takes numbers")
-    if id_column is not None and (id_column not in frame.columns or id_column == ROW):
-        raise InvalidInput(f"id column {id_column!r} is not a column of {where}" if id_column != ROW
-                           else f"id column may not be {ROW!r}, the output's own column")
-
-
-def check_width(batch: Batch) -> None:
-    """InvalidInput when the ONNX file's input width is not the number of the version's features."""
-    width = batch.session.get_inputs()[0].shape[-1]
-    if isinstance(width, int) and width != len(batch.model.features):
-        raise InvalidInput(f"{batch.model.name} v{batch.model.version} takes {width} values per row, but "
-                           f"its {TAG_FEATURES} tag names {len(batch.model.features)} columns")
-
-
 # -- the tasks -----------------------------------------------------------------------------------
 
 
 @task(name="plan_batch", cache_policy=NO_CACHE, persist_result=False)
 def plan_batch(dataset: str, rev: str, model_name: str, alias: str | None, version: str | None,
                chunk_rows: int, id_column: str | None, config: BatchConfig) -> Batch:
-    """Resolve the dataset revision and the model version, check the columns, cut the chunks."""
+    """Resolve the dataset revision and the model version, read the rows as it takes them, cut the chunks."""
+    import onnxruntime as ort
+
     validate_dataset_name(dataset)
     repo = config.repo()
     full_rev = repo.resolve(dataset, rev)
-    model = model_info(config, model_name, alias, version)
+    model = model_info(tracking_uri=config.pipeline.mlflow_tracking_uri, work_dir=config.work_dir,
+                       model_name=model_name, alias=alias, version=version)
     frame = repo.read(dataset, full_rev)
     where = f"dataset {dataset!r} at {full_rev[:12]}"
-    check_columns(frame, model, where, id_column)
-    features = frame[model.features].to_numpy(dtype=np.float32)
-    ids = frame[id_column].to_numpy() if id_column else None
-    key = batch_key(dataset=dataset, dataset_rev=full_rev, model=model, chunk_rows=chunk_rows,
-                    id_column=id_column)
-    batch = Batch(key=key, model=model, dataset=dataset, dataset_rev=full_rev, features=features, ids=ids,
-                  id_column=id_column, chunk_rows=chunk_rows, config=config)
-    check_width(batch)
-    get_run_logger().info("batch %s: %s (%d rows, %d chunks) with %s v%s", key[:12], where, len(frame),
-                          len(batch.chunks), model.name, model.version)
+    session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
+    inputs = read_inputs(frame, model, session.get_inputs(), where, id_column)
+    del frame
+    key = batch_key(dataset=dataset, dataset_rev=full_rev, model=model, kind=inputs.kind,
+                    chunk_rows=chunk_rows, id_column=inputs.id_column)
+    batch = Batch(key=key, model=model, dataset=dataset, dataset_rev=full_rev, session=session,
+                  inputs=inputs, chunk_rows=chunk_rows, config=config)
+    get_run_logger().info("batch %s: %s (%d %s, %d chunks) with %s", key[:12], where, inputs.rows,
+                          "sequences" if inputs.kind == "sequences" else "rows", len(batch.chunks),
+                          model.describe())
     return batch
 
 
@@ -326,16 +206,16 @@ def score_chunk(batch: Batch, chunk: Chunk) -> dict[str, Any]:
     target = batch.path(chunk)
     if target.exists():
         return {"chunk": chunk.id, "rows": chunk.stop - chunk.start, "skipped": True, "logged": 0}
-    rows = batch.features[chunk.start:chunk.stop]
+    feeds = batch.inputs.feeds(chunk.start, chunk.stop)
     began = time.perf_counter()
-    outputs = np.asarray(batch.session.run([batch.output_name], {batch.input_name: rows})[0])
+    outputs = np.asarray(batch.session.run([batch.output_name], feeds)[0])
     latency_ms = (time.perf_counter() - began) * 1000.0
-    logged = log_chunk(batch, chunk, rows, outputs, latency_ms)
+    logged = log_chunk(batch, chunk, feeds, outputs, latency_ms)
     if _fault is not None:
         context = TaskRunContext.get()
         _fault(chunk, context.task_run.run_count if context is not None else 1)
     write_chunk(batch, chunk, outputs, target)
-    return {"chunk": chunk.id, "rows": len(rows), "skipped": False, "logged": logged}
+    return {"chunk": chunk.id, "rows": chunk.stop - chunk.start, "skipped": False, "logged": logged}
 
 
 def output_frame(batch: Batch, chunk: Chunk, outputs: np.ndarray) -> pd.DataFrame:
@@ -343,8 +223,9 @@ def output_frame(batch: Batch, chunk: Chunk, outputs: np.ndarray) -> pd.DataFram
     ``prediction`` (a classifier's class, its label where the signature names it; a regressor's value)."""
     values = outputs.reshape(len(outputs), -1)
     columns: dict[str, Any] = {ROW: np.arange(chunk.start, chunk.stop, dtype=np.int64)}
-    if batch.ids is not None and batch.id_column is not None:
-        columns[batch.id_column] = batch.ids[chunk.start:chunk.stop]
+    ids, id_column = batch.inputs.ids, batch.inputs.id_column
+    if ids is not None and id_column is not None:
+        columns[id_column] = ids[chunk.start:chunk.stop]
     for j in range(values.shape[1]):
         columns[f"{batch.output_name}_{j}"] = values[:, j]
     if values.shape[1] == 1:
@@ -364,23 +245,26 @@ def write_chunk(batch: Batch, chunk: Chunk, outputs: np.ndarray, target: Path) -
     os.replace(partial, target)
 
 
-def log_chunk(batch: Batch, chunk: Chunk, rows: np.ndarray, outputs: np.ndarray, latency_ms: float) -> int:
+def log_chunk(batch: Batch, chunk: Chunk, feeds: dict[str, np.ndarray], outputs: np.ndarray,
+              latency_ms: float) -> int:
     """The chunk's rows into the prediction log, ``LOG_ROWS`` per record, role ``batch``, all in one
     transaction through the writer serving's shipper uses; none if an earlier try logged them
-    already. Returns how many rows it logged."""
-    ids = chunk.log_ids(batch.key)
+    already. Returns how many rows it logged. A record's inputs are what serving logs for a request
+    of those rows (:meth:`ModelInputs.logged`)."""
+    ids, rows = chunk.log_ids(batch.key), chunk.stop - chunk.start
     with batch.database.session() as session:
         present = session.scalar(select(func.count()).select_from(PredictionRecord)
                                  .where(PredictionRecord.request_id.in_(ids)))
         if present:
             return 0
-        created, per_record = time.time(), latency_ms * LOG_ROWS / max(1, len(rows))
+        created, per_record = time.time(), latency_ms * LOG_ROWS / max(1, rows)
         insert_rows(session, [
             (request_id, batch.model.name, batch.model.version, BATCH_ROLE,
-             _json(rows[at:at + LOG_ROWS]), _json(outputs[at:at + LOG_ROWS]), per_record, created)
-            for request_id, at in zip(ids, range(0, len(rows), LOG_ROWS), strict=True)
+             batch.inputs.logged(feeds, at, at + LOG_ROWS).decode(), _json(outputs[at:at + LOG_ROWS]),
+             per_record, created)
+            for request_id, at in zip(ids, range(0, rows, LOG_ROWS), strict=True)
         ])
-    return len(rows)
+    return rows
 
 
 def _json(values: np.ndarray) -> str:
@@ -416,7 +300,7 @@ def commit_predictions(batch: Batch, results: list[dict[str, Any]], output: str,
     repo = PredictionsRepo(pipeline.data_repo, pipeline.dvc_remote, s3=pipeline.s3)
     files = [batch.path(c) for c in batch.chunks]
     rev = repo.add_predictions(output, files, manifest_of(batch, results, run_id))
-    get_run_logger().info("predictions %s: %d rows at revision %s", output, len(batch.features), rev)
+    get_run_logger().info("predictions %s: %d rows at revision %s", output, batch.inputs.rows, rev)
     return rev
 
 
@@ -427,7 +311,7 @@ def start_tracking(batch: Batch, config: BatchConfig, output: str) -> str:
     """An MLflow run for the batch (experiment ``shipyard-batch-predict``), tagged with its lineage."""
     from mlflow.exceptions import MlflowException
 
-    client = _mlflow(config)
+    client = mlflow_client(config.pipeline.mlflow_tracking_uri)
     found = client.get_experiment_by_name(EXPERIMENT)
     if found is None:
         try:
@@ -445,7 +329,7 @@ def start_tracking(batch: Batch, config: BatchConfig, output: str) -> str:
 
 
 def end_tracking(config: BatchConfig, run_id: str, output_rev: str, rows: int, seconds: float) -> None:
-    client = _mlflow(config)
+    client = mlflow_client(config.pipeline.mlflow_tracking_uri)
     client.set_tag(run_id, "shipyard.output_rev", output_rev)
     client.log_metric(run_id, "rows", rows)
     client.log_metric(run_id, "rows_per_s", rows / max(seconds, 1e-9))
@@ -494,12 +378,13 @@ def batch_predict_flow(
         results = [future.result() for future in futures]
         output_rev = commit_predictions(batch, results, output, config, run_id)
     except BaseException:
-        _mlflow(config).set_terminated(run_id, status="FAILED")  # a rerun resumes, in a run of its own
+        # A rerun resumes, in a run of its own.
+        mlflow_client(config.pipeline.mlflow_tracking_uri).set_terminated(run_id, status="FAILED")
         raise
     finally:
         batch.database.dispose()
     seconds = time.perf_counter() - began
-    rows = len(batch.features)
+    rows = batch.inputs.rows
     end_tracking(config, run_id, output_rev, rows, seconds)
     skipped = sum(1 for r in results if r["skipped"])
     get_run_logger().info("%d rows in %.1fs (%d chunks scored, %d already written)", rows, seconds,

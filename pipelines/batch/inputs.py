@@ -1,0 +1,346 @@
+"""What a version's ONNX file takes, read once from the dataset version's rows, and fed chunk by chunk.
+
+The trainer registers three kinds of ONNX files; the file's own inputs say which one it is:
+
+- **rows**: one float input [batch, features]: the ``shipyard.features`` columns as numbers (NaN for null).
+- **a table** (the job's ``data.columns``): one input per column, [batch] each, raw values as serving
+  feeds them: strings for a categorical column (``str(value)``, ``""`` for null, as the trainer
+  encodes the training rows), float32 with NaN for null for a numeric one. Unseen categories and
+  nulls are the graph's to handle.
+- **sequences** (``data.sequence``): one float input [batch, time, width] with a free time axis; each
+  sequence from a list column (JSON text in the CSV) or long format (one row per step: an id column,
+  a step column, the step's features), and each chunk padded with NaN to its longest sequence, as
+  serving pads a request. An output row is a sequence (in long format, named by its id, in id order).
+
+Each kind gives a chunk's feeds, a digest of its values (the chunk's id) and what the prediction log
+holds for a record of its rows: what serving logs for the same model (the rows, the table's columns
+by name, the padded sequences). What none of them fits is refused, naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from pipelines.batch.model import ModelInfo
+from shipyard_common.errors import InvalidInput
+
+ROW = "row"  # the output's column: the row's position in the dataset version (a sequence's, in order)
+_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64}
+_STRING = "tensor(string)"
+
+
+class ModelInputs:
+    """The dataset's rows as the version takes them. ``rows``: how many rows (sequences) are scored;
+    ``ids``: the output's id column (``id_column``), one value per scored row, or None."""
+
+    kind = ""
+
+    def __init__(self, *, rows: int, ids: np.ndarray | None, id_column: str | None) -> None:
+        self.rows, self.ids, self.id_column = rows, ids, id_column
+
+    def feeds(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """What ONNX Runtime is given for rows ``[start, stop)``."""
+        raise NotImplementedError
+
+    def digest(self, start: int, stop: int) -> str:
+        """A hash of rows ``[start, stop)``'s values (a chunk's id says which rows it scored)."""
+        raise NotImplementedError
+
+    def logged(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> bytes:
+        """The prediction log's inputs (JSON) for rows ``[start, stop)`` of a chunk's ``feeds``."""
+        raise NotImplementedError
+
+
+class RowInputs(ModelInputs):
+    """One float input [batch, features]: the features' columns as one matrix."""
+
+    kind = "rows"
+
+    def __init__(self, name: str, values: np.ndarray, **ids: Any) -> None:
+        super().__init__(rows=len(values), **ids)
+        self.name, self.values = name, values
+
+    def feeds(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {self.name: self.values[start:stop]}
+
+    def digest(self, start: int, stop: int) -> str:
+        return _hash(self.values[start:stop].tobytes())
+
+    def logged(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> bytes:
+        return _json(feeds[self.name][start:stop])
+
+
+class TableInputs(ModelInputs):
+    """One input per column, [batch]: strings (``""`` for null) or float32 (NaN for null)."""
+
+    kind = "table"
+
+    def __init__(self, columns: dict[str, np.ndarray], **ids: Any) -> None:
+        super().__init__(rows=len(next(iter(columns.values()))), **ids)
+        self.columns = columns
+
+    def feeds(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {name: values[start:stop] for name, values in self.columns.items()}
+
+    def digest(self, start: int, stop: int) -> str:
+        parts = [values[start:stop].tobytes() if values.dtype != object
+                 else orjson.dumps(values[start:stop].tolist()) for values in self.columns.values()]
+        return _hash(b"\x00".join(parts))
+
+    def logged(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> bytes:
+        return _json({name: values[start:stop] if values.dtype != object else values[start:stop].tolist()
+                      for name, values in feeds.items()})
+
+
+class SequenceInputs(ModelInputs):
+    """One float input [batch, time, width]: every sequence's steps one after another in ``steps``,
+    sequence ``i`` being ``steps[offsets[i]:offsets[i + 1]]``. ``time``: the file's time axis where it
+    is fixed rather than free (None)."""
+
+    kind = "sequences"
+
+    def __init__(self, name: str, steps: np.ndarray, offsets: np.ndarray, *, time: int | None = None,
+                 **ids: Any) -> None:
+        super().__init__(rows=len(offsets) - 1, **ids)
+        self.name, self.steps, self.offsets, self.time = name, steps, offsets, time
+
+    def feeds(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` padded with NaN to the longest of them (to a fixed time axis, each
+        sequence's first ``time`` steps: the trainer's truncation)."""
+        lengths = np.diff(self.offsets[start:stop + 1])
+        length = self.time or int(lengths.max())
+        padded = np.full((stop - start, length, self.steps.shape[1]), np.nan, self.steps.dtype)
+        first = self.offsets[start]
+        sequence = np.repeat(np.arange(stop - start), lengths)
+        step = np.arange(int(lengths.sum())) - np.repeat(self.offsets[start:stop] - first, lengths)
+        kept = step < length
+        padded[sequence[kept], step[kept]] = self.steps[first:self.offsets[stop]][kept]
+        return {self.name: padded}
+
+    def digest(self, start: int, stop: int) -> str:
+        lengths = np.diff(self.offsets[start:stop + 1])
+        return _hash(self.steps[self.offsets[start]:self.offsets[stop]].tobytes() + lengths.tobytes())
+
+    def logged(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> bytes:
+        """Those sequences padded to the longest of them, as serving logs a request of them."""
+        padded = feeds[self.name][start:stop]
+        longest = int((~np.isnan(padded).all(axis=2)).sum(axis=1).max())
+        return _json(np.ascontiguousarray(padded[:, :longest]))
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _json(values: Any) -> bytes:
+    return orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# -- reading the dataset's rows as the version takes them ----------------------------------------
+
+
+def read_inputs(frame: pd.DataFrame, model: ModelInfo, specs: list[Any], where: str,
+                id_column: str | None) -> ModelInputs:
+    """``frame`` (the dataset version) as ``model``'s ONNX inputs ``specs`` (``session.get_inputs()``)
+    take it; InvalidInput naming the columns, rows or inputs that do not fit."""
+    what = model.describe()
+    ranks = [len(spec.shape) for spec in specs]
+    if ranks == [2]:
+        return _rows(frame, model, specs[0], where, _ids(frame, id_column, where))
+    if ranks == [3]:
+        return _sequences(frame, model, specs[0], where, id_column)
+    if ranks and all(rank == 1 for rank in ranks):
+        return _table(frame, model, specs, where, _ids(frame, id_column, where))
+    shown = [f"{spec.name} {spec.type} {spec.shape}" for spec in specs[:10]]
+    raise InvalidInput(f"{what} takes inputs {shown}; batch scoring takes rows [batch, features], a "
+                       "table's columns [batch] or sequences [batch, time, width]")
+
+
+def _ids(frame: pd.DataFrame, id_column: str | None, where: str) -> dict[str, Any]:
+    if id_column is None:
+        return {"ids": None, "id_column": None}
+    if id_column == ROW:
+        raise InvalidInput(f"id column may not be {ROW!r}, the output's own column")
+    if id_column not in frame.columns:
+        raise InvalidInput(f"id column {id_column!r} is not a column of {where}")
+    return {"ids": frame[id_column].to_numpy(), "id_column": id_column}
+
+
+def _missing(frame: pd.DataFrame, model: ModelInfo, columns: list[str], where: str) -> None:
+    missing = [name for name in columns if name not in frame.columns]
+    if missing:
+        raise InvalidInput(f"{where} lacks column(s) {missing} that {model.describe()} takes "
+                           f"(its features: {model.features})")
+
+
+def _float_type(spec: Any, model: ModelInfo) -> Any:
+    dtype = _FLOATS.get(spec.type)
+    if dtype is None:
+        raise InvalidInput(f"{model.describe()}'s input {spec.name!r} takes {spec.type}; batch scoring "
+                           "feeds numbers (float) from the dataset's columns, and strings to a table's")
+    return dtype
+
+
+def _rows(frame: pd.DataFrame, model: ModelInfo, spec: Any, where: str, ids: dict[str, Any]) -> RowInputs:
+    """The features' columns as one float matrix (numbers only: a table's strings need a table's model)."""
+    _missing(frame, model, model.features, where)
+    dtype = _float_type(spec, model)
+    not_numbers = [name for name in model.features if not pd.api.types.is_numeric_dtype(frame[name])]
+    if not_numbers:
+        raise InvalidInput(f"column(s) {not_numbers} of {where} are not numbers; {model.describe()} "
+                           "takes numbers")
+    width = spec.shape[-1]
+    if isinstance(width, int) and width != len(model.features):
+        raise InvalidInput(f"{model.describe()} takes {width} values per row, but its shipyard.features "
+                           f"tag names {len(model.features)} columns")
+    return RowInputs(spec.name, np.ascontiguousarray(frame[model.features].to_numpy(dtype=dtype)), **ids)
+
+
+def _table(frame: pd.DataFrame, model: ModelInfo, specs: list[Any], where: str,
+           ids: dict[str, Any]) -> TableInputs:
+    """Each input's column, named as the input: strings, or float32 with NaN for null."""
+    _missing(frame, model, [spec.name for spec in specs], where)
+    columns = {}
+    for spec in specs:
+        series = frame[spec.name]
+        if spec.type == _STRING:
+            columns[spec.name] = category_strings(series)
+        else:
+            columns[spec.name] = numbers(series, spec.name, where).astype(_float_type(spec, model))
+    return TableInputs(columns, **ids)
+
+
+def category_strings(series: pd.Series) -> np.ndarray:
+    """Each value as the string the graph compares (``str(value)``), ``""`` for null: as the trainer
+    encoded its training rows (services/trainer/engines/preprocess.py) and serving feeds a request's."""
+    mask = series.isna().to_numpy()
+    pairs = zip(series.astype(object).tolist(), mask, strict=True)
+    return np.array(["" if gone else str(value) for value, gone in pairs], dtype=object)
+
+
+def numbers(series: pd.Series, name: str, where: str) -> np.ndarray:
+    """A numeric column as float64, NaN for null; InvalidInput naming the first value that is no number
+    (a boolean included) or beyond float32's range."""
+    if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+        converted = pd.to_numeric(series.astype(object).where(series.notna(), None), errors="coerce")
+        wrong = series[converted.isna() & series.notna()]
+        if len(wrong) or (pd.api.types.is_bool_dtype(series) and len(series)):
+            row = wrong.index[0] if len(wrong) else series.index[0]
+            raise InvalidInput(f"column {name!r} of {where} is numeric for the model but row {row} holds "
+                               f"{series[row]!r}")
+        series = converted
+    values: np.ndarray = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    beyond = np.abs(values) > float(np.finfo(np.float32).max)
+    if beyond.any():
+        row = int(np.argmax(beyond))
+        raise InvalidInput(f"column {name!r} of {where}: row {row} holds {values[row]!r}, beyond float32's "
+                           "range")
+    return values
+
+
+# -- sequences ------------------------------------------------------------------------------------
+
+
+def _sequences(frame: pd.DataFrame, model: ModelInfo, spec: Any, where: str,
+               id_column: str | None) -> SequenceInputs:
+    """A list column's cells, or long format's steps grouped by id and ordered by step."""
+    dtype = _float_type(spec, model)
+    layout = model.sequence or {}
+    width = spec.shape[2] if isinstance(spec.shape[2], int) else None
+    if "column" in layout:
+        column = layout["column"]
+        _missing(frame, model, [column], where)
+        steps, offsets = list_cells(frame[column], column, where, width)
+        return SequenceInputs(spec.name, steps.astype(dtype), offsets, time=_time(spec),
+                              **_ids(frame, id_column, where))
+    if "id" in layout and "step" in layout:
+        return _long_format(frame, model, spec, where, id_column, dtype)
+    raise InvalidInput(f"{model.describe()} takes sequences, but neither its training run (data.sequence) "
+                       f"nor its features {model.features[:10]} say which columns hold them")
+
+
+def list_cells(
+    series: pd.Series, column: str, where: str, width: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A list column's cells (JSON text in the CSV: lists of numbers, or of equal-width lists) as their
+    steps one after another, (steps, width) float64, and each sequence's offset into them."""
+    parsed = []
+    for row, cell in enumerate(series.tolist()):
+        place = f"row {row} of column {column!r} of {where}"
+        try:
+            value = orjson.loads(cell) if isinstance(cell, str | bytes) else cell
+        except orjson.JSONDecodeError:
+            raise InvalidInput(f"{place} is {str(cell)[:40]!r}, not a list of numbers") from None
+        if not isinstance(value, list) or not value:
+            shown = "an empty sequence" if isinstance(value, list) else f"{value!r:.40}"
+            raise InvalidInput(f"{place} is {shown}; each row holds a sequence: a list of numbers "
+                               "(or of equal-width lists)")
+        steps = _steps(value, place)
+        if width is not None and steps.shape[1] != width:
+            raise InvalidInput(f"{place} has steps of {steps.shape[1]} value(s); the model takes {width}")
+        parsed.append(steps)
+    if not parsed:
+        raise InvalidInput(f"{where} has no rows to score")
+    if len({steps.shape[1] for steps in parsed}) > 1:
+        raise InvalidInput(f"the steps of column {column!r} of {where} are of different widths")
+    offsets = np.zeros(len(parsed) + 1, dtype=np.int64)
+    np.cumsum([len(steps) for steps in parsed], out=offsets[1:])
+    return np.concatenate(parsed), offsets
+
+
+def _steps(value: list[Any], place: str) -> np.ndarray:
+    if any(isinstance(v, bool | str) or v is None for v in value):
+        raise InvalidInput(f"{place} holds a value that is not a number; steps are numbers")
+    try:
+        steps = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"{place} is not a list of numbers or of equal-width lists of numbers") from None
+    steps = steps.reshape(-1, 1) if steps.ndim == 1 else steps
+    if steps.ndim != 2 or not steps.shape[1]:
+        raise InvalidInput(f"{place} is not a list of numbers or of equal-width lists of numbers")
+    if not np.isfinite(steps).all() or np.abs(steps).max() > float(np.finfo(np.float32).max):
+        raise InvalidInput(f"{place} holds a missing, infinite or too large value; steps are finite numbers")
+    return steps
+
+
+def _long_format(frame: pd.DataFrame, model: ModelInfo, spec: Any, where: str, id_column: str | None,
+                 dtype: Any) -> SequenceInputs:
+    """One sequence per id, in id order, its rows ordered by step; the output names each by its id."""
+    layout = model.sequence or {}
+    id_, step = layout["id"], layout["step"]
+    _missing(frame, model, [id_, step, *model.features], where)
+    if id_column not in (None, id_):
+        raise InvalidInput(f"{model.describe()} scores one sequence per {id_!r} (long format); the output "
+                           f"is named by it, so the id column can only be {id_!r}, not {id_column!r}")
+    if isinstance(spec.shape[2], int) and spec.shape[2] != len(model.features):
+        raise InvalidInput(f"{model.describe()} takes steps of {spec.shape[2]} values, but its "
+                           f"shipyard.features tag names {len(model.features)} columns")
+    gaps = [c for c in [id_, step] if frame[c].isna().any()]
+    if gaps:
+        raise InvalidInput(f"column(s) {gaps} of {where} have missing values; each step needs an id and "
+                           "a step")
+    ordered = frame.sort_values([id_, step], kind="stable").reset_index(drop=True)
+    repeated = ordered[ordered.duplicated([id_, step])]
+    if len(repeated):
+        first = repeated.iloc[0]
+        raise InvalidInput(f"{where}: id {first[id_]!r} has step {first[step]!r} more than once")
+    values = np.stack([numbers(ordered[c], c, where) for c in model.features], axis=1)
+    if np.isnan(values).any():
+        row = int(np.isnan(values).any(axis=1).argmax())
+        raise InvalidInput(f"{where}: id {ordered[id_][row]!r} step {ordered[step][row]!r} has a missing "
+                           "value; steps are finite numbers")
+    lengths = ordered.groupby(id_, sort=False).size().to_numpy()
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = ordered[id_].to_numpy()[offsets[:-1]]
+    return SequenceInputs(spec.name, values.astype(dtype), offsets, time=_time(spec), ids=ids, id_column=id_)
+
+
+def _time(spec: Any) -> int | None:
+    """The file's time axis where it is fixed (an export that did not keep it free), else None."""
+    return spec.shape[1] if isinstance(spec.shape[1], int) and spec.shape[1] > 0 else None
