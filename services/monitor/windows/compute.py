@@ -58,7 +58,7 @@ def assess(*, found: WindowRows, lineage: Lineage, reference: Reference, min_row
     sequences (:mod:`.sequences`); a table's columns are of the kinds its model takes them as.
     """
     if lineage.inputs.kind == SEQUENCES:
-        reference, lineage = sequences.summarised(reference, lineage)
+        reference, lineage = sequences.summarised(reference, lineage=lineage)
     features = list(lineage.features)
     absent = [name for name in features if name not in reference.columns]
     if absent:

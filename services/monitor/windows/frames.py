@@ -107,7 +107,7 @@ class WindowRows:
         fits = isinstance(outputs, list) and len(outputs) == len(inputs)
         answers = outputs if fits else [None] * len(inputs)
         self.total += len(inputs)
-        for (summary, width), answer in zip(summarise(inputs, self.expected), answers, strict=True):
+        for (summary, width), answer in zip(summarise(inputs, width=self.expected), answers, strict=True):
             if summary is None:
                 self.widths[width] += 1
             else:

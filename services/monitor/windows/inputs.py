@@ -60,7 +60,7 @@ class Inputs:
         return {name: CATEGORICAL if name in self.categorical else NUMERICAL for name in features}
 
 
-def read_inputs(signature: str | None, features: tuple[str, ...]) -> Inputs:
+def read_inputs(signature: str | None, *, features: tuple[str, ...]) -> Inputs:
     """The layout the signature tag's JSON describes; rows when there is none or it says neither."""
     try:
         found = json.loads(signature) if signature else None

@@ -68,7 +68,7 @@ def read_lineage(*, mlflow: MlflowClient, model: str, version: str) -> Lineage:
         raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version} is not JSON: {exc}") from exc
     if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
         raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version} is not a list of feature names")
-    inputs = read_inputs(tags.get(TAG_SIGNATURE), tuple(features))
+    inputs = read_inputs(tags.get(TAG_SIGNATURE), features=tuple(features))
     if inputs.kind == SEQUENCES:
         inputs = _with_source(mlflow, inputs, run_id=found.run_id, what=f"{model!r} v{version}")
     return Lineage(model=model, version=version, dataset=tags[TAG_DATASET], rev=tags[TAG_DATASET_REV],

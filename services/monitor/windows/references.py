@@ -56,7 +56,7 @@ class Reference:
             return self.columns
         key = ("kinds", tuple(sorted(kinds.items())))
         return self.prepared(key, lambda: {**self.columns, **{
-            name: column_stats(self.frame[name], kind) for name, kind in kinds.items()
+            name: column_stats(self.frame[name], kind=kind) for name, kind in kinds.items()
             if name in self.columns and self.columns[name].kind != kind}})
 
     def prepared(self, key: tuple[object, ...], build: Callable[[], T]) -> T:
@@ -76,7 +76,7 @@ def column_kind(series: pd.Series) -> str:
     return NUMERICAL if numeric else CATEGORICAL
 
 
-def column_stats(series: pd.Series, kind: str | None = None) -> ColumnStats:
+def column_stats(series: pd.Series, *, kind: str | None = None) -> ColumnStats:
     """The statistics of ``series`` as a column of ``kind`` (by default, what its dtype says)."""
     if (kind or column_kind(series)) == NUMERICAL:
         values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)

@@ -31,7 +31,7 @@ def summary_names(features: tuple[str, ...]) -> tuple[str, ...]:
     return (*(f"mean({name})" for name in features), LENGTH)
 
 
-def summarise(inputs: list[Any], width: int) -> list[tuple[list[float] | None, int]]:
+def summarise(inputs: list[Any], *, width: int) -> list[tuple[list[float] | None, int]]:
     """Each logged sequence's summary (means, then length), or None and the width of its steps when
     they are not steps of ``width`` numbers (0: not a list of steps)."""
     try:
@@ -40,10 +40,10 @@ def summarise(inputs: list[Any], width: int) -> list[tuple[list[float] | None, i
         padded = None
     if padded is not None and padded.ndim == 3 and padded.shape[2] == width:
         return [(summary, width) for summary in _summaries(padded).tolist()]
-    return [_one(sequence, width) for sequence in inputs]
+    return [_one(sequence, width=width) for sequence in inputs]
 
 
-def _one(sequence: Any, width: int) -> tuple[list[float] | None, int]:
+def _one(sequence: Any, *, width: int) -> tuple[list[float] | None, int]:
     try:
         steps = np.array(sequence, dtype=np.float64)
     except (TypeError, ValueError):
@@ -67,26 +67,26 @@ def _summaries(padded: np.ndarray) -> np.ndarray:
     return np.concatenate([means, lengths[:, np.newaxis].astype(np.float64)], axis=1)
 
 
-def summarised(reference: Reference, lineage: Lineage) -> tuple[Reference, Lineage]:
+def summarised(reference: Reference, *, lineage: Lineage) -> tuple[Reference, Lineage]:
     """The reference of the version's training sequences' summaries (read once per revision and
     layout), and the lineage whose features are the summaries."""
     source = lineage.inputs.source
     assert source is not None  # read_lineage sets it for every sequence version
     names = summary_names(lineage.features)
     key = ("sequences", source, lineage.features, lineage.target)
-    built = reference.prepared(key, lambda: describe(
-        reference.dataset, reference.rev, _reference_frame(reference, source, lineage, names)))
+    built = reference.prepared(key, lambda: describe(reference.dataset, reference.rev, _reference_frame(
+        reference, source=source, lineage=lineage, names=names)))
     return built, replace(lineage, features=names)
 
 
-def _reference_frame(reference: Reference, source: SequenceSource, lineage: Lineage,
+def _reference_frame(reference: Reference, *, source: SequenceSource, lineage: Lineage,
                      names: tuple[str, ...]) -> pd.DataFrame:
     frame, where = reference.frame, f"dataset {reference.dataset!r} at {reference.rev[:12]}"
     if source.column is not None:
         if source.column not in frame.columns:
             raise Conflict(f"{where} has no sequence column {source.column!r}")
         width = lineage.inputs.width
-        rows = [_one(_cell(value), width)[0] for value in frame[source.column].tolist()]
+        rows = [_one(_cell(value), width=width)[0] for value in frame[source.column].tolist()]
         if any(row is None for row in rows):
             raise Conflict(f"{where}: column {source.column!r} does not hold sequences of steps of {width}")
         found = pd.DataFrame(rows, columns=list(names), index=frame.index)
@@ -96,8 +96,7 @@ def _reference_frame(reference: Reference, source: SequenceSource, lineage: Line
         absent = [c for c in (id_, step, *lineage.features) if c not in frame.columns]
         if absent:
             raise Conflict(f"{where} lacks the sequence column(s) {absent[:5]}")
-        ordered = frame.sort_values([id_, step], kind="stable")
-        groups = ordered.groupby(id_, sort=True)
+        groups = frame.groupby(id_, sort=True)  # a mean and a count: the order of the steps is moot
         found = groups[list(lineage.features)].mean()
         found.columns = list(names[:-1])
         found[names[-1]] = groups.size().astype(np.float64)
