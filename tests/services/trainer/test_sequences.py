@@ -209,7 +209,8 @@ def test_onnx_and_torchscript_exports_take_any_length_and_ignore_padding(model, 
 
 @pytest.mark.parametrize("model", [LSTM, GRU, TRANSFORMER], ids=["lstm", "bigru", "transformer"])
 def test_a_sequence_longer_than_the_longest_trained_on_answers_as_its_first_steps(model):
-    """Serving passes any length: the model reads the first max_length steps, as training truncated."""
+    """The graph reads the first max_length steps of a longer sequence, as training truncated (serving
+    refuses such a sequence with a 4xx naming both lengths rather than answer without its end)."""
     spec, data = prepared(model, long_format_frame(60, seed=5), LONG_SEQUENCE)
     net = engine.build_model(data, spec).eval()
     longest = int(data.x_train.shape[1])
