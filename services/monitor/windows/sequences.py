@@ -2,11 +2,10 @@
 and its length (the number of real steps).
 
 A logged request holds its sequences padded with null to one length (serving pads them with NaN);
-a step with a null is padding, as the models read it. Lengths and means are of the whole sequence
-as sent, also past the longest sequence the model reads (it reads only the first ``max_length``
-steps): drift is about the data. The reference is the same of each training sequence, read from
-the version's dataset revision as the trainer read it (a list column of lists or of their JSON text,
-or long format grouped by id and ordered by step), with the sequence's target beside it.
+a step with a null is padding, as the models read it. The reference is the same of each training
+sequence, read from the version's dataset revision as the trainer read it (a list column of lists
+or of their JSON text, or long format grouped by id and ordered by step), with the sequence's
+target beside it.
 """
 
 from __future__ import annotations
