@@ -70,13 +70,15 @@ def read_lineage(*, mlflow: MlflowClient, model: str, version: str) -> Lineage:
         raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version} is not a list of feature names")
     inputs = read_inputs(tags.get(TAG_SIGNATURE), features=tuple(features))
     if inputs.kind == SEQUENCES:
-        inputs = _with_source(mlflow, inputs, run_id=found.run_id, what=f"{model!r} v{version}")
+        inputs = _with_source(mlflow, inputs, run_id=found.run_id, features=tuple(features),
+                              what=f"{model!r} v{version}")
     return Lineage(model=model, version=version, dataset=tags[TAG_DATASET], rev=tags[TAG_DATASET_REV],
                    features=tuple(features), target=tags.get(TAG_TARGET) or None,
                    task=tags.get(TAG_TASK) or None, inputs=inputs)
 
 
-def _with_source(mlflow: MlflowClient, inputs: Inputs, *, run_id: str | None, what: str) -> Inputs:
+def _with_source(mlflow: MlflowClient, inputs: Inputs, *, run_id: str | None, features: tuple[str, ...],
+                 what: str) -> Inputs:
     """``inputs`` with where the training dataset holds the sequences, from the training run's params."""
     params: dict[str, str] = {}
     if run_id:
@@ -86,10 +88,11 @@ def _with_source(mlflow: MlflowClient, inputs: Inputs, *, run_id: str | None, wh
             error = _mlflow_error(exc, f"the training run of {what}", mlflow.tracking_uri)
             if not isinstance(error, NotFound):
                 raise error from exc
-    source = sequence_source(params)
+    source = sequence_source(params, features=features)
     if source is None:
         raise Conflict(f"{what} takes sequences, but its training run has no data.sequence params (a list "
-                       "column, or id and step); drift of sequences needs where its dataset holds them")
+                       "column, or id and step) and its features name no list column; drift of sequences "
+                       "needs where its dataset holds them")
     return replace(inputs, source=source)
 
 

@@ -31,6 +31,7 @@ from services.monitor.loop import run_pass
 from services.monitor.settings import MonitorSettings
 from services.monitor.tables import WindowRecord
 from services.monitor.windows.frames import WindowRows
+from services.monitor.windows.inputs import SequenceSource, sequence_source
 from services.serving.core.convert import to_array
 from services.serving.core.dataplane import loggable
 from services.serving.predlog import records
@@ -292,7 +293,7 @@ def test_sequences_drift_on_their_lengths_and_means_and_none_is_a_width_mismatch
     assert {f["name"] for f in moved.features if f["drifted"]} == {"mean(x)"}
 
 
-def test_sequences_of_another_step_width_and_a_run_without_its_sequence_params(make_monitor, db_url, data):
+def test_sequences_of_another_step_width_and_versions_without_sequence_params(make_monitor, db_url, data):
     monitor = make_monitor(db_url, window={"rows": 50})
     platform = monitor.settings.platform
     model = register(platform, dataset="seq_long", data=data, features=["x", "noise"], target="sign",
@@ -301,15 +302,33 @@ def test_sequences_of_another_step_width_and_a_run_without_its_sequence_params(m
     serve_log(db_url, model, sequence_signature(3), wide, answers_of(40, seed=0, per_request=10))
     narrow = sequence_bodies(sequences(10, seed=22, width=2), flat=False)
     serve_log(db_url, model, sequence_signature(2), narrow, answers_of(10, seed=1, per_request=10))
-    orphan = register(platform, dataset="seq_list", data=data, features=["steps"], target="sign",
+    # Without its run's params: a list column its features name is read as such; long format is not.
+    unsaid = register(platform, dataset="seq_list", data=data, features=["steps"], target="sign",
                       signature=sequence_signature(1))
-    serve_log(db_url, orphan, sequence_signature(1), sequence_bodies(sequences(50, seed=23), flat=True),
+    serve_log(db_url, unsaid, sequence_signature(1), sequence_bodies(sequences(50, seed=23), flat=True),
               answers_of(50, seed=2, per_request=10))
+    orphan = register(platform, dataset="seq_long", data=data, features=["x", "noise"], target="sign",
+                      signature=sequence_signature(2))
+    long_rows = sequence_bodies(sequences(50, seed=24, width=2), flat=False)
+    serve_log(db_url, orphan, sequence_signature(2), long_rows, answers_of(50, seed=3, per_request=10))
 
     run_pass(monitor=monitor)
     [window] = windows(monitor, model)
     assert window.status == "schema_change" and window.quality["widths"] == {"3": 40}
     assert window.quality["expected_width"] == 2 and window.quality["schema_mismatch_share"] == 0.8
     assert "40 of 50 rows do not have steps of 2 values (40 of width 3)" in window.message
+    [read] = windows(monitor, unsaid)
+    assert read.status == "ok" and [f["name"] for f in read.features] == ["mean(steps)", "length"]
     [error] = windows(monitor, orphan)
     assert error.status == "error" and "no data.sequence params" in error.message
+
+
+def test_a_sequence_versions_layout_comes_from_its_runs_params_else_from_a_list_columns_feature_names():
+    said = {"data.sequence.column": "null", "data.sequence.id": "id", "data.sequence.step": "t"}
+    assert sequence_source(said, features=("x", "noise")) == SequenceSource(id="id", step="t")
+    listed = {"data.sequence.column": "rows", "data.sequence.id": "null"}
+    assert sequence_source(listed, features=("steps",)) == SequenceSource(column="rows")
+    assert sequence_source({}, features=("s[0]", "s[1]")) == SequenceSource(column="s")
+    assert sequence_source({"data.sequence": "null"}, features=("steps",)) == SequenceSource(column="steps")
+    for unnamed in (("x", "noise"), ("s[1]", "s[0]"), ("s[0]", "t[1]")):
+        assert sequence_source({}, features=unnamed) is None
