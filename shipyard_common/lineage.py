@@ -25,6 +25,10 @@ TAG_SIGNATURE = "shipyard.signature"
 # JSON list of the formats the version's model folder holds; TAG_FORMAT names the one to serve first.
 TAG_FORMATS = "shipyard.formats"
 TAG_FRAMEWORK = "shipyard.framework"
+# Sequence versions (data.sequence): JSON of where the dataset holds the sequences, "column" (a list
+# column) or "id" and "step" (long format), the step's "features" and the "max_length" the model reads
+# (shipyard_common.datasets.sequences: SequenceLayout.tag writes it, sequence_layout reads it).
+TAG_SEQUENCE = "shipyard.sequence"
 # Fine-tuned versions: "<model>/<version>" of the registered parent, or "pretrained:<checkpoint>".
 TAG_PARENT = "shipyard.parent"
 

@@ -13,6 +13,7 @@ statistics in one place; the HTTP routes are the trainer's (``services/trainer/a
     repo.py    DataRepo: git + DVC repository, local folder or S3 remote, add/read/resolve/diff
     predictions.py  PredictionsRepo: batch scoring's outputs in the same repository (pipelines.batch)
     rules.py   the rules YAML and its checks (pandera)
+    sequences.py  a frame's variable-length sequences (list column or long format) and their layout
     stats.py   summary statistics and the distribution shift between two versions
 """
 
