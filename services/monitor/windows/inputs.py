@@ -9,8 +9,8 @@ logged requests are read: rows of numbers, a table's columns, or variable-length
 - **sequences** (the trainer's ``data.sequence``): one input [batch, time, width] of floats,
   ``nullable`` (NaN steps pad each sequence after its end); serving logs a request's sequences padded
   with null to one length. Where the training dataset holds the sequences (a list column, or long
-  format by id and step) is the job's ``data.sequence``, which the trainer logs as its run's params
-  (without them, a list column its features name).
+  format by id and step) is the version's layout (:func:`shipyard_common.datasets.sequences.
+  sequence_layout`: its shipyard.sequence tag, or its run's data.sequence params).
 
 A version without a signature tag (registered by hand, or before the tag) is read as rows.
 """
@@ -18,30 +18,16 @@ A version without a signature tag (registered by hand, or before the tag) is rea
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from services.monitor.windows.references import CATEGORICAL, NUMERICAL
+from shipyard_common.datasets.sequences import SequenceLayout
 
 ROWS = "rows"
 TABLE = "table"
 SEQUENCES = "sequences"
-# The trainer's run params for data.sequence (its job spec, flattened: services/trainer/engines/tracking.py).
-_SEQUENCE_PARAM = "data.sequence."
-# The trainer's name for step feature i of a list column of wider steps: "<column>[i]".
-_LIST_FEATURE = re.compile(r"(.+)\[(\d+)\]")
-
-
-@dataclass(frozen=True)
-class SequenceSource:
-    """Where the training dataset holds its sequences: a list ``column`` (one sequence per row), or
-    long format (one row per step, grouped by ``id``, ordered by ``step``)."""
-
-    column: str | None = None
-    id: str | None = None
-    step: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +41,7 @@ class Inputs:
     kind: str = ROWS
     categorical: frozenset[str] = frozenset()
     width: int = 0
-    source: SequenceSource | None = None
+    source: SequenceLayout | None = None
 
     def kinds(self, features: tuple[str, ...]) -> dict[str, str] | None:
         """A table's column kinds as the model takes them; None (the reference's dtypes decide) otherwise."""
@@ -87,30 +73,3 @@ def _takes_sequences(spec: Mapping[str, Any], shape: list[Any]) -> bool:
     """Serving's ``takes_sequences``: [batch, time, width] floats, nullable (padded with NaN)."""
     return (spec.get("nullable") is True and len(shape) == 3 and isinstance(shape[2], int) and shape[2] > 0
             and str(spec.get("dtype", "")).startswith("float"))
-
-
-def sequence_source(params: Mapping[str, str], *, features: tuple[str, ...]) -> SequenceSource | None:
-    """The training job's ``data.sequence`` from its run's params; without them, a list column its
-    features name (``[steps]``, or ``[steps[0], steps[1], ...]``, the trainer's names for a list
-    column's steps), as batch scoring reads it (pipelines/batch/model.py); else None."""
-    def param(name: str) -> str | None:
-        value = params.get(f"{_SEQUENCE_PARAM}{name}")
-        return None if value in (None, "", "null", "None") else value
-
-    column, id_, step = param("column"), param("id"), param("step")
-    if column is not None:
-        return SequenceSource(column=column)
-    if id_ is not None and step is not None:
-        return SequenceSource(id=id_, step=step)
-    column = _list_column(features)
-    return None if column is None else SequenceSource(column=column)
-
-
-def _list_column(features: tuple[str, ...]) -> str | None:
-    """The list column the trainer named ``features`` after: ``[steps]``, or ``steps[0]``, ``steps[1]`` …"""
-    matches = [_LIST_FEATURE.fullmatch(name) for name in features]
-    if len(features) == 1 and matches[0] is None:
-        return features[0]
-    named = {match.group(1) for match in matches if match is not None}
-    indexes = [int(match.group(2)) for match in matches if match is not None]
-    return named.pop() if len(named) == 1 and indexes == list(range(len(features))) else None

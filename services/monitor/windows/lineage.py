@@ -1,5 +1,6 @@
 """What the registry says about a served version: its lineage tags, how it takes its inputs (its
-signature tag; for sequences, its run's data.sequence params), and which versions hold an alias."""
+signature tag; for sequences, where its dataset holds them: its shipyard.sequence tag, or for a version
+registered before that tag its run's data.sequence params), and which versions hold an alias."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from dataclasses import dataclass, field, replace
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from services.monitor.windows.inputs import SEQUENCES, Inputs, read_inputs, sequence_source
-from shipyard_common.errors import Conflict, NotFound, Unavailable
+from services.monitor.windows.inputs import SEQUENCES, Inputs, read_inputs
+from shipyard_common.datasets.sequences import sequence_layout
+from shipyard_common.errors import Conflict, InvalidInput, NotFound, Unavailable
 from shipyard_common.lineage import (
     TAG_DATASET,
     TAG_DATASET_REV,
     TAG_FEATURES,
+    TAG_SEQUENCE,
     TAG_SIGNATURE,
     TAG_TARGET,
     TAG_TASK,
@@ -70,29 +73,33 @@ def read_lineage(*, mlflow: MlflowClient, model: str, version: str) -> Lineage:
         raise Conflict(f"tag {TAG_FEATURES} of {model!r} v{version} is not a list of feature names")
     inputs = read_inputs(tags.get(TAG_SIGNATURE), features=tuple(features))
     if inputs.kind == SEQUENCES:
-        inputs = _with_source(mlflow, inputs, run_id=found.run_id, features=tuple(features),
+        inputs = _with_source(mlflow, inputs, tags=tags, run_id=found.run_id, features=tuple(features),
                               what=f"{model!r} v{version}")
     return Lineage(model=model, version=version, dataset=tags[TAG_DATASET], rev=tags[TAG_DATASET_REV],
                    features=tuple(features), target=tags.get(TAG_TARGET) or None,
                    task=tags.get(TAG_TASK) or None, inputs=inputs)
 
 
-def _with_source(mlflow: MlflowClient, inputs: Inputs, *, run_id: str | None, features: tuple[str, ...],
-                 what: str) -> Inputs:
-    """``inputs`` with where the training dataset holds the sequences, from the training run's params."""
+def _with_source(mlflow: MlflowClient, inputs: Inputs, *, tags: dict[str, str], run_id: str | None,
+                 features: tuple[str, ...], what: str) -> Inputs:
+    """``inputs`` with where the training dataset holds the sequences: the version's shipyard.sequence
+    tag, else (a version registered before it) the training run's params."""
     params: dict[str, str] = {}
-    if run_id:
+    if run_id and not tags.get(TAG_SEQUENCE):
         try:
             params = dict(mlflow.get_run(run_id).data.params or {})
         except Exception as exc:
             error = _mlflow_error(exc, f"the training run of {what}", mlflow.tracking_uri)
             if not isinstance(error, NotFound):
                 raise error from exc
-    source = sequence_source(params, features=features)
+    try:
+        source = sequence_layout(tags, params, features=features)
+    except InvalidInput as exc:
+        raise Conflict(f"{what}: {exc.message}") from exc
     if source is None:
-        raise Conflict(f"{what} takes sequences, but its training run has no data.sequence params (a list "
-                       "column, or id and step) and its features name no list column; drift of sequences "
-                       "needs where its dataset holds them")
+        raise Conflict(f"{what} takes sequences, but it has no {TAG_SEQUENCE} tag, its training run has no "
+                       "data.sequence params (a list column, or id and step) and its features name no list "
+                       "column; drift of sequences needs where its dataset holds them")
     return replace(inputs, source=source)
 
 

@@ -3,24 +3,23 @@ and its length (the number of real steps).
 
 A logged request holds its sequences padded with null to one length (serving pads them with NaN);
 a step with a null is padding, as the models read it. The reference is the same of each training
-sequence, read from the version's dataset revision as the trainer read it (a list column of lists
-or of their JSON text, or long format grouped by id and ordered by step), with the sequence's
-target beside it.
+sequence, read from the version's dataset revision by the reader the trainer uses
+(:mod:`shipyard_common.datasets.sequences`: a list column of lists or of their JSON text, or long
+format grouped by id and ordered by step), with the sequence's target beside it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from services.monitor.windows.inputs import SequenceSource
 from services.monitor.windows.lineage import Lineage
 from services.monitor.windows.references import Reference, describe
-from shipyard_common.errors import Conflict
+from shipyard_common.datasets.sequences import SequenceLayout, read_sequences
+from shipyard_common.errors import Conflict, InvalidInput
 
 LENGTH = "length"
 
@@ -78,41 +77,25 @@ def summarised(reference: Reference, *, lineage: Lineage) -> tuple[Reference, Li
     return built, replace(lineage, features=names)
 
 
-def _reference_frame(reference: Reference, *, source: SequenceSource, lineage: Lineage,
+def _reference_frame(reference: Reference, *, source: SequenceLayout, lineage: Lineage,
                      names: tuple[str, ...]) -> pd.DataFrame:
-    frame, where = reference.frame, f"dataset {reference.dataset!r} at {reference.rev[:12]}"
-    if source.column is not None:
-        if source.column not in frame.columns:
-            raise Conflict(f"{where} has no sequence column {source.column!r}")
-        width = lineage.inputs.width
-        rows = [_one(_cell(value), width=width)[0] for value in frame[source.column].tolist()]
-        if any(row is None for row in rows):
-            raise Conflict(f"{where}: column {source.column!r} does not hold sequences of steps of {width}")
-        found = pd.DataFrame(rows, columns=list(names), index=frame.index)
-        per_sequence = frame
-    else:
-        id_, step = str(source.id), str(source.step)
-        absent = [c for c in (id_, step, *lineage.features) if c not in frame.columns]
-        if absent:
-            raise Conflict(f"{where} lacks the sequence column(s) {absent[:5]}")
-        groups = frame.groupby(id_, sort=True)  # a mean and a count: the order of the steps is moot
-        found = groups[list(lineage.features)].mean()
-        found.columns = list(names[:-1])
-        found[names[-1]] = groups.size().astype(np.float64)
-        per_sequence = groups.first()
+    """Each training sequence's summary (``names``: its step features' means, its length) and its
+    target, read by the platform's one reader of sequences, as the trainer read them."""
+    where = f"dataset {reference.dataset!r} at {reference.rev[:12]}"
+    layout = source if source.column is not None else replace(source, features=lineage.features)
+    try:
+        read = read_sequences(reference.frame, layout, dtype=np.float64)
+    except InvalidInput as exc:
+        raise Conflict(f"{where}: {exc.message}") from exc
+    width = lineage.inputs.width
+    if read.values[0].shape[1] != width:
+        raise Conflict(f"{where}: its sequences have steps of {read.values[0].shape[1]} value(s); the "
+                       f"version takes steps of {width}")
+    lengths = np.array([len(steps) for steps in read.values])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    means = np.add.reduceat(np.concatenate(read.values), starts, axis=0) / lengths[:, np.newaxis]
+    found = pd.DataFrame(np.column_stack([means, lengths.astype(np.float64)]), columns=list(names))
     target = lineage.target
-    if target and target in per_sequence.columns and target not in names:
-        found[target] = per_sequence[target].to_numpy()
-    return found.reset_index(drop=True)
-
-
-def _cell(value: Any) -> Any:
-    """A list cell as the trainer reads it: a list, a numpy array (Parquet) or its JSON text."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return None
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return [np.asarray(step).tolist() for step in value]
-    return value
+    if target and target in read.rows.columns and target not in names:
+        found[target] = read.rows[target].to_numpy()
+    return found

@@ -32,6 +32,7 @@ from shipyard_common.lineage import (
     TAG_FEATURES,
     TAG_FORMAT,
     TAG_FORMATS,
+    TAG_SEQUENCE,
     TAG_SIGNATURE,
     TAG_TARGET,
     WEIGHTS_FILE,
@@ -472,10 +473,24 @@ def _registration(run: _Run, *, outcome: FitOutcome, source: str, primary: Expor
         tags={**run.lineage, TAG_FORMAT: primary.format.value,
               TAG_FORMATS: json.dumps([e.format.value for e in outcome.exports]),
               TAG_SIGNATURE: json.dumps(primary.signature, sort_keys=True),
-              **metric_tags(outcome.metrics)},
+              **_sequence_tag(spec, outcome=outcome, primary=primary), **metric_tags(outcome.metrics)},
         description=(f"Trained by Shipyard job {job_id} on {spec.data.dataset}@{spec.data.rev[:12]}; "
                      f"see {MODEL_CARD_FILE} in the version's files."),
     )
+
+
+def _sequence_tag(spec: JobCreate, *, outcome: FitOutcome, primary: Export) -> dict[str, str]:
+    """A sequence model's layout (``data.sequence``, its step features and the longest sequence it reads)
+    as its version's ``shipyard.sequence`` tag, which batch scoring and the monitor read it by."""
+    from shipyard_common.datasets.sequences import SequenceLayout
+
+    sequence = spec.data.sequence
+    if sequence is None:
+        return {}
+    read = primary.signature.get("sequence") or {}
+    layout = SequenceLayout(column=sequence.column, id=sequence.id, step=sequence.step,
+                            features=tuple(outcome.features), max_length=read.get("max_length"))
+    return {TAG_SEQUENCE: layout.tag()}
 
 
 def _parent_weights(tracking: Tracking, model_name: str, version: str, folder: Path) -> dict[str, Any]:

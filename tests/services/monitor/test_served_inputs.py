@@ -7,6 +7,7 @@ journal and shipper; then the monitor's pass closes the windows.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from services.monitor.tables import WindowRecord
 from services.trainer.app import create_app
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
-from shipyard_common.lineage import PRODUCTION
+from shipyard_common.lineage import PRODUCTION, TAG_SEQUENCE, TAG_SIGNATURE
 from shipyard_common.records import PredictionRecord
 from tests.services.monitor.input_data import (
     list_column,
@@ -102,6 +103,12 @@ def test_the_monitor_reads_a_served_tables_columns_and_sequences_as_serving_logg
              timeout=60, what="serving's shipper to log every request")
     database.dispose()
 
+    # The trainer tags the sequence version with where its sequences are (the monitor reads that).
+    client = MlflowClient(tracking_uri=platform.mlflow_tracking_uri)
+    tags = client.get_model_version_by_alias(listed, PRODUCTION).tags
+    reads = json.loads(tags[TAG_SIGNATURE])["sequence"]["max_length"]
+    assert json.loads(tags[TAG_SEQUENCE]) == {"column": "steps", "features": ["steps"], "max_length": reads}
+    assert 3 <= reads <= 20 and TAG_SEQUENCE not in client.get_model_version_by_alias(table, PRODUCTION).tags
     settings = MonitorSettings(platform=platform, window_grace_s=0, window={"rows": 200},
                                windows={listed: WindowSpec(rows=100)})
     monitor = create_monitor(settings=settings, database=Database(platform.database_url),

@@ -31,7 +31,6 @@ from services.monitor.loop import run_pass
 from services.monitor.settings import MonitorSettings
 from services.monitor.tables import WindowRecord
 from services.monitor.windows.frames import WindowRows
-from services.monitor.windows.inputs import SequenceSource, sequence_source
 from services.serving.core.convert import to_array
 from services.serving.core.dataplane import loggable
 from services.serving.predlog import records
@@ -40,12 +39,14 @@ from services.serving.runtimes.base import Signature
 from services.trainer.engines.tracking import flatten
 from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.datasets import DataRepo
+from shipyard_common.datasets.sequences import SequenceLayout
 from shipyard_common.db import Database
 from shipyard_common.lineage import (
     PRODUCTION,
     TAG_DATASET,
     TAG_DATASET_REV,
     TAG_FEATURES,
+    TAG_SEQUENCE,
     TAG_SIGNATURE,
     TAG_TARGET,
     TAG_TASK,
@@ -114,9 +115,10 @@ def make_monitor(platform: PlatformSettings, data: Data) -> Iterator[Any]:
 
 
 def register(platform: PlatformSettings, *, dataset: str, data: Data, features: list[str], target: str,
-             signature: dict[str, Any], job: dict[str, Any] | None = None) -> str:
+             signature: dict[str, Any], job: dict[str, Any] | None = None,
+             sequence: SequenceLayout | None = None) -> str:
     """A production version with the trainer's tags; ``job``: the data of a job spec whose params
-    its run holds, as the trainer logs them."""
+    its run holds, as the trainer logs them; ``sequence``: its shipyard.sequence tag."""
     client = MlflowClient(tracking_uri=platform.mlflow_tracking_uri)
     name = f"inputs-{uuid.uuid4().hex[:10]}"
     client.create_registered_model(name)
@@ -133,7 +135,8 @@ def register(platform: PlatformSettings, *, dataset: str, data: Data, features: 
     client.set_terminated(run.info.run_id)
     tags = {TAG_DATASET: dataset, TAG_DATASET_REV: data.revs[dataset], TAG_FEATURES: json.dumps(features),
             TAG_TARGET: target, TAG_TASK: "classification",
-            TAG_SIGNATURE: json.dumps(signature, sort_keys=True)}
+            TAG_SIGNATURE: json.dumps(signature, sort_keys=True),
+            **({TAG_SEQUENCE: sequence.tag()} if sequence is not None else {})}
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
                                           run_id=run.info.run_id, tags=tags)
     client.set_registered_model_alias(name, PRODUCTION, version.version)
@@ -311,6 +314,14 @@ def test_sequences_of_another_step_width_and_versions_without_sequence_params(ma
                       signature=sequence_signature(2))
     long_rows = sequence_bodies(sequences(50, seed=24, width=2), flat=False)
     serve_log(db_url, orphan, sequence_signature(2), long_rows, answers_of(50, seed=3, per_request=10))
+    # The trainer's shipyard.sequence tag says where they are without the run's params.
+    tagged = register(platform, dataset="seq_long", data=data, features=["x", "noise"], target="sign",
+                      signature=sequence_signature(2),
+                      sequence=SequenceLayout(id="id", step="t", features=("x", "noise"), max_length=20))
+    serve_log(db_url, tagged, sequence_signature(2), long_rows, answers_of(50, seed=3, per_request=10))
+    misplaced = register(platform, dataset="seq_long", data=data, features=["x", "noise"], target="sign",
+                         signature=sequence_signature(2), sequence=SequenceLayout(id="id", step="when"))
+    serve_log(db_url, misplaced, sequence_signature(2), long_rows, answers_of(50, seed=3, per_request=10))
 
     run_pass(monitor=monitor)
     [window] = windows(monitor, model)
@@ -321,14 +332,8 @@ def test_sequences_of_another_step_width_and_versions_without_sequence_params(ma
     assert read.status == "ok" and [f["name"] for f in read.features] == ["mean(steps)", "length"]
     [error] = windows(monitor, orphan)
     assert error.status == "error" and "no data.sequence params" in error.message
-
-
-def test_a_sequence_versions_layout_comes_from_its_runs_params_else_from_a_list_columns_feature_names():
-    said = {"data.sequence.column": "null", "data.sequence.id": "id", "data.sequence.step": "t"}
-    assert sequence_source(said, features=("x", "noise")) == SequenceSource(id="id", step="t")
-    listed = {"data.sequence.column": "rows", "data.sequence.id": "null"}
-    assert sequence_source(listed, features=("steps",)) == SequenceSource(column="rows")
-    assert sequence_source({}, features=("s[0]", "s[1]")) == SequenceSource(column="s")
-    assert sequence_source({"data.sequence": "null"}, features=("steps",)) == SequenceSource(column="steps")
-    for unnamed in (("x", "noise"), ("s[1]", "s[0]"), ("s[0]", "t[1]")):
-        assert sequence_source({}, features=unnamed) is None
+    [by_tag] = windows(monitor, tagged)
+    assert by_tag.status == "ok", by_tag.message
+    assert [f["name"] for f in by_tag.features] == ["mean(x)", "mean(noise)", "length"]
+    [wrong] = windows(monitor, misplaced)
+    assert wrong.status == "error" and "there is no column(s) ['when']" in wrong.message, wrong.message
