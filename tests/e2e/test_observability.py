@@ -37,7 +37,7 @@ from shipyard_cli.processes import url_port
 from shipyard_cli.stack import Stack
 from shipyard_common.settings import PlatformSettings
 from tests.infra.support import alert_rules, dashboards, fill, panel_queries, variable_queries
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 from tests.support import auth, free_port, missing_tool, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -33,8 +33,8 @@ from shipyard_common.db import Database
 from shipyard_common.errors import InvalidInput
 from shipyard_common.records import PredictionRecord
 from tests.services.registry.model_factory import unique_name
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
 from tests.services.trainer.sequence_data import list_column_frame, long_format_frame
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.services.trainer.table_data import DECLARED, table_frame
 from tests.support import auth, running_app, test_platform, wait_for
 

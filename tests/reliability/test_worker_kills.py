@@ -42,7 +42,7 @@ from shipyard_cli.stack import Stack
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database, utcnow
 from shipyard_common.lineage import TAG_JOB_ID
-from tests.services.trainer.conftest import WorkerProcess, job_spec
+from tests.services.trainer.support import WorkerProcess, job_spec
 from tests.support import auth, free_port, running_app, stop_process_group, test_platform, wait_for
 
 pytestmark = pytest.mark.reliability

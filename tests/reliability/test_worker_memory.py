@@ -39,7 +39,7 @@ from services.trainer.worker.lost import lost_reason
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
 from shipyard_common.lineage import TAG_JOB_ID
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, running_app, test_platform, wait_for
 
 pytestmark = pytest.mark.reliability

@@ -13,7 +13,7 @@ from services.trainer.app import create_app
 from shipyard_cli.main import app as cli
 from shipyard_common.auth import Role
 from shipyard_common.settings import PlatformSettings
-from tests.services.trainer.conftest import trainer_settings
+from tests.services.trainer.support import trainer_settings
 from tests.support import TOKENS, running_app
 
 

@@ -16,7 +16,7 @@ from shipyard_cli.main import app as cli
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from shipyard_common.settings import PlatformSettings
-from tests.services.trainer.conftest import job_spec, trainer_settings
+from tests.services.trainer.support import job_spec, trainer_settings
 from tests.support import TOKENS, auth, running_app
 
 REV = "0123456789abcdef0123456789abcdef01234567"  # for specs refused before their dataset is looked up

@@ -37,7 +37,7 @@ from tests.services.monitor.input_data import (
 )
 from tests.services.registry.model_factory import unique_name
 from tests.services.serving.support import predict, serving, train
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, running_app, test_platform, wait_for
 
 

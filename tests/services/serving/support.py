@@ -20,7 +20,7 @@ from shipyard_common.settings import PlatformSettings
 from tests.support import auth, running_app, wait_for
 
 if TYPE_CHECKING:
-    from tests.services.trainer.conftest import WorkerProcess
+    from tests.services.trainer.support import WorkerProcess
 
 VIEWER = auth("viewer")
 ROWS = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 0.0, 0.0]]

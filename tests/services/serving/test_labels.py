@@ -30,7 +30,7 @@ from services.trainer.app import create_app
 from shipyard_common.datasets import DataRepo
 from tests.services.registry.model_factory import unique_name
 from tests.services.serving.support import serving, train
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, free_port, running_app, test_platform, wait_for
 
 VIEWER = auth("viewer")

@@ -34,8 +34,8 @@ from services.trainer.app import create_app
 from shipyard_common.datasets import DataRepo
 from tests.services.registry.model_factory import unique_name
 from tests.services.serving.support import serving, train
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
 from tests.services.trainer.sequence_data import list_column_frame, long_format_frame, random_sequences
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, running_app, test_platform, wait_for
 
 VIEWER = auth("viewer")

@@ -19,7 +19,7 @@ from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo, DatasetVersion
 from shipyard_common.db import Database
 from shipyard_common.settings import PlatformSettings
-from tests.services.trainer.conftest import job_spec, trainer_settings
+from tests.services.trainer.support import job_spec, trainer_settings
 from tests.support import auth, running_app
 
 SMALL = load_breast_cancer(as_frame=True).frame.head(60)
@@ -184,7 +184,7 @@ def test_service_runs_as_a_module(platform, tmp_path):
     import subprocess
     import sys
 
-    from tests.services.trainer.conftest import ROOT
+    from tests.services.trainer.support import ROOT
     from tests.support import free_port, stop_process_group, wait_for
 
     port = free_port()

@@ -16,7 +16,7 @@ from sklearn.datasets import load_diabetes
 from services.trainer.engines import architectures, engine, export
 from services.trainer.jobs.schemas import JobCreate, PluginSpec, Task
 from shipyard_common.errors import InvalidInput
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 # The test calls torch.jit.load itself, as a server would; torch 2.13 marks it deprecated.

@@ -14,7 +14,7 @@ from sklearn.datasets import load_breast_cancer
 from services.trainer.engines import distributed, engine, torch_job
 from services.trainer.engines.types import FitContext
 from services.trainer.jobs.schemas import JobCreate
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

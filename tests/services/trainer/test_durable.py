@@ -18,7 +18,7 @@ from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from shipyard_common.lineage import TAG_JOB_ID
 from shipyard_common.settings import PlatformSettings
-from tests.services.trainer.conftest import job_spec, trainer_settings
+from tests.services.trainer.support import job_spec, trainer_settings
 from tests.support import auth, running_app, wait_for
 
 # Enough epochs that the kill, made once epoch 3 is reported, lands mid-training: at batch size 4 an

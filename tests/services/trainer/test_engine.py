@@ -15,7 +15,7 @@ from services.trainer.engines import engine
 from services.trainer.engines.export import example_input, export_onnx
 from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.errors import InvalidInput
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

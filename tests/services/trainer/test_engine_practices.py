@@ -30,7 +30,7 @@ from services.trainer.engines.tracking import Tracking
 from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.auth import Role
 from shipyard_common.errors import InvalidInput
-from tests.services.trainer.conftest import job_spec, poison_weights_after
+from tests.services.trainer.support import job_spec, poison_weights_after
 from tests.support import auth, running_app
 
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -13,7 +13,7 @@ from sklearn.datasets import load_breast_cancer
 from services.trainer.engines import engine
 from services.trainer.jobs.schemas import JobCreate, Precision
 from shipyard_common.errors import InvalidInput
-from tests.services.trainer.conftest import job_spec, poison_weights_after
+from tests.services.trainer.support import job_spec, poison_weights_after
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

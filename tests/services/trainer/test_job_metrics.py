@@ -27,7 +27,7 @@ from services.trainer.worker.metrics import (
     serve_worker_metrics,
 )
 from shipyard_common.db import Database, utcnow
-from tests.services.trainer.conftest import job_spec, trainer_settings
+from tests.services.trainer.support import job_spec, trainer_settings
 from tests.support import free_port, own_database_url, running_app, test_platform
 
 

@@ -19,7 +19,7 @@ from services.trainer.engines import engine, keras_job
 from services.trainer.engines.types import FitContext
 from services.trainer.jobs.schemas import ExportFormat, JobCreate
 from shipyard_common.errors import InvalidInput
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -22,8 +22,8 @@ from services.serving.settings import ServingSettings
 from services.trainer.engines import engine, keras_job, model_card, text, torch_job
 from services.trainer.engines.types import FitContext, FitOutcome
 from services.trainer.jobs.schemas import JobCreate
-from tests.services.trainer.conftest import job_spec
 from tests.services.trainer.sentiment import sentiment_frame
+from tests.services.trainer.support import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -17,7 +17,7 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.worker.broker import job_ids_on_broker
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, running_app, test_platform, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")

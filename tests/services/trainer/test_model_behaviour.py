@@ -7,7 +7,7 @@ import torch
 
 from services.trainer.engines import engine
 from services.trainer.jobs.schemas import JobCreate
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 # load_digits: 1797 images of 8×8 pixels, flattened to 64 feature columns pixel_0_0 … pixel_7_7.

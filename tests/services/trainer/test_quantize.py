@@ -21,7 +21,7 @@ from services.trainer.engines.export import example_input, export_onnx
 from services.trainer.engines.types import Export, FitContext, TabularData
 from services.trainer.jobs.schemas import FRAMEWORK_EXPORTS, ExportFormat, Framework, JobCreate, Task
 from shipyard_common.lineage import TAG_FORMAT
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -27,7 +27,7 @@ from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
 from shipyard_common.lineage import TAG_JOB_ID
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, free_port, running_app, stop_process_group, test_platform, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")

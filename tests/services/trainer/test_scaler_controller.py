@@ -28,7 +28,7 @@ from services.trainer.scaler.kube import KubernetesError, WorkerDeployment
 from services.trainer.scaler.metrics import ScalerMetrics, serve_metrics
 from services.trainer.scaler.settings import ScalerSettings
 from shipyard_common.db import Database, utcnow
-from tests.services.trainer.conftest import ROOT, job_spec
+from tests.services.trainer.support import ROOT, job_spec
 from tests.support import free_port, own_database_url, test_platform, wait_for
 
 NAMESPACE = "ml"

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from services.trainer.jobs.schemas import FRAMEWORK_EXPORTS, FRAMEWORK_MODELS, Framework, JobCreate
 from shipyard_common.auth import Role
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 from tests.support import auth, running_app
 
 REV = "0123456789abcdef0123456789abcdef01234567"

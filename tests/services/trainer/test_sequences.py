@@ -31,8 +31,8 @@ from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.auth import Role
 from shipyard_common.errors import InvalidInput
 from tests.services.registry.model_factory import unique_name
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
 from tests.services.trainer.sequence_data import list_column_frame, long_format_frame, random_sequences
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, running_app, test_platform, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

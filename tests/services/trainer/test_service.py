@@ -11,7 +11,7 @@ from services.trainer.jobs import store
 from services.trainer.jobs.schemas import JobCreate, JobState
 from services.trainer.jobs.store import Claim
 from shipyard_common.db import Database, utcnow
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -19,7 +19,7 @@ from services.trainer.app import create_app
 from shipyard_cli.main import app as cli
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import TOKENS, auth, running_app, test_platform, wait_for
 
 ENDED = ("succeeded", "failed", "cancelled")

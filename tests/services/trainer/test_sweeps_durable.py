@@ -20,7 +20,7 @@ from services.trainer.sweeps.study import load_study
 from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from shipyard_common.settings import PlatformSettings
-from tests.services.trainer.conftest import job_spec, trainer_settings
+from tests.services.trainer.support import job_spec, trainer_settings
 from tests.support import auth, running_app, wait_for
 
 EPOCHS = 10  # at batch size 4 an epoch is over a hundred steps: the kill at epoch 3 lands mid-training

@@ -14,7 +14,7 @@ from services.trainer.sweeps.schemas import SweepCreate, SweepState, TrialPublic
 from services.trainer.sweeps.service import to_public
 from services.trainer.sweeps.tables import SweepRecord, TrialRecord
 from shipyard_common.db import Database, utcnow
-from tests.services.trainer.conftest import job_spec
+from tests.services.trainer.support import job_spec
 
 
 def sweep(**changes: Any) -> SweepCreate:

@@ -35,7 +35,7 @@ from shipyard_common.datasets import DataRepo
 from shipyard_common.errors import InvalidInput, ShipyardError
 from shipyard_common.lineage import TAG_FORMAT
 from tests.services.serving.support import serving
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.services.trainer.table_data import DECLARED, table_frame
 from tests.support import auth, running_app, running_mlflow, wait_for
 

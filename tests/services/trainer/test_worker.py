@@ -27,7 +27,7 @@ from shipyard_common.lineage import (
     TAG_TARGET,
     TAG_TASK,
 )
-from tests.services.trainer.conftest import WorkerProcess, job_spec, trainer_settings
+from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
 from tests.support import auth, running_app, test_platform, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")
