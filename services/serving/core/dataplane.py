@@ -89,7 +89,7 @@ class DataPlane:
 
     def run_group(self, jobs: Sequence[InferenceRequest], *, inline: bool) -> list[Any] | None:
         """The batcher's call (:class:`~services.serving.batching.adaptive.GroupRunner`)."""
-        return answer_group(self, list(jobs), inline=inline)
+        return answer_group(self, jobs if type(jobs) is list else list(jobs), inline=inline)
 
 
 def resolve(
@@ -138,23 +138,6 @@ def loggable(value: np.ndarray) -> Any:
     if value.flags.c_contiguous and value.dtype.kind in _ORJSON_KINDS and value.dtype.itemsize >= 4:
         return value
     return value.tolist()
-
-
-def log_record(
-    served: ServedModel, request_id: str | None, inputs: Any, outputs: Any, latency_ms: float, created: float
-) -> dict[str, Any]:
-    """A prediction log record; ``created``: when it was answered (seconds since the epoch, read as
-    UTC when written), not when the shipper got to it."""
-    return {
-        "request_id": request_id or new_request_id(),  # the shadow's row shares it
-        "model": served.name,
-        "version": served.version,
-        "role": served.alias,
-        "inputs": inputs,
-        "outputs": outputs,
-        "latency_ms": latency_ms,
-        "created_at": created,
-    }
 
 
 def model_state(dataplane: DataPlane, name: str) -> ModelState:
@@ -231,12 +214,14 @@ def answer_group(dataplane: DataPlane, jobs: list[InferenceRequest], *, inline: 
     if inline and not log_.try_reserve(len(jobs)):
         return None
     first = jobs[0].served
+    first_counted = dataplane.metrics.version(first.name, first.version)
     results: list[Any] = [None] * len(jobs)
     logged = 0
     try:
         served = hold(dataplane.models, dataplane.router, first)
         try:
-            counted = dataplane.metrics.version(served.name, served.version)
+            counted = first_counted if served is first else dataplane.metrics.version(served.name,
+                                                                                       served.version)
             for part in _checked_parts(dataplane, served, jobs, results):
                 logged += _run_part(dataplane, served, counted, jobs, part, results, reserved=inline)
         finally:
@@ -245,7 +230,7 @@ def answer_group(dataplane: DataPlane, jobs: list[InferenceRequest], *, inline: 
         results = [exc if result is None else result for result in results]
     finally:
         # Counted in flight since they were submitted; no longer once answered.
-        dataplane.metrics.version(first.name, first.version).in_flight.dec(len(jobs))
+        first_counted.in_flight.dec(len(jobs))
         if inline and logged < len(jobs):
             log_.release(len(jobs) - logged)
     return results
@@ -451,7 +436,7 @@ def _call(served: ServedModel, counted: VersionMetrics, arrays: dict[str, np.nda
     counted.batch_requests.observe(requests)
     counted.batch_rows.observe(_rows(arrays))
     answered = served.cost.timed(served.runtime.predict, arrays)
-    return {spec.name: np.asarray(answered[spec.name]) for spec in served.signature.outputs}
+    return {name: np.asarray(answered[name]) for name in served.signature.output_names}
 
 
 class UnsplittableOutput(Exception):
@@ -478,6 +463,7 @@ def _answer(
     first_output = served.signature.outputs[0].name
     single = next(iter(arrays.values())) if len(arrays) == 1 else None
     shadow = shadow_of(dataplane.models, served)
+    model, version, role = served.name, served.version, served.alias
     records: list[dict[str, Any]] = []
     latencies: list[float] = []
     copies: list[tuple[str, dict[str, np.ndarray]]] = []
@@ -491,13 +477,21 @@ def _answer(
             logged = {name: loggable(value[start:end]) for name, value in arrays.items()}
         latency_s = answered - job.started
         latencies.append(latency_s)
-        records.append(log_record(served, request_id, logged, loggable(pieces[position][first_output]),
-                                  latency_s * 1000, created))
+        # A row of the predictions table; created_at: when it was answered (seconds since the epoch,
+        # read as UTC when written), not when the shipper got to it.
+        records.append({"request_id": request_id, "model": model, "version": version, "role": role,
+                        "inputs": logged, "outputs": loggable(pieces[position][first_output]),
+                        "latency_ms": latency_s * 1000, "created_at": created})
         if shadow is not None:
             copies.append((request_id, {name: value[start:end] for name, value in arrays.items()}))
         start = end
+    prediction_log = dataplane.prediction_log
     try:
-        _append(dataplane.prediction_log, records, reserved=reserved)
+        if reserved:
+            prediction_log.append_reserved(records)
+        else:
+            for record in records:  # waits for room while the log is full
+                prediction_log.append(record)
     except ShipyardError as exc:  # shutting down: refused, so nothing answered goes unlogged
         for index in indexes:
             results[index] = exc
@@ -507,20 +501,12 @@ def _answer(
     observe = counted.latency.observe
     for latency_s in latencies:
         observe(latency_s)
-    name, version, signature = served.name, served.version, served.signature
+    signature = served.signature
     for position, index in enumerate(indexes):
-        results[index] = Inference(name, version, signature, pieces[position], jobs[index].truncated)
+        results[index] = Inference(model, version, signature, pieces[position], jobs[index].truncated)
     if shadow is not None:
         _mirror(dataplane, shadow, copies)
     return len(indexes)
-
-
-def _append(prediction_log: PredictionLog, records: list[dict[str, Any]], *, reserved: bool) -> None:
-    if reserved:
-        prediction_log.append_reserved(records)
-        return
-    for record in records:  # waits for room while the log is full
-        prediction_log.append(record)
 
 
 def _mirror(

@@ -35,6 +35,8 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from services.serving.api import ours as ours_api
@@ -92,13 +94,40 @@ _PLAIN_ROUTES = (("/v1/models/", "/predict", "ours", _ROUTES[3][2]),
                  ("/v1/models/", ":predict", "tf", _ROUTES[0][2]))
 
 
-def _plain_route(path: str) -> tuple[str, _Route, dict[str, str]] | None:
-    for prefix, suffix, protocol, route in _PLAIN_ROUTES:
+Found = tuple[str, _Route, Mapping[str, str]]
+"""A predict path's protocol, route template and path parameters."""
+
+# The paths found so far (a model's few routes, asked again on every request), so that a path seen
+# before costs one dict lookup. The paths are the client's: past the bound, they are matched as
+# before and not kept.
+_FOUND: dict[str, Found] = {}
+_FOUND_KEPT = 1024
+
+
+def _route(path: str) -> Found | None:
+    """The predict route ``path`` names, if any (the route's own pattern, or the plain routes' test)."""
+    found = _FOUND.get(path)
+    if found is not None:
+        return found
+    for prefix, suffix, protocol, route in _PLAIN_ROUTES:  # a model's route without a version or label
         if path.startswith(prefix) and path.endswith(suffix):
             name = path[len(prefix):-len(suffix)]
             if name and "/" not in name and ":" not in name:
-                return protocol, route, {"name": name}
-    return None
+                found = protocol, route, MappingProxyType({"name": name})
+                break
+    else:
+        if not path.startswith(("/v1/models/", "/v2/models/")):
+            return None
+        for pattern, protocol, route in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match is not None:
+                found = protocol, route, MappingProxyType(match.groupdict())
+                break
+        else:
+            return None
+    if len(_FOUND) < _FOUND_KEPT:
+        _FOUND[path] = found
+    return found
 
 
 class HandBack(Exception):
@@ -152,26 +181,18 @@ class FastLane:
         """The request, if the fast lane answers it: a predict POST with a body of known, allowed size."""
         if scope["method"] != "POST" or scope.get("root_path"):
             return None
-        path: str = scope["path"]
-        found = _plain_route(path)  # a model's route without a version or label: no pattern to try
+        found = _route(scope["path"])
         if found is None:
-            if not path.startswith(("/v1/models/", "/v2/models/")):
-                return None
-            for pattern, protocol, route in _ROUTES:
-                match = pattern.fullmatch(path)
-                if match is not None:
-                    found = (protocol, route, match.groupdict())
-                    break
-            else:
-                return None
+            return None
         # Reversed, so that the first of repeated headers wins, as in Starlette's Headers.get.
         headers: dict[bytes, bytes] = dict(reversed(scope["headers"]))
         length = headers.get(b"content-length")
-        if length is None or not length.isdigit() or int(length) > self.body_limit:
+        size = int(length) if length is not None and length.isdigit() else -1
+        if not 0 <= size <= self.body_limit:
             # Chunked or too large: the app's body limit reads or refuses it (its 413s), unchanged.
             return None
         protocol, route, params = found
-        return LaneRequest(protocol, route, params, headers, int(length), time.perf_counter())
+        return LaneRequest(protocol, route, params, headers, size, time.perf_counter())
 
     def start(self, request: LaneRequest, body: bytes, reply: Respond) -> None:
         """Answer ``request`` through ``reply`` (at once, or when its group has run).
@@ -289,7 +310,7 @@ class LaneRequest(NamedTuple):
 
     protocol: str
     route: _Route
-    params: dict[str, str]
+    params: Mapping[str, str]
     headers: dict[bytes, bytes]
     body_size: int
     started: float

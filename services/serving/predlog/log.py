@@ -127,7 +127,8 @@ class PredictionLog:
         if journal is None:
             raise Unavailable("the prediction log is not started")
         try:
-            journal.append_lines(b"".join([dumps(record) for record in records]), len(records), reserved=True)
+            lines = dumps(records[0]) if len(records) == 1 else b"".join([dumps(rec) for rec in records])
+            journal.append_lines(lines, len(records), reserved=True)
         except JournalClosed:
             raise Unavailable("serving is shutting down and no longer logs predictions") from None
 
