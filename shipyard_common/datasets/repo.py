@@ -3,7 +3,8 @@
 Layout: ``data/<name>.csv`` (DVC-tracked; the data itself lives in the remote), ``meta/<name>.json``
 (schema, rows, content hash, summary statistics of that version), ``rules/<name>.yaml`` (checks a
 new version must pass, docs/data.md), git tags ``<name>/<tag>``. A dataset version is the git
-commit that pins it; data is always stored as CSV, so every reader gets the same bytes and hash.
+commit that pins it; data is always stored as CSV, so every reader gets the same bytes and hash (and
+the same frame, parsed once per content: :mod:`shipyard_common.datasets.frames`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic import SecretStr
 
 from shipyard_common.datasets import rules as checks
 from shipyard_common.datasets import stats
+from shipyard_common.datasets.frames import FrameCache
 from shipyard_common.datasets.names import (
     FULL_SHA,
     LATEST,
@@ -306,6 +308,7 @@ class DataRepo:
                 "stats": stats.summarize(stored),
             }
             self._write_version(name, content, meta, tag)
+            FrameCache(self.path).keep(md5, stored)  # readers of this version skip parsing its CSV
             rev = self._run("git", "rev-parse", "HEAD")
             return self._version(name, rev, meta, created=True)
 
@@ -412,6 +415,10 @@ class DataRepo:
 
         if not FULL_SHA.match(sha):
             raise InvalidInput(f"{sha!r} is not a full commit id")
+        frames, md5 = FrameCache(self.path), self._content_md5(name, sha)
+        kept = frames.get(md5)
+        if kept is not None:
+            return kept
         try:
             with _lock:
                 raw = dvc.api.read(
@@ -422,7 +429,17 @@ class DataRepo:
             raise NotFound(f"dataset {name!r} does not exist at revision {sha[:12]}: {exc}") from exc
         except Exception as exc:  # scmrepo and the filesystems raise their own errors
             raise Unavailable(f"dataset {name!r} at revision {sha[:12]} cannot be read: {exc}") from exc
-        return pd.read_csv(io.BytesIO(raw))
+        frame = pd.read_csv(io.BytesIO(raw))
+        frames.keep(md5 or hashlib.md5(raw, usedforsecurity=False).hexdigest(), frame)
+        return frame
+
+    def _content_md5(self, name: str, sha: str) -> str | None:
+        """The md5 of the version's CSV bytes, as its metadata records it (None for a version without)."""
+        try:
+            md5 = json.loads(self._git_ok("show", f"{sha}:meta/{name}.json") or "{}").get("md5")
+        except (ValueError, AttributeError):
+            return None
+        return md5 if isinstance(md5, str) else None
 
 
 def lists_as_json(frame: pd.DataFrame) -> pd.DataFrame:
