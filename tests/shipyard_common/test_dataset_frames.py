@@ -17,6 +17,7 @@ from shipyard_common.datasets import DataRepo
 from shipyard_common.datasets.frames import FrameCache
 
 ROWS = 2_000
+TEXTS = ["paris", "lyon", "été", "1", "NA", "a,b", 'say "hi"']  # "NA" reads back as null, "1" as text
 
 
 def every_shape() -> pd.DataFrame:
@@ -29,7 +30,7 @@ def every_shape() -> pd.DataFrame:
         "float": floats,
         "float32": rng.normal(size=ROWS).astype(np.float32),
         "int_with_nulls": pd.Series(rng.integers(0, 100, ROWS), dtype="Int64").where(~holes, None),
-        "text": np.where(holes, None, rng.choice(["paris", "lyon", "été", "1", "NA", "a,b", 'say "hi"'], ROWS)),
+        "text": np.where(holes, None, rng.choice(TEXTS, ROWS)),
         "empty_text": rng.choice(["", "x"], ROWS),
         "flag": rng.random(ROWS) > 0.5,
         "flag_with_nulls": np.where(holes, None, rng.random(ROWS) > 0.5),
