@@ -170,7 +170,7 @@ def batch_key(
 ) -> str:
     """The batch's name: the same inputs give the same key, hence the same chunks to resume."""
     described = json.dumps([dataset, dataset_rev, model.name, model.version, model.features, kind,
-                            model.sequence, chunk_rows, id_column])
+                            model.sequence and model.sequence.tag(), chunk_rows, id_column])
     return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 

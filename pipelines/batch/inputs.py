@@ -9,8 +9,11 @@ The trainer registers three kinds of ONNX files; the file's own inputs say which
   nulls are the graph's to handle.
 - **sequences** (``data.sequence``): one float input [batch, time, width] with a free time axis; each
   sequence from a list column (JSON text in the CSV) or long format (one row per step: an id column,
-  a step column, the step's features), and each chunk padded with NaN to its longest sequence, as
-  serving pads a request. An output row is a sequence (in long format, named by its id, in id order).
+  a step column, the step's features), read by the platform's one reader
+  (:func:`~shipyard_common.datasets.sequences.read_sequences`), and each chunk padded with NaN to its
+  longest sequence, as serving pads a request. An output row is a sequence (in long format, named by
+  its id, in id order). As serving, a sequence longer than the version's ``sequence.max_length`` is
+  refused (its graph would read only its first steps).
 
 Each kind gives a chunk's feeds, a digest of its values (the chunk's id) and what the prediction log
 holds for a record of its rows: what serving logs for the same model (the rows, the table's columns
@@ -27,7 +30,9 @@ import orjson
 import pandas as pd
 
 from pipelines.batch.model import ModelInfo
+from shipyard_common.datasets.sequences import read_sequences
 from shipyard_common.errors import InvalidInput
+from shipyard_common.lineage import TAG_SEQUENCE
 
 ROW = "row"  # the output's column: the row's position in the dataset version (a sequence's, in order)
 _FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64}
@@ -248,97 +253,61 @@ def numbers(series: pd.Series, name: str, where: str) -> np.ndarray:
 
 def _sequences(frame: pd.DataFrame, model: ModelInfo, spec: Any, where: str,
                id_column: str | None) -> SequenceInputs:
-    """A list column's cells, or long format's steps grouped by id and ordered by step."""
-    dtype = _float_type(spec, model)
-    layout = model.sequence or {}
-    width = spec.shape[2] if isinstance(spec.shape[2], int) else None
-    if "column" in layout:
-        column = layout["column"]
-        _missing(frame, model, [column], where)
-        steps, offsets = list_cells(frame[column], column, where, width)
-        return SequenceInputs(spec.name, steps.astype(dtype), offsets, time=_time(spec),
-                              **_ids(frame, id_column, where))
-    if "id" in layout and "step" in layout:
-        return _long_format(frame, model, spec, where, id_column, dtype)
-    raise InvalidInput(f"{model.describe()} takes sequences, but neither its training run (data.sequence) "
-                       f"nor its features {model.features[:10]} say which columns hold them")
-
-
-def list_cells(
-    series: pd.Series, column: str, where: str, width: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """A list column's cells (JSON text in the CSV: lists of numbers, or of equal-width lists) as their
-    steps one after another, (steps, width) float64, and each sequence's offset into them."""
-    parsed = []
-    for row, cell in enumerate(series.tolist()):
-        place = f"row {row} of column {column!r} of {where}"
-        try:
-            value = orjson.loads(cell) if isinstance(cell, str | bytes) else cell
-        except orjson.JSONDecodeError:
-            raise InvalidInput(f"{place} is {str(cell)[:40]!r}, not a list of numbers") from None
-        if not isinstance(value, list) or not value:
-            shown = "an empty sequence" if isinstance(value, list) else f"{value!r:.40}"
-            raise InvalidInput(f"{place} is {shown}; each row holds a sequence: a list of numbers "
-                               "(or of equal-width lists)")
-        steps = _steps(value, place)
-        if width is not None and steps.shape[1] != width:
-            raise InvalidInput(f"{place} has steps of {steps.shape[1]} value(s); the model takes {width}")
-        parsed.append(steps)
-    if not parsed:
-        raise InvalidInput(f"{where} has no rows to score")
-    if len({steps.shape[1] for steps in parsed}) > 1:
-        raise InvalidInput(f"the steps of column {column!r} of {where} are of different widths")
-    offsets = np.zeros(len(parsed) + 1, dtype=np.int64)
-    np.cumsum([len(steps) for steps in parsed], out=offsets[1:])
-    return np.concatenate(parsed), offsets
-
-
-def _steps(value: list[Any], place: str) -> np.ndarray:
-    if any(isinstance(v, bool | str) or v is None for v in value):
-        raise InvalidInput(f"{place} holds a value that is not a number; steps are numbers")
+    """The sequences as the shared reader reads them (a list column's cells, or long format's steps
+    grouped by id and ordered by step); InvalidInput for one longer than the model reads."""
+    layout = model.sequence
+    if layout is None:
+        raise InvalidInput(f"{model.describe()} takes sequences, but neither its {TAG_SEQUENCE} tag, its "
+                           f"training run (data.sequence) nor its features {model.features[:10]} say which "
+                           "columns hold them")
+    long_format = layout.column is None
+    if long_format:
+        _missing(frame, model, [str(layout.id), str(layout.step), *(layout.features or ())], where)
+        if id_column not in (None, layout.id):
+            raise InvalidInput(f"{model.describe()} scores one sequence per {layout.id!r} (long format); the "
+                               f"output is named by it, so the id column can only be {layout.id!r}, not "
+                               f"{id_column!r}")
+    else:
+        _missing(frame, model, [str(layout.column)], where)
+        named = _ids(frame, id_column, where)
     try:
-        steps = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise InvalidInput(f"{place} is not a list of numbers or of equal-width lists of numbers") from None
-    steps = steps.reshape(-1, 1) if steps.ndim == 1 else steps
-    if steps.ndim != 2 or not steps.shape[1]:
-        raise InvalidInput(f"{place} is not a list of numbers or of equal-width lists of numbers")
-    if not np.isfinite(steps).all() or np.abs(steps).max() > float(np.finfo(np.float32).max):
-        raise InvalidInput(f"{place} holds a missing, infinite or too large value; steps are finite numbers")
-    return steps
+        read = read_sequences(frame, layout, dtype=_float_type(spec, model))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{where}: {exc.message}") from exc
+    width = spec.shape[2]
+    if isinstance(width, int) and width != len(read.features):
+        raise InvalidInput(f"{model.describe()} takes steps of {width} value(s), but {where} has steps of "
+                           f"{len(read.features)} ({read.features[:10]})")
+    offsets = np.zeros(len(read.values) + 1, dtype=np.int64)
+    np.cumsum([len(steps) for steps in read.values], out=offsets[1:])
+    if long_format:  # an output row is a sequence, named by its id, in id order
+        named = {"ids": read.ids, "id_column": layout.id}
+    _refuse_longer(offsets, model, where, ids=named["ids"], by_id=long_format)
+    return SequenceInputs(spec.name, np.concatenate(read.values), offsets, time=_time(spec), **named)
 
 
-def _long_format(frame: pd.DataFrame, model: ModelInfo, spec: Any, where: str, id_column: str | None,
-                 dtype: Any) -> SequenceInputs:
-    """One sequence per id, in id order, its rows ordered by step; the output names each by its id."""
-    layout = model.sequence or {}
-    id_, step = layout["id"], layout["step"]
-    _missing(frame, model, [id_, step, *model.features], where)
-    if id_column not in (None, id_):
-        raise InvalidInput(f"{model.describe()} scores one sequence per {id_!r} (long format); the output "
-                           f"is named by it, so the id column can only be {id_!r}, not {id_column!r}")
-    if isinstance(spec.shape[2], int) and spec.shape[2] != len(model.features):
-        raise InvalidInput(f"{model.describe()} takes steps of {spec.shape[2]} values, but its "
-                           f"shipyard.features tag names {len(model.features)} columns")
-    gaps = [c for c in [id_, step] if frame[c].isna().any()]
-    if gaps:
-        raise InvalidInput(f"column(s) {gaps} of {where} have missing values; each step needs an id and "
-                           "a step")
-    ordered = frame.sort_values([id_, step], kind="stable").reset_index(drop=True)
-    repeated = ordered[ordered.duplicated([id_, step])]
-    if len(repeated):
-        first = repeated.iloc[0]
-        raise InvalidInput(f"{where}: id {first[id_]!r} has step {first[step]!r} more than once")
-    values = np.stack([numbers(ordered[c], c, where) for c in model.features], axis=1)
-    if np.isnan(values).any():
-        row = int(np.isnan(values).any(axis=1).argmax())
-        raise InvalidInput(f"{where}: id {ordered[id_][row]!r} step {ordered[step][row]!r} has a missing "
-                           "value; steps are finite numbers")
-    lengths = ordered.groupby(id_, sort=False).size().to_numpy()
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = ordered[id_].to_numpy()[offsets[:-1]]
-    return SequenceInputs(spec.name, values.astype(dtype), offsets, time=_time(spec), ids=ids, id_column=id_)
+def _refuse_longer(offsets: np.ndarray, model: ModelInfo, where: str, *, ids: np.ndarray | None,
+                   by_id: bool) -> None:
+    """InvalidInput naming the first sequence of more steps than the model's ``sequence.max_length`` (its
+    graph would read only the first ones, as if the rest were not there), as serving refuses it: by its
+    id (long format), else by its row and the id column's value there."""
+    longest = model.sequence.max_length if model.sequence is not None else None
+    lengths = np.diff(offsets)
+    longer = lengths > longest if longest is not None else np.zeros(len(lengths), dtype=bool)
+    if not longer.any():
+        return
+    first = int(np.argmax(longer))
+    named = f"row {first}" if not by_id else ""
+    if ids is not None:
+        named = f"{named} (id {_plain(ids[first])!r})" if named else f"id {_plain(ids[first])!r}"
+    raise InvalidInput(f"{where}: the sequence of {named} has {int(lengths[first])} steps; "
+                       f"{model.describe()} reads at most {longest} (its sequence.max_length), and "
+                       f"{int(longer.sum())} sequence(s) are longer: shorten or split them before scoring")
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (a message shows ``1``, not ``np.int64(1)``)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _time(spec: Any) -> int | None:

@@ -6,16 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from shipyard_common.datasets.sequences import SequenceLayout, sequence_layout
 from shipyard_common.errors import InvalidInput, NotFound
-from shipyard_common.lineage import ONNX_FILE_NAME, TAG_FEATURES, TAG_SIGNATURE, TAG_TASK
-
-_LIST_FEATURE = re.compile(r"^(?P<column>.+)\[(?P<index>\d+)\]$")  # "steps[0]": a wider list column's value
+from shipyard_common.lineage import ONNX_FILE_NAME, TAG_FEATURES, TAG_SEQUENCE, TAG_SIGNATURE, TAG_TASK
 
 
 @dataclass(frozen=True)
@@ -23,8 +21,8 @@ class ModelInfo:
     """The version that scores: where its ONNX file is, its features and what its outputs mean.
 
     ``sequence``: for a sequence model (its signature's ``sequence``), where the dataset holds its
-    sequences, as the training job's ``data.sequence`` said: ``{"column": ...}`` (a list column) or
-    ``{"id": ..., "step": ...}`` (long format, the steps' columns being ``features``); None otherwise.
+    sequences and the most steps one may have (``max_length``), as the shared reader takes them
+    (:func:`~shipyard_common.datasets.sequences.sequence_layout`); None otherwise, or where nothing says.
     """
 
     name: str
@@ -36,7 +34,7 @@ class ModelInfo:
     classes: list[Any] | None
     dataset: str | None
     dataset_rev: str | None
-    sequence: dict[str, str] | None = None
+    sequence: SequenceLayout | None = None
 
     def describe(self) -> str:
         return f"{self.name} v{self.version}"
@@ -121,31 +119,31 @@ def model_info(*, tracking_uri: str, work_dir: Path, model_name: str, alias: str
         onnx_path=fetch_onnx(tracking_uri, work_dir, found), features=features, task=tags.get(TAG_TASK),
         classes=list(classes) if isinstance(classes, list) else None,
         dataset=tags.get("shipyard.dataset"), dataset_rev=tags.get("shipyard.dataset_rev"),
-        sequence=sequence_layout(client, found, features) if "sequence" in signature else None,
+        sequence=model_sequence(client, found, tags=tags, signature=signature, features=features)
+        if "sequence" in signature else None,
     )
 
 
-def sequence_layout(client: Any, found: Any, features: list[str]) -> dict[str, str]:
-    """Where a sequence model's sequences are: its training job's ``data.sequence`` (the run's params
-    ``data.sequence.column``, ``.id``, ``.step``); for a version without such a run, a list column
-    read from its features (``[steps]``, or ``[steps[0], steps[1], ...]``). Empty when neither says."""
+def model_sequence(client: Any, found: Any, *, tags: dict[str, str], signature: dict[str, Any],
+                   features: list[str]) -> SequenceLayout | None:
+    """Where a sequence version's dataset holds its sequences, read as the monitor reads it: its
+    shipyard.sequence tag, else (a version registered before the tag) its training run's params, else
+    the list column its features name; None when none says. ``max_length``: the tag's, else the
+    signature's ``sequence.max_length`` (what serving refuses a longer sequence by)."""
     params: dict[str, str] = {}
-    if found.run_id:
+    if found.run_id and not tags.get(TAG_SEQUENCE):
         from mlflow.exceptions import MlflowException
 
         try:
-            params = dict(client.get_run(found.run_id).data.params)
+            params = dict(client.get_run(found.run_id).data.params or {})
         except MlflowException:
             params = {}
-    said = {key: params.get(f"data.sequence.{key}") for key in ("column", "id", "step")}
-    layout = {key: str(value) for key, value in said.items() if value not in (None, "", "null", "None")}
-    if layout:
-        return layout
-    matches = [_LIST_FEATURE.match(name) for name in features]
-    if len(features) == 1 and matches[0] is None:
-        return {"column": features[0]}
-    columns = {m.group("column") for m in matches if m is not None}
-    if all(matches) and len(columns) == 1 and [int(m.group("index")) for m in matches if m] == list(
-            range(len(features))):
-        return {"column": columns.pop()}
-    return {}
+    try:
+        layout = sequence_layout(tags, params, features=features)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{found.name!r} v{found.version}: {exc.message}") from exc
+    said = signature.get("sequence")
+    length = said.get("max_length") if isinstance(said, dict) else None
+    if layout is not None and layout.max_length is None and type(length) is int and length > 0:
+        layout = replace(layout, max_length=length)
+    return layout

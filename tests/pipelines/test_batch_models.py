@@ -6,11 +6,13 @@ trained by the real trainer (its API and a Celery worker) and registered in the 
 ``batch_predict`` then scores dataset versions of raw rows the training never saw (unseen categories,
 nulls; ragged sequences, shuffled steps) in several chunks, and each written prediction must equal what
 ONNX Runtime answers on the registered file for that row (that sequence) alone. What still cannot be
-scored is refused with a sentence naming the column, row or id.
+scored is refused with a sentence naming the column, row or id; a sequence longer than the version's
+``sequence.max_length`` is refused before any is scored, as serving refuses it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from shipyard_common.datasets import DataRepo
 from shipyard_common.datasets.predictions import PredictionsRepo
 from shipyard_common.db import Database
 from shipyard_common.errors import InvalidInput
+from shipyard_common.lineage import TAG_SEQUENCE, TAG_SIGNATURE
 from shipyard_common.records import PredictionRecord
 from tests.services.registry.model_factory import unique_name
 from tests.services.trainer.sequence_data import list_column_frame, long_format_frame
@@ -229,3 +232,45 @@ def test_what_cannot_be_scored_is_refused_naming_what_is_wrong(trained, key, fra
     with pytest.raises(InvalidInput) as refused:
         score(trained, key, "refused", **options)
     assert message in refused.value.message, refused.value.message
+
+
+def longer_than(frame: pd.DataFrame, key: str, longest: int) -> tuple[pd.DataFrame, str]:
+    """``frame`` with one sequence of exactly ``longest`` steps, then two longer ones (``longest`` + 1
+    and + 5), and how the refusal names the first longer one: its row and id (a list column, scored with
+    ``id_column="key"``), or its id (long format)."""
+    if key == "list":
+        steps = frame["steps"].tolist()
+        steps[1], steps[3], steps[5] = [0.25] * longest, [0.5] * (longest + 1), [-0.5] * (longest + 5)
+        return frame.assign(steps=steps, key=[f"k{i}" for i in range(len(frame))]), "row 3 (id 'k3')"
+    extra = [{"id": id_, "t": step, "x": 0.5, "noise": 0.0, "sign": "positive"}
+             for id_, total in (("s00001", longest), ("s00003", longest + 1), ("s00005", longest + 5))
+             for step in range(int((frame["id"] == id_).sum()), total)]
+    return pd.concat([frame, pd.DataFrame(extra)], ignore_index=True), "id 's00003'"
+
+
+@pytest.mark.parametrize("key", ["list", "long"])
+def test_a_sequence_longer_than_the_model_reads_is_refused_before_any_is_scored(trained, key):
+    job = trained["jobs"][key]
+    version = MlflowClient(tracking_uri=trained["platform"].mlflow_tracking_uri).get_model_version(
+        job["model_name"], str(job["model_version"]))
+    longest = json.loads(version.tags[TAG_SEQUENCE])["max_length"]
+    assert longest == json.loads(version.tags[TAG_SIGNATURE])["sequence"]["max_length"]  # what serving reads
+    frame = list_column_frame(10, seed=9) if key == "list" else long_format_frame(10, seed=10)
+    frame, named = longer_than(frame, key, longest)
+    trained["repo"].add(f"too-long-{key}", frame)
+
+    def records() -> int:
+        database = Database(trained["platform"].database_url)
+        with database.session() as session:
+            found = session.execute(select(PredictionRecord.request_id)
+                                    .where(PredictionRecord.model == job["model_name"])).all()
+        database.dispose()
+        return len(found)
+
+    before = records()
+    with pytest.raises(InvalidInput) as refused:
+        score(trained, key, f"too-long-{key}", **({"id_column": "key"} if key == "list" else {}))
+    assert (f"the sequence of {named} has {longest + 1} steps; {job['model_name']} "
+            f"v{job['model_version']} reads at most {longest} (its sequence.max_length), and 2 sequence(s) "
+            "are longer") in refused.value.message, refused.value.message
+    assert records() == before  # nothing scored, nothing logged
