@@ -259,9 +259,7 @@ class ModelFollower:
                 artifact_uri=source, dst_path=str(staging), tracking_uri=self.tracking_uri
             )
             (staging / _COMPLETE_MARKER).touch()
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+            _install(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -276,6 +274,26 @@ class ModelFollower:
         for folder in model_dir.iterdir() if model_dir.exists() else []:
             if folder.is_dir() and not folder.name.startswith(".") and folder.name not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Move a complete download into place. Serving's worker processes share the models folder: where
+    another got there first (its copy complete), keep it, since it may be loading from it, and drop
+    ours; only a leftover without the marker is replaced, moved aside first so that the rename stays
+    one step."""
+    try:
+        staging.rename(target)  # atomic; fails where the target exists
+        return
+    except OSError:
+        if not target.exists():
+            raise
+    if (target / _COMPLETE_MARKER).exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.stale")
+    target.rename(aside)
+    staging.rename(target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def weight_from_tags(tags: Mapping[str, str] | None) -> float:
