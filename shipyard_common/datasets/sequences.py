@@ -119,8 +119,9 @@ def _cell(value: Any, column: str, index: int, dtype: Any) -> np.ndarray:
         raise InvalidInput(f"{where} is {type(value).__name__}, not a list of numbers")
     if not value:
         raise InvalidInput(f"{where} is an empty sequence; every sequence needs at least one step")
-    if any(isinstance(v, bool | str) for v in value):
-        raise InvalidInput(f"{where} holds {type(value[0]).__name__} values; steps are numbers")
+    bad = next((v for v in value if isinstance(v, bool | str)), None)
+    if bad is not None:
+        raise InvalidInput(f"{where} holds {type(bad).__name__} {bad!r:.40}; steps are numbers")
     try:
         with np.errstate(over="ignore"):  # beyond the dtype's range is inf, refused below
             steps = np.asarray(value, dtype=dtype)
