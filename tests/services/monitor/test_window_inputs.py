@@ -23,12 +23,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from prometheus_client import CollectorRegistry
-from sqlalchemy import select
 
-from services.monitor.context import Monitor, create_monitor
 from services.monitor.loop import run_pass
-from services.monitor.settings import MonitorSettings
 from services.monitor.tables import WindowRecord
 from services.monitor.windows.frames import WindowRows
 from services.serving.core.convert import to_array
@@ -62,6 +58,7 @@ from tests.services.monitor.input_data import (
     table_bodies,
     table_frame,
 )
+from tests.services.monitor.support import gauge, monitor_maker, windows
 
 PROBABILITIES = {"name": "probabilities", "shape": [None, 2], "dtype": "float32"}
 
@@ -88,30 +85,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     return Data(repo.path, repo.remote, revs, frames)
 
 
-REGISTRIES: dict[int, CollectorRegistry] = {}
-
-
 @pytest.fixture
 def make_monitor(platform: PlatformSettings, data: Data) -> Iterator[Any]:
-    made: list[Monitor] = []
-
-    def make(db_url: str, **options: Any) -> Monitor:
-        update = {"data_repo": data.repo, "dvc_remote": data.remote, "db_url": db_url}
-        settings = MonitorSettings(platform=platform.model_copy(update=update),
-                                   **{"window_grace_s": 0, "window": {"rows": 200}, **options})
-        database = Database(settings.platform.database_url)
-        database.create_tables()
-        registry = CollectorRegistry()
-        monitor = create_monitor(settings=settings, database=database, registry=registry)
-        REGISTRIES[id(monitor)] = registry
-        made.append(monitor)
-        return monitor
-
-    yield make
-    for monitor in made:
-        REGISTRIES.pop(id(monitor), None)
-        monitor.close()
-        monitor.database.dispose()
+    with monitor_maker(platform, data_repo=data.repo, dvc_remote=data.remote) as make:
+        yield make
 
 
 def register(platform: PlatformSettings, *, dataset: str, data: Data, features: list[str], target: str,
@@ -172,16 +149,6 @@ def answers_of(count: int, *, seed: int, per_request: int) -> list[np.ndarray]:
     first = rng.random(count)
     probabilities = np.stack([first, 1 - first], axis=1)
     return [probabilities[start:start + per_request] for start in range(0, count, per_request)]
-
-
-def windows(monitor: Monitor, model: str) -> list[WindowRecord]:
-    with monitor.database.session() as session:
-        return list(session.scalars(select(WindowRecord).where(WindowRecord.model == model)
-                                    .order_by(WindowRecord.id)))
-
-
-def gauge(monitor: Monitor, name: str, **labels: str) -> float | None:
-    return REGISTRIES[id(monitor)].get_sample_value(name, labels)
 
 
 def by_name(window: WindowRecord) -> dict[str, dict[str, Any]]:

@@ -18,12 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from prometheus_client import CollectorRegistry
 from sklearn.datasets import load_breast_cancer
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from services.monitor.app import create_app
-from services.monitor.context import Monitor, create_monitor
 from services.monitor.loop import run_pass
 from services.monitor.settings import MonitorSettings, WindowSpec
 from services.monitor.tables import WindowRecord
@@ -42,6 +40,7 @@ from shipyard_common.lineage import (
 )
 from shipyard_common.records import PredictionRecord
 from shipyard_common.settings import PlatformSettings
+from tests.services.monitor.support import gauge, monitor_maker, windows
 from tests.support import auth, running_app, wait_for
 
 SHIFTED = 8
@@ -126,42 +125,10 @@ def shifted(data: Data, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.tile([0.1, 0.9], (n, 1))  # and the model answers class 1, whatever comes
 
 
-REGISTRIES: dict[int, CollectorRegistry] = {}
-
-
 @pytest.fixture
 def make_monitor(platform: PlatformSettings, data: Data) -> Iterator[Any]:
-    made: list[Monitor] = []
-
-    def make(db_url: str | None = None, **options: Any) -> Monitor:
-        update_: dict[str, Any] = {"data_repo": data.data_repo, "dvc_remote": data.dvc_remote}
-        if db_url:
-            update_["db_url"] = db_url
-        settings = MonitorSettings(platform=platform.model_copy(update=update_),
-                                   **{"window_grace_s": 0, "window": {"rows": 200}, **options})
-        database = Database(settings.platform.database_url)
-        database.create_tables()
-        registry = CollectorRegistry()
-        monitor = create_monitor(settings=settings, database=database, registry=registry)
-        REGISTRIES[id(monitor)] = registry
-        made.append(monitor)
-        return monitor
-
-    yield make
-    for monitor in made:
-        REGISTRIES.pop(id(monitor), None)
-        monitor.close()
-        monitor.database.dispose()
-
-
-def windows(monitor: Monitor, model: str) -> list[WindowRecord]:
-    with monitor.database.session() as session:
-        return list(session.scalars(select(WindowRecord).where(WindowRecord.model == model)
-                                    .order_by(WindowRecord.id)))
-
-
-def gauge(monitor: Monitor, name: str, **labels: str) -> float | None:
-    return REGISTRIES[id(monitor)].get_sample_value(name, labels)
+    with monitor_maker(platform, data_repo=data.data_repo, dvc_remote=data.dvc_remote) as make:
+        yield make
 
 
 def test_calm_then_shifted_rows_make_two_windows_by_rows(make_monitor, db_url, data):
