@@ -72,13 +72,17 @@ def example_input(data: TabularData) -> torch.Tensor:
     """Two rows shaped like one input row, in the data's dtype: float32 features, or int64 token ids.
 
     Real training rows where there are two (token ids of all padding could trace a degenerate
-    attention); two, not one, so that the exporter keeps the batch axis dynamic.
+    attention); two, not one, so that the exporter keeps the batch axis dynamic; likewise at least
+    two steps of a sequence (a NaN step past max_length is padding to the model).
     """
     x = data.x_train
     dtype = np.int64 if x.dtype == np.int64 else np.float32
-    example = np.zeros((2, *x.shape[1:]), dtype=dtype)
+    shape = list(x.shape[1:])
+    if x.ndim == 3:  # sequences: at least 2 steps (NaN after the data's own), see dynamic_axes
+        shape[0] = max(2, shape[0])
+    example = np.full((2, *shape), np.nan if x.ndim == 3 else 0, dtype=dtype)
     rows = x[:2]
-    example[: len(rows)] = rows
+    example[: len(rows), : x.shape[1]] = rows
     return torch.from_numpy(example)
 
 
@@ -106,6 +110,7 @@ def export_onnx(
     # axis from ``dynamic_shapes``.
     try:
         with quiet_exporter():
+            forget_cached_rnn_kernels()
             torch.onnx.export(
                 module,
                 (example.cpu(),),
@@ -125,6 +130,8 @@ def export_onnx(
         proto.ir_version = MAX_IR_VERSION
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+    if example.ndim == 3:
+        check_time_axis(proto, path, module, check_rows)
 
     if table is not None and check_frame is not None:
         from services.trainer.engines import preprocess
@@ -135,7 +142,7 @@ def export_onnx(
         diff, scale, signature = check_onnx(path, module, check_rows)
     if classes:
         signature["classes"] = list(classes)
-    sequence_signature(signature, example)
+    sequence_signature(signature, example, max_length=int(check_rows.shape[1]))
     _within_bound("ONNX", task, diff, scale)
     return ExportedModel(path=path, max_abs_diff=diff, signature=signature)
 
@@ -176,27 +183,67 @@ def export_torchscript(
     }
     if classes:
         signature["classes"] = list(classes)
-    sequence_signature(signature, example)
+    sequence_signature(signature, example, max_length=int(check_rows.shape[1]))
     _within_bound("TorchScript", task, diff, scale)
     return ExportedModel(path=path, max_abs_diff=diff, signature=signature)
 
 
 def dynamic_axes(example: torch.Tensor) -> dict[int, Any]:
-    """The batch axis; and for padded sequences (batch, time, width: data.sequence) the time axis."""
-    axes = {0: torch.export.Dim("batch")}
-    if example.ndim == 3:
-        axes[1] = torch.export.Dim("time")
-    return axes
+    """The batch axis; and for padded sequences (batch, time, width: data.sequence) the time axis.
+
+    A sequence's axes are declared from 2 up: the exporter's LSTM/GRU loop guards against 1, which
+    fails torch.onnx's first capture of axes declared from 0 and leaves the axes to its retries and
+    their guessed shapes. The graph still takes 1 step and 1 row (:func:`check_time_axis` proves it).
+    """
+    if example.ndim != 3:
+        return {0: torch.export.Dim("batch")}
+    return {0: torch.export.Dim("batch", min=2), 1: torch.export.Dim("time", min=2)}
 
 
-def sequence_signature(signature: dict[str, Any], example: torch.Tensor) -> None:
+def forget_cached_rnn_kernels() -> None:
+    """Drop the kernels PyTorch's Python dispatcher cached for ``aten.lstm``/``aten.gru``.
+
+    With a free time axis, torch.onnx swaps in a while-loop LSTM/GRU for the capture, but (torch
+    2.13) it sets the op's kernel without clearing the op's dispatch cache; so once one export (or
+    its decompositions) has cached the unrolled kernel, every later export in the process unrolls
+    the time loop, and torch.onnx quietly fixes the time axis at the example's length. PyTorch
+    clears the same cache when it restores a kernel itself (torch.export's CIA overrides).
+    """
+    for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input):
+        op._dispatch_cache.clear()
+
+
+def check_time_axis(proto: Any, path: Path, module: nn.Module, rows: np.ndarray) -> None:
+    """A sequence model's ONNX file has a free batch and time axis and answers as PyTorch does on
+    ``rows`` cut to their first step and to about half their length (raises :class:`TrainingFailed`)."""
+    import onnxruntime as ort
+
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    fixed = [name for name, dim in zip(("batch", "time"), dims, strict=False) if not dim.dim_param]
+    if fixed:
+        raise TrainingFailed(f"the ONNX export fixed the {' and '.join(fixed)} axis of the sequence "
+                             "input; the model was not registered")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for steps in sorted({1, max(1, rows.shape[1] // 2)}):
+        cut = np.ascontiguousarray(rows[:, :steps], dtype=np.float32)
+        (onnx_out,) = session.run(None, {session.get_inputs()[0].name: cut})
+        with torch.no_grad():
+            torch_out = module(torch.from_numpy(cut)).numpy()
+        diff, _ = _compare("ONNX", onnx_out, torch_out)
+        if not np.isfinite(diff) or diff > MAX_ABS_DIFF * max(1.0, float(np.max(np.abs(torch_out)))):
+            raise TrainingFailed(f"the ONNX export answers sequences of {steps} step(s) {diff:.3g} away "
+                                 "from PyTorch; the model was not registered")
+
+
+def sequence_signature(signature: dict[str, Any], example: torch.Tensor, *, max_length: int) -> None:
     """A sequence model's input: any number of steps, NaN steps as padding after each sequence's end
-    (``nullable``, which serving reads), and the longest sequence it reads (longer ones are truncated)."""
+    (``nullable``, which serving reads), and the longest sequence it reads (``max_length``, the data's
+    padded length: longer ones are truncated)."""
     if example.ndim != 3:
         return
     (first,) = signature["inputs"]
     first.update(shape=[None, None, int(example.shape[2])], nullable=True)
-    signature["sequence"] = {"padding": "nan", "max_length": int(example.shape[1])}
+    signature["sequence"] = {"padding": "nan", "max_length": max_length}
 
 
 def _within_bound(what: str, task: Task, diff: float, scale: float) -> None:

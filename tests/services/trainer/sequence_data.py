@@ -14,10 +14,12 @@ import pandas as pd
 LENGTHS = (3, 20)
 
 
-def random_sequences(count: int, *, seed: int, width: int = 1) -> list[np.ndarray]:
-    """``count`` sequences of (3..20, width) numbers; the label reads column 0 only."""
+def random_sequences(count: int, *, seed: int, width: int = 1,
+                     lengths: tuple[int, int] = LENGTHS) -> list[np.ndarray]:
+    """``count`` sequences of (3..20, width) numbers (or ``lengths``, both ends included); the label
+    reads column 0 only."""
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=(int(rng.integers(LENGTHS[0], LENGTHS[1] + 1)), width)).round(5)
+    return [rng.normal(size=(int(rng.integers(lengths[0], lengths[1] + 1)), width)).round(5)
             for _ in range(count)]
 
 
@@ -32,9 +34,9 @@ def list_column_frame(count: int, *, seed: int) -> pd.DataFrame:
                          "sign": [label(s) for s in sequences]})
 
 
-def long_format_frame(count: int, *, seed: int) -> pd.DataFrame:
+def long_format_frame(count: int, *, seed: int, lengths: tuple[int, int] = LENGTHS) -> pd.DataFrame:
     """One row per step, shuffled (the trainer orders them): id, t, x, noise and the id's sign."""
-    sequences = random_sequences(count, seed=seed, width=2)
+    sequences = random_sequences(count, seed=seed, width=2, lengths=lengths)
     rows = [{"id": f"s{index:05d}", "t": step, "x": values[0], "noise": values[1], "sign": label(sequence)}
             for index, sequence in enumerate(sequences) for step, values in enumerate(sequence)]
     return pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)

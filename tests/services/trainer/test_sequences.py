@@ -317,3 +317,59 @@ def test_a_parquet_list_column_is_versioned_as_json_lists_that_read_back_exactly
     stored = pd.read_csv(io.BytesIO(lists_as_json(pd.read_parquet(io.BytesIO(frame.to_parquet())))
                                     .to_csv(index=False).encode()))
     assert [json.loads(cell) for cell in stored["steps"]] == frame["steps"].tolist()
+
+
+def exported_in_turn(tmp_path: Path) -> Iterator[tuple[str, Any, Any, Any, Any]]:
+    """Sequence models exported one after another in this process, as a worker exports its jobs' models
+    (issue 16: a later export once fixed the time axis): each model's name, data, module, ONNX and
+    TorchScript files. Lists and long format; equal-length sequences of 1 and of 2 steps too (the
+    example's length then equals its batch and width)."""
+    cases: list[tuple[str, dict[str, Any], pd.DataFrame, dict[str, Any]]] = [
+        ("list-lstm", LSTM, list_column_frame(40, seed=1), LIST_SEQUENCE),
+        ("long-lstm", LSTM, long_format_frame(40, seed=2), LONG_SEQUENCE),
+        ("long-lstm-2", {**LSTM, "num_layers": 2}, long_format_frame(40, seed=3), LONG_SEQUENCE),
+        ("long-gru", {"type": "gru", "hidden_size": 8}, long_format_frame(40, seed=4), LONG_SEQUENCE),
+        ("long-bigru", GRU, long_format_frame(40, seed=5), LONG_SEQUENCE),
+        ("long-transformer", TRANSFORMER, long_format_frame(40, seed=6), LONG_SEQUENCE),
+        ("two-steps-lstm", LSTM, long_format_frame(40, seed=7, lengths=(2, 2)), LONG_SEQUENCE),
+        ("one-step-gru", GRU, long_format_frame(40, seed=8, lengths=(1, 1)), LONG_SEQUENCE),
+        ("cut-lstm", {**LSTM, "sequence_length": 6}, long_format_frame(40, seed=9), LONG_SEQUENCE)]
+    for name, model, frame, sequence in cases:
+        spec, data = prepared(model, frame, sequence)
+        net = engine.build_model(data, spec).eval()
+        example = export.example_input(data)
+        folder = tmp_path / name
+        onnx_file = export.export_onnx(net, task=data.task, example=example, path=folder / "m.onnx",
+                                       check_rows=data.x_val, classes=data.classes)
+        traced = export.export_torchscript(net, task=data.task, example=example, path=folder / "m.pt",
+                                           check_rows=data.x_val, classes=data.classes)
+        yield name, data, export.ServingModule(net, data.task).eval(), onnx_file, traced
+
+
+def test_every_sequence_export_keeps_a_free_time_axis_and_answers_any_length(tmp_path: Path):
+    """The ONNX input's time dimension is symbolic (dim_param), and ONNX Runtime and TorchScript answer
+    sequences of 1 step, of max_length steps and of a length in between as PyTorch does, alone and in a
+    batch; the signature says what the file does."""
+    import onnx
+
+    for name, data, module, onnx_file, traced in exported_in_turn(tmp_path):
+        dims = onnx.load(str(onnx_file.path)).graph.input[0].type.tensor_type.shape.dim
+        assert [bool(dim.dim_param) for dim in dims] == [True, True, False], (name, dims)
+        assert dims[2].dim_value == data.x_train.shape[2], name
+        max_length = int(data.x_train.shape[1])
+        assert onnx_file.signature["sequence"]["max_length"] == max_length, name
+        assert onnx_file.signature["inputs"][0]["shape"] == [None, None, data.x_train.shape[2]], name
+        session = ort.InferenceSession(str(onnx_file.path), providers=["CPUExecutionProvider"])
+        loaded = torch.jit.load(str(traced.path))
+        width = int(data.x_train.shape[2])
+        for steps in sorted({1, max(1, max_length // 2), max_length}):
+            for batch in (1, 3):
+                rows = np.random.default_rng(steps * 10 + batch).normal(size=(batch, steps, width))
+                rows = rows.astype(np.float32)
+                with torch.no_grad():
+                    expected = module(torch.from_numpy(rows)).numpy()
+                    scripted = loaded(torch.from_numpy(rows)).numpy()
+                np.testing.assert_allclose(session.run(None, {"input": rows})[0], expected, atol=1e-5,
+                                           err_msg=f"{name}: ONNX, {batch} x {steps} steps")
+                np.testing.assert_allclose(scripted, expected, atol=1e-5,
+                                           err_msg=f"{name}: TorchScript, {batch} x {steps} steps")
