@@ -23,6 +23,7 @@ by name, the padded sequences). What none of them fits is refused, naming what i
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ _FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64}
 _STRING = "tensor(string)"
 
 
-class ModelInputs:
+class ModelInputs(ABC):
     """The dataset's rows as the version takes them. ``rows``: how many rows (sequences) are scored;
     ``ids``: the output's id column (``id_column``), one value per scored row, or None."""
 
@@ -48,17 +49,17 @@ class ModelInputs:
     def __init__(self, *, rows: int, ids: np.ndarray | None, id_column: str | None) -> None:
         self.rows, self.ids, self.id_column = rows, ids, id_column
 
+    @abstractmethod
     def feeds(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """What ONNX Runtime is given for rows ``[start, stop)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def digest(self, start: int, stop: int) -> str:
         """A hash of rows ``[start, stop)``'s values (a chunk's id says which rows it scored)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def logged(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> bytes:
         """The prediction log's inputs (JSON) for rows ``[start, stop)`` of a chunk's ``feeds``."""
-        raise NotImplementedError
 
 
 class RowInputs(ModelInputs):
