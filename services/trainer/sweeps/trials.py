@@ -77,11 +77,13 @@ def defer_registration(
              link.number, link.sweep_id)
 
 
-def judge(database_url: str, link: TrialLink) -> Callable[[int, dict[str, float]], None]:
-    """Report each epoch's objective to the study; raise :class:`TrialPruned` when the pruner says so.
+def judge(database_url: str, link: TrialLink) -> Callable[[int, dict[str, float]], TrialPruned | None]:
+    """Report each epoch's objective to the study; return a :class:`TrialPruned` when the pruner says so.
 
-    A report that fails (the study unreachable, the trial already told) costs only that report: the job
-    trains on, as it would without a sweep.
+    The caller reports here before it shows the epoch anywhere else (and raises what this returns after),
+    so a worker killed once the job's row shows epoch N has told the study N: the takeover resumes after
+    N's checkpoint and never reports it again. A report that fails (the study unreachable, the trial
+    already told) costs only that report: the job trains on, as it would without a sweep.
     """
     import optuna
 
@@ -94,19 +96,20 @@ def judge(database_url: str, link: TrialLink) -> Callable[[int, dict[str, float]
     study_id = rdb.get_study_id_from_name(study_name(link.sweep_id))
     trial = optuna.trial.Trial(study, rdb.get_trial_id_from_study_id_trial_number(study_id, link.number))
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> TrialPruned | None:
         value = metrics.get(metric)
         if value is None:
-            return
+            return None
         try:
             trial.report(float(value), epoch)
             prune = trial.should_prune()
         except Exception as exc:  # the model still matters more than one report
             log.warning("could not report epoch %d to sweep %s: %s", epoch, link.sweep_id, exc)
-            return
-        if prune:
-            raise TrialPruned(f"{PRUNED_PREFIX} {link.sweep_id} (trial {link.number}): its {metric} "
-                              f"{value:.4g} at epoch {epoch} lagged the earlier trials' "
-                              f"({spec.pruning.pruner.value if spec.pruning else 'none'} pruner)")
+            return None
+        if not prune:
+            return None
+        return TrialPruned(f"{PRUNED_PREFIX} {link.sweep_id} (trial {link.number}): its {metric} "
+                           f"{value:.4g} at epoch {epoch} lagged the earlier trials' "
+                           f"({spec.pruning.pruner.value if spec.pruning else 'none'} pruner)")
 
     return on_epoch

@@ -214,8 +214,8 @@ class _ProgressWriter:
     last_write: float = 0.0
     resumed_from_epoch: int | None = None
     first_step: int | None = None  # the step this run began at: a resumed job does not start at 0
-    # A sweep's trial: judges each epoch's metrics, raising TrialPruned to stop (sweeps.trials.judge).
-    judge: Callable[[int, dict[str, float]], None] | None = None
+    # A sweep's trial: reports each epoch's metrics to the study; a TrialPruned back stops it (sweeps.trials).
+    judge: Callable[[int, dict[str, float]], Exception | None] | None = None
 
     def plan(self, steps: int) -> None:
         self.steps = steps
@@ -244,6 +244,9 @@ class _ProgressWriter:
             step=step, steps=self.steps, eta_seconds=round(eta, 1) if eta is not None else None,
             resumed_from_epoch=self.resumed_from_epoch,
         )
+        # The job's row, which users (and a takeover) read, is written last: once it shows an epoch, the
+        # study and MLflow have it, and the worker that resumes after that epoch's checkpoint loses nothing.
+        pruned = self._report_epoch(epoch, metrics) if metrics is not None else None
         values: dict[str, object] = {"progress": progress.model_dump()}
         if metrics is not None:
             values["metrics"] = metrics
@@ -251,12 +254,16 @@ class _ProgressWriter:
             database=self.database, job_id=self.job_id, expect_state=JobState.RUNNING, **values
         ):
             raise JobAborted(self.job_id)
-        if metrics is not None:
-            self.tracking.log_metrics(self.run_id, metrics, step=epoch)
-            shown = ", ".join(f"{name}={value:.4g}" for name, value in metrics.items())
-            log.info("epoch %d/%d: %s", epoch, self.epochs, shown)
-            if self.judge is not None:
-                self.judge(epoch, metrics)
+        if pruned is not None:
+            raise pruned
+
+    def _report_epoch(self, epoch: int, metrics: dict[str, float]) -> Exception | None:
+        """Tell the sweep's study and MLflow an epoch's metrics; what the study's pruner says, if it stops."""
+        pruned = self.judge(epoch, metrics) if self.judge is not None else None
+        self.tracking.log_metrics(self.run_id, metrics, step=epoch)
+        shown = ", ".join(f"{name}={value:.4g}" for name, value in metrics.items())
+        log.info("epoch %d/%d: %s", epoch, self.epochs, shown)
+        return pruned
 
 
 @dataclass
