@@ -55,6 +55,9 @@ Requester = Annotated[Principal, Depends(role_checker(Role.TRAINER, Role.APPROVE
 Approver = Annotated[Principal, Depends(role_checker(Role.APPROVER))]
 Admin = Annotated[Principal, Depends(role_checker(Role.ADMIN))]
 PageToken = Annotated[str | None, Query(max_length=4096, description="next_page_token of the page before.")]
+ModelSearch = Annotated[str | None, Query(
+    max_length=catalog.SEARCH_MAX, pattern=catalog.SEARCH_PATTERN,
+    description="Only models whose name contains this (any case): letters, digits, '_', '-' and '.'.")]
 MaxResults = Annotated[
     int | None, Query(ge=1, le=1000, description="Page size; default the setting page_size.")
 ]
@@ -85,10 +88,12 @@ def caller_authorization(request: Request) -> str:
 
 @router.get("/models", response_model=ModelPage, tags=["models"])
 def list_models(
-    registry: RegistryDep, _: Viewer, page_token: PageToken = None, max_results: MaxResults = None
+    registry: RegistryDep, _: Viewer, page_token: PageToken = None, max_results: MaxResults = None,
+    search: ModelSearch = None,
 ) -> ModelPage:
     return catalog.list_models(
-        store=registry.store, page_token=page_token, max_results=max_results or registry.settings.page_size
+        store=registry.store, page_token=page_token, max_results=max_results or registry.settings.page_size,
+        search=search,
     )
 
 

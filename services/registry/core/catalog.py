@@ -118,9 +118,19 @@ def fill_run_metrics(store: Store, versions: list[VersionPublic]) -> None:
             version.metrics_source = "run"
 
 
-def list_models(*, store: Store, max_results: int, page_token: str | None) -> ModelPage:
-    page = store.models(max_results=max_results, page_token=page_token)
-    return ModelPage(models=[model_public(m) for m in page.items], next_page_token=page.token)
+# What a model search may hold: the characters of a model's name (so it never needs quoting in
+# MLflow's filter), up to SEARCH_MAX of them.
+SEARCH_PATTERN = r"^[A-Za-z0-9_.-]+$"
+SEARCH_MAX = 100
+
+
+def list_models(
+    *, store: Store, max_results: int, page_token: str | None, search: str | None = None
+) -> ModelPage:
+    """One page of the models by name; with ``search``, only those whose name contains it (any case)."""
+    page = store.models(max_results=max_results, page_token=page_token, search=search)
+    found = [m for m in page.items if not search or search.lower() in m.name.lower()]
+    return ModelPage(models=[model_public(m) for m in found], next_page_token=page.token)
 
 
 def get_model(*, store: Store, name: str) -> ModelPublic:

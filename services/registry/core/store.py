@@ -252,8 +252,14 @@ class Store:
         body = self._get("/registered-models/get", {"name": name}, f"model {name!r} is not in the registry")
         return ModelRecord.of(body["registered_model"])
 
-    def models(self, *, max_results: int, page_token: str | None) -> Page[ModelRecord]:
+    def models(
+        self, *, max_results: int, page_token: str | None, search: str | None = None
+    ) -> Page[ModelRecord]:
+        """One page of the models by name; with ``search``, those whose name contains it in any case
+        (MLflow's ``ILIKE``, where ``_`` stands for any one character: the caller keeps exact matches)."""
         params: dict[str, Any] = {"max_results": max_results, "order_by": "name ASC"}
+        if search:
+            params["filter"] = f"name ILIKE '%{search}%'"
         if page_token:
             params["page_token"] = checked_page_token(page_token)
         body = self._get("/registered-models/search", params, "no registered models")

@@ -27,6 +27,7 @@ router = APIRouter(route_class=UiRoute)
 
 PageToken = Annotated[str | None, Query(max_length=4096)]
 MetricName = Annotated[str | None, Query(max_length=200)]
+ModelSearch = Annotated[str | None, Query(max_length=catalog.SEARCH_MAX, pattern=catalog.SEARCH_PATTERN)]
 # The metric a model page charts first, when its versions have it.
 PREFERRED_METRICS = ("val_accuracy", "accuracy", "val_f1_macro", "val_roc_auc", "val_r2", "val_mae",
                      "val_loss")
@@ -49,14 +50,16 @@ def headline_live(monitoring: Monitoring, production: str | None) -> LiveVersion
 
 
 @router.get("/models", response_class=HTMLResponse)
-def models_page(request: Request, session: Signed, page_token: PageToken = None) -> HTMLResponse:
-    """Every model with who holds production, canary (and its share) and staging, and drift."""
+def models_page(request: Request, session: Signed, page_token: PageToken = None,
+                search: ModelSearch = None) -> HTMLResponse:
+    """Every model (or those whose name contains ``search``) with who holds production, canary (and its
+    share) and staging, and drift."""
     registry = registry_of(request)
     drift = registry.store.pool.submit(registry.peers.drift, session.authorization)
     page = catalog.list_models(store=registry.store, max_results=registry.settings.page_size,
-                               page_token=page_token)
+                               page_token=page_token, search=search)
     verdicts = drift.result()
-    return render(request, "models.html", title="Models", page=page, drift=verdicts,
+    return render(request, "models.html", title="Models", page=page, drift=verdicts, search=search or "",
                   first_page=page_token is None, canary_weight=promotion.canary_weight)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -72,6 +73,29 @@ def test_lists_models_and_versions(registry_url: str, two_versions: str) -> None
     _error(httpx.get(f"{registry_url}/models/{name}/versions/abc", headers=viewer), 404)
     _error(httpx.get(f"{registry_url}/models/nope-{name}/versions", headers=viewer), 404)
     _error(httpx.get(f"{registry_url}/models"), 401)
+
+
+def test_models_are_searched_by_a_part_of_their_name_in_any_case(
+    registry_url: str, model_factory: ModelFactory
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    names = [f"search-{tag}-fraud", f"search-{tag}-churn", f"search_{tag}-fraud"]
+    for name in names:
+        model_factory.register_classifier(name, seed=1)
+    viewer = auth("viewer")
+
+    def found(search: str) -> list[str]:
+        answer = httpx.get(f"{registry_url}/models", params={"search": search, "max_results": 1000},
+                           headers=viewer)
+        assert answer.status_code == 200, answer.text
+        return [m["name"] for m in answer.json()["models"]]
+
+    assert found(f"{tag}-FRAUD") == sorted([names[0], names[2]])
+    assert found(f"search-{tag}") == sorted(names[:2])  # '-' is not '_': MLflow's wildcard is not ours
+    assert found(f"nothing-{tag}") == []
+    for bad in ("a'b", "x%", "a b", "x" * 101):
+        message = _error(httpx.get(f"{registry_url}/models", params={"search": bad}, headers=viewer), 422)
+        assert "search" in message, message
 
 
 @contextmanager

@@ -462,6 +462,10 @@ def test_pages_read_the_registry(stack: Stack) -> None:
 
     models = assert_page(viewer.get("/ui/models"), 200, name, "20%")
     assert 'class="num"' in models
+    found = assert_page(viewer.get("/ui/models", params={"search": name.upper()}), 200, name, "Clear")
+    assert found.count('<a class="strong"') == 1
+    assert_page(viewer.get("/ui/models", params={"search": f"{name}-none"}), 200, "No model's name contains")
+    assert_page(viewer.get("/ui/models", params={"search": "a'b"}), 422, "search")
     model = assert_page(viewer.get(f"/ui/models/{name}?metric=val_loss"), 200, "<svg", "val_loss by version",
                         "val_accuracy &gt;= 0.9", "gate blocks")
     assert model.count('<circle class="dot') == 3 and 'class="dot production"' in model

@@ -274,6 +274,10 @@ def test_a_trainer_asks_an_approver_approves_and_serving_follows(
     # A, a trainer: the model, two versions compared, a request for production.
     a = sign_in(browser.new_context(viewport=viewport), base, "trainer", shots)
     shots.take(a, "models")
+    # The session's registry holds other tests' models too, more than a page of them: find it by name.
+    a.fill("input[name=search]", name)
+    a.click("form.search button")
+    a.wait_for_url(f"{base}/ui/models?search={name}")
     a.click(f"a.strong:has-text('{name}')")
     a.wait_for_selector("svg.chart")
     assert "val_accuracy by version" in a.inner_text("body")
