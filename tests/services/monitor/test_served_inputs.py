@@ -8,7 +8,6 @@ journal and shipper; then the monitor's pass closes the windows.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,6 @@ from services.monitor.context import create_monitor
 from services.monitor.loop import run_pass
 from services.monitor.settings import MonitorSettings, WindowSpec
 from services.monitor.tables import WindowRecord
-from services.trainer.app import create_app
 from shipyard_common.datasets import DataRepo
 from shipyard_common.db import Database
 from shipyard_common.lineage import PRODUCTION, TAG_SEQUENCE, TAG_SIGNATURE
@@ -36,9 +34,9 @@ from tests.services.monitor.input_data import (
     table_frame,
 )
 from tests.services.registry.model_factory import unique_name
-from tests.services.serving.support import predict, serving, train
-from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
-from tests.support import auth, running_app, test_platform, wait_for
+from tests.services.serving.support import predict, serving, serving_platform, train_for_production
+from tests.services.trainer.support import job_spec
+from tests.support import auth, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +44,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str,
           mlflow_server: str) -> Iterator[dict[str, Any]]:
     """A table model (``code`` declared categorical) and an LSTM on a list column, trained, served."""
     state = tmp_path_factory.mktemp("served-inputs")
-    platform = test_platform(state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
-    platform = platform.model_copy(update={"events_channel": f"test-events-{uuid.uuid4().hex[:10]}"})
-    settings = trainer_settings(platform)
+    platform = serving_platform(state, redis_url=redis_url, mlflow_server=mlflow_server)
     repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
     table = table_frame(600, seed=0)
     revs = {"table": repo.add("table", table).rev, "seq_list": repo.add("seq_list", list_column(
@@ -61,15 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str,
                              model={"type": "lstm", "hidden_size": 8}, data__target="sign",
                              data__sequence={"column": "steps"}, training__epochs=2),
     }
-    worker = WorkerProcess(settings, state / "worker.log")
-    try:
-        with running_app(create_app(settings)) as trainer:
-            jobs = {key: train(trainer, worker, spec) for key, spec in specs.items()}
-    finally:
-        worker.stop()
-    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    for key, job in jobs.items():
-        client.set_registered_model_alias(names[key], PRODUCTION, job["model_version"])
+    train_for_production(platform, specs, state)
     with serving(platform) as base:
         def status(name: str) -> Any:
             return httpx.get(f"{base}/v1/models/{name}", headers=auth("viewer")).json().get("status")

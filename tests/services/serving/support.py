@@ -6,21 +6,24 @@ Test modules import these from here, never from one another.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import httpx
+from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.serving.app import create_app
 from services.serving.settings import ServingSettings
+from services.trainer.app import create_app as create_trainer_app
 from shipyard_common.auth import Role
+from shipyard_common.lineage import PRODUCTION
 from shipyard_common.settings import PlatformSettings
-from tests.support import auth, running_app, wait_for
-
-if TYPE_CHECKING:
-    from tests.services.trainer.support import WorkerProcess
+from tests.services.trainer.support import WorkerProcess, trainer_settings
+from tests.support import auth, running_app, test_platform, wait_for
 
 VIEWER = auth("viewer")
 ROWS = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 2.0, -2.0], [0.0, 0.0, 0.0, 0.0]]
@@ -37,6 +40,32 @@ def serving(platform: PlatformSettings, **settings: Any) -> Iterator[str]:
         # busy machine.
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=120, what="serving ready")
         yield base
+
+
+def serving_platform(state: Path, *, redis_url: str, mlflow_server: str) -> PlatformSettings:
+    """A platform on the session's Redis and MLflow with an events channel of its own: another module's
+    promotions never reach this module's serving app."""
+    platform = test_platform(state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
+    return platform.model_copy(update={"events_channel": f"test-events-{uuid.uuid4().hex[:10]}"})
+
+
+def train_for_production(
+    platform: PlatformSettings, specs: dict[str, dict[str, Any]], state: Path
+) -> dict[str, dict[str, Any]]:
+    """Train each spec through the trainer's API and a worker of its own, one after the other, then give
+    each job's version its model's ``production`` alias: the jobs by key, each succeeded."""
+    settings = trainer_settings(platform)
+    worker = WorkerProcess(settings, state / "worker.log")
+    try:
+        with running_app(create_trainer_app(settings)) as trainer:
+            jobs = {key: train(trainer, worker, spec) for key, spec in specs.items()}
+    finally:
+        worker.stop()
+    uri = platform.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for key, job in jobs.items():
+        client.set_registered_model_alias(specs[key]["model_name"], PRODUCTION, job["model_version"])
+    return jobs
 
 
 def predict(base: str, name: str, inputs: Any, **kwargs: Any) -> httpx.Response:

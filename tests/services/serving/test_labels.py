@@ -11,7 +11,6 @@ and a classification request for it is a clear 400.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,11 @@ from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_diabetes, load_iris
 from tritonclient.utils import InferenceServerException
 
-from services.trainer.app import create_app
 from shipyard_common.datasets import DataRepo
 from tests.services.registry.model_factory import unique_name
-from tests.services.serving.support import serving, train
-from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
-from tests.support import auth, free_port, running_app, test_platform, wait_for
+from tests.services.serving.support import serving, serving_platform, train_for_production
+from tests.services.trainer.support import job_spec
+from tests.support import auth, free_port, wait_for
 
 VIEWER = auth("viewer")
 GRPC_VIEWER = {key.lower(): value for key, value in VIEWER.items()}  # gRPC metadata keys are lower case
@@ -60,9 +58,7 @@ def stack(
     """A classifier (iris, species names) and a regressor (diabetes) trained by the trainer's worker,
     given the production alias, and a serving app answering for both."""
     state = tmp_path_factory.mktemp("labels")
-    platform = test_platform(state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
-    platform = platform.model_copy(update={"events_channel": f"test-events-{uuid.uuid4().hex[:10]}"})
-    settings = trainer_settings(platform)
+    platform = serving_platform(state, redis_url=redis_url, mlflow_server=mlflow_server)
     repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
     iris, diabetes, table = iris_with_names(), load_diabetes(as_frame=True).frame, iris_table()
     iris_rev, diabetes_rev = repo.add("iris_names", iris).rev, repo.add("diabetes", diabetes).rev
@@ -76,15 +72,8 @@ def stack(
         "diabetes": job_spec(rev=diabetes_rev, dataset="diabetes", model_name=names["diabetes"],
                              data__task="regression", training__epochs=5),
     }
-    worker = WorkerProcess(settings, state / "worker.log")
-    try:
-        with running_app(create_app(settings)) as trainer:
-            jobs = {key: train(trainer, worker, spec) for key, spec in specs.items()}
-    finally:
-        worker.stop()
+    jobs = train_for_production(platform, specs, state)
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    for key, job in jobs.items():
-        client.set_registered_model_alias(names[key], "production", job["model_version"])
     grpc_port = free_port()
     with serving(platform, max_batch_rows=256, grpc_port=grpc_port) as base:
         wait_for(lambda: all(httpx.get(f"{base}/v1/models/{name}", headers=VIEWER).json().get("status")

@@ -14,7 +14,6 @@ a wrong step width, an empty sequence, misplaced padding or a sequence longer th
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,13 +29,12 @@ from mlflow.tracking import MlflowClient
 from tritonclient.utils import InferenceServerException
 
 from services.serving.runtimes.base import ModelLoadError, Signature
-from services.trainer.app import create_app
 from shipyard_common.datasets import DataRepo
 from tests.services.registry.model_factory import unique_name
-from tests.services.serving.support import serving, train
+from tests.services.serving.support import serving, serving_platform, train_for_production
 from tests.services.trainer.sequence_data import list_column_frame, long_format_frame, random_sequences
-from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
-from tests.support import auth, running_app, test_platform, wait_for
+from tests.services.trainer.support import job_spec
+from tests.support import auth, wait_for
 
 VIEWER = auth("viewer")
 MODELS = {
@@ -55,30 +53,22 @@ def stack(
     """Both models trained by the trainer's worker, given the production alias and served; each
     registered ONNX file, to compare serving's answers with."""
     state = tmp_path_factory.mktemp("sequences")
-    platform = test_platform(state, redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
-    platform = platform.model_copy(update={"events_channel": f"test-events-{uuid.uuid4().hex[:10]}"})
-    settings = trainer_settings(platform)
+    platform = serving_platform(state, redis_url=redis_url, mlflow_server=mlflow_server)
     repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
     revs = {"lstm": repo.add("seq_list", list_column_frame(300, seed=11)).rev,
             "transformer": repo.add("seq_long", long_format_frame(300, seed=12)).rev}
     revs["torchscript"] = revs["lstm"]
     names = {key: unique_name(f"seq-{key}") for key in MODELS}
-    worker = WorkerProcess(settings, state / "worker.log")
-    try:
-        with running_app(create_app(settings)) as trainer:
-            jobs = {key: train(trainer, worker, job_spec(
-                rev=revs[key], dataset="seq_long" if key == "transformer" else "seq_list",
-                model_name=names[key], model=dict(model), data__target="sign", data__sequence=dict(sequence),
-                training__epochs=4, training__learning_rate=0.01,
-                exports=["torchscript"] if key == "torchscript" else ["onnx"]))
-                for key, (model, sequence, _) in MODELS.items()}
-    finally:
-        worker.stop()
+    jobs = train_for_production(platform, {key: job_spec(
+        rev=revs[key], dataset="seq_long" if key == "transformer" else "seq_list",
+        model_name=names[key], model=dict(model), data__target="sign", data__sequence=dict(sequence),
+        training__epochs=4, training__learning_rate=0.01,
+        exports=["torchscript"] if key == "torchscript" else ["onnx"])
+        for key, (model, sequence, _) in MODELS.items()}, state)
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     sessions: dict[str, Any] = {}
     max_lengths: dict[str, int] = {}
     for key, job in jobs.items():
-        client.set_registered_model_alias(names[key], "production", job["model_version"])
         folder = Path(client.download_artifacts(job["mlflow_run_id"], "model", str(state / key)))
         max_lengths[key] = json.loads((folder / "signature.json").read_text())["sequence"]["max_length"]
         if key == "torchscript":
