@@ -35,8 +35,10 @@ demo: install
 	$(BIN)/shipyard demo
 
 # Two workers on two cores: much of the suite waits on servers it started. Each test file runs on one
-# worker (loadscope), so a module's fixtures start once; `pytest` alone runs serially. (loadgroup's marks
-# do nothing with pytest 9: xdist 3.8 renames items through a node attribute pytest no longer reads.)
+# worker (loadscope), so a module's fixtures start once, and the files that share a package's stack
+# (tests/e2e, two of tests/pipelines) run on one worker together (tests/scheduling.py); `pytest` alone
+# runs serially. (loadgroup's marks do nothing with pytest 9: xdist 3.8 renames items through a node
+# attribute pytest no longer reads.)
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope

@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -84,6 +85,19 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def platform(tmp_path: Path, redis_url: str, mlflow_server: str) -> PlatformSettings:
     """Platform settings for one test: its own state folder and SQLite DB, shared MLflow."""
     return test_platform(tmp_path / "state", redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadscope`` (``make test``), with the modules that share a stack as one unit of work
+    (tests/scheduling.py); any other mode as pytest-xdist makes it."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    from tests.scheduling import SharedStackScopes
+
+    return SharedStackScopes(LoadScopeScheduling(config, log))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
