@@ -56,7 +56,8 @@ def cross_validate(data: TabularData, context: FitContext, folds: list[Cut]) -> 
     spec, done, found = context.spec, 0, []
     positions = np.asarray(data.rows.get("train", range(len(data.x_train))))
     for number, (train, validation) in enumerate(folds, start=1):
-        fold = fold_data(data, context.frame, spec, (train, validation), number=number)
+        fold = fold_data(data, context.frame, spec, (train, validation), number=number,
+                         refit=context.initial_columns is None)
         result = engine.train(fold, spec, device=context.device, observer=_quiet(context.observer, done),
                               initial_weights=context.initial_weights, plugin_dir=context.plugin_dir)
         scores = {name: value for name, value in result.metrics.items() if name.startswith("val_")}
@@ -67,18 +68,20 @@ def cross_validate(data: TabularData, context: FitContext, folds: list[Cut]) -> 
 
 
 def fold_data(
-    data: TabularData, frame: pd.DataFrame, spec: JobCreate, cut: Cut, *, number: int
+    data: TabularData, frame: pd.DataFrame, spec: JobCreate, cut: Cut, *, number: int, refit: bool = True
 ) -> TabularData:
     """One fold's rows: its training rows to train on, its held-out rows to score. A table's encoding
     (categories, fill values) is fitted afresh on the fold's training rows alone, ``frame``'s raw rows,
     so that its held-out rows are encoded as serving would encode rows training never saw (a category
-    only they hold is unknown); the network's standardisation is fitted on them by the engine anyway."""
+    only they hold is unknown); the network's standardisation is fitted on them by the engine anyway.
+    Without ``refit`` (fine-tuning: the parent version's encoding, which its weights need) the fold
+    keeps the job's encoding."""
     train, validation = cut
     fold = dataclasses.replace(
         data, x_train=data.x_train[train], y_train=data.y_train[train], x_val=data.x_train[validation],
         y_val=data.y_train[validation], x_test=None, y_test=None, rows={}, val_frame=None, test_frame=None,
     )
-    if data.table is None:
+    if data.table is None or not refit:
         return fold
     positions = np.asarray(data.rows["train"])
     rows = {"train": frame.iloc[positions[train]], "validation": frame.iloc[positions[validation]]}

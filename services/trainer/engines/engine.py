@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from services.trainer.engines import tabular
+from services.trainer.engines import preprocess, tabular
 from services.trainer.engines.checkpoints import CHECKPOINT_VERSION as CHECKPOINT_VERSION
 from services.trainer.engines.checkpoints import Checkpointer as Checkpointer
 from services.trainer.engines.checkpoints import load_checkpoint as load_checkpoint
@@ -95,14 +95,18 @@ def build_model(data: TabularData, spec: JobCreate, *, plugin_dir: Path | None =
     return architectures.build_model(data, spec, plugin_dir=plugin_dir)
 
 
-def prepare_data(frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame | None = None) -> TabularData:
-    """The job's rows checked and split: a table (:func:`~.tabular.prepare_data`), or with
-    ``data.sequence`` padded variable-length sequences (:func:`~.sequences.prepare_sequences`)."""
+def prepare_data(
+    frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame | None = None, *,
+    parent_table: preprocess.Table | None = None,
+) -> TabularData:
+    """The job's rows checked and split: a table (:func:`~.tabular.prepare_data`; ``parent_table``: the
+    encoding of the version it fine-tunes), or with ``data.sequence`` padded variable-length sequences
+    (:func:`~.sequences.prepare_sequences`)."""
     if spec.data.sequence is not None:
         from services.trainer.engines.sequences import prepare_sequences
 
         return prepare_sequences(frame, spec, test_frame)
-    return tabular.prepare_data(frame, spec, test_frame)
+    return tabular.prepare_data(frame, spec, test_frame, parent_table=parent_table)
 
 
 def build_optimizer(model: nn.Module, spec: JobCreate) -> torch.optim.Optimizer:

@@ -113,6 +113,28 @@ class Table:
         return [column.describe() for column in self.columns]
 
 
+def table_of(described: list[dict[str, Any]], *, where: str) -> Table:
+    """The :class:`Table` that :meth:`Table.describe` wrote (a version's ``columns.json``), so that
+    fine-tuning encodes its rows as the parent version did; ``where`` names the file in a refusal."""
+    try:
+        return Table(columns=tuple(_column_of(item) for item in described))
+    except (KeyError, TypeError, ValueError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+        raise InvalidInput(f"{where} does not describe a table's columns ({problem})") from None
+
+
+def _column_of(item: dict[str, Any]) -> Column:
+    kind, fill = ColumnType(item["type"]), item.get("fill_value")
+    common: dict[str, Any] = {"name": str(item["name"]), "type": kind, "impute": Imputation(item["impute"]),
+                              "inferred": bool(item["inferred"])}
+    if kind == ColumnType.NUMERIC:
+        return Column(**common, fill=None if fill is None else float(fill))
+    dim = item.get("embedding_dim")
+    return Column(**common, categories=tuple(str(c) for c in item["categories"]),
+                  encoding=Encoding(item["encoding"]), embedding_dim=None if dim is None else int(dim),
+                  fill_category=None if fill is None else str(fill))
+
+
 def needs_table(frame: pd.DataFrame, features: list[str], spec: JobCreate) -> bool:
     """Whether the features call for a table: declared columns, a column of strings or categories, or a
     null. Numbers and booleans without nulls stay one float32 input, as they always were."""

@@ -19,12 +19,16 @@ from services.trainer.jobs.schemas import SPLIT_PARTS, JobCreate, Task, table_re
 from shipyard_common.errors import InvalidInput
 
 
-def prepare_data(frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame | None = None) -> TabularData:
+def prepare_data(
+    frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame | None = None, *,
+    parent_table: preprocess.Table | None = None,
+) -> TabularData:
     """Pick the columns, check them, and split them (:func:`split_rows`; stratified for classification);
     ``test_frame``: the rows of ``data.split.test_rev``, the test rows when the split names one.
 
     Categorical columns and missing values make a table (:mod:`~.preprocess`): its encodings and fill
-    values fitted on the training rows only, then every part's rows encoded with them.
+    values fitted on the training rows only, then every part's rows encoded with them. Fine-tuning
+    (``parent_table``, the parent version's) keeps the parent's: its weights mean those slots.
     """
     data = spec.data
     split_column = data.split.column if data.split is not None else None
@@ -33,12 +37,7 @@ def prepare_data(frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame 
     _check_columns(frame, features, spec, data.rev, extra=[split_column] if split_column else [])
     y, classes = _labels(frame[data.target], spec)
     rows = split_rows(frame, spec, y if classes else None)
-    table = None
-    if preprocess.needs_table(frame, features, spec):
-        refused = table_refusal(spec)
-        if refused:
-            raise InvalidInput(f"the dataset has categorical columns or missing values: {refused}")
-        table = preprocess.fit_table(frame.iloc[rows["train"]], features, spec)
+    table = _table(frame, features, spec, rows["train"], parent_table)
     x = _feature_rows(frame, features, table)
     test = rows.get("test")
     x_test, y_test = (None, None) if test is None else (x[test], y[test])
@@ -57,6 +56,29 @@ def prepare_data(frame: pd.DataFrame, spec: JobCreate, test_frame: pd.DataFrame 
         val_frame=_raw(frame.iloc[rows["validation"]], features, table),
         test_frame=None if raw_test is None else _raw(raw_test, features, table),
     )
+
+
+def _table(
+    frame: pd.DataFrame, features: list[str], spec: JobCreate, train: np.ndarray,
+    parent: preprocess.Table | None,
+) -> preprocess.Table | None:
+    """The table the rows are encoded with: the parent version's when fine-tuning one that has a table,
+    else one fitted on the training rows where the features need it, else none."""
+    if parent is None and not preprocess.needs_table(frame, features, spec):
+        return None
+    refused = table_refusal(spec)
+    if refused:
+        raise InvalidInput(f"the dataset has categorical columns or missing values: {refused}")
+    if parent is None:
+        return preprocess.fit_table(frame.iloc[train], features, spec)
+    names = [column.name for column in parent.columns]
+    if names != features:
+        lacking, extra = [n for n in names if n not in features], [n for n in features if n not in names]
+        differ = (f"this job lacks {lacking} and adds {extra}" if lacking or extra
+                  else f"it takes them in the order {names}")
+        raise InvalidInput(f"init_from: the parent version's feature columns differ ({differ}); fine-tuning "
+                           "needs the same feature columns in the same order")
+    return parent
 
 
 def _raw(rows: pd.DataFrame, features: list[str], table: preprocess.Table | None) -> pd.DataFrame | None:

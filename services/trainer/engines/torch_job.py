@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from services.trainer.engines import crossval, engine, quantize
+from services.trainer.engines import crossval, engine, preprocess, quantize
 from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
 from services.trainer.engines.tabular import metrics_on_test_rows
 from services.trainer.engines.types import Export, FitContext, FitOutcome, Fold, TabularData
@@ -28,7 +28,14 @@ def prepare(context: FitContext) -> TabularData:
         from services.trainer.engines import text
 
         return text.prepare_text_data(context.frame, spec, workdir=context.workdir)
-    return engine.prepare_data(context.frame, spec, context.test_frame)
+    return engine.prepare_data(context.frame, spec, context.test_frame, parent_table=parent_table(context))
+
+
+def parent_table(context: FitContext) -> preprocess.Table | None:
+    """The table of the version this job fine-tunes, if it has one."""
+    if context.initial_columns is None:
+        return None
+    return preprocess.table_of(context.initial_columns, where="init_from: the parent version's columns.json")
 
 
 def fit(context: FitContext) -> FitOutcome:

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from shipyard_common.errors import InvalidInput, Unavailable
 from shipyard_common.lineage import (
+    COLUMNS_FILE,
     METRIC_TAG_PREFIX,
     MODEL_ARTIFACT_PATH,
     TAG_JOB_ID,
@@ -211,6 +212,26 @@ class Tracking:
                 "(only PyTorch and Transformers jobs keep them)"
             )
         return Path(self.client.download_artifacts(found.run_id, wanted, str(folder)))
+
+    @_patient
+    def download_columns(self, *, model_name: str, version: str, folder: Path) -> list[dict[str, Any]] | None:
+        """The table columns registered version ``model_name`` v``version`` encodes (its ``columns.json``,
+        :meth:`~.preprocess.Table.describe`), or None where it takes plain numbers (no such file)."""
+        run_id = self.client.get_model_version(model_name, version).run_id
+        wanted = f"{MODEL_ARTIFACT_PATH}/{COLUMNS_FILE}"
+        if not run_id:
+            return None
+        if wanted not in {a.path for a in self.client.list_artifacts(run_id, MODEL_ARTIFACT_PATH)}:
+            return None
+        path = Path(self.client.download_artifacts(run_id, wanted, str(folder)))
+        try:
+            columns = json.loads(path.read_text())["columns"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidInput(f"init_from: the {COLUMNS_FILE} of {model_name!r} v{version} cannot be read "
+                               f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(columns, list):
+            raise InvalidInput(f"init_from: the {COLUMNS_FILE} of {model_name!r} v{version} lists no columns")
+        return columns
 
     @_patient
     def set_tag(self, run_id: str, key: str, value: str) -> None:

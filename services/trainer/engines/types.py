@@ -81,6 +81,8 @@ class FitContext:
     plan: Callable[[int], None]
     # Fine-tuning: the parent version's trained weights (a state dict read with weights_only).
     initial_weights: dict[str, Any] | None = None
+    # Fine-tuning a table: the parent version's columns (its columns.json), which this job encodes with.
+    initial_columns: list[dict[str, Any]] | None = None
     # Where ``model.type: plugin`` factories are looked up (the trainer's SHIPYARD_TRAINER_PLUGIN_DIR).
     plugin_dir: Path | None = None
     # The rows of ``data.split.test_rev`` (another revision of the dataset): the test rows.

@@ -280,6 +280,7 @@ class _Run:
     continuing: bool
     resume_dir: Path | None
     initial_weights: dict[str, Any] | None
+    initial_columns: list[dict[str, Any]] | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -371,11 +372,13 @@ def _start_run(
     """The parent's weights, then a new MLflow run, or the lost worker's run and its checkpoint."""
     (workdir / "checkpoint").mkdir()
     (workdir / "tensorboard").mkdir()
-    initial_weights = None
+    initial_weights, initial_columns = None, None
     if spec.init_from is not None:
         parent = spec.init_from
         lineage.update(lineage_tags(parent=f"{parent.model_name}/{parent.version}"))
         initial_weights = _parent_weights(tracking, parent.model_name, parent.version, workdir / "parent")
+        initial_columns = tracking.download_columns(model_name=parent.model_name, version=parent.version,
+                                                    folder=workdir / "parent")
     elif spec.model.type == "pretrained_text":
         lineage.update(lineage_tags(parent=f"pretrained:{spec.model.checkpoint}"))
 
@@ -399,7 +402,7 @@ def _start_run(
              spec.model.type, device, run_id)
     return _Run(job_id=job_id, spec=spec, device=device, tracking=tracking, lineage=lineage,
                 workdir=workdir, run_id=run_id, continuing=previous_run_id is not None,
-                resume_dir=resume_dir, initial_weights=initial_weights)
+                resume_dir=resume_dir, initial_weights=initial_weights, initial_columns=initial_columns)
 
 
 def _train_and_register(
@@ -425,7 +428,8 @@ def _train_and_register(
         checkpoint_dir=checkpoint_dir,
         checkpoint_saved=lambda: tracking.log_checkpoint(run_id, checkpoint_dir),
         resume_dir=run.resume_dir, tensorboard_dir=run.tensorboard_dir, plan=writer.plan,
-        initial_weights=run.initial_weights, plugin_dir=settings.plugin_dir, test_frame=test_frame,
+        initial_weights=run.initial_weights, initial_columns=run.initial_columns,
+        plugin_dir=settings.plugin_dir, test_frame=test_frame,
     )
     outcome = frameworks.fit(context)
     _log_outcome(tracking, run_id, outcome, writer, run.workdir)

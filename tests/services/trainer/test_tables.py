@@ -8,6 +8,7 @@ test rows hold.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,6 +165,50 @@ def test_each_cross_validation_fold_fits_the_encoding_on_its_own_training_rows(f
     whole = {column.name: column for column in data.table.columns}
     assert whole["batch"].categories == ("solo", "usual")
     assert whole["worst area"].fill != pytest.approx(columns["worst area"].fill)
+
+
+def test_fine_tuning_encodes_with_the_parents_table_in_the_job_and_every_fold(frame, tmp_path, monkeypatch):
+    """The parent's weights mean its slots: a child whose rows hold other categories (as many, so that
+    the widths agree and nothing would fail) or whose fold lacks one keeps the parent's encoding."""
+    parent = engine.prepare_data(frame, spec()).table
+    assert parent is not None
+    described = json.loads(json.dumps(parent.describe()))  # as columns.json holds it
+    assert preprocess.table_of(described, where="columns.json") == parent
+    child_frame = frame.assign(size=frame["size"].replace({"small": "tiny"}))  # three categories still
+    refitted = engine.prepare_data(child_frame, spec()).table
+    assert refitted is not None and refitted != parent  # what a refit would train the parent's weights on
+    child = engine.prepare_data(child_frame, spec(), parent_table=preprocess.table_of(described, where="x"))
+    assert child.table == parent
+    size = next(column for column in parent.columns if column.name == "size")
+    start = sum(column.width for column in parent.columns[:parent.columns.index(size)])
+    tiny = (child_frame["size"] == "tiny").to_numpy()[np.asarray(child.rows["train"])]
+    unknown = child.x_train[:, start + len(size.categories)]  # "tiny" is no category of the parent's
+    np.testing.assert_array_equal(unknown, tiny.astype(np.float32))
+    assert tiny.any()
+
+    job = cv_spec()
+    solo_frame, _ = with_a_category_one_fold_holds(frame, job)
+    with_solo = engine.prepare_data(solo_frame, job)  # the parent: fitted on rows that hold "solo"
+    assert with_solo.table is not None
+    context = dataclasses.replace(fit_context(job, solo_frame, tmp_path),
+                                  initial_columns=with_solo.table.describe())
+    trained: list[TabularData] = []
+    train = engine.train
+
+    def recorded(fold: TabularData, *args: Any, **kwargs: Any) -> Any:
+        trained.append(fold)
+        return train(fold, *args, **kwargs)
+
+    monkeypatch.setattr(crossval.engine, "train", recorded)
+    crossval.cross_validate(with_solo, context, crossval.cuts(with_solo, job))
+    assert [fold.table for fold in trained] == [with_solo.table] * 3  # the first fold too, which lacks "solo"
+
+    other_features = frame.drop(columns=["size"])
+    lacks_size = r"init_from: .* differ \(this job lacks \['size'\] and adds \[\]\)"
+    with pytest.raises(InvalidInput, match=lacks_size):
+        engine.prepare_data(other_features, spec(), parent_table=parent)
+    with pytest.raises(InvalidInput, match="does not describe a table's columns"):
+        preprocess.table_of([{"name": "size", "type": "categorical"}], where="columns.json")
 
 
 @pytest.mark.parametrize(
@@ -346,7 +391,7 @@ def cross_validated(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFact
     repo = DataRepo(platform.data_repo_path, platform.dvc_remote_path)
     body["data"]["rev"] = repo.add("tables-cv", frame).rev
     job = run_job(stack, body, tmp_path_factory.mktemp("cv-model"))
-    return {**job, "frame": frame, "solo": solo}
+    return {**job, "frame": frame, "solo": solo, "dataset_rev": body["data"]["rev"]}
 
 
 def unseen_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -448,6 +493,19 @@ def test_a_cross_validated_table_registers_the_encoding_fitted_on_every_training
     columns = {c["name"]: c for c in json.loads((cross_validated["folder"] / "columns.json").read_text())[
         "columns"]}
     assert columns["batch"]["categories"] == ["solo", "usual"]  # the first fold alone did not know "solo"
+
+
+def test_a_cross_validated_table_fine_tunes_from_its_version_though_a_fold_lacks_a_category(
+    cross_validated, stack, tmp_path
+):
+    body = job_spec(rev=cross_validated["dataset_rev"], dataset="tables-cv", model_name="tables-cv",
+                    training__epochs=2, data__split={"column": "part"}, data__columns=DECLARED,
+                    init_from={"model_name": "tables-cv", "version": str(cross_validated["model_version"])})
+    body["evaluation"] = {"kfold": 3}  # the first fold's training rows hold no "solo"
+    child = run_job(stack, body, tmp_path)
+    parent_columns = json.loads((cross_validated["folder"] / "columns.json").read_text())
+    assert json.loads((child["folder"] / "columns.json").read_text()) == parent_columns
+    assert child["metrics"]["cv_accuracy_mean"] >= 0.8 and child["metrics"]["val_accuracy"] >= 0.85
 
 
 def test_a_table_model_registers_an_int8_file_that_takes_raw_rows_within_tolerance(cross_validated, stack):
