@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import orjson
@@ -28,7 +27,6 @@ from sqlalchemy import select
 
 from pipelines.batch import BATCH_ROLE, batch_predict
 from services.trainer.app import create_app
-from shipyard_common.auth import Role
 from shipyard_common.datasets import DataRepo
 from shipyard_common.datasets.predictions import PredictionsRepo
 from shipyard_common.db import Database
@@ -36,10 +34,11 @@ from shipyard_common.errors import InvalidInput
 from shipyard_common.lineage import TAG_SEQUENCE, TAG_SIGNATURE
 from shipyard_common.records import PredictionRecord
 from tests.services.registry.model_factory import unique_name
+from tests.services.serving.support import train
 from tests.services.trainer.sequence_data import list_column_frame, long_format_frame
 from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
-from tests.services.trainer.table_data import DECLARED, table_frame
-from tests.support import auth, running_app, test_platform, wait_for
+from tests.services.trainer.table_data import table_frame, table_job_spec
+from tests.support import running_app, test_platform
 
 SPLIT = {"train": 0.7, "validation": 0.15, "test": 0.15, "seed": 3}
 LSTM = {"type": "lstm", "hidden_size": 16}
@@ -55,18 +54,6 @@ def raw_table() -> pd.DataFrame:
     frame.loc[4, "grade"], frame.loc[5, "city"] = "rare", None
     frame.loc[6, [c for c in frame.columns if c not in ("id", "grade")]] = None
     return frame
-
-
-def train(base: str, spec: dict[str, Any]) -> dict[str, Any]:
-    created = httpx.post(f"{base}/jobs", json=spec, headers=auth(Role.TRAINER))
-    assert created.status_code == 201, created.text
-
-    def ended() -> dict[str, Any] | None:
-        job = httpx.get(f"{base}/jobs/{created.json()['id']}", headers=auth(Role.VIEWER)).json()
-        return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-
-    job: dict[str, Any] = wait_for(ended, timeout=600, interval=0.5, what="a training job to end")
-    return job
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +72,8 @@ def trained(
     sequence = {"data__target": "sign", "data__split": SPLIT, "training__epochs": 2,
                 "training__learning_rate": 0.01, "model": LSTM}
     specs = {
-        "table": job_spec(rev=revs["tables"], dataset="tables", model_name=unique_name("batch-table"),
-                          training__epochs=3, data__split={"column": "part"}, data__columns=DECLARED),
+        "table": table_job_spec(rev=revs["tables"], model_name=unique_name("batch-table"),
+                                training__epochs=3),
         "list": job_spec(rev=revs["seq_list"], dataset="seq_list", model_name=unique_name("batch-seq"),
                          data__sequence={"column": "steps"}, **sequence),
         "long": job_spec(rev=revs["seq_long"], dataset="seq_long", model_name=unique_name("batch-long"),
@@ -95,9 +82,7 @@ def trained(
     worker = WorkerProcess(settings, state / "worker.log")
     try:
         with running_app(create_app(settings)) as base:
-            jobs = {key: train(base, spec) for key, spec in specs.items()}
-        for key, job in jobs.items():
-            assert job["state"] == "succeeded", (key, job["error"], worker.log_tail())
+            jobs = {key: train(base, worker, spec) for key, spec in specs.items()}
         client = MlflowClient(tracking_uri=mlflow_server)
         files = {key: Path(client.download_artifacts(job["mlflow_run_id"], "model/onnx/model.onnx",
                                                      str(state / key))) for key, job in jobs.items()}

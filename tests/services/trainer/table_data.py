@@ -5,9 +5,13 @@ it (train, validation, test)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from sklearn.datasets import load_breast_cancer
+
+from tests.services.trainer.support import job_spec
 
 DECLARED = {"city": {"type": "categorical", "encoding": "embedding", "embedding_dim": 3},
             "mean texture": {"type": "numeric", "impute": "median"}}
@@ -25,3 +29,9 @@ def table_frame() -> pd.DataFrame:
     frame.loc[rng.random(len(frame)) < 0.1, "mean texture"] = np.nan
     frame.loc[rng.random(len(frame)) < 0.1, "worst area"] = np.nan
     return frame
+
+
+def table_job_spec(*, rev: str, model_name: str, dataset: str = "tables", **changes: Any) -> dict[str, Any]:
+    """A job on :func:`table_frame`'s rows: split by ``part``, the columns :data:`DECLARED`."""
+    return job_spec(rev=rev, dataset=dataset, model_name=model_name,
+                    **{"data__split": {"column": "part"}, "data__columns": DECLARED, **changes})

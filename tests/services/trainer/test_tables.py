@@ -36,8 +36,8 @@ from shipyard_common.datasets import DataRepo
 from shipyard_common.errors import InvalidInput, ShipyardError
 from shipyard_common.lineage import TAG_FORMAT
 from tests.services.serving.support import serving
-from tests.services.trainer.support import WorkerProcess, job_spec, trainer_settings
-from tests.services.trainer.table_data import DECLARED, table_frame
+from tests.services.trainer.support import WorkerProcess, trainer_settings
+from tests.services.trainer.table_data import DECLARED, table_frame, table_job_spec
 from tests.support import auth, running_app, running_mlflow, wait_for
 
 
@@ -345,8 +345,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
 
 
 def table_job(stack: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    return job_spec(rev=stack["rev"], dataset="tables", model_name="tables", training__epochs=8,
-                    data__split={"column": "part"}, **{"data__columns": DECLARED, **changes})
+    return table_job_spec(rev=stack["rev"], model_name="tables", **{"training__epochs": 8, **changes})
 
 
 def mlflow(stack: dict[str, Any]) -> Any:
@@ -383,8 +382,8 @@ def trained(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
 def cross_validated(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A second table job, cross-validated in 3 folds and exported to onnx and onnx_int8, on the table
     with a category (``batch`` ``"solo"``) that only the first fold's held-out rows hold."""
-    body = job_spec(rev="0" * 40, dataset="tables-cv", model_name="tables-cv", training__epochs=8,
-                    data__split={"column": "part"}, data__columns=DECLARED, exports=["onnx", "onnx_int8"])
+    body = table_job_spec(rev="0" * 40, dataset="tables-cv", model_name="tables-cv", training__epochs=8,
+                          exports=["onnx", "onnx_int8"])
     body["evaluation"] = {"kfold": 3}
     frame, solo = with_a_category_one_fold_holds(stack["frame"], JobCreate.model_validate(body))
     platform = stack["platform"]
@@ -498,9 +497,9 @@ def test_a_cross_validated_table_registers_the_encoding_fitted_on_every_training
 def test_a_cross_validated_table_fine_tunes_from_its_version_though_a_fold_lacks_a_category(
     cross_validated, stack, tmp_path
 ):
-    body = job_spec(rev=cross_validated["dataset_rev"], dataset="tables-cv", model_name="tables-cv",
-                    training__epochs=2, data__split={"column": "part"}, data__columns=DECLARED,
-                    init_from={"model_name": "tables-cv", "version": str(cross_validated["model_version"])})
+    parent = {"model_name": "tables-cv", "version": str(cross_validated["model_version"])}
+    body = table_job_spec(rev=cross_validated["dataset_rev"], dataset="tables-cv", model_name="tables-cv",
+                          training__epochs=2, init_from=parent)
     body["evaluation"] = {"kfold": 3}  # the first fold's training rows hold no "solo"
     child = run_job(stack, body, tmp_path)
     parent_columns = json.loads((cross_validated["folder"] / "columns.json").read_text())
