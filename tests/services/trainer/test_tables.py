@@ -129,11 +129,8 @@ def fit_context(job: JobCreate, frame: pd.DataFrame, workdir: Path) -> FitContex
                       tensorboard_dir=workdir / "tensorboard", plan=lambda _: None)
 
 
-def test_each_cross_validation_fold_fits_the_encoding_on_its_own_training_rows(frame, tmp_path, monkeypatch):
-    job = cv_spec()
-    table, solo = with_a_category_one_fold_holds(frame, job)
-    data = engine.prepare_data(table, job)
-    cuts = crossval.cuts(data, job)
+def record_folds(monkeypatch: pytest.MonkeyPatch) -> list[TabularData]:
+    """The rows each fold trains on, as cross-validation hands them to the engine (which still trains)."""
     trained: list[TabularData] = []
     train = engine.train
 
@@ -142,6 +139,15 @@ def test_each_cross_validation_fold_fits_the_encoding_on_its_own_training_rows(f
         return train(fold, *args, **kwargs)
 
     monkeypatch.setattr(crossval.engine, "train", recorded)
+    return trained
+
+
+def test_each_cross_validation_fold_fits_the_encoding_on_its_own_training_rows(frame, tmp_path, monkeypatch):
+    job = cv_spec()
+    table, solo = with_a_category_one_fold_holds(frame, job)
+    data = engine.prepare_data(table, job)
+    cuts = crossval.cuts(data, job)
+    trained = record_folds(monkeypatch)
     folds = crossval.cross_validate(data, fit_context(job, table, tmp_path), cuts)
 
     assert len(folds) == len(trained) == 3 and all(f.metrics["val_accuracy"] > 0.5 for f in folds)
@@ -192,14 +198,7 @@ def test_fine_tuning_encodes_with_the_parents_table_in_the_job_and_every_fold(fr
     assert with_solo.table is not None
     context = dataclasses.replace(fit_context(job, solo_frame, tmp_path),
                                   initial_columns=with_solo.table.describe())
-    trained: list[TabularData] = []
-    train = engine.train
-
-    def recorded(fold: TabularData, *args: Any, **kwargs: Any) -> Any:
-        trained.append(fold)
-        return train(fold, *args, **kwargs)
-
-    monkeypatch.setattr(crossval.engine, "train", recorded)
+    trained = record_folds(monkeypatch)
     crossval.cross_validate(with_solo, context, crossval.cuts(with_solo, job))
     assert [fold.table for fold in trained] == [with_solo.table] * 3  # the first fold too, which lacks "solo"
 
