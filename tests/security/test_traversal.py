@@ -82,6 +82,7 @@ KINDS: dict[str, dict[str, Kind]] = {
         "body:version": LOOKUP, "query:model": NAME,
         "body:reason": TEXT, "query:reason": TEXT, "body:rules[]": TEXT, "query:page_token": CURSOR,
         "query:at": MOMENT,
+        "query:search": NAME,  # becomes part of MLflow's filter string: refused unless a name's characters
     },
     "monitor": {
         "path:model": NAME, "body:model": NAME, "body:parameters.csv_path": NAME,
