@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from services.trainer.engines import child, engine
+from services.trainer.engines import child, engine, preprocess
 from services.trainer.engines.checkpoints import Checkpointer
 from services.trainer.engines.resume import CHECKPOINT_FILE, load_resume
 from services.trainer.engines.types import FitContext, Observer, TabularData, TrainingFailed
@@ -118,12 +119,18 @@ def _resume_file(context: FitContext) -> Path | None:
 
 
 def write_data(data: TabularData, folder: Path) -> None:
-    """Arrays as ``<field>.npy`` (no pickle); the other fields (JSON values, enums, paths) in data.json."""
+    """Arrays as ``<field>.npy`` (no pickle); the other fields (JSON values, enums, paths, a table's
+    columns as ``Table.describe`` gives them) in data.json. The raw frames stay behind: only the parent
+    exports, and it checks the exported graph on them."""
     kind = type(data)
     meta: dict[str, Any] = {"class": f"{kind.__module__}:{kind.__qualname__}", "arrays": [], "values": {}}
     for item in dataclasses.fields(data):
         value = getattr(data, item.name)
-        if isinstance(value, np.ndarray):
+        if isinstance(value, pd.DataFrame):
+            continue
+        if isinstance(value, preprocess.Table):
+            meta["values"][item.name] = {"table": value.describe()}
+        elif isinstance(value, np.ndarray):
             np.save(folder / f"{item.name}.npy", value, allow_pickle=False)
             meta["arrays"].append(item.name)
         elif isinstance(value, enum.Enum):
@@ -147,6 +154,8 @@ def read_data(folder: Path) -> TabularData:
             values[key] = Task(boxed["enum"])
         elif "path" in boxed:
             values[key] = Path(boxed["path"])
+        elif "table" in boxed:
+            values[key] = preprocess.table_of(boxed["table"], where=f"the ranks' {DATA_META}")
         else:
             values[key] = boxed["json"]
     data: TabularData = kind(**values)

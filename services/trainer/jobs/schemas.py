@@ -511,8 +511,6 @@ def table_refusal(spec: JobCreate) -> str | None:
     if spec.framework != Framework.PYTORCH:
         return (f"categorical columns and missing values need framework 'pytorch', not "
                 f"{spec.framework.value!r}; encode and fill them first for another framework")
-    if spec.resources.gpus > 1:
-        return "categorical columns and missing values train on one device (resources.gpus <= 1)"
     other = [f.value for f in spec.exports if f not in (ExportFormat.ONNX, ExportFormat.ONNX_INT8)]
     if other:
         return (f"a model taking categorical columns and missing values cannot be exported to {other}: "

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
@@ -15,6 +16,7 @@ from services.trainer.engines import distributed, engine, torch_job
 from services.trainer.engines.types import FitContext
 from services.trainer.jobs.schemas import JobCreate
 from tests.services.trainer.support import job_spec
+from tests.services.trainer.table_data import DECLARED, table_frame
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -32,12 +34,15 @@ class Recorder:
         self.checkpoints += 1
 
 
-def context_for(tmp_path: Path, recorder: Recorder, **changes: Any) -> FitContext:
+def context_for(
+    tmp_path: Path, recorder: Recorder, frame: pd.DataFrame | None = None, **changes: Any
+) -> FitContext:
     spec = JobCreate.model_validate(job_spec(rev=REV, resources__gpus=2, **changes))
     for name in ("work", "checkpoints", "tensorboard"):
         (tmp_path / name).mkdir(exist_ok=True)
+    frame = load_breast_cancer(as_frame=True).frame if frame is None else frame
     return FitContext(
-        spec=spec, frame=load_breast_cancer(as_frame=True).frame, device="cpu", workdir=tmp_path / "work",
+        spec=spec, frame=frame, device="cpu", workdir=tmp_path / "work",
         observer=recorder.observer, checkpoint_dir=tmp_path / "checkpoints",
         checkpoint_saved=recorder.checkpoint_saved, resume_dir=None, tensorboard_dir=tmp_path / "tensorboard",
         plan=recorder.plans.append,
@@ -74,6 +79,22 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     assert float((predicted == data.y_val).mean()) == pytest.approx(outcome.metrics["val_accuracy"])
 
 
+def test_a_table_with_strings_and_nulls_trains_on_two_gloo_processes(tmp_path):
+    """The ranks get the encoded rows and the table's columns (an embedded one builds the network); the
+    parent exports the graph that takes raw columns, checked on the raw validation rows."""
+    recorder = Recorder()
+    context = context_for(tmp_path, recorder, frame=table_frame(), training__epochs=6,
+                          data__split={"column": "part"}, data__columns=DECLARED)
+    outcome = torch_job.fit(context)
+    assert outcome.metrics["val_accuracy"] >= 0.85 and outcome.exports[0].max_abs_diff <= 1e-5
+    assert [e for e, _, m in recorder.events if m is not None] == list(range(1, 7))
+    data = engine.prepare_data(context.frame, context.spec)
+    assert data.table is not None and outcome.columns == data.table.describe()
+    assert any(column.get("encoding") == "embedding" for column in outcome.columns)
+    inputs = [item["name"] for item in outcome.exports[0].signature["inputs"]]
+    assert inputs == data.features  # one input per raw column
+
+
 def test_a_rank_that_diverges_fails_the_job_with_the_engines_message(tmp_path):
     recorder = Recorder()
     context = context_for(tmp_path, recorder, training__epochs=3, training__optimizer="sgd",
@@ -94,3 +115,11 @@ def test_data_goes_to_the_ranks_as_npy_files_without_pickle(tmp_path):
     for name in ("x_train", "y_train", "x_val", "y_val"):
         np.testing.assert_array_equal(getattr(back, name), getattr(data, name))
         np.load(tmp_path / f"{name}.npy", allow_pickle=False)
+
+    table = engine.prepare_data(table_frame(), JobCreate.model_validate(job_spec(
+        rev=REV, data__split={"column": "part"}, data__columns=DECLARED)))
+    (tmp_path / "table").mkdir()
+    distributed.write_data(table, tmp_path / "table")
+    back = distributed.read_data(tmp_path / "table")
+    assert back.table == table.table and back.val_frame is None  # the raw rows stay with the parent
+    np.testing.assert_array_equal(back.x_train, table.x_train)
