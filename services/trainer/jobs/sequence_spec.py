@@ -89,9 +89,6 @@ def sequence_refusal(spec: Any) -> str | None:
     if data.features is not None or getattr(data, "columns", None):
         return ("with data.sequence, name each step's columns in data.sequence.features (long format); "
                 "data.features and data.columns are for tables")
-    if spec.resources.gpus > 1 or spec.evaluation is not None:
-        return ("data.sequence trains on one device without cross-validation (resources.gpus <= 1, "
-                "no evaluation)")
     if any(f.value == "onnx_int8" for f in spec.exports):
         return "data.sequence models export to 'onnx' and 'torchscript', not 'onnx_int8'"
     taken = {data.target, data.split.column if data.split is not None else None}

@@ -10,11 +10,13 @@ import pytest
 from pydantic import ValidationError
 from sklearn.datasets import load_wine
 
-from services.trainer.engines import crossval
+from services.trainer.engines import crossval, torch_job
 from services.trainer.engines.tabular import prepare_data
-from services.trainer.engines.types import Fold
+from services.trainer.engines.types import FitContext, Fold
 from services.trainer.jobs.schemas import JobCreate
 from shipyard_common.errors import InvalidInput
+from tests.services.trainer.sequence_data import list_column_frame
+from tests.services.trainer.support import job_spec
 
 
 def spec(**changes: Any) -> JobCreate:
@@ -72,3 +74,23 @@ def test_the_summary_is_the_mean_and_spread_of_each_validation_metric():
 def test_an_impossible_cross_validation_is_refused_before_the_job_is_stored(changes, message):
     with pytest.raises(ValidationError, match=message):
         spec(**changes)
+
+
+def test_sequences_are_cross_validated_fold_by_fold_on_whole_sequences(tmp_path):
+    """Folds cut the training sequences (not their steps); each fold trains and scores as a job would."""
+    frame = list_column_frame(240, seed=3)
+    job = JobCreate.model_validate(job_spec(
+        rev="a" * 40, dataset="seqs", data__target="sign", data__sequence={"column": "steps"},
+        model={"type": "gru", "hidden_size": 8}, training__epochs=3, training__learning_rate=0.01,
+        evaluation={"kfold": 3}))
+    for name in ("work", "checkpoints", "tensorboard"):
+        (tmp_path / name).mkdir()
+    context = FitContext(spec=job, frame=frame, device="cpu", workdir=tmp_path / "work",
+                         observer=lambda *_: None, checkpoint_dir=tmp_path / "checkpoints",
+                         checkpoint_saved=lambda: None, resume_dir=None,
+                         tensorboard_dir=tmp_path / "tensorboard", plan=lambda _: None)
+    outcome = torch_job.fit(context)
+    assert len(outcome.folds) == 3 and 0.6 <= outcome.metrics["cv_accuracy_mean"] <= 1.0
+    held_out = sorted(row for fold in outcome.folds for row in fold.rows)
+    assert held_out == sorted(outcome.rows["train"])  # each training sequence held out once
+    assert outcome.metrics["val_accuracy"] >= 0.6 and outcome.exports[0].signature["sequence"]

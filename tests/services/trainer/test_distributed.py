@@ -15,6 +15,7 @@ from sklearn.datasets import load_breast_cancer
 from services.trainer.engines import distributed, engine, torch_job
 from services.trainer.engines.types import FitContext
 from services.trainer.jobs.schemas import JobCreate
+from tests.services.trainer.sequence_data import list_column_frame
 from tests.services.trainer.support import job_spec
 from tests.services.trainer.table_data import DECLARED, table_frame
 
@@ -93,6 +94,20 @@ def test_a_table_with_strings_and_nulls_trains_on_two_gloo_processes(tmp_path):
     assert any(column.get("encoding") == "embedding" for column in outcome.columns)
     inputs = [item["name"] for item in outcome.exports[0].signature["inputs"]]
     assert inputs == data.features  # one input per raw column
+
+
+def test_variable_length_sequences_train_on_two_gloo_processes(tmp_path):
+    """NaN-padded sequences go to the ranks as any rows do; the parent's export keeps a free time axis."""
+    recorder = Recorder()
+    context = context_for(tmp_path, recorder, frame=list_column_frame(300, seed=1), data__target="sign",
+                          data__sequence={"column": "steps"}, model={"type": "lstm", "hidden_size": 16},
+                          training__epochs=4, training__learning_rate=0.01)
+    outcome = torch_job.fit(context)
+    assert outcome.metrics["val_accuracy"] >= 0.8  # chance: about 0.5
+    onnx_export = outcome.exports[0]
+    assert onnx_export.signature["inputs"][0]["shape"] == [None, None, 1] and onnx_export.max_abs_diff <= 1e-5
+    data = engine.prepare_data(context.frame, context.spec)
+    assert onnx_export.signature["sequence"]["max_length"] == data.x_train.shape[1]
 
 
 def test_a_rank_that_diverges_fails_the_job_with_the_engines_message(tmp_path):
