@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shipyard_common.datasets import DataRepo, S3Remote
 from shipyard_common.lineage import PRODUCTION, TAG_FEATURES, TAG_TARGET
+from shipyard_common.mlflow_client import apply_mlflow_client_limits
 from shipyard_common.settings import DEV_ADMIN_TOKEN, PlatformSettings
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -73,7 +74,11 @@ class PipelineConfig(BaseModel):
     def from_platform(
         cls, platform: PlatformSettings | None = None, token: str | SecretStr | None = None
     ) -> PipelineConfig:
+        """The config a flow's tasks get, from ``platform``. The tasks read MLflow directly (a version's
+        files, its tags), so this process's MLflow client gets the platform's limits and, where MLflow
+        asks for them, its credentials, as every service's does at start."""
         platform = platform or PlatformSettings()
+        apply_mlflow_client_limits(platform)
         if token is None:
             secret = PipelineSettings().api_token
         else:
