@@ -9,8 +9,8 @@ from urllib.parse import quote
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from services.monitor.context import Monitor
 from services.monitor.tables import WindowRecord
+from services.monitor.windows.deps import WindowsMonitor
 from services.monitor.windows.lineage import read_aliases
 from services.monitor.windows.quality import ERROR, OK
 from services.monitor.windows.reports import read_snapshot, render_html
@@ -34,7 +34,7 @@ def report_url(record: WindowRecord) -> str | None:
     return f"/reports/{quote(record.model, safe='')}/{record.id}" if record.report_path else None
 
 
-def require_model(session: Session, *, monitor: Monitor, model: str) -> None:
+def require_model(session: Session, *, monitor: WindowsMonitor, model: str) -> None:
     """NotFound unless ``model`` has windows, logged predictions, or is in the registry.
 
     Only a model the monitor has never seen needs MLflow: while it is down, that is a 503 within
@@ -56,7 +56,7 @@ def _newest(model: str, version: str | None, before: int | None) -> Any:
     return statement.order_by(WindowRecord.id.desc())
 
 
-def list_windows(*, monitor: Monitor, model: str, version: str | None, status: str | None,
+def list_windows(*, monitor: WindowsMonitor, model: str, version: str | None, status: str | None,
                  before: int | None, limit: int) -> WindowPage:
     statement = _newest(model, version, before)
     if status is not None:
@@ -78,7 +78,7 @@ def window_public(record: WindowRecord) -> WindowPublic:
                                         "quality": record.quality or {}, "report_url": report_url(record)})
 
 
-def get_drift(*, monitor: Monitor, model: str, version: str | None) -> DriftPublic:
+def get_drift(*, monitor: WindowsMonitor, model: str, version: str | None) -> DriftPublic:
     """The newest ``ok`` window's drift, with its age and whether it is stale (and why); NotFound,
     saying why, when there is none yet. Read from the database alone: it answers while MLflow is down."""
     with monitor.database.session() as session:
@@ -95,7 +95,7 @@ def get_drift(*, monitor: Monitor, model: str, version: str | None) -> DriftPubl
     return drift_public(record, stale_reason=stale_reason(monitor, record, newest))
 
 
-def stale_reason(monitor: Monitor, record: WindowRecord, newest: WindowRecord | None) -> str | None:
+def stale_reason(monitor: WindowsMonitor, record: WindowRecord, newest: WindowRecord | None) -> str | None:
     """Why ``record`` may no longer be the model's drift: the loop's last pass over the model failed
     for want of a component (MLflow, the database), or its newest window could not be computed
     (the reference data unreadable …). None while the loop keeps it up to date."""
@@ -136,7 +136,7 @@ def _prediction(record: WindowRecord, quality: dict[str, Any]) -> PredictionDrif
                                  reference=str(about.get("reference", "training target")))
 
 
-def list_latest(*, monitor: Monitor) -> list[DriftSummary]:
+def list_latest(*, monitor: WindowsMonitor) -> list[DriftSummary]:
     """Per model: the newest ok window, the newest window, and the newest window with labels."""
     newest = select(func.max(WindowRecord.id)).group_by(WindowRecord.model)
     newest_ok = newest.where(WindowRecord.status == OK)
@@ -153,7 +153,7 @@ def list_latest(*, monitor: Monitor) -> list[DriftSummary]:
     return [_summary(monitor, model, picked) for model, picked in sorted(by_model.items())]
 
 
-def _summary(monitor: Monitor, model: str, picked: dict[str, WindowRecord]) -> DriftSummary:
+def _summary(monitor: WindowsMonitor, model: str, picked: dict[str, WindowRecord]) -> DriftSummary:
     ok, latest, labelled = picked.get("ok"), picked["latest"], picked.get("labelled")
     stale = stale_reason(monitor, ok, latest) if ok else None
     return DriftSummary(
@@ -169,7 +169,7 @@ def _summary(monitor: Monitor, model: str, picked: dict[str, WindowRecord]) -> D
     )
 
 
-def list_reports(*, monitor: Monitor, model: str, before: int | None, limit: int) -> ReportPage:
+def list_reports(*, monitor: WindowsMonitor, model: str, before: int | None, limit: int) -> ReportPage:
     statement = _newest(model, None, before).where(WindowRecord.report_path.is_not(None)).limit(limit + 1)
     with monitor.database.session() as session:
         found = list(session.scalars(statement))
@@ -185,7 +185,7 @@ def list_reports(*, monitor: Monitor, model: str, before: int | None, limit: int
     return ReportPage(model=model, items=items, next_before=following)
 
 
-def get_report(*, monitor: Monitor, model: str, window_id: int, html: bool) -> str:
+def get_report(*, monitor: WindowsMonitor, model: str, window_id: int, html: bool) -> str:
     """The report of one window of ``model``: Evidently's HTML, or its snapshot JSON."""
     with monitor.database.session() as session:
         record = session.get(WindowRecord, window_id)

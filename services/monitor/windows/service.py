@@ -14,11 +14,11 @@ from datetime import timedelta
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
-from services.monitor.context import Monitor
 from services.monitor.tables import WindowRecord
 from services.monitor.windows import cutting, gauges, quality
 from services.monitor.windows.compute import Outcome, assess
 from services.monitor.windows.cutting import Due, Plan
+from services.monitor.windows.deps import WindowsMonitor
 from services.monitor.windows.drift import DriftOptions
 from services.monitor.windows.frames import read_rows
 from services.monitor.windows.lineage import Lineage, read_aliases
@@ -30,7 +30,7 @@ from shipyard_common.records import PredictionRecord
 log = logging.getLogger("shipyard.monitor")
 
 
-def close_due_windows(*, monitor: Monitor) -> int:
+def close_due_windows(*, monitor: WindowsMonitor) -> int:
     """Close every window that is due and compute its drift and quality; how many closed."""
     discover(monitor=monitor)
     by_model: dict[str, list[str]] = defaultdict(list)
@@ -44,7 +44,7 @@ def close_due_windows(*, monitor: Monitor) -> int:
     return closed
 
 
-def close_model(*, monitor: Monitor, model: str, versions: list[str]) -> int:
+def close_model(*, monitor: WindowsMonitor, model: str, versions: list[str]) -> int:
     """Close the due windows of ``model``'s versions; note in the book whether a component was away."""
     trouble: str | None = None
     try:
@@ -68,7 +68,7 @@ def close_model(*, monitor: Monitor, model: str, versions: list[str]) -> int:
     return closed
 
 
-def discover(*, monitor: Monitor) -> None:
+def discover(*, monitor: WindowsMonitor) -> None:
     """Add the (model, version) pairs logged since the last pass to the book."""
     book = monitor.windows
     statement = (
@@ -84,7 +84,7 @@ def discover(*, monitor: Monitor) -> None:
             book.scanned_to = max(book.scanned_to, int(newest))
 
 
-def close_version(*, monitor: Monitor, model: str, version: str, served: set[str] | None) -> int:
+def close_version(*, monitor: WindowsMonitor, model: str, version: str, served: set[str] | None) -> int:
     """Close the due windows of one version (at most ``max_windows_per_pass``); how many."""
     plan = plan_windows(monitor=monitor, model=model, version=version,
                         served=served is None or version in served)
@@ -101,7 +101,7 @@ def close_version(*, monitor: Monitor, model: str, version: str, served: set[str
     return len(plan.due)
 
 
-def plan_windows(*, monitor: Monitor, model: str, version: str, served: bool) -> Plan:
+def plan_windows(*, monitor: WindowsMonitor, model: str, version: str, served: bool) -> Plan:
     settings = monitor.settings
     spec = settings.window_for(model)
     until = utcnow() - timedelta(seconds=settings.window_grace_s)
@@ -117,7 +117,7 @@ def plan_windows(*, monitor: Monitor, model: str, version: str, served: bool) ->
                                  until=until, served=served, most=most, tally=tally)
 
 
-def close_window(*, monitor: Monitor, model: str, version: str, due: Due) -> WindowRecord:
+def close_window(*, monitor: WindowsMonitor, model: str, version: str, due: Due) -> WindowRecord:
     """Compute and store one window; Unavailable (MLflow or the database away) leaves it for later."""
     outcome, lineage = _outcome(monitor=monitor, model=model, version=version, due=due)
     settings = monitor.settings
@@ -133,7 +133,9 @@ def close_window(*, monitor: Monitor, model: str, version: str, due: Due) -> Win
     return record
 
 
-def _outcome(*, monitor: Monitor, model: str, version: str, due: Due) -> tuple[Outcome, Lineage | None]:
+def _outcome(
+    *, monitor: WindowsMonitor, model: str, version: str, due: Due
+) -> tuple[Outcome, Lineage | None]:
     if not due.rows:
         periods = f" ({due.periods} periods)" if due.periods > 1 else ""
         return Outcome(quality.EMPTY, f"no predictions were logged in this window{periods}"), None
@@ -155,7 +157,7 @@ def _outcome(*, monitor: Monitor, model: str, version: str, due: Due) -> tuple[O
         return Outcome(quality.ERROR, f"drift could not be computed: {type(exc).__name__}: {exc}"), lineage
 
 
-def drift_options(monitor: Monitor) -> DriftOptions:
+def drift_options(monitor: WindowsMonitor) -> DriftOptions:
     s = monitor.settings
     return DriftOptions(drift_share=s.drift_share, num_method=s.num_method, cat_method=s.cat_method,
                         num_threshold=s.num_threshold, cat_threshold=s.cat_threshold)
