@@ -87,7 +87,7 @@ def platform(tmp_path: Path, redis_url: str, mlflow_server: str) -> PlatformSett
     return test_platform(tmp_path / "state", redis_url=redis_url, mlflow_tracking_uri=mlflow_server)
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: `pytest -p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadscope`` (``make test``), with the modules that share a stack as one unit of work
     (tests/scheduling.py); any other mode as pytest-xdist makes it."""
