@@ -45,6 +45,9 @@ def stack_platform(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
         tokens=dict(TOKENS),
         log_json=True,
         events_channel=events_channel(),
+        # As outside tests (and in `make demo`): MLflow with its basic-auth app, so that the flows run in
+        # this process (``deployed``) must sign in as the services do.
+        mlflow_auth=True,
     )
     redis.Redis.from_url(platform.redis_url).flushdb()
     extra_env = {
