@@ -278,6 +278,7 @@ def test_a_trainer_asks_an_approver_approves_and_serving_follows(
     a.fill("input[name=search]", name)
     a.click("form.search button")
     a.wait_for_url(f"{base}/ui/models?search={name}")
+    shots.take(a, "models-search")
     a.click(f"a.strong:has-text('{name}')")
     a.wait_for_selector("svg.chart")
     assert "val_accuracy by version" in a.inner_text("body")
