@@ -80,9 +80,16 @@ class Demo:
 
     def run(self) -> dict[str, Any]:
         result = self.train()
-        request = self.request(result)
-        moved = self.approve(request)
         version = str(result["model_version"])
+        request: dict[str, Any] | None = None
+        moved: dict[str, Any] | None = None
+        if result["request"]["id"] is None:  # a run before this one put this very version in production
+            self.console.rule("[bold]3-4. nothing to approve")
+            self.console.print(f"  v{version} is already {DEMO_MODEL}'s production version (an earlier run "
+                               "of the demo trained this spec, and the flow reused its job): no request")
+        else:
+            request = self.request(result)
+            moved = self.approve(request)
         features = self.serve(version)
         calm, live = self.calm_traffic(features)
         policy = self.set_policy()
@@ -90,7 +97,8 @@ class Demo:
         stormy = self.shifted_traffic(features)
         retrained = self.retraining(after=int(last[0]["id"]) if last else 0)
         self.console.print(
-            f"[bold]demo done[/bold]: v{version} requested by alice, approved by bob, served; "
+            f"[bold]demo done[/bold]: v{version} "
+            f"{'requested by alice, approved by bob' if moved else 'already in production'}, served; "
             f"drift unchanged={calm['dataset_drift']}, shifted={stormy['dataset_drift']}; live accuracy "
             f"{live['accuracy']:.3f}; the drift retrained {DEMO_MODEL} by itself: {_made(retrained)}"
         )
@@ -110,7 +118,9 @@ class Demo:
         summary.add_row("job id", str(result["job_id"]))
         summary.add_row("validation accuracy", f"{result['metrics'].get('val_accuracy', float('nan')):.4f}")
         summary.add_row("model version", str(result["model_version"]))
-        summary.add_row("promotion request", f"#{result['request']['id']} ({result['request']['state']})")
+        asked = result["request"]
+        summary.add_row("promotion request", f"#{asked['id']} ({asked['state']})" if asked["id"] is not None
+                        else f"none ({asked['state']}: v{result['model_version']} is production already)")
         self.console.print(summary)
         return dict(result)
 
