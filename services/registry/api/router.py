@@ -38,6 +38,7 @@ from services.registry.core.schemas import (
     VersionDetail,
     VersionPage,
 )
+from services.registry.params import ModelSearch, PageToken
 from shipyard_common.auth import Principal, Role, role_checker
 from shipyard_common.orm import MAX_BIGINT
 from shipyard_common.paths import PlainName, plain_names
@@ -54,10 +55,6 @@ Viewer = Annotated[Principal, Depends(role_checker(Role.VIEWER))]
 Requester = Annotated[Principal, Depends(role_checker(Role.TRAINER, Role.APPROVER))]
 Approver = Annotated[Principal, Depends(role_checker(Role.APPROVER))]
 Admin = Annotated[Principal, Depends(role_checker(Role.ADMIN))]
-PageToken = Annotated[str | None, Query(max_length=4096, description="next_page_token of the page before.")]
-ModelSearch = Annotated[str | None, Query(
-    max_length=catalog.SEARCH_MAX, pattern=catalog.SEARCH_PATTERN,
-    description="Only models whose name contains this (any case): letters, digits, '_', '-' and '.'.")]
 MaxResults = Annotated[
     int | None, Query(ge=1, le=1000, description="Page size; default the setting page_size.")
 ]

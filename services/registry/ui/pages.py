@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, Response
 from services.registry.core import approvals, catalog, promotion
 from services.registry.core.registry import Registry
 from services.registry.core.schemas import LiveVersion, Monitoring, ServingStatus, VersionPublic
+from services.registry.params import ModelSearch, PageToken
 from services.registry.ui.charts import Point, metric_chart
 from services.registry.ui.web import Signed, UiRoute, registry_of, render
 from shipyard_common.errors import NotFound
@@ -25,9 +26,7 @@ from shipyard_common.lineage import ALIASES, PRODUCTION, REPORTS_ARTIFACT_PATH
 
 router = APIRouter(route_class=UiRoute)
 
-PageToken = Annotated[str | None, Query(max_length=4096)]
 MetricName = Annotated[str | None, Query(max_length=200)]
-ModelSearch = Annotated[str | None, Query(max_length=catalog.SEARCH_MAX, pattern=catalog.SEARCH_PATTERN)]
 # The metric a model page charts first, when its versions have it.
 PREFERRED_METRICS = ("val_accuracy", "accuracy", "val_f1_macro", "val_roc_auc", "val_r2", "val_mae",
                      "val_loss")
