@@ -162,9 +162,8 @@ def test_fine_tuning_refuses_weights_with_a_pickle_payload(tmp_path: Path, marke
     refuses the payload, and the job's error says why; nothing ran."""
     weights = tmp_path / "weights.pt"
     weights.write_bytes(evil_pt(tmp_path, marker))
-    tracking = SimpleNamespace(download_weights=lambda **_: weights)
     with pytest.raises(InvalidInput, match="hold Python objects besides tensors, which the trainer never"):
-        _parent_weights(tracking, "evil", "1", tmp_path)  # type: ignore[arg-type]
+        _parent_weights(weights, "evil", "1")
     assert not marker.exists()
 
 

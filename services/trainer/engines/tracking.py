@@ -16,6 +16,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -99,6 +100,16 @@ def column_params(columns: Sequence[Mapping[str, Any]]) -> dict[str, str]:
             if column.get(field) is not None:
                 params[f"{COLUMN_PARAM_PREFIX}{name}.{field}"] = str(column[field])
     return params
+
+
+@dataclass(frozen=True)
+class ParentFiles:
+    """A registered version's files that fine-tuning (``init_from``) starts from."""
+
+    #: Its trained weights (a state dict), downloaded.
+    weights: Path
+    #: The table columns it encodes (its ``columns.json``), or None where it takes plain numbers.
+    columns: list[dict[str, Any]] | None
 
 
 P = ParamSpec("P")
@@ -191,12 +202,19 @@ class Tracking:
         self.client.log_artifact(run_id, str(path), artifact_path=WEIGHTS_ARTIFACT_PATH)
 
     @_patient
-    def download_weights(self, *, model_name: str, version: str, folder: Path) -> Path:
-        """The trained weights of registered version ``model_name`` v``version``, for fine-tuning.
+    def download_parent(self, *, model_name: str, version: str, folder: Path) -> ParentFiles:
+        """What fine-tuning takes from registered version ``model_name`` v``version``: its trained
+        weights and its table columns, the version looked up once for both.
 
-        Raises :class:`InvalidInput` when there is no such version or it kept no weights (a
-        Keras version, or one registered before weights were kept).
+        Raises :class:`InvalidInput` when there is no such version, it kept no weights (a Keras
+        version, or one registered before weights were kept) or its ``columns.json`` cannot be read.
         """
+        run_id = self._parent_run(model_name, version)
+        return ParentFiles(weights=self._parent_weights(run_id, model_name, version, folder),
+                           columns=self._parent_columns(run_id, model_name, version, folder))
+
+    def _parent_run(self, model_name: str, version: str) -> str:
+        """The run that trained registered version ``model_name`` v``version``."""
         try:
             found = self.client.get_model_version(model_name, version)
         except MlflowException as exc:
@@ -205,22 +223,23 @@ class Tracking:
             raise
         if not found.run_id:
             raise InvalidInput(f"init_from: {model_name!r} v{version} was not trained by a run; no weights")
+        return str(found.run_id)
+
+    def _parent_weights(self, run_id: str, model_name: str, version: str, folder: Path) -> Path:
+        """The parent run's trained weights copied into ``folder``."""
         wanted = f"{WEIGHTS_ARTIFACT_PATH}/{WEIGHTS_FILE}"
-        if wanted not in {a.path for a in self.client.list_artifacts(found.run_id, WEIGHTS_ARTIFACT_PATH)}:
+        if wanted not in {a.path for a in self.client.list_artifacts(run_id, WEIGHTS_ARTIFACT_PATH)}:
             raise InvalidInput(
                 f"init_from: {model_name!r} v{version} kept no trained weights to fine-tune from "
                 "(only PyTorch and Transformers jobs keep them)"
             )
-        return Path(self.client.download_artifacts(found.run_id, wanted, str(folder)))
+        return Path(self.client.download_artifacts(run_id, wanted, str(folder)))
 
-    @_patient
-    def download_columns(self, *, model_name: str, version: str, folder: Path) -> list[dict[str, Any]] | None:
-        """The table columns registered version ``model_name`` v``version`` encodes (its ``columns.json``,
+    def _parent_columns(self, run_id: str, model_name: str, version: str,
+                        folder: Path) -> list[dict[str, Any]] | None:
+        """The table columns the parent encodes (its ``columns.json``,
         :meth:`~.preprocess.Table.describe`), or None where it takes plain numbers (no such file)."""
-        run_id = self.client.get_model_version(model_name, version).run_id
         wanted = f"{MODEL_ARTIFACT_PATH}/{COLUMNS_FILE}"
-        if not run_id:
-            return None
         if wanted not in {a.path for a in self.client.list_artifacts(run_id, MODEL_ARTIFACT_PATH)}:
             return None
         path = Path(self.client.download_artifacts(run_id, wanted, str(folder)))

@@ -376,9 +376,10 @@ def _start_run(
     if spec.init_from is not None:
         parent = spec.init_from
         lineage.update(lineage_tags(parent=f"{parent.model_name}/{parent.version}"))
-        initial_weights = _parent_weights(tracking, parent.model_name, parent.version, workdir / "parent")
-        initial_columns = tracking.download_columns(model_name=parent.model_name, version=parent.version,
-                                                    folder=workdir / "parent")
+        files = tracking.download_parent(model_name=parent.model_name, version=parent.version,
+                                         folder=workdir / "parent")
+        initial_weights = _parent_weights(files.weights, parent.model_name, parent.version)
+        initial_columns = files.columns
     elif spec.model.type == "pretrained_text":
         lineage.update(lineage_tags(parent=f"pretrained:{spec.model.checkpoint}"))
 
@@ -504,14 +505,13 @@ def _sequence_tag(spec: JobCreate, *, outcome: FitOutcome, primary: Export) -> d
     return {TAG_SEQUENCE: layout.tag()}
 
 
-def _parent_weights(tracking: Tracking, model_name: str, version: str, folder: Path) -> dict[str, Any]:
-    """The registered version's trained weights, read as tensors only: a file that holds other Python
-    objects (a pickle payload, say) is refused, never unpickled."""
+def _parent_weights(path: Path, model_name: str, version: str) -> dict[str, Any]:
+    """The registered version's trained weights (downloaded to ``path``), read as tensors only: a file
+    that holds other Python objects (a pickle payload, say) is refused, never unpickled."""
     import pickle
 
     import torch
 
-    path = tracking.download_weights(model_name=model_name, version=version, folder=folder)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
