@@ -21,6 +21,8 @@ It prints microseconds per request for each and their ratio: the CPU the request
 Python, with the kernel's share (the same for both, and the noisiest part of a wrk run on a
 shared machine) left out. ``--profile`` prints a cProfile of the Shipyard loop; ``--clock cpu`` reads
 this thread's CPU time instead of the wall clock, which other work on a busy machine inflates far less.
+``--without log,metrics,validation,auth`` bounds what those features cost the request: it replaces
+serving's own parts for them with no-ops in this process (a measurement, never a serving switch).
 """
 
 from __future__ import annotations
@@ -230,6 +232,44 @@ def shipyard_lane(folder: Path, onnx_path: Path) -> tuple[Any, Any]:
     return FastLane(not_here, state=state, body_limit=settings.max_body_bytes), close
 
 
+#: What ``--without`` can take out of the request path, for a measurement of what it costs.
+FEATURES = ("log", "metrics", "validation", "auth")
+
+
+def without(features: set[str]) -> None:
+    """Replace serving's parts for ``features`` with no-ops in this process (measurement only).
+
+    ``log``: nothing appended (the record is still built); ``metrics``: no counter, gauge or
+    histogram updated; ``validation``: the JSON rows converted as the bare app does (one
+    ``np.asarray``), unchecked; ``auth``: no token check. What is left is the request path's own
+    work (routing, batcher, lease).
+    """
+    import numpy as np
+
+    from services.serving.core import dataplane
+    from services.serving.fastlane.lane import FastLane
+    from services.serving.predlog.log import PredictionLog
+    from shipyard_common import sharded
+
+    def nothing(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    if "log" in features:
+        PredictionLog.try_reserve = lambda self, count=1: True  # type: ignore[method-assign]
+        PredictionLog.release = PredictionLog.append_reserved = nothing  # type: ignore[method-assign]
+    if "metrics" in features:
+        for part, verbs in ((sharded.ShardedCounter, ("inc",)), (sharded.ShardedGauge, ("inc", "dec")),
+                            (sharded.ShardedHistogram, ("observe",))):
+            for verb in verbs:
+                setattr(part, verb, nothing)
+        FastLane.count = nothing  # type: ignore[method-assign]
+    if "validation" in features:
+        dataplane.merge_json = (  # type: ignore[attr-defined]
+            lambda tensors, spec, **kwargs: np.asarray(tensors[0].values, dtype=spec.dtype))
+    if "auth" in features:
+        FastLane._authorize = nothing  # type: ignore[method-assign]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,7 +286,13 @@ def main() -> None:
                         help="Shipyard's request: ours, OIP v2 JSON or binary, TF Serving REST")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: this thread's CPU time (steadier on a busy machine)")
+    parser.add_argument("--without", default="",
+                        help=f"comma-separated features replaced by no-ops, to bound their cost: {FEATURES}")
     args = parser.parse_args()
+    left_out = {name for name in args.without.split(",") if name}
+    if left_out - set(FEATURES):
+        parser.error(f"--without takes {FEATURES}, not {sorted(left_out - set(FEATURES))}")
+    without(left_out)
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
 

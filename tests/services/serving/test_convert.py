@@ -1,7 +1,7 @@
 """JSON inputs converted per merged group: the group's conversion takes exactly what each request's takes.
 
-:func:`~services.serving.core.convert.merge_json` converts the JSON values of many requests with one
-numpy call and two reductions; whatever the values, what it takes must be exactly what the
+:func:`~services.serving.core.convert.merge_json` converts the JSON values of many requests with
+Python's builtins and one numpy call; whatever the values, what it takes must be exactly what the
 request-by-request conversion (:func:`~services.serving.core.convert.to_array`, which names each
 refusal) takes, with the same numbers, and one bad request must send the whole group back to be
 converted request by request, so that its refusal stays its own.
@@ -34,6 +34,10 @@ ROWS: list[tuple[Any, bool]] = [
     ([[1.0, 2.0, 3.0], [1.0, 2.0]], False),    # ragged
     ([[[1.0, 2.0, 3.0]]], False),              # one level too deep
     ([[1.0, 2.0, 1e39]], False),               # beyond float32
+    ([[-1e39, 2.0, 1.0]], False),
+    ([[3.4028235e38, 2.0, 1.0]], True),        # just beyond float32's largest, which it rounds to
+    ([[3.4028234e38, -3.4028234e38, 1.0]], True),
+    ([[], [], []], False),
     ([[1.0, math.nan, 3.0]], False),
     ([[1.0, math.inf, 3.0]], False),
     ([[2**70, 1.0, 3.0]], False),              # an integer beyond 64 bits
@@ -42,11 +46,11 @@ ROWS: list[tuple[Any, bool]] = [
 ]
 
 
-def alone(tensor: JsonTensor) -> np.ndarray | None:
+def alone(tensor: JsonTensor, spec: TensorSpec = SPEC) -> np.ndarray | None:
     """The request converted and checked on its own, as the data plane does; None: refused."""
     try:
-        array = to_array(tensor, SPEC, max_rows=64, allow_non_finite=False)
-        return validate_inputs({"x": array}, Signature(inputs=(SPEC,), outputs=()), max_batch_rows=64,
+        array = to_array(tensor, spec, max_rows=64, allow_non_finite=False)
+        return validate_inputs({"x": array}, Signature(inputs=(spec,), outputs=()), max_batch_rows=64,
                                allow_non_finite=False)["x"]
     except ShipyardError:
         return None
@@ -88,3 +92,40 @@ def test_flat_values_with_shapes_merge_and_a_wrong_count_is_refused() -> None:
         to_array(short, SPEC, max_rows=64, allow_non_finite=False)
     other_type = JsonTensor([1.0, 2.0, 3.0], shape=(1, 3), dtype=np.dtype("float64"))
     assert merge_json([other_type], SPEC, max_rows=64, allow_non_finite=False) is None
+
+
+SPECIAL = [math.nan, math.inf, -math.inf, 1e39, -1e39, 3.4028235e38, 1e308, -0.0, True, 1, "1.5", None, 2**70,
+           65519.0, 70000.0]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(None, 3), (None, 2, 2)], ids=["rows", "nested"])
+def test_random_groups_take_exactly_what_each_request_takes(
+    dtype: str, shape: tuple[int | None, ...]
+) -> None:
+    """Seeded random values, a few of them edge cases (NaN, ±Inf, beyond the dtype, booleans, strings,
+    huge integers, ragged rows), at two depths and three float widths."""
+    spec = TensorSpec(name="x", dtype=np.dtype(dtype), shape=shape)
+    rng = np.random.default_rng(11)
+
+    def value() -> Any:
+        return SPECIAL[rng.integers(len(SPECIAL))] if rng.random() < 0.04 else float(rng.normal(0, 1e3))
+
+    def row() -> Any:
+        width = 3 if rng.random() > 0.03 else 2
+        return [value() for _ in range(width)] if len(shape) == 2 else [
+            [value() for _ in range(2)] for _ in range(2 if rng.random() > 0.03 else 1)]
+
+    taken = 0
+    for _ in range(600):
+        tensors = [JsonTensor([row() for _ in range(int(rng.integers(1, 3)))], rows=True)
+                   for _ in range(int(rng.integers(1, 4)))]
+        merged = merge_json(tensors, spec, max_rows=64, allow_non_finite=False)
+        if merged is None:
+            continue
+        taken += 1
+        each = [alone(tensor, spec) for tensor in tensors]
+        assert all(array is not None for array in each)
+        assert merged.dtype == spec.dtype
+        np.testing.assert_array_equal(merged, np.concatenate(each))  # type: ignore[arg-type]
+    assert taken > 150  # most groups are clean: the group's conversion must take them
