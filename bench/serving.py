@@ -19,6 +19,9 @@ prediction log against the requests wrk saw answered. Targets (``--targets``):
   batching goal compares ``shipyard`` with it on ``big``.
 - ``pglog`` (only when named): the same, 1 worker, with its prediction log (and its other tables)
   in a PostgreSQL database made for the run on ``--pg-url``'s server and dropped at the end.
+- ``bound`` (only when named): the same, 1 worker, with its prediction log, metrics, input checks and
+  token check replaced by no-ops (``bench/serving_without.py``): a bound on what they cost a request,
+  not a way to run serving (its answers are not logged, so the log count leaves it out).
 - ``v2``: the same service's Open Inference Protocol ``POST /v2/models/{name}/infer``, if it
   answers; "not available" otherwise. ``v2bin``: the same with the input as a binary tensor
   (``Inference-Header-Content-Length``). ``tf``: TF Serving's REST ``POST /v1/models/{name}:predict``
@@ -59,15 +62,20 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from serving_models import MODELS, export, in_process_rate  # noqa: E402
 
-ALL_TARGETS = ("shipyard", "v2", "v2bin", "tf", "shipyard2", "nobatch", "pglog", "mlflow", "ref1", "ref2")
-# pglog needs a PostgreSQL server: only when asked for.
-DEFAULT_TARGETS = tuple(t for t in ALL_TARGETS if t != "pglog")
+ALL_TARGETS = ("shipyard", "v2", "v2bin", "tf", "shipyard2", "nobatch", "pglog", "bound", "mlflow", "ref1",
+               "ref2")
+# pglog needs a PostgreSQL server, bound is a measurement of what features cost: only when asked for.
+DEFAULT_TARGETS = tuple(t for t in ALL_TARGETS if t not in ("pglog", "bound"))
 # Extra serving instances: target → (label, environment on top of the default instance's).
 EXTRA_SERVING = {
     "shipyard2": ("Shipyard /v1 predict (2w)", {"SHIPYARD_SERVING_WORKERS": "2"}),
     "nobatch": ("Shipyard /v1 predict, batching off (1w)", {"SHIPYARD_SERVING_BATCHING": "false"}),
     "pglog": ("Shipyard /v1 predict, log on PostgreSQL (1w)", {}),
+    "bound": ("Shipyard /v1 predict, no log, metrics, validation or auth (1w)",
+              {"BENCH_WITHOUT": "log,metrics,validation,auth"}),
 }
+# The bound instance runs serving with those features as no-ops (bench/serving_without.py).
+UNLOGGED = frozenset({"bound"})
 TOKEN = "bench-viewer-token"
 REGISTERED_PREFIX = "bench-serving"
 # The goals of issue 4.
@@ -405,7 +413,9 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
             port = free_port()
             env = {**stack.child_env(), **EXTRA_SERVING[extra][1], "SHIPYARD_SERVING_PORT": str(port),
                    "SHIPYARD_DB_URL": database_urls[extra], "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
-            pid = procs.start(extra, [sys.executable, "-m", "services.serving"], env)
+            command = [sys.executable, str(BENCH_DIR / "serving_without.py")] if extra in UNLOGGED else [
+                sys.executable, "-m", "services.serving"]
+            pid = procs.start(extra, command, env)
             extra_urls[extra] = f"http://127.0.0.1:{port}"
 
             def extra_served(url: str = extra_urls[extra]) -> bool:
@@ -421,7 +431,7 @@ def run(args: argparse.Namespace, models: list[str], connections: list[int], tar
     # Requests each Shipyard instance answered (wrk's counts and the check requests), by its database.
     databases = {"shipyard": platform.database_url, "v2": platform.database_url,
                  "v2bin": platform.database_url, "tf": platform.database_url,
-                 **{extra: database_urls[extra] for extra in extra_urls}}
+                 **{extra: database_urls[extra] for extra in extra_urls if extra not in UNLOGGED}}
     answered: dict[str, int] = dict.fromkeys(databases.values(), 0)
 
     def tally(target: Target, requests: int) -> None:
