@@ -6,9 +6,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -79,11 +79,11 @@ async def _start_grpc(app: FastAPI, settings: ServingSettings) -> Any:
                               ready=ready, version=app.version, http_metrics=app.state.http_metrics)
 
 
-def create_app(settings: ServingSettings) -> FastAPI:
-    platform = settings.platform
-    # MLflow's client retries for minutes by default; the follower retries on its own timer.
-    apply_mlflow_client_limits(platform)
-    database = Database(platform.database_url)
+def _lifespan(
+    settings: ServingSettings, database: Database, executor: ThreadPoolExecutor
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the prediction log, the follower and gRPC with the app; stop them in an order that keeps
+    every answered request logged."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,12 +118,21 @@ def create_app(settings: ServingSettings) -> FastAPI:
             dataplane.prediction_log.close()
             database.dispose()
 
-    # No OpenTelemetry: FastAPI would otherwise look for a configured provider on every request.
-    app = ServingApp(title="Shipyard serving", version="0.1.0", lifespan=lifespan,
-                     telemetry={"tracing": False, "metrics": False, "logs": False})
-    app.fast_lane_body_limit = settings.max_body_bytes if settings.fast_lane else None
+    return lifespan
+
+
+def create_app(settings: ServingSettings) -> FastAPI:
+    platform = settings.platform
+    # MLflow's client retries for minutes by default; the follower retries on its own timer.
+    apply_mlflow_client_limits(platform)
+    database = Database(platform.database_url)
     # Model calls too costly for the event loop (batching/adaptive.py); its threads end with the lifespan.
     executor = ThreadPoolExecutor(settings.request_threads, thread_name_prefix="predict")
+    # No OpenTelemetry: FastAPI would otherwise look for a configured provider on every request.
+    app = ServingApp(title="Shipyard serving", version="0.1.0",
+                     lifespan=_lifespan(settings, database, executor),
+                     telemetry={"tracing": False, "metrics": False, "logs": False})
+    app.fast_lane_body_limit = settings.max_body_bytes if settings.fast_lane else None
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     models = LoadedModels(metrics)

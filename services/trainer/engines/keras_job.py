@@ -135,6 +135,38 @@ def fit(context: FitContext) -> FitOutcome:
     spec = context.spec
     data = engine.prepare_data(context.frame, spec, context.test_frame)
     check_spec(data, spec, context.device)
+    folder = _write_job(context, data)
+    backend = backend_for(spec)
+    log.info("training with Keras (backend %s) in a child process", backend)
+    module = [sys.executable, "-m", "services.trainer.engines.keras_child", str(folder)]
+    result = child.run(module, context=acknowledging(context, folder / ACK_FILE),
+                       env=child_env(backend, context.device))
+    done: dict[str, dict[str, Any]] = {item["format"]: item for item in result["exports"]}
+    if ExportFormat.ONNX in spec.exports and ExportFormat.ONNX.value not in done:
+        # Written by a torch-backend child from the TensorFlow child's .keras file.
+        log.info("exporting ONNX from the trained model with the Keras torch backend")
+        onnx_result = child.run([*module, "--onnx"], context=context, env=child_env("torch", "cpu"))
+        done.update({item["format"]: item for item in onnx_result["exports"]})
+
+    tested = metrics_on_test_rows(data, lambda _: np.load(folder / TEST_OUTPUTS, allow_pickle=False))
+    outcome = FitOutcome(
+        task=data.task, features=data.features, target=data.target, classes=data.classes,
+        n_train=len(data.x_train), n_val=len(data.x_val),
+        metrics={**{k: float(v) for k, v in result["metrics"].items()}, **tested},
+        n_test=0 if data.x_test is None else len(data.x_test), rows=data.rows,
+        history=[{k: float(v) for k, v in entry.items()} for entry in result["history"]],
+        confusion=result["confusion"] if data.task == Task.CLASSIFICATION else None,
+        best_epoch=result["best_epoch"], stopped_early=bool(result["stopped_early"]),
+        seconds=float(result["seconds"]), device=str(result["device"]), exports=_exports(data, spec, done),
+        state_dict=None, card=dict(result["card"]),
+    )
+    quantize.add_int8(outcome, data, spec, context.workdir / "exports")
+    return outcome
+
+
+def _write_job(context: FitContext, data: TabularData) -> Path:
+    """The child's folder: the prepared arrays (``.npy``, no pickle) and the job it runs (JSON)."""
+    spec = context.spec
     folder = context.workdir / "keras"
     folder.mkdir(parents=True, exist_ok=True)
     for name in ARRAYS:
@@ -154,20 +186,11 @@ def fit(context: FitContext) -> FitOutcome:
         "exports_dir": str(context.workdir / "exports"),
     }
     (folder / JOB_FILE).write_text(json.dumps(job))
+    return folder
 
-    backend = backend_for(spec)
-    log.info("training with Keras (backend %s) in a child process", backend)
-    module = [sys.executable, "-m", "services.trainer.engines.keras_child", str(folder)]
-    result = child.run(module, context=acknowledging(context, folder / ACK_FILE),
-                       env=child_env(backend, context.device))
-    done: dict[str, dict[str, Any]] = {item["format"]: item for item in result["exports"]}
-    if ExportFormat.ONNX in spec.exports and ExportFormat.ONNX.value not in done:
-        # Written by a torch-backend child from the TensorFlow child's .keras file.
-        log.info("exporting ONNX from the trained model with the Keras torch backend")
-        onnx_result = child.run([*module, "--onnx"], context=context, env=child_env("torch", "cpu"))
-        done.update({item["format"]: item for item in onnx_result["exports"]})
 
-    tested = metrics_on_test_rows(data, lambda _: np.load(folder / TEST_OUTPUTS, allow_pickle=False))
+def _exports(data: TabularData, spec: JobCreate, done: dict[str, dict[str, Any]]) -> list[Export]:
+    """The child's exports in the spec's order (onnx_int8 is added after, from the ONNX file)."""
     exports: list[Export] = []
     for fmt in spec.exports:
         if fmt == ExportFormat.ONNX_INT8:
@@ -180,16 +203,4 @@ def fit(context: FitContext) -> FitOutcome:
                  fmt.value, len(data.x_val), item["max_abs_diff"])
         exports.append(Export(format=fmt, path=Path(item["path"]), max_abs_diff=float(item["max_abs_diff"]),
                               signature=signature))
-    outcome = FitOutcome(
-        task=data.task, features=data.features, target=data.target, classes=data.classes,
-        n_train=len(data.x_train), n_val=len(data.x_val),
-        metrics={**{k: float(v) for k, v in result["metrics"].items()}, **tested},
-        n_test=0 if data.x_test is None else len(data.x_test), rows=data.rows,
-        history=[{k: float(v) for k, v in entry.items()} for entry in result["history"]],
-        confusion=result["confusion"] if data.task == Task.CLASSIFICATION else None,
-        best_epoch=result["best_epoch"], stopped_early=bool(result["stopped_early"]),
-        seconds=float(result["seconds"]), device=str(result["device"]), exports=exports,
-        state_dict=None, card=dict(result["card"]),
-    )
-    quantize.add_int8(outcome, data, spec, context.workdir / "exports")
-    return outcome
+    return exports
