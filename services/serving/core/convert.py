@@ -2,8 +2,8 @@
 
 :func:`merge_json` converts the JSON values of several requests' one input with a few of Python's
 builtins and one numpy call, when they are plain numbers for a floating-point input (the common
-request of every JSON protocol); anything else, or a group whose values fail a check, is converted request by
-request (:func:`to_array`), which names what is wrong with each (our protocol's rows:
+request of every JSON protocol); anything else, or a group whose values fail a check, is converted
+request by request (:func:`to_array`), which names what is wrong with each (our protocol's rows:
 :func:`parse_rows`).
 """
 
@@ -155,14 +155,20 @@ def _values(tensors: list[JsonTensor], spec: TensorSpec, max_rows: int) -> tuple
     return values, rows
 
 
+#: Up to this many values, a group's values are checked by Python's builtins; beyond, by numpy.
+FEW_VALUES = 512
+
+
 def _checked_floats(values: list[Any], depth: int, dtype: np.dtype[Any]) -> np.ndarray | None:
     """``values`` (lists nested ``depth`` deep) as a ``dtype`` array when every value is a float (no
     integer, which may exceed 64 bits, boolean or string), finite and within the dtype's range; else None.
 
-    Checked with Python's builtins, which run in C over the lists (types, sum, min, max), and then one
-    numpy call: a request's few numpy calls cost several times their loop-timed cost on a cold cache.
-    A NaN or Inf makes the sum non-finite, and so may an overflow of finite float64 values, which
-    then take the request-by-request way.
+    The types are checked by Python's builtins (C loops over the lists). The values, for a few
+    (:data:`FEW_VALUES`, a lone request's), by one Euclidean norm (``math.hypot`` of the rows' norms),
+    which is NaN or Inf when any value is and at most the dtype's largest only when every value is (a
+    sum of huge but valid values may exceed it: those take the request-by-request way), then one numpy
+    call: on a cold cache each numpy call costs several times its loop-timed cost. For more, by
+    numpy's reductions over a float64 array, whose cost per value is then the lower.
     """
     largest = _FLOAT_MAX.get(dtype)
     if largest is None:
@@ -174,13 +180,21 @@ def _checked_floats(values: list[Any], depth: int, dtype: np.dtype[Any]) -> np.n
         leaves = list(itertools.chain.from_iterable(leaves))
     if not all(type(leaf) is list and _FLOAT_TYPE_SET.issuperset(map(type, leaf)) for leaf in leaves):
         return None
-    try:
-        if not (math.isfinite(sum(map(sum, leaves))) and -largest <= min(map(min, leaves))
-                and max(map(max, leaves)) <= largest):
-            return None
-        return np.array(values, dtype=dtype)
-    except ValueError:  # an empty list (min of nothing), or ragged lists (numpy)
+    few = sum(map(len, leaves)) <= FEW_VALUES
+    if few and not math.hypot(*itertools.starmap(math.hypot, leaves)) <= largest:  # NaN: False
         return None
+    try:
+        array = np.array(values, dtype=dtype if few else np.float64)
+    except ValueError:  # ragged lists
+        return None
+    if not array.size:  # no values (a tensor of no steps): the request's own check says what is missing
+        return None
+    if few:
+        return array
+    low, high = np.minimum.reduce(array, axis=None), np.maximum.reduce(array, axis=None)
+    if not -largest <= low <= high <= largest:
+        return None  # a NaN fails every comparison
+    return array.astype(dtype, copy=False)
 
 
 def to_array(tensor: JsonTensor, spec: TensorSpec, *, max_rows: int, allow_non_finite: bool) -> np.ndarray:
