@@ -173,8 +173,8 @@ def _checked_floats(values: list[Any], depth: int, dtype: np.dtype[Any]) -> np.n
     largest = _FLOAT_MAX.get(dtype)
     if largest is None:
         largest = _FLOAT_MAX[dtype] = float(np.finfo(dtype).max)
-    leaves: list[Any] = [values]
-    for _ in range(depth - 1):
+    leaves: list[Any] = values if depth > 1 else [values]  # the innermost lists (rows: the request's own)
+    for _ in range(depth - 2):
         if not all(type(item) is list for item in leaves):
             return None
         leaves = list(itertools.chain.from_iterable(leaves))
